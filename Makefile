@@ -1,0 +1,52 @@
+# rbe_ffn: the two commands of the README, and what they need.
+#   make example   set up (venv, torch 2.13.0 CPU, build) and run the main example
+#   make test      set up, then C kernel tests under ASan/UBSan, CUDA compile check, pytest
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DEPS   := torch==2.13.0 numpy pytest tqdm safetensors matplotlib
+SRC    := $(wildcard csrc/*.c csrc/*.h csrc/*.cpp cuda/*.cu cuda/*.cpp cuda/*.h) setup.py
+SO     := python/rbe_ffn/.built
+
+.PHONY: example test ctest cuda-check pytest bench clean
+
+example: $(SO)
+	$(PY) examples/train_toy_transformer.py
+
+test: ctest cuda-check pytest
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check $(DEPS)
+	$(PY) -c "import sysconfig, os; open(os.path.join(sysconfig.get_paths()['purelib'], 'rbe_ffn_src.pth'), 'w').write(os.path.abspath('python') + '\n')"
+	touch $@
+
+$(SO): $(VENV)/.deps $(SRC)
+	$(PY) setup.py -q build_clib build_ext --inplace
+	touch $@
+
+pytest: $(SO)
+	$(PY) -m pytest -q tests
+
+# C kernels alone, no torch, under AddressSanitizer and UndefinedBehaviorSanitizer
+CTEST_FLAGS := -std=c11 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -Icsrc
+ctest: tests/c/bin/test_kernels
+	ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_kernels
+
+tests/c/bin/test_kernels: tests/c/test_kernels.c $(wildcard csrc/*.c csrc/*.h)
+	mkdir -p tests/c/bin
+	$(CC) $(CTEST_FLAGS) -o $@ tests/c/test_kernels.c $(wildcard csrc/*.c) -lm
+
+# every .cu compiles to an object file wherever nvcc exists (no GPU needed)
+cuda-check: $(VENV)/.deps
+	@if command -v nvcc >/dev/null 2>&1 && ls cuda/*.cu >/dev/null 2>&1; then \
+	  mkdir -p build/cuda-check; \
+	  inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))"); \
+	  for f in cuda/*.cu; do echo "nvcc -c $$f"; nvcc -std=c++17 -O2 -Icsrc -Icuda $$inc -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; done; \
+	else echo "cuda-check: nvcc or cuda/*.cu absent, nothing to compile"; fi
+
+bench: $(SO)
+	$(PY) bench/bench_cpu.py
+
+clean:
+	rm -rf build tests/c/bin python/rbe_ffn/_C*.so $(SO)

@@ -1,0 +1,180 @@
+/* rbe.h - plain C11 kernels of the RBE (residual block encoding) feed-forward.
+ *
+ * Everything here takes pointers and sizes, allocates nothing, keeps no
+ * globals and knows nothing of torch. The math is ../DESIGN.md (shared):
+ *
+ *   W block (i, j) = sum_k basis[ij][k] Phi_k + sum_q coeffs[ij][q] psi_u psi_v^T
+ *   with (u, v) = (index[ij][q] / b, index[ij][q] % b).
+ *
+ * Conventions used by every kernel:
+ *   - a weight W is [out, in]; R = ceil(out/b) block rows, C = ceil(in/b) block
+ *     columns, block (i, j) has linear index i*C + j;
+ *   - the "plan" of a block size b is [2, b+nf, b]: plan[0] = the analysis
+ *     rows A = [psi_0..psi_{b-1}; f_0..f_{nf-1}] and plan[1] = the synthesis rows
+ *     S = [psi_0..psi_{b-1}; g_0..g_{nf-1}], where the pattern is factored as
+ *     sum of rank-1 terms g_a f_e^T (see rbe_plan.c);
+ *   - activations of a token tile are kept feature-major: Xh[m][t] for
+ *     m < b+nf and t < RBE_TILE, so each kept coefficient is one contiguous
+ *     axpy over the tile's tokens;
+ *   - index tensors are int16 (wide = 0) or int32 (wide = 1).
+ * Fast kernels process a range [p0, p1) of independent work items so that the
+ * caller (torch's thread pool) owns threading. Each has a naive reference
+ * (rbe_ref.c) that the tests compare it with.
+ */
+#ifndef RBE_H
+#define RBE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define RBE_NPAT 8        /* pattern functions per block */
+#define RBE_NFIX 4        /* separable pattern vectors: 1, z^2, cos(pi z), cos(2 pi z) */
+#define RBE_TILE 64       /* tokens per tile in the fast kernels */
+#define RBE_PI 3.14159265358979323846
+#define RBE_SQRT1_2 0.70710678118654752440
+
+enum rbe_act { RBE_ACT_NONE = 0, RBE_ACT_GELU = 1, RBE_ACT_GELU_TANH = 2, RBE_ACT_RELU = 3, RBE_ACT_SILU = 4 };
+
+/* ---- tables of a block size (double; computed once per b by the caller) ---- */
+
+/* psi: [b, b], psi[u*b + n] = a_u cos(pi (n + 1/2) u / b), the orthonormal DCT-II */
+void rbe_dct_matrix(double* psi, int b);
+/* phi: [8, b*b], phi[k*b*b + r*b + c] = Phi_k at row r, column c of a block */
+void rbe_pattern_images(double* phi, int b);
+/* pinv: [8, b*b], the Moore-Penrose pseudo-inverse of the [b*b, 8] basis matrix
+ * (rank-deficient for tiny b, e.g. b = 4). work: 8*b*b + 200 doubles */
+void rbe_pattern_pinv(double* pinv, double* work, int b);
+/* plan: [2, b+nf, b] (layout above); returns nf = 4 + rank of the d-term kept at
+ * relative eigenvalue tolerance tol. plan must hold 2*(2b+4)*b doubles,
+ * work 3*b*b + b doubles. */
+int rbe_plan_build(double* plan, double* work, int b, double tol);
+/* symmetric eigen-decomposition by cyclic Jacobi: a [n, n] (destroyed),
+ * vecs [n, n] (column m = eigenvector of vals[m]) */
+void rbe_jacobi_eig(double* vals, double* vecs, double* a, int n);
+
+/* ---- validation ---- */
+
+/* index: [nblocks, k]; each row must be strictly increasing in [0, b*b).
+ * Returns -1 when valid, else the flat position (block*k + q) of the first bad entry. */
+long rbe_index_check(const void* index, int wide, long nblocks, int k, int b);
+
+/* number of non-finite values in x: [n] */
+long rbe_count_nonfinite_f32(const float* x, long n);
+long rbe_count_nonfinite_f64(const double* x, long n);
+
+/* ---- codec ---- */
+
+/* Encode blocks [p0, p1) of a dense W: [out, in] (row-major).
+ * basis: [R*C, 8], coeffs: [R*C, k], index: [R*C, k] (sorted ascending),
+ * err: [R*C] squared error of each block over its real entries.
+ * tabs: psi [b*b] then phi [8*b*b] then pinv [8*b*b] (double).
+ * work: rbe_encode_work(b) doubles. */
+size_t rbe_encode_work(int b);
+void rbe_encode_f32(float* basis, float* coeffs, void* index, int wide, double* err,
+                    const float* w, const double* tabs, double* work,
+                    int out, int in, int b, int k, long p0, long p1);
+void rbe_encode_f64(double* basis, double* coeffs, void* index, int wide, double* err,
+                    const double* w, const double* tabs, double* work,
+                    int out, int in, int b, int k, long p0, long p1);
+
+/* Decode blocks [p0, p1) into w: [out, in]. tabs: psi then phi (double).
+ * work: 3*b*b doubles. */
+void rbe_decode_f32(float* w, const float* basis, const float* coeffs, const void* index, int wide,
+                    const double* tabs, double* work, int out, int in, int b, int k, long p0, long p1);
+void rbe_decode_f64(double* w, const double* basis, const double* coeffs, const void* index, int wide,
+                    const double* tabs, double* work, int out, int in, int b, int k, long p0, long p1);
+
+/* ---- activations ---- */
+
+/* y = act(x), elementwise, n values */
+void rbe_act_forward_f32(float* y, const float* x, long n, int act);
+void rbe_act_forward_f64(double* y, const double* x, long n, int act);
+/* dx = dy * act'(x), elementwise */
+void rbe_act_backward_f32(float* dx, const float* dy, const float* x, long n, int act);
+void rbe_act_backward_f64(double* dx, const double* dy, const double* x, long n, int act);
+/* scalar reference definitions (the vectorized paths must agree with these) */
+float rbe_act_scalar_f32(float x, int act);
+double rbe_act_scalar_f64(double x, int act);
+float rbe_act_grad_scalar_f32(float x, int act);
+double rbe_act_grad_scalar_f64(double x, int act);
+
+/* ---- compressed linear: y = x W^T + bias, computed in the transform domain ---- */
+
+/* Transform token tiles: for work items p in [p0, p1), p = tile*nseg + j,
+ * Xh[p][m][t] = sum_c A[m][c] x[tile*TILE + t][j*b + c] (zero past the real sizes).
+ * Xh: [ntiles, nseg, b+nf, TILE], x: [T, n], A: [b+nf, b];
+ * scratch: rbe_rows_scratch(b, nf) elements per calling thread (all kernels below). */
+void rbe_analysis_f32(float* Xh, const float* x, const float* A, float* scratch,
+                      long T, int n, int b, int nf, long p0, long p1);
+void rbe_analysis_f64(double* Xh, const double* x, const double* A, double* scratch,
+                      long T, int n, int b, int nf, long p0, long p1);
+
+/* Rows of the output: for work items p = tile*R + i in [p0, p1),
+ * Yh = sum_j (sparse product + pattern combination of block (i, j)) over Xh,
+ * y[t][i*b + r] = act(sum_m S[m][r] Yh[m][t] + bias[i*b + r]); pre (may be NULL)
+ * receives the value before the activation.
+ * y, pre: [T, out], Xh: [ntiles, C, b+nf, TILE], S: [b+nf, b], basis: [R*C, 8],
+ * coeffs/index: [R*C, k], bias: [out] or NULL.
+ * scratch: rbe_rows_scratch(b, nf) elements per calling thread. */
+size_t rbe_rows_scratch(int b, int nf);
+void rbe_rows_forward_f32(float* y, float* pre, const float* Xh, const float* S,
+                          const float* basis, const float* coeffs, const void* index, int wide,
+                          const float* bias, int act, float* scratch,
+                          long T, int out, int in, int b, int nf, int k, long p0, long p1);
+void rbe_rows_forward_f64(double* y, double* pre, const double* Xh, const double* S,
+                          const double* basis, const double* coeffs, const void* index, int wide,
+                          const double* bias, int act, double* scratch,
+                          long T, int out, int in, int b, int nf, int k, long p0, long p1);
+
+/* Input gradient: for work items p = tile*C + j in [p0, p1),
+ * DX = sum_i (transposed sparse product + transposed pattern of block (i, j)) over Gh,
+ * dx[t][j*b + c] = sum_m A[m][c] DX[m][t].
+ * dx: [T, in], Gh: [ntiles, R, b+nf, TILE] (g analysed with S). */
+void rbe_cols_backward_f32(float* dx, const float* Gh, const float* A,
+                           const float* basis, const float* coeffs, const void* index, int wide,
+                           float* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1);
+void rbe_cols_backward_f64(double* dx, const double* Gh, const double* A,
+                           const double* basis, const double* coeffs, const void* index, int wide,
+                           double* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1);
+
+/* Parameter gradients of blocks [p0, p1) (block = i*C + j), summed over all tokens:
+ * dcoeffs[ij][q] = sum_t Gh_i[u][t] Xh_j[v][t], dbasis[ij][k] from the pattern rows.
+ * Either output may be NULL; accumulate != 0 adds to what they hold. */
+void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                             const void* index, int wide, int accumulate, long T, int out, int in, int b,
+                             int nf, int k, long p0, long p1);
+void rbe_params_backward_f64(double* dbasis, double* dcoeffs, const double* Gh, const double* Xh,
+                             const void* index, int wide, int accumulate, long T, int out, int in, int b,
+                             int nf, int k, long p0, long p1);
+
+/* dbias[o] (+)= sum_t g[t][o] for o in [o0, o1); accumulate != 0 adds to dbias. g: [T, out] */
+void rbe_bias_backward_f32(float* dbias, const float* g, long T, int out, int accumulate, long o0, long o1);
+void rbe_bias_backward_f64(double* dbias, const double* g, long T, int out, int accumulate, long o0, long o1);
+
+/* ---- naive references (decode, then dense arithmetic in double) ---- */
+
+/* y = act(x W^T + bias) with W decoded; pre (may be NULL) gets the value before act.
+ * tabs: psi then phi (double); work: out*in doubles */
+void rbe_linear_forward_ref_f32(float* y, float* pre, const float* x, const float* basis, const float* coeffs,
+                                const void* index, int wide, const float* bias, int act, const double* tabs,
+                                double* work, long T, int out, int in, int b, int k);
+void rbe_linear_forward_ref_f64(double* y, double* pre, const double* x, const double* basis, const double* coeffs,
+                                const void* index, int wide, const double* bias, int act, const double* tabs,
+                                double* work, long T, int out, int in, int b, int k);
+/* dx = g W, dW = g^T x projected on the block's stored numbers, dbias = sum_t g.
+ * work: 2*out*in doubles */
+void rbe_linear_backward_ref_f32(float* dx, float* dbasis, float* dcoeffs, float* dbias, const float* g,
+                                 const float* x, const float* basis, const float* coeffs, const void* index,
+                                 int wide, const double* tabs, double* work, long T, int out, int in, int b, int k);
+void rbe_linear_backward_ref_f64(double* dx, double* dbasis, double* dcoeffs, double* dbias, const double* g,
+                                 const double* x, const double* basis, const double* coeffs, const void* index,
+                                 int wide, const double* tabs, double* work, long T, int out, int in, int b, int k);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,214 @@
+/* rbe_linear_impl.h - portable transform-domain linear kernels, included by
+ * rbe_linear.c once per value type (RBE_T = float / double, RBE_SFX suffix).
+ * Tiles are zero-padded to RBE_TILE tokens, so every inner loop runs over the
+ * full, fixed tile width and the compiler vectorizes it. */
+
+#define TL RBE_TILE
+
+// dst[t] (+)= a * src[t] over one tile
+static inline void RBE_SFX(axpy)(RBE_T* restrict dst, RBE_T a, const RBE_T* restrict src) {
+    for (int t = 0; t < TL; t++) dst[t] += a * src[t];
+}
+
+static inline RBE_T RBE_SFX(dot)(const RBE_T* restrict a, const RBE_T* restrict b) {
+    RBE_T s[8] = {0};
+    for (int t = 0; t < TL; t += 8)
+        for (int l = 0; l < 8; l++) s[l] += a[t + l] * b[t + l];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+// out[m][t] = sum_c M[m][c] xt[c][t] for m < rows; M: [rows, b], xt: [b, TL], out: [rows, TL]
+static void RBE_SFX(tile_gemm)(RBE_T* restrict out, const RBE_T* restrict M, const RBE_T* restrict xt,
+                               int rows, int b) {
+    for (int m = 0; m < rows; m++) {
+        RBE_T acc[TL];
+        for (int t = 0; t < TL; t++) acc[t] = 0;
+        const RBE_T* mr = M + (size_t)m * b;
+        for (int c = 0; c < b; c++) RBE_SFX(axpy)(acc, mr[c], xt + (size_t)c * TL);
+        for (int t = 0; t < TL; t++) out[(size_t)m * TL + t] = acc[t];
+    }
+}
+
+// out[r][t] = sum_m M[m][r] h[m][t] for r < b; M: [rows, b], h: [rows, TL], out: [b, TL]
+static void RBE_SFX(tile_gemm_t)(RBE_T* restrict out, const RBE_T* restrict M, const RBE_T* restrict h,
+                                 int rows, int b) {
+    for (int r = 0; r < b; r++) {
+        RBE_T acc[TL];
+        for (int t = 0; t < TL; t++) acc[t] = 0;
+        for (int m = 0; m < rows; m++) RBE_SFX(axpy)(acc, M[(size_t)m * b + r], h + (size_t)m * TL);
+        for (int t = 0; t < TL; t++) out[(size_t)r * TL + t] = acc[t];
+    }
+}
+
+// Xh: [ntiles, nseg, b+nf, TL]; x: [T, n]; A: [b+nf, b]; scratch: b*TL
+void RBE_SFX(rbe_analysis)(RBE_T* Xh, const RBE_T* x, const RBE_T* A, RBE_T* scratch,
+                           long T, int n, int b, int nf, long p0, long p1) {
+    const int nseg = (n + b - 1) / b, rows = b + nf;
+    RBE_T* xt = scratch;
+    for (long p = p0; p < p1; p++) {
+        long tile = p / nseg;
+        int j = (int)(p % nseg);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nc = n - j * b < b ? n - j * b : b;
+        for (int c = 0; c < b; c++)
+            for (int t = 0; t < TL; t++)
+                xt[(size_t)c * TL + t] = (c < nc && t < nt) ? x[(size_t)(t0 + t) * n + (size_t)j * b + c] : 0;
+        RBE_SFX(tile_gemm)(Xh + (size_t)p * rows * TL, A, xt, rows, b);
+    }
+}
+
+// y, pre: [T, out]; Xh: [ntiles, C, b+nf, TL]; S: [b+nf, b]
+void RBE_SFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, const RBE_T* Xh, const RBE_T* S,
+                               const RBE_T* basis, const RBE_T* coeffs, const void* index, int wide,
+                               const RBE_T* bias, int act, RBE_T* scratch,
+                               long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    RBE_T* yh = scratch;                     // [rows, TL]
+    RBE_T* yt = scratch + (size_t)rows * TL; // [b, TL]
+    for (long p = p0; p < p1; p++) {
+        long tile = p / R;
+        int i = (int)(p % R);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nr = out - i * b < b ? out - i * b : b;
+        for (size_t e = 0; e < (size_t)rows * TL; e++) yh[e] = 0;
+        for (int j = 0; j < C; j++) {
+            long blk = (long)i * C + j;
+            const RBE_T* X = Xh + ((size_t)tile * C + j) * rows * TL;
+            const RBE_T* cf = coeffs + (size_t)blk * k;
+            int u = 0;
+            for (int q = 0; q < k; q++) {
+                long pos = (size_t)blk * k + q;
+                int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
+                while (idx >= (u + 1) * b) u++;
+                RBE_SFX(axpy)(yh + (size_t)u * TL, cf[q], X + (size_t)(idx - u * b) * TL);
+            }
+            const RBE_T* pk = basis + (size_t)blk * RBE_NPAT;
+            const RBE_T* E = X + (size_t)b * TL;
+            RBE_T* Y = yh + (size_t)b * TL;
+            for (int t = 0; t < TL; t++) {
+                RBE_T e0 = E[t], e1 = E[TL + t], e2 = E[2 * TL + t], e3 = E[3 * TL + t];
+                Y[t] += pk[0] * e0 + pk[2] * e1 + pk[3] * e2 + pk[5] * e3;
+                Y[TL + t] += pk[2] * e0;
+                Y[2 * TL + t] += pk[4] * e0 + pk[7] * e2;
+                Y[3 * TL + t] += pk[6] * e0;
+            }
+            for (int m = 0; m < nd; m++)
+                RBE_SFX(axpy)(Y + (size_t)(RBE_NFIX + m) * TL, pk[1], E + (size_t)(RBE_NFIX + m) * TL);
+        }
+        RBE_SFX(tile_gemm_t)(yt, S, yh, rows, b);
+        for (int t = 0; t < nt; t++) {
+            RBE_T* yr = y + (size_t)(t0 + t) * out + (size_t)i * b;
+            RBE_T* pr = pre ? pre + (size_t)(t0 + t) * out + (size_t)i * b : NULL;
+            for (int r = 0; r < nr; r++) {
+                RBE_T v = yt[(size_t)r * TL + t] + (bias ? bias[i * b + r] : 0);
+                if (pr) pr[r] = v;
+                yr[r] = v;
+            }
+            if (act != RBE_ACT_NONE) RBE_SFX(rbe_act_forward)(yr, yr, nr, act);
+        }
+    }
+}
+
+// dx: [T, in]; Gh: [ntiles, R, b+nf, TL]; A: [b+nf, b]
+void RBE_SFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_T* A,
+                                const RBE_T* basis, const RBE_T* coeffs, const void* index, int wide,
+                                RBE_T* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    RBE_T* dh = scratch;                     // [rows, TL]
+    RBE_T* dt = scratch + (size_t)rows * TL; // [b, TL]
+    for (long p = p0; p < p1; p++) {
+        long tile = p / C;
+        int j = (int)(p % C);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nc = in - j * b < b ? in - j * b : b;
+        for (size_t e = 0; e < (size_t)rows * TL; e++) dh[e] = 0;
+        for (int i = 0; i < R; i++) {
+            long blk = (long)i * C + j;
+            const RBE_T* G = Gh + ((size_t)tile * R + i) * rows * TL;
+            const RBE_T* cf = coeffs + (size_t)blk * k;
+            int u = 0;
+            for (int q = 0; q < k; q++) {
+                long pos = (size_t)blk * k + q;
+                int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
+                while (idx >= (u + 1) * b) u++;
+                RBE_SFX(axpy)(dh + (size_t)(idx - u * b) * TL, cf[q], G + (size_t)u * TL);
+            }
+            const RBE_T* pk = basis + (size_t)blk * RBE_NPAT;
+            const RBE_T* Gp = G + (size_t)b * TL;
+            RBE_T* D = dh + (size_t)b * TL;
+            for (int t = 0; t < TL; t++) {
+                RBE_T g0 = Gp[t], g1 = Gp[TL + t], g2 = Gp[2 * TL + t], g3 = Gp[3 * TL + t];
+                D[t] += pk[0] * g0 + pk[2] * g1 + pk[4] * g2 + pk[6] * g3;
+                D[TL + t] += pk[2] * g0;
+                D[2 * TL + t] += pk[3] * g0 + pk[7] * g2;
+                D[3 * TL + t] += pk[5] * g0;
+            }
+            for (int m = 0; m < nd; m++)
+                RBE_SFX(axpy)(D + (size_t)(RBE_NFIX + m) * TL, pk[1], Gp + (size_t)(RBE_NFIX + m) * TL);
+        }
+        RBE_SFX(tile_gemm_t)(dt, A, dh, rows, b);
+        for (int t = 0; t < nt; t++) {
+            RBE_T* xr = dx + (size_t)(t0 + t) * in + (size_t)j * b;
+            for (int c = 0; c < nc; c++) xr[c] = dt[(size_t)c * TL + t];
+        }
+    }
+}
+
+// dbasis: [R*C, 8], dcoeffs: [R*C, k] (either may be NULL), blocks [p0, p1)
+void RBE_SFX(rbe_params_backward)(RBE_T* dbasis, RBE_T* dcoeffs, const RBE_T* Gh, const RBE_T* Xh,
+                                  const void* index, int wide, int accumulate, long T, int out, int in, int b,
+                                  int nf, int k, long p0, long p1) {
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const long ntiles = (T + TL - 1) / TL;
+    for (long p = p0; p < p1 && !accumulate; p++) {
+        if (dcoeffs) for (int q = 0; q < k; q++) dcoeffs[(size_t)p * k + q] = 0;
+        if (dbasis) for (int q = 0; q < RBE_NPAT; q++) dbasis[(size_t)p * RBE_NPAT + q] = 0;
+    }
+    for (long tile = 0; tile < ntiles; tile++) {
+        for (long p = p0; p < p1; p++) {
+            int i = (int)(p / C), j = (int)(p % C);
+            const RBE_T* G = Gh + ((size_t)tile * R + i) * rows * TL;
+            const RBE_T* X = Xh + ((size_t)tile * C + j) * rows * TL;
+            if (dcoeffs) {
+                RBE_T* dc = dcoeffs + (size_t)p * k;
+                int u = 0;
+                for (int q = 0; q < k; q++) {
+                    long pos = (size_t)p * k + q;
+                    int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
+                    while (idx >= (u + 1) * b) u++;
+                    dc[q] += RBE_SFX(dot)(G + (size_t)u * TL, X + (size_t)(idx - u * b) * TL);
+                }
+            }
+            if (dbasis) {
+                const RBE_T* Gp = G + (size_t)b * TL;
+                const RBE_T* E = X + (size_t)b * TL;
+                RBE_T* db = dbasis + (size_t)p * RBE_NPAT;
+                RBE_T d1 = 0;
+                for (int m = 0; m < nd; m++)
+                    d1 += RBE_SFX(dot)(Gp + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL);
+                db[0] += RBE_SFX(dot)(Gp, E);
+                db[1] += d1;
+                db[2] += RBE_SFX(dot)(Gp, E + TL) + RBE_SFX(dot)(Gp + TL, E);
+                db[3] += RBE_SFX(dot)(Gp, E + 2 * TL);
+                db[4] += RBE_SFX(dot)(Gp + 2 * TL, E);
+                db[5] += RBE_SFX(dot)(Gp, E + 3 * TL);
+                db[6] += RBE_SFX(dot)(Gp + 3 * TL, E);
+                db[7] += RBE_SFX(dot)(Gp + 2 * TL, E + 2 * TL);
+            }
+        }
+    }
+}
+
+void RBE_SFX(rbe_bias_backward)(RBE_T* dbias, const RBE_T* g, long T, int out, int accumulate, long o0, long o1) {
+    if (!accumulate)
+        for (long o = o0; o < o1; o++) dbias[o] = 0;
+    for (long t = 0; t < T; t++) {
+        const RBE_T* gr = g + (size_t)t * out;
+        for (long o = o0; o < o1; o++) dbias[o] += gr[o];
+    }
+}
+
+#undef TL

@@ -1,0 +1,545 @@
+// rbe_ops.cpp - torch operator schemas and CPU kernels of rbe_ffn.
+// This layer only checks arguments, dispatches on dtype, allocates, hands
+// ranges to torch's thread pool and calls the C kernels of rbe.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "rbe.h"
+
+// A Python extension module with no methods: importing it loads the operators.
+extern "C" PyObject* PyInit__C(void) {
+    static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "rbe_ffn operators", -1, nullptr};
+    return PyModule_Create(&def);
+}
+
+namespace rbe {
+
+using at::Tensor;
+
+// ---- type-overloaded views of the C kernels ----
+static void encode(float* bs, float* cf, void* ix, int wide, double* err, const float* w, const double* tabs,
+                   double* work, int out, int in, int b, int k, long p0, long p1) {
+    rbe_encode_f32(bs, cf, ix, wide, err, w, tabs, work, out, in, b, k, p0, p1);
+}
+static void encode(double* bs, double* cf, void* ix, int wide, double* err, const double* w, const double* tabs,
+                   double* work, int out, int in, int b, int k, long p0, long p1) {
+    rbe_encode_f64(bs, cf, ix, wide, err, w, tabs, work, out, in, b, k, p0, p1);
+}
+static void decode(float* w, const float* bs, const float* cf, const void* ix, int wide, const double* tabs,
+                   double* work, int out, int in, int b, int k, long p0, long p1) {
+    rbe_decode_f32(w, bs, cf, ix, wide, tabs, work, out, in, b, k, p0, p1);
+}
+static void decode(double* w, const double* bs, const double* cf, const void* ix, int wide, const double* tabs,
+                   double* work, int out, int in, int b, int k, long p0, long p1) {
+    rbe_decode_f64(w, bs, cf, ix, wide, tabs, work, out, in, b, k, p0, p1);
+}
+static void analysis(float* o, const float* x, const float* A, float* s, long T, int n, int b, int nf, long p0, long p1) {
+    rbe_analysis_f32(o, x, A, s, T, n, b, nf, p0, p1);
+}
+static void analysis(double* o, const double* x, const double* A, double* s, long T, int n, int b, int nf, long p0,
+                     long p1) {
+    rbe_analysis_f64(o, x, A, s, T, n, b, nf, p0, p1);
+}
+static void rows_forward(float* y, float* pre, const float* Xh, const float* S, const float* bs, const float* cf,
+                         const void* ix, int wide, const float* bias, int act, float* s, long T, int out, int in, int b,
+                         int nf, int k, long p0, long p1) {
+    rbe_rows_forward_f32(y, pre, Xh, S, bs, cf, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+}
+static void rows_forward(double* y, double* pre, const double* Xh, const double* S, const double* bs,
+                         const double* cf, const void* ix, int wide, const double* bias, int act, double* s, long T,
+                         int out, int in, int b, int nf, int k, long p0, long p1) {
+    rbe_rows_forward_f64(y, pre, Xh, S, bs, cf, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+}
+static void cols_backward(float* dx, const float* Gh, const float* A, const float* bs, const float* cf, const void* ix,
+                          int wide, float* s, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    rbe_cols_backward_f32(dx, Gh, A, bs, cf, ix, wide, s, T, out, in, b, nf, k, p0, p1);
+}
+static void cols_backward(double* dx, const double* Gh, const double* A, const double* bs, const double* cf,
+                          const void* ix, int wide, double* s, long T, int out, int in, int b, int nf, int k, long p0,
+                          long p1) {
+    rbe_cols_backward_f64(dx, Gh, A, bs, cf, ix, wide, s, T, out, in, b, nf, k, p0, p1);
+}
+static void params_backward(float* db, float* dc, const float* Gh, const float* Xh, const void* ix, int wide, int acc,
+                            long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    rbe_params_backward_f32(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
+}
+static void params_backward(double* db, double* dc, const double* Gh, const double* Xh, const void* ix, int wide,
+                            int acc, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    rbe_params_backward_f64(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
+}
+static void bias_backward(float* d, const float* g, long T, int out, int acc, long o0, long o1) {
+    rbe_bias_backward_f32(d, g, T, out, acc, o0, o1);
+}
+static void bias_backward(double* d, const double* g, long T, int out, int acc, long o0, long o1) {
+    rbe_bias_backward_f64(d, g, T, out, acc, o0, o1);
+}
+static void act_forward(float* y, const float* x, long n, int act) { rbe_act_forward_f32(y, x, n, act); }
+static void act_forward(double* y, const double* x, long n, int act) { rbe_act_forward_f64(y, x, n, act); }
+static void act_backward(float* dx, const float* dy, const float* x, long n, int act) {
+    rbe_act_backward_f32(dx, dy, x, n, act);
+}
+static void act_backward(double* dx, const double* dy, const double* x, long n, int act) {
+    rbe_act_backward_f64(dx, dy, x, n, act);
+}
+
+// ---- argument checks ----
+static int act_code(const std::string& name) {
+    if (name == "none" || name == "identity") return RBE_ACT_NONE;
+    if (name == "gelu") return RBE_ACT_GELU;
+    if (name == "gelu_tanh") return RBE_ACT_GELU_TANH;
+    if (name == "relu") return RBE_ACT_RELU;
+    if (name == "silu") return RBE_ACT_SILU;
+    TORCH_CHECK_VALUE(false, "rbe_ffn: unknown activation '", name, "' (expected gelu, gelu_tanh, relu, silu or none)");
+}
+
+static void check_float(const Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "rbe_ffn: ", name,
+                     " must be float32 or float64, got ", t.scalar_type());
+}
+
+static void check_block_size(int64_t b) {
+    TORCH_CHECK_VALUE(b >= 4 && b <= 256, "rbe_ffn: block_size must be in [4, 256], got ", b);
+}
+
+static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A compressed weight [out, in] at block size b: checks every tensor the kernels will read.
+struct Weight {
+    Tensor basis, coeffs, index;
+    int64_t out, in, b, k;
+    int wide;
+};
+
+static Weight check_weight(const char* name, const Tensor& basis, const Tensor& coeffs, const Tensor& index,
+                           int64_t out, int64_t in, int64_t b, at::ScalarType dtype, at::Device device) {
+    check_block_size(b);
+    TORCH_CHECK_VALUE(out > 0 && in > 0, "rbe_ffn: ", name, ": sizes must be positive, got out=", out, " in=", in);
+    const int64_t nblk = cdiv(out, b) * cdiv(in, b);
+    TORCH_CHECK_TYPE(basis.scalar_type() == dtype && coeffs.scalar_type() == dtype, "rbe_ffn: ", name,
+                     ": basis and coeffs must have the input's dtype ", dtype, ", got ", basis.scalar_type(), " and ",
+                     coeffs.scalar_type());
+    TORCH_CHECK_TYPE(index.scalar_type() == at::kShort || index.scalar_type() == at::kInt, "rbe_ffn: ", name,
+                     ": index must be int16 or int32, got ", index.scalar_type());
+    TORCH_CHECK_VALUE(basis.device() == device && coeffs.device() == device && index.device() == device,
+                      "rbe_ffn: ", name, ": tensors must be on the input's device ", device);
+    TORCH_CHECK_VALUE(basis.dim() == 2 && basis.size(0) == nblk && basis.size(1) == RBE_NPAT, "rbe_ffn: ", name,
+                      ": basis must be [", nblk, ", 8] for a ", out, "x", in, " weight at block_size ", b, ", got ",
+                      basis.sizes());
+    TORCH_CHECK_VALUE(coeffs.dim() == 2 && coeffs.size(0) == nblk && coeffs.size(1) <= b * b, "rbe_ffn: ", name,
+                      ": coeffs must be [", nblk, ", k] with k <= ", b * b, ", got ", coeffs.sizes());
+    TORCH_CHECK_VALUE(index.sizes() == coeffs.sizes(), "rbe_ffn: ", name, ": index must have the shape of coeffs ",
+                      coeffs.sizes(), ", got ", index.sizes());
+    Weight w{basis.contiguous(), coeffs.contiguous(), index.contiguous(), out, in, b, coeffs.size(1),
+             index.scalar_type() == at::kInt};
+    if (w.k > 0 && w.index.device().is_cpu()) {
+        long bad = rbe_index_check(w.index.data_ptr(), w.wide, (long)nblk, (int)w.k, (int)b);
+        TORCH_CHECK_INDEX(bad < 0, "rbe_ffn: ", name, ": index is corrupted at block ", bad / std::max<int64_t>(w.k, 1),
+                          ", slot ", bad % std::max<int64_t>(w.k, 1),
+                          ": positions must be strictly increasing within a block and lie in [0, ", b * b, ")");
+    }
+    return w;
+}
+
+static void check_bias(const c10::optional<Tensor>& bias, int64_t out, at::ScalarType dtype, at::Device device,
+                       const char* name) {
+    if (!bias.has_value()) return;
+    TORCH_CHECK_TYPE(bias->scalar_type() == dtype, "rbe_ffn: ", name, " must have the input's dtype ", dtype,
+                     ", got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == device, "rbe_ffn: ", name, " must be on the input's device");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "rbe_ffn: ", name, " must be [", out, "], got ",
+                      bias->sizes());
+}
+
+struct Plan {
+    Tensor t;
+    int64_t b, nf;
+};
+
+static Plan check_plan(const Tensor& plan, at::ScalarType dtype, at::Device device) {
+    TORCH_CHECK_VALUE(plan.dim() == 3 && plan.size(0) == 2, "rbe_ffn: plan must be [2, b+nf, b], got ", plan.sizes());
+    const int64_t b = plan.size(2), nf = plan.size(1) - b;
+    check_block_size(b);
+    TORCH_CHECK_VALUE(nf >= RBE_NFIX && nf <= RBE_NFIX + b, "rbe_ffn: plan has a bad number of pattern rows ", nf);
+    TORCH_CHECK_TYPE(plan.scalar_type() == dtype, "rbe_ffn: plan must have the input's dtype ", dtype);
+    TORCH_CHECK_VALUE(plan.device() == device, "rbe_ffn: plan must be on the input's device");
+    return Plan{plan.contiguous(), b, nf};
+}
+
+static Tensor as_tokens(const Tensor& x, int64_t n, const char* what) {
+    check_float(x, what);
+    TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == n, "rbe_ffn: ", what, " must have last dimension ", n, ", got shape ",
+                      x.sizes());
+    return x.reshape({-1, n}).contiguous();
+}
+
+static std::vector<int64_t> with_last(const Tensor& x, int64_t n) {
+    std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+    s.back() = n;
+    return s;
+}
+
+// ---- tables ----
+static std::vector<double> codec_tables(int b) {
+    const size_t bb = (size_t)b * b;
+    std::vector<double> tabs(17 * bb), work(8 * bb + 200);
+    rbe_dct_matrix(tabs.data(), b);
+    rbe_pattern_images(tabs.data() + bb, b);
+    rbe_pattern_pinv(tabs.data() + 9 * bb, work.data(), b);
+    return tabs;
+}
+
+Tensor make_plan(int64_t b, double tol) {
+    check_block_size(b);
+    TORCH_CHECK_VALUE(tol > 0 && tol < 1, "rbe_ffn: plan tolerance must be in (0, 1), got ", tol);
+    std::vector<double> plan(2 * (2 * b + 4) * b), work(3 * b * b + b);
+    const int64_t nf = rbe_plan_build(plan.data(), work.data(), (int)b, tol);
+    Tensor t = at::empty({2, b + nf, b}, at::kDouble);
+    std::copy(plan.begin(), plan.begin() + 2 * (b + nf) * b, t.data_ptr<double>());
+    return t;
+}
+
+// ---- codec ----
+std::tuple<Tensor, Tensor, Tensor, Tensor> encode_cpu(const Tensor& weight, int64_t b, int64_t k) {
+    check_float(weight, "weight");
+    TORCH_CHECK_VALUE(weight.dim() == 2, "rbe_ffn.compress: weight must be 2-D [out, in], got ", weight.dim(), "-D");
+    TORCH_CHECK_VALUE(weight.numel() > 0, "rbe_ffn.compress: weight is empty ", weight.sizes());
+    check_block_size(b);
+    TORCH_CHECK_VALUE(k >= 0 && k <= b * b, "rbe_ffn.compress: k must be in [0, block_size^2 = ", b * b, "], got ", k);
+    Tensor w = weight.contiguous();
+    const int64_t out = w.size(0), in = w.size(1), nblk = cdiv(out, b) * cdiv(in, b);
+    const bool wide = b > 128;
+    Tensor basis = at::empty({nblk, RBE_NPAT}, w.options());
+    Tensor coeffs = at::empty({nblk, k}, w.options());
+    Tensor index = at::empty({nblk, k}, w.options().dtype(wide ? at::kInt : at::kShort));
+    Tensor err = at::empty({nblk}, w.options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "rbe_encode", [&] {
+        long bad = w.scalar_type() == at::kFloat
+                       ? rbe_count_nonfinite_f32((const float*)w.data_ptr(), (long)w.numel())
+                       : rbe_count_nonfinite_f64((const double*)w.data_ptr(), (long)w.numel());
+        TORCH_CHECK_VALUE(bad == 0, "rbe_ffn.compress: weight has ", bad, " NaN or infinite values");
+        const std::vector<double> tabs = codec_tables((int)b);
+        at::parallel_for(0, nblk, 1, [&](int64_t p0, int64_t p1) {
+            std::vector<double> work(rbe_encode_work((int)b));
+            encode(basis.data_ptr<scalar_t>(), coeffs.data_ptr<scalar_t>(), index.data_ptr(), wide,
+                   err.data_ptr<double>(), w.data_ptr<scalar_t>(), tabs.data(), work.data(), (int)out, (int)in, (int)b,
+                   (int)k, (long)p0, (long)p1);
+        });
+    });
+    return {basis, coeffs, index, err};
+}
+
+Tensor decode_cpu(const Tensor& basis, const Tensor& coeffs, const Tensor& index, int64_t out, int64_t in, int64_t b) {
+    check_float(basis, "basis");
+    Weight W = check_weight("decode", basis, coeffs, index, out, in, b, basis.scalar_type(), basis.device());
+    Tensor w = at::empty({out, in}, basis.options());
+    const int64_t nblk = W.basis.size(0);
+    AT_DISPATCH_FLOATING_TYPES(basis.scalar_type(), "rbe_decode", [&] {
+        const std::vector<double> tabs = codec_tables((int)b);
+        at::parallel_for(0, nblk, 1, [&](int64_t p0, int64_t p1) {
+            std::vector<double> work(3 * b * b);
+            decode(w.data_ptr<scalar_t>(), W.basis.data_ptr<scalar_t>(), W.coeffs.data_ptr<scalar_t>(),
+                   W.index.data_ptr(), W.wide, tabs.data(), work.data(), (int)out, (int)in, (int)b, (int)W.k,
+                   (long)p0, (long)p1);
+        });
+    });
+    return w;
+}
+
+// ---- the linear kernels on raw token-major buffers ----
+template <typename T>
+static void scratch_for(std::vector<T>& s, const Plan& P) {
+    s.resize(rbe_rows_scratch((int)P.b, (int)P.nf));
+}
+
+// Xh = analysis of x [T, n] with M = plan[which]: [ntiles, ceil(n/b), b+nf, TILE]
+template <typename T>
+static Tensor analyse(const T* x, int64_t Tn, int64_t n, const Plan& P, int which, const at::TensorOptions& opt) {
+    const int64_t ntiles = cdiv(Tn, RBE_TILE), nseg = cdiv(n, P.b), rows = P.b + P.nf;
+    Tensor Xh = at::empty({ntiles, nseg, rows, RBE_TILE}, opt);
+    const T* M = P.t.data_ptr<T>() + which * rows * P.b;
+    T* o = Xh.data_ptr<T>();
+    at::parallel_for(0, ntiles * nseg, 1, [&](int64_t p0, int64_t p1) {
+        std::vector<T> s;
+        scratch_for(s, P);
+        analysis(o, x, M, s.data(), (long)Tn, (int)n, (int)P.b, (int)P.nf, (long)p0, (long)p1);
+    });
+    return Xh;
+}
+
+// y (and pre) [T, out] = act(x W^T + bias)
+template <typename T>
+static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, const T* bias, int act, const Plan& P,
+                       const at::TensorOptions& opt) {
+    if (Tn == 0) return;
+    Tensor Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
+    const int64_t R = cdiv(W.out, P.b), ntiles = cdiv(Tn, RBE_TILE), rows = P.b + P.nf;
+    const T* S = P.t.data_ptr<T>() + rows * P.b;
+    at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
+        std::vector<T> s;
+        scratch_for(s, P);
+        rows_forward(y, pre, Xh.data_ptr<T>(), S, W.basis.data_ptr<T>(), W.coeffs.data_ptr<T>(), W.index.data_ptr(),
+                     W.wide, bias, act, s.data(), (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k,
+                     (long)p0, (long)p1);
+    });
+}
+
+// gradients of y = x W^T + bias given g = dL/dy [T, out]; null outputs are skipped
+template <typename T>
+static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accumulate, const T* g, const T* x,
+                                int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt) {
+    if (Tn == 0) return;
+    const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), ntiles = cdiv(Tn, RBE_TILE);
+    if (dbias)
+        at::parallel_for(0, W.out, 64, [&](int64_t o0, int64_t o1) {
+            bias_backward(dbias, g, (long)Tn, (int)W.out, accumulate, (long)o0, (long)o1);
+        });
+    if (!dx && !dbasis && !dcoeffs) return;
+    Tensor Gh = analyse<T>(g, Tn, W.out, P, 1, opt);
+    if (dx) {
+        const T* A = P.t.data_ptr<T>();
+        at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
+            std::vector<T> s;
+            scratch_for(s, P);
+            cols_backward(dx, Gh.data_ptr<T>(), A, W.basis.data_ptr<T>(), W.coeffs.data_ptr<T>(), W.index.data_ptr(),
+                          W.wide, s.data(), (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k, (long)p0,
+                          (long)p1);
+        });
+    }
+    if (dbasis || dcoeffs) {
+        Tensor Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
+        at::parallel_for(0, R * C, 1, [&](int64_t p0, int64_t p1) {
+            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), Xh.data_ptr<T>(), W.index.data_ptr(), W.wide,
+                            accumulate, (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k, (long)p0,
+                            (long)p1);
+        });
+    }
+}
+
+template <typename T>
+static T* ptr_or_null(const c10::optional<Tensor>& t) {
+    return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// ---- operators: linear ----
+Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, const Tensor& coeffs, const Tensor& index,
+                  const c10::optional<Tensor>& bias, int64_t in, int64_t out) {
+    Tensor x2 = as_tokens(x, in, "input");
+    Plan P = check_plan(plan, x.scalar_type(), x.device());
+    Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
+    check_bias(bias, out, x.scalar_type(), x.device(), "bias");
+    c10::optional<Tensor> bc = bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt;
+    Tensor y = at::empty({x2.size(0), out}, x2.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_linear", [&] {
+        linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x2.data_ptr<scalar_t>(), x2.size(0), W,
+                             ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options());
+    });
+    return y.view(with_last(x, out));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& plan,
+                                                               const Tensor& basis, const Tensor& coeffs,
+                                                               const Tensor& index, int64_t in, int64_t out,
+                                                               std::array<bool, 4> mask) {
+    Tensor x2 = as_tokens(x, in, "input");
+    Tensor g2 = as_tokens(grad, out, "grad");
+    TORCH_CHECK_VALUE(g2.size(0) == x2.size(0) && grad.scalar_type() == x.scalar_type(),
+                      "rbe_ffn: grad must match the input's tokens and dtype");
+    Plan P = check_plan(plan, x.scalar_type(), x.device());
+    Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
+    auto opt = x2.options();
+    Tensor dx = mask[0] ? at::empty(x.sizes(), opt) : at::empty({0}, opt);
+    Tensor db = mask[1] ? at::empty(W.basis.sizes(), opt) : at::empty({0}, opt);
+    Tensor dc = mask[2] ? at::empty(W.coeffs.sizes(), opt) : at::empty({0}, opt);
+    Tensor dbias = mask[3] ? at::empty({out}, opt) : at::empty({0}, opt);
+    if (x2.size(0) == 0) {  // no tokens: zero parameter gradients
+        db.zero_(), dc.zero_(), dbias.zero_();
+        return {dx, db, dc, dbias};
+    }
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_linear_backward", [&] {
+        using T = scalar_t;
+        linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() : nullptr, mask[1] ? db.data_ptr<T>() : nullptr,
+                               mask[2] ? dc.data_ptr<T>() : nullptr, mask[3] ? dbias.data_ptr<T>() : nullptr, 0,
+                               g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt);
+    });
+    return {dx, db, dc, dbias};
+}
+
+// ---- operators: the feed-forward block ----
+struct FFNArgs {
+    Tensor x2;
+    Plan P;
+    Weight W1, W2;
+    c10::optional<Tensor> bias1, bias2;
+    int act;
+    int64_t chunk;
+};
+
+static FFNArgs check_ffn(const Tensor& x, const Tensor& plan, const Tensor& basis1, const Tensor& coeffs1,
+                         const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
+                         const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
+                         int64_t d_model, int64_t d_ff, const std::string& activation, int64_t chunk_tokens) {
+    Tensor x2 = as_tokens(x, d_model, "input");
+    Plan P = check_plan(plan, x.scalar_type(), x.device());
+    Weight W1 = check_weight("fc1", basis1, coeffs1, index1, d_ff, d_model, P.b, x.scalar_type(), x.device());
+    Weight W2 = check_weight("fc2", basis2, coeffs2, index2, d_model, d_ff, P.b, x.scalar_type(), x.device());
+    check_bias(bias1, d_ff, x.scalar_type(), x.device(), "fc1.bias");
+    check_bias(bias2, d_model, x.scalar_type(), x.device(), "fc2.bias");
+    TORCH_CHECK_VALUE(chunk_tokens >= 0, "rbe_ffn: chunk_tokens must be >= 0 (0: no chunking), got ", chunk_tokens);
+    const int64_t Tn = x2.size(0);
+    const int64_t chunk = chunk_tokens > 0 ? std::min(chunk_tokens, Tn) : Tn;
+    auto cont = [](const c10::optional<Tensor>& b) {
+        return b.has_value() ? c10::optional<Tensor>(b->contiguous()) : c10::nullopt;
+    };
+    return FFNArgs{x2, P, W1, W2, cont(bias1), cont(bias2), act_code(activation), std::max<int64_t>(chunk, 1)};
+}
+
+std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis1, const Tensor& coeffs1,
+                                   const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
+                                   const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
+                                   int64_t d_model, int64_t d_ff, std::string activation, int64_t chunk_tokens,
+                                   bool keep_pre) {
+    FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2, d_model, d_ff,
+                          activation, chunk_tokens);
+    const int64_t Tn = a.x2.size(0);
+    auto opt = a.x2.options();
+    Tensor y = at::empty({Tn, d_model}, opt);
+    Tensor pre = keep_pre ? at::empty(with_last(x, d_ff), opt) : at::empty({0}, opt);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn", [&] {
+        using T = scalar_t;
+        Tensor hidden = at::empty({std::min(a.chunk, Tn), d_ff}, opt);
+        for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
+            const int64_t n = std::min(a.chunk, Tn - t0);
+            T* h = hidden.data_ptr<T>();
+            linear_raw<T>(h, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, a.x2.data_ptr<T>() + t0 * d_model, n,
+                          a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt);
+            linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, h, n, a.W2, ptr_or_null<T>(a.bias2), RBE_ACT_NONE,
+                          a.P, opt);
+        }
+    });
+    return {y.view(x.sizes()), pre};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_cpu(
+    const Tensor& grad, const Tensor& x, const Tensor& pre, const Tensor& plan, const Tensor& basis1,
+    const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
+    const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff, std::string activation,
+    int64_t chunk_tokens, std::array<bool, 7> mask) {
+    FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, c10::nullopt, d_model,
+                          d_ff, activation, chunk_tokens);
+    Tensor g2 = as_tokens(grad, d_model, "grad");
+    const int64_t Tn = a.x2.size(0);
+    TORCH_CHECK_VALUE(g2.size(0) == Tn && grad.scalar_type() == x.scalar_type(),
+                      "rbe_ffn: grad must match the input's tokens and dtype");
+    const bool saved = pre.numel() > 0;
+    Tensor pre2;
+    if (saved) {
+        pre2 = as_tokens(pre, d_ff, "saved pre-activation");
+        TORCH_CHECK_VALUE(pre2.size(0) == Tn, "rbe_ffn: saved pre-activation has ", pre2.size(0), " tokens, expected ", Tn);
+    }
+    auto opt = a.x2.options();
+    auto maybe = [&](bool on, at::IntArrayRef s) { return on ? at::zeros(s, opt) : at::empty({0}, opt); };
+    Tensor dx = mask[0] ? at::empty(x.sizes(), opt) : at::empty({0}, opt);
+    Tensor db1 = maybe(mask[1], a.W1.basis.sizes()), dc1 = maybe(mask[2], a.W1.coeffs.sizes());
+    Tensor dbias1 = maybe(mask[3], {d_ff});
+    Tensor db2 = maybe(mask[4], a.W2.basis.sizes()), dc2 = maybe(mask[5], a.W2.coeffs.sizes());
+    Tensor dbias2 = maybe(mask[6], {d_model});
+    if (Tn == 0) return {dx, db1, dc1, dbias1, db2, dc2, dbias2};
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn_backward", [&] {
+        using T = scalar_t;
+        const int64_t cn = std::min(a.chunk, Tn);
+        Tensor hid = at::empty({cn, d_ff}, opt);                      // activation a = act(h)
+        Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);  // recomputed h (checkpointed)
+        Tensor dh = at::empty({cn, d_ff}, opt);
+        const bool need1 = mask[0] || mask[1] || mask[2] || mask[3];
+        for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
+            const int64_t n = std::min(a.chunk, Tn - t0);
+            const int acc = t0 > 0;
+            const T* xc = a.x2.data_ptr<T>() + t0 * d_model;
+            const T* h;
+            if (saved) {
+                h = pre2.data_ptr<T>() + t0 * d_ff;
+                act_forward(hid.data_ptr<T>(), h, (long)(n * d_ff), a.act);
+            } else {
+                linear_raw<T>(hid.data_ptr<T>(), hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P,
+                              opt);
+                h = hpre.data_ptr<T>();
+            }
+            linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, mask[4] ? db2.data_ptr<T>() : nullptr,
+                                   mask[5] ? dc2.data_ptr<T>() : nullptr, mask[6] ? dbias2.data_ptr<T>() : nullptr, acc,
+                                   g2.data_ptr<T>() + t0 * d_model, hid.data_ptr<T>(), n, a.W2, a.P, opt);
+            if (!need1) continue;
+            T* dhp = dh.data_ptr<T>();
+            at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+                act_backward(dhp + r0 * d_ff, dhp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
+            });
+            linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() + t0 * d_model : nullptr,
+                                   mask[1] ? db1.data_ptr<T>() : nullptr, mask[2] ? dc1.data_ptr<T>() : nullptr,
+                                   mask[3] ? dbias1.data_ptr<T>() : nullptr, acc, dhp, xc, n, a.W1, a.P, opt);
+        }
+    });
+    return {dx, db1, dc1, dbias1, db2, dc2, dbias2};
+}
+
+// ---- operators: activations alone (tests compare them with torch's) ----
+Tensor activation_cpu(const Tensor& x, std::string activation) {
+    check_float(x, "input");
+    const int act = act_code(activation);
+    Tensor xc = x.contiguous(), y = at::empty_like(xc);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_activation", [&] {
+        act_forward(y.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), (long)xc.numel(), act);
+    });
+    return y;
+}
+
+Tensor activation_backward_cpu(const Tensor& grad, const Tensor& x, std::string activation) {
+    check_float(x, "input");
+    TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
+                      "rbe_ffn: grad must match the input's shape and dtype");
+    const int act = act_code(activation);
+    Tensor xc = x.contiguous(), gc = grad.contiguous(), dx = at::empty_like(xc);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_activation_backward", [&] {
+        act_backward(dx.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), (long)xc.numel(), act);
+    });
+    return dx;
+}
+
+}  // namespace rbe
+
+TORCH_LIBRARY(rbe_ffn, m) {
+    m.def("make_plan(int block_size, float tol) -> Tensor");
+    m.def("encode(Tensor weight, int block_size, int k) -> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("decode(Tensor basis, Tensor coeffs, Tensor index, int out_features, int in_features, int block_size) -> Tensor");
+    m.def("linear(Tensor x, Tensor plan, Tensor basis, Tensor coeffs, Tensor index, Tensor? bias, "
+          "int in_features, int out_features) -> Tensor");
+    m.def("linear_backward(Tensor grad, Tensor x, Tensor plan, Tensor basis, Tensor coeffs, Tensor index, "
+          "int in_features, int out_features, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("ffn(Tensor x, Tensor plan, Tensor basis1, Tensor coeffs1, Tensor index1, Tensor? bias1, Tensor basis2, "
+          "Tensor coeffs2, Tensor index2, Tensor? bias2, int d_model, int d_ff, str activation, int chunk_tokens, "
+          "bool keep_pre) -> (Tensor, Tensor)");
+    m.def("ffn_backward(Tensor grad, Tensor x, Tensor pre, Tensor plan, Tensor basis1, Tensor coeffs1, "
+          "Tensor index1, Tensor? bias1, Tensor basis2, Tensor coeffs2, Tensor index2, int d_model, int d_ff, "
+          "str activation, int chunk_tokens, bool[7] output_mask) -> "
+          "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+    m.def("activation(Tensor x, str activation) -> Tensor");
+    m.def("activation_backward(Tensor grad, Tensor x, str activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rbe_ffn, CompositeExplicitAutograd, m) { m.impl("make_plan", &rbe::make_plan); }
+
+TORCH_LIBRARY_IMPL(rbe_ffn, CPU, m) {
+    m.impl("encode", &rbe::encode_cpu);
+    m.impl("decode", &rbe::decode_cpu);
+    m.impl("linear", &rbe::linear_cpu);
+    m.impl("linear_backward", &rbe::linear_backward_cpu);
+    m.impl("ffn", &rbe::ffn_cpu);
+    m.impl("ffn_backward", &rbe::ffn_backward_cpu);
+    m.impl("activation", &rbe::activation_cpu);
+    m.impl("activation_backward", &rbe::activation_backward_cpu);
+}

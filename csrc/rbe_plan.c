@@ -1,0 +1,195 @@
+/* rbe_plan.c - the tables of one block size b, computed once in double.
+ *
+ * The 8 pattern functions on a block's grid (x: column, y: row coordinate,
+ * both 2n/(b-1) - 1, d = sqrt(x^2 + y^2)):
+ *   Phi = [1, d, d^2, cos(pi x), cos(pi y), cos(2 pi x), cos(2 pi y), cos(pi x) cos(pi y)]
+ * factor into rank-1 terms g_a(r) f_e(c). With the 1-D vectors
+ *   v0 = 1, v1 = z^2, v2 = cos(pi z), v3 = cos(2 pi z)
+ * and the eigen-decomposition D = sum_m lam_m U_m U_m^T of the symmetric
+ * matrix D[r][c] = sqrt(z_r^2 + z_c^2), the terms are
+ *   Phi_0 = v0 v0^T   Phi_2 = v0 v1^T + v1 v0^T   Phi_3 = v0 v2^T   Phi_4 = v2 v0^T
+ *   Phi_5 = v0 v3^T   Phi_6 = v3 v0^T   Phi_7 = v2 v2^T   Phi_1 = sum_m (lam_m U_m) U_m^T
+ * so the analysis vectors are f = [v0..v3, U_m] and the synthesis vectors
+ * g = [v0..v3, lam_m U_m]. Eigenvalues below tol * max|lam| are dropped
+ * (D has numerical rank ~10 at 1e-7, ~19 at 1e-15 for b = 64).
+ */
+#include "rbe.h"
+
+#include <math.h>
+#include <string.h>
+
+static double grid(int n, int b) { return 2.0 * n / (double)(b - 1) - 1.0; }
+
+void rbe_dct_matrix(double* psi, int b) {
+    for (int u = 0; u < b; u++) {
+        double a = u == 0 ? sqrt(1.0 / b) : sqrt(2.0 / b);
+        for (int n = 0; n < b; n++) psi[u * b + n] = a * cos(RBE_PI * (n + 0.5) * u / b);
+    }
+}
+
+void rbe_pattern_images(double* phi, int b) {
+    size_t bb = (size_t)b * b;
+    for (int r = 0; r < b; r++) {
+        double y = grid(r, b);
+        for (int c = 0; c < b; c++) {
+            double x = grid(c, b), d2 = x * x + y * y;
+            size_t o = (size_t)r * b + c;
+            phi[0 * bb + o] = 1.0;
+            phi[1 * bb + o] = sqrt(d2);
+            phi[2 * bb + o] = d2;
+            phi[3 * bb + o] = cos(RBE_PI * x);
+            phi[4 * bb + o] = cos(RBE_PI * y);
+            phi[5 * bb + o] = cos(2.0 * RBE_PI * x);
+            phi[6 * bb + o] = cos(2.0 * RBE_PI * y);
+            phi[7 * bb + o] = cos(RBE_PI * x) * cos(RBE_PI * y);
+        }
+    }
+}
+
+// vals: [n], vecs: [n, n] (column m is the eigenvector of vals[m]), a: [n, n] symmetric (destroyed)
+void rbe_jacobi_eig(double* vals, double* vecs, double* a, int n) {
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) vecs[i * n + j] = i == j;
+    for (int sweep = 0; sweep < 100; sweep++) {
+        double off = 0.0, diag = 0.0;
+        for (int i = 0; i < n; i++) {
+            diag += a[i * n + i] * a[i * n + i];
+            for (int j = i + 1; j < n; j++) off += a[i * n + j] * a[i * n + j];
+        }
+        if (off <= 1e-34 * diag || off == 0.0) break;
+        for (int p = 0; p < n; p++) {
+            for (int q = p + 1; q < n; q++) {
+                double apq = a[p * n + q];
+                if (apq == 0.0) continue;
+                double theta = (a[q * n + q] - a[p * n + p]) / (2.0 * apq);
+                double t = (theta >= 0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
+                double c = 1.0 / sqrt(t * t + 1.0), s = t * c;
+                for (int k = 0; k < n; k++) {  // columns p, q
+                    double akp = a[k * n + p], akq = a[k * n + q];
+                    a[k * n + p] = c * akp - s * akq;
+                    a[k * n + q] = s * akp + c * akq;
+                }
+                for (int k = 0; k < n; k++) {  // rows p, q
+                    double apk = a[p * n + k], aqk = a[q * n + k];
+                    a[p * n + k] = c * apk - s * aqk;
+                    a[q * n + k] = s * apk + c * aqk;
+                }
+                for (int k = 0; k < n; k++) {
+                    double vkp = vecs[k * n + p], vkq = vecs[k * n + q];
+                    vecs[k * n + p] = c * vkp - s * vkq;
+                    vecs[k * n + q] = s * vkp + c * vkq;
+                }
+            }
+        }
+    }
+    for (int i = 0; i < n; i++) vals[i] = a[i * n + i];
+}
+
+// pinv: [8, b*b]; work: 8*b*b + 200
+void rbe_pattern_pinv(double* pinv, double* work, int b) {
+    size_t bb = (size_t)b * b;
+    double* phi = work;            // [8, bb]
+    double* g = phi + 8 * bb;      // [8, 8] Gram matrix
+    double* vecs = g + 64;         // [8, 8]
+    double* vals = vecs + 64;      // [8]
+    double* ginv = vals + 8;       // [8, 8]
+    rbe_pattern_images(phi, b);
+    for (int k = 0; k < 8; k++)
+        for (int l = 0; l < 8; l++) {
+            double s = 0.0;
+            for (size_t o = 0; o < bb; o++) s += phi[k * bb + o] * phi[l * bb + o];
+            g[k * 8 + l] = s;
+        }
+    rbe_jacobi_eig(vals, vecs, g, 8);
+    double vmax = 0.0;
+    for (int m = 0; m < 8; m++) vmax = fmax(vmax, fabs(vals[m]));
+    for (int k = 0; k < 8; k++)
+        for (int l = 0; l < 8; l++) {
+            double s = 0.0;
+            for (int m = 0; m < 8; m++)
+                if (fabs(vals[m]) > 1e-12 * vmax) s += vecs[k * 8 + m] * vecs[l * 8 + m] / vals[m];
+            ginv[k * 8 + l] = s;
+        }
+    for (int k = 0; k < 8; k++)
+        for (size_t o = 0; o < bb; o++) {
+            double s = 0.0;
+            for (int l = 0; l < 8; l++) s += ginv[k * 8 + l] * phi[l * bb + o];
+            pinv[k * bb + o] = s;
+        }
+}
+
+// plan: [2, b+nf, b]; work: 3*b*b + b
+int rbe_plan_build(double* plan, double* work, int b, double tol) {
+    double* dmat = work;              // [b, b]
+    double* vecs = dmat + b * b;      // [b, b]
+    double* vals = vecs + b * b;      // [b]
+    double* fix = vals + b;           // [4, b]
+    for (int r = 0; r < b; r++)
+        for (int c = 0; c < b; c++) {
+            double y = grid(r, b), x = grid(c, b);
+            dmat[r * b + c] = sqrt(x * x + y * y);
+        }
+    rbe_jacobi_eig(vals, vecs, dmat, b);
+    double vmax = 0.0;
+    for (int m = 0; m < b; m++) vmax = fmax(vmax, fabs(vals[m]));
+    int rank = 0;
+    for (int m = 0; m < b; m++) rank += fabs(vals[m]) > tol * vmax;
+    int nf = RBE_NFIX + rank, rows = b + nf;
+    for (int n = 0; n < b; n++) {
+        double z = grid(n, b);
+        fix[0 * b + n] = 1.0;
+        fix[1 * b + n] = z * z;
+        fix[2 * b + n] = cos(RBE_PI * z);
+        fix[3 * b + n] = cos(2.0 * RBE_PI * z);
+    }
+    double* A = plan;
+    double* S = plan + (size_t)rows * b;
+    rbe_dct_matrix(A, b);
+    memcpy(S, A, sizeof(double) * b * b);
+    memcpy(A + b * b, fix, sizeof(double) * RBE_NFIX * b);
+    memcpy(S + b * b, fix, sizeof(double) * RBE_NFIX * b);
+    // kept eigenpairs in order of decreasing |lambda|
+    int row = b + RBE_NFIX;
+    for (int kept = 0; kept < rank; kept++) {
+        int best = -1;
+        for (int m = 0; m < b; m++) {
+            if (vals[m] != vals[m]) continue;
+            if (fabs(vals[m]) > tol * vmax && (best < 0 || fabs(vals[m]) > fabs(vals[best]))) best = m;
+        }
+        for (int n = 0; n < b; n++) {
+            A[(size_t)row * b + n] = vecs[n * b + best];
+            S[(size_t)row * b + n] = vals[best] * vecs[n * b + best];
+        }
+        vals[best] = NAN;  // taken
+        row++;
+    }
+    return nf;
+}
+
+long rbe_index_check(const void* index, int wide, long nblocks, int k, int b) {
+    const int16_t* i16 = (const int16_t*)index;
+    const int32_t* i32 = (const int32_t*)index;
+    long lim = (long)b * b;
+    for (long blk = 0; blk < nblocks; blk++) {
+        long prev = -1;
+        for (int q = 0; q < k; q++) {
+            long pos = blk * k + q;
+            long v = wide ? (long)i32[pos] : (long)i16[pos];
+            if (v <= prev || v >= lim) return pos;
+            prev = v;
+        }
+    }
+    return -1;
+}
+
+long rbe_count_nonfinite_f32(const float* x, long n) {
+    long bad = 0;
+    for (long i = 0; i < n; i++) bad += !isfinite(x[i]);
+    return bad;
+}
+
+long rbe_count_nonfinite_f64(const double* x, long n) {
+    long bad = 0;
+    for (long i = 0; i < n; i++) bad += !isfinite(x[i]);
+    return bad;
+}

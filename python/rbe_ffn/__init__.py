@@ -1,0 +1,18 @@
+"""rbe_ffn: transformer feed-forward blocks whose weights are stored, trained and
+run in a compressed RBE form (pattern + sparse DCT residual per block).
+
+    import rbe_ffn
+    cw = rbe_ffn.compress(weight, block_size=64, k=300)   # CompressedWeight
+    ffn = rbe_ffn.RBEFeedForward(768, 3072, activation="gelu", checkpoint=True)
+"""
+from . import _ops
+from ._ops import get_plan
+from .codec import CompressedWeight, compress, decompress
+from .functional import canonical_activation, rbe_feed_forward, rbe_linear
+from .modules import RBEFeedForward, RBELinear
+
+__all__ = [
+    "CompressedWeight", "compress", "decompress", "RBELinear", "RBEFeedForward",
+    "rbe_linear", "rbe_feed_forward", "canonical_activation", "get_plan",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,177 @@
+"""Fake (meta) kernels and autograd formulas of the rbe_ffn operators.
+
+The schemas and CPU kernels live in C++ (csrc/rbe_ops.cpp, CUDA in cuda/);
+this module teaches torch.compile their output shapes and teaches autograd
+their derivatives, each backward being a registered operator itself, so
+``torch.compile(fullgraph=True)`` traces forward and backward without a break.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the operator library)
+
+ops = torch.ops.rbe_ffn
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "none")
+RBE_TILE = 64  # tokens per tile of the C kernels (csrc/rbe.h)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------- plans
+_PLAN_SHAPES: dict = {}
+
+
+@torch.library.register_fake("rbe_ffn::make_plan")
+def _make_plan_fake(block_size, tol):
+    key = (block_size, tol)
+    if key not in _PLAN_SHAPES:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            _PLAN_SHAPES[key] = tuple(ops.make_plan(block_size, tol).shape)
+    return torch.empty(_PLAN_SHAPES[key], dtype=torch.float64)
+
+
+# Eigenvalues of the d-pattern below tol * max are dropped: 1e-15 keeps float64
+# exact to ~1e-14; 1e-9 is far below float32 rounding and keeps fewer rows.
+PLAN_TOL = {torch.float64: 1e-15}
+DEFAULT_PLAN_TOL = 1e-9
+_PLANS: dict = {}
+
+
+def get_plan(block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The [2, b+nf, b] analysis/synthesis tables of a block size (cached)."""
+    device = torch.device(device)
+    key = (int(block_size), dtype, device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        tol = PLAN_TOL.get(dtype, DEFAULT_PLAN_TOL)
+        full = ops.make_plan(int(block_size), tol)
+        _PLAN_SHAPES[(int(block_size), tol)] = tuple(full.shape)
+        plan = full.to(device=device, dtype=dtype)
+        _PLANS[key] = plan
+    return plan
+
+
+# ---------------------------------------------------------------- codec
+@torch.library.register_fake("rbe_ffn::encode")
+def _encode_fake(weight, block_size, k):
+    out, inp = weight.shape
+    nblk = _cdiv(out, block_size) * _cdiv(inp, block_size)
+    idx = torch.int32 if block_size > 128 else torch.int16
+    return (
+        weight.new_empty((nblk, 8)),
+        weight.new_empty((nblk, k)),
+        weight.new_empty((nblk, k), dtype=idx),
+        weight.new_empty((nblk,), dtype=torch.float64),
+    )
+
+
+@torch.library.register_fake("rbe_ffn::decode")
+def _decode_fake(basis, coeffs, index, out_features, in_features, block_size):
+    return basis.new_empty((out_features, in_features))
+
+
+# ---------------------------------------------------------------- linear
+@torch.library.register_fake("rbe_ffn::linear")
+def _linear_fake(x, plan, basis, coeffs, index, bias, in_features, out_features):
+    torch._check(x.shape[-1] == in_features, lambda: f"rbe_ffn: input must have last dimension {in_features}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("rbe_ffn::linear_backward")
+def _linear_backward_fake(grad, x, plan, basis, coeffs, index, in_features, out_features, output_mask):
+    e = x.new_empty((0,))
+    return (
+        x.new_empty(x.shape) if output_mask[0] else e,
+        basis.new_empty(basis.shape) if output_mask[1] else e.clone(),
+        coeffs.new_empty(coeffs.shape) if output_mask[2] else e.clone(),
+        x.new_empty((out_features,)) if output_mask[3] else e.clone(),
+    )
+
+
+def _linear_setup(ctx, inputs, output):
+    x, plan, basis, coeffs, index, bias, in_features, out_features = inputs
+    ctx.save_for_backward(x, plan, basis, coeffs, index)
+    ctx.sizes = (in_features, out_features)
+
+
+def _linear_backward(ctx, grad):
+    x, plan, basis, coeffs, index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[2], need[3], need[5]]
+    dx, db, dc, dbias = ops.linear_backward(grad, x, plan, basis, coeffs, index, *ctx.sizes, mask)
+    pick = lambda t, on: t if on else None  # noqa: E731
+    return pick(dx, mask[0]), None, pick(db, mask[1]), pick(dc, mask[2]), None, pick(dbias, mask[3]), None, None
+
+
+torch.library.register_autograd("rbe_ffn::linear", _linear_backward, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------- feed-forward
+@torch.library.register_fake("rbe_ffn::ffn")
+def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
+              d_model, d_ff, activation, chunk_tokens, keep_pre):
+    torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
+    pre = x.new_empty((*x.shape[:-1], d_ff)) if keep_pre else x.new_empty((0,))
+    return x.new_empty(x.shape), pre
+
+
+@torch.library.register_fake("rbe_ffn::ffn_backward")
+def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2,
+                       d_model, d_ff, activation, chunk_tokens, output_mask):
+    shapes = [x.shape, basis1.shape, coeffs1.shape, (d_ff,), basis2.shape, coeffs2.shape, (d_model,)]
+    return tuple(x.new_empty(s) if on else x.new_empty((0,)) for s, on in zip(shapes, output_mask))
+
+
+def _ffn_setup(ctx, inputs, output):
+    (x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
+     d_model, d_ff, activation, chunk_tokens, keep_pre) = inputs
+    _, pre = output
+    # checkpointed (keep_pre=False): pre is an empty tensor, so only x is saved
+    ctx.save_for_backward(x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2)
+    ctx.args = (d_model, d_ff, activation, chunk_tokens)
+    ctx.mark_non_differentiable(pre)
+
+
+def _ffn_backward(ctx, grad, _grad_pre):
+    x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    # inputs: x plan basis1 coeffs1 index1 bias1 basis2 coeffs2 index2 bias2 ...
+    mask = [need[0], need[2], need[3], need[5], need[6], need[7], need[9]]
+    grads = ops.ffn_backward(grad.contiguous(), x, pre, plan, basis1, coeffs1, index1, bias1,
+                             basis2, coeffs2, index2, *ctx.args, mask)
+    dx, db1, dc1, dbias1, db2, dc2, dbias2 = (g if on else None for g, on in zip(grads, mask))
+    return dx, None, db1, dc1, None, dbias1, db2, dc2, None, dbias2, None, None, None, None, None
+
+
+torch.library.register_autograd("rbe_ffn::ffn", _ffn_backward, setup_context=_ffn_setup)
+
+
+# ---------------------------------------------------------------- activations
+@torch.library.register_fake("rbe_ffn::activation")
+def _activation_fake(x, activation):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("rbe_ffn::activation_backward")
+def _activation_backward_fake(grad, x, activation):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _activation_setup(ctx, inputs, output):
+    x, activation = inputs
+    ctx.save_for_backward(x)
+    ctx.activation = activation
+
+
+def _activation_bwd(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return ops.activation_backward(grad.contiguous(), x, ctx.activation), None
+
+
+torch.library.register_autograd("rbe_ffn::activation", _activation_bwd, setup_context=_activation_setup)

@@ -1,0 +1,94 @@
+"""Compressing a dense matrix into the RBE format and back (DESIGN.md section 2)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._ops import ops
+
+
+def index_dtype(block_size: int) -> torch.dtype:
+    """Flat positions u*b+v fit int16 up to b = 128; int32 above."""
+    return torch.int16 if block_size <= 128 else torch.int32
+
+
+def num_blocks(out_features: int, in_features: int, block_size: int) -> int:
+    return -(-out_features // block_size) * -(-in_features // block_size)
+
+
+def check_sizes(block_size: int, k: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 4 <= block_size <= 256:
+        raise ValueError(f"block_size must be an int in [4, 256], got {block_size!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= block_size * block_size:
+        raise ValueError(f"k must be an int in [0, block_size**2 = {block_size * block_size}], got {k!r}")
+
+
+@dataclass
+class CompressedWeight:
+    """One weight matrix [out, in] in RBE form.
+
+    basis [R*C, 8] pattern coefficients, coeffs [R*C, k] kept DCT residual
+    values, index [R*C, k] their flat positions u*b+v (sorted within a block).
+    ``relative_error`` is ||W - decode||_F / ||W||_F over the real entries,
+    known exactly at encoding time (or ``None`` when not built from a matrix).
+    """
+
+    basis: torch.Tensor
+    coeffs: torch.Tensor
+    index: torch.Tensor
+    shape: tuple
+    block_size: int
+    relative_error: float | None = None
+    block_errors: torch.Tensor | None = None  # [R*C] squared error of each block
+
+    @property
+    def k(self) -> int:
+        return self.coeffs.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored weight (basis + coeffs + index)."""
+        return sum(t.numel() * t.element_size() for t in (self.basis, self.coeffs, self.index))
+
+    @property
+    def dense_nbytes(self) -> int:
+        return math.prod(self.shape) * self.coeffs.element_size()
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.dense_nbytes / self.nbytes
+
+    def decompress(self) -> torch.Tensor:
+        """The dense [out, in] matrix the stored numbers describe (a new tensor)."""
+        return decompress(self.basis, self.coeffs, self.index, self.shape, self.block_size)
+
+
+def compress(weight: torch.Tensor, block_size: int = 64, k: int = 300) -> CompressedWeight:
+    """Encode a dense [out, in] float32/float64 matrix into the RBE format.
+
+    Each b x b block keeps 8 pattern numbers (least-squares fit) and the k
+    largest coefficients of the orthonormal DCT of what the pattern leaves.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight is empty: shape {tuple(weight.shape)}")
+    if weight.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"weight must be float32 or float64, got {weight.dtype}")
+    check_sizes(block_size, k)
+    w = weight.detach()
+    basis, coeffs, index, err = ops.encode(w, block_size, k)
+    total = w.double().pow(2).sum().item()
+    dropped = err.sum().item()
+    rel = math.sqrt(dropped / total) if total > 0 else math.sqrt(dropped)
+    return CompressedWeight(basis, coeffs, index, tuple(w.shape), block_size, rel, err)
+
+
+def decompress(basis: torch.Tensor, coeffs: torch.Tensor, index: torch.Tensor, shape, block_size: int) -> torch.Tensor:
+    """Decode RBE tensors into a dense [out, in] matrix (for tests and inspection)."""
+    out, inp = (int(s) for s in shape)
+    return ops.decode(basis, coeffs, index, out, inp, int(block_size))

@@ -1,0 +1,72 @@
+"""Functional forms of the RBE linear layer and feed-forward block."""
+from __future__ import annotations
+
+import torch
+
+from ._ops import RBE_TILE, get_plan, ops
+
+# Names accepted for the activation: PyTorch's, and the seed design's (DESIGN.md section 4).
+_ALIASES = {
+    "gelu": "gelu", "Gelu": "gelu", "GeluPytorch": "gelu",
+    "gelu_tanh": "gelu_tanh", "GeluApproximate": "gelu_tanh",
+    "relu": "relu", "Relu": "relu",
+    "silu": "silu", "swish": "silu", "Swish": "silu",
+}
+
+
+def canonical_activation(activation) -> str:
+    """'gelu' | 'gelu_tanh' | 'relu' | 'silu' from a name, an alias or an nn activation module."""
+    if isinstance(activation, torch.nn.GELU):
+        return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
+    if isinstance(activation, torch.nn.ReLU):
+        return "relu"
+    if isinstance(activation, torch.nn.SiLU):
+        return "silu"
+    if isinstance(activation, str) and activation in _ALIASES:
+        return _ALIASES[activation]
+    raise ValueError(
+        f"unknown activation {activation!r}: expected one of gelu, gelu_tanh, relu, silu "
+        f"(aliases {sorted(k for k in _ALIASES if k not in ('gelu', 'gelu_tanh', 'relu', 'silu'))})"
+    )
+
+
+def rbe_linear(x, basis, coeffs, index, bias, in_features: int, out_features: int, block_size: int):
+    """y = x W^T + bias for a compressed W, computed in the transform domain. x: (*, in)."""
+    plan = get_plan(block_size, x.dtype, x.device)
+    return ops.linear(x, plan, basis, coeffs, index, bias, in_features, out_features)
+
+
+def intermediate_bytes_per_token(d_model: int, d_ff: int, block_size: int, nf: int, itemsize: int) -> int:
+    """Transient bytes one token costs inside the feed-forward operator (forward or backward):
+    the hidden activation, its recomputed pre-activation, its gradient, and the transformed
+    (feature-major) copy of the widest operand, plus the transformed d_model-side operands."""
+    rows = block_size + nf
+    wide = -(-d_ff // block_size) * rows
+    narrow = -(-d_model // block_size) * rows
+    return itemsize * (3 * d_ff + wide + 2 * narrow)
+
+
+def chunk_tokens_for(memory_limit_mb, d_model: int, d_ff: int, block_size: int, nf: int, itemsize: int) -> int:
+    """Tokens per chunk so that one chunk's transient buffers stay under the limit (0: no chunking)."""
+    if memory_limit_mb is None:
+        return 0
+    per_token = intermediate_bytes_per_token(d_model, d_ff, block_size, nf, itemsize)
+    n = int(memory_limit_mb * 2**20) // per_token
+    if n >= RBE_TILE:
+        n -= n % RBE_TILE  # whole token tiles: no padding counts against the limit
+    return max(n, 1)
+
+
+def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, activation: str = "gelu",
+                     checkpoint: bool = False, chunk_tokens: int = 0):
+    """act(x W1^T + b1) W2^T + b2 with W1 [d_ff, d_model], W2 [d_model, d_ff] compressed.
+
+    fc1, fc2: (basis, coeffs, index, bias) tuples (bias may be None), both at block_size.
+    checkpoint=False saves x and the pre-activation [T, d_ff] for backward;
+    checkpoint=True saves x only and recomputes the pre-activation in backward.
+    chunk_tokens > 0 processes that many tokens at a time, forward and backward.
+    """
+    plan = get_plan(block_size, x.dtype, x.device)
+    y, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
+                   int(chunk_tokens), not checkpoint)
+    return y

@@ -1,0 +1,212 @@
+"""nn.Modules: a compressed linear layer and the compressed feed-forward block."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._ops import get_plan, ops
+from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
+from .functional import canonical_activation, chunk_tokens_for, intermediate_bytes_per_token
+
+
+class RBELinear(nn.Module):
+    """A linear layer y = x W^T + b whose W [out, in] is stored and trained in RBE form.
+
+    Parameters: ``basis`` [R*C, 8], ``coeffs`` [R*C, k], ``bias`` [out];
+    buffer ``index`` [R*C, k] (fixed positions). No dense W is ever kept.
+    A fresh layer picks each block's k positions at random (without
+    replacement, from torch's global generator or ``generator``) and scales
+    the values so the effective weight has nn.Linear's default variance.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 64,
+                 k: int = 300, *, device=None, dtype=None, generator: torch.Generator | None = None):
+        super().__init__()
+        check_sizes(block_size, k)
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size, self.k = block_size, k
+        dtype = dtype or torch.get_default_dtype()
+        nblk = num_blocks(out_features, in_features, block_size)
+        bb = block_size * block_size
+        # fresh init: random positions; Var(W_entry) = k Var(c) / b^2 = 1 / (3 in) like nn.Linear
+        pos = torch.rand(nblk, bb, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values
+        std = block_size / math.sqrt(3.0 * in_features * max(k, 1))
+        coeffs = torch.randn(nblk, k, generator=generator, dtype=dtype) * std
+        basis = torch.zeros(nblk, 8, dtype=dtype)
+        if k == 0:  # only the pattern is left to carry the weight
+            basis.normal_(0.0, 1.0 / math.sqrt(3.0 * in_features), generator=generator)
+        self.basis = nn.Parameter(basis.to(device))
+        self.coeffs = nn.Parameter(coeffs.to(device))
+        self.register_buffer("index", pos.to(device=device, dtype=index_dtype(block_size)))
+        if bias:
+            bound = 1.0 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype).uniform_(-bound, bound, generator=generator)
+                                     .to(device))
+        else:
+            self.register_parameter("bias", None)
+        self.relative_error: float | None = None  # set when built from a dense weight
+        self.register_buffer("plan", get_plan(block_size, self.basis.dtype, self.basis.device), persistent=False)
+
+    # the plan follows the parameters' dtype and device, rebuilt exactly (never cast)
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.plan = get_plan(self.block_size, self.basis.dtype, self.basis.device)
+        return self
+
+    @classmethod
+    def from_compressed(cls, cw: CompressedWeight, bias: torch.Tensor | None = None) -> "RBELinear":
+        out_features, in_features = cw.shape
+        layer = cls(in_features, out_features, bias=bias is not None, block_size=cw.block_size, k=cw.k,
+                    device=cw.coeffs.device, dtype=cw.coeffs.dtype)
+        with torch.no_grad():
+            layer.basis.copy_(cw.basis)
+            layer.coeffs.copy_(cw.coeffs)
+            layer.index.copy_(cw.index)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.relative_error = cw.relative_error
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64, k: int = 300) -> "RBELinear":
+        """Compress an nn.Linear (its weight is [out, in]); ``relative_error`` records the cost."""
+        w = linear.weight.detach()
+        work = w if w.dtype in (torch.float32, torch.float64) else w.float()
+        cw = compress(work.cpu(), block_size, k)
+        cw = CompressedWeight(cw.basis.to(w.device), cw.coeffs.to(w.device), cw.index.to(w.device), cw.shape,
+                              cw.block_size, cw.relative_error, cw.block_errors)
+        bias = None if linear.bias is None else linear.bias.detach().to(cw.coeffs.dtype)
+        return cls.from_compressed(cw, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias,
+                          self.in_features, self.out_features)
+
+    def compressed(self) -> CompressedWeight:
+        return CompressedWeight(self.basis, self.coeffs, self.index, (self.out_features, self.in_features),
+                                self.block_size, self.relative_error)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense W these numbers describe (a new tensor; for inspection and tests)."""
+        with torch.no_grad():
+            return decompress(self.basis, self.coeffs, self.index, (self.out_features, self.in_features),
+                              self.block_size)
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of the stored weight: basis + coeffs + index (bias excluded, as for the dense figure)."""
+        return sum(t.numel() * t.element_size() for t in (self.basis, self.coeffs, self.index))
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense weight bytes (same value dtype) / stored weight bytes."""
+        return self.out_features * self.in_features * self.coeffs.element_size() / self.weight_nbytes
+
+    def extra_repr(self) -> str:
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+             f"block_size={self.block_size}, k={self.k}, compression={self.compression_ratio:.1f}x")
+        if self.relative_error is not None:
+            s += f", relative_error={self.relative_error:.3g}"
+        return s
+
+
+class RBEFeedForward(nn.Module):
+    """act(x W1^T + b1) W2^T + b2 with both weights in RBE form: fc1 expands, fc2 contracts.
+
+    checkpoint=True saves only the input for backward and recomputes the
+    [T, d_ff] pre-activation; memory_limit_mb bounds the transient buffers of
+    one chunk of tokens (forward and backward) by processing tokens in chunks.
+    ``stats`` counts calls, estimated multiply-adds x2 (FLOPs) of the
+    transform-domain algorithm, and the peak transient bytes of one call.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation="gelu", bias: bool = True, block_size: int = 64,
+                 k: int = 300, checkpoint: bool = False, memory_limit_mb: float | None = None, *, device=None,
+                 dtype=None, generator: torch.Generator | None = None):
+        super().__init__()
+        self.activation = canonical_activation(activation)
+        if memory_limit_mb is not None and not memory_limit_mb > 0:
+            raise ValueError(f"memory_limit_mb must be positive or None, got {memory_limit_mb!r}")
+        self.d_model, self.d_ff = d_model, d_ff
+        self.block_size = block_size
+        self.checkpoint = bool(checkpoint)
+        self.memory_limit_mb = memory_limit_mb
+        self.fc1 = RBELinear(d_model, d_ff, bias, block_size, k, device=device, dtype=dtype, generator=generator)
+        self.fc2 = RBELinear(d_ff, d_model, bias, block_size, k, device=device, dtype=dtype, generator=generator)
+        self.reset_stats()
+
+    @classmethod
+    def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, activation="gelu", block_size: int = 64, k: int = 300,
+                     checkpoint: bool = False, memory_limit_mb: float | None = None) -> "RBEFeedForward":
+        """Compress a dense Linear(d_model, d_ff) -> act -> Linear(d_ff, d_model) block."""
+        if fc1.in_features != fc2.out_features or fc1.out_features != fc2.in_features:
+            raise ValueError(f"fc1 {fc1.in_features}->{fc1.out_features} and fc2 {fc2.in_features}->"
+                             f"{fc2.out_features} do not form a feed-forward block")
+        if (fc1.bias is None) != (fc2.bias is None):
+            raise ValueError("fc1 and fc2 must both have a bias or both have none")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.activation = canonical_activation(activation)
+        m.d_model, m.d_ff = fc1.in_features, fc1.out_features
+        m.block_size, m.checkpoint, m.memory_limit_mb = block_size, bool(checkpoint), memory_limit_mb
+        m.fc1 = RBELinear.from_linear(fc1, block_size, k)
+        m.fc2 = RBELinear.from_linear(fc2, block_size, k)
+        m.reset_stats()
+        return m
+
+    def reset_stats(self) -> None:
+        self.stats = {"calls": 0, "flops": 0, "peak_intermediate_bytes": 0}
+
+    def chunk_tokens(self, tokens: int | None = None) -> int:
+        """Tokens per chunk under memory_limit_mb (0 = all tokens at once)."""
+        plan = self.fc1.plan
+        nf = plan.shape[1] - self.block_size
+        return chunk_tokens_for(self.memory_limit_mb, self.d_model, self.d_ff, self.block_size, nf,
+                                self.fc1.coeffs.element_size())
+
+    def estimated_flops(self, tokens: int) -> int:
+        """2 x multiply-adds of one forward over `tokens` tokens (transforms, sparse products, pattern)."""
+        b, nf = self.block_size, self.fc1.plan.shape[1] - self.block_size
+        total = 0
+        for lin in (self.fc1, self.fc2):
+            R, C = -(-lin.out_features // b), -(-lin.in_features // b)
+            per_tok = C * b * (b + nf) + R * C * (lin.k + 8 + nf) + R * b * (b + nf)
+            total += 2 * per_tok * tokens
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = self.chunk_tokens()
+        f1, f2 = self.fc1, self.fc2
+        y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
+                       self.d_model, self.d_ff, self.activation, chunk, not self.checkpoint)
+        if not torch.compiler.is_compiling():
+            tokens = x.numel() // max(self.d_model, 1)
+            nf = f1.plan.shape[1] - self.block_size
+            n = min(chunk, tokens) if chunk else tokens
+            tile = -(-n // 64) * 64
+            per = intermediate_bytes_per_token(self.d_model, self.d_ff, self.block_size, nf, x.element_size())
+            peak = per * tile  # bound for a forward + backward; a forward alone uses less
+            self.stats["calls"] += 1
+            self.stats["flops"] += self.estimated_flops(tokens)
+            self.stats["peak_intermediate_bytes"] = max(self.stats["peak_intermediate_bytes"], peak)
+        return y
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.fc1.weight_nbytes + self.fc2.weight_nbytes
+
+    @property
+    def compression_ratio(self) -> float:
+        dense = 2 * self.d_model * self.d_ff * self.fc1.coeffs.element_size()
+        return dense / self.weight_nbytes
+
+    def extra_repr(self) -> str:
+        s = f"d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation!r}, checkpoint={self.checkpoint}"
+        if self.memory_limit_mb is not None:
+            s += f", memory_limit_mb={self.memory_limit_mb}"
+        return s
