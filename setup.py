@@ -3,6 +3,7 @@ the C++ operator registration, and CUDA kernels when torch has CUDA and nvcc exi
 
     pip install --no-build-isolation -e .      (uses the torch already installed)
 """
+import ctypes.util
 import glob
 import os
 
@@ -11,9 +12,15 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 C_FLAGS = ["-std=c11", "-O3", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+CXX_FLAGS = ["-O3"]
 
 c_sources = sorted(glob.glob("csrc/*.c"))
+# glibc's vector math library gives the float activations 4-wide double erfc/exp/tanh
+# (rbe_act.c binds it through weak symbols, so it is optional)
+link_libs = ["rbe_kernels"]
+link_args = []
+if ctypes.util.find_library("mvec"):  # weak references alone would be dropped by --as-needed
+    link_args = ["-Wl,--no-as-needed", "-lmvec", "-Wl,--as-needed"]
 ext_sources = ["csrc/rbe_ops.cpp"]
 ext_cls = cpp_extension.CppExtension
 extra = {"cxx": CXX_FLAGS}
@@ -23,7 +30,7 @@ with_cuda = cpp_extension.CUDA_HOME is not None and __import__("torch").cuda.is_
 if with_cuda and glob.glob("cuda/*.cu") and __import__("torch").version.cuda is not None:
     ext_sources += sorted(glob.glob("cuda/*.cu")) + sorted(glob.glob("cuda/*.cpp"))
     ext_cls = cpp_extension.CUDAExtension
-    extra["nvcc"] = ["-O3", "-std=c++17"]
+    extra["nvcc"] = ["-O3"]
 
 setup(
     name="rbe_ffn",
@@ -38,7 +45,8 @@ setup(
             ext_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args=extra,
-            libraries=["rbe_kernels"],
+            libraries=link_libs,
+            extra_link_args=link_args,
             depends=c_sources + glob.glob("csrc/*.h"),  # relink when a kernel changes
             py_limited_api=False,
         )

@@ -9,10 +9,11 @@
  * Conventions used by every kernel:
  *   - a weight W is [out, in]; R = ceil(out/b) block rows, C = ceil(in/b) block
  *     columns, block (i, j) has linear index i*C + j;
- *   - the "plan" of a block size b is [2, b+nf, b]: plan[0] = the analysis
+ *   - the "plan" of a block size b is [3, b+nf, b]: plan[0] = the analysis
  *     rows A = [psi_0..psi_{b-1}; f_0..f_{nf-1}] and plan[1] = the synthesis rows
  *     S = [psi_0..psi_{b-1}; g_0..g_{nf-1}], where the pattern is factored as
- *     sum of rank-1 terms g_a f_e^T (see rbe_plan.c);
+ *     sum of rank-1 terms g_a f_e^T; plan[2] = the tables of the fast DCT
+ *     ("dct" below; see rbe_plan.c);
  *   - activations of a token tile are kept feature-major: Xh[m][t] for
  *     m < b+nf and t < RBE_TILE, so each kept coefficient is one contiguous
  *     axpy over the tile's tokens;
@@ -48,8 +49,8 @@ void rbe_pattern_images(double* phi, int b);
 /* pinv: [8, b*b], the Moore-Penrose pseudo-inverse of the [b*b, 8] basis matrix
  * (rank-deficient for tiny b, e.g. b = 4). work: 8*b*b + 200 doubles */
 void rbe_pattern_pinv(double* pinv, double* work, int b);
-/* plan: [2, b+nf, b] (layout above); returns nf = 4 + rank of the d-term kept at
- * relative eigenvalue tolerance tol. plan must hold 2*(2b+4)*b doubles,
+/* plan: [3, b+nf, b] (layout above); returns nf = 4 + rank of the d-term kept at
+ * relative eigenvalue tolerance tol. plan must hold 3*(2b+4)*b doubles,
  * work 3*b*b + b doubles. */
 int rbe_plan_build(double* plan, double* work, int b, double tol);
 /* symmetric eigen-decomposition by cyclic Jacobi: a [n, n] (destroyed),
@@ -102,15 +103,34 @@ double rbe_act_scalar_f64(double x, int act);
 float rbe_act_grad_scalar_f32(float x, int act);
 double rbe_act_grad_scalar_f64(double x, int act);
 
+/* ---- schedules of the sparse products ----
+ * The coefficients of a weight regrouped so that each output row of a block-row
+ * (transpose = 0; key u, source rows (j, v)) or of a block-column (transpose = 1;
+ * key v, source rows (i, u)) is one run: entries [start[g*(b+1)+key], start[g*(b+1)+key+1]),
+ * off = (block-in-group * (b+nf) + source row) * RBE_TILE, val = coefficient, pos = its flat
+ * position in coeffs (may be NULL). start: [groups, b+1]; off/val/pos: [R*C*k].
+ * Built per call (the values change every optimizer step); groups [g0, g1). */
+typedef struct {
+    const int32_t* start;
+    const int32_t* off;
+    const float* val;
+    const int32_t* pos;
+} rbe_sched_f32;
+void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, const float* coeffs, const void* index,
+                      int wide, int transpose, int R, int C, int b, int nf, int k, long g0, long g1);
+void rbe_schedule_f64(int32_t* start, int32_t* off, double* val, int32_t* pos, const double* coeffs,
+                      const void* index, int wide, int transpose, int R, int C, int b, int nf, int k, long g0, long g1);
+
 /* ---- compressed linear: y = x W^T + bias, computed in the transform domain ---- */
 
 /* Transform token tiles: for work items p in [p0, p1), p = tile*nseg + j,
  * Xh[p][m][t] = sum_c A[m][c] x[tile*TILE + t][j*b + c] (zero past the real sizes).
  * Xh: [ntiles, nseg, b+nf, TILE], x: [T, n], A: [b+nf, b];
- * scratch: rbe_rows_scratch(b, nf) elements per calling thread (all kernels below). */
-void rbe_analysis_f32(float* Xh, const float* x, const float* A, float* scratch,
+ * scratch: rbe_rows_scratch(b, nf) elements per calling thread (all kernels below).
+ * dct: plan[2] (the fast-DCT tables; only the AVX2 float kernels use them). */
+void rbe_analysis_f32(float* Xh, const float* x, const float* A, const float* dct, float* scratch,
                       long T, int n, int b, int nf, long p0, long p1);
-void rbe_analysis_f64(double* Xh, const double* x, const double* A, double* scratch,
+void rbe_analysis_f64(double* Xh, const double* x, const double* A, const double* dct, double* scratch,
                       long T, int n, int b, int nf, long p0, long p1);
 
 /* Rows of the output: for work items p = tile*R + i in [p0, p1),
@@ -121,11 +141,12 @@ void rbe_analysis_f64(double* Xh, const double* x, const double* A, double* scra
  * coeffs/index: [R*C, k], bias: [out] or NULL.
  * scratch: rbe_rows_scratch(b, nf) elements per calling thread. */
 size_t rbe_rows_scratch(int b, int nf);
-void rbe_rows_forward_f32(float* y, float* pre, const float* Xh, const float* S,
+void rbe_rows_forward_f32(float* y, float* pre, const float* Xh, const float* S, const float* dct,
                           const float* basis, const float* coeffs, const void* index, int wide,
+                          const rbe_sched_f32* sched,
                           const float* bias, int act, float* scratch,
                           long T, int out, int in, int b, int nf, int k, long p0, long p1);
-void rbe_rows_forward_f64(double* y, double* pre, const double* Xh, const double* S,
+void rbe_rows_forward_f64(double* y, double* pre, const double* Xh, const double* S, const double* dct,
                           const double* basis, const double* coeffs, const void* index, int wide,
                           const double* bias, int act, double* scratch,
                           long T, int out, int in, int b, int nf, int k, long p0, long p1);
@@ -133,19 +154,30 @@ void rbe_rows_forward_f64(double* y, double* pre, const double* Xh, const double
 /* Input gradient: for work items p = tile*C + j in [p0, p1),
  * DX = sum_i (transposed sparse product + transposed pattern of block (i, j)) over Gh,
  * dx[t][j*b + c] = sum_m A[m][c] DX[m][t].
- * dx: [T, in], Gh: [ntiles, R, b+nf, TILE] (g analysed with S). */
-void rbe_cols_backward_f32(float* dx, const float* Gh, const float* A,
-                           const float* basis, const float* coeffs, const void* index, int wide,
-                           float* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1);
-void rbe_cols_backward_f64(double* dx, const double* Gh, const double* A,
-                           const double* basis, const double* coeffs, const void* index, int wide,
-                           double* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1);
+ * dx: [T, in], Gh: [ntiles, R, b+nf, TILE] (g analysed with S); coeffs_t/index_t: the
+ * coefficients transposed by rbe_transpose_blocks (index_t = v*b + u, ascending).
+ * sched (float only; may be NULL): the schedules (rows forward and params: transpose = 0,
+ * cols backward: transpose = 1) that the AVX2 kernels need; without them the portable
+ * kernels run. */
+void rbe_cols_backward_f32(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
+                           const float* coeffs_t, const int32_t* index_t, const rbe_sched_f32* sched, float* scratch, long T, int out, int in, int b, int nf, int k,
+                           long p0, long p1);
+void rbe_cols_backward_f64(double* dx, const double* Gh, const double* A, const double* dct, const double* basis,
+                           const double* coeffs_t, const int32_t* index_t, double* scratch, long T, int out, int in,
+                           int b, int nf, int k, long p0, long p1);
 
-/* Parameter gradients of blocks [p0, p1) (block = i*C + j), summed over all tokens:
+/* Blocks [p0, p1) of coeffs/index [nblk, k] re-sorted by column: index_t = v*b + u
+ * (ascending), coeffs_t the matching values. work: b + 1 ints. */
+void rbe_transpose_blocks_f32(float* coeffs_t, int32_t* index_t, int32_t* work, const float* coeffs,
+                              const void* index, int wide, int b, int k, long p0, long p1);
+void rbe_transpose_blocks_f64(double* coeffs_t, int32_t* index_t, int32_t* work, const double* coeffs,
+                              const void* index, int wide, int b, int k, long p0, long p1);
+
+/* Parameter gradients of block rows [p0, p1) (blocks i*C + j), summed over all tokens:
  * dcoeffs[ij][q] = sum_t Gh_i[u][t] Xh_j[v][t], dbasis[ij][k] from the pattern rows.
  * Either output may be NULL; accumulate != 0 adds to what they hold. */
 void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
-                             const void* index, int wide, int accumulate, long T, int out, int in, int b,
+                             const void* index, int wide, const rbe_sched_f32* sched, int accumulate, long T, int out, int in, int b,
                              int nf, int k, long p0, long p1);
 void rbe_params_backward_f64(double* dbasis, double* dcoeffs, const double* Gh, const double* Xh,
                              const void* index, int wide, int accumulate, long T, int out, int in, int b,
@@ -154,6 +186,33 @@ void rbe_params_backward_f64(double* dbasis, double* dcoeffs, const double* Gh, 
 /* dbias[o] (+)= sum_t g[t][o] for o in [o0, o1); accumulate != 0 adds to dbias. g: [T, out] */
 void rbe_bias_backward_f32(float* dbias, const float* g, long T, int out, int accumulate, long o0, long o1);
 void rbe_bias_backward_f64(double* dbias, const double* g, long T, int out, int accumulate, long o0, long o1);
+
+/* ---- float32 variants: the entry points above dispatch at run time to the AVX2
+ * kernels (rbe_avx2.c) when the CPU has AVX2 and FMA, else to the portable ones ---- */
+int rbe_cpu_has_avx2(void);
+void rbe_analysis_f32_portable(float* Xh, const float* x, const float* A, const float* dct, float* scratch, long T, int n, int b, int nf,
+                               long p0, long p1);
+void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* A, const float* dct, float* scratch, long T, int n, int b, int nf,
+                           long p0, long p1);
+void rbe_rows_forward_f32_portable(float* y, float* pre, const float* Xh, const float* S, const float* dct, const float* basis,
+                                   const float* coeffs, const void* index, int wide, const float* bias, int act,
+                                   float* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1);
+void rbe_rows_forward_f32_avx2(float* y, float* pre, const float* Xh, const float* S, const float* dct,
+                               const float* basis, const int32_t* sstart, const int32_t* soff, const float* sval,
+                               const float* bias, int act, float* scratch, long T, int out, int in, int b, int nf,
+                               long p0, long p1);
+void rbe_cols_backward_f32_portable(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
+                                    const float* coeffs_t, const int32_t* index_t, float* scratch, long T, int out,
+                                    int in, int b, int nf, int k, long p0, long p1);
+void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
+                                const int32_t* sstart, const int32_t* soff, const float* sval, float* scratch, long T,
+                                int out, int in, int b, int nf, long p0, long p1);
+void rbe_params_backward_f32_portable(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                      const void* index, int wide, int accumulate, long T, int out, int in, int b,
+                                      int nf, int k, long p0, long p1);
+void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                  const int32_t* sstart, const int32_t* soff, const int32_t* spos, int accumulate,
+                                  long T, int out, int in, int b, int nf, int k, long p0, long p1);
 
 /* ---- naive references (decode, then dense arithmetic in double) ---- */
 

@@ -1,12 +1,17 @@
 /* rbe_act.c - the activations of DESIGN.md section 4, named as PyTorch names them.
  *
  *   gelu       x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))        (F.gelu)
- *   gelu_tanh  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))  (F.gelu(approximate="tanh"))
+ *   gelu_tanh  0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)  (F.gelu(approximate="tanh")),
+ *              evaluated as x * sigmoid(2u) (the same function; 1 + tanh(u) cancels
+ *              catastrophically for u << 0, the sigmoid form does not)
  *   relu       max(x, 0), NaN propagates; derivative 0 where x <= 0, else 1 (NaN -> 1, as torch)
  *   silu       x * sigmoid(x)
  *
  * The scalar functions are the definitions; float values are computed in
  * double and rounded once, so they are within half an ulp of the exact value.
+ * The vectorized float path computes the same formulas in double with libmvec
+ * and rounds once: it agrees with the scalar definition to 1 ulp (almost always
+ * bitwise; the double-precision erfc/exp differ in their last bits).
  * Non-finite inputs give what the formula gives (gelu(-inf) = NaN, as torch).
  */
 #include "rbe.h"
@@ -22,7 +27,7 @@ double rbe_act_scalar_f64(double x, int act) {
     case RBE_ACT_GELU:
         return 0.5 * x * erfc(-x * RBE_SQRT1_2);
     case RBE_ACT_GELU_TANH:
-        return 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x)));
+        return x / (1.0 + exp(-2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x)));
     case RBE_ACT_RELU:
         return x > 0.0 || x != x ? x : 0.0;
     case RBE_ACT_SILU:
@@ -36,9 +41,9 @@ double rbe_act_grad_scalar_f64(double x, int act) {
     switch (act) {
     case RBE_ACT_GELU:
         return 0.5 * erfc(-x * RBE_SQRT1_2) + x * INV_SQRT_2PI * exp(-0.5 * x * x);
-    case RBE_ACT_GELU_TANH: {
-        double t = tanh(SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x));
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * x * x);
+    case RBE_ACT_GELU_TANH: {  // s = 0.5 (1 + tanh u) = sigmoid(2u); 0.5 (1 - tanh^2 u) = 2 s (1 - s)
+        double s = 1.0 / (1.0 + exp(-2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x)));
+        return s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * x * x);
     }
     case RBE_ACT_RELU:
         return x <= 0.0 ? 0.0 : 1.0;
@@ -66,8 +71,95 @@ void rbe_act_backward_f64(double* dx, const double* dy, const double* x, long n,
     for (long i = 0; i < n; i++) dx[i] = dy[i] * rbe_act_grad_scalar_f64(x[i], act);
 }
 
+/* float32 arrays: four values at a time through glibc's vector math library
+ * (libmvec's AVX2 erfc/exp in double), rounded to float once, as the scalar
+ * definition does; used when libmvec was linked (weak symbols) and the CPU has
+ * AVX2. Elsewhere, and for the tail, the scalar definition itself. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define RBE_VEC_ACT 1
+#define AVX2 __attribute__((target("avx2,fma")))
+extern __m256d _ZGVdN4v_erfc(__m256d) __attribute__((weak));
+extern __m256d _ZGVdN4v_exp(__m256d) __attribute__((weak));
+
+static int vec_act_ok(int act) {
+    if (!rbe_cpu_has_avx2()) return 0;
+    switch (act) {
+    case RBE_ACT_GELU: return _ZGVdN4v_erfc != 0 && _ZGVdN4v_exp != 0;
+    case RBE_ACT_GELU_TANH: return _ZGVdN4v_exp != 0;
+    case RBE_ACT_SILU: return _ZGVdN4v_exp != 0;
+    case RBE_ACT_RELU: return 1;
+    default: return 0;
+    }
+}
+
+AVX2 static __m256d act4(__m256d x, int act) {
+    const __m256d half = _mm256_set1_pd(0.5), one = _mm256_set1_pd(1.0);
+    switch (act) {
+    case RBE_ACT_GELU:
+        return _mm256_mul_pd(_mm256_mul_pd(half, x), _ZGVdN4v_erfc(_mm256_mul_pd(x, _mm256_set1_pd(-RBE_SQRT1_2))));
+    case RBE_ACT_GELU_TANH: {
+        __m256d x3 = _mm256_mul_pd(_mm256_mul_pd(x, x), x);
+        __m256d u2 = _mm256_mul_pd(_mm256_set1_pd(-2.0 * SQRT_2_OVER_PI),
+                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(GELU_TANH_C), x3)));
+        return _mm256_div_pd(x, _mm256_add_pd(one, _ZGVdN4v_exp(u2)));
+    }
+    case RBE_ACT_SILU:
+        return _mm256_div_pd(x, _mm256_add_pd(one, _ZGVdN4v_exp(_mm256_sub_pd(_mm256_setzero_pd(), x))));
+    default: {  // relu: x if x > 0 or x is NaN, else +0
+        __m256d keep = _mm256_or_pd(_mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_GT_OQ), _mm256_cmp_pd(x, x, _CMP_UNORD_Q));
+        return _mm256_and_pd(keep, x);
+    }
+    }
+}
+
+AVX2 static __m256d act_grad4(__m256d x, int act) {
+    const __m256d half = _mm256_set1_pd(0.5), one = _mm256_set1_pd(1.0);
+    switch (act) {
+    case RBE_ACT_GELU: {
+        __m256d cdf = _mm256_mul_pd(half, _ZGVdN4v_erfc(_mm256_mul_pd(x, _mm256_set1_pd(-RBE_SQRT1_2))));
+        __m256d pdf = _ZGVdN4v_exp(_mm256_mul_pd(_mm256_set1_pd(-0.5), _mm256_mul_pd(x, x)));
+        return _mm256_add_pd(cdf, _mm256_mul_pd(_mm256_mul_pd(x, _mm256_set1_pd(INV_SQRT_2PI)), pdf));
+    }
+    case RBE_ACT_GELU_TANH: {
+        __m256d x2 = _mm256_mul_pd(x, x);
+        __m256d u2 = _mm256_mul_pd(_mm256_set1_pd(-2.0 * SQRT_2_OVER_PI),
+                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(GELU_TANH_C), _mm256_mul_pd(x2, x))));
+        __m256d s = _mm256_div_pd(one, _mm256_add_pd(one, _ZGVdN4v_exp(u2)));
+        __m256d d = _mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(2.0), x), _mm256_mul_pd(s, _mm256_sub_pd(one, s))),
+                                  _mm256_mul_pd(_mm256_set1_pd(SQRT_2_OVER_PI),
+                                                _mm256_add_pd(one, _mm256_mul_pd(_mm256_set1_pd(3.0 * GELU_TANH_C), x2))));
+        return _mm256_add_pd(s, d);
+    }
+    default: {  // silu
+        __m256d s = _mm256_div_pd(one, _mm256_add_pd(one, _ZGVdN4v_exp(_mm256_sub_pd(_mm256_setzero_pd(), x))));
+        return _mm256_mul_pd(s, _mm256_add_pd(one, _mm256_mul_pd(x, _mm256_sub_pd(one, s))));
+    }
+    }
+}
+
+AVX2 static long act_forward_avx2(float* y, const float* x, long n, int act) {
+    long i = 0;
+    for (; i + 4 <= n; i += 4) _mm_storeu_ps(y + i, _mm256_cvtpd_ps(act4(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), act)));
+    return i;
+}
+
+AVX2 static long act_backward_avx2(float* dx, const float* dy, const float* x, long n, int act) {
+    long i = 0;
+    for (; i + 4 <= n; i += 4) {
+        __m128 g = _mm256_cvtpd_ps(act_grad4(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), act));  // rounded like the scalar
+        _mm_storeu_ps(dx + i, _mm_mul_ps(_mm_loadu_ps(dy + i), g));
+    }
+    return i;
+}
+#endif
+
 void rbe_act_forward_f32(float* y, const float* x, long n, int act) {
-    for (long i = 0; i < n; i++) y[i] = rbe_act_scalar_f32(x[i], act);
+    long i = 0;
+#ifdef RBE_VEC_ACT
+    if (act != RBE_ACT_NONE && vec_act_ok(act)) i = act_forward_avx2(y, x, n, act);
+#endif
+    for (; i < n; i++) y[i] = rbe_act_scalar_f32(x[i], act);
 }
 
 void rbe_act_backward_f32(float* dx, const float* dy, const float* x, long n, int act) {
@@ -75,5 +167,9 @@ void rbe_act_backward_f32(float* dx, const float* dy, const float* x, long n, in
         for (long i = 0; i < n; i++) dx[i] = x[i] <= 0.0f ? 0.0f : dy[i];
         return;
     }
-    for (long i = 0; i < n; i++) dx[i] = dy[i] * rbe_act_grad_scalar_f32(x[i], act);
+    long i = 0;
+#ifdef RBE_VEC_ACT
+    if (act != RBE_ACT_NONE && vec_act_ok(act)) i = act_backward_avx2(dx, dy, x, n, act);
+#endif
+    for (; i < n; i++) dx[i] = dy[i] * rbe_act_grad_scalar_f32(x[i], act);
 }

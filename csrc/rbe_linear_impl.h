@@ -17,6 +17,18 @@ static inline RBE_T RBE_SFX(dot)(const RBE_T* restrict a, const RBE_T* restrict 
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
+// out[row][:] += cf[q] * in[col][:] for (row, col) = (idx / b, idx % b), idx ascending
+static void RBE_SFX(sparse_rows)(RBE_T* restrict out, const RBE_T* restrict in, const RBE_T* restrict cf,
+                                 const void* index, int wide, long base, int k, int b) {
+    int row = 0;
+    for (int q = 0; q < k; q++) {
+        long pos = base + q;
+        int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
+        while (idx >= (row + 1) * b) row++;
+        RBE_SFX(axpy)(out + (size_t)row * TL, cf[q], in + (size_t)(idx - row * b) * TL);
+    }
+}
+
 // out[m][t] = sum_c M[m][c] xt[c][t] for m < rows; M: [rows, b], xt: [b, TL], out: [rows, TL]
 static void RBE_SFX(tile_gemm)(RBE_T* restrict out, const RBE_T* restrict M, const RBE_T* restrict xt,
                                int rows, int b) {
@@ -41,7 +53,9 @@ static void RBE_SFX(tile_gemm_t)(RBE_T* restrict out, const RBE_T* restrict M, c
 }
 
 // Xh: [ntiles, nseg, b+nf, TL]; x: [T, n]; A: [b+nf, b]; scratch: b*TL
-void RBE_SFX(rbe_analysis)(RBE_T* Xh, const RBE_T* x, const RBE_T* A, RBE_T* scratch,
+// (RBE_KSFX names the portable variants: _f32_portable beside the AVX2 ones, _f64;
+// they use the dense matrices of the plan and ignore dct)
+void RBE_KSFX(rbe_analysis)(RBE_T* Xh, const RBE_T* x, const RBE_T* A, const RBE_T* dct, RBE_T* scratch,
                            long T, int n, int b, int nf, long p0, long p1) {
     const int nseg = (n + b - 1) / b, rows = b + nf;
     RBE_T* xt = scratch;
@@ -59,7 +73,7 @@ void RBE_SFX(rbe_analysis)(RBE_T* Xh, const RBE_T* x, const RBE_T* A, RBE_T* scr
 }
 
 // y, pre: [T, out]; Xh: [ntiles, C, b+nf, TL]; S: [b+nf, b]
-void RBE_SFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, const RBE_T* Xh, const RBE_T* S,
+void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, const RBE_T* Xh, const RBE_T* S, const RBE_T* dct,
                                const RBE_T* basis, const RBE_T* coeffs, const void* index, int wide,
                                const RBE_T* bias, int act, RBE_T* scratch,
                                long T, int out, int in, int b, int nf, int k, long p0, long p1) {
@@ -76,14 +90,7 @@ void RBE_SFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, const RBE_T* Xh, const RBE_
         for (int j = 0; j < C; j++) {
             long blk = (long)i * C + j;
             const RBE_T* X = Xh + ((size_t)tile * C + j) * rows * TL;
-            const RBE_T* cf = coeffs + (size_t)blk * k;
-            int u = 0;
-            for (int q = 0; q < k; q++) {
-                long pos = (size_t)blk * k + q;
-                int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
-                while (idx >= (u + 1) * b) u++;
-                RBE_SFX(axpy)(yh + (size_t)u * TL, cf[q], X + (size_t)(idx - u * b) * TL);
-            }
+            RBE_SFX(sparse_rows)(yh, X, coeffs + (size_t)blk * k, index, wide, blk * k, k, b);
             const RBE_T* pk = basis + (size_t)blk * RBE_NPAT;
             const RBE_T* E = X + (size_t)b * TL;
             RBE_T* Y = yh + (size_t)b * TL;
@@ -112,8 +119,8 @@ void RBE_SFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, const RBE_T* Xh, const RBE_
 }
 
 // dx: [T, in]; Gh: [ntiles, R, b+nf, TL]; A: [b+nf, b]
-void RBE_SFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_T* A,
-                                const RBE_T* basis, const RBE_T* coeffs, const void* index, int wide,
+void RBE_KSFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_T* A, const RBE_T* dct,
+                                const RBE_T* basis, const RBE_T* coeffs_t, const int32_t* index_t,
                                 RBE_T* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     RBE_T* dh = scratch;                     // [rows, TL]
@@ -128,14 +135,7 @@ void RBE_SFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_T* A,
         for (int i = 0; i < R; i++) {
             long blk = (long)i * C + j;
             const RBE_T* G = Gh + ((size_t)tile * R + i) * rows * TL;
-            const RBE_T* cf = coeffs + (size_t)blk * k;
-            int u = 0;
-            for (int q = 0; q < k; q++) {
-                long pos = (size_t)blk * k + q;
-                int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
-                while (idx >= (u + 1) * b) u++;
-                RBE_SFX(axpy)(dh + (size_t)(idx - u * b) * TL, cf[q], G + (size_t)u * TL);
-            }
+            RBE_SFX(sparse_rows)(dh, G, coeffs_t + (size_t)blk * k, index_t, 1, blk * k, k, b);
             const RBE_T* pk = basis + (size_t)blk * RBE_NPAT;
             const RBE_T* Gp = G + (size_t)b * TL;
             RBE_T* D = dh + (size_t)b * TL;
@@ -158,11 +158,12 @@ void RBE_SFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_T* A,
 }
 
 // dbasis: [R*C, 8], dcoeffs: [R*C, k] (either may be NULL), blocks [p0, p1)
-void RBE_SFX(rbe_params_backward)(RBE_T* dbasis, RBE_T* dcoeffs, const RBE_T* Gh, const RBE_T* Xh,
+void RBE_KSFX(rbe_params_backward)(RBE_T* dbasis, RBE_T* dcoeffs, const RBE_T* Gh, const RBE_T* Xh,
                                   const void* index, int wide, int accumulate, long T, int out, int in, int b,
                                   int nf, int k, long p0, long p1) {
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     const long ntiles = (T + TL - 1) / TL;
+    p0 *= C, p1 *= C;  // work items are block rows; blocks [p0*C, p1*C)
     for (long p = p0; p < p1 && !accumulate; p++) {
         if (dcoeffs) for (int q = 0; q < k; q++) dcoeffs[(size_t)p * k + q] = 0;
         if (dbasis) for (int q = 0; q < RBE_NPAT; q++) dbasis[(size_t)p * RBE_NPAT + q] = 0;
@@ -198,6 +199,69 @@ void RBE_SFX(rbe_params_backward)(RBE_T* dbasis, RBE_T* dcoeffs, const RBE_T* Gh
                 db[6] += RBE_SFX(dot)(Gp + 3 * TL, E);
                 db[7] += RBE_SFX(dot)(Gp + 2 * TL, E + 2 * TL);
             }
+        }
+    }
+}
+
+// Schedule of the sparse products for groups [g0, g1): the coefficients of one block-row
+// (transpose = 0: group i, key u, source row (j, v)) or of one block-column (transpose = 1:
+// group j, key v, source row (i, u)), sorted by key with counting sort. For group g the
+// entries [start[g*(b+1) + key], start[g*(b+1) + key + 1]) are written to one output row;
+// off[e] = (block * rows + source row) * TILE is the source row's offset inside a tile's
+// transform, val[e] the coefficient and pos[e] (may be NULL) its flat position in coeffs.
+// start: [ngroups, b+1]; off, val, pos: [R*C*k], group g's entries from g*(blocks per group)*k.
+void RBE_SFX(rbe_schedule)(int32_t* start, int32_t* off, RBE_T* val, int32_t* pos, const RBE_T* coeffs,
+                           const void* index, int wide, int transpose, int R, int C, int b, int nf, int k,
+                           long g0, long g1) {
+    const int rows = b + nf, per = transpose ? R : C;
+    for (long g = g0; g < g1; g++) {
+        int32_t* st = start + g * (b + 1);
+        for (int e = 0; e <= b; e++) st[e] = 0;
+        for (int m = 0; m < per; m++) {
+            long blk = transpose ? (long)m * C + g : g * C + m;
+            for (int q = 0; q < k; q++) {
+                int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
+                st[(transpose ? idx % b : idx / b) + 1]++;
+            }
+        }
+        for (int e = 0; e < b; e++) st[e + 1] += st[e];
+        const long base = g * per * (long)k;
+        for (int m = 0; m < per; m++) {
+            long blk = transpose ? (long)m * C + g : g * C + m;
+            for (int q = 0; q < k; q++) {
+                int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
+                int u = idx / b, v = idx % b;
+                int key = transpose ? v : u, src = transpose ? u : v;
+                long e = base + st[key]++;
+                off[e] = (int32_t)(((long)m * rows + src) * TL);
+                val[e] = coeffs[blk * k + q];
+                if (pos) pos[e] = (int32_t)(blk * k + q);
+            }
+        }
+        for (int e = b; e > 0; e--) st[e] = st[e - 1];  // placing advanced st[key] to the next key's start
+        st[0] = 0;
+        for (int e = 0; e <= b; e++) st[e] += (int32_t)base;  // absolute entry numbers
+    }
+}
+
+// coeffs_t/index_t: each block's coefficients re-sorted by (col, row), index_t = col*b + row
+void RBE_SFX(rbe_transpose_blocks)(RBE_T* coeffs_t, int32_t* index_t, int32_t* work, const RBE_T* coeffs,
+                                   const void* index, int wide, int b, int k, long p0, long p1) {
+    int32_t* count = work;  // [b + 1]
+    for (long p = p0; p < p1; p++) {
+        for (int c = 0; c <= b; c++) count[c] = 0;
+        for (int q = 0; q < k; q++) {
+            long pos = p * k + q;
+            int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
+            count[idx % b + 1]++;
+        }
+        for (int c = 0; c < b; c++) count[c + 1] += count[c];
+        for (int q = 0; q < k; q++) {  // stable: rows stay ascending within a column
+            long pos = p * k + q;
+            int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
+            int col = idx % b, dst = count[col]++;
+            coeffs_t[p * k + dst] = coeffs[pos];
+            index_t[p * k + dst] = col * b + idx / b;
         }
     }
 }

@@ -40,38 +40,52 @@ static void decode(double* w, const double* bs, const double* cf, const void* ix
                    double* work, int out, int in, int b, int k, long p0, long p1) {
     rbe_decode_f64(w, bs, cf, ix, wide, tabs, work, out, in, b, k, p0, p1);
 }
-static void analysis(float* o, const float* x, const float* A, float* s, long T, int n, int b, int nf, long p0, long p1) {
-    rbe_analysis_f32(o, x, A, s, T, n, b, nf, p0, p1);
+static void analysis(float* o, const float* x, const float* A, const float* dct, float* s, long T, int n, int b, int nf,
+                     long p0, long p1) {
+    rbe_analysis_f32(o, x, A, dct, s, T, n, b, nf, p0, p1);
 }
-static void analysis(double* o, const double* x, const double* A, double* s, long T, int n, int b, int nf, long p0,
-                     long p1) {
-    rbe_analysis_f64(o, x, A, s, T, n, b, nf, p0, p1);
+static void analysis(double* o, const double* x, const double* A, const double* dct, double* s, long T, int n, int b,
+                     int nf, long p0, long p1) {
+    rbe_analysis_f64(o, x, A, dct, s, T, n, b, nf, p0, p1);
 }
-static void rows_forward(float* y, float* pre, const float* Xh, const float* S, const float* bs, const float* cf,
-                         const void* ix, int wide, const float* bias, int act, float* s, long T, int out, int in, int b,
-                         int nf, int k, long p0, long p1) {
-    rbe_rows_forward_f32(y, pre, Xh, S, bs, cf, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+// (float kernels take the AVX2 schedule when one was built; double kernels ignore it)
+static void rows_forward(float* y, float* pre, const float* Xh, const float* S, const float* dct, const float* bs,
+                         const float* cf, const void* ix, int wide, const rbe_sched_f32* sc, const float* bias, int act,
+                         float* s, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    rbe_rows_forward_f32(y, pre, Xh, S, dct, bs, cf, ix, wide, sc, bias, act, s, T, out, in, b, nf, k, p0, p1);
 }
-static void rows_forward(double* y, double* pre, const double* Xh, const double* S, const double* bs,
-                         const double* cf, const void* ix, int wide, const double* bias, int act, double* s, long T,
-                         int out, int in, int b, int nf, int k, long p0, long p1) {
-    rbe_rows_forward_f64(y, pre, Xh, S, bs, cf, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+static void rows_forward(double* y, double* pre, const double* Xh, const double* S, const double* dct,
+                         const double* bs, const double* cf, const void* ix, int wide, const rbe_sched_f32*,
+                         const double* bias, int act, double* s, long T, int out, int in, int b, int nf, int k, long p0,
+                         long p1) {
+    rbe_rows_forward_f64(y, pre, Xh, S, dct, bs, cf, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
 }
-static void cols_backward(float* dx, const float* Gh, const float* A, const float* bs, const float* cf, const void* ix,
-                          int wide, float* s, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    rbe_cols_backward_f32(dx, Gh, A, bs, cf, ix, wide, s, T, out, in, b, nf, k, p0, p1);
+static void cols_backward(float* dx, const float* Gh, const float* A, const float* dct, const float* bs,
+                          const float* cft, const int32_t* ixt, const rbe_sched_f32* sc, float* s, long T, int out,
+                          int in, int b, int nf, int k, long p0, long p1) {
+    rbe_cols_backward_f32(dx, Gh, A, dct, bs, cft, ixt, sc, s, T, out, in, b, nf, k, p0, p1);
 }
-static void cols_backward(double* dx, const double* Gh, const double* A, const double* bs, const double* cf,
-                          const void* ix, int wide, double* s, long T, int out, int in, int b, int nf, int k, long p0,
-                          long p1) {
-    rbe_cols_backward_f64(dx, Gh, A, bs, cf, ix, wide, s, T, out, in, b, nf, k, p0, p1);
+static void cols_backward(double* dx, const double* Gh, const double* A, const double* dct, const double* bs,
+                          const double* cft, const int32_t* ixt, const rbe_sched_f32*, double* s, long T, int out,
+                          int in, int b, int nf, int k, long p0, long p1) {
+    rbe_cols_backward_f64(dx, Gh, A, dct, bs, cft, ixt, s, T, out, in, b, nf, k, p0, p1);
 }
-static void params_backward(float* db, float* dc, const float* Gh, const float* Xh, const void* ix, int wide, int acc,
-                            long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    rbe_params_backward_f32(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
+static void transpose_blocks(float* cft, int32_t* ixt, int32_t* w, const float* cf, const void* ix, int wide, int b,
+                             int k, long p0, long p1) {
+    rbe_transpose_blocks_f32(cft, ixt, w, cf, ix, wide, b, k, p0, p1);
+}
+static void transpose_blocks(double* cft, int32_t* ixt, int32_t* w, const double* cf, const void* ix, int wide, int b,
+                             int k, long p0, long p1) {
+    rbe_transpose_blocks_f64(cft, ixt, w, cf, ix, wide, b, k, p0, p1);
+}
+static void params_backward(float* db, float* dc, const float* Gh, const float* Xh, const void* ix, int wide,
+                            const rbe_sched_f32* sc, int acc, long T, int out, int in, int b, int nf, int k, long p0,
+                            long p1) {
+    rbe_params_backward_f32(db, dc, Gh, Xh, ix, wide, sc, acc, T, out, in, b, nf, k, p0, p1);
 }
 static void params_backward(double* db, double* dc, const double* Gh, const double* Xh, const void* ix, int wide,
-                            int acc, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+                            const rbe_sched_f32*, int acc, long T, int out, int in, int b, int nf, int k, long p0,
+                            long p1) {
     rbe_params_backward_f64(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
 }
 static void bias_backward(float* d, const float* g, long T, int out, int acc, long o0, long o1) {
@@ -163,7 +177,7 @@ struct Plan {
 };
 
 static Plan check_plan(const Tensor& plan, at::ScalarType dtype, at::Device device) {
-    TORCH_CHECK_VALUE(plan.dim() == 3 && plan.size(0) == 2, "rbe_ffn: plan must be [2, b+nf, b], got ", plan.sizes());
+    TORCH_CHECK_VALUE(plan.dim() == 3 && plan.size(0) == 3, "rbe_ffn: plan must be [3, b+nf, b], got ", plan.sizes());
     const int64_t b = plan.size(2), nf = plan.size(1) - b;
     check_block_size(b);
     TORCH_CHECK_VALUE(nf >= RBE_NFIX && nf <= RBE_NFIX + b, "rbe_ffn: plan has a bad number of pattern rows ", nf);
@@ -198,10 +212,10 @@ static std::vector<double> codec_tables(int b) {
 Tensor make_plan(int64_t b, double tol) {
     check_block_size(b);
     TORCH_CHECK_VALUE(tol > 0 && tol < 1, "rbe_ffn: plan tolerance must be in (0, 1), got ", tol);
-    std::vector<double> plan(2 * (2 * b + 4) * b), work(3 * b * b + b);
+    std::vector<double> plan(3 * (2 * b + 4) * b), work(3 * b * b + b);
     const int64_t nf = rbe_plan_build(plan.data(), work.data(), (int)b, tol);
-    Tensor t = at::empty({2, b + nf, b}, at::kDouble);
-    std::copy(plan.begin(), plan.begin() + 2 * (b + nf) * b, t.data_ptr<double>());
+    Tensor t = at::empty({3, b + nf, b}, at::kDouble);
+    std::copy(plan.begin(), plan.begin() + 3 * (b + nf) * b, t.data_ptr<double>());
     return t;
 }
 
@@ -258,17 +272,48 @@ static void scratch_for(std::vector<T>& s, const Plan& P) {
     s.resize(rbe_rows_scratch((int)P.b, (int)P.nf));
 }
 
+// The run-grouped schedule of a weight's sparse products for the AVX2 float kernels
+// (rbe.h); `on` is false (and the portable kernels run) for double or without AVX2.
+struct Sched {
+    Tensor start, off, val, pos;
+    rbe_sched_f32 s{nullptr, nullptr, nullptr, nullptr};
+    bool on = false;
+    const rbe_sched_f32* get() const { return on ? &s : nullptr; }
+};
+
+template <typename T>
+static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool with_pos) {
+    Sched sc;
+    if (!std::is_same<T, float>::value || !rbe_cpu_has_avx2()) return sc;
+    const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), groups = transpose ? C : R;
+    auto iopt = W.coeffs.options().dtype(at::kInt);
+    sc.start = at::empty({groups, P.b + 1}, iopt);
+    sc.off = at::empty({R * C * W.k}, iopt);
+    sc.val = at::empty({R * C * W.k}, W.coeffs.options());
+    if (with_pos) sc.pos = at::empty({R * C * W.k}, iopt);
+    int32_t* pos = with_pos ? sc.pos.data_ptr<int32_t>() : nullptr;
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+        rbe_schedule_f32(sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos,
+                         (const float*)W.coeffs.data_ptr(), W.index.data_ptr(), W.wide, transpose, (int)R, (int)C,
+                         (int)P.b, (int)P.nf, (int)W.k, (long)g0, (long)g1);
+    });
+    sc.s = rbe_sched_f32{sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos};
+    sc.on = true;
+    return sc;
+}
+
 // Xh = analysis of x [T, n] with M = plan[which]: [ntiles, ceil(n/b), b+nf, TILE]
 template <typename T>
 static Tensor analyse(const T* x, int64_t Tn, int64_t n, const Plan& P, int which, const at::TensorOptions& opt) {
     const int64_t ntiles = cdiv(Tn, RBE_TILE), nseg = cdiv(n, P.b), rows = P.b + P.nf;
     Tensor Xh = at::empty({ntiles, nseg, rows, RBE_TILE}, opt);
     const T* M = P.t.data_ptr<T>() + which * rows * P.b;
+    const T* dct = P.t.data_ptr<T>() + 2 * rows * P.b;
     T* o = Xh.data_ptr<T>();
     at::parallel_for(0, ntiles * nseg, 1, [&](int64_t p0, int64_t p1) {
         std::vector<T> s;
         scratch_for(s, P);
-        analysis(o, x, M, s.data(), (long)Tn, (int)n, (int)P.b, (int)P.nf, (long)p0, (long)p1);
+        analysis(o, x, M, dct, s.data(), (long)Tn, (int)n, (int)P.b, (int)P.nf, (long)p0, (long)p1);
     });
     return Xh;
 }
@@ -281,11 +326,12 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
     Tensor Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
     const int64_t R = cdiv(W.out, P.b), ntiles = cdiv(Tn, RBE_TILE), rows = P.b + P.nf;
     const T* S = P.t.data_ptr<T>() + rows * P.b;
+    const Sched sc = make_sched<T>(W, P, false, false);
     at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
         std::vector<T> s;
         scratch_for(s, P);
-        rows_forward(y, pre, Xh.data_ptr<T>(), S, W.basis.data_ptr<T>(), W.coeffs.data_ptr<T>(), W.index.data_ptr(),
-                     W.wide, bias, act, s.data(), (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k,
+        rows_forward(y, pre, Xh.data_ptr<T>(), S, S + rows * P.b, W.basis.data_ptr<T>(), W.coeffs.data_ptr<T>(), W.index.data_ptr(),
+                     W.wide, sc.get(), bias, act, s.data(), (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k,
                      (long)p0, (long)p1);
     });
 }
@@ -303,19 +349,35 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
     if (!dx && !dbasis && !dcoeffs) return;
     Tensor Gh = analyse<T>(g, Tn, W.out, P, 1, opt);
     if (dx) {
+        // the transposed product runs over coefficients grouped by column: a schedule (AVX2)
+        // or each block's coefficients re-sorted by column (portable kernels)
+        const Sched sc = make_sched<T>(W, P, true, false);
+        Tensor cft, ixt;
+        if (!sc.on) {
+            cft = at::empty(W.coeffs.sizes(), opt);
+            ixt = at::empty(W.coeffs.sizes(), opt.dtype(at::kInt));
+            at::parallel_for(0, R * C, 16, [&](int64_t p0, int64_t p1) {
+                std::vector<int32_t> w(P.b + 1);
+                transpose_blocks(cft.data_ptr<T>(), ixt.data_ptr<int32_t>(), w.data(), W.coeffs.data_ptr<T>(),
+                                 W.index.data_ptr(), W.wide, (int)P.b, (int)W.k, (long)p0, (long)p1);
+            });
+        }
         const T* A = P.t.data_ptr<T>();
+        const int64_t rows = P.b + P.nf;
         at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
             std::vector<T> s;
             scratch_for(s, P);
-            cols_backward(dx, Gh.data_ptr<T>(), A, W.basis.data_ptr<T>(), W.coeffs.data_ptr<T>(), W.index.data_ptr(),
-                          W.wide, s.data(), (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k, (long)p0,
+            cols_backward(dx, Gh.data_ptr<T>(), A, A + 2 * rows * P.b, W.basis.data_ptr<T>(),
+                          sc.on ? nullptr : cft.data_ptr<T>(), sc.on ? nullptr : ixt.data_ptr<int32_t>(), sc.get(),
+                          s.data(), (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k, (long)p0,
                           (long)p1);
         });
     }
     if (dbasis || dcoeffs) {
         Tensor Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
-        at::parallel_for(0, R * C, 1, [&](int64_t p0, int64_t p1) {
-            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), Xh.data_ptr<T>(), W.index.data_ptr(), W.wide,
+        const Sched sc = make_sched<T>(W, P, false, true);
+        at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {  // block rows
+            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), Xh.data_ptr<T>(), W.index.data_ptr(), W.wide, sc.get(),
                             accumulate, (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k, (long)p0,
                             (long)p1);
         });

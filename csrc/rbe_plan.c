@@ -10,7 +10,8 @@
  *   Phi_0 = v0 v0^T   Phi_2 = v0 v1^T + v1 v0^T   Phi_3 = v0 v2^T   Phi_4 = v2 v0^T
  *   Phi_5 = v0 v3^T   Phi_6 = v3 v0^T   Phi_7 = v2 v2^T   Phi_1 = sum_m (lam_m U_m) U_m^T
  * so the analysis vectors are f = [v0..v3, U_m] and the synthesis vectors
- * g = [v0..v3, lam_m U_m]. Eigenvalues below tol * max|lam| are dropped
+ * g = [v0..v3, lam_m U_m]. Slab 2 of the plan holds the fast-DCT tables.
+ * Eigenvalues below tol * max|lam| are dropped
  * (D has numerical rank ~10 at 1e-7, ~19 at 1e-15 for b = 64).
  */
 #include "rbe.h"
@@ -118,7 +119,24 @@ void rbe_pattern_pinv(double* pinv, double* work, int b) {
         }
 }
 
-// plan: [2, b+nf, b]; work: 3*b*b + b
+// Tables of the fast DCT of rbe_avx2.c, scale factors folded in: for N = b, b/2, ... while N is
+// even and > 2: M_N [N/2][N/2] = s cos(pi (n + 1/2)(2k + 1) / N); then C_N0 [N0][N0] =
+// s_u cos(pi (n + 1/2) u / N0), with s = sqrt(2/b) and s_0 = sqrt(1/b). At most b*b values.
+static void fast_dct_tables(double* tab, int b) {
+    const double s = sqrt(2.0 / b);
+    int N = b;
+    while (N % 2 == 0 && N > 2) {
+        int h = N / 2;
+        for (int k = 0; k < h; k++)
+            for (int n = 0; n < h; n++) tab[k * h + n] = s * cos(RBE_PI * (n + 0.5) * (2 * k + 1) / N);
+        tab += (size_t)h * h;
+        N = h;
+    }
+    for (int u = 0; u < N; u++)
+        for (int n = 0; n < N; n++) tab[u * N + n] = (u == 0 ? sqrt(1.0 / b) : s) * cos(RBE_PI * (n + 0.5) * u / N);
+}
+
+// plan: [3, b+nf, b]; work: 3*b*b + b
 int rbe_plan_build(double* plan, double* work, int b, double tol) {
     double* dmat = work;              // [b, b]
     double* vecs = dmat + b * b;      // [b, b]
@@ -163,6 +181,9 @@ int rbe_plan_build(double* plan, double* work, int b, double tol) {
         vals[best] = NAN;  // taken
         row++;
     }
+    double* F = S + (size_t)rows * b;
+    memset(F, 0, sizeof(double) * rows * b);
+    fast_dct_tables(F, b);
     return nf;
 }
 

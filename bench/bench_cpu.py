@@ -1,0 +1,144 @@
+"""CPU benchmark: dense nn.Sequential(Linear, GELU, Linear) against RBEFeedForward.
+
+Both run in the same process, interleaved (dense, rbe-standard, rbe-checkpointed,
+dense, ...), with the thread count pinned; we report the median of each and the
+ratio dense / RBE. Modes: forward (no grad), backward alone (given a forward with
+grad), full step (forward + backward).
+
+    .venv/bin/python bench/bench_cpu.py                  # the README table
+    .venv/bin/python bench/bench_cpu.py --quick          # 768/3072, 1024 tokens only
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import rbe_ffn
+
+
+def dense_ffn(d_model, d_ff):
+    return nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+
+
+def timer(fn, sync=lambda: None):
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def make_runs(model, x, mode):
+    params = [p for p in model.parameters()]
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    def step():
+        for p in params:
+            p.grad = None
+        model(x).sum().backward()
+
+    if mode == "forward":
+        return fwd
+    return step
+
+
+def bench_case(d_model, d_ff, tokens, k, block_size, reps, warmup, modes):
+    torch.manual_seed(0)
+    dense = dense_ffn(d_model, d_ff)
+    rbe_std = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=block_size, k=k)
+    rbe_ck = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=block_size, k=k, checkpoint=True)
+    x = torch.randn(tokens, d_model)
+    rows = []
+    for mode in modes:
+        fns = {name: make_runs(m, x, mode) for name, m in
+               (("dense", dense), ("rbe", rbe_std), ("rbe_ckpt", rbe_ck))}
+        times = {name: [] for name in fns}
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(reps):
+            for name, fn in fns.items():
+                times[name].append(timer(fn))
+        med = {name: statistics.median(v) for name, v in times.items()}
+        rows.append((mode, med))
+    dense_bytes = sum(p.numel() * p.element_size() for n, p in dense.named_parameters() if n.endswith("weight"))
+    return rows, dense_bytes, rbe_std.weight_nbytes
+
+
+def saved_bytes(model, x):
+    params = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [(768, 3072)] if args.quick else [(768, 3072), (1024, 4096)]
+    token_list = [1024] if args.quick else [1, 64, 1024, 4096]
+    k_list = [300] if args.quick else [100, 300, 1000]
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, "
+        f"torch {torch.__version__}, float32, b=64; medians of {args.reps} interleaved runs",
+        "",
+        "| d_model/d_ff | tokens | k | mode | dense ms | RBE ms | RBE ckpt ms | dense/RBE | dense/RBE ckpt |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for d_model, d_ff in shapes:
+        for tokens in token_list:
+            for k in k_list:
+                if (tokens != 1024 or (d_model, d_ff) != (768, 3072)) and k != 300:
+                    continue
+                reps = args.reps if tokens <= 1024 else max(5, args.reps // 3)
+                rows, dbytes, rbytes = bench_case(d_model, d_ff, tokens, k, 64, reps, 2,
+                                                  ["forward", "step"])
+                for mode, med in rows:
+                    line = (f"| {d_model}/{d_ff} | {tokens} | {k} | {mode} | {med['dense']*1e3:.2f} | "
+                            f"{med['rbe']*1e3:.2f} | {med['rbe_ckpt']*1e3:.2f} | "
+                            f"{med['dense']/med['rbe']:.2f} | {med['dense']/med['rbe_ckpt']:.2f} |")
+                    lines.append(line)
+                    print(line, flush=True)
+    # memory figures
+    d_model, d_ff, tokens = 768, 3072, 1024
+    x = torch.randn(tokens, d_model, requires_grad=True)
+    lines += ["", "| module (768/3072, 1024 tokens) | weight bytes | saved for backward (bytes, params excluded) |",
+              "|---|---|---|"]
+    dense = dense_ffn(d_model, d_ff)
+    dbytes = sum(p.numel() * p.element_size() for n, p in dense.named_parameters() if n.endswith("weight"))
+    lines.append(f"| dense | {dbytes} | {saved_bytes(dense, x)} |")
+    for k in (100, 300, 1000):
+        for ck in (False, True):
+            m = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", k=k, checkpoint=ck)
+            lines.append(f"| RBE k={k} checkpoint={ck} | {m.weight_nbytes} ({dbytes / m.weight_nbytes:.1f}x smaller) "
+                         f"| {saved_bytes(m, x)} |")
+    print("\n".join(lines[-8:]))
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

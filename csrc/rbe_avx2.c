@@ -1,0 +1,425 @@
+/* rbe_avx2.c - float32 linear kernels with AVX2 + FMA intrinsics.
+ *
+ * Same contracts as the portable kernels of rbe_linear_impl.h (which stay as
+ * the fallback on CPUs without AVX2 and are tested against these). Compiled
+ * with per-function target attributes, so the file builds everywhere and
+ * rbe_linear.c picks these at run time when the CPU has AVX2 and FMA.
+ *
+ *   - gemm_tile: out[i][t] = sum_p L[i, p] Rm[p][t] over a tile of 64 tokens,
+ *     6 rows x 16 tokens of accumulators in registers (the DCTs, the pattern
+ *     projections and their inverses are all this one product);
+ *   - sparse_rows: out[row][:] += c * in[col][:] for coefficients sorted by
+ *     row, the destination row held in 8 registers for the whole run.
+ */
+#include "rbe.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+#define TL RBE_TILE
+#ifndef RBE_PREFETCH
+#define RBE_PREFETCH 8  /* entries ahead: rows come from L2/L3 in schedule order */
+#endif
+
+#if RBE_TILE != 64
+#error "the AVX2 kernels assume 64-token tiles"
+#endif
+
+int rbe_cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+static inline int idx_at(const void* index, int wide, long pos) {
+    return wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
+}
+
+// out[i][t] (+)= sum_p L[i*li + p*lp] Rm[p][t] for i < n_out, p < P, t < TL.
+// Rows of out are ldo floats apart, rows of Rm ldr apart; acc != 0 adds to out.
+AVX2 static void gemm_tile(float* restrict out, long ldo, int acc, const float* restrict L, long li, long lp,
+                           const float* restrict Rm, long ldr, int n_out, int P) {
+    int i = 0;
+    for (; i + 6 <= n_out; i += 6) {
+        const float* l = L + (long)i * li;
+        for (int t = 0; t < TL; t += 16) {
+            float* o = out + (long)i * ldo + t;
+            __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+            __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+            if (acc) {
+                a00 = _mm256_loadu_ps(o), a01 = _mm256_loadu_ps(o + 8);
+                a10 = _mm256_loadu_ps(o + ldo), a11 = _mm256_loadu_ps(o + ldo + 8);
+                a20 = _mm256_loadu_ps(o + 2 * ldo), a21 = _mm256_loadu_ps(o + 2 * ldo + 8);
+                a30 = _mm256_loadu_ps(o + 3 * ldo), a31 = _mm256_loadu_ps(o + 3 * ldo + 8);
+                a40 = _mm256_loadu_ps(o + 4 * ldo), a41 = _mm256_loadu_ps(o + 4 * ldo + 8);
+                a50 = _mm256_loadu_ps(o + 5 * ldo), a51 = _mm256_loadu_ps(o + 5 * ldo + 8);
+            }
+            for (int p = 0; p < P; p++) {
+                const float* r = Rm + (long)p * ldr + t;
+                __m256 r0 = _mm256_loadu_ps(r), r1 = _mm256_loadu_ps(r + 8), w;
+                const float* lp0 = l + (long)p * lp;
+                w = _mm256_broadcast_ss(lp0);
+                a00 = _mm256_fmadd_ps(w, r0, a00), a01 = _mm256_fmadd_ps(w, r1, a01);
+                w = _mm256_broadcast_ss(lp0 + li);
+                a10 = _mm256_fmadd_ps(w, r0, a10), a11 = _mm256_fmadd_ps(w, r1, a11);
+                w = _mm256_broadcast_ss(lp0 + 2 * li);
+                a20 = _mm256_fmadd_ps(w, r0, a20), a21 = _mm256_fmadd_ps(w, r1, a21);
+                w = _mm256_broadcast_ss(lp0 + 3 * li);
+                a30 = _mm256_fmadd_ps(w, r0, a30), a31 = _mm256_fmadd_ps(w, r1, a31);
+                w = _mm256_broadcast_ss(lp0 + 4 * li);
+                a40 = _mm256_fmadd_ps(w, r0, a40), a41 = _mm256_fmadd_ps(w, r1, a41);
+                w = _mm256_broadcast_ss(lp0 + 5 * li);
+                a50 = _mm256_fmadd_ps(w, r0, a50), a51 = _mm256_fmadd_ps(w, r1, a51);
+            }
+            _mm256_storeu_ps(o, a00), _mm256_storeu_ps(o + 8, a01);
+            _mm256_storeu_ps(o + ldo, a10), _mm256_storeu_ps(o + ldo + 8, a11);
+            _mm256_storeu_ps(o + 2 * ldo, a20), _mm256_storeu_ps(o + 2 * ldo + 8, a21);
+            _mm256_storeu_ps(o + 3 * ldo, a30), _mm256_storeu_ps(o + 3 * ldo + 8, a31);
+            _mm256_storeu_ps(o + 4 * ldo, a40), _mm256_storeu_ps(o + 4 * ldo + 8, a41);
+            _mm256_storeu_ps(o + 5 * ldo, a50), _mm256_storeu_ps(o + 5 * ldo + 8, a51);
+        }
+    }
+    for (; i < n_out; i++) {
+        const float* l = L + (long)i * li;
+        for (int t = 0; t < TL; t += 32) {
+            float* o = out + (long)i * ldo + t;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            if (acc) a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8), a2 = _mm256_loadu_ps(o + 16),
+                     a3 = _mm256_loadu_ps(o + 24);
+            for (int p = 0; p < P; p++) {
+                const float* r = Rm + (long)p * ldr + t;
+                __m256 w = _mm256_broadcast_ss(l + (long)p * lp);
+                a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r), a0);
+                a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 8), a1);
+                a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 16), a2);
+                a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 24), a3);
+            }
+            _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2),
+                _mm256_storeu_ps(o + 24, a3);
+        }
+    }
+}
+
+/* Fast orthonormal DCT of a tile along its feature rows (rbe_plan.c builds `tab`):
+ * the even outputs of a size-N DCT-II are the size-N/2 DCT-II of a[n] = x[n] + x[N-1-n],
+ * the odd ones a dense (N/2)^2 product with d[n] = x[n] - x[N-1-n]; recursion while N
+ * is even and > 2, then a dense N0 x N0 product. About b^2/3 multiply-adds instead of b^2,
+ * all of them in gemm_tile; the scale factors are folded into the tables.
+ * dct2: out rows ldo apart <- in [N][TL];  work: 2N rows of TL. */
+AVX2 static void dct2_tile(float* restrict out, long ldo, const float* restrict in, int N, const float* tab,
+                           float* restrict work) {
+    if (N % 2 || N <= 2) {
+        gemm_tile(out, ldo, 0, tab, N, 1, in, TL, N, N);
+        return;
+    }
+    const int h = N / 2;
+    float* a = work;
+    float* d = work + (long)h * TL;
+    for (int n = 0; n < h; n++) {
+        const float* x0 = in + (long)n * TL;
+        const float* x1 = in + (long)(N - 1 - n) * TL;
+        for (int t = 0; t < TL; t += 8) {
+            __m256 u = _mm256_loadu_ps(x0 + t), v = _mm256_loadu_ps(x1 + t);
+            _mm256_storeu_ps(a + (long)n * TL + t, _mm256_add_ps(u, v));
+            _mm256_storeu_ps(d + (long)n * TL + t, _mm256_sub_ps(u, v));
+        }
+    }
+    gemm_tile(out + ldo, 2 * ldo, 0, tab, h, 1, d, TL, h, h);
+    dct2_tile(out, 2 * ldo, a, h, tab + (long)h * h, work + 2L * h * TL);
+}
+
+// dct3 (the transpose): out [N][TL] <- in rows ldi apart
+AVX2 static void dct3_tile(float* restrict out, const float* restrict in, long ldi, int N, const float* tab,
+                           float* restrict work) {
+    if (N % 2 || N <= 2) {
+        gemm_tile(out, TL, 0, tab, 1, N, in, ldi, N, N);
+        return;
+    }
+    const int h = N / 2;
+    float* a = work;
+    float* d = work + (long)h * TL;
+    dct3_tile(a, in, 2 * ldi, h, tab + (long)h * h, work + 2L * h * TL);
+    gemm_tile(d, TL, 0, tab, 1, h, in + ldi, 2 * ldi, h, h);
+    for (int n = 0; n < h; n++) {
+        float* y0 = out + (long)n * TL;
+        float* y1 = out + (long)(N - 1 - n) * TL;
+        for (int t = 0; t < TL; t += 8) {
+            __m256 u = _mm256_loadu_ps(a + (long)n * TL + t), v = _mm256_loadu_ps(d + (long)n * TL + t);
+            _mm256_storeu_ps(y0 + t, _mm256_add_ps(u, v));
+            _mm256_storeu_ps(y1 + t, _mm256_sub_ps(u, v));
+        }
+    }
+}
+
+// Xh rows [0, b) = DCT of xt, rows [b, b+nf) = pattern projections P xt; xt: [b][TL]
+AVX2 static void analyse_tile(float* restrict Xh, const float* restrict xt, const float* M, const float* dct, int b,
+                              int nf, float* restrict work) {
+    dct2_tile(Xh, TL, xt, b, dct, work);
+    gemm_tile(Xh + (long)b * TL, TL, 0, M + (long)b * b, b, 1, xt, TL, nf, b);
+}
+
+// out [b][TL] = Psi^T H[0, b) + P^T H[b, b+nf)  (H: [b+nf][TL], M = [Psi; P])
+AVX2 static void synthesise_tile(float* restrict out, const float* restrict H, const float* M, const float* dct, int b,
+                                 int nf, float* restrict work) {
+    dct3_tile(out, H, TL, b, dct, work);
+    gemm_tile(out, TL, 1, M + (long)b * b, 1, b, H + (long)b * TL, TL, b, nf);
+}
+
+// out[key][:] = sum over the key's entries e of val[e] * src[off[e]][:]  (keys [0, b))
+AVX2 static void sparse_sched(float* restrict out, const float* restrict src, const int32_t* restrict start,
+                              const int32_t* restrict off, const float* restrict val, int b) {
+    for (int key = 0; key < b; key++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        const int e1 = start[key + 1];
+        for (int e = start[key]; e < e1; e++) {
+            const float* x = src + off[e];
+            const char* ahead = (const char*)(src + off[e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e]);
+            _mm_prefetch(ahead, _MM_HINT_T0), _mm_prefetch(ahead + 64, _MM_HINT_T0);
+            _mm_prefetch(ahead + 128, _MM_HINT_T0), _mm_prefetch(ahead + 192, _MM_HINT_T0);
+            __m256 c = _mm256_broadcast_ss(val + e);
+            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x), a0);
+            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8), a1);
+            a2 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 16), a2);
+            a3 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 24), a3);
+            a4 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 32), a4);
+            a5 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 40), a5);
+            a6 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 48), a6);
+            a7 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 56), a7);
+        }
+        float* o = out + (long)key * TL;
+        _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2);
+        _mm256_storeu_ps(o + 24, a3), _mm256_storeu_ps(o + 32, a4), _mm256_storeu_ps(o + 40, a5);
+        _mm256_storeu_ps(o + 48, a6), _mm256_storeu_ps(o + 56, a7);
+    }
+}
+
+AVX2 static inline void axpy64(float* restrict dst, float a, const float* restrict src) {
+    __m256 c = _mm256_set1_ps(a);
+    for (int t = 0; t < TL; t += 8)
+        _mm256_storeu_ps(dst + t, _mm256_fmadd_ps(c, _mm256_loadu_ps(src + t), _mm256_loadu_ps(dst + t)));
+}
+
+AVX2 static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline float dot64(const float* restrict a, const float* restrict b) {
+    __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    __m256 s1 = _mm256_mul_ps(_mm256_loadu_ps(a + 8), _mm256_loadu_ps(b + 8));
+    for (int t = 16; t < TL; t += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + t), _mm256_loadu_ps(b + t), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + t + 8), _mm256_loadu_ps(b + t + 8), s1);
+    }
+    return hsum(_mm256_add_ps(s0, s1));
+}
+
+// 8x8 transpose of r0..r7 in registers
+AVX2 static inline void transpose8(__m256* r) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// xt[c][t] = x[t0 + t][j*b + c], zero past nc columns / nt tokens; xt: [b, TL]
+AVX2 static void load_tile_t(float* restrict xt, const float* restrict x, long t0, int nt, int n, int j, int b, int nc) {
+    const float* base = x + (size_t)t0 * n + (size_t)j * b;
+    int c = 0;
+    if (nt == TL)
+        for (; c + 8 <= nc; c += 8)
+            for (int t = 0; t < TL; t += 8) {
+                __m256 r[8];
+                for (int q = 0; q < 8; q++) r[q] = _mm256_loadu_ps(base + (size_t)(t + q) * n + c);
+                transpose8(r);
+                for (int q = 0; q < 8; q++) _mm256_storeu_ps(xt + (size_t)(c + q) * TL + t, r[q]);
+            }
+    for (int cc = c; cc < b; cc++)
+        for (int t = 0; t < TL; t++) xt[(size_t)cc * TL + t] = (cc < nc && t < nt) ? base[(size_t)t * n + cc] : 0.0f;
+}
+
+// y[t0 + t][c0 + r] = src[r][t] for r < nr, t < nt (src: [>= nr, TL], y rows ld apart)
+AVX2 static void store_tile_t(float* restrict y, long ld, const float* restrict src, int nr, int nt) {
+    int r = 0;
+    if (nt == TL)
+        for (; r + 8 <= nr; r += 8)
+            for (int t = 0; t < TL; t += 8) {
+                __m256 v[8];
+                for (int q = 0; q < 8; q++) v[q] = _mm256_loadu_ps(src + (size_t)(r + q) * TL + t);
+                transpose8(v);
+                for (int q = 0; q < 8; q++) _mm256_storeu_ps(y + (size_t)(t + q) * ld + r, v[q]);
+            }
+    for (int t = 0; t < nt; t++)
+        for (int rr = (nt == TL ? r : 0); rr < nr; rr++) y[(size_t)t * ld + rr] = src[(size_t)rr * TL + t];
+}
+
+AVX2 void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* A, const float* dct, float* scratch, long T,
+                                int n, int b, int nf, long p0, long p1) {
+    const int nseg = (n + b - 1) / b, rows = b + nf;
+    for (long p = p0; p < p1; p++) {
+        long tile = p / nseg;
+        int j = (int)(p % nseg);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nc = n - j * b < b ? n - j * b : b;
+        load_tile_t(scratch, x, t0, nt, n, j, b, nc);
+        analyse_tile(Xh + (size_t)p * rows * TL, scratch, A, dct, b, nf, scratch + (size_t)b * TL);
+    }
+}
+
+// Y[a] += sum_e P[a][e] E[e]  (forward: a = synthesis row, e = analysis row)
+AVX2 static void pattern_forward(float* restrict Y, const float* restrict E, const float* pk, int nd) {
+    for (int t = 0; t < TL; t++) {
+        float e0 = E[t], e1 = E[TL + t], e2 = E[2 * TL + t], e3 = E[3 * TL + t];
+        Y[t] += pk[0] * e0 + pk[2] * e1 + pk[3] * e2 + pk[5] * e3;
+        Y[TL + t] += pk[2] * e0;
+        Y[2 * TL + t] += pk[4] * e0 + pk[7] * e2;
+        Y[3 * TL + t] += pk[6] * e0;
+    }
+    for (int m = 0; m < nd; m++) axpy64(Y + (size_t)(RBE_NFIX + m) * TL, pk[1], E + (size_t)(RBE_NFIX + m) * TL);
+}
+
+// D[e] += sum_a P[a][e] G[a]  (the transpose of pattern_forward)
+AVX2 static void pattern_backward(float* restrict D, const float* restrict G, const float* pk, int nd) {
+    for (int t = 0; t < TL; t++) {
+        float g0 = G[t], g1 = G[TL + t], g2 = G[2 * TL + t], g3 = G[3 * TL + t];
+        D[t] += pk[0] * g0 + pk[2] * g1 + pk[4] * g2 + pk[6] * g3;
+        D[TL + t] += pk[2] * g0;
+        D[2 * TL + t] += pk[3] * g0 + pk[7] * g2;
+        D[3 * TL + t] += pk[5] * g0;
+    }
+    for (int m = 0; m < nd; m++) axpy64(D + (size_t)(RBE_NFIX + m) * TL, pk[1], G + (size_t)(RBE_NFIX + m) * TL);
+}
+
+AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, const float* Xh, const float* S, const float* dct,
+                                    const float* basis, const int32_t* sstart, const int32_t* soff,
+                                    const float* sval, const float* bias, int act, float* scratch, long T, int out,
+                                    int in, int b, int nf, long p0, long p1) {
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    float* yh = scratch;
+    float* yt = scratch + (size_t)rows * TL;
+    for (long p = p0; p < p1; p++) {
+        long tile = p / R;
+        int i = (int)(p % R);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nr = out - i * b < b ? out - i * b : b;
+        const float* Xt = Xh + (size_t)tile * C * rows * TL;
+        sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), soff, sval, b);
+        for (int e = b * TL; e < rows * TL; e += 8) _mm256_storeu_ps(yh + e, _mm256_setzero_ps());
+        for (int j = 0; j < C; j++) {
+            long blk = (long)i * C + j;
+            const float* X = Xt + (size_t)j * rows * TL;
+            pattern_forward(yh + (size_t)b * TL, X + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd);
+        }
+        synthesise_tile(yt, yh, S, dct, b, nf, yt + (size_t)b * TL);
+        if (bias)
+            for (int r = 0; r < nr; r++) {
+                __m256 bv = _mm256_set1_ps(bias[i * b + r]);
+                for (int t = 0; t < TL; t += 8)
+                    _mm256_storeu_ps(yt + (size_t)r * TL + t, _mm256_add_ps(bv, _mm256_loadu_ps(yt + (size_t)r * TL + t)));
+            }
+        if (pre) store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
+        if (act != RBE_ACT_NONE) rbe_act_forward_f32(yt, yt, (long)nr * TL, act);  // feature-major, whole tile
+        store_tile_t(y + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
+    }
+}
+
+AVX2 void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A, const float* dct,
+                                     const float* basis, const int32_t* sstart, const int32_t* soff,
+                                     const float* sval, float* scratch, long T, int out, int in, int b, int nf,
+                                     long p0, long p1) {
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    float* dh = scratch;
+    float* dt = scratch + (size_t)rows * TL;
+    for (long p = p0; p < p1; p++) {
+        long tile = p / C;
+        int j = (int)(p % C);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nc = in - j * b < b ? in - j * b : b;
+        const float* Gt = Gh + (size_t)tile * R * rows * TL;
+        sparse_sched(dh, Gt, sstart + (size_t)j * (b + 1), soff, sval, b);
+        for (int e = b * TL; e < rows * TL; e += 8) _mm256_storeu_ps(dh + e, _mm256_setzero_ps());
+        for (int i = 0; i < R; i++) {
+            long blk = (long)i * C + j;
+            const float* G = Gt + (size_t)i * rows * TL;
+            pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd);
+        }
+        synthesise_tile(dt, dh, A, dct, b, nf, dt + (size_t)b * TL);
+        store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
+    }
+}
+
+AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                       const int32_t* sstart, const int32_t* soff, const int32_t* spos,
+                                       int accumulate, long T, int out, int in, int b, int nf, int k, long p0,
+                                       long p1) {
+    // work items are block rows [p0, p1)
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const long ntiles = (T + TL - 1) / TL;
+    for (long i = p0; i < p1 && !accumulate; i++) {
+        if (dcoeffs) for (long q = i * C * (long)k; q < (i + 1) * C * (long)k; q++) dcoeffs[q] = 0;
+        if (dbasis) for (long q = i * C * RBE_NPAT; q < (i + 1) * C * RBE_NPAT; q++) dbasis[q] = 0;
+    }
+    for (long tile = 0; tile < ntiles; tile++) {
+        const float* Xt = Xh + (size_t)tile * C * rows * TL;
+        for (long i = p0; i < p1; i++) {
+            const float* G = Gh + ((size_t)tile * R + i) * rows * TL;
+            if (dcoeffs) {
+                const int32_t* st = sstart + (size_t)i * (b + 1);
+                for (int u = 0; u < b; u++) {
+                    if (st[u] == st[u + 1]) continue;
+                    const float* g = G + (size_t)u * TL;
+                    __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8), g2 = _mm256_loadu_ps(g + 16),
+                           g3 = _mm256_loadu_ps(g + 24), g4 = _mm256_loadu_ps(g + 32), g5 = _mm256_loadu_ps(g + 40),
+                           g6 = _mm256_loadu_ps(g + 48), g7 = _mm256_loadu_ps(g + 56);
+                    for (int e = st[u]; e < st[u + 1]; e++) {
+                        const float* x = Xt + soff[e];
+                        __m256 s0 = _mm256_mul_ps(g0, _mm256_loadu_ps(x));
+                        __m256 s1 = _mm256_mul_ps(g1, _mm256_loadu_ps(x + 8));
+                        s0 = _mm256_fmadd_ps(g2, _mm256_loadu_ps(x + 16), s0);
+                        s1 = _mm256_fmadd_ps(g3, _mm256_loadu_ps(x + 24), s1);
+                        s0 = _mm256_fmadd_ps(g4, _mm256_loadu_ps(x + 32), s0);
+                        s1 = _mm256_fmadd_ps(g5, _mm256_loadu_ps(x + 40), s1);
+                        s0 = _mm256_fmadd_ps(g6, _mm256_loadu_ps(x + 48), s0);
+                        s1 = _mm256_fmadd_ps(g7, _mm256_loadu_ps(x + 56), s1);
+                        dcoeffs[spos[e]] += hsum(_mm256_add_ps(s0, s1));
+                    }
+                }
+            }
+            if (dbasis) {
+                for (int j = 0; j < C; j++) {
+                    const float* Gp = G + (size_t)b * TL;
+                    const float* E = Xt + ((size_t)j * rows + b) * TL;
+                    float* db = dbasis + ((size_t)i * C + j) * RBE_NPAT;
+                    float d1 = 0;
+                    for (int m = 0; m < nd; m++)
+                        d1 += dot64(Gp + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL);
+                    db[0] += dot64(Gp, E);
+                    db[1] += d1;
+                    db[2] += dot64(Gp, E + TL) + dot64(Gp + TL, E);
+                    db[3] += dot64(Gp, E + 2 * TL);
+                    db[4] += dot64(Gp + 2 * TL, E);
+                    db[5] += dot64(Gp, E + 3 * TL);
+                    db[6] += dot64(Gp + 3 * TL, E);
+                    db[7] += dot64(Gp + 2 * TL, E + 2 * TL);
+                }
+            }
+        }
+    }
+}
+
+#else
+int rbe_cpu_has_avx2(void) { return 0; }
+#endif
