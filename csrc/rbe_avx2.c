@@ -384,8 +384,12 @@ AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const floa
                     __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8), g2 = _mm256_loadu_ps(g + 16),
                            g3 = _mm256_loadu_ps(g + 24), g4 = _mm256_loadu_ps(g + 32), g5 = _mm256_loadu_ps(g + 40),
                            g6 = _mm256_loadu_ps(g + 48), g7 = _mm256_loadu_ps(g + 56);
-                    for (int e = st[u]; e < st[u + 1]; e++) {
+                    const int e1 = st[u + 1];
+                    for (int e = st[u]; e < e1; e++) {
                         const float* x = Xt + soff[e];
+                        const char* ahead = (const char*)(Xt + soff[e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e]);
+                        _mm_prefetch(ahead, _MM_HINT_T0), _mm_prefetch(ahead + 64, _MM_HINT_T0);
+                        _mm_prefetch(ahead + 128, _MM_HINT_T0), _mm_prefetch(ahead + 192, _MM_HINT_T0);
                         __m256 s0 = _mm256_mul_ps(g0, _mm256_loadu_ps(x));
                         __m256 s1 = _mm256_mul_ps(g1, _mm256_loadu_ps(x + 8));
                         s0 = _mm256_fmadd_ps(g2, _mm256_loadu_ps(x + 16), s0);

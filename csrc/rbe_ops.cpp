@@ -527,7 +527,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             const T* h;
             if (saved) {
                 h = pre2.data_ptr<T>() + t0 * d_ff;
-                act_forward(hid.data_ptr<T>(), h, (long)(n * d_ff), a.act);
+                T* hp = hid.data_ptr<T>();
+                at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+                    act_forward(hp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
+                });
             } else {
                 linear_raw<T>(hid.data_ptr<T>(), hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P,
                               opt);
@@ -555,7 +558,11 @@ Tensor activation_cpu(const Tensor& x, std::string activation) {
     const int act = act_code(activation);
     Tensor xc = x.contiguous(), y = at::empty_like(xc);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_activation", [&] {
-        act_forward(y.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), (long)xc.numel(), act);
+        scalar_t* yp = y.data_ptr<scalar_t>();
+        const scalar_t* xp = xc.data_ptr<scalar_t>();
+        at::parallel_for(0, xc.numel(), 4096, [&](int64_t i0, int64_t i1) {
+            act_forward(yp + i0, xp + i0, (long)(i1 - i0), act);
+        });
     });
     return y;
 }
@@ -567,7 +574,11 @@ Tensor activation_backward_cpu(const Tensor& grad, const Tensor& x, std::string 
     const int act = act_code(activation);
     Tensor xc = x.contiguous(), gc = grad.contiguous(), dx = at::empty_like(xc);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_activation_backward", [&] {
-        act_backward(dx.data_ptr<scalar_t>(), gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), (long)xc.numel(), act);
+        scalar_t* dp = dx.data_ptr<scalar_t>();
+        const scalar_t *gp = gc.data_ptr<scalar_t>(), *xp = xc.data_ptr<scalar_t>();
+        at::parallel_for(0, xc.numel(), 4096, [&](int64_t i0, int64_t i1) {
+            act_backward(dp + i0, gp + i0, xp + i0, (long)(i1 - i0), act);
+        });
     });
     return dx;
 }
