@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -94,11 +95,18 @@ def compress(weight: torch.Tensor, block_size: int = 64, k: int = 300) -> Compre
 def decompress(basis: torch.Tensor, coeffs: torch.Tensor, index: torch.Tensor, shape, block_size: int) -> torch.Tensor:
     """Decode RBE tensors into a dense [out, in] matrix (for tests and inspection)."""
     # validate instead of int()-truncating: decompress(..., block_size=8.5) used to decode
-    # silently at b=8, and a 3-element shape failed with an unpacking error
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 4 <= block_size <= 256:
-        raise ValueError(f"block_size must be an int in [4, 256], got {block_size!r}")
-    shape = tuple(shape)
-    if len(shape) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+    # silently at b=8, and a 3-element shape failed with an unpacking error. operator.index
+    # accepts any integer (int, numpy or 0-d torch integers) and refuses floats.
+    try:
+        if isinstance(block_size, bool):
+            raise TypeError
+        b = operator.index(block_size)
+    except TypeError:
+        raise ValueError(f"block_size must be an int in [4, 256], got {block_size!r}") from None
+    try:
+        dims = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"shape must be (out_features, in_features) as two ints, got {shape!r}") from None
+    if len(dims) != 2:
         raise ValueError(f"shape must be (out_features, in_features) as two ints, got {shape!r}")
-    out, inp = shape
-    return ops.decode(basis, coeffs, index, out, inp, block_size)
+    return ops.decode(basis, coeffs, index, dims[0], dims[1], b)
