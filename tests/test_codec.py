@@ -274,6 +274,21 @@ def test_error_monotone_in_k_edge_blocks():
         prev = rel
 
 
+def test_kept_coefficients_are_the_largest():
+    # with k = b*b every DCT coefficient of the pattern residual is stored (exactly, in float64);
+    # a smaller k must keep the k largest magnitudes of each block (ties: lower flat index)
+    b, k = 16, 37
+    w = torch.randn(32, 40, generator=torch.Generator().manual_seed(14), dtype=F64)
+    full = rbe_ffn.compress(w, block_size=b, k=b * b)
+    part = rbe_ffn.compress(w, block_size=b, k=k)
+    assert torch.equal(part.basis, full.basis)
+    for p in range(full.coeffs.shape[0]):
+        mag = full.coeffs[p].abs()
+        order = sorted(range(b * b), key=lambda o: (-mag[o].item(), o))
+        assert part.index[p].tolist() == sorted(order[:k]), p
+        assert torch.equal(part.coeffs[p], full.coeffs[p][part.index[p].long()])
+
+
 @pytest.mark.parametrize("dtype", [F64, F32])
 def test_smooth_plus_noise(dtype):
     w = smooth_plus_noise(256, 512).to(dtype)
@@ -479,8 +494,15 @@ def test_decode_rejects_bad_tensors():
         ops.decode(basis, coeffs, index, 0, inp, b)
     with pytest.raises(ValueError, match="block_size"):
         rbe_ffn.decompress(basis, coeffs, index, (out, inp), 8.5)
+    with pytest.raises(ValueError, match="block_size"):
+        rbe_ffn.decompress(basis, coeffs, index, (out, inp), 8.0)
     with pytest.raises(ValueError, match="shape"):
         rbe_ffn.decompress(basis, coeffs, index, (out, inp, 1), b)
+    with pytest.raises(ValueError, match="shape"):
+        rbe_ffn.decompress(basis, coeffs, index, (float(out), inp), b)
+    # any integer type is fine (torch.Size, 0-d integer tensors)
+    ok = rbe_ffn.decompress(basis, coeffs, index, torch.Size([out, inp]), torch.tensor(b))
+    assert torch.equal(ok, ops.decode(basis, coeffs, index, out, inp, b))
 
 
 # ---------------------------------------------------------------- dtypes and threads
