@@ -136,10 +136,15 @@ def _ffn_setup(ctx, inputs, output):
     ctx.save_for_backward(x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2)
     ctx.args = (d_model, d_ff, activation, chunk_tokens)
     ctx.mark_non_differentiable(pre)
+    # pre never receives a gradient: without this autograd would materialize a
+    # zero [T, d_ff] tensor for it in every backward (a second copy of pre).
+    ctx.set_materialize_grads(False)
 
 
 def _ffn_backward(ctx, grad, _grad_pre):
     x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2 = ctx.saved_tensors
+    if grad is None:  # possible once grads are not materialized; y took no part in the loss
+        return (None,) * 15
     need = ctx.needs_input_grad
     # inputs: x plan basis1 coeffs1 index1 bias1 basis2 coeffs2 index2 bias2 ...
     mask = [need[0], need[2], need[3], need[5], need[6], need[7], need[9]]
