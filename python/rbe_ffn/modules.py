@@ -11,6 +11,14 @@ from .codec import CompressedWeight, check_sizes, compress, decompress, index_dt
 from .functional import canonical_activation, chunk_tokens_for, intermediate_bytes_per_token
 
 
+def _check_input_dtype(name: str, x, dtype: torch.dtype) -> None:
+    """A float input of another dtype than the layer's: say so plainly (the operator
+    would complain about its internal plan tensor, which the user never created)."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+        raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's dtype {dtype}; "
+                        f"convert the input or the module (e.g. module.to({x.dtype}))")
+
+
 class RBELinear(nn.Module):
     """A linear layer y = x W^T + b whose W [out, in] is stored and trained in RBE form.
 
@@ -84,6 +92,7 @@ class RBELinear(nn.Module):
         return cls.from_compressed(cw, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input_dtype("RBELinear", x, self.basis.dtype)
         return ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias,
                           self.in_features, self.out_features)
 
@@ -180,6 +189,7 @@ class RBEFeedForward(nn.Module):
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input_dtype("RBEFeedForward", x, self.fc1.basis.dtype)
         chunk = self.chunk_tokens()
         f1, f2 = self.fc1, self.fc2
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
