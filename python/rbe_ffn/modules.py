@@ -21,9 +21,10 @@ def _pattern_energy(block_size: int) -> float:
 
 
 def _check_input_dtype(name: str, x, dtype: torch.dtype) -> None:
-    """A float input of another dtype than the layer's: say so plainly (the operator
-    would complain about its internal plan tensor, which the user never created)."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
+    """A float32/float64 input of the other dtype than the layer's: say so plainly (the operator
+    would complain about its internal plan tensor, which the user never created). Other
+    dtypes (int, half, ...) are left to the operator: "must be float32 or float64"."""
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and x.dtype != dtype:
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's dtype {dtype}; "
                         f"convert the input or the module (e.g. module.to({x.dtype}))")
 
