@@ -7,6 +7,8 @@ their derivatives, each backward being a registered operator itself, so
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _C  # noqa: F401  (loads the operator library)
@@ -55,6 +57,30 @@ def get_plan(block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
         plan = full.to(device=device, dtype=dtype)
         _PLANS[key] = plan
     return plan
+
+
+# ---------------------------------------------------------------- first-order autograd
+def _first_order_only(backward):
+    """The backward operators (linear_backward, ffn_backward, activation_backward) have no
+    derivatives of their own. Under create_graph=True torch would otherwise give their
+    outputs a grad_fn that only warns and contributes nothing: double backward through
+    them would silently return zero/None. Like @once_differentiable, make that an error,
+    also when only a saved tensor (not the incoming gradient) requires grad."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        tensors = [g for g in grads if isinstance(g, torch.Tensor)] + list(ctx.saved_tensors)
+        if not any(t.requires_grad for t in tensors):
+            return out
+        err = torch._C._functions.DelayedError(
+            b"rbe_ffn: double backward (a gradient of a gradient) is not supported by the rbe_ffn operators", 1)
+        return tuple(None if t is None else err(t.detach().requires_grad_()) for t in out)
+
+    return wrapper
 
 
 # ---------------------------------------------------------------- codec
@@ -109,7 +135,7 @@ def _linear_backward(ctx, grad):
     return pick(dx, mask[0]), None, pick(db, mask[1]), pick(dc, mask[2]), None, pick(dbias, mask[3]), None, None
 
 
-torch.library.register_autograd("rbe_ffn::linear", _linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("rbe_ffn::linear", _first_order_only(_linear_backward), setup_context=_linear_setup)
 
 
 # ---------------------------------------------------------------- feed-forward
@@ -136,10 +162,15 @@ def _ffn_setup(ctx, inputs, output):
     ctx.save_for_backward(x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2)
     ctx.args = (d_model, d_ff, activation, chunk_tokens)
     ctx.mark_non_differentiable(pre)
+    # pre never receives a gradient: without this autograd would materialize a
+    # zero [T, d_ff] tensor for it in every backward (a second copy of pre).
+    ctx.set_materialize_grads(False)
 
 
 def _ffn_backward(ctx, grad, _grad_pre):
     x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2 = ctx.saved_tensors
+    if grad is None:  # possible once grads are not materialized; y took no part in the loss
+        return (None,) * 15
     need = ctx.needs_input_grad
     # inputs: x plan basis1 coeffs1 index1 bias1 basis2 coeffs2 index2 bias2 ...
     mask = [need[0], need[2], need[3], need[5], need[6], need[7], need[9]]
@@ -149,7 +180,7 @@ def _ffn_backward(ctx, grad, _grad_pre):
     return dx, None, db1, dc1, None, dbias1, db2, dc2, None, dbias2, None, None, None, None, None
 
 
-torch.library.register_autograd("rbe_ffn::ffn", _ffn_backward, setup_context=_ffn_setup)
+torch.library.register_autograd("rbe_ffn::ffn", _first_order_only(_ffn_backward), setup_context=_ffn_setup)
 
 
 # ---------------------------------------------------------------- activations
@@ -174,4 +205,4 @@ def _activation_bwd(ctx, grad):
     return ops.activation_backward(grad.contiguous(), x, ctx.activation), None
 
 
-torch.library.register_autograd("rbe_ffn::activation", _activation_bwd, setup_context=_activation_setup)
+torch.library.register_autograd("rbe_ffn::activation", _first_order_only(_activation_bwd), setup_context=_activation_setup)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,10 @@ def compress(weight: torch.Tensor, block_size: int = 64, k: int = 300) -> Compre
     if weight.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"weight must be float32 or float64, got {weight.dtype}")
     check_sizes(block_size, k)
-    w = weight.detach()
+    # contiguous here (the encoder copies a strided input anyway) so that the norm below is
+    # summed in the same order as for a contiguous copy: a transposed view then gives a
+    # bitwise-identical relative_error, not one that differs in the last bit
+    w = weight.detach().contiguous()
     basis, coeffs, index, err = ops.encode(w, block_size, k)
     total = w.double().pow(2).sum().item()
     dropped = err.sum().item()
@@ -90,5 +94,19 @@ def compress(weight: torch.Tensor, block_size: int = 64, k: int = 300) -> Compre
 
 def decompress(basis: torch.Tensor, coeffs: torch.Tensor, index: torch.Tensor, shape, block_size: int) -> torch.Tensor:
     """Decode RBE tensors into a dense [out, in] matrix (for tests and inspection)."""
-    out, inp = (int(s) for s in shape)
-    return ops.decode(basis, coeffs, index, out, inp, int(block_size))
+    # validate instead of int()-truncating: decompress(..., block_size=8.5) used to decode
+    # silently at b=8, and a 3-element shape failed with an unpacking error. operator.index
+    # accepts any integer (int, numpy or 0-d torch integers) and refuses floats.
+    try:
+        if isinstance(block_size, bool):
+            raise TypeError
+        b = operator.index(block_size)
+    except TypeError:
+        raise ValueError(f"block_size must be an int in [4, 256], got {block_size!r}") from None
+    try:
+        dims = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"shape must be (out_features, in_features) as two ints, got {shape!r}") from None
+    if len(dims) != 2:
+        raise ValueError(f"shape must be (out_features, in_features) as two ints, got {shape!r}")
+    return ops.decode(basis, coeffs, index, dims[0], dims[1], b)

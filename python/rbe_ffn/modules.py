@@ -11,6 +11,24 @@ from .codec import CompressedWeight, check_sizes, compress, decompress, index_dt
 from .functional import canonical_activation, chunk_tokens_for, intermediate_bytes_per_token
 
 
+def _pattern_energy(block_size: int) -> float:
+    """sum_k mean over a block of Phi_k^2: the 8 pattern images decoded side by side."""
+    eye = torch.eye(8, dtype=torch.float64)
+    none = torch.empty(8, 0, dtype=torch.float64)
+    phi = ops.decode(eye, none, torch.empty(8, 0, dtype=index_dtype(block_size)), block_size, 8 * block_size,
+                     block_size)
+    return phi.pow(2).sum().item() / (block_size * block_size)
+
+
+def _check_input_dtype(name: str, x, dtype: torch.dtype) -> None:
+    """A float32/float64 input of the other dtype than the layer's: say so plainly (the operator
+    would complain about its internal plan tensor, which the user never created). Other
+    dtypes (int, half, ...) are left to the operator: "must be float32 or float64"."""
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and x.dtype != dtype:
+        raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's dtype {dtype}; "
+                        f"convert the input or the module (e.g. module.to({x.dtype}))")
+
+
 class RBELinear(nn.Module):
     """A linear layer y = x W^T + b whose W [out, in] is stored and trained in RBE form.
 
@@ -39,7 +57,10 @@ class RBELinear(nn.Module):
         coeffs = torch.randn(nblk, k, generator=generator, dtype=dtype) * std
         basis = torch.zeros(nblk, 8, dtype=dtype)
         if k == 0:  # only the pattern is left to carry the weight
-            basis.normal_(0.0, 1.0 / math.sqrt(3.0 * in_features), generator=generator)
+            # Var(W_entry) = Var(p) * sum_k mean(Phi_k^2) over a block; the Phi_k are not
+            # unit-RMS (their squares sum to ~7 on average), so divide that out.
+            basis.normal_(0.0, 1.0 / math.sqrt(3.0 * in_features * _pattern_energy(block_size)),
+                          generator=generator)
         self.basis = nn.Parameter(basis.to(device))
         self.coeffs = nn.Parameter(coeffs.to(device))
         self.register_buffer("index", pos.to(device=device, dtype=index_dtype(block_size)))
@@ -84,6 +105,7 @@ class RBELinear(nn.Module):
         return cls.from_compressed(cw, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input_dtype("RBELinear", x, self.basis.dtype)
         return ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias,
                           self.in_features, self.out_features)
 
@@ -180,6 +202,7 @@ class RBEFeedForward(nn.Module):
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input_dtype("RBEFeedForward", x, self.fc1.basis.dtype)
         chunk = self.chunk_tokens()
         f1, f2 = self.fc1, self.fc2
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,

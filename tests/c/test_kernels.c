@@ -1,0 +1,917 @@
+/* test_kernels.c - C unit tests of the RBE kernels (the csrc C files), no torch.
+ *
+ * Built and run by `make ctest` under AddressSanitizer and UndefinedBehaviorSanitizer.
+ * Every buffer is allocated with exactly the size rbe.h documents, so an
+ * out-of-bounds access in a kernel is caught by ASan. Expected values come from
+ * closed-form formulas written here (DESIGN.md section 2), from mathematical
+ * identities (orthonormality, A v = lambda v, Parseval), or from the naive
+ * references rbe_linear_*_ref_* (decode, then dense double loops).
+ *
+ * Prints one line per failed check and ends with exactly "N passed, N failed";
+ * exits non-zero when anything failed.
+ */
+#include "rbe.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static long n_pass, n_fail;
+
+#define CHECK(cond, ...)                                         \
+    do {                                                         \
+        if (cond) {                                              \
+            n_pass++;                                            \
+        } else {                                                 \
+            n_fail++;                                            \
+            printf("FAIL %s:%d: ", __func__, __LINE__);          \
+            printf(__VA_ARGS__);                                 \
+            printf("\n");                                        \
+        }                                                        \
+    } while (0)
+
+/* ---------------------------------------------------------------- helpers */
+
+static void* xmalloc(size_t n) {
+    void* p = malloc(n ? n : 1);
+    if (!p) {
+        printf("out of memory\n");
+        exit(2);
+    }
+    return p;
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rng_u64(void) {  // xorshift64*
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1Dull;
+}
+static double rng_unit(void) { return (double)(rng_u64() >> 11) * (1.0 / 9007199254740992.0); }
+static double rng_normal(void) {
+    double u1 = rng_unit(), u2 = rng_unit();
+    if (u1 < 1e-300) u1 = 1e-300;
+    return sqrt(-2.0 * log(u1)) * cos(2.0 * RBE_PI * u2);
+}
+static void fill_normal(double* a, size_t n) {
+    for (size_t i = 0; i < n; i++) a[i] = rng_normal();
+}
+
+static double max_abs(const double* a, size_t n) {
+    double m = 0.0;
+    for (size_t i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
+    return m;
+}
+static double max_diff(const double* a, const double* b, size_t n) {
+    double m = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs(a[i] - b[i]);
+        if (d != d) return INFINITY;
+        m = fmax(m, d);
+    }
+    return m;
+}
+
+static int cdiv(int a, int b) { return (a + b - 1) / b; }
+static double grid(int n, int b) { return 2.0 * n / (double)(b - 1) - 1.0; }
+
+/* closed-form DCT-II entry and pattern image entry, written here from DESIGN.md */
+static double psi_cf(int u, int n, int b) {
+    double a = u == 0 ? sqrt(1.0 / b) : sqrt(2.0 / b);
+    return a * cos(RBE_PI * (n + 0.5) * u / b);
+}
+static double phi_cf(int k, int r, int c, int b) {
+    double x = grid(c, b), y = grid(r, b), d = sqrt(x * x + y * y);
+    switch (k) {
+    case 0: return 1.0;
+    case 1: return d;
+    case 2: return d * d;
+    case 3: return cos(RBE_PI * x);
+    case 4: return cos(RBE_PI * y);
+    case 5: return cos(2.0 * RBE_PI * x);
+    case 6: return cos(2.0 * RBE_PI * y);
+    default: return cos(RBE_PI * x) * cos(RBE_PI * y);
+    }
+}
+
+/* values stored as float (f32 != 0) or double */
+static size_t esize(int f32) { return f32 ? sizeof(float) : sizeof(double); }
+static void* to_t(const double* src, size_t n, int f32) {
+    void* p = xmalloc(n * esize(f32));
+    for (size_t i = 0; i < n; i++) {
+        if (f32) ((float*)p)[i] = (float)src[i];
+        else ((double*)p)[i] = src[i];
+    }
+    return p;
+}
+static void from_t(double* dst, const void* src, size_t n, int f32) {
+    for (size_t i = 0; i < n; i++) dst[i] = f32 ? (double)((const float*)src)[i] : ((const double*)src)[i];
+}
+
+/* random sorted index of k distinct positions in [0, b*b) per block */
+static void* random_index(long nblk, int k, int b, int wide) {
+    int bb = b * b;
+    void* ix = xmalloc((size_t)nblk * k * (wide ? 4 : 2) + 1);
+    int* perm = xmalloc(sizeof(int) * bb);
+    unsigned char* take = xmalloc(bb);
+    for (long p = 0; p < nblk; p++) {
+        for (int o = 0; o < bb; o++) perm[o] = o, take[o] = 0;
+        for (int q = 0; q < k; q++) {  // partial Fisher-Yates
+            int r = q + (int)(rng_u64() % (uint64_t)(bb - q));
+            int t = perm[q];
+            perm[q] = perm[r];
+            perm[r] = t;
+            take[perm[q]] = 1;
+        }
+        int q = 0;
+        for (int o = 0; o < bb; o++)
+            if (take[o]) {
+                if (wide) ((int32_t*)ix)[p * k + q] = o;
+                else ((int16_t*)ix)[p * k + q] = (int16_t)o;
+                q++;
+            }
+    }
+    free(perm);
+    free(take);
+    return ix;
+}
+
+/* codec tables psi [bb] | phi [8bb] | pinv [8bb], as the C++ layer builds them */
+static double* codec_tables(int b) {
+    size_t bb = (size_t)b * b;
+    double* tabs = xmalloc(sizeof(double) * 17 * bb);
+    double* work = xmalloc(sizeof(double) * (8 * bb + 200));
+    rbe_dct_matrix(tabs, b);
+    rbe_pattern_images(tabs + bb, b);
+    rbe_pattern_pinv(tabs + 9 * bb, work, b);
+    free(work);
+    return tabs;
+}
+
+/* ---------------------------------------------------------------- DCT and pattern tables */
+
+static void test_dct(void) {
+    const int bs[] = {4, 5, 8, 16, 64, 256};
+    for (size_t t = 0; t < sizeof bs / sizeof bs[0]; t++) {
+        int b = bs[t];
+        double* psi = xmalloc(sizeof(double) * b * b);
+        rbe_dct_matrix(psi, b);
+        double e_orth = 0.0, e_cf = 0.0;
+        for (int u = 0; u < b; u++) {
+            for (int v = 0; v < b; v++) {  // (psi psi^T)[u][v]
+                double s = 0.0;
+                for (int n = 0; n < b; n++) s += psi[u * b + n] * psi[v * b + n];
+                e_orth = fmax(e_orth, fabs(s - (u == v)));
+            }
+            for (int n = 0; n < b; n++) e_cf = fmax(e_cf, fabs(psi[u * b + n] - psi_cf(u, n, b)));
+        }
+        double e_cols = 0.0;  // psi^T psi = I too (square orthonormal)
+        for (int m = 0; m < b; m++)
+            for (int n = 0; n < b; n++) {
+                double s = 0.0;
+                for (int u = 0; u < b; u++) s += psi[u * b + m] * psi[u * b + n];
+                e_cols = fmax(e_cols, fabs(s - (m == n)));
+            }
+        CHECK(e_orth < 1e-13, "b=%d: |psi psi^T - I| = %.3e", b, e_orth);
+        CHECK(e_cols < 1e-13, "b=%d: |psi^T psi - I| = %.3e", b, e_cols);
+        CHECK(e_cf < 1e-15, "b=%d: psi differs from the closed form by %.3e", b, e_cf);
+        // u = 0 row is the constant 1/sqrt(b); row u has the parity (-1)^u about the centre
+        double e_sym = 0.0;
+        for (int u = 0; u < b; u++)
+            for (int n = 0; n < b; n++)
+                e_sym = fmax(e_sym, fabs(psi[u * b + b - 1 - n] - ((u & 1) ? -1 : 1) * psi[u * b + n]));
+        // (cos of an argument up to ~pi b is off by ~ulp(pi b), times a_u = sqrt(2/b): ~sqrt(b) 1e-15)
+        CHECK(fabs(psi[0] - 1.0 / sqrt((double)b)) < 1e-16 && e_sym < 4e-15 * sqrt((double)b), "b=%d: DCT row 0 / parity %.3e", b,
+              e_sym);
+        free(psi);
+    }
+}
+
+static void test_pattern_images(void) {
+    const int bs[] = {4, 8, 17, 64};
+    for (size_t t = 0; t < sizeof bs / sizeof bs[0]; t++) {
+        int b = bs[t];
+        size_t bb = (size_t)b * b;
+        double* phi = xmalloc(sizeof(double) * 8 * bb);
+        rbe_pattern_images(phi, b);
+        double e = 0.0;
+        for (int k = 0; k < 8; k++)
+            for (int r = 0; r < b; r++)
+                for (int c = 0; c < b; c++) e = fmax(e, fabs(phi[k * bb + r * b + c] - phi_cf(k, r, c, b)));
+        CHECK(e < 1e-15, "b=%d: pattern images differ from DESIGN.md formulas by %.3e", b, e);
+        // orientation: Phi_3 varies along columns (x), Phi_4 along rows (y)
+        CHECK(phi[3 * bb + 0] == phi[3 * bb + (size_t)(b - 1) * b] && fabs(phi[3 * bb] + 1.0) < 1e-15 &&
+                  fabs(phi[4 * bb + b - 1] + 1.0) < 1e-15,
+              "b=%d: x must be the column coordinate, y the row coordinate", b);
+        free(phi);
+    }
+}
+
+static void test_pattern_pinv(void) {
+    const int bs[] = {4, 8, 16, 64};
+    for (size_t t = 0; t < sizeof bs / sizeof bs[0]; t++) {
+        int b = bs[t];
+        size_t bb = (size_t)b * b;
+        double* pinv = xmalloc(sizeof(double) * 8 * bb);
+        double* work = xmalloc(sizeof(double) * (8 * bb + 200));
+        double* phi = xmalloc(sizeof(double) * 8 * bb);
+        double* blk = xmalloc(sizeof(double) * bb);
+        rbe_pattern_pinv(pinv, work, b);
+        rbe_pattern_images(phi, b);
+        for (int trial = 0; trial < 3; trial++) {
+            double p[8], q[8];
+            for (int k = 0; k < 8; k++) p[k] = rng_normal();
+            for (size_t o = 0; o < bb; o++) {
+                blk[o] = 0.0;
+                for (int k = 0; k < 8; k++) blk[o] += p[k] * phi[k * bb + o];
+            }
+            for (int k = 0; k < 8; k++) {
+                q[k] = 0.0;
+                for (size_t o = 0; o < bb; o++) q[k] += pinv[k * bb + o] * blk[o];
+            }
+            double e_mat = 0.0, scale = max_abs(blk, bb);
+            for (size_t o = 0; o < bb; o++) {
+                double s = 0.0;
+                for (int k = 0; k < 8; k++) s += q[k] * phi[k * bb + o];
+                e_mat = fmax(e_mat, fabs(s - blk[o]));
+            }
+            // the fitted pattern reproduces the pattern matrix at every b (b = 4 is rank-deficient)
+            CHECK(e_mat < 1e-10 * fmax(1.0, scale), "b=%d: pattern matrix not reproduced, err %.3e", b, e_mat);
+            if (b >= 8) {  // full rank: the coefficients themselves come back
+                double e_p = 0.0;
+                for (int k = 0; k < 8; k++) e_p = fmax(e_p, fabs(q[k] - p[k]));
+                CHECK(e_p < 1e-8, "b=%d: pattern coefficients not reproduced, err %.3e", b, e_p);
+            }
+        }
+        if (b == 4) {  // the minimum-norm property: pinv * phi^T is a symmetric projector
+            double e_sym = 0.0, e_idem = 0.0, P[64];
+            for (int k = 0; k < 8; k++)
+                for (int l = 0; l < 8; l++) {
+                    double s = 0.0;
+                    for (size_t o = 0; o < bb; o++) s += pinv[k * bb + o] * phi[l * bb + o];
+                    P[k * 8 + l] = s;
+                }
+            for (int k = 0; k < 8; k++)
+                for (int l = 0; l < 8; l++) {
+                    double s = 0.0;
+                    for (int m = 0; m < 8; m++) s += P[k * 8 + m] * P[m * 8 + l];
+                    e_idem = fmax(e_idem, fabs(s - P[k * 8 + l]));
+                    e_sym = fmax(e_sym, fabs(P[k * 8 + l] - P[l * 8 + k]));
+                }
+            CHECK(e_sym < 1e-10 && e_idem < 1e-10, "b=4: pinv*Phi not a symmetric projector (%.3e, %.3e)", e_sym,
+                  e_idem);
+        }
+        free(pinv);
+        free(work);
+        free(phi);
+        free(blk);
+    }
+}
+
+static void check_eig(const double* a0, int n, const char* what) {
+    double* a = xmalloc(sizeof(double) * n * n);
+    double* vecs = xmalloc(sizeof(double) * n * n);
+    double* vals = xmalloc(sizeof(double) * n);
+    memcpy(a, a0, sizeof(double) * n * n);
+    rbe_jacobi_eig(vals, vecs, a, n);
+    double scale = max_abs(a0, (size_t)n * n), e_av = 0.0, e_orth = 0.0, tr = 0.0, sv = 0.0;
+    for (int m = 0; m < n; m++) {
+        for (int i = 0; i < n; i++) {
+            double s = 0.0;
+            for (int j = 0; j < n; j++) s += a0[i * n + j] * vecs[j * n + m];
+            e_av = fmax(e_av, fabs(s - vals[m] * vecs[i * n + m]));
+        }
+        for (int l = 0; l < n; l++) {
+            double s = 0.0;
+            for (int i = 0; i < n; i++) s += vecs[i * n + m] * vecs[i * n + l];
+            e_orth = fmax(e_orth, fabs(s - (m == l)));
+        }
+        tr += a0[m * n + m];
+        sv += vals[m];
+    }
+    CHECK(e_av < 1e-12 * fmax(1.0, scale), "%s: |A v - lambda v| = %.3e", what, e_av);
+    CHECK(e_orth < 1e-12, "%s: eigenvectors not orthonormal (%.3e)", what, e_orth);
+    CHECK(fabs(tr - sv) < 1e-12 * fmax(1.0, fabs(tr) + scale), "%s: sum of eigenvalues %.17g != trace %.17g", what,
+          sv, tr);
+    free(a);
+    free(vecs);
+    free(vals);
+}
+
+static void test_jacobi(void) {
+    // known spectrum: [[2,1],[1,2]] -> {1, 3}; [[0,1],[1,0]] -> {-1, 1}
+    {
+        double a[4] = {2, 1, 1, 2}, v[4], l[2];
+        rbe_jacobi_eig(l, v, a, 2);
+        double lo = fmin(l[0], l[1]), hi = fmax(l[0], l[1]);
+        CHECK(fabs(lo - 1.0) < 1e-14 && fabs(hi - 3.0) < 1e-14, "[[2,1],[1,2]]: eigenvalues %g %g", l[0], l[1]);
+        double b[4] = {0, 1, 1, 0};
+        rbe_jacobi_eig(l, v, b, 2);
+        lo = fmin(l[0], l[1]), hi = fmax(l[0], l[1]);
+        CHECK(fabs(lo + 1.0) < 1e-14 && fabs(hi - 1.0) < 1e-14, "[[0,1],[1,0]]: eigenvalues %g %g", l[0], l[1]);
+    }
+    {
+        double a[1] = {-4.5}, v[1], l[1];
+        rbe_jacobi_eig(l, v, a, 1);
+        CHECK(l[0] == -4.5 && v[0] == 1.0, "n=1: %g %g", l[0], v[0]);
+    }
+    const int ns[] = {3, 6, 10};
+    for (size_t t = 0; t < sizeof ns / sizeof ns[0]; t++) {
+        int n = ns[t];
+        double* a = xmalloc(sizeof(double) * n * n);
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j <= i; j++) a[i * n + j] = a[j * n + i] = rng_normal();
+        char what[64];
+        snprintf(what, sizeof what, "random symmetric %dx%d", n, n);
+        check_eig(a, n, what);
+        // repeated eigenvalue: 3 I + w w^T
+        double w[16];
+        for (int i = 0; i < n; i++) w[i] = rng_normal();
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++) a[i * n + j] = 3.0 * (i == j) + w[i] * w[j];
+        snprintf(what, sizeof what, "3I + ww^T %dx%d", n, n);
+        check_eig(a, n, what);
+        free(a);
+    }
+}
+
+static void test_plan(void) {
+    const int bs[] = {8, 64};
+    for (size_t t = 0; t < sizeof bs / sizeof bs[0]; t++) {
+        int b = bs[t];
+        size_t bb = (size_t)b * b;
+        double* plan = xmalloc(sizeof(double) * 2 * (2 * b + 4) * b);
+        double* work = xmalloc(sizeof(double) * (3 * bb + b));
+        int nf = rbe_plan_build(plan, work, b, 1e-15);
+        CHECK(nf > RBE_NFIX && nf <= RBE_NFIX + b, "b=%d: nf = %d", b, nf);
+        int rows = b + nf;
+        const double* A = plan;
+        const double* S = plan + (size_t)rows * b;
+        double e_psi = 0.0, e_fix = 0.0, e_d = 0.0;
+        for (int u = 0; u < b; u++)
+            for (int n = 0; n < b; n++) {
+                e_psi = fmax(e_psi, fabs(A[u * b + n] - psi_cf(u, n, b)));
+                e_psi = fmax(e_psi, fabs(S[u * b + n] - psi_cf(u, n, b)));
+            }
+        for (int n = 0; n < b; n++) {
+            double z = grid(n, b);
+            double f[4] = {1.0, z * z, cos(RBE_PI * z), cos(2.0 * RBE_PI * z)};
+            for (int m = 0; m < RBE_NFIX; m++) {
+                e_fix = fmax(e_fix, fabs(A[(b + m) * b + n] - f[m]));
+                e_fix = fmax(e_fix, fabs(S[(b + m) * b + n] - f[m]));
+            }
+        }
+        // the d-pattern sqrt(x^2 + y^2) = sum over pattern rows m >= 4 of S[b+m] (row r) A[b+m] (column c)
+        for (int r = 0; r < b; r++)
+            for (int c = 0; c < b; c++) {
+                double s = 0.0;
+                for (int m = RBE_NFIX; m < nf; m++) s += S[(size_t)(b + m) * b + r] * A[(size_t)(b + m) * b + c];
+                double x = grid(c, b), y = grid(r, b);
+                e_d = fmax(e_d, fabs(s - sqrt(x * x + y * y)));
+            }
+        CHECK(e_psi < 1e-15, "b=%d: plan's DCT rows off by %.3e", b, e_psi);
+        CHECK(e_fix < 1e-15, "b=%d: plan's separable rows off by %.3e", b, e_fix);
+        CHECK(e_d < 1e-12, "b=%d: d-pattern from the plan off by %.3e (nf=%d)", b, e_d, nf);
+        // a looser tolerance keeps fewer (or as many) rows, still a good approximation
+        int nf9 = rbe_plan_build(plan, work, b, 1e-9);
+        CHECK(nf9 >= RBE_NFIX + 1 && nf9 <= nf, "b=%d: nf at 1e-9 = %d vs %d at 1e-15", b, nf9, nf);
+        rows = b + nf9;
+        A = plan;
+        S = plan + (size_t)rows * b;
+        e_d = 0.0;
+        for (int r = 0; r < b; r++)
+            for (int c = 0; c < b; c++) {
+                double s = 0.0;
+                for (int m = RBE_NFIX; m < nf9; m++) s += S[(size_t)(b + m) * b + r] * A[(size_t)(b + m) * b + c];
+                double x = grid(c, b), y = grid(r, b);
+                e_d = fmax(e_d, fabs(s - sqrt(x * x + y * y)));
+            }
+        CHECK(e_d < 1e-7, "b=%d: d-pattern at tol 1e-9 off by %.3e", b, e_d);
+        free(plan);
+        free(work);
+    }
+}
+
+/* ---------------------------------------------------------------- index validation */
+
+static void test_index_check(void) {
+    const int b = 8, k = 4;
+    const long nblk = 3;
+    for (int wide = 0; wide <= 1; wide++) {
+        int base[12] = {0, 5, 9, 63, 1, 2, 3, 4, 10, 20, 30, 40};
+        int32_t i32[12];
+        int16_t i16[12];
+        void* ix = wide ? (void*)i32 : (void*)i16;
+#define SET(pos, v) (wide ? (void)(i32[pos] = (v)) : (void)(i16[pos] = (int16_t)(v)))
+#define RESET() \
+    for (int q = 0; q < 12; q++) SET(q, base[q])
+        RESET();
+        CHECK(rbe_index_check(ix, wide, nblk, k, b) == -1, "wide=%d: valid index rejected", wide);
+        CHECK(rbe_index_check(ix, wide, 0, k, b) == -1 && rbe_index_check(ix, wide, nblk, 0, b) == -1,
+              "wide=%d: empty index rejected", wide);
+        SET(3, 64);  // out of range (b*b = 64)
+        CHECK(rbe_index_check(ix, wide, nblk, k, b) == 3, "wide=%d: out of range -> %ld", wide,
+              rbe_index_check(ix, wide, nblk, k, b));
+        RESET();
+        SET(8, -1);  // negative
+        CHECK(rbe_index_check(ix, wide, nblk, k, b) == 8, "wide=%d: negative -> %ld", wide,
+              rbe_index_check(ix, wide, nblk, k, b));
+        RESET();
+        SET(6, 2);  // duplicate of slot 5
+        CHECK(rbe_index_check(ix, wide, nblk, k, b) == 6, "wide=%d: duplicate -> %ld", wide,
+              rbe_index_check(ix, wide, nblk, k, b));
+        RESET();
+        SET(9, 5);  // unsorted: 10, 5, 30, 40
+        CHECK(rbe_index_check(ix, wide, nblk, k, b) == 9, "wide=%d: unsorted -> %ld", wide,
+              rbe_index_check(ix, wide, nblk, k, b));
+        RESET();
+        // a new block may restart low: 63 then 1 across the block boundary is fine
+        CHECK(rbe_index_check(ix, wide, nblk, k, b) == -1, "wide=%d: block boundary", wide);
+#undef SET
+#undef RESET
+    }
+    // int32 at b = 256: 65535 is the last valid position, 65536 is out of range
+    int32_t big[2] = {7, 65535};
+    CHECK(rbe_index_check(big, 1, 1, 2, 256) == -1, "b=256: 65535 rejected");
+    big[1] = 65536;
+    CHECK(rbe_index_check(big, 1, 1, 2, 256) == 1, "b=256: 65536 accepted");
+}
+
+/* ---------------------------------------------------------------- codec */
+
+static void encode_t(int f32, void* basis, void* coeffs, void* ix, int wide, double* err, const void* w,
+                     const double* tabs, double* work, int out, int in, int b, int k, long p0, long p1) {
+    if (f32) rbe_encode_f32(basis, coeffs, ix, wide, err, w, tabs, work, out, in, b, k, p0, p1);
+    else rbe_encode_f64(basis, coeffs, ix, wide, err, w, tabs, work, out, in, b, k, p0, p1);
+}
+static void decode_t(int f32, void* w, const void* basis, const void* coeffs, const void* ix, int wide,
+                     const double* tabs, double* work, int out, int in, int b, int k, long p0, long p1) {
+    if (f32) rbe_decode_f32(w, basis, coeffs, ix, wide, tabs, work, out, in, b, k, p0, p1);
+    else rbe_decode_f64(w, basis, coeffs, ix, wide, tabs, work, out, in, b, k, p0, p1);
+}
+
+/* Encode then decode W [out, in]; checks layout, the per-block error against the decoded
+ * matrix (evaluated exactly, in double, from the stored numbers), losslessness at k = b*b,
+ * and that splitting the block range gives bitwise the same result. */
+static void roundtrip(int f32, int out, int in, int b, int k, int wide) {
+    const int R = cdiv(out, b), C = cdiv(in, b);
+    const long nblk = (long)R * C;
+    const size_t n = (size_t)out * in, es = esize(f32);
+    double* wd = xmalloc(sizeof(double) * n);
+    fill_normal(wd, n);
+    void* w = to_t(wd, n, f32);
+    from_t(wd, w, n, f32);  // the exact values encoded
+    double* tabs = codec_tables(b);
+    double* work = xmalloc(sizeof(double) * rbe_encode_work(b));
+    double* dwork = xmalloc(sizeof(double) * 3 * b * b);
+    void* basis = xmalloc(nblk * 8 * es);
+    void* coeffs = xmalloc(nblk * k * es + 1);
+    void* ix = xmalloc(nblk * k * (wide ? 4 : 2) + 1);
+    double* err = xmalloc(sizeof(double) * nblk);
+    encode_t(f32, basis, coeffs, ix, wide, err, w, tabs, work, out, in, b, k, 0, nblk);
+
+    CHECK(rbe_index_check(ix, wide, nblk, k, b) == -1, "f32=%d %dx%d b=%d k=%d: encoder wrote an invalid index",
+          f32, out, in, b, k);
+
+    // decode in the value type, and exactly (double) from the stored numbers
+    void* dec = xmalloc(n * es);
+    decode_t(f32, dec, basis, coeffs, ix, wide, tabs, dwork, out, in, b, k, 0, nblk);
+    double* decd = xmalloc(sizeof(double) * n);
+    double* exact = xmalloc(sizeof(double) * n);
+    from_t(decd, dec, n, f32);
+    {
+        double* bd = xmalloc(sizeof(double) * nblk * 8);
+        double* cd = xmalloc(sizeof(double) * nblk * k + 1);
+        from_t(bd, basis, nblk * 8, f32);
+        from_t(cd, coeffs, nblk * k, f32);
+        rbe_decode_f64(exact, bd, cd, ix, wide, tabs, dwork, out, in, b, k, 0, nblk);
+        free(bd);
+        free(cd);
+    }
+    double e_round = max_diff(decd, exact, n), scale = max_abs(exact, n);
+    CHECK(e_round <= (f32 ? 1e-6 : 1e-15) * fmax(1.0, scale), "f32=%d: decode in T vs exact decode %.3e", f32,
+          e_round);
+
+    // per-block squared error = measured over real entries. Both sides are double arithmetic on the
+    // same stored numbers; each decoded entry carries a rounding of about 1e-14 |W_block|, which moves
+    // the measured squared error by up to 2 sqrt(s) delta + delta^2 (it matters when s is tiny, e.g. an
+    // almost lossless block).
+    double e_blk = 0.0;
+    for (long p = 0; p < nblk; p++) {
+        int i = (int)(p / C), j = (int)(p % C);
+        double s = 0.0, wn = 0.0;
+        for (int r = i * b; r < out && r < (i + 1) * b; r++)
+            for (int c = j * b; c < in && c < (j + 1) * b; c++) {
+                double d = wd[(size_t)r * in + c] - exact[(size_t)r * in + c];
+                s += d * d;
+                wn += wd[(size_t)r * in + c] * wd[(size_t)r * in + c];
+            }
+        double delta = 1e-14 * sqrt(wn);
+        double bound = 1e-9 * s + 2.0 * sqrt(s) * delta + delta * delta;
+        e_blk = fmax(e_blk, fabs(err[p] - s) / bound);
+    }
+    CHECK(e_blk <= 1.0, "f32=%d %dx%d b=%d k=%d: reported block error off by %.3g x its rounding bound", f32, out, in,
+          b, k, e_blk);
+    if (k == b * b) {
+        double e = max_diff(wd, decd, n);
+        CHECK(e < (f32 ? 1e-5 : 1e-12) * fmax(1.0, max_abs(wd, n)), "f32=%d %dx%d b=%d: k=b*b not lossless (%.3e)",
+              f32, out, in, b, e);
+    }
+
+    // block ranges are independent: two halves give the same bytes
+    void* basis2 = xmalloc(nblk * 8 * es);
+    void* coeffs2 = xmalloc(nblk * k * es + 1);
+    void* ix2 = xmalloc(nblk * k * (wide ? 4 : 2) + 1);
+    double* err2 = xmalloc(sizeof(double) * nblk);
+    long mid = nblk / 2;
+    encode_t(f32, basis2, coeffs2, ix2, wide, err2, w, tabs, work, out, in, b, k, mid, nblk);
+    encode_t(f32, basis2, coeffs2, ix2, wide, err2, w, tabs, work, out, in, b, k, 0, mid);
+    CHECK(!memcmp(basis, basis2, nblk * 8 * es) && !memcmp(coeffs, coeffs2, nblk * k * es) &&
+              !memcmp(ix, ix2, nblk * k * (wide ? 4 : 2)) && !memcmp(err, err2, sizeof(double) * nblk),
+          "f32=%d %dx%d b=%d k=%d: split encode differs", f32, out, in, b, k);
+    void* dec2 = xmalloc(n * es);
+    memset(dec2, 0, n * es);
+    decode_t(f32, dec2, basis, coeffs, ix, wide, tabs, dwork, out, in, b, k, mid, nblk);
+    decode_t(f32, dec2, basis, coeffs, ix, wide, tabs, dwork, out, in, b, k, 0, mid);
+    CHECK(!memcmp(dec, dec2, n * es), "f32=%d %dx%d b=%d k=%d: split decode differs", f32, out, in, b, k);
+
+    free(wd), free(w), free(tabs), free(work), free(dwork), free(basis), free(coeffs), free(ix), free(err);
+    free(dec), free(decd), free(exact), free(basis2), free(coeffs2), free(ix2), free(err2), free(dec2);
+}
+
+static void test_codec_roundtrip(void) {
+    for (int f32 = 0; f32 <= 1; f32++) {
+        roundtrip(f32, 37, 10, 8, 64, 0);   // k = b*b, edge blocks
+        roundtrip(f32, 37, 10, 8, 5, 0);
+        roundtrip(f32, 37, 10, 8, 0, 0);
+        roundtrip(f32, 16, 32, 16, 256, 1);  // int32 index at a small b works too
+        roundtrip(f32, 16, 32, 16, 40, 0);
+        roundtrip(f32, 5, 3, 4, 16, 0);
+        roundtrip(f32, 1, 1, 4, 3, 0);
+        roundtrip(f32, 70, 65, 64, 300, 0);
+    }
+    roundtrip(0, 9, 260, 256, 7, 1);  // b = 256: int32 index
+}
+
+/* The kept set is the k largest |Ehat| (ties: lower flat index), Ehat read off the k = b*b encode. */
+static void test_codec_selection(void) {
+    const int b = 8, bb = 64, out = 16, in = 8;  // two blocks
+    const long nblk = 2;
+    double w[16 * 8];
+    fill_normal(w, 16 * 8);
+    for (int c = 0; c < in; c++) w[8 * in + c] = 0.0;  // block 1 has one zero row: still fine
+    double* tabs = codec_tables(b);
+    double* work = xmalloc(sizeof(double) * rbe_encode_work(b));
+    double basis[16], all[2 * 64], cf[2 * 64], err[2];
+    int16_t ixall[2 * 64], ix[2 * 64];
+    rbe_encode_f64(basis, all, ixall, 0, err, w, tabs, work, out, in, b, bb, 0, nblk);
+    int bad = 0;
+    for (int k = 1; k < bb; k++) {
+        rbe_encode_f64(basis, cf, ix, 0, err, w, tabs, work, out, in, b, k, 0, nblk);
+        for (long p = 0; p < nblk && !bad; p++) {
+            // rank of each position by (|value| desc, index asc)
+            for (int q = 0; q < k; q++) {
+                int o = ix[p * k + q];
+                int better = 0;
+                for (int o2 = 0; o2 < bb; o2++) {
+                    double m1 = fabs(all[p * bb + o2]), m0 = fabs(all[p * bb + o]);
+                    better += m1 > m0 || (m1 == m0 && o2 < o);
+                }
+                if (better >= k || cf[p * k + q] != all[p * bb + o]) {
+                    bad = 1;
+                    printf("  k=%d block %ld slot %d: position %d has %d better ones\n", k, p, q, o, better);
+                }
+            }
+        }
+    }
+    CHECK(!bad, "kept coefficients are not the k largest");
+    // all-zero residual (a zero block): every magnitude ties, the lowest positions win
+    double z[8 * 8] = {0};
+    rbe_encode_f64(basis, cf, ix, 0, err, z, tabs, work, 8, 8, b, 5, 0, 1);
+    CHECK(ix[0] == 0 && ix[1] == 1 && ix[2] == 2 && ix[3] == 3 && ix[4] == 4 && err[0] == 0.0,
+          "zero block: index %d %d %d %d %d err %g", ix[0], ix[1], ix[2], ix[3], ix[4], err[0]);
+    free(tabs);
+    free(work);
+}
+
+/* ---------------------------------------------------------------- transform-domain linear vs the references */
+
+static void analysis_t(int f32, void* Xh, const void* x, const void* A, void* s, long T, int n, int b, int nf, long p0,
+                       long p1) {
+    if (f32) rbe_analysis_f32(Xh, x, A, s, T, n, b, nf, p0, p1);
+    else rbe_analysis_f64(Xh, x, A, s, T, n, b, nf, p0, p1);
+}
+static void rows_t(int f32, void* y, void* pre, const void* Xh, const void* S, const void* basis, const void* coeffs,
+                   const void* ix, int wide, const void* bias, int act, void* s, long T, int out, int in, int b, int nf,
+                   int k, long p0, long p1) {
+    if (f32) rbe_rows_forward_f32(y, pre, Xh, S, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+    else rbe_rows_forward_f64(y, pre, Xh, S, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+}
+static void cols_t(int f32, void* dx, const void* Gh, const void* A, const void* basis, const void* coeffs,
+                   const void* ix, int wide, void* s, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    if (f32) rbe_cols_backward_f32(dx, Gh, A, basis, coeffs, ix, wide, s, T, out, in, b, nf, k, p0, p1);
+    else rbe_cols_backward_f64(dx, Gh, A, basis, coeffs, ix, wide, s, T, out, in, b, nf, k, p0, p1);
+}
+static void params_t(int f32, void* db, void* dc, const void* Gh, const void* Xh, const void* ix, int wide, int acc,
+                     long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    if (f32) rbe_params_backward_f32(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
+    else rbe_params_backward_f64(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
+}
+static void bias_t(int f32, void* db, const void* g, long T, int out, int acc, long o0, long o1) {
+    if (f32) rbe_bias_backward_f32(db, g, T, out, acc, o0, o1);
+    else rbe_bias_backward_f64(db, g, T, out, acc, o0, o1);
+}
+static void fwd_ref_t(int f32, void* y, void* pre, const void* x, const void* basis, const void* coeffs,
+                      const void* ix, int wide, const void* bias, int act, const double* tabs, double* work, long T,
+                      int out, int in, int b, int k) {
+    if (f32) rbe_linear_forward_ref_f32(y, pre, x, basis, coeffs, ix, wide, bias, act, tabs, work, T, out, in, b, k);
+    else rbe_linear_forward_ref_f64(y, pre, x, basis, coeffs, ix, wide, bias, act, tabs, work, T, out, in, b, k);
+}
+static void bwd_ref_t(int f32, void* dx, void* db, void* dc, void* dbias, const void* g, const void* x,
+                      const void* basis, const void* coeffs, const void* ix, int wide, const double* tabs, double* work,
+                      long T, int out, int in, int b, int k) {
+    if (f32) rbe_linear_backward_ref_f32(dx, db, dc, dbias, g, x, basis, coeffs, ix, wide, tabs, work, T, out, in, b, k);
+    else rbe_linear_backward_ref_f64(dx, db, dc, dbias, g, x, basis, coeffs, ix, wide, tabs, work, T, out, in, b, k);
+}
+
+/* relative max error of got vs ref (both read as double) */
+static double rel_err(const void* got, const void* ref, size_t n, int f32) {
+    double* a = xmalloc(sizeof(double) * n + 8);
+    double* r = xmalloc(sizeof(double) * n + 8);
+    from_t(a, got, n, f32);
+    from_t(r, ref, n, f32);
+    double e = max_diff(a, r, n) / fmax(1.0, max_abs(r, n));
+    free(a);
+    free(r);
+    return e;
+}
+
+static void linear_case(int f32, long T, int out, int in, int b, int k, int wide) {
+    const int R = cdiv(out, b), C = cdiv(in, b);
+    const long nblk = (long)R * C, ntiles = (T + RBE_TILE - 1) / RBE_TILE;
+    const size_t es = esize(f32), bb = (size_t)b * b;
+    const double tol = f32 ? 1e-4 : 1e-10;
+    char tag[96];
+    snprintf(tag, sizeof tag, "%s T=%ld out=%d in=%d b=%d k=%d wide=%d", f32 ? "f32" : "f64", T, out, in, b, k, wide);
+
+    // plan as the Python layer builds it: tol 1e-15 for float64, 1e-9 for float32
+    double* pland = xmalloc(sizeof(double) * 2 * (2 * b + 4) * b);
+    double* pwork = xmalloc(sizeof(double) * (3 * bb + b));
+    const int nf = rbe_plan_build(pland, pwork, b, f32 ? 1e-9 : 1e-15);
+    const int rows = b + nf;
+    void* plan = to_t(pland, 2 * (size_t)rows * b, f32);
+    const void* A = plan;
+    const void* S = (const char*)plan + (size_t)rows * b * es;
+    double* tabs = codec_tables(b);
+
+    // random weight, inputs, bias, upstream gradient
+    double* tmp = xmalloc(sizeof(double) * ((size_t)T * (out > in ? out : in) + nblk * (8 + k) + out + 8));
+    fill_normal(tmp, nblk * 8);
+    void* basis = to_t(tmp, nblk * 8, f32);
+    fill_normal(tmp, nblk * k);
+    void* coeffs = to_t(tmp, nblk * k, f32);
+    void* ix = random_index(nblk, k, b, wide);
+    fill_normal(tmp, (size_t)T * in);
+    void* x = to_t(tmp, (size_t)T * in, f32);
+    fill_normal(tmp, out);
+    void* bias = to_t(tmp, out, f32);
+    fill_normal(tmp, (size_t)T * out);
+    void* g = to_t(tmp, (size_t)T * out, f32);
+
+    const size_t nscr = rbe_rows_scratch(b, nf);
+    void* scratch = xmalloc(nscr * es);
+    void* Xh = xmalloc((size_t)ntiles * C * rows * RBE_TILE * es);
+    void* Gh = xmalloc((size_t)ntiles * R * rows * RBE_TILE * es);
+    double* rwork = xmalloc(sizeof(double) * 2 * (size_t)out * in);
+    void* y = xmalloc((size_t)T * out * es);
+    void* pre = xmalloc((size_t)T * out * es);
+    void* yr = xmalloc((size_t)T * out * es);
+    void* prer = xmalloc((size_t)T * out * es);
+
+    // forward, every activation, with and without bias / pre
+    analysis_t(f32, Xh, x, A, scratch, T, in, b, nf, 0, ntiles * C);
+    for (int act = RBE_ACT_NONE; act <= RBE_ACT_SILU; act++) {
+        const void* bs = act % 2 ? bias : NULL;
+        rows_t(f32, y, pre, Xh, S, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, ntiles * R);
+        fwd_ref_t(f32, yr, prer, x, basis, coeffs, ix, wide, bs, act, tabs, rwork, T, out, in, b, k);
+        double ey = rel_err(y, yr, (size_t)T * out, f32), ep = rel_err(pre, prer, (size_t)T * out, f32);
+        CHECK(ey < tol, "%s act=%d: forward (post-activation) off by %.3e", tag, act, ey);
+        CHECK(ep < tol, "%s act=%d: forward pre-activation off by %.3e", tag, act, ep);
+        // pre = NULL gives the same y; split work ranges give the same bytes
+        void* y2 = xmalloc((size_t)T * out * es);
+        long items = ntiles * R, mid = items / 2 + (items > 1);
+        rows_t(f32, y2, NULL, Xh, S, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, mid, items);
+        rows_t(f32, y2, NULL, Xh, S, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, mid);
+        CHECK(!memcmp(y, y2, (size_t)T * out * es), "%s act=%d: split / pre=NULL forward differs", tag, act);
+        free(y2);
+    }
+
+    // backward
+    void* dx = xmalloc((size_t)T * in * es);
+    void* db = xmalloc(nblk * 8 * es);
+    void* dc = xmalloc(nblk * k * es + 1);
+    void* dbias = xmalloc(out * es);
+    void* dxr = xmalloc((size_t)T * in * es);
+    void* dbr = xmalloc(nblk * 8 * es);
+    void* dcr = xmalloc(nblk * k * es + 1);
+    void* dbiasr = xmalloc(out * es);
+    analysis_t(f32, Gh, g, S, scratch, T, out, b, nf, 0, ntiles * R);
+    cols_t(f32, dx, Gh, A, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, 0, ntiles * C);
+    params_t(f32, db, dc, Gh, Xh, ix, wide, 0, T, out, in, b, nf, k, 0, nblk);
+    bias_t(f32, dbias, g, T, out, 0, 0, out);
+    bwd_ref_t(f32, dxr, dbr, dcr, dbiasr, g, x, basis, coeffs, ix, wide, tabs, rwork, T, out, in, b, k);
+    double edx = rel_err(dx, dxr, (size_t)T * in, f32), edb = rel_err(db, dbr, nblk * 8, f32);
+    double edc = rel_err(dc, dcr, nblk * k, f32), edbias = rel_err(dbias, dbiasr, out, f32);
+    CHECK(edx < tol, "%s: dx off by %.3e", tag, edx);
+    CHECK(edb < tol, "%s: dbasis off by %.3e", tag, edb);
+    CHECK(edc < tol, "%s: dcoeffs off by %.3e", tag, edc);
+    CHECK(edbias < tol, "%s: dbias off by %.3e", tag, edbias);
+
+    // accumulate = 1 adds to what is there (twice the gradient), NULL outputs are skipped, ranges split
+    params_t(f32, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, 0, nblk / 2);
+    params_t(f32, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, nblk / 2, nblk);
+    params_t(f32, NULL, dc, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, 0, nblk);
+    bias_t(f32, dbias, g, T, out, 1, 0, out / 2);
+    bias_t(f32, dbias, g, T, out, 1, out / 2, out);
+    {
+        double* t1 = xmalloc(sizeof(double) * (nblk * (8 + k) + out));
+        double* t2 = xmalloc(sizeof(double) * (nblk * (8 + k) + out));
+        from_t(t1, db, nblk * 8, f32);
+        from_t(t1 + nblk * 8, dc, nblk * k, f32);
+        from_t(t1 + nblk * (8 + k), dbias, out, f32);
+        from_t(t2, dbr, nblk * 8, f32);
+        from_t(t2 + nblk * 8, dcr, nblk * k, f32);
+        from_t(t2 + nblk * (8 + k), dbiasr, out, f32);
+        size_t nt = nblk * (8 + k) + out;
+        for (size_t i = 0; i < nt; i++) t2[i] *= 2.0;
+        double e = max_diff(t1, t2, nt) / fmax(1.0, max_abs(t2, nt));
+        CHECK(e < 2 * tol, "%s: accumulate=1 does not add (%.3e)", tag, e);
+        free(t1);
+        free(t2);
+    }
+    // dx over split ranges is the same bytes
+    {
+        void* dx2 = xmalloc((size_t)T * in * es);
+        long items = ntiles * C, mid = items / 2 + (items > 1);
+        cols_t(f32, dx2, Gh, A, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, mid, items);
+        cols_t(f32, dx2, Gh, A, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, 0, mid);
+        CHECK(!memcmp(dx, dx2, (size_t)T * in * es), "%s: split dx differs", tag);
+        free(dx2);
+    }
+
+    free(pland), free(pwork), free(plan), free(tabs), free(tmp), free(basis), free(coeffs), free(ix), free(x);
+    free(bias), free(g), free(scratch), free(Xh), free(Gh), free(rwork), free(y), free(pre), free(yr), free(prer);
+    free(dx), free(db), free(dc), free(dbias), free(dxr), free(dbr), free(dcr), free(dbiasr);
+}
+
+static void test_linear(void) {
+    for (int f32 = 0; f32 <= 1; f32++) {
+        linear_case(f32, 5, 37, 10, 8, 5, 0);
+        linear_case(f32, 70, 20, 33, 16, 40, 0);  // two token tiles
+        linear_case(f32, 1, 9, 6, 4, 16, 1);      // b = 4, every coefficient, int32 index
+        linear_case(f32, 64, 8, 8, 8, 0, 0);      // k = 0: pattern only, exactly one tile
+        linear_case(f32, 130, 70, 65, 64, 300, 0);  // b = 64, three tiles, edge blocks
+    }
+    linear_case(0, 3, 20, 260, 256, 50, 1);  // b = 256 (int32 index), wide edge
+}
+
+/* ---------------------------------------------------------------- activations */
+
+static int same_bits_f64(double a, double b) { return !memcmp(&a, &b, sizeof a); }
+static int same_bits_f32(float a, float b) { return !memcmp(&a, &b, sizeof a); }
+
+static void test_activations(void) {
+    const double base[] = {0.0, -0.0, 1e-3, -1e-3, 3.0, -3.0, 10.0, -10.0, 20.0, -20.0, 100.0, -100.0,
+                           INFINITY, -INFINITY, NAN, 0.5, -0.5, 1.0, -1.0, 5.5, -5.5, 1e-30, -1e-30,
+                           1e30, -1e30, 4e-320, 8.0, -8.0, 40.0, -40.0, 3.4e38, -3.4e38, 0.75};
+    const int nb = (int)(sizeof base / sizeof base[0]);
+    const int n = 3 * nb + 5;  // several lengths' worth, not a multiple of any vector width
+    double* x = xmalloc(sizeof(double) * n);
+    double* y = xmalloc(sizeof(double) * n);
+    double* dy = xmalloc(sizeof(double) * n);
+    double* dx = xmalloc(sizeof(double) * n);
+    float* xf = xmalloc(sizeof(float) * n);
+    float* yf = xmalloc(sizeof(float) * n);
+    float* dyf = xmalloc(sizeof(float) * n);
+    float* dxf = xmalloc(sizeof(float) * n);
+    for (int i = 0; i < n; i++) {
+        x[i] = i < nb ? base[i] : base[i % nb] * (1.0 + 0.01 * (i / nb)) + (i >= 3 * nb ? 0.3 : 0.0);
+        xf[i] = (float)x[i];
+    }
+    static const char* names[] = {"none", "gelu", "gelu_tanh", "relu", "silu"};
+    for (int act = RBE_ACT_NONE; act <= RBE_ACT_SILU; act++) {
+        int bad_f = 0, bad_b = 0, bad_ff = 0, bad_bf = 0, bad_dy = 0;
+        rbe_act_forward_f64(y, x, n, act);
+        rbe_act_forward_f32(yf, xf, n, act);
+        for (int i = 0; i < n; i++) {
+            if (!same_bits_f64(y[i], rbe_act_scalar_f64(x[i], act)) && bad_f++ < 3)
+                printf("  %s f64 forward x=%.17g: array %.17g scalar %.17g\n", names[act], x[i], y[i],
+                       rbe_act_scalar_f64(x[i], act));
+            if (!same_bits_f32(yf[i], rbe_act_scalar_f32(xf[i], act)) && bad_ff++ < 3)
+                printf("  %s f32 forward x=%.9g: array %.9g scalar %.9g\n", names[act], xf[i], yf[i],
+                       rbe_act_scalar_f32(xf[i], act));
+        }
+        // in place (the linear kernel applies the activation in place)
+        memcpy(y, x, sizeof(double) * n);
+        rbe_act_forward_f64(y, y, n, act);
+        memcpy(yf, xf, sizeof(float) * n);
+        rbe_act_forward_f32(yf, yf, n, act);
+        for (int i = 0; i < n; i++) {
+            bad_f += !same_bits_f64(y[i], rbe_act_scalar_f64(x[i], act));
+            bad_ff += !same_bits_f32(yf[i], rbe_act_scalar_f32(xf[i], act));
+        }
+        // backward with dy = 1: dx is the derivative itself
+        for (int i = 0; i < n; i++) dy[i] = 1.0, dyf[i] = 1.0f;
+        rbe_act_backward_f64(dx, dy, x, n, act);
+        rbe_act_backward_f32(dxf, dyf, xf, n, act);
+        for (int i = 0; i < n; i++) {
+            if (!same_bits_f64(dx[i], rbe_act_grad_scalar_f64(x[i], act)) && bad_b++ < 3)
+                printf("  %s f64 backward x=%.17g: array %.17g scalar %.17g\n", names[act], x[i], dx[i],
+                       rbe_act_grad_scalar_f64(x[i], act));
+            if (!same_bits_f32(dxf[i], rbe_act_grad_scalar_f32(xf[i], act)) && bad_bf++ < 3)
+                printf("  %s f32 backward x=%.9g: array %.9g scalar %.9g\n", names[act], xf[i], dxf[i],
+                       rbe_act_grad_scalar_f32(xf[i], act));
+        }
+        // general dy (including infinite): dx = dy * act'(x); relu passes exactly +0 where x <= 0 (as torch's
+        // threshold_backward), even for an infinite or negative dy
+        for (int i = 0; i < n; i++) {
+            dy[i] = (i % 7 == 3) ? INFINITY : (i % 5 == 1 ? -2.5 : 0.5 + i * 0.125);
+            dyf[i] = (float)dy[i];
+        }
+        rbe_act_backward_f64(dx, dy, x, n, act);
+        rbe_act_backward_f32(dxf, dyf, xf, n, act);
+        for (int i = 0; i < n; i++) {
+            double e64;
+            float e32;
+            if (act == RBE_ACT_RELU) {
+                e64 = x[i] <= 0.0 ? 0.0 : dy[i];
+                e32 = xf[i] <= 0.0f ? 0.0f : dyf[i];
+            } else {
+                e64 = dy[i] * rbe_act_grad_scalar_f64(x[i], act);
+                e32 = dyf[i] * rbe_act_grad_scalar_f32(xf[i], act);
+            }
+            if ((!same_bits_f64(dx[i], e64) || !same_bits_f32(dxf[i], e32)) && bad_dy++ < 3)
+                printf("  %s backward x=%.9g dy=%g: f64 %.17g (want %.17g) f32 %.9g (want %.9g)\n", names[act], x[i],
+                       dy[i], dx[i], e64, dxf[i], e32);
+        }
+        CHECK(!bad_f, "%s: f64 array forward != scalar (%d values)", names[act], bad_f);
+        CHECK(!bad_ff, "%s: f32 array forward != scalar (%d values)", names[act], bad_ff);
+        CHECK(!bad_b, "%s: f64 array backward != scalar derivative (%d values)", names[act], bad_b);
+        CHECK(!bad_bf, "%s: f32 array backward != scalar derivative (%d values)", names[act], bad_bf);
+        CHECK(!bad_dy, "%s: backward with general dy (%d values)", names[act], bad_dy);
+    }
+    // the scalar definitions themselves at a few known points (DESIGN.md section 4)
+    CHECK(fabs(rbe_act_scalar_f64(1.0, RBE_ACT_GELU) - 0.8413447460685429) < 1e-15, "gelu(1)");
+    CHECK(fabs(rbe_act_scalar_f64(-1.0, RBE_ACT_GELU) + 0.15865525393145707) < 1e-15, "gelu(-1)");
+    CHECK(fabs(rbe_act_scalar_f64(1.0, RBE_ACT_GELU_TANH) - 0.8411919906082768) < 1e-15, "gelu_tanh(1)");
+    CHECK(fabs(rbe_act_scalar_f64(1.0, RBE_ACT_SILU) - 0.7310585786300049) < 1e-15, "silu(1)");
+    CHECK(rbe_act_scalar_f64(-3.0, RBE_ACT_RELU) == 0.0 && rbe_act_scalar_f64(3.0, RBE_ACT_RELU) == 3.0, "relu");
+    CHECK(isnan(rbe_act_scalar_f64(NAN, RBE_ACT_RELU)) && isnan(rbe_act_scalar_f64(NAN, RBE_ACT_GELU)) &&
+              isnan(rbe_act_scalar_f64(NAN, RBE_ACT_SILU)) && isnan(rbe_act_scalar_f64(NAN, RBE_ACT_GELU_TANH)),
+          "NaN must propagate");
+    CHECK(rbe_act_scalar_f64(INFINITY, RBE_ACT_GELU) == INFINITY &&
+              rbe_act_scalar_f64(INFINITY, RBE_ACT_GELU_TANH) == INFINITY &&
+              rbe_act_scalar_f64(INFINITY, RBE_ACT_SILU) == INFINITY,
+          "act(+inf) = +inf");
+    CHECK(rbe_act_scalar_f64(-100.0, RBE_ACT_GELU_TANH) == 0.0 && fabs(rbe_act_scalar_f64(-20.0, RBE_ACT_SILU)) < 1e-7,
+          "large negative inputs go to 0");
+    CHECK(fabs(rbe_act_scalar_f32(1.0f, RBE_ACT_GELU) - 0.84134475f) < 1e-7f, "gelu f32(1)");
+    // derivatives against central differences
+    int bad_g = 0;
+    for (int act = RBE_ACT_GELU; act <= RBE_ACT_SILU; act++)
+        for (double t = -6.0; t <= 6.0; t += 0.37) {
+            double h = 1e-6;
+            double fd = (rbe_act_scalar_f64(t + h, act) - rbe_act_scalar_f64(t - h, act)) / (2 * h);
+            if (fabs(fd - rbe_act_grad_scalar_f64(t, act)) > 1e-8 && bad_g++ < 3)
+                printf("  act=%d x=%g: derivative %.12g, central difference %.12g\n", act, t,
+                       rbe_act_grad_scalar_f64(t, act), fd);
+        }
+    CHECK(!bad_g, "scalar derivatives disagree with central differences (%d points)", bad_g);
+    free(x), free(y), free(dy), free(dx), free(xf), free(yf), free(dyf), free(dxf);
+}
+
+static void test_nonfinite_count(void) {
+    double d[6] = {0.0, NAN, 1.0, INFINITY, -INFINITY, 1e308};
+    float f[5] = {0.0f, NAN, 3.4e38f, -INFINITY, 1.0f};
+    CHECK(rbe_count_nonfinite_f64(d, 6) == 3 && rbe_count_nonfinite_f64(d, 1) == 0, "count_nonfinite_f64");
+    CHECK(rbe_count_nonfinite_f32(f, 5) == 2 && rbe_count_nonfinite_f32(f, 0) == 0, "count_nonfinite_f32");
+}
+
+int main(void) {
+    test_dct();
+    test_pattern_images();
+    test_pattern_pinv();
+    test_jacobi();
+    test_plan();
+    test_index_check();
+    test_nonfinite_count();
+    test_codec_roundtrip();
+    test_codec_selection();
+    test_linear();
+    test_activations();
+    printf("%ld passed, %ld failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}
