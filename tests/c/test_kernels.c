@@ -343,7 +343,7 @@ static void test_plan(void) {
     for (size_t t = 0; t < sizeof bs / sizeof bs[0]; t++) {
         int b = bs[t];
         size_t bb = (size_t)b * b;
-        double* plan = xmalloc(sizeof(double) * 2 * (2 * b + 4) * b);
+        double* plan = xmalloc(sizeof(double) * 3 * (2 * b + 4) * b);
         double* work = xmalloc(sizeof(double) * (3 * bb + b));
         int nf = rbe_plan_build(plan, work, b, 1e-15);
         CHECK(nf > RBE_NFIX && nf <= RBE_NFIX + b, "b=%d: nf = %d", b, nf);
@@ -599,25 +599,28 @@ static void test_codec_selection(void) {
 
 /* ---------------------------------------------------------------- transform-domain linear vs the references */
 
-static void analysis_t(int f32, void* Xh, const void* x, const void* A, void* s, long T, int n, int b, int nf, long p0,
-                       long p1) {
-    if (f32) rbe_analysis_f32(Xh, x, A, s, T, n, b, nf, p0, p1);
-    else rbe_analysis_f64(Xh, x, A, s, T, n, b, nf, p0, p1);
+static void analysis_t(int f32, void* Xh, const void* x, const void* A, const void* dct, void* s, long T, int n, int b,
+                       int nf, long p0, long p1) {
+    if (f32) rbe_analysis_f32(Xh, x, A, dct, s, T, n, b, nf, p0, p1);
+    else rbe_analysis_f64(Xh, x, A, dct, s, T, n, b, nf, p0, p1);
 }
-static void rows_t(int f32, void* y, void* pre, const void* Xh, const void* S, const void* basis, const void* coeffs,
-                   const void* ix, int wide, const void* bias, int act, void* s, long T, int out, int in, int b, int nf,
-                   int k, long p0, long p1) {
-    if (f32) rbe_rows_forward_f32(y, pre, Xh, S, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
-    else rbe_rows_forward_f64(y, pre, Xh, S, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+static void rows_t(int f32, const rbe_sched_f32* sc, void* y, void* pre, const void* Xh, const void* S, const void* dct,
+                   const void* basis, const void* coeffs, const void* ix, int wide, const void* bias, int act, void* s,
+                   long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    if (f32)
+        rbe_rows_forward_f32(y, pre, Xh, S, dct, basis, coeffs, ix, wide, sc, bias, act, s, T, out, in, b, nf, k, p0, p1);
+    else rbe_rows_forward_f64(y, pre, Xh, S, dct, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
 }
-static void cols_t(int f32, void* dx, const void* Gh, const void* A, const void* basis, const void* coeffs,
-                   const void* ix, int wide, void* s, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    if (f32) rbe_cols_backward_f32(dx, Gh, A, basis, coeffs, ix, wide, s, T, out, in, b, nf, k, p0, p1);
-    else rbe_cols_backward_f64(dx, Gh, A, basis, coeffs, ix, wide, s, T, out, in, b, nf, k, p0, p1);
+static void cols_t(int f32, const rbe_sched_f32* sc, void* dx, const void* Gh, const void* A, const void* dct,
+                   const void* basis, const void* cft, const int32_t* ixt, void* s, long T, int out, int in, int b,
+                   int nf, int k, long p0, long p1) {
+    if (f32) rbe_cols_backward_f32(dx, Gh, A, dct, basis, cft, ixt, sc, s, T, out, in, b, nf, k, p0, p1);
+    else rbe_cols_backward_f64(dx, Gh, A, dct, basis, cft, ixt, s, T, out, in, b, nf, k, p0, p1);
 }
-static void params_t(int f32, void* db, void* dc, const void* Gh, const void* Xh, const void* ix, int wide, int acc,
-                     long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    if (f32) rbe_params_backward_f32(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
+static void params_t(int f32, const rbe_sched_f32* sc, void* db, void* dc, const void* Gh, const void* Xh,
+                     const void* ix, int wide, int acc, long T, int out, int in, int b, int nf, int k, long p0,
+                     long p1) {
+    if (f32) rbe_params_backward_f32(db, dc, Gh, Xh, ix, wide, sc, acc, T, out, in, b, nf, k, p0, p1);
     else rbe_params_backward_f64(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
 }
 static void bias_t(int f32, void* db, const void* g, long T, int out, int acc, long o0, long o1) {
@@ -649,22 +652,27 @@ static double rel_err(const void* got, const void* ref, size_t n, int f32) {
     return e;
 }
 
-static void linear_case(int f32, long T, int out, int in, int b, int k, int wide) {
+// mode 0: float64; 1: float32, portable kernels (no schedule); 2: float32 with the run-grouped
+// schedules (the AVX2 kernels where the CPU has AVX2 + FMA)
+static void linear_case(int mode, long T, int out, int in, int b, int k, int wide) {
+    const int f32 = mode > 0;
     const int R = cdiv(out, b), C = cdiv(in, b);
     const long nblk = (long)R * C, ntiles = (T + RBE_TILE - 1) / RBE_TILE;
     const size_t es = esize(f32), bb = (size_t)b * b;
     const double tol = f32 ? 1e-4 : 1e-10;
     char tag[96];
-    snprintf(tag, sizeof tag, "%s T=%ld out=%d in=%d b=%d k=%d wide=%d", f32 ? "f32" : "f64", T, out, in, b, k, wide);
+    snprintf(tag, sizeof tag, "%s T=%ld out=%d in=%d b=%d k=%d wide=%d",
+             mode == 0 ? "f64" : mode == 1 ? "f32 portable" : "f32 scheduled", T, out, in, b, k, wide);
 
     // plan as the Python layer builds it: tol 1e-15 for float64, 1e-9 for float32
-    double* pland = xmalloc(sizeof(double) * 2 * (2 * b + 4) * b);
+    double* pland = xmalloc(sizeof(double) * 3 * (2 * b + 4) * b);
     double* pwork = xmalloc(sizeof(double) * (3 * bb + b));
     const int nf = rbe_plan_build(pland, pwork, b, f32 ? 1e-9 : 1e-15);
     const int rows = b + nf;
-    void* plan = to_t(pland, 2 * (size_t)rows * b, f32);
+    void* plan = to_t(pland, 3 * (size_t)rows * b, f32);
     const void* A = plan;
     const void* S = (const char*)plan + (size_t)rows * b * es;
+    const void* dct = (const char*)plan + 2 * (size_t)rows * b * es;
     double* tabs = codec_tables(b);
 
     // random weight, inputs, bias, upstream gradient
@@ -688,14 +696,34 @@ static void linear_case(int f32, long T, int out, int in, int b, int k, int wide
     double* rwork = xmalloc(sizeof(double) * 2 * (size_t)out * in);
     void* y = xmalloc((size_t)T * out * es);
     void* pre = xmalloc((size_t)T * out * es);
+    // the coefficients grouped by column (portable dx) and the run schedules (mode 2)
+    void* cft = xmalloc(nblk * k * es + 1);
+    int32_t* ixt = xmalloc(sizeof(int32_t) * nblk * k + 4);
+    int32_t* twork = xmalloc(sizeof(int32_t) * (b + 1));
+    if (f32) rbe_transpose_blocks_f32(cft, ixt, twork, coeffs, ix, wide, b, k, 0, nblk);
+    else rbe_transpose_blocks_f64(cft, ixt, twork, coeffs, ix, wide, b, k, 0, nblk);
+    int32_t* rs_start = xmalloc(sizeof(int32_t) * R * (b + 1));
+    int32_t* cs_start = xmalloc(sizeof(int32_t) * C * (b + 1));
+    int32_t* rs_off = xmalloc(sizeof(int32_t) * nblk * k + 4);
+    int32_t* cs_off = xmalloc(sizeof(int32_t) * nblk * k + 4);
+    int32_t* rs_pos = xmalloc(sizeof(int32_t) * nblk * k + 4);
+    float* rs_val = xmalloc(sizeof(float) * nblk * k + 4);
+    float* cs_val = xmalloc(sizeof(float) * nblk * k + 4);
+    rbe_sched_f32 rsched = {rs_start, rs_off, rs_val, rs_pos}, csched = {cs_start, cs_off, cs_val, NULL};
+    const rbe_sched_f32 *rsc = NULL, *csc = NULL;
+    if (mode == 2) {
+        rbe_schedule_f32(rs_start, rs_off, rs_val, rs_pos, coeffs, ix, wide, 0, R, C, b, nf, k, 0, R);
+        rbe_schedule_f32(cs_start, cs_off, cs_val, NULL, coeffs, ix, wide, 1, R, C, b, nf, k, 0, C);
+        rsc = &rsched, csc = &csched;
+    }
     void* yr = xmalloc((size_t)T * out * es);
     void* prer = xmalloc((size_t)T * out * es);
 
     // forward, every activation, with and without bias / pre
-    analysis_t(f32, Xh, x, A, scratch, T, in, b, nf, 0, ntiles * C);
+    analysis_t(f32, Xh, x, A, dct, scratch, T, in, b, nf, 0, ntiles * C);
     for (int act = RBE_ACT_NONE; act <= RBE_ACT_SILU; act++) {
         const void* bs = act % 2 ? bias : NULL;
-        rows_t(f32, y, pre, Xh, S, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, ntiles * R);
+        rows_t(f32, rsc, y, pre, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, ntiles * R);
         fwd_ref_t(f32, yr, prer, x, basis, coeffs, ix, wide, bs, act, tabs, rwork, T, out, in, b, k);
         double ey = rel_err(y, yr, (size_t)T * out, f32), ep = rel_err(pre, prer, (size_t)T * out, f32);
         CHECK(ey < tol, "%s act=%d: forward (post-activation) off by %.3e", tag, act, ey);
@@ -703,8 +731,8 @@ static void linear_case(int f32, long T, int out, int in, int b, int k, int wide
         // pre = NULL gives the same y; split work ranges give the same bytes
         void* y2 = xmalloc((size_t)T * out * es);
         long items = ntiles * R, mid = items / 2 + (items > 1);
-        rows_t(f32, y2, NULL, Xh, S, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, mid, items);
-        rows_t(f32, y2, NULL, Xh, S, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, mid);
+        rows_t(f32, rsc, y2, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, mid, items);
+        rows_t(f32, rsc, y2, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, mid);
         CHECK(!memcmp(y, y2, (size_t)T * out * es), "%s act=%d: split / pre=NULL forward differs", tag, act);
         free(y2);
     }
@@ -718,9 +746,9 @@ static void linear_case(int f32, long T, int out, int in, int b, int k, int wide
     void* dbr = xmalloc(nblk * 8 * es);
     void* dcr = xmalloc(nblk * k * es + 1);
     void* dbiasr = xmalloc(out * es);
-    analysis_t(f32, Gh, g, S, scratch, T, out, b, nf, 0, ntiles * R);
-    cols_t(f32, dx, Gh, A, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, 0, ntiles * C);
-    params_t(f32, db, dc, Gh, Xh, ix, wide, 0, T, out, in, b, nf, k, 0, nblk);
+    analysis_t(f32, Gh, g, S, dct, scratch, T, out, b, nf, 0, ntiles * R);
+    cols_t(f32, csc, dx, Gh, A, dct, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, ntiles * C);
+    params_t(f32, rsc, db, dc, Gh, Xh, ix, wide, 0, T, out, in, b, nf, k, 0, R);
     bias_t(f32, dbias, g, T, out, 0, 0, out);
     bwd_ref_t(f32, dxr, dbr, dcr, dbiasr, g, x, basis, coeffs, ix, wide, tabs, rwork, T, out, in, b, k);
     double edx = rel_err(dx, dxr, (size_t)T * in, f32), edb = rel_err(db, dbr, nblk * 8, f32);
@@ -731,9 +759,9 @@ static void linear_case(int f32, long T, int out, int in, int b, int k, int wide
     CHECK(edbias < tol, "%s: dbias off by %.3e", tag, edbias);
 
     // accumulate = 1 adds to what is there (twice the gradient), NULL outputs are skipped, ranges split
-    params_t(f32, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, 0, nblk / 2);
-    params_t(f32, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, nblk / 2, nblk);
-    params_t(f32, NULL, dc, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, 0, nblk);
+    params_t(f32, rsc, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, 0, R / 2);  // block rows
+    params_t(f32, rsc, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, R / 2, R);
+    params_t(f32, rsc, NULL, dc, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, 0, R);
     bias_t(f32, dbias, g, T, out, 1, 0, out / 2);
     bias_t(f32, dbias, g, T, out, 1, out / 2, out);
     {
@@ -756,8 +784,8 @@ static void linear_case(int f32, long T, int out, int in, int b, int k, int wide
     {
         void* dx2 = xmalloc((size_t)T * in * es);
         long items = ntiles * C, mid = items / 2 + (items > 1);
-        cols_t(f32, dx2, Gh, A, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, mid, items);
-        cols_t(f32, dx2, Gh, A, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, 0, mid);
+        cols_t(f32, csc, dx2, Gh, A, dct, basis, cft, ixt, scratch, T, out, in, b, nf, k, mid, items);
+        cols_t(f32, csc, dx2, Gh, A, dct, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, mid);
         CHECK(!memcmp(dx, dx2, (size_t)T * in * es), "%s: split dx differs", tag);
         free(dx2);
     }
@@ -765,17 +793,23 @@ static void linear_case(int f32, long T, int out, int in, int b, int k, int wide
     free(pland), free(pwork), free(plan), free(tabs), free(tmp), free(basis), free(coeffs), free(ix), free(x);
     free(bias), free(g), free(scratch), free(Xh), free(Gh), free(rwork), free(y), free(pre), free(yr), free(prer);
     free(dx), free(db), free(dc), free(dbias), free(dxr), free(dbr), free(dcr), free(dbiasr);
+    free(cft), free(ixt), free(twork), free(rs_start), free(cs_start), free(rs_off), free(cs_off), free(rs_pos);
+    free(rs_val), free(cs_val);
 }
 
 static void test_linear(void) {
-    for (int f32 = 0; f32 <= 1; f32++) {
-        linear_case(f32, 5, 37, 10, 8, 5, 0);
-        linear_case(f32, 70, 20, 33, 16, 40, 0);  // two token tiles
-        linear_case(f32, 1, 9, 6, 4, 16, 1);      // b = 4, every coefficient, int32 index
-        linear_case(f32, 64, 8, 8, 8, 0, 0);      // k = 0: pattern only, exactly one tile
-        linear_case(f32, 130, 70, 65, 64, 300, 0);  // b = 64, three tiles, edge blocks
+    printf("  (float32 scheduled kernels: %s)\n", rbe_cpu_has_avx2() ? "AVX2" : "portable fallback, no AVX2 here");
+    for (int mode = 0; mode <= 2; mode++) {
+        linear_case(mode, 5, 37, 10, 8, 5, 0);
+        linear_case(mode, 70, 20, 33, 16, 40, 0);    // two token tiles
+        linear_case(mode, 1, 9, 6, 4, 16, 1);        // b = 4, every coefficient, int32 index
+        linear_case(mode, 64, 8, 8, 8, 0, 0);        // k = 0: pattern only, exactly one tile
+        linear_case(mode, 130, 70, 65, 64, 300, 0);  // b = 64, three tiles, edge blocks
+        linear_case(mode, 66, 40, 100, 48, 30, 0);   // b = 48: the fast DCT recurses 48 -> 24 -> 12 -> 6 -> 3
+        linear_case(mode, 64, 24, 24, 24, 20, 0);    // b = 24, full tile (vector transposes)
     }
     linear_case(0, 3, 20, 260, 256, 50, 1);  // b = 256 (int32 index), wide edge
+    linear_case(2, 65, 20, 260, 256, 50, 1);
 }
 
 /* ---------------------------------------------------------------- activations */
