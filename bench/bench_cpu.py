@@ -73,6 +73,48 @@ def bench_case(d_model, d_ff, tokens, k, block_size, reps, warmup, modes):
     return rows, dense_bytes, rbe_std.weight_nbytes
 
 
+class DecodeThenMatmul(nn.Module):
+    """Baseline: decode both RBE weights to dense on every call, then dense PyTorch ops."""
+
+    def __init__(self, rbe):
+        super().__init__()
+        self.rbe = rbe
+
+    def forward(self, x):
+        f1, f2 = self.rbe.fc1, self.rbe.fc2
+        w1 = rbe_ffn.decompress(f1.basis, f1.coeffs, f1.index, (f1.out_features, f1.in_features), f1.block_size)
+        w2 = rbe_ffn.decompress(f2.basis, f2.coeffs, f2.index, (f2.out_features, f2.in_features), f2.block_size)
+        return torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, f1.bias)),
+                                          w2, f2.bias)
+
+
+def codec_table(reps=3):
+    """Encoder speed (768x3072) and forward time of decode-then-matmul vs transform domain."""
+    torch.manual_seed(0)
+    w = torch.randn(3072, 768) * 0.02
+    enc = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        cw = rbe_ffn.compress(w, 64, 300)
+        enc.append(time.perf_counter() - t0)
+    lines = ["", "| codec / baseline (768/3072, b=64, k=300, 1024 tokens) | median ms |", "|---|---|",
+             f"| compress one 3072x768 matrix | {statistics.median(enc) * 1e3:.0f} |"]
+    rbe = rbe_ffn.RBEFeedForward(768, 3072, "gelu", k=300)
+    base = DecodeThenMatmul(rbe)
+    dense = dense_ffn(768, 3072)
+    x = torch.randn(1024, 768)
+    times = {"dense": [], "rbe": [], "decode": []}
+    with torch.no_grad():
+        for _ in range(reps + 2):
+            for name, m in (("dense", dense), ("rbe", rbe), ("decode", base)):
+                times[name].append(timer(lambda: m(x)))
+    med = {k: statistics.median(v[2:]) for k, v in times.items()}
+    lines += [f"| forward: dense PyTorch module | {med['dense'] * 1e3:.1f} |",
+              f"| forward: decode both weights, then dense matmuls | {med['decode'] * 1e3:.1f} |",
+              f"| forward: transform domain (RBEFeedForward) | {med['rbe'] * 1e3:.1f} |"]
+    return lines
+
+
 def saved_bytes(model, x):
     params = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
     total = 0
@@ -94,6 +136,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--plot", default=None, help="write a PNG of forward time vs tokens (matplotlib)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [(768, 3072)] if args.quick else [(768, 3072), (1024, 4096)]
@@ -107,6 +150,7 @@ def main():
         "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
+    plot_data = []
     for d_model, d_ff in shapes:
         for tokens in token_list:
             for k in k_list:
@@ -116,6 +160,8 @@ def main():
                 rows, dbytes, rbytes = bench_case(d_model, d_ff, tokens, k, 64, reps, 2,
                                                   ["forward", "step"])
                 for mode, med in rows:
+                    if mode == "forward" and k == 300 and (d_model, d_ff) == (768, 3072):
+                        plot_data.append((tokens, med["dense"], med["rbe"]))
                     line = (f"| {d_model}/{d_ff} | {tokens} | {k} | {mode} | {med['dense']*1e3:.2f} | "
                             f"{med['rbe']*1e3:.2f} | {med['rbe_ckpt']*1e3:.2f} | "
                             f"{med['dense']/med['rbe']:.2f} | {med['dense']/med['rbe_ckpt']:.2f} |")
@@ -135,6 +181,26 @@ def main():
             lines.append(f"| RBE k={k} checkpoint={ck} | {m.weight_nbytes} ({dbytes / m.weight_nbytes:.1f}x smaller) "
                          f"| {saved_bytes(m, x)} |")
     print("\n".join(lines[-8:]))
+    codec = codec_table()
+    print("\n".join(codec))
+    lines += codec
+    if args.plot and plot_data:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        toks, dt, rt = zip(*plot_data)
+        plt.figure(figsize=(5, 3.5))
+        plt.loglog(toks, [t * 1e3 for t in dt], "o-", label="dense nn.Sequential")
+        plt.loglog(toks, [t * 1e3 for t in rt], "s-", label="RBEFeedForward (k=300)")
+        plt.xlabel("tokens")
+        plt.ylabel("forward time, ms (median)")
+        plt.title(f"768/3072 float32, {torch.get_num_threads()} threads")
+        plt.legend()
+        plt.grid(True, which="both", alpha=0.3)
+        plt.tight_layout()
+        plt.savefig(args.plot, dpi=120)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -217,6 +217,9 @@ void RBE_SFX(rbe_schedule)(int32_t* start, int32_t* off, RBE_T* val, int32_t* po
                            const void* index, int wide, int transpose, int R, int C, int b, int nf, int k,
                            long g0, long g1) {
     const int rows = b + nf, per = transpose ? R : C;
+    int sh = 0;  // b a power of two (the usual case): shifts instead of divisions
+    while ((1 << sh) < b) sh++;
+    const int pow2 = (1 << sh) == b;
     for (long g = g0; g < g1; g++) {
         int32_t* st = start + g * (b + 1);
         for (int e = 0; e <= b; e++) st[e] = 0;
@@ -224,7 +227,8 @@ void RBE_SFX(rbe_schedule)(int32_t* start, int32_t* off, RBE_T* val, int32_t* po
             long blk = transpose ? (long)m * C + g : g * C + m;
             for (int q = 0; q < k; q++) {
                 int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
-                st[(transpose ? idx % b : idx / b) + 1]++;
+                int u = pow2 ? idx >> sh : idx / b, v = idx - u * b;
+                st[(transpose ? v : u) + 1]++;
             }
         }
         for (int e = 0; e < b; e++) st[e + 1] += st[e];
@@ -233,7 +237,7 @@ void RBE_SFX(rbe_schedule)(int32_t* start, int32_t* off, RBE_T* val, int32_t* po
             long blk = transpose ? (long)m * C + g : g * C + m;
             for (int q = 0; q < k; q++) {
                 int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
-                int u = idx / b, v = idx % b;
+                int u = pow2 ? idx >> sh : idx / b, v = idx - u * b;
                 int key = transpose ? v : u, src = transpose ? u : v;
                 long e = base + st[key]++;
                 off[e] = (int32_t)(((long)m * rows + src) * TL);
