@@ -1,0 +1,296 @@
+"""Bad input gives a clear exception, never a crash or a silent wrong answer; the
+edge cases that are valid (no tokens, NaN) behave like the dense module."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rbe_ffn
+
+import ffn_reference as R
+
+ops = torch.ops.rbe_ffn
+ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
+
+
+def make(activation="gelu", dtype=torch.float32, **kw):
+    g = torch.Generator().manual_seed(0)
+    m = rbe_ffn.RBEFeedForward(10, 37, activation, block_size=8, k=5, dtype=dtype, generator=g, **kw)
+    with torch.no_grad():
+        m.fc1.basis.normal_(0, 0.2, generator=g)
+        m.fc2.basis.normal_(0, 0.1, generator=g)
+    return m
+
+
+# ----------------------------------------------------------------- shapes and dtypes
+@pytest.mark.parametrize("shape", [(2, 3, 9), (4, 11), (16,), (3, 16), (2, 1)],
+                         ids=["9_same_blocks", "11", "16_1d", "16_two_blocks", "1"])
+def test_wrong_last_dimension(shape):
+    m = make()
+    with pytest.raises(ValueError, match="last dimension 10"):
+        m(torch.randn(*shape))
+    with pytest.raises(ValueError, match="last dimension 10"):
+        m.fc1(torch.randn(*shape))
+    with pytest.raises(ValueError, match="last dimension 10"):
+        m(torch.tensor(1.0))  # 0-d
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool, torch.float16,
+                                   torch.bfloat16, torch.complex64])
+def test_non_float_input(dtype):
+    m = make()
+    x = torch.ones(3, 10).to(dtype)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        m(x)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        m.fc1(x)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        rbe_ffn.rbe_feed_forward(x, (m.fc1.basis, m.fc1.coeffs, m.fc1.index, m.fc1.bias),
+                                 (m.fc2.basis, m.fc2.coeffs, m.fc2.index, m.fc2.bias), 10, 37, 8)
+
+
+def test_mixed_dtypes():
+    m = make()  # float32
+    with pytest.raises(TypeError, match=r"input dtype torch.float64 does not match the layer's dtype torch.float32"):
+        m(torch.randn(3, 10, dtype=torch.float64))
+    with pytest.raises(TypeError, match="does not match the layer's dtype"):
+        m.fc1(torch.randn(3, 10, dtype=torch.float64))
+    md = make(dtype=torch.float64)
+    with pytest.raises(TypeError, match="does not match the layer's dtype"):
+        md(torch.randn(3, 10))
+    # the operators themselves (functional path: the plan follows x, the weights do not)
+    x = torch.randn(3, 10, dtype=torch.float64)
+    with pytest.raises(TypeError, match="basis and coeffs must have the input's dtype"):
+        rbe_ffn.rbe_linear(x, m.fc1.basis, m.fc1.coeffs, m.fc1.index, None, 10, 37, 8)
+    with pytest.raises(TypeError, match="bias must have the input's dtype"):
+        rbe_ffn.rbe_linear(x, md.fc1.basis, md.fc1.coeffs, md.fc1.index, m.fc1.bias, 10, 37, 8)
+    with pytest.raises(TypeError, match="plan must have the input's dtype"):
+        ops.linear(x, m.fc1.plan, md.fc1.basis, md.fc1.coeffs, md.fc1.index, None, 10, 37)
+    # a module half converted
+    mixed = make()
+    mixed.fc2.double()
+    with pytest.raises(TypeError, match="fc2: basis and coeffs must have the input's dtype"):
+        mixed(torch.randn(3, 10))
+
+
+# ----------------------------------------------------------------- corrupted index
+def corrupt(kind):
+    def f(lin):
+        idx = lin.index
+        if kind == "out_of_range":
+            idx[1, -1] = 64  # b*b at b=8
+        elif kind == "negative":
+            idx[2, 0] = -1
+        elif kind == "duplicate":
+            idx[3, 2] = idx[3, 1]
+        elif kind == "unsorted":
+            idx[4] = idx[4].flip(0)
+        elif kind == "large":
+            idx[0, -1] = 30000
+    return f
+
+
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+@pytest.mark.parametrize("kind", ["out_of_range", "negative", "duplicate", "unsorted", "large"])
+def test_corrupted_index(kind, layer):
+    m = make()
+    x = torch.randn(2, 3, 10, requires_grad=True)
+    with torch.no_grad():
+        corrupt(kind)(getattr(m, layer))
+    with pytest.raises(IndexError, match=f"{layer}: index is corrupted"):
+        m(x)
+    m.checkpoint = True
+    with pytest.raises(IndexError, match="index is corrupted"):
+        m(x)
+    lin = getattr(m, layer)
+    with pytest.raises(IndexError, match="index is corrupted"):
+        lin(torch.randn(3, lin.in_features))
+    with pytest.raises(IndexError, match="index is corrupted"):
+        lin.dense_weight()
+
+
+def test_index_corrupted_between_forward_and_backward():
+    """Changing the index in place after forward is caught (autograd's version counter),
+    and the backward operator checks the index itself too."""
+    m = make()
+    x = torch.randn(5, 10, requires_grad=True)
+    y = m(x)
+    with torch.no_grad():
+        m.fc1.index[0, 0] = 64
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    f1, f2 = m.fc1, m.fc2
+    with pytest.raises(IndexError, match="fc1: index is corrupted"):
+        ops.ffn_backward(torch.ones(5, 10), x.detach(), torch.zeros(5, 37), f1.plan, f1.basis.detach(),
+                         f1.coeffs.detach(), f1.index, f1.bias.detach(), f2.basis.detach(), f2.coeffs.detach(),
+                         f2.index, 10, 37, "gelu", 0, [True] * 7)
+    with pytest.raises(IndexError, match="index is corrupted"):
+        ops.linear_backward(torch.ones(5, 37), x.detach(), f1.plan, f1.basis.detach(), f1.coeffs.detach(), f1.index,
+                            10, 37, [True] * 4)
+
+
+def test_index_wrong_dtype_and_shape():
+    m = make()
+    x = torch.randn(4, 10)
+    for bad, err, pattern in [
+        (m.fc2.index.long(), TypeError, "fc2: index must be int16 or int32, got Long"),
+        (m.fc2.index.float(), TypeError, "index must be int16 or int32"),
+        (m.fc2.index.to(torch.uint8), TypeError, "index must be int16 or int32"),
+        (m.fc2.index[:, :4].contiguous(), ValueError, "fc2: index must have the shape of coeffs"),
+        (m.fc2.index[:-1].contiguous(), ValueError, "index must have the shape of coeffs"),
+        (m.fc2.index.reshape(-1), ValueError, "index must have the shape of coeffs"),
+    ]:
+        mm = copy.deepcopy(m)
+        mm.fc2.index = bad
+        with pytest.raises(err, match=pattern):
+            mm(x)
+    # int32 where int16 is the default: accepted, same answer
+    mm = copy.deepcopy(m)
+    mm.fc1.index = m.fc1.index.int()
+    assert torch.equal(mm(x), m(x))
+
+
+def test_non_contiguous_index_is_read_correctly():
+    m = make()
+    x = torch.randn(4, 10)
+    mm = copy.deepcopy(m)
+    wide = torch.zeros(m.fc1.index.shape[0], 2 * m.fc1.index.shape[1], dtype=m.fc1.index.dtype)
+    wide[:, ::2] = m.fc1.index
+    mm.fc1.index = wide[:, ::2]
+    assert not mm.fc1.index.is_contiguous()
+    assert torch.equal(mm(x), m(x))
+
+
+# ----------------------------------------------------------------- k / block size mismatches
+def test_state_dict_from_other_k_or_block_size():
+    m = make()
+    for other in (rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=6),
+                  rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=16, k=5),
+                  rbe_ffn.RBEFeedForward(10, 36, "gelu", block_size=8, k=5)):
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            m.load_state_dict(other.state_dict())
+
+
+def test_tensors_of_another_k_or_block_size():
+    m = make()
+    x = torch.randn(3, 10)
+    mm = copy.deepcopy(m)
+    mm.fc1.coeffs = torch.nn.Parameter(torch.zeros(m.fc1.coeffs.shape[0], 6))  # k=6 values, k=5 positions
+    with pytest.raises(ValueError, match="fc1: index must have the shape of coeffs"):
+        mm(x)
+    mm = copy.deepcopy(m)
+    mm.fc1.basis = torch.nn.Parameter(torch.zeros(4, 8))  # the block count of another block size
+    with pytest.raises(ValueError, match=r"fc1: basis must be \[10, 8\]"):
+        mm(x)
+    # a plan of another block size does not fit the weights
+    with pytest.raises(ValueError, match="basis must be"):
+        ops.linear(x, rbe_ffn.get_plan(16, torch.float32, "cpu"), m.fc1.basis, m.fc1.coeffs, m.fc1.index, None, 10, 37)
+    # k larger than b*b
+    with pytest.raises(ValueError, match="k <= 64"):
+        ops.linear(x, m.fc1.plan, m.fc1.basis, torch.zeros(10, 65), torch.zeros(10, 65, dtype=torch.int16), None,
+                   10, 37)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="block_size"):
+        rbe_ffn.RBELinear(10, 10, block_size=3)
+    with pytest.raises(ValueError, match="block_size"):
+        rbe_ffn.RBELinear(10, 10, block_size=257)
+    with pytest.raises(ValueError, match="k must be"):
+        rbe_ffn.RBELinear(10, 10, block_size=8, k=65)
+    with pytest.raises(ValueError, match="k must be"):
+        rbe_ffn.RBELinear(10, 10, block_size=8, k=-1)
+    with pytest.raises(ValueError, match="in_features"):
+        rbe_ffn.RBELinear(0, 10, block_size=8, k=5)
+    with pytest.raises(ValueError, match="out_features"):
+        rbe_ffn.RBELinear(10, 2.5, block_size=8, k=5)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="memory_limit_mb"):
+            rbe_ffn.RBEFeedForward(10, 37, block_size=8, k=5, memory_limit_mb=bad)
+
+
+def test_bad_operator_arguments():
+    m = make()
+    x = torch.randn(3, 10)
+    f1, f2 = m.fc1, m.fc2
+    args = [x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias, 10, 37,
+            "gelu", 0, True]
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        ops.ffn(*args[:12], "tanh", 0, True)
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 0"):
+        ops.ffn(*args[:13], -1, True)
+    with pytest.raises(ValueError, match="fc1.bias must be"):
+        ops.ffn(*args[:5], torch.zeros(36), *args[6:])
+    with pytest.raises(ValueError, match="plan must be"):
+        ops.ffn(x, f1.plan[0], *args[2:])
+    with torch.no_grad():
+        y, pre = ops.ffn(*args)
+    with pytest.raises(ValueError, match="grad must match"):
+        ops.ffn_backward(torch.randn(4, 10), x, pre, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis,
+                         f2.coeffs, f2.index, 10, 37, "gelu", 0, [True] * 7)
+    with pytest.raises(ValueError, match="pre-activation"):
+        ops.ffn_backward(torch.randn(3, 10), x, pre[:2], f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis,
+                         f2.coeffs, f2.index, 10, 37, "gelu", 0, [True] * 7)
+
+
+# ----------------------------------------------------------------- no tokens
+@pytest.mark.parametrize("variant", ["standard", "checkpoint", "chunked"])
+@pytest.mark.parametrize("shape", [(0, 10), (2, 0, 10), (0, 3, 10)])
+def test_zero_tokens(shape, variant):
+    m = make(checkpoint=variant == "checkpoint", memory_limit_mb=0.001 if variant == "chunked" else None)
+    x = torch.randn(*shape, requires_grad=True)
+    y = m(x)
+    assert y.shape == shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == shape
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, n
+        assert torch.equal(p.grad, torch.zeros_like(p)), n
+    m.zero_grad()
+    lx = torch.randn(*shape, requires_grad=True)
+    ly = m.fc1(lx)
+    assert ly.shape == (*shape[:-1], 37)
+    ly.sum().backward()
+    for n, p in m.fc1.named_parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p)), n
+
+
+# ----------------------------------------------------------------- non-finite input
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("activation", ACTS)
+def test_nan_and_inf_propagate_like_dense(activation, checkpoint):
+    m = make(activation, checkpoint=checkpoint)
+    x = torch.randn(2, 70, 10)  # 140 tokens: three token tiles
+    x[0, 1, 3] = float("nan")
+    x[1, 5, :] = float("nan")
+    x[1, 7, 2] = float("inf")
+    x[1, 69, 0] = -float("inf")
+    x.requires_grad_()
+    y = m(x)
+    y_dense = R.module_ffn(m, x)  # the dense FFN with the decoded weights
+    bad = [[0, 1], [1, 5], [1, 7], [1, 69]]
+    # NaN in: NaN out, on exactly the tokens the dense module gives NaN
+    nan_tok = torch.isnan(y_dense).all(-1)
+    assert nan_tok[0, 1] and nan_tok[1, 5]
+    assert torch.isnan(y)[nan_tok].all()
+    # an infinite input: the dense result is a mix of inf and NaN; the transform-domain
+    # result (the DCT mixes +inf and -inf) is non-finite on the same tokens, never finite
+    assert torch.equal(~torch.isfinite(y), ~torch.isfinite(y_dense))
+    assert (~torch.isfinite(y)).any(-1).nonzero().tolist() == bad  # and nowhere else
+    fine = torch.isfinite(y).all(-1)
+    assert R.rel_err(y[fine], y_dense[fine]) < 1e-5
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_dense,) = torch.autograd.grad(y_dense.sum(), x)
+    assert torch.equal(torch.isfinite(gx).all(-1), torch.isfinite(gx_dense).all(-1))
+    assert R.rel_err(gx[fine], gx_dense[fine]) < 1e-5
+
+
+def test_nan_in_parameters_propagates():
+    m = make()
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        m.fc2.coeffs[0, 0] = float("nan")
+    y = m(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(R.module_ffn(m, x)))
+    assert torch.isnan(y).any()

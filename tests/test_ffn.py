@@ -1,0 +1,421 @@
+"""The feed-forward and linear operators on CPU: gradcheck, opcheck, agreement with a
+pure-PyTorch reference (tests/ffn_reference.py, written from DESIGN.md), the
+accuracy bar of the format, and the equivalence of the standard, checkpointed and
+chunked variants.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.library import opcheck
+
+import rbe_ffn
+from rbe_ffn.functional import intermediate_bytes_per_token
+
+import ffn_reference as R
+
+ops = torch.ops.rbe_ffn
+ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
+
+
+def make_ffn(d_model, d_ff, activation="gelu", block_size=8, k=5, dtype=torch.float32, seed=0, **kw):
+    """A fresh RBEFeedForward with a non-zero pattern part (fresh init leaves basis at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    m = rbe_ffn.RBEFeedForward(d_model, d_ff, activation, block_size=block_size, k=k, dtype=dtype, generator=g,
+                               **kw)
+    with torch.no_grad():
+        for lin in (m.fc1, m.fc2):
+            lin.basis.copy_(torch.randn(lin.basis.shape, generator=g, dtype=torch.float64)
+                            / math.sqrt(3 * lin.in_features))
+    return m
+
+
+def limit_for_chunk(m, chunk: int) -> float:
+    nf = m.fc1.plan.shape[1] - m.block_size
+    per = intermediate_bytes_per_token(m.d_model, m.d_ff, m.block_size, nf, m.fc1.coeffs.element_size())
+    return (chunk + 0.5) * per / 2**20
+
+
+def ffn_args(m, x, chunk=0, keep_pre=True, bias=True):
+    f1, f2 = m.fc1, m.fc2
+    return (x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias if bias else None, f2.basis, f2.coeffs, f2.index,
+            f2.bias if bias else None, m.d_model, m.d_ff, m.activation, chunk, keep_pre)
+
+
+# ----------------------------------------------------------------- gradcheck
+def relu_safe_input(m, shape, margin=1e-3, seed=0):
+    """An input whose pre-activations all stay `margin` away from 0 (relu's kink)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(100):
+        x = torch.randn(*shape, generator=g, dtype=m.fc1.basis.dtype)
+        with torch.no_grad():
+            h = F.linear(x, m.fc1.dense_weight(), m.fc1.bias)
+        if h.abs().min() > margin:
+            return x
+    raise AssertionError("no input away from relu's kink found")
+
+
+@pytest.mark.parametrize("variant", ["standard", "checkpoint", "chunked", "chunked_checkpoint"])
+@pytest.mark.parametrize("activation", ACTS)
+def test_gradcheck_ffn(activation, variant):
+    m = make_ffn(10, 37, activation, block_size=8, k=5, dtype=torch.float64, seed=1,
+                 checkpoint=variant.endswith("checkpoint"))
+    x = relu_safe_input(m, (2, 3, 10)).requires_grad_()
+    if variant.startswith("chunked"):
+        m.memory_limit_mb = limit_for_chunk(m, 4)
+        assert 0 < m.chunk_tokens() < 6
+    names = list(R.PARAM_NAMES)
+
+    def f(x, *params):
+        return torch.func.functional_call(m, dict(zip(names, params)), (x,))
+
+    params = [m.get_parameter(n).detach().clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(13, 21, 8, 5), (37, 10, 8, 64), (7, 5, 130, 10)],
+                         ids=["13x21_b8", "37x10_b8_kfull", "7x5_b130_int32"])
+def test_gradcheck_linear(shape, bias):
+    out, inp, b, k = shape
+    g = torch.Generator().manual_seed(2)
+    lin = rbe_ffn.RBELinear(inp, out, bias=bias, block_size=b, k=k, dtype=torch.float64, generator=g)
+    assert lin.index.dtype == (torch.int32 if b > 128 else torch.int16)
+    basis = torch.randn(lin.basis.shape, generator=g, dtype=torch.float64, requires_grad=True)
+    coeffs = lin.coeffs.detach().clone().requires_grad_()
+    x = torch.randn(2, 3, inp, generator=g, dtype=torch.float64, requires_grad=True)
+    inputs = [x, basis, coeffs]
+    if bias:
+        inputs.append(torch.randn(out, generator=g, dtype=torch.float64, requires_grad=True))
+
+    def f(x, basis, coeffs, bias=None):
+        return ops.linear(x, lin.plan, basis, coeffs, lin.index, bias, inp, out)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# ----------------------------------------------------------------- opcheck
+def _opcheck(op, args):
+    result = opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_opcheck_make_plan():
+    # no tensor arguments: opcheck still runs all its checks (schema, fake, aot dispatch)
+    _opcheck(ops.make_plan, (8, 1e-9))
+    _opcheck(ops.make_plan, (13, 1e-15))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_codec(dtype):
+    w = torch.randn(13, 21, dtype=dtype)
+    _opcheck(ops.encode, (w, 8, 5))
+    _opcheck(ops.encode, (torch.randn(3, 5, dtype=dtype), 130, 7))  # int32 index
+    basis, coeffs, index, _ = ops.encode(w, 8, 5)
+    _opcheck(ops.decode, (basis, coeffs, index, 13, 21, 8))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_linear(bias):
+    g = torch.Generator().manual_seed(3)
+    lin = rbe_ffn.RBELinear(21, 13, bias=bias, block_size=8, k=5, dtype=torch.float64, generator=g)
+    x = torch.randn(2, 3, 21, generator=g, dtype=torch.float64, requires_grad=True)
+    _opcheck(ops.linear, (x, lin.plan, lin.basis, lin.coeffs, lin.index, lin.bias, 21, 13))
+    gy = torch.randn(2, 3, 13, dtype=torch.float64)
+    d = lambda t: t.detach()  # noqa: E731  (the backward operator has no autograd of its own)
+    for mask in ([True] * 4, [True, False, True, False], [False, True, False, True]):
+        _opcheck(ops.linear_backward, (gy, d(x), lin.plan, d(lin.basis), d(lin.coeffs), lin.index, 21, 13, mask))
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("keep_pre", [True, False])
+def test_opcheck_ffn(keep_pre, chunk):
+    m = make_ffn(10, 37, "silu", dtype=torch.float64)
+    x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    _opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre))
+    _opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre, bias=False))
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("keep_pre", [True, False])
+def test_opcheck_ffn_backward(keep_pre, chunk):
+    m = make_ffn(10, 37, "gelu_tanh", dtype=torch.float64)
+    x = torch.randn(5, 10, dtype=torch.float64)
+    with torch.no_grad():
+        y, pre = ops.ffn(*ffn_args(m, x, chunk, keep_pre))
+    gy = torch.randn_like(y)
+    f1, f2 = m.fc1, m.fc2
+    d = lambda t: t.detach()  # noqa: E731
+    for mask in ([True] * 7, [False, True, False, True, False, True, False], [True] + [False] * 6):
+        _opcheck(ops.ffn_backward, (gy, x, pre, f1.plan, d(f1.basis), d(f1.coeffs), f1.index, d(f1.bias),
+                                    d(f2.basis), d(f2.coeffs), f2.index, 10, 37, "gelu_tanh", chunk, mask))
+
+
+@pytest.mark.parametrize("activation", ACTS + ["none"])
+def test_opcheck_activation(activation):
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    _opcheck(ops.activation, (x, activation))
+    _opcheck(ops.activation_backward, (torch.randn(3, 7, dtype=torch.float64), x.detach(), activation))
+    _opcheck(ops.activation, (torch.randn(2, 5, 3).transpose(0, 2), activation))  # non-contiguous
+
+
+# ----------------------------------------------------------------- agreement with the reference
+def compare_with_reference(m, x, tol=1e-5):
+    """Module (float32) vs the float64 reference on the same numbers: y and all 7 gradients."""
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    own = dict(m.named_parameters())
+    names = [n for n in R.PARAM_NAMES if n in own]  # biases may be absent
+    params = [m.get_parameter(n) for n in names]
+    y, grads = R.grads_of(m, x, params, dy)
+    p64 = dict(zip(names, (p.detach().double().requires_grad_() for p in params)))
+    fc1 = (p64["fc1.basis"], p64["fc1.coeffs"], m.fc1.index, p64.get("fc1.bias"))
+    fc2 = (p64["fc2.basis"], p64["fc2.coeffs"], m.fc2.index, p64.get("fc2.bias"))
+    p64 = list(p64.values())
+    yr, gr = R.grads_of(lambda x: R.ffn(x, fc1, fc2, m.d_model, m.d_ff, m.block_size, m.activation),
+                        x.double(), p64, dy.double())
+    assert R.rel_err(y, yr) < tol
+    for i, (a, b) in enumerate(zip(grads, gr)):
+        assert R.rel_err(a, b) < tol, f"gradient {i}: {R.rel_err(a, b)}"
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("size", [(768, 3072, 64, 300, (2, 8)), (100, 300, 64, 300, (3, 5)),
+                                  (10, 37, 8, 5, (2, 3))], ids=["768x3072", "100x300", "10x37"])
+def test_reference_agreement_float32(size, activation):
+    d_model, d_ff, b, k, lead = size
+    m = make_ffn(d_model, d_ff, activation, block_size=b, k=k, seed=4)
+    x = torch.randn(*lead, d_model, generator=torch.Generator().manual_seed(5))
+    compare_with_reference(m, x)
+
+
+@pytest.mark.parametrize("variant", ["checkpoint", "chunked", "no_bias"])
+def test_reference_agreement_variants(variant):
+    m = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=6, bias=variant != "no_bias",
+                 checkpoint=variant == "checkpoint")
+    x = torch.randn(4, 40, 100, generator=torch.Generator().manual_seed(8))
+    if variant == "chunked":
+        m.memory_limit_mb = limit_for_chunk(m, 64)
+        assert m.chunk_tokens() == 64
+    compare_with_reference(m, x)
+
+
+def test_reference_agreement_float64_odd_shapes():
+    m = make_ffn(37, 61, "silu", block_size=16, k=33, dtype=torch.float64, seed=9)
+    x = torch.randn(3, 70, 37, dtype=torch.float64)
+    y = m(x)
+    assert R.rel_err(y, R.module_ffn(m, x)) < 1e-12
+
+
+def test_input_layouts():
+    """(*, d_model) inputs of any layout: 1-D, non-contiguous, expanded, many leading dims."""
+    m = make_ffn(10, 37, "gelu", seed=10)
+    base = torch.randn(4, 3, 10)
+    want = m(base.contiguous())
+    torch.testing.assert_close(m(base[1, 2]), want[1, 2], rtol=0, atol=0)       # 1-D
+    xt = base.transpose(0, 1).contiguous().transpose(0, 1)                       # non-contiguous view
+    assert not xt.is_contiguous()
+    assert torch.equal(m(xt), want)
+    assert torch.equal(m(base.view(2, 2, 3, 10)), want.view(2, 2, 3, 10))
+    xe = base[:1, :1].expand(4, 3, 10)                                           # stride 0
+    assert torch.equal(m(xe), want[:1, :1].expand(4, 3, 10))
+    # gradients with a non-contiguous upstream gradient
+    x = base.clone().requires_grad_()
+    dy = torch.randn(3, 4, 10).transpose(0, 1)
+    m(x).backward(dy)
+    x2 = base.clone().requires_grad_()
+    m(x2).backward(dy.contiguous())
+    assert torch.equal(x.grad, x2.grad)
+
+
+# ----------------------------------------------------------------- accuracy of the format
+def smooth_weight(out, inp, noise, g):
+    """A smooth low-frequency matrix (RMS 1) plus `noise` x RMS Gaussian noise, scaled like nn.Linear."""
+    r = torch.linspace(0, 1, out, dtype=torch.float64)[:, None]
+    c = torch.linspace(0, 1, inp, dtype=torch.float64)[None, :]
+    w = torch.zeros(out, inp, dtype=torch.float64)
+    for _ in range(6):
+        fr, fc, pr, pc, amp = torch.rand(5, generator=g, dtype=torch.float64)
+        w += (2 * amp - 1) * torch.cos(math.pi * (1 + 3 * fr) * r + 2 * math.pi * pr) \
+            * torch.cos(math.pi * (1 + 3 * fc) * c + 2 * math.pi * pc)
+    w /= w.pow(2).mean().sqrt()
+    w += noise * torch.randn(out, inp, generator=g, dtype=torch.float64)
+    return (w / math.sqrt(inp)).float()
+
+
+def independent_relative_error(w, b, k):
+    """||W - encode/decode(W)|| / ||W|| computed here: least-squares pattern fit, orthonormal
+    DCT of the rest, energy of all but the k largest coefficients (Parseval). Multiples of b only."""
+    w = w.double()
+    out, inp = w.shape
+    assert out % b == 0 and inp % b == 0
+    blocks = w.view(out // b, b, inp // b, b).permute(0, 2, 1, 3).reshape(-1, b * b)   # [nblk, b*b]
+    phi = R.pattern_images(b).reshape(8, b * b)                                         # [8, b*b]
+    p = torch.linalg.lstsq(phi.T, blocks.T).solution                                    # [8, nblk]
+    resid = (blocks - (phi.T @ p).T).view(-1, b, b)
+    psi = R.dct_matrix(b)
+    e = (psi @ resid @ psi.T).reshape(-1, b * b).pow(2)
+    dropped = e.sum(1) - e.topk(k, dim=1).values.sum(1)
+    return math.sqrt(dropped.sum().item() / w.pow(2).sum().item())
+
+
+def dense_and_rbe(kind, d_model=768, d_ff=3072, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    fc1, fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+    with torch.no_grad():
+        if kind == "smooth":
+            fc1.weight.copy_(smooth_weight(d_ff, d_model, 0.01, g))
+            fc2.weight.copy_(smooth_weight(d_model, d_ff, 0.01, g))
+        else:
+            fc1.weight.normal_(0, 1 / math.sqrt(d_model), generator=g)
+            fc2.weight.normal_(0, 1 / math.sqrt(d_ff), generator=g)
+    m = rbe_ffn.RBEFeedForward.from_linears(fc1, fc2, "gelu", block_size=64, k=300)
+    x = torch.randn(64, d_model, generator=g)
+    return fc1, fc2, m, x
+
+
+def test_accuracy_smooth_weights():
+    fc1, fc2, m, x = dense_and_rbe("smooth")
+    with torch.no_grad():
+        y_dense = fc2(F.gelu(fc1(x)))
+        y = m(x)
+    err = R.rel_err(y, y_dense)
+    print(f"smooth + 1% noise, b=64 k=300: weight errors {m.fc1.relative_error:.4f} {m.fc2.relative_error:.4f}, "
+          f"FFN output error {err:.2e}")
+    assert m.fc1.relative_error < 2e-2 and m.fc2.relative_error < 2e-2  # DESIGN.md: "about 0.02"
+    assert err < 1e-2
+
+
+def test_accuracy_gaussian_weights_documented():
+    """Gaussian (trained-like) weights compress badly at k=300: the error is large, and it is
+    exactly what an independent encode/decode predicts."""
+    fc1, fc2, m, x = dense_and_rbe("gauss")
+    with torch.no_grad():
+        y_dense = fc2(F.gelu(fc1(x)))
+        y = m(x)
+        # independent: decode the stored numbers here, run the dense FFN in float64
+        w1 = R.decode(m.fc1.basis.double(), m.fc1.coeffs.double(), m.fc1.index, 3072, 768, 64)
+        w2 = R.decode(m.fc2.basis.double(), m.fc2.coeffs.double(), m.fc2.index, 768, 3072, 64)
+        y_ref = F.linear(F.gelu(F.linear(x.double(), w1, fc1.bias.double())), w2, fc2.bias.double())
+    err, err_ref = R.rel_err(y, y_dense), R.rel_err(y_ref, y_dense)
+    e1, e2 = independent_relative_error(fc1.weight, 64, 300), independent_relative_error(fc2.weight, 64, 300)
+    print(f"Gaussian weights, b=64 k=300: weight errors {m.fc1.relative_error:.4f} (independent {e1:.4f}) "
+          f"{m.fc2.relative_error:.4f} (independent {e2:.4f}); FFN output error {err:.4f} (independent {err_ref:.4f})")
+    assert abs(err - err_ref) < 1e-4 * err_ref
+    assert abs(m.fc1.relative_error - e1) < 1e-6 * e1 and abs(m.fc2.relative_error - e2) < 1e-6 * e2
+    assert R.rel_err(w1, fc1.weight) == pytest.approx(e1, rel=1e-6)  # the decode error is the reported one
+    assert e1 > 0.1 and e2 > 0.1 and err > 0.1
+
+
+# ----------------------------------------------------------------- variants agree
+def grads_for(m, x, dy):
+    params = [m.get_parameter(n) for n in R.PARAM_NAMES]
+    return R.grads_of(m, x, params, dy)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_checkpoint_equals_standard(activation):
+    m = make_ffn(96, 200, activation, block_size=16, k=40, seed=12)
+    x = torch.randn(3, 50, 96)
+    dy = torch.randn_like(x)
+    y, g = grads_for(m, x, dy)
+    m.checkpoint = True
+    yc, gc = grads_for(m, x, dy)
+    assert torch.equal(yc, y)  # bitwise: the forward is the same computation
+    for a, b in zip(gc, g):
+        assert R.rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_chunked_equals_unchunked(checkpoint):
+    """Chunking does not change the per-token arithmetic (tokens are tiled by 64 inside each
+    chunk, and a token's result does not depend on its tile-mates), so y and dL/dx are bitwise
+    equal for every chunk size, measured and asserted, including chunks that are not multiples
+    of 64 (then tiles straddle differently). Parameter gradients are sums over tokens: their
+    order changes with the chunking, so they agree to 1e-6."""
+    m = make_ffn(96, 200, "gelu", block_size=16, k=40, seed=13, checkpoint=checkpoint)
+    x = torch.randn(3, 100, 96)  # 300 tokens: chunks leave a partial tile
+    dy = torch.randn_like(x)
+    y, g = grads_for(m, x, dy)
+    params = [m.get_parameter(n) for n in R.PARAM_NAMES]
+    fc1 = (m.fc1.basis, m.fc1.coeffs, m.fc1.index, m.fc1.bias)
+    fc2 = (m.fc2.basis, m.fc2.coeffs, m.fc2.index, m.fc2.bias)
+    for chunk in (64, 128, 192, 1, 7, 100):
+        yc, gc = R.grads_of(lambda t: rbe_ffn.rbe_feed_forward(t, fc1, fc2, 96, 200, 16, "gelu", checkpoint, chunk),
+                            x, params, dy)
+        assert torch.equal(yc, y), chunk
+        assert torch.equal(gc[0], g[0]), chunk  # dL/dx is per token as well
+        for a, b in zip(gc, g):
+            assert R.rel_err(a, b) < 1e-6, chunk
+    # the module path: memory_limit_mb picks whole tiles (64 tokens here)
+    m.memory_limit_mb = limit_for_chunk(m, 64)
+    assert m.chunk_tokens() == 64
+    yc, gc = grads_for(m, x, dy)
+    assert torch.equal(yc, y)
+    for a, b in zip(gc, g):
+        assert R.rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_inside_torch_utils_checkpoint(checkpoint):
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    m = make_ffn(24, 50, "silu", seed=14, checkpoint=checkpoint)
+    x = torch.randn(2, 9, 24)
+    dy = torch.randn_like(x)
+    y, g = grads_for(m, x, dy)
+    params = [m.get_parameter(n) for n in R.PARAM_NAMES]
+    yc, gc = R.grads_of(lambda t: ckpt(m, t, use_reentrant=False), x, params, dy)
+    assert torch.equal(yc, y)
+    for a, b in zip(gc, g):
+        assert R.rel_err(a, b) < 1e-6
+
+
+def test_parameter_gradients_accumulate():
+    m = make_ffn(10, 37, "gelu", seed=15)
+    x = torch.randn(5, 10)
+    m(x).sum().backward()
+    first = [m.get_parameter(n).grad.clone() for n in R.PARAM_NAMES]
+    m(x).sum().backward()
+    for n, g in zip(R.PARAM_NAMES, first):
+        torch.testing.assert_close(m.get_parameter(n).grad, 2 * g)
+
+
+def test_only_some_parameters_trainable():
+    """Frozen parameters get no gradient; the others match the all-trainable run."""
+    m = make_ffn(10, 37, "gelu", seed=16)
+    x = torch.randn(6, 10, requires_grad=True)
+    m(x).square().sum().backward()
+    full = {n: m.get_parameter(n).grad.clone() for n in R.PARAM_NAMES}
+    gx = x.grad.clone()
+    m.zero_grad(set_to_none=True)
+    x.grad = None
+    m.fc1.requires_grad_(False)
+    m(x).square().sum().backward()
+    for n in R.PARAM_NAMES:
+        if n.startswith("fc1"):
+            assert m.get_parameter(n).grad is None
+        else:
+            torch.testing.assert_close(m.get_parameter(n).grad, full[n], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-6, atol=1e-7)
+
+
+def test_double_backward_raises_not_silent():
+    """The backward operators have no derivatives: a gradient of a gradient through them must
+    raise, not silently come out as zero. First-order gradients under create_graph stay right."""
+    m = make_ffn(10, 37, "gelu", dtype=torch.float64, seed=17)
+    x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    for loss_fn in (lambda y: y.square().sum(), lambda y: y.sum() + x.square().sum()):
+        (gx,) = torch.autograd.grad(loss_fn(m(x)), x, create_graph=True)
+        (gx_plain,) = torch.autograd.grad(loss_fn(m(x)), x)
+        assert torch.equal(gx.detach(), gx_plain)
+        with pytest.raises(RuntimeError, match="double backward"):
+            gx.sum().backward()
+    (g,) = torch.autograd.grad(m.fc1(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+    a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.activation(a, "silu").square().sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()

@@ -1,0 +1,174 @@
+"""Memory behaviour of the feed-forward operator: what it saves for backward, that the
+memory limit bounds every allocation of a training step, and that no dense copy of
+W1 or W2 is ever made.
+
+Allocations are measured independently of the extension with torch.profiler
+(profile_memory=True): every individual CPU allocation appears in the profiler's
+event tree as an Allocation event with its size; `test_allocation_probe_sees_sizes`
+checks that the probe reports what it should.
+"""
+import math
+
+import pytest
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+import rbe_ffn
+from rbe_ffn.functional import intermediate_bytes_per_token
+
+MiB = 2**20
+
+
+def allocations(fn):
+    """Sizes (bytes) of every allocation made while fn() runs, largest first, with the op that made it."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    found, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.alloc_size > 0:
+            names, p = [], e.parent
+            while p is not None:
+                names.append(p.name)
+                p = p.parent
+            found.append((e.extra_fields.alloc_size, "/".join(reversed(names))))
+        stack.extend(e.children)
+    return sorted(found, reverse=True)
+
+
+def largest_allocation(fn) -> int:
+    a = allocations(fn)
+    return a[0][0] if a else 0
+
+
+def test_allocation_probe_sees_sizes():
+    def f():
+        a = torch.empty(1000, 1000)  # 4 MB
+        del a
+        torch.ones(300, 1000)
+
+    sizes = [s for s, _ in allocations(f)]
+    assert sizes[0] == 4_000_000 and 1_200_000 in sizes
+    # allocations made inside a C++ operator are seen too: decode builds a dense matrix
+    lin = rbe_ffn.RBELinear(300, 200, block_size=16, k=10)
+    assert largest_allocation(lambda: lin.dense_weight()) == 200 * 300 * 4
+
+
+def make_ffn(d_model, d_ff, block_size, k, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    m = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=block_size, k=k, generator=g, **kw)
+    with torch.no_grad():
+        for lin in (m.fc1, m.fc2):
+            lin.basis.normal_(0, 1 / math.sqrt(3 * lin.in_features), generator=g)
+    return m
+
+
+# ----------------------------------------------------------------- saved tensors
+def saved_bytes(m, x):
+    """Bytes of the tensors autograd saves in m(x), excluding m's own parameters and buffers."""
+    own = {t.data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    extra = [t for t in saved if t.numel() > 0 and t.data_ptr() not in own]
+    return y, extra, sum(t.numel() * t.element_size() for t in extra)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("memory_limit_mb", [None, 0.05])
+def test_saved_tensors(dtype, memory_limit_mb):
+    m = make_ffn(40, 150, 16, 20, memory_limit_mb=memory_limit_mb).to(dtype)
+    x = torch.randn(3, 70, 40, dtype=dtype, requires_grad=True)
+    tokens, itemsize = 3 * 70, x.element_size()
+
+    m.checkpoint = True
+    y, extra, nbytes = saved_bytes(m, x)
+    assert nbytes == x.numel() * itemsize, [tuple(t.shape) for t in extra]
+    assert len(extra) == 1 and extra[0].data_ptr() == x.data_ptr()  # the input itself, not a copy
+    y.sum().backward()
+
+    m.checkpoint = False
+    y, extra, nbytes = saved_bytes(m, x)
+    assert nbytes == x.numel() * itemsize + tokens * 150 * itemsize, [tuple(t.shape) for t in extra]
+    y.sum().backward()
+
+
+def test_saved_tensors_without_input_grad():
+    # parameter gradients still need x; nothing else is kept
+    m = make_ffn(40, 150, 16, 20, checkpoint=True)
+    x = torch.randn(5, 40)
+    _, extra, nbytes = saved_bytes(m, x)
+    assert nbytes == x.numel() * 4
+
+
+# ----------------------------------------------------------------- the memory limit
+def test_memory_limit_bounds_training_step():
+    """32 x 512 tokens at 1024 -> 4096 (b=64, k=300, float32), checkpointed, memory_limit_mb=64:
+    no single allocation of forward + backward exceeds 64 MiB (the output and the input
+    gradient are exactly x's size, 64 MiB, and are the largest); without a limit the
+    forward alone allocates far more."""
+    limit = 64
+    m = make_ffn(1024, 4096, 64, 300, checkpoint=True, memory_limit_mb=limit)
+    chunk = m.chunk_tokens()
+    assert 0 < chunk < 32 * 512
+    x = torch.randn(32, 512, 1024, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def step():
+        m(x).backward(dy)
+
+    allocs = allocations(step)
+    print("largest allocations with the limit (MiB):", [(round(s / MiB, 2), n.split("/")[-2:]) for s, n in allocs[:6]])
+    assert allocs[0][0] <= limit * MiB
+    assert x.grad is not None and all(p.grad is not None for p in m.parameters())
+
+    m.memory_limit_mb = None
+    with torch.no_grad():
+        big = largest_allocation(lambda: m(x))
+    print(f"largest allocation without a limit (forward only): {big / MiB:.1f} MiB")
+    assert big > limit * MiB
+
+
+def test_memory_limit_standard_mode_backward():
+    """Standard mode saves the [T, d_ff] pre-activation in forward (by design); the backward
+    must not allocate anything of that size again (chunked buffers only)."""
+    m = make_ffn(64, 512, 16, 20)
+    nf = m.fc1.plan.shape[1] - 16
+    per = intermediate_bytes_per_token(64, 512, 16, nf, 4)
+    m.memory_limit_mb = 128.5 * per / MiB
+    assert m.chunk_tokens() == 128
+    x = torch.randn(4, 256, 64, requires_grad=True)
+    pre_bytes = 1024 * 512 * 4
+    y = m(x)
+    allocs = allocations(lambda: y.backward(torch.ones_like(y)))
+    big = [(s, n) for s, n in allocs if s >= pre_bytes // 2]
+    assert not big, big
+    assert allocs[0][0] <= m.memory_limit_mb * MiB
+
+
+# ----------------------------------------------------------------- no dense weights
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_no_dense_weight_in_forward_or_backward(checkpoint):
+    m = make_ffn(768, 3072, 64, 300, checkpoint=checkpoint)
+    x = torch.randn(8, 768, requires_grad=True)
+    dense = 768 * 3072 * 4
+
+    def step():
+        m(x).sum().backward()
+
+    big = largest_allocation(step)
+    assert big < dense, f"largest allocation {big} bytes >= one dense weight ({dense})"
+    assert big < dense / 4
+
+
+def test_no_dense_weight_linear():
+    lin = rbe_ffn.RBELinear(768, 3072, block_size=64, k=300)
+    x = torch.randn(8, 768, requires_grad=True)
+    big = largest_allocation(lambda: lin(x).sum().backward())
+    assert big < 768 * 3072 * 4 / 4
