@@ -201,6 +201,20 @@ def test_reference_agreement_variants(variant):
     compare_with_reference(m, x)
 
 
+@pytest.mark.parametrize("size", [(13, 29, 4, 16, 130), (13, 29, 5, 7, 3), (33, 65, 32, 1024, 9),
+                                  (64, 128, 64, 0, 64), (21, 50, 130, 17, 65), (7, 9, 200, 3, 1)],
+                         ids=["b4", "b5", "k_full", "k0", "b130_int32", "b200_one_token"])
+def test_reference_agreement_weird_block_sizes_float64(size):
+    d_model, d_ff, b, k, tokens = size
+    m = make_ffn(d_model, d_ff, "silu", block_size=b, k=k, dtype=torch.float64, seed=3)
+    compare_with_reference(m, torch.randn(tokens, d_model, dtype=torch.float64), tol=1e-12)
+
+
+def test_reference_agreement_block_256_float32():
+    m = make_ffn(300, 520, "gelu", block_size=256, k=100, seed=3)
+    compare_with_reference(m, torch.randn(70, 300))
+
+
 def test_reference_agreement_float64_odd_shapes():
     m = make_ffn(37, 61, "silu", block_size=16, k=33, dtype=torch.float64, seed=9)
     x = torch.randn(3, 70, 37, dtype=torch.float64)
@@ -419,3 +433,49 @@ def test_double_backward_raises_not_silent():
     (g,) = torch.autograd.grad(ops.activation(a, "silu").square().sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
+
+
+def test_deterministic_and_thread_count_independent():
+    """Same inputs, same bits run to run; y and dL/dx (per token) do not depend on the
+    thread count; parameter gradients (sums over tokens) agree to 1e-6."""
+    m = make_ffn(96, 200, "gelu", block_size=16, k=40, seed=18)
+    x = torch.randn(300, 96)
+    dy = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    try:
+        runs = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs[n] = [grads_for(m, x, dy) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    for n, ((y0, g0), (y1, g1)) in runs.items():
+        assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1)), n
+    (y1, g1), (y2, g2) = runs[1][0], runs[2][0]
+    assert torch.equal(y1, y2) and torch.equal(g1[0], g2[0])
+    for a, b in zip(g1, g2):
+        assert R.rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_gradient_subsets_match_full(checkpoint):
+    """Every subset of requested gradients (the output_mask of ffn_backward) gives the same
+    numbers as the full backward: x alone, parameters alone, one layer alone, biases alone."""
+    m = make_ffn(24, 50, "gelu_tanh", seed=19, checkpoint=checkpoint)
+    x = torch.randn(2, 40, 24)
+    dy = torch.randn_like(x)
+    names = list(R.PARAM_NAMES)
+    _, full = R.grads_of(m, x, [m.get_parameter(n) for n in names], dy)
+    full = dict(zip(["x"] + names, full))
+    subsets = [["x"], names, ["fc1.basis", "fc1.coeffs", "fc1.bias"], ["fc2.basis", "fc2.coeffs", "fc2.bias"],
+               ["fc1.bias", "fc2.bias"], ["x", "fc2.coeffs"], ["fc1.coeffs"]]
+    for subset in subsets:
+        xs = x.detach().requires_grad_("x" in subset)
+        wanted = [m.get_parameter(n) for n in subset if n != "x"]
+        for n in names:
+            m.get_parameter(n).requires_grad_(n in subset)
+        inputs = ([xs] if "x" in subset else []) + wanted
+        gs = torch.autograd.grad(m(xs), inputs, dy)
+        for n, g in zip([s for s in subset if s == "x"] + [s for s in subset if s != "x"], gs):
+            assert R.rel_err(g, full[n]) < 1e-6, (subset, n)
+    m.requires_grad_(True)
