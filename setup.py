@@ -12,15 +12,17 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 C_FLAGS = ["-std=c11", "-O3", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter"]
-CXX_FLAGS = ["-O3"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop in torch's headers, serial without it
+# (the extension then shares torch's own libgomp.so.1)
+CXX_FLAGS = ["-O3", "-fopenmp"]
 
 c_sources = sorted(glob.glob("csrc/*.c"))
 # glibc's vector math library gives the float activations 4-wide double erfc/exp/tanh
 # (rbe_act.c binds it through weak symbols, so it is optional)
 link_libs = ["rbe_kernels"]
-link_args = []
+link_args = ["-fopenmp"]
 if ctypes.util.find_library("mvec"):  # weak references alone would be dropped by --as-needed
-    link_args = ["-Wl,--no-as-needed", "-lmvec", "-Wl,--as-needed"]
+    link_args += ["-Wl,--no-as-needed", "-lmvec", "-Wl,--as-needed"]
 ext_sources = ["csrc/rbe_ops.cpp"]
 ext_cls = cpp_extension.CppExtension
 extra = {"cxx": CXX_FLAGS}
