@@ -115,6 +115,7 @@ typedef struct {
     const int32_t* off;
     const float* val;
     const int32_t* pos;
+    float* acc; /* [R*C*k] work for the parameter gradient (schedule order), or NULL */
 } rbe_sched_f32;
 void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, const float* coeffs, const void* index,
                       int wide, int transpose, int R, int C, int b, int nf, int k, long g0, long g1);
@@ -211,7 +212,8 @@ void rbe_params_backward_f32_portable(float* dbasis, float* dcoeffs, const float
                                       const void* index, int wide, int accumulate, long T, int out, int in, int b,
                                       int nf, int k, long p0, long p1);
 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
-                                  const int32_t* sstart, const int32_t* soff, const int32_t* spos, int accumulate,
+                                  const int32_t* sstart, const int32_t* soff, const int32_t* spos, float* sacc,
+                                  int accumulate,
                                   long T, int out, int in, int b, int nf, int k, long p0, long p1);
 
 /* ---- naive references (decode, then dense arithmetic in double) ---- */

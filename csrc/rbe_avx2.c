@@ -363,15 +363,17 @@ AVX2 void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A,
 
 AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                        const int32_t* sstart, const int32_t* soff, const int32_t* spos,
-                                       int accumulate, long T, int out, int in, int b, int nf, int k, long p0,
-                                       long p1) {
-    // work items are block rows [p0, p1)
+                                       float* sacc, int accumulate, long T, int out, int in, int b, int nf, int k,
+                                       long p0, long p1) {
+    // work items are block rows [p0, p1); dcoeffs is summed in schedule order in sacc (sequential
+    // access) and scattered to coefficient order once at the end
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     const long ntiles = (T + TL - 1) / TL;
-    for (long i = p0; i < p1 && !accumulate; i++) {
-        if (dcoeffs) for (long q = i * C * (long)k; q < (i + 1) * C * (long)k; q++) dcoeffs[q] = 0;
-        if (dbasis) for (long q = i * C * RBE_NPAT; q < (i + 1) * C * RBE_NPAT; q++) dbasis[q] = 0;
-    }
+    const long e0 = p0 * C * (long)k, e1 = p1 * C * (long)k;
+    if (dcoeffs)
+        for (long e = e0; e < e1; e++) sacc[e] = 0;
+    for (long i = p0; i < p1 && !accumulate && dbasis; i++)
+        for (long q = i * C * RBE_NPAT; q < (i + 1) * C * RBE_NPAT; q++) dbasis[q] = 0;
     for (long tile = 0; tile < ntiles; tile++) {
         const float* Xt = Xh + (size_t)tile * C * rows * TL;
         for (long i = p0; i < p1; i++) {
@@ -398,7 +400,7 @@ AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const floa
                         s1 = _mm256_fmadd_ps(g5, _mm256_loadu_ps(x + 40), s1);
                         s0 = _mm256_fmadd_ps(g6, _mm256_loadu_ps(x + 48), s0);
                         s1 = _mm256_fmadd_ps(g7, _mm256_loadu_ps(x + 56), s1);
-                        dcoeffs[spos[e]] += hsum(_mm256_add_ps(s0, s1));
+                        sacc[e] += hsum(_mm256_add_ps(s0, s1));
                     }
                 }
             }
@@ -421,6 +423,12 @@ AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const floa
                 }
             }
         }
+    }
+    if (dcoeffs) {
+        if (accumulate)
+            for (long e = e0; e < e1; e++) dcoeffs[spos[e]] += sacc[e];
+        else
+            for (long e = e0; e < e1; e++) dcoeffs[spos[e]] = sacc[e];
     }
 }
 

@@ -62,9 +62,9 @@ void rbe_cols_backward_f32(float* dx, const float* Gh, const float* A, const flo
 void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const void* index,
                              int wide, const rbe_sched_f32* sched, int accumulate, long T, int out, int in, int b,
                              int nf, int k, long p0, long p1) {
-    if (sched && rbe_cpu_has_avx2())
-        rbe_params_backward_f32_avx2(dbasis, dcoeffs, Gh, Xh, sched->start, sched->off, sched->pos, accumulate, T, out,
-                                     in, b, nf, k, p0, p1);
+    if (sched && sched->acc && rbe_cpu_has_avx2())
+        rbe_params_backward_f32_avx2(dbasis, dcoeffs, Gh, Xh, sched->start, sched->off, sched->pos, sched->acc,
+                                     accumulate, T, out, in, b, nf, k, p0, p1);
     else
         rbe_params_backward_f32_portable(dbasis, dcoeffs, Gh, Xh, index, wide, accumulate, T, out, in, b, nf, k, p0,
                                          p1);

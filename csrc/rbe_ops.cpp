@@ -275,8 +275,8 @@ static void scratch_for(std::vector<T>& s, const Plan& P) {
 // The run-grouped schedule of a weight's sparse products for the AVX2 float kernels
 // (rbe.h); `on` is false (and the portable kernels run) for double or without AVX2.
 struct Sched {
-    Tensor start, off, val, pos;
-    rbe_sched_f32 s{nullptr, nullptr, nullptr, nullptr};
+    Tensor start, off, val, pos, acc;
+    rbe_sched_f32 s{nullptr, nullptr, nullptr, nullptr, nullptr};
     bool on = false;
     const rbe_sched_f32* get() const { return on ? &s : nullptr; }
 };
@@ -290,14 +290,18 @@ static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool wit
     sc.start = at::empty({groups, P.b + 1}, iopt);
     sc.off = at::empty({R * C * W.k}, iopt);
     sc.val = at::empty({R * C * W.k}, W.coeffs.options());
-    if (with_pos) sc.pos = at::empty({R * C * W.k}, iopt);
+    if (with_pos) {  // the parameter gradient: positions and a work array in schedule order
+        sc.pos = at::empty({R * C * W.k}, iopt);
+        sc.acc = at::empty({R * C * W.k}, W.coeffs.options());
+    }
     int32_t* pos = with_pos ? sc.pos.data_ptr<int32_t>() : nullptr;
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
         rbe_schedule_f32(sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos,
                          (const float*)W.coeffs.data_ptr(), W.index.data_ptr(), W.wide, transpose, (int)R, (int)C,
                          (int)P.b, (int)P.nf, (int)W.k, (long)g0, (long)g1);
     });
-    sc.s = rbe_sched_f32{sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos};
+    sc.s = rbe_sched_f32{sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos,
+                         with_pos ? sc.acc.data_ptr<float>() : nullptr};
     sc.on = true;
     return sc;
 }

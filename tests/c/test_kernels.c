@@ -709,7 +709,8 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     int32_t* rs_pos = xmalloc(sizeof(int32_t) * nblk * k + 4);
     float* rs_val = xmalloc(sizeof(float) * nblk * k + 4);
     float* cs_val = xmalloc(sizeof(float) * nblk * k + 4);
-    rbe_sched_f32 rsched = {rs_start, rs_off, rs_val, rs_pos}, csched = {cs_start, cs_off, cs_val, NULL};
+    float* rs_acc = xmalloc(sizeof(float) * nblk * k + 4);
+    rbe_sched_f32 rsched = {rs_start, rs_off, rs_val, rs_pos, rs_acc}, csched = {cs_start, cs_off, cs_val, NULL, NULL};
     const rbe_sched_f32 *rsc = NULL, *csc = NULL;
     if (mode == 2) {
         rbe_schedule_f32(rs_start, rs_off, rs_val, rs_pos, coeffs, ix, wide, 0, R, C, b, nf, k, 0, R);
@@ -794,7 +795,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     free(bias), free(g), free(scratch), free(Xh), free(Gh), free(rwork), free(y), free(pre), free(yr), free(prer);
     free(dx), free(db), free(dc), free(dbias), free(dxr), free(dbr), free(dcr), free(dbiasr);
     free(cft), free(ixt), free(twork), free(rs_start), free(cs_start), free(rs_off), free(cs_off), free(rs_pos);
-    free(rs_val), free(cs_val);
+    free(rs_val), free(cs_val), free(rs_acc);
 }
 
 static void test_linear(void) {
