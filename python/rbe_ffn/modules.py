@@ -42,6 +42,11 @@ class RBELinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 64,
                  k: int = 300, *, device=None, dtype=None, generator: torch.Generator | None = None):
         super().__init__()
+        self._allocate(in_features, out_features, bias, block_size, k, device, dtype)
+        self.reset_parameters(generator)
+
+    def _allocate(self, in_features, out_features, bias, block_size, k, device, dtype) -> None:
+        """Parameters and buffers of the right shapes, uninitialized."""
         check_sizes(block_size, k)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -50,28 +55,37 @@ class RBELinear(nn.Module):
         self.block_size, self.k = block_size, k
         dtype = dtype or torch.get_default_dtype()
         nblk = num_blocks(out_features, in_features, block_size)
-        bb = block_size * block_size
-        # fresh init: random positions; Var(W_entry) = k Var(c) / b^2 = 1 / (3 in) like nn.Linear
-        pos = torch.rand(nblk, bb, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values
-        std = block_size / math.sqrt(3.0 * in_features * max(k, 1))
+        self.basis = nn.Parameter(torch.empty(nblk, 8, device=device, dtype=dtype))
+        self.coeffs = nn.Parameter(torch.empty(nblk, k, device=device, dtype=dtype))
+        self.register_buffer("index", torch.empty(nblk, k, device=device, dtype=index_dtype(block_size)))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.relative_error: float | None = None  # set when built from a dense weight
+        self.register_buffer("plan", get_plan(block_size, self.basis.dtype, self.basis.device), persistent=False)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Fresh init: each block's k positions at random (without replacement, not the lowest
+        frequencies first), values scaled so Var(W_entry) = k Var(c) / b^2 = 1 / (3 in) as for
+        nn.Linear's default init; zero pattern; nn.Linear's bias init."""
+        nblk, k, b, dtype = self.coeffs.shape[0], self.k, self.block_size, self.coeffs.dtype
+        pos = torch.rand(nblk, b * b, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values
+        std = b / math.sqrt(3.0 * self.in_features * max(k, 1))
         coeffs = torch.randn(nblk, k, generator=generator, dtype=dtype) * std
         basis = torch.zeros(nblk, 8, dtype=dtype)
         if k == 0:  # only the pattern is left to carry the weight
             # Var(W_entry) = Var(p) * sum_k mean(Phi_k^2) over a block; the Phi_k are not
             # unit-RMS (their squares sum to ~7 on average), so divide that out.
-            basis.normal_(0.0, 1.0 / math.sqrt(3.0 * in_features * _pattern_energy(block_size)),
-                          generator=generator)
-        self.basis = nn.Parameter(basis.to(device))
-        self.coeffs = nn.Parameter(coeffs.to(device))
-        self.register_buffer("index", pos.to(device=device, dtype=index_dtype(block_size)))
-        if bias:
-            bound = 1.0 / math.sqrt(in_features)
-            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype).uniform_(-bound, bound, generator=generator)
-                                     .to(device))
-        else:
-            self.register_parameter("bias", None)
-        self.relative_error: float | None = None  # set when built from a dense weight
-        self.register_buffer("plan", get_plan(block_size, self.basis.dtype, self.basis.device), persistent=False)
+            basis.normal_(0.0, 1.0 / math.sqrt(3.0 * self.in_features * _pattern_energy(b)), generator=generator)
+        with torch.no_grad():
+            self.index.copy_(pos)
+            self.coeffs.copy_(coeffs)
+            self.basis.copy_(basis)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.in_features)
+                self.bias.copy_(torch.empty(self.out_features, dtype=dtype).uniform_(-bound, bound,
+                                                                                     generator=generator))
 
     # the plan follows the parameters' dtype and device, rebuilt exactly (never cast)
     def _apply(self, fn, recurse=True):
@@ -82,8 +96,10 @@ class RBELinear(nn.Module):
     @classmethod
     def from_compressed(cls, cw: CompressedWeight, bias: torch.Tensor | None = None) -> "RBELinear":
         out_features, in_features = cw.shape
-        layer = cls(in_features, out_features, bias=bias is not None, block_size=cw.block_size, k=cw.k,
-                    device=cw.coeffs.device, dtype=cw.coeffs.dtype)
+        layer = cls.__new__(cls)  # no random init: every number is copied from cw
+        nn.Module.__init__(layer)
+        layer._allocate(in_features, out_features, bias is not None, cw.block_size, cw.k, cw.coeffs.device,
+                        cw.coeffs.dtype)
         with torch.no_grad():
             layer.basis.copy_(cw.basis)
             layer.coeffs.copy_(cw.coeffs)
@@ -184,7 +200,7 @@ class RBEFeedForward(nn.Module):
     def reset_stats(self) -> None:
         self.stats = {"calls": 0, "flops": 0, "peak_intermediate_bytes": 0}
 
-    def chunk_tokens(self, tokens: int | None = None) -> int:
+    def chunk_tokens(self) -> int:
         """Tokens per chunk under memory_limit_mb (0 = all tokens at once)."""
         plan = self.fc1.plan
         nf = plan.shape[1] - self.block_size
@@ -192,7 +208,8 @@ class RBEFeedForward(nn.Module):
                                 self.fc1.coeffs.element_size())
 
     def estimated_flops(self, tokens: int) -> int:
-        """2 x multiply-adds of one forward over `tokens` tokens (transforms, sparse products, pattern)."""
+        """2 x multiply-adds of one forward over `tokens` tokens (transforms, sparse products, pattern),
+        counting the DCTs in matrix form: an upper bound, as the AVX2 kernels use a fast DCT."""
         b, nf = self.block_size, self.fc1.plan.shape[1] - self.block_size
         total = 0
         for lin in (self.fc1, self.fc2):
