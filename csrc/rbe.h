@@ -137,17 +137,20 @@ void rbe_analysis_f64(double* Xh, const double* x, const double* A, const double
 /* Rows of the output: for work items p = tile*R + i in [p0, p1),
  * Yh = sum_j (sparse product + pattern combination of block (i, j)) over Xh,
  * y[t][i*b + r] = act(sum_m S[m][r] Yh[m][t] + bias[i*b + r]); pre (may be NULL)
- * receives the value before the activation.
+ * receives the value before the activation; y may be NULL. Xnext (may be NULL) receives the
+ * analysis (plan[0], which S - (b+nf)*b must hold: pass S = plan[1]) of the activated output
+ * tile, laid out as the Xh of a next layer whose input is this output: [ntiles, R, b+nf, TILE]
+ * (the feed-forward block's fc2 then skips its own analysis; lanes past T are unspecified).
  * y, pre: [T, out], Xh: [ntiles, C, b+nf, TILE], S: [b+nf, b], basis: [R*C, 8],
  * coeffs/index: [R*C, k], bias: [out] or NULL.
  * scratch: rbe_rows_scratch(b, nf) elements per calling thread. */
 size_t rbe_rows_scratch(int b, int nf);
-void rbe_rows_forward_f32(float* y, float* pre, const float* Xh, const float* S, const float* dct,
+void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct,
                           const float* basis, const float* coeffs, const void* index, int wide,
                           const rbe_sched_f32* sched,
                           const float* bias, int act, float* scratch,
                           long T, int out, int in, int b, int nf, int k, long p0, long p1);
-void rbe_rows_forward_f64(double* y, double* pre, const double* Xh, const double* S, const double* dct,
+void rbe_rows_forward_f64(double* y, double* pre, double* Xnext, const double* Xh, const double* S, const double* dct,
                           const double* basis, const double* coeffs, const void* index, int wide,
                           const double* bias, int act, double* scratch,
                           long T, int out, int in, int b, int nf, int k, long p0, long p1);
@@ -195,10 +198,10 @@ void rbe_analysis_f32_portable(float* Xh, const float* x, const float* A, const 
                                long p0, long p1);
 void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* A, const float* dct, float* scratch, long T, int n, int b, int nf,
                            long p0, long p1);
-void rbe_rows_forward_f32_portable(float* y, float* pre, const float* Xh, const float* S, const float* dct, const float* basis,
+void rbe_rows_forward_f32_portable(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct, const float* basis,
                                    const float* coeffs, const void* index, int wide, const float* bias, int act,
                                    float* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1);
-void rbe_rows_forward_f32_avx2(float* y, float* pre, const float* Xh, const float* S, const float* dct,
+void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct,
                                const float* basis, const int32_t* sstart, const int32_t* soff, const float* sval,
                                const float* bias, int act, float* scratch, long T, int out, int in, int b, int nf,
                                long p0, long p1);

@@ -301,7 +301,7 @@ AVX2 static void pattern_backward(float* restrict D, const float* restrict G, co
     for (int m = 0; m < nd; m++) axpy64(D + (size_t)(RBE_NFIX + m) * TL, pk[1], G + (size_t)(RBE_NFIX + m) * TL);
 }
 
-AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, const float* Xh, const float* S, const float* dct,
+AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct,
                                     const float* basis, const int32_t* sstart, const int32_t* soff,
                                     const float* sval, const float* bias, int act, float* scratch, long T, int out,
                                     int in, int b, int nf, long p0, long p1) {
@@ -331,7 +331,12 @@ AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, const float* Xh, const
             }
         if (pre) store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
         if (act != RBE_ACT_NONE) rbe_act_forward_f32(yt, yt, (long)nr * TL, act);  // feature-major, whole tile
-        store_tile_t(y + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
+        if (y) store_tile_t(y + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
+        if (Xnext) {  // the next layer's analysis of this (activated) tile; rows past nr are padding
+            for (int e = nr * TL; e < b * TL; e += 8) _mm256_storeu_ps(yt + e, _mm256_setzero_ps());
+            analyse_tile(Xnext + ((size_t)tile * R + i) * rows * TL, yt, S - (size_t)rows * b, dct, b, nf,
+                         yt + (size_t)b * TL);
+        }
     }
 }
 

@@ -36,15 +36,15 @@ void rbe_analysis_f32(float* Xh, const float* x, const float* A, const float* dc
     else rbe_analysis_f32_portable(Xh, x, A, dct, scratch, T, n, b, nf, p0, p1);
 }
 
-void rbe_rows_forward_f32(float* y, float* pre, const float* Xh, const float* S, const float* dct, const float* basis,
+void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct, const float* basis,
                           const float* coeffs, const void* index, int wide, const rbe_sched_f32* sched,
                           const float* bias, int act, float* scratch, long T, int out, int in, int b, int nf, int k,
                           long p0, long p1) {
     if (sched && rbe_cpu_has_avx2())
-        rbe_rows_forward_f32_avx2(y, pre, Xh, S, dct, basis, sched->start, sched->off, sched->val, bias, act, scratch,
+        rbe_rows_forward_f32_avx2(y, pre, Xnext, Xh, S, dct, basis, sched->start, sched->off, sched->val, bias, act, scratch,
                                   T, out, in, b, nf, p0, p1);
     else
-        rbe_rows_forward_f32_portable(y, pre, Xh, S, dct, basis, coeffs, index, wide, bias, act, scratch, T, out, in,
+        rbe_rows_forward_f32_portable(y, pre, Xnext, Xh, S, dct, basis, coeffs, index, wide, bias, act, scratch, T, out, in,
                                       b, nf, k, p0, p1);
 }
 

@@ -74,7 +74,7 @@ void RBE_KSFX(rbe_analysis)(RBE_T* Xh, const RBE_T* x, const RBE_T* A, const RBE
 }
 
 // y, pre: [T, out]; Xh: [ntiles, C, b+nf, TL]; S: [b+nf, b]
-void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, const RBE_T* Xh, const RBE_T* S, const RBE_T* dct,
+void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T* Xh, const RBE_T* S, const RBE_T* dct,
                                const RBE_T* basis, const RBE_T* coeffs, const void* index, int wide,
                                const RBE_T* bias, int act, RBE_T* scratch,
                                long T, int out, int in, int b, int nf, int k, long p0, long p1) {
@@ -107,15 +107,20 @@ void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, const RBE_T* Xh, const RBE
                 RBE_SFX(axpy)(Y + (size_t)(RBE_NFIX + m) * TL, pk[1], E + (size_t)(RBE_NFIX + m) * TL);
         }
         RBE_SFX(tile_gemm_t)(yt, S, yh, rows, b);
-        for (int t = 0; t < nt; t++) {
-            RBE_T* yr = y + (size_t)(t0 + t) * out + (size_t)i * b;
-            RBE_T* pr = pre ? pre + (size_t)(t0 + t) * out + (size_t)i * b : NULL;
-            for (int r = 0; r < nr; r++) {
-                RBE_T v = yt[(size_t)r * TL + t] + (bias ? bias[i * b + r] : 0);
-                if (pr) pr[r] = v;
-                yr[r] = v;
-            }
-            if (act != RBE_ACT_NONE) RBE_SFX(rbe_act_forward)(yr, yr, nr, act);
+        for (int r = 0; r < nr; r++) {
+            RBE_T bv = bias ? bias[i * b + r] : 0;
+            for (int t = 0; t < TL; t++) yt[(size_t)r * TL + t] += bv;
+        }
+        if (pre)
+            for (int t = 0; t < nt; t++)
+                for (int r = 0; r < nr; r++) pre[(size_t)(t0 + t) * out + (size_t)i * b + r] = yt[(size_t)r * TL + t];
+        if (act != RBE_ACT_NONE) RBE_SFX(rbe_act_forward)(yt, yt, (long)nr * TL, act);
+        if (y)
+            for (int t = 0; t < nt; t++)
+                for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * out + (size_t)i * b + r] = yt[(size_t)r * TL + t];
+        if (Xnext) {  // the next layer's analysis of this (activated) tile; rows past nr are padding
+            for (size_t e = (size_t)nr * TL; e < (size_t)b * TL; e++) yt[e] = 0;
+            RBE_SFX(tile_gemm)(Xnext + ((size_t)tile * R + i) * rows * TL, S - (size_t)rows * b, yt, rows, b);
         }
     }
 }

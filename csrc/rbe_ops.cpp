@@ -49,16 +49,16 @@ static void analysis(double* o, const double* x, const double* A, const double* 
     rbe_analysis_f64(o, x, A, dct, s, T, n, b, nf, p0, p1);
 }
 // (float kernels take the AVX2 schedule when one was built; double kernels ignore it)
-static void rows_forward(float* y, float* pre, const float* Xh, const float* S, const float* dct, const float* bs,
+static void rows_forward(float* y, float* pre, float* Xn, const float* Xh, const float* S, const float* dct, const float* bs,
                          const float* cf, const void* ix, int wide, const rbe_sched_f32* sc, const float* bias, int act,
                          float* s, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    rbe_rows_forward_f32(y, pre, Xh, S, dct, bs, cf, ix, wide, sc, bias, act, s, T, out, in, b, nf, k, p0, p1);
+    rbe_rows_forward_f32(y, pre, Xn, Xh, S, dct, bs, cf, ix, wide, sc, bias, act, s, T, out, in, b, nf, k, p0, p1);
 }
-static void rows_forward(double* y, double* pre, const double* Xh, const double* S, const double* dct,
+static void rows_forward(double* y, double* pre, double* Xn, const double* Xh, const double* S, const double* dct,
                          const double* bs, const double* cf, const void* ix, int wide, const rbe_sched_f32*,
                          const double* bias, int act, double* s, long T, int out, int in, int b, int nf, int k, long p0,
                          long p1) {
-    rbe_rows_forward_f64(y, pre, Xh, S, dct, bs, cf, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+    rbe_rows_forward_f64(y, pre, Xn, Xh, S, dct, bs, cf, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
 }
 static void cols_backward(float* dx, const float* Gh, const float* A, const float* dct, const float* bs,
                           const float* cft, const int32_t* ixt, const rbe_sched_f32* sc, float* s, long T, int out,
@@ -322,28 +322,33 @@ static Tensor analyse(const T* x, int64_t Tn, int64_t n, const Plan& P, int whic
     return Xh;
 }
 
-// y (and pre) [T, out] = act(x W^T + bias)
+// y (and pre) [T, out] = act(x W^T + bias). Xh_in: x already analysed (then x is unused);
+// Xnext: also write the analysis of y for a next layer (then y may be null). See rbe.h.
 template <typename T>
 static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, const T* bias, int act, const Plan& P,
-                       const at::TensorOptions& opt) {
+                       const at::TensorOptions& opt, const T* Xh_in = nullptr, T* Xnext = nullptr) {
     if (Tn == 0) return;
-    Tensor Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
+    Tensor Xh;
+    if (!Xh_in) Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
+    const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
     const int64_t R = cdiv(W.out, P.b), ntiles = cdiv(Tn, RBE_TILE), rows = P.b + P.nf;
     const T* S = P.t.data_ptr<T>() + rows * P.b;
     const Sched sc = make_sched<T>(W, P, false, false);
     at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
         std::vector<T> s;
         scratch_for(s, P);
-        rows_forward(y, pre, Xh.data_ptr<T>(), S, S + rows * P.b, W.basis.data_ptr<T>(), W.coeffs.data_ptr<T>(), W.index.data_ptr(),
+        rows_forward(y, pre, Xnext, X, S, S + rows * P.b, W.basis.data_ptr<T>(), W.coeffs.data_ptr<T>(), W.index.data_ptr(),
                      W.wide, sc.get(), bias, act, s.data(), (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k,
                      (long)p0, (long)p1);
     });
 }
 
-// gradients of y = x W^T + bias given g = dL/dy [T, out]; null outputs are skipped
+// gradients of y = x W^T + bias given g = dL/dy [T, out]; null outputs are skipped.
+// Xh_in: x already analysed (then x is unused).
 template <typename T>
 static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accumulate, const T* g, const T* x,
-                                int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt) {
+                                int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt,
+                                const T* Xh_in = nullptr) {
     if (Tn == 0) return;
     const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), ntiles = cdiv(Tn, RBE_TILE);
     if (dbias)
@@ -378,10 +383,12 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         });
     }
     if (dbasis || dcoeffs) {
-        Tensor Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
+        Tensor Xh;
+        if (!Xh_in) Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
+        const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
         const Sched sc = make_sched<T>(W, P, false, true);
         at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {  // block rows
-            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), Xh.data_ptr<T>(), W.index.data_ptr(), W.wide, sc.get(),
+            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), X, W.index.data_ptr(), W.wide, sc.get(),
                             accumulate, (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k, (long)p0,
                             (long)p1);
         });
@@ -466,6 +473,11 @@ static FFNArgs check_ffn(const Tensor& x, const Tensor& plan, const Tensor& basi
     return FFNArgs{x2, P, W1, W2, cont(bias1), cont(bias2), act_code(activation), std::max<int64_t>(chunk, 1)};
 }
 
+// transform-domain buffer of a [tokens, d_ff] hidden activation (fc2's input)
+static Tensor hidden_analysis(int64_t tokens, int64_t d_ff, const Plan& P, const at::TensorOptions& opt) {
+    return at::empty({cdiv(tokens, RBE_TILE), cdiv(d_ff, P.b), P.b + P.nf, RBE_TILE}, opt);
+}
+
 std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis1, const Tensor& coeffs1,
                                    const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
                                    const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
@@ -479,14 +491,15 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
     Tensor pre = keep_pre ? at::empty(with_last(x, d_ff), opt) : at::empty({0}, opt);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn", [&] {
         using T = scalar_t;
-        Tensor hidden = at::empty({std::min(a.chunk, Tn), d_ff}, opt);
+        // fc1 writes the activated hidden tile straight into fc2's transform-domain input,
+        // so the [T, d_ff] hidden activation never exists token-major
+        Tensor Xh2 = hidden_analysis(std::min(a.chunk, Tn), d_ff, a.P, opt);
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
             const int64_t n = std::min(a.chunk, Tn - t0);
-            T* h = hidden.data_ptr<T>();
-            linear_raw<T>(h, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, a.x2.data_ptr<T>() + t0 * d_model, n,
-                          a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt);
-            linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, h, n, a.W2, ptr_or_null<T>(a.bias2), RBE_ACT_NONE,
-                          a.P, opt);
+            linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, a.x2.data_ptr<T>() + t0 * d_model,
+                          n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt, nullptr, Xh2.data_ptr<T>());
+            linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, n, a.W2, ptr_or_null<T>(a.bias2),
+                          RBE_ACT_NONE, a.P, opt, Xh2.data_ptr<T>());
         }
     });
     return {y.view(x.sizes()), pre};
@@ -520,8 +533,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn_backward", [&] {
         using T = scalar_t;
         const int64_t cn = std::min(a.chunk, Tn);
-        Tensor hid = at::empty({cn, d_ff}, opt);                      // activation a = act(h)
-        Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);  // recomputed h (checkpointed)
+        // standard: a = act(h) from the saved h; checkpointed: h recomputed, and a only in the
+        // transform domain (fc1 writes fc2's analysed input directly)
+        Tensor hid = saved ? at::empty({cn, d_ff}, opt) : Tensor();
+        Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);
+        Tensor Xh2 = saved ? Tensor() : hidden_analysis(cn, d_ff, a.P, opt);
         Tensor dh = at::empty({cn, d_ff}, opt);
         const bool need1 = mask[0] || mask[1] || mask[2] || mask[3];
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
@@ -536,13 +552,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                     act_forward(hp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
                 });
             } else {
-                linear_raw<T>(hid.data_ptr<T>(), hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P,
-                              opt);
+                linear_raw<T>(nullptr, hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt,
+                              nullptr, Xh2.data_ptr<T>());
                 h = hpre.data_ptr<T>();
             }
             linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, mask[4] ? db2.data_ptr<T>() : nullptr,
                                    mask[5] ? dc2.data_ptr<T>() : nullptr, mask[6] ? dbias2.data_ptr<T>() : nullptr, acc,
-                                   g2.data_ptr<T>() + t0 * d_model, hid.data_ptr<T>(), n, a.W2, a.P, opt);
+                                   g2.data_ptr<T>() + t0 * d_model, saved ? hid.data_ptr<T>() : nullptr, n, a.W2, a.P,
+                                   opt, saved ? nullptr : Xh2.data_ptr<T>());
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
             at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {

@@ -604,12 +604,12 @@ static void analysis_t(int f32, void* Xh, const void* x, const void* A, const vo
     if (f32) rbe_analysis_f32(Xh, x, A, dct, s, T, n, b, nf, p0, p1);
     else rbe_analysis_f64(Xh, x, A, dct, s, T, n, b, nf, p0, p1);
 }
-static void rows_t(int f32, const rbe_sched_f32* sc, void* y, void* pre, const void* Xh, const void* S, const void* dct,
+static void rows_t(int f32, const rbe_sched_f32* sc, void* y, void* pre, void* Xn, const void* Xh, const void* S, const void* dct,
                    const void* basis, const void* coeffs, const void* ix, int wide, const void* bias, int act, void* s,
                    long T, int out, int in, int b, int nf, int k, long p0, long p1) {
     if (f32)
-        rbe_rows_forward_f32(y, pre, Xh, S, dct, basis, coeffs, ix, wide, sc, bias, act, s, T, out, in, b, nf, k, p0, p1);
-    else rbe_rows_forward_f64(y, pre, Xh, S, dct, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+        rbe_rows_forward_f32(y, pre, Xn, Xh, S, dct, basis, coeffs, ix, wide, sc, bias, act, s, T, out, in, b, nf, k, p0, p1);
+    else rbe_rows_forward_f64(y, pre, Xn, Xh, S, dct, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
 }
 static void cols_t(int f32, const rbe_sched_f32* sc, void* dx, const void* Gh, const void* A, const void* dct,
                    const void* basis, const void* cft, const int32_t* ixt, void* s, long T, int out, int in, int b,
@@ -724,7 +724,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     analysis_t(f32, Xh, x, A, dct, scratch, T, in, b, nf, 0, ntiles * C);
     for (int act = RBE_ACT_NONE; act <= RBE_ACT_SILU; act++) {
         const void* bs = act % 2 ? bias : NULL;
-        rows_t(f32, rsc, y, pre, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, ntiles * R);
+        rows_t(f32, rsc, y, pre, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, ntiles * R);
         fwd_ref_t(f32, yr, prer, x, basis, coeffs, ix, wide, bs, act, tabs, rwork, T, out, in, b, k);
         double ey = rel_err(y, yr, (size_t)T * out, f32), ep = rel_err(pre, prer, (size_t)T * out, f32);
         CHECK(ey < tol, "%s act=%d: forward (post-activation) off by %.3e", tag, act, ey);
@@ -732,9 +732,26 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         // pre = NULL gives the same y; split work ranges give the same bytes
         void* y2 = xmalloc((size_t)T * out * es);
         long items = ntiles * R, mid = items / 2 + (items > 1);
-        rows_t(f32, rsc, y2, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, mid, items);
-        rows_t(f32, rsc, y2, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, mid);
+        rows_t(f32, rsc, y2, NULL, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, mid, items);
+        rows_t(f32, rsc, y2, NULL, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, mid);
         CHECK(!memcmp(y, y2, (size_t)T * out * es), "%s act=%d: split / pre=NULL forward differs", tag, act);
+        // Xnext (y = NULL): the next layer's analysis of the activated output, as if y were analysed
+        void* Xn = xmalloc((size_t)ntiles * R * rows * RBE_TILE * es);
+        void* Xy = xmalloc((size_t)ntiles * R * rows * RBE_TILE * es);
+        rows_t(f32, rsc, NULL, NULL, Xn, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0,
+               items);
+        analysis_t(f32, Xy, y, A, dct, scratch, T, out, b, nf, 0, ntiles * R);
+        double exn = 0.0, sxn = 0.0;
+        for (long p = 0; p < ntiles * R; p++)
+            for (int m = 0; m < rows; m++)
+                for (int t = 0; t < RBE_TILE && (p / R) * RBE_TILE + t < T; t++) {  // real tokens only
+                    size_t o = ((size_t)p * rows + m) * RBE_TILE + t;
+                    double a = f32 ? ((float*)Xn)[o] : ((double*)Xn)[o], r = f32 ? ((float*)Xy)[o] : ((double*)Xy)[o];
+                    exn = fmax(exn, fabs(a - r)), sxn = fmax(sxn, fabs(r));
+                }
+        CHECK(exn <= (f32 ? 1e-5 : 1e-12) * fmax(1.0, sxn), "%s act=%d: Xnext differs from the analysis of y by %.3e",
+              tag, act, exn);
+        free(Xn), free(Xy);
         free(y2);
     }
 
