@@ -392,11 +392,43 @@ AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const floa
                            g3 = _mm256_loadu_ps(g + 24), g4 = _mm256_loadu_ps(g + 32), g5 = _mm256_loadu_ps(g + 40),
                            g6 = _mm256_loadu_ps(g + 48), g7 = _mm256_loadu_ps(g + 56);
                     const int e1 = st[u + 1];
-                    for (int e = st[u]; e < e1; e++) {
+                    int e = st[u];
+                    for (; e + 2 <= e1; e += 2) {  // two entries at a time: one shared reduction
+                        const float* xa = Xt + soff[e];
+                        const float* xb = Xt + soff[e + 1];
+                        const int ea = e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e;
+                        const int eb = e + 1 + RBE_PREFETCH < e1 ? e + 1 + RBE_PREFETCH : e + 1;
+                        const char* pa = (const char*)(Xt + soff[ea]);
+                        const char* pb = (const char*)(Xt + soff[eb]);
+                        _mm_prefetch(pa, _MM_HINT_T0), _mm_prefetch(pa + 64, _MM_HINT_T0);
+                        _mm_prefetch(pa + 128, _MM_HINT_T0), _mm_prefetch(pa + 192, _MM_HINT_T0);
+                        _mm_prefetch(pb, _MM_HINT_T0), _mm_prefetch(pb + 64, _MM_HINT_T0);
+                        _mm_prefetch(pb + 128, _MM_HINT_T0), _mm_prefetch(pb + 192, _MM_HINT_T0);
+                        __m256 a0 = _mm256_mul_ps(g0, _mm256_loadu_ps(xa));
+                        __m256 a1 = _mm256_mul_ps(g1, _mm256_loadu_ps(xa + 8));
+                        __m256 b0 = _mm256_mul_ps(g0, _mm256_loadu_ps(xb));
+                        __m256 b1 = _mm256_mul_ps(g1, _mm256_loadu_ps(xb + 8));
+                        a0 = _mm256_fmadd_ps(g2, _mm256_loadu_ps(xa + 16), a0);
+                        a1 = _mm256_fmadd_ps(g3, _mm256_loadu_ps(xa + 24), a1);
+                        b0 = _mm256_fmadd_ps(g2, _mm256_loadu_ps(xb + 16), b0);
+                        b1 = _mm256_fmadd_ps(g3, _mm256_loadu_ps(xb + 24), b1);
+                        a0 = _mm256_fmadd_ps(g4, _mm256_loadu_ps(xa + 32), a0);
+                        a1 = _mm256_fmadd_ps(g5, _mm256_loadu_ps(xa + 40), a1);
+                        b0 = _mm256_fmadd_ps(g4, _mm256_loadu_ps(xb + 32), b0);
+                        b1 = _mm256_fmadd_ps(g5, _mm256_loadu_ps(xb + 40), b1);
+                        a0 = _mm256_fmadd_ps(g6, _mm256_loadu_ps(xa + 48), a0);
+                        a1 = _mm256_fmadd_ps(g7, _mm256_loadu_ps(xa + 56), a1);
+                        b0 = _mm256_fmadd_ps(g6, _mm256_loadu_ps(xb + 48), b0);
+                        b1 = _mm256_fmadd_ps(g7, _mm256_loadu_ps(xb + 56), b1);
+                        // [a, b] lane sums: hadd pairs, fold the halves, hadd again
+                        __m256 h = _mm256_hadd_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(b0, b1));
+                        __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                        q = _mm_hadd_ps(q, q);  // [a, b, a, b]
+                        __m128 cur = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i_u*)(sacc + e)));  // 2 floats
+                        _mm_storel_epi64((__m128i_u*)(sacc + e), _mm_castps_si128(_mm_add_ps(cur, q)));
+                    }
+                    for (; e < e1; e++) {
                         const float* x = Xt + soff[e];
-                        const char* ahead = (const char*)(Xt + soff[e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e]);
-                        _mm_prefetch(ahead, _MM_HINT_T0), _mm_prefetch(ahead + 64, _MM_HINT_T0);
-                        _mm_prefetch(ahead + 128, _MM_HINT_T0), _mm_prefetch(ahead + 192, _MM_HINT_T0);
                         __m256 s0 = _mm256_mul_ps(g0, _mm256_loadu_ps(x));
                         __m256 s1 = _mm256_mul_ps(g1, _mm256_loadu_ps(x + 8));
                         s0 = _mm256_fmadd_ps(g2, _mm256_loadu_ps(x + 16), s0);
