@@ -46,7 +46,8 @@ cuda-check: $(VENV)/.deps
 	else echo "cuda-check: nvcc or cuda/*.cu absent, nothing to compile"; fi
 
 bench: $(SO)
-	$(PY) bench/bench_cpu.py
+	mkdir -p bench/out
+	$(PY) bench/bench_cpu.py --out bench/out/cpu.md --plot bench/out/cpu_tokens.png
 
 clean:
 	rm -rf build tests/c/bin python/rbe_ffn/_C*.so $(SO)

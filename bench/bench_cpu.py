@@ -2,8 +2,9 @@
 
 Both run in the same process, interleaved (dense, rbe-standard, rbe-checkpointed,
 dense, ...), with the thread count pinned; we report the median of each and the
-ratio dense / RBE. Modes: forward (no grad), backward alone (given a forward with
-grad), full step (forward + backward).
+ratio dense / RBE. Modes: forward (no grad), backward alone (the forward that
+builds the graph is not timed), full step (forward + backward). The input
+requires grad, so every backward also computes dL/dx.
 
     .venv/bin/python bench/bench_cpu.py                  # the README table
     .venv/bin/python bench/bench_cpu.py --quick          # 768/3072, 1024 tokens only
@@ -28,9 +29,9 @@ def dense_ffn(d_model, d_ff):
 def timer(fn, sync=lambda: None):
     sync()
     t0 = time.perf_counter()
-    fn()
+    r = fn()
     sync()
-    return time.perf_counter() - t0
+    return r if isinstance(r, float) else time.perf_counter() - t0
 
 
 def make_runs(model, x, mode):
@@ -45,9 +46,16 @@ def make_runs(model, x, mode):
             p.grad = None
         model(x).sum().backward()
 
-    if mode == "forward":
-        return fwd
-    return step
+    def bwd():  # forward untimed, then the backward alone
+        for p in params:
+            p.grad = None
+        y = model(x)
+        g = torch.ones_like(y)
+        t0 = time.perf_counter()
+        y.backward(g)
+        return time.perf_counter() - t0
+
+    return {"forward": fwd, "backward": bwd, "step": step}[mode]
 
 
 def bench_case(d_model, d_ff, tokens, k, block_size, reps, warmup, modes):
@@ -55,7 +63,7 @@ def bench_case(d_model, d_ff, tokens, k, block_size, reps, warmup, modes):
     dense = dense_ffn(d_model, d_ff)
     rbe_std = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=block_size, k=k)
     rbe_ck = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=block_size, k=k, checkpoint=True)
-    x = torch.randn(tokens, d_model)
+    x = torch.randn(tokens, d_model, requires_grad=True)
     rows = []
     for mode in modes:
         fns = {name: make_runs(m, x, mode) for name, m in
@@ -158,7 +166,7 @@ def main():
                     continue
                 reps = args.reps if tokens <= 1024 else max(5, args.reps // 3)
                 rows, dbytes, rbytes = bench_case(d_model, d_ff, tokens, k, 64, reps, 2,
-                                                  ["forward", "step"])
+                                                  ["forward", "backward", "step"])
                 for mode, med in rows:
                     if mode == "forward" and k == 300 and (d_model, d_ff) == (768, 3072):
                         plot_data.append((tokens, med["dense"], med["rbe"]))
