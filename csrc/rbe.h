@@ -1,7 +1,7 @@
 /* rbe.h - plain C11 kernels of the RBE (residual block encoding) feed-forward.
  *
  * Everything here takes pointers and sizes, allocates nothing, keeps no
- * globals and knows nothing of torch. The math is ../DESIGN.md (shared):
+ * globals and knows nothing of torch. The math is docs/DESIGN.md:
  *
  *   W block (i, j) = sum_k basis[ij][k] Phi_k + sum_q coeffs[ij][q] psi_u psi_v^T
  *   with (u, v) = (index[ij][q] / b, index[ij][q] % b).
