@@ -32,6 +32,10 @@
 extern "C" {
 #endif
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RBE_X86_KERNELS 1 /* rbe_avx2.c's kernels exist (chosen at run time if the CPU has AVX2 + FMA) */
+#endif
+
 #define RBE_NPAT 8        /* pattern functions per block */
 #define RBE_NFIX 4        /* separable pattern vectors: 1, z^2, cos(pi z), cos(2 pi z) */
 #define RBE_TILE 64       /* tokens per tile in the fast kernels */

@@ -6,14 +6,16 @@
  * rbe_linear.c picks these at run time when the CPU has AVX2 and FMA.
  *
  *   - gemm_tile: out[i][t] = sum_p L[i, p] Rm[p][t] over a tile of 64 tokens,
- *     6 rows x 16 tokens of accumulators in registers (the DCTs, the pattern
- *     projections and their inverses are all this one product);
- *   - sparse_rows: out[row][:] += c * in[col][:] for coefficients sorted by
- *     row, the destination row held in 8 registers for the whole run.
+ *     6 rows x 16 tokens of accumulators in registers (the pattern projections,
+ *     and the dense parts of the fast DCT, are all this one product);
+ *   - dct2_tile / dct3_tile: the fast even/odd DCT and its transpose;
+ *   - sparse_sched: the sparse product run by run (rbe_schedule_f32): one
+ *     output row held in 8 registers while all its coefficients, across every
+ *     block of a block-row (or block-column), are applied, with prefetch.
  */
 #include "rbe.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef RBE_X86_KERNELS
 #include <immintrin.h>
 
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -29,10 +31,6 @@
 int rbe_cpu_has_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-static inline int idx_at(const void* index, int wide, long pos) {
-    return wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
 }
 
 // out[i][t] (+)= sum_p L[i*li + p*lp] Rm[p][t] for i < n_out, p < P, t < TL.

@@ -32,40 +32,54 @@ size_t rbe_rows_scratch(int b, int nf) { return (size_t)(4 * b + nf) * RBE_TILE;
 /* float32: the AVX2 kernels (rbe_avx2.c) where the CPU has AVX2 + FMA, else the portable ones */
 void rbe_analysis_f32(float* Xh, const float* x, const float* A, const float* dct, float* scratch, long T, int n,
                       int b, int nf, long p0, long p1) {
-    if (rbe_cpu_has_avx2()) rbe_analysis_f32_avx2(Xh, x, A, dct, scratch, T, n, b, nf, p0, p1);
-    else rbe_analysis_f32_portable(Xh, x, A, dct, scratch, T, n, b, nf, p0, p1);
+#ifdef RBE_X86_KERNELS
+    if (rbe_cpu_has_avx2()) {
+        rbe_analysis_f32_avx2(Xh, x, A, dct, scratch, T, n, b, nf, p0, p1);
+        return;
+    }
+#endif
+    rbe_analysis_f32_portable(Xh, x, A, dct, scratch, T, n, b, nf, p0, p1);
 }
 
 void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct, const float* basis,
                           const float* coeffs, const void* index, int wide, const rbe_sched_f32* sched,
                           const float* bias, int act, float* scratch, long T, int out, int in, int b, int nf, int k,
                           long p0, long p1) {
-    if (sched && rbe_cpu_has_avx2())
+#ifdef RBE_X86_KERNELS
+    if (sched && rbe_cpu_has_avx2()) {
         rbe_rows_forward_f32_avx2(y, pre, Xnext, Xh, S, dct, basis, sched->start, sched->off, sched->val, bias, act, scratch,
                                   T, out, in, b, nf, p0, p1);
-    else
-        rbe_rows_forward_f32_portable(y, pre, Xnext, Xh, S, dct, basis, coeffs, index, wide, bias, act, scratch, T, out, in,
-                                      b, nf, k, p0, p1);
+        return;
+    }
+#endif
+    rbe_rows_forward_f32_portable(y, pre, Xnext, Xh, S, dct, basis, coeffs, index, wide, bias, act, scratch, T, out, in,
+                                  b, nf, k, p0, p1);
 }
 
 void rbe_cols_backward_f32(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
                            const float* coeffs_t, const int32_t* index_t, const rbe_sched_f32* sched, float* scratch,
                            long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    if (sched && rbe_cpu_has_avx2())
+#ifdef RBE_X86_KERNELS
+    if (sched && rbe_cpu_has_avx2()) {
         rbe_cols_backward_f32_avx2(dx, Gh, A, dct, basis, sched->start, sched->off, sched->val, scratch, T, out, in, b,
                                    nf, p0, p1);
-    else
-        rbe_cols_backward_f32_portable(dx, Gh, A, dct, basis, coeffs_t, index_t, scratch, T, out, in, b, nf, k, p0,
-                                       p1);
+        return;
+    }
+#endif
+    rbe_cols_backward_f32_portable(dx, Gh, A, dct, basis, coeffs_t, index_t, scratch, T, out, in, b, nf, k, p0,
+                                   p1);
 }
 
 void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const void* index,
                              int wide, const rbe_sched_f32* sched, int accumulate, long T, int out, int in, int b,
                              int nf, int k, long p0, long p1) {
-    if (sched && sched->acc && rbe_cpu_has_avx2())
+#ifdef RBE_X86_KERNELS
+    if (sched && sched->acc && rbe_cpu_has_avx2()) {
         rbe_params_backward_f32_avx2(dbasis, dcoeffs, Gh, Xh, sched->start, sched->off, sched->pos, sched->acc,
                                      accumulate, T, out, in, b, nf, k, p0, p1);
-    else
-        rbe_params_backward_f32_portable(dbasis, dcoeffs, Gh, Xh, index, wide, accumulate, T, out, in, b, nf, k, p0,
-                                         p1);
+        return;
+    }
+#endif
+    rbe_params_backward_f32_portable(dbasis, dcoeffs, Gh, Xh, index, wide, accumulate, T, out, in, b, nf, k, p0,
+                                     p1);
 }
