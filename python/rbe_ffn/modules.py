@@ -29,6 +29,32 @@ def _check_input_dtype(name: str, x, dtype: torch.dtype) -> None:
                         f"convert the input or the module (e.g. module.to({x.dtype}))")
 
 
+def index_problem(index: torch.Tensor, block_size: int) -> str | None:
+    """What is wrong with an ``index`` tensor [R*C, k] for block size b, or None if it is valid:
+    an integer dtype, 2-D, every value in [0, b*b), strictly increasing within each row (so no
+    duplicates). Used when loading state (load_state_dict, rbe_ffn.load_safetensors)."""
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        return f"dtype {index.dtype} is not an integer dtype (expected {index_dtype(block_size)})"
+    if index.dim() != 2:
+        return f"must be 2-D [R*C, k], got shape {tuple(index.shape)}"
+    if index.is_meta or index.numel() == 0:
+        return None
+    n = block_size * block_size
+    i = index.long()  # uint64 values >= 2**63 wrap negative and are reported as out of range
+    bad = (i < 0) | (i >= n)
+    if bad.any():
+        r, c = bad.nonzero()[0].tolist()
+        return f"value {i[r, c].item()} at [{r}, {c}] is outside [0, {n}) for block_size={block_size}"
+    if i.shape[1] > 1:
+        bad = i[:, 1:] <= i[:, :-1]
+        if bad.any():
+            r, c = bad.nonzero()[0].tolist()
+            what = "duplicate" if i[r, c] == i[r, c + 1] else "unsorted"
+            return (f"{what} positions in row {r}: {i[r, c].item()} then {i[r, c + 1].item()} at columns "
+                    f"{c}, {c + 1} (each row must be strictly increasing)")
+    return None
+
+
 class RBELinear(nn.Module):
     """A linear layer y = x W^T + b whose W [out, in] is stored and trained in RBE form.
 
@@ -92,6 +118,23 @@ class RBELinear(nn.Module):
         super()._apply(fn, recurse)
         self.plan = get_plan(self.block_size, self.basis.dtype, self.basis.device)
         return self
+
+    # load_state_dict checks the fixed positions before anything of this layer is copied in: a
+    # corrupted checkpoint's out-of-range, duplicated or unsorted index would otherwise be
+    # accepted silently (wrong outputs, or table reads out of bounds in the kernels). The error
+    # goes into error_msgs, so load_state_dict raises its usual RuntimeError naming the key;
+    # a wrong shape is left to the default message. Everything else is the default behaviour.
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "index"
+        idx = state_dict.get(key)
+        if isinstance(idx, torch.Tensor) and idx.shape == self.index.shape:
+            problem = index_problem(idx, self.block_size)
+            if problem is not None:
+                error_msgs.append(f"{key}: {problem}")
+                return  # nothing of this layer is loaded
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @classmethod
     def from_compressed(cls, cw: CompressedWeight, bias: torch.Tensor | None = None) -> "RBELinear":
