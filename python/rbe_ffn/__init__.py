@@ -7,6 +7,7 @@ run in a compressed RBE form (pattern + sparse DCT residual per block).
 """
 from . import _ops
 from ._ops import get_plan
+from .checkpoint import load_safetensors, save_safetensors
 from .codec import CompressedWeight, compress, decompress
 from .functional import canonical_activation, rbe_feed_forward, rbe_linear
 from .modules import RBEFeedForward, RBELinear
@@ -14,5 +15,6 @@ from .modules import RBEFeedForward, RBELinear
 __all__ = [
     "CompressedWeight", "compress", "decompress", "RBELinear", "RBEFeedForward",
     "rbe_linear", "rbe_feed_forward", "canonical_activation", "get_plan",
+    "save_safetensors", "load_safetensors",
 ]
 __version__ = "0.1.0"
