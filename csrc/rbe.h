@@ -165,8 +165,9 @@ void rbe_rows_forward_f64(double* y, double* pre, double* Xnext, const double* X
  * dx: [T, in], Gh: [ntiles, R, b+nf, TILE] (g analysed with S); coeffs_t/index_t: the
  * coefficients transposed by rbe_transpose_blocks (index_t = v*b + u, ascending).
  * sched (float only; may be NULL): the schedules (rows forward and params: transpose = 0,
- * cols backward: transpose = 1) that the AVX2 kernels need; without them the portable
- * kernels run. */
+ * cols backward: transpose = 1) of the AVX2 kernels. Without one, the AVX2 rows forward
+ * works block by block (cheaper for a single tile of tokens) and the backward kernels fall
+ * back to the portable ones. */
 void rbe_cols_backward_f32(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
                            const float* coeffs_t, const int32_t* index_t, const rbe_sched_f32* sched, float* scratch, long T, int out, int in, int b, int nf, int k,
                            long p0, long p1);
@@ -206,9 +207,10 @@ void rbe_rows_forward_f32_portable(float* y, float* pre, float* Xnext, const flo
                                    const float* coeffs, const void* index, int wide, const float* bias, int act,
                                    float* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1);
 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct,
-                               const float* basis, const int32_t* sstart, const int32_t* soff, const float* sval,
-                               const float* bias, int act, float* scratch, long T, int out, int in, int b, int nf,
-                               long p0, long p1);
+                               const float* basis, const float* coeffs, const void* index, int wide,
+                               const int32_t* sstart, const int32_t* soff, const float* sval, const float* bias,
+                               int act, float* scratch, long T, int out, int in, int b, int nf, int k, long p0,
+                               long p1);
 void rbe_cols_backward_f32_portable(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
                                     const float* coeffs_t, const int32_t* index_t, float* scratch, long T, int out,
                                     int in, int b, int nf, int k, long p0, long p1);

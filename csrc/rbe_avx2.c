@@ -191,6 +191,40 @@ AVX2 static void sparse_sched(float* restrict out, const float* restrict src, co
     }
 }
 
+// out[row][:] += cf[q] * in[col][:] for one block's coefficients (idx = row*b + col, ascending),
+// each row held in registers for its run: the sparse product without a schedule (a single
+// tile of tokens, where building the schedule would cost as much as the product)
+AVX2 static void sparse_block(float* restrict out, const float* restrict in, const float* restrict cf,
+                              const void* index, int wide, long base, int k, int b) {
+    const int16_t* i16 = (const int16_t*)index + base;
+    const int32_t* i32 = (const int32_t*)index + base;
+    int q = 0;
+    while (q < k) {
+        int idx = wide ? i32[q] : i16[q];
+        const int row = idx / b, end = (row + 1) * b;
+        float* o = out + (long)row * TL;
+        __m256 a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8), a2 = _mm256_loadu_ps(o + 16),
+               a3 = _mm256_loadu_ps(o + 24), a4 = _mm256_loadu_ps(o + 32), a5 = _mm256_loadu_ps(o + 40),
+               a6 = _mm256_loadu_ps(o + 48), a7 = _mm256_loadu_ps(o + 56);
+        do {
+            const float* x = in + (long)(idx - row * b) * TL;
+            __m256 c = _mm256_broadcast_ss(cf + q);
+            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x), a0);
+            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8), a1);
+            a2 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 16), a2);
+            a3 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 24), a3);
+            a4 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 32), a4);
+            a5 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 40), a5);
+            a6 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 48), a6);
+            a7 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 56), a7);
+            if (++q < k) idx = wide ? i32[q] : i16[q];
+        } while (q < k && idx < end);
+        _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2);
+        _mm256_storeu_ps(o + 24, a3), _mm256_storeu_ps(o + 32, a4), _mm256_storeu_ps(o + 40, a5);
+        _mm256_storeu_ps(o + 48, a6), _mm256_storeu_ps(o + 56, a7);
+    }
+}
+
 AVX2 static inline void axpy64(float* restrict dst, float a, const float* restrict src) {
     __m256 c = _mm256_set1_ps(a);
     for (int t = 0; t < TL; t += 8)
@@ -300,9 +334,10 @@ AVX2 static void pattern_backward(float* restrict D, const float* restrict G, co
 }
 
 AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct,
-                                    const float* basis, const int32_t* sstart, const int32_t* soff,
-                                    const float* sval, const float* bias, int act, float* scratch, long T, int out,
-                                    int in, int b, int nf, long p0, long p1) {
+                                    const float* basis, const float* coeffs, const void* index, int wide,
+                                    const int32_t* sstart, const int32_t* soff, const float* sval,
+                                    const float* bias, int act, float* scratch, long T, int out, int in, int b,
+                                    int nf, int k, long p0, long p1) {
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     float* yh = scratch;
     float* yt = scratch + (size_t)rows * TL;
@@ -313,8 +348,15 @@ AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const fl
         int nt = T - t0 < TL ? (int)(T - t0) : TL;
         int nr = out - i * b < b ? out - i * b : b;
         const float* Xt = Xh + (size_t)tile * C * rows * TL;
-        sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), soff, sval, b);
-        for (int e = b * TL; e < rows * TL; e += 8) _mm256_storeu_ps(yh + e, _mm256_setzero_ps());
+        if (sstart) {
+            sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), soff, sval, b);
+            for (int e = b * TL; e < rows * TL; e += 8) _mm256_storeu_ps(yh + e, _mm256_setzero_ps());
+        } else {
+            for (int e = 0; e < rows * TL; e += 8) _mm256_storeu_ps(yh + e, _mm256_setzero_ps());
+            for (int j = 0; j < C; j++)
+                sparse_block(yh, Xt + (size_t)j * rows * TL, coeffs + ((size_t)i * C + j) * k, index, wide,
+                             ((long)i * C + j) * k, k, b);
+        }
         for (int j = 0; j < C; j++) {
             long blk = (long)i * C + j;
             const float* X = Xt + (size_t)j * rows * TL;

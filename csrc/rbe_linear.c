@@ -46,9 +46,10 @@ void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, c
                           const float* bias, int act, float* scratch, long T, int out, int in, int b, int nf, int k,
                           long p0, long p1) {
 #ifdef RBE_X86_KERNELS
-    if (sched && rbe_cpu_has_avx2()) {
-        rbe_rows_forward_f32_avx2(y, pre, Xnext, Xh, S, dct, basis, sched->start, sched->off, sched->val, bias, act, scratch,
-                                  T, out, in, b, nf, p0, p1);
+    if (rbe_cpu_has_avx2()) {
+        rbe_rows_forward_f32_avx2(y, pre, Xnext, Xh, S, dct, basis, coeffs, index, wide, sched ? sched->start : NULL,
+                                  sched ? sched->off : NULL, sched ? sched->val : NULL, bias, act, scratch, T, out, in,
+                                  b, nf, k, p0, p1);
         return;
     }
 #endif

@@ -333,7 +333,8 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
     const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
     const int64_t R = cdiv(W.out, P.b), ntiles = cdiv(Tn, RBE_TILE), rows = P.b + P.nf;
     const T* S = P.t.data_ptr<T>() + rows * P.b;
-    const Sched sc = make_sched<T>(W, P, false, false);
+    // one tile of tokens: the block-by-block product is cheaper than building the schedule
+    const Sched sc = ntiles > 1 ? make_sched<T>(W, P, false, false) : Sched();
     at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
         std::vector<T> s;
         scratch_for(s, P);

@@ -604,10 +604,14 @@ static void analysis_t(int f32, void* Xh, const void* x, const void* A, const vo
     if (f32) rbe_analysis_f32(Xh, x, A, dct, s, T, n, b, nf, p0, p1);
     else rbe_analysis_f64(Xh, x, A, dct, s, T, n, b, nf, p0, p1);
 }
+static int g_portable;  // mode 1: call the portable float32 kernels directly
 static void rows_t(int f32, const rbe_sched_f32* sc, void* y, void* pre, void* Xn, const void* Xh, const void* S, const void* dct,
                    const void* basis, const void* coeffs, const void* ix, int wide, const void* bias, int act, void* s,
                    long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    if (f32)
+    if (f32 && g_portable)
+        rbe_rows_forward_f32_portable(y, pre, Xn, Xh, S, dct, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k,
+                                      p0, p1);
+    else if (f32)
         rbe_rows_forward_f32(y, pre, Xn, Xh, S, dct, basis, coeffs, ix, wide, sc, bias, act, s, T, out, in, b, nf, k, p0, p1);
     else rbe_rows_forward_f64(y, pre, Xn, Xh, S, dct, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
 }
@@ -652,17 +656,20 @@ static double rel_err(const void* got, const void* ref, size_t n, int f32) {
     return e;
 }
 
-// mode 0: float64; 1: float32, portable kernels (no schedule); 2: float32 with the run-grouped
+// mode 0: float64; 1: float32, the portable kernels; 2: float32 through the dispatching entry points
+// without schedules (AVX2 block-by-block forward where the CPU has it); 3: with the run-grouped
 // schedules (the AVX2 kernels where the CPU has AVX2 + FMA)
 static void linear_case(int mode, long T, int out, int in, int b, int k, int wide) {
     const int f32 = mode > 0;
+    g_portable = mode == 1;
     const int R = cdiv(out, b), C = cdiv(in, b);
     const long nblk = (long)R * C, ntiles = (T + RBE_TILE - 1) / RBE_TILE;
     const size_t es = esize(f32), bb = (size_t)b * b;
     const double tol = f32 ? 1e-4 : 1e-10;
     char tag[96];
     snprintf(tag, sizeof tag, "%s T=%ld out=%d in=%d b=%d k=%d wide=%d",
-             mode == 0 ? "f64" : mode == 1 ? "f32 portable" : "f32 scheduled", T, out, in, b, k, wide);
+             mode == 0 ? "f64" : mode == 1 ? "f32 portable" : mode == 2 ? "f32 unscheduled" : "f32 scheduled", T, out,
+             in, b, k, wide);
 
     // plan as the Python layer builds it: tol 1e-15 for float64, 1e-9 for float32
     double* pland = xmalloc(sizeof(double) * 3 * (2 * b + 4) * b);
@@ -712,7 +719,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     float* rs_acc = xmalloc(sizeof(float) * nblk * k + 4);
     rbe_sched_f32 rsched = {rs_start, rs_off, rs_val, rs_pos, rs_acc}, csched = {cs_start, cs_off, cs_val, NULL, NULL};
     const rbe_sched_f32 *rsc = NULL, *csc = NULL;
-    if (mode == 2) {
+    if (mode == 3) {
         rbe_schedule_f32(rs_start, rs_off, rs_val, rs_pos, coeffs, ix, wide, 0, R, C, b, nf, k, 0, R);
         rbe_schedule_f32(cs_start, cs_off, cs_val, NULL, coeffs, ix, wide, 1, R, C, b, nf, k, 0, C);
         rsc = &rsched, csc = &csched;
@@ -817,7 +824,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
 
 static void test_linear(void) {
     printf("  (float32 scheduled kernels: %s)\n", rbe_cpu_has_avx2() ? "AVX2" : "portable fallback, no AVX2 here");
-    for (int mode = 0; mode <= 2; mode++) {
+    for (int mode = 0; mode <= 3; mode++) {
         linear_case(mode, 5, 37, 10, 8, 5, 0);
         linear_case(mode, 70, 20, 33, 16, 40, 0);    // two token tiles
         linear_case(mode, 1, 9, 6, 4, 16, 1);        // b = 4, every coefficient, int32 index
@@ -827,6 +834,7 @@ static void test_linear(void) {
         linear_case(mode, 64, 24, 24, 24, 20, 0);    // b = 24, full tile (vector transposes)
     }
     linear_case(0, 3, 20, 260, 256, 50, 1);  // b = 256 (int32 index), wide edge
+    linear_case(3, 65, 20, 260, 256, 50, 1);
     linear_case(2, 65, 20, 260, 256, 50, 1);
 }
 
