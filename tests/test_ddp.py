@@ -62,7 +62,8 @@ def index_buffer_names(model: nn.Module):
 def wrap_ddp(model: nn.Module, how: str) -> nn.Module:
     DDP = nn.parallel.DistributedDataParallel
     if how == "ignore_index":
-        DDP._set_params_and_buffers_to_ignore_for_model(model, index_buffer_names(model))
+        ignored = rbe_ffn.ddp_ignore_index(model)
+        assert set(index_buffer_names(model)) <= set(ignored)
         return DDP(model)
     if how == "broadcast_buffers_false":
         import warnings

@@ -9,12 +9,13 @@ from . import _ops
 from ._ops import get_plan
 from .checkpoint import load_safetensors, save_safetensors
 from .codec import CompressedWeight, compress, decompress
+from .distributed import ddp_ignore_index
 from .functional import canonical_activation, rbe_feed_forward, rbe_linear
 from .modules import RBEFeedForward, RBELinear
 
 __all__ = [
     "CompressedWeight", "compress", "decompress", "RBELinear", "RBEFeedForward",
     "rbe_linear", "rbe_feed_forward", "canonical_activation", "get_plan",
-    "save_safetensors", "load_safetensors",
+    "save_safetensors", "load_safetensors", "ddp_ignore_index",
 ]
 __version__ = "0.1.0"
