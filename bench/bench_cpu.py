@@ -123,6 +123,35 @@ def codec_table(reps=3):
     return lines
 
 
+def peak_step_bytes(model, x):
+    """Peak of (bytes allocated - bytes freed) by torch's CPU allocator during one training step
+    (forward + backward), above the level at its start: from the profiler's memory events."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        model(x).sum().backward()
+
+    step()  # gradients exist afterwards in steady state; measure a second step like the first
+    for p in model.parameters():
+        p.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(x).sum().backward()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation:
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
 def saved_bytes(model, x):
     params = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
     total = 0
@@ -141,6 +170,7 @@ def saved_bytes(model, x):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the memory and codec tables")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=None, help="also write the markdown table here")
@@ -159,7 +189,7 @@ def main():
     ]
     print("\n".join(lines), flush=True)
     plot_data = []
-    for d_model, d_ff in shapes:
+    for d_model, d_ff in ([] if args.memory_only else shapes):
         for tokens in token_list:
             for k in k_list:
                 if (tokens != 1024 or (d_model, d_ff) != (768, 3072)) and k != 300:
@@ -178,17 +208,20 @@ def main():
     # memory figures
     d_model, d_ff, tokens = 768, 3072, 1024
     x = torch.randn(tokens, d_model, requires_grad=True)
-    lines += ["", "| module (768/3072, 1024 tokens) | weight bytes | saved for backward (bytes, params excluded) |",
-              "|---|---|---|"]
+    lines += ["", "| module (768/3072, 1024 tokens) | weight bytes | saved for backward (bytes, params excluded) "
+              "| peak memory of a training step (bytes above its start) |", "|---|---|---|---|"]
     dense = dense_ffn(d_model, d_ff)
     dbytes = sum(p.numel() * p.element_size() for n, p in dense.named_parameters() if n.endswith("weight"))
-    lines.append(f"| dense | {dbytes} | {saved_bytes(dense, x)} |")
+    lines.append(f"| dense | {dbytes} | {saved_bytes(dense, x)} | {peak_step_bytes(dense, x)} |")
     for k in (100, 300, 1000):
         for ck in (False, True):
             m = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", k=k, checkpoint=ck)
             lines.append(f"| RBE k={k} checkpoint={ck} | {m.weight_nbytes} ({dbytes / m.weight_nbytes:.1f}x smaller) "
-                         f"| {saved_bytes(m, x)} |")
-    print("\n".join(lines[-8:]))
+                         f"| {saved_bytes(m, x)} | {peak_step_bytes(m, x)} |")
+    m = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", k=300, checkpoint=True, memory_limit_mb=8)
+    lines.append(f"| RBE k=300 checkpoint=True memory_limit_mb=8 | {m.weight_nbytes} | {saved_bytes(m, x)} "
+                 f"| {peak_step_bytes(m, x)} |")
+    print("\n".join(lines[-10:]))
     codec = codec_table()
     print("\n".join(codec))
     lines += codec
