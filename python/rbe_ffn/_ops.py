@@ -46,7 +46,8 @@ _PLANS: dict = {}
 
 
 def get_plan(block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The [2, b+nf, b] analysis/synthesis tables of a block size (cached)."""
+    """The [3, b+nf, b] tables of a block size (analysis rows, synthesis rows, fast-DCT tables;
+    see csrc/rbe.h), cached per (block size, dtype, device) and never cast between dtypes."""
     device = torch.device(device)
     key = (int(block_size), dtype, device)
     plan = _PLANS.get(key)
