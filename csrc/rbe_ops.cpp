@@ -538,7 +538,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         // transform domain (fc1 writes fc2's analysed input directly)
         Tensor hid = saved ? at::empty({cn, d_ff}, opt) : Tensor();
         Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);
-        Tensor Xh2 = saved ? Tensor() : hidden_analysis(cn, d_ff, a.P, opt);
         Tensor dh = at::empty({cn, d_ff}, opt);
         const bool need1 = mask[0] || mask[1] || mask[2] || mask[3];
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
@@ -546,6 +545,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             const int acc = t0 > 0;
             const T* xc = a.x2.data_ptr<T>() + t0 * d_model;
             const T* h;
+            Tensor Xh2;  // checkpointed: fc2's input in the transform domain, freed before fc1's backward
             if (saved) {
                 h = pre2.data_ptr<T>() + t0 * d_ff;
                 T* hp = hid.data_ptr<T>();
@@ -553,6 +553,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                     act_forward(hp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
                 });
             } else {
+                Xh2 = hidden_analysis(n, d_ff, a.P, opt);
                 linear_raw<T>(nullptr, hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt,
                               nullptr, Xh2.data_ptr<T>());
                 h = hpre.data_ptr<T>();
@@ -561,6 +562,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                                    mask[5] ? dc2.data_ptr<T>() : nullptr, mask[6] ? dbias2.data_ptr<T>() : nullptr, acc,
                                    g2.data_ptr<T>() + t0 * d_model, saved ? hid.data_ptr<T>() : nullptr, n, a.W2, a.P,
                                    opt, saved ? nullptr : Xh2.data_ptr<T>());
+            Xh2.reset();  // so the chunk's peak is h, dh and one transform-domain copy (the memory limit's budget)
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
             at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {

@@ -135,6 +135,46 @@ def test_memory_limit_bounds_training_step():
     assert big > limit * MiB
 
 
+def peak_live_bytes(fn) -> int:
+    """Peak of bytes allocated minus bytes freed while fn() runs (profiler memory events, in time order)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation:
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def test_memory_limit_bounds_live_transients_of_a_step():
+    """Checkpointed and chunked, the transient buffers alive together in a training step (beyond
+    the output, the input gradient and the parameter gradients) stay under memory_limit_mb,
+    not just each allocation on its own."""
+    limit = 16
+    m = make_ffn(1024, 4096, 64, 300, checkpoint=True, memory_limit_mb=limit)
+    x = torch.randn(4096, 1024, requires_grad=True)
+    dy = torch.randn(4096, 1024)
+    assert 0 < m.chunk_tokens() < 4096
+
+    def step():
+        x.grad = None
+        for p in m.parameters():
+            p.grad = None
+        m(x).backward(dy)
+
+    step()
+    peak = peak_live_bytes(step)
+    outside = 2 * x.numel() * x.element_size() + sum(p.numel() * p.element_size() for p in m.parameters())
+    print(f"peak live {peak / MiB:.1f} MiB, of which transients {(peak - outside) / MiB:.1f} MiB (limit {limit})")
+    assert peak - outside <= limit * MiB
+
+
 def test_memory_limit_standard_mode_backward():
     """Standard mode saves the [T, d_ff] pre-activation in forward (by design); the backward
     must not allocate anything of that size again (chunked buffers only)."""
