@@ -37,12 +37,17 @@ tests/c/bin/test_kernels: tests/c/test_kernels.c $(wildcard csrc/*.c csrc/*.h)
 	mkdir -p tests/c/bin
 	$(CC) $(CTEST_FLAGS) -o $@ tests/c/test_kernels.c $(wildcard csrc/*.c) -lm
 
-# every .cu compiles to an object file wherever nvcc exists (no GPU needed)
+# every .cu compiles to an object file wherever nvcc exists (no GPU needed), and the CUDA
+# registration (cuda/*.cpp) passes a syntax check against torch's headers (a CPU-only torch
+# lacks one generated CUDA header: a stub stands in for it)
 cuda-check: $(VENV)/.deps
 	@if command -v nvcc >/dev/null 2>&1 && ls cuda/*.cu >/dev/null 2>&1; then \
-	  mkdir -p build/cuda-check; \
-	  inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))"); \
-	  for f in cuda/*.cu; do echo "nvcc -c $$f"; nvcc -std=c++17 -O2 -Icsrc -Icuda $$inc -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; done; \
+	  mkdir -p build/cuda-check build/cuda-stub/c10/cuda/impl; \
+	  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > build/cuda-stub/c10/cuda/impl/cuda_cmake_macros.h; \
+	  cuinc=$$(nvcc -dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$$ INCLUDES="\([^"]*\)".*/\1/p' | head -1); \
+	  inc=$$($(PY) -c "import sysconfig; from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths() + [sysconfig.get_paths()['include']]))"); \
+	  for f in cuda/*.cu; do echo "nvcc -c $$f"; nvcc -std=c++20 -O2 -Icsrc -Icuda -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; done; \
+	  for f in cuda/*.cpp; do echo "c++ -fsyntax-only $$f"; $(CXX) -std=c++20 -fsyntax-only -Wall -Wno-unused-parameter -Icsrc -Icuda $$cuinc -Ibuild/cuda-stub $$inc $$f || exit 1; done; \
 	else echo "cuda-check: nvcc or cuda/*.cu absent, nothing to compile"; fi
 
 bench: $(SO)

@@ -6,8 +6,12 @@ the C++ operator registration, and CUDA kernels when torch has CUDA and nvcc exi
 import ctypes.util
 import glob
 import os
+import re
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
+import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -27,9 +31,38 @@ ext_sources = ["csrc/rbe_ops.cpp"]
 ext_cls = cpp_extension.CppExtension
 extra = {"cxx": CXX_FLAGS}
 
-with_cuda = cpp_extension.CUDA_HOME is not None and __import__("torch").cuda.is_available() or (
-    os.environ.get("RBE_FFN_FORCE_CUDA") == "1")
-if with_cuda and glob.glob("cuda/*.cu") and __import__("torch").version.cuda is not None:
+
+def nvcc_version(cuda_home):
+    """'major.minor' of the nvcc under cuda_home, or None."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def want_cuda():
+    """Build the CUDA kernels when torch has CUDA and nvcc is found (RBE_FFN_NO_CUDA=1: never).
+    A GPU is not needed to build; TORCH_CUDA_ARCH_LIST picks the architectures (else the
+    visible GPU's, as torch.utils.cpp_extension does)."""
+    if os.environ.get("RBE_FFN_NO_CUDA") == "1" or torch.version.cuda is None:
+        return False
+    if cpp_extension.CUDA_HOME is None:
+        print(f"rbe_ffn: torch {torch.__version__} has CUDA {torch.version.cuda} but no nvcc was found "
+              "(set CUDA_HOME): building the CPU operators only", file=sys.stderr)
+        return False
+    found = nvcc_version(cpp_extension.CUDA_HOME)
+    if found is None or found.split(".")[0] != torch.version.cuda.split(".")[0]:
+        sys.exit(f"rbe_ffn: the nvcc in {cpp_extension.CUDA_HOME} is CUDA {found}, but torch {torch.__version__} "
+                 f"was built with CUDA {torch.version.cuda}; the CUDA kernels must be built with a matching "
+                 "toolkit. Point CUDA_HOME at CUDA " + torch.version.cuda.split(".")[0] + ".x, or set "
+                 "RBE_FFN_NO_CUDA=1 to build the CPU operators only.")
+    return True
+
+
+if want_cuda():
     ext_sources += sorted(glob.glob("cuda/*.cu")) + sorted(glob.glob("cuda/*.cpp"))
     ext_cls = cpp_extension.CUDAExtension
     extra["nvcc"] = ["-O3"]
@@ -45,11 +78,11 @@ setup(
         ext_cls(
             "rbe_ffn._C",
             ext_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "cuda")],
             extra_compile_args=extra,
             libraries=link_libs,
             extra_link_args=link_args,
-            depends=c_sources + glob.glob("csrc/*.h"),  # relink when a kernel changes
+            depends=c_sources + glob.glob("csrc/*.h") + glob.glob("cuda/*.h"),  # relink when a kernel changes
             py_limited_api=False,
         )
     ],
