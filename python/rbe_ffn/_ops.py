@@ -207,3 +207,30 @@ def _activation_bwd(ctx, grad):
 
 
 torch.library.register_autograd("rbe_ffn::activation", _first_order_only(_activation_bwd), setup_context=_activation_setup)
+
+
+# ---------------------------------------------------------------- autocast (CUDA)
+def _autocast_cuda(op):
+    """The AutocastCUDA kernel of a forward operator: under torch.autocast("cuda"), every
+    float32/half CUDA tensor argument (input, parameters, plan) is cast to the autocast
+    dtype, as autocast does for matmul-like ops (float64 stays float64), and the op runs
+    in that dtype (its products accumulate in float32). Backward needs no kernel of its
+    own: autograd carries the half-precision gradients back through the casts."""
+
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype("cuda")
+
+        def cast(a):
+            if isinstance(a, torch.Tensor) and a.is_cuda and a.is_floating_point() and a.dtype != torch.float64:
+                return a.to(dtype)
+            return a
+
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)):
+            return op(*[cast(a) for a in args])
+
+    return kernel
+
+
+_autocast_lib = torch.library.Library("rbe_ffn", "IMPL")
+for _name in ("linear", "ffn"):
+    _autocast_lib.impl(_name, _autocast_cuda(getattr(ops, _name).default), "AutocastCUDA")
