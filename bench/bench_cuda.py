@@ -1,0 +1,147 @@
+"""GPU benchmark: dense nn.Sequential(Linear, GELU, Linear) against RBEFeedForward on CUDA.
+
+Both run in the same process, interleaved (dense, RBE, dense, RBE, ...), timed with CUDA
+events; we report medians and the ratio dense time / RBE time (> 1: RBE is faster).
+Modes: forward (no grad), backward alone (the forward that builds the graph is not timed),
+full training step (forward + backward). The input requires grad, so every backward also
+computes dL/dx. Peak memory: the most memory a training step allocates above what it
+started with (torch.cuda.max_memory_allocated), for the dense module and for RBE
+(standard and checkpointed).
+
+    python bench/bench_cuda.py                      # the README table (float32 and bfloat16)
+    python bench/bench_cuda.py --quick              # 768/3072 only
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+import torch
+from torch import nn
+
+import rbe_ffn
+
+SHAPES = [(768, 3072), (1024, 4096), (4096, 11008)]
+TOKENS = [1, 64, 1024, 4096, 16384]
+
+
+def dense_ffn(d_model, d_ff):
+    return nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+
+
+def runner(model, x, mode):
+    params = list(model.parameters())
+
+    def zero():
+        for p in params:
+            p.grad = None
+        x.grad = None
+
+    if mode == "forward":
+        def run(start, end):
+            with torch.no_grad():
+                start.record()
+                model(x)
+                end.record()
+    elif mode == "backward":
+        def run(start, end):
+            zero()
+            y = model(x)
+            g = torch.ones_like(y)
+            start.record()
+            y.backward(g)
+            end.record()
+    else:
+        def run(start, end):
+            zero()
+            start.record()
+            model(x).float().sum().backward()
+            end.record()
+    return run
+
+
+def timed(run):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    run(start, end)
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def peak_step_mib(model, x):
+    for p in model.parameters():
+        p.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model(x).float().sum().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench(dense, rbe, tokens, reps, warmup):
+    x = torch.randn(tokens, dense[0].in_features, device="cuda", dtype=dense[0].weight.dtype, requires_grad=True)
+    row = {}
+    for mode in ("forward", "backward", "step"):
+        runs = {"dense": runner(dense, x, mode), "rbe": runner(rbe, x, mode)}
+        times = {n: [] for n in runs}
+        for i in range(warmup + reps):
+            for name, run in runs.items():
+                t = timed(run)
+                if i >= warmup:
+                    times[name].append(t)
+        row[mode] = {n: statistics.median(v) for n, v in times.items()}
+    row["mem_dense"] = peak_step_mib(dense, x)
+    row["mem_rbe"] = peak_step_mib(rbe, x)
+    rbe.checkpoint = True
+    row["mem_rbe_ckpt"] = peak_step_mib(rbe, x)
+    rbe.checkpoint = False
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--k", type=int, default=300)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    args = ap.parse_args()
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    name = torch.cuda.get_device_name()
+    lines = [f"GPU: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+             f"{datetime.date.today().isoformat()}; b={args.block_size}, k={args.k}; "
+             f"median of {args.reps} interleaved runs (CUDA events); ratio = dense time / RBE time; "
+             f"TF32 matmul: {torch.backends.cuda.matmul.allow_tf32}", "",
+             "| dtype | d_model x d_ff | tokens | fwd dense ms | fwd RBE ms | fwd ratio | bwd dense ms | bwd RBE ms "
+             "| bwd ratio | step dense ms | step RBE ms | step ratio | step peak MiB dense / RBE / RBE ckpt |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for dt in args.dtypes.split(","):
+        dtype = getattr(torch, dt)
+        for d_model, d_ff in shapes:
+            torch.manual_seed(0)
+            dense = dense_ffn(d_model, d_ff).to("cuda", dtype)
+            rbe = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=args.block_size, k=args.k,
+                                         device="cuda").to(dtype)
+            for tokens in TOKENS:
+                r = bench(dense, rbe, tokens, args.reps, args.warmup)
+                cells = [dt, f"{d_model} x {d_ff}", str(tokens)]
+                for mode in ("forward", "backward", "step"):
+                    d, q = r[mode]["dense"], r[mode]["rbe"]
+                    cells += [f"{d:.3f}", f"{q:.3f}", f"{d / q:.2f}x"]
+                cells.append(f"{r['mem_dense']:.0f} / {r['mem_rbe']:.0f} / {r['mem_rbe_ckpt']:.0f}")
+                line = "| " + " | ".join(cells) + " |"
+                lines.append(line)
+                print(line, flush=True)
+            del dense, rbe
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
