@@ -202,6 +202,27 @@ def test_bert_lossless():
     assert rel(a, b) < 1e-10
 
 
+def test_roberta_lossless_and_unknown_pair_left_alone():
+    from transformers import ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
+    small = dict(hidden_size=40, num_hidden_layers=1, num_attention_heads=4, intermediate_size=72,
+                 vocab_size=VOCAB, max_position_embeddings=40)
+    torch.manual_seed(0)
+    m = boost_mlps(RobertaModel(RobertaConfig(**small, pad_token_id=1)).double().eval())
+    ref = copy.deepcopy(m)
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=64)
+    assert [l.layout for l in rep] == ["RobertaIntermediate+RobertaOutput"]
+    x = ids() % (VOCAB - 2) + 2  # clear of the padding id
+    assert rel(m(x).last_hidden_state, ref(x).last_hidden_state) < 1e-10
+    # the same layout under a class pair not in the known list: reported, not guessed
+    e = ElectraModel(ElectraConfig(**small, embedding_size=40)).double().eval()
+    inter = e.encoder.layer[0].intermediate
+    rep = rbe_ffn.replace_mlp(e, block_size=8, k=64)
+    assert len(rep) == 0 and e.encoder.layer[0].intermediate is inter
+    [a] = rep.left_alone
+    assert a.path == "encoder.layer.0.intermediate" and a.type_name == "ElectraIntermediate+ElectraOutput"
+    assert "not a class pair known" in a.reason
+
+
 @pytest.mark.parametrize("act,ours", [("relu", "relu"), ("gelu_new", "gelu_tanh"), ("silu", "silu")])
 def test_bert_activations(act, ours):
     m = bert(layers=1, act=act)

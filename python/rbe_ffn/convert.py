@@ -111,7 +111,8 @@ _OURS = (RBEFeedForward, RBELinear, RBEGPT2MLP, RBEBertIntermediate, RBEBertOutp
 @dataclass
 class ConvertedLayer:
     """One converted MLP block. Errors are relative Frobenius norms: ``error_fc1`` and ``error_fc2``
-    are ||W - decoded|| / ||W|| of the two matrices (the encoder's exact figure);
+    are ||W - decoded|| / ||W|| of the two matrices (the encoder's exact figure, at conversion: a
+    distillation afterwards changes the matrices and is judged by the output errors instead);
     ``output_error_before/after`` are ||FFN_rbe(x) - FFN_dense(x)|| / ||FFN_dense(x)|| on held-out
     samples, before and after distillation (None without distillation). Bytes count the two weight
     matrices only (dense: at the model's dtype; RBE: basis + coeffs + index), biases excluded."""
@@ -182,8 +183,9 @@ class ConversionReport:
         head = (f"replace_mlp: {len(self.layers)} converted, {len(self.left_alone)} left alone, "
                 f"{len(self.skipped)} skipped")
         if self.layers:
+            ratio = self.dense_bytes / self.rbe_bytes
             head += (f"; weights {self.dense_bytes:,} B -> {self.rbe_bytes:,} B "
-                     f"({self.dense_bytes / self.rbe_bytes:.2f}x smaller)")
+                     + (f"({ratio:.2f}x smaller)" if ratio >= 1 else f"({1 / ratio:.2f}x larger)"))
         lines = [head]
         if self.layers:
             distilled = any(l.output_error_before is not None for l in self.layers)
@@ -572,10 +574,11 @@ def _distill(pairs, samples, cfg: Distill):
             raise ValueError(f"distill: {block.path} has {x.shape[0]} sample(s); at least 2 are needed "
                              f"(one to train on, one held out)")
         work.append((block, ffn, rec, x))
-    g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=cfg.steps * len(work), desc="distill", disable=not cfg.progress)
     try:
-        for block, ffn, rec, x in work:
+        for n, (block, ffn, rec, x) in enumerate(work):
+            # one generator per block: its held-out split and batches do not depend on the other blocks
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n)
             p = ffn.fc1.coeffs
             x = x.to(device=p.device, dtype=p.dtype)
             perm = torch.randperm(x.shape[0], generator=g).to(x.device)
