@@ -347,6 +347,7 @@ def test_unknown_layouts_left_alone():
     sd = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("good.")}
     rep = rbe_ffn.replace_mlp(model, block_size=8, k=5)
     assert [l.path for l in rep] == ["good"]
+    assert all(isinstance(a, LeftAlone) for a in rep.left_alone)
     reasons = {a.path: (a.type_name, a.reason) for a in rep.left_alone}
     assert set(reasons) == {"gated", "tanh", "with_dropout", "widths", "half_bias"}
     assert reasons["gated"][0] == "GatedMLP" and "gated MLP" in reasons["gated"][1]
@@ -574,6 +575,11 @@ def test_distill_activations_reduce_heldout_error():
     rep = rbe_ffn.replace_mlp(m, block_size=8, k=12,
                               distill=dict(inputs={"1.mlp": train["1.mlp"]}, steps=5, progress=False))
     assert rep["0.mlp"].output_error_before is None and rep["1.mlp"].output_error_after is not None
+    # samples of a skipped block are not used (and do not make the dict look like model arguments)
+    m = seq_model(d=24, f=40)
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=12, skip=["0.mlp"],
+                              distill=dict(inputs={"0.mlp": train["0.mlp"]}, steps=5, progress=False))
+    assert [l.path for l in rep] == ["1.mlp"] and rep[0].output_error_before is None
 
 
 def test_distill_gpt2_from_model_inputs():

@@ -536,8 +536,10 @@ def _capture_inputs(model, blocks, inputs):
     return {p: torch.cat(xs) for p, xs in seen.items() if xs}
 
 
-def _samples(model, blocks, inputs):
-    paths = {b.path for b in blocks}
+def _samples(model, blocks, inputs, known_paths):
+    """Sample inputs per block path: given as activations, or captured from the model. `known_paths`
+    (every recognized block, converted or not) decides whether a dict holds activations."""
+    paths = set(known_paths)
     if isinstance(inputs, dict) and inputs and all(isinstance(k, str) for k in inputs):
         hits = [k for k in inputs if k in paths]
         if hits and len(hits) != len(inputs):
@@ -546,7 +548,7 @@ def _samples(model, blocks, inputs):
                              f"block path or keyword arguments for the model")
         if hits:
             out = {}
-            for k, x in inputs.items():
+            for k, x in inputs.items():  # entries of blocks left alone or skipped are not used
                 if not isinstance(x, torch.Tensor):
                     raise TypeError(f"distill inputs[{k!r}] must be a tensor, got {type(x).__name__}")
                 out[k] = x.detach().reshape(-1, x.shape[-1])
@@ -657,7 +659,7 @@ def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation
         else:
             todo.append(b)
 
-    samples = _samples(model, todo, cfg.inputs) if cfg is not None and todo else {}
+    samples = _samples(model, todo, cfg.inputs, [b.path for b in blocks]) if cfg is not None and todo else {}
 
     pairs = []
     for b in todo:
