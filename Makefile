@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DEPS   := torch==2.13.0 numpy pytest tqdm safetensors matplotlib
+DEPS   := torch==2.13.0 numpy pytest tqdm safetensors matplotlib transformers
 SRC    := $(wildcard csrc/*.c csrc/*.h csrc/*.cpp cuda/*.cu cuda/*.cpp cuda/*.h) setup.py
 SO     := python/rbe_ffn/.built
 
