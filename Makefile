@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DEPS   := torch==2.13.0 numpy pytest tqdm safetensors matplotlib transformers
+DEPS   := torch==2.13.0 numpy pytest tqdm safetensors matplotlib transformers==5.24.0
 SRC    := $(wildcard csrc/*.c csrc/*.h csrc/*.cpp cuda/*.cu cuda/*.cpp cuda/*.h) setup.py
 SO     := python/rbe_ffn/.built
 
@@ -15,7 +15,7 @@ example: $(SO)
 
 test: ctest cuda-check pytest
 
-$(VENV)/.deps:
+$(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check $(DEPS)
 	$(PY) -c "import sysconfig, os; open(os.path.join(sysconfig.get_paths()['purelib'], 'rbe_ffn_src.pth'), 'w').write(os.path.abspath('python') + '\n')"
