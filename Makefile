@@ -1,5 +1,5 @@
 # rbe_ffn: the two commands of the README, and what they need.
-#   make example   set up (venv, torch 2.13.0 CPU, build) and run the main example
+#   make example   set up (venv, torch 2.13.0 CPU, build) and run the main example (examples/train_char_lm.py)
 #   make test      set up, then C kernel tests under ASan/UBSan, CUDA compile check, pytest
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +11,7 @@ SO     := python/rbe_ffn/.built
 .PHONY: example test ctest cuda-check pytest bench clean
 
 example: $(SO)
-	$(PY) examples/train_toy_transformer.py
+	$(PY) examples/train_char_lm.py
 
 test: ctest cuda-check pytest
 

@@ -1,0 +1,55 @@
+"""Smoke test of examples/train_char_lm.py: its main function, in-process, with tiny settings
+(2 layers, d_model 64, 3 steps, 0.1 MB of corpus). Checks the CSV, PNG and summary are written,
+the losses are finite, and checkpoint=True saves less for backward than checkpoint=False."""
+import csv
+import importlib.util
+import math
+import os
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("train_char_lm", os.path.join(ROOT, "examples", "train_char_lm.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_train_char_lm_smoke(tmp_path):
+    ex = load_example()
+    threads = torch.get_num_threads()
+    try:
+        res = ex.main(["--quick", "--steps", "3", "--eval-every", "2", "--corpus-mb", "0.1", "--eval-windows", "4",
+                       "--time-reps", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+
+    with open(tmp_path / "char_lm.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "arm", "train_loss", "val_loss", "train_seconds", "wall_seconds"]
+    arms = ("dense", "rbe", "dense-small")
+    assert {r["arm"] for r in rows} == set(arms)
+    for arm in arms:  # evaluated at steps 0, 2 and 3 (the last)
+        assert [int(r["step"]) for r in rows if r["arm"] == arm] == [0, 2, 3]
+    for r in rows:
+        assert math.isfinite(float(r["val_loss"])) and 0 < float(r["val_loss"]) < 10
+        if int(r["step"]) > 0:
+            assert math.isfinite(float(r["train_loss"]))
+            assert float(r["train_seconds"]) > 0
+    with open(tmp_path / "char_lm.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    summary = (tmp_path / "char_lm_summary.md").read_text()
+    for name in ("| dense |", "| rbe |", "| rbe, checkpoint=False |", "| dense-small |"):
+        assert name in summary
+
+    # the RBE arm has 1/8 of the dense FFN weight parameters, dense-small the same as RBE
+    w = {a: res["counts"][a][0] for a in arms}
+    assert w["dense"] == 8 * w["rbe"] and w["dense-small"] == w["rbe"]
+    assert all(math.isfinite(v) for v in res["final_val"].values())
+    assert res["same_forward"]
+    mem = res["memory"]  # (saved bytes, of which inside the FFNs, profiler peak)
+    assert mem["rbe"][1] < mem["rbe, checkpoint=False"][1] < mem["dense"][1]
+    assert mem["rbe"][0] < mem["rbe, checkpoint=False"][0]
