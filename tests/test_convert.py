@@ -376,6 +376,34 @@ def test_gpt2_unsupported_activation_left_alone(act):
     assert len(rep) == 1 and rep[0].activation == "relu"
 
 
+@pytest.mark.parametrize("middle", ["linear", "layernorm", "dropout", "identity"])
+def test_activation_override_never_drops_a_middle_layer(middle):
+    """activation= names the function of an unrecognized activation; it must not turn
+    Sequential(Linear, <not an activation>, Linear) into an FFN that silently drops the middle."""
+    mid = {"linear": nn.Linear(32, 32), "layernorm": nn.LayerNorm(32), "dropout": nn.Dropout(0.1),
+           "identity": nn.Identity()}[middle]
+    model = nn.Sequential(nn.Sequential(nn.Linear(16, 32), mid, nn.Linear(32, 16)))
+    block = model[0]
+    rep = rbe_ffn.replace_mlp(model, block_size=8, k=64, activation="gelu")
+    assert len(rep) == 0 and model[0] is block
+    [a] = rep.left_alone
+    assert type(mid).__name__ in a.reason and "not an activation" in a.reason
+
+
+def test_activation_override_of_an_unrecognized_activation():
+    class Act(nn.Module):  # a user's own parameter-free activation
+        def forward(self, x):
+            return torch.nn.functional.silu(x)
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(16, 32), Act(), nn.Linear(32, 16))).double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    want = model(x)
+    assert len(rbe_ffn.replace_mlp(model, block_size=8, k=64)) == 0  # not recognized: left alone
+    rep = rbe_ffn.replace_mlp(model, block_size=8, k=64, activation="silu")
+    assert len(rep) == 1 and isinstance(model[0], rbe_ffn.RBEFeedForward)
+    torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-10)
+
+
 def test_llama_mlp_left_alone():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)

@@ -388,6 +388,12 @@ def _match_sequential(m, path, parent, name):
     if problem:
         return LeftAlone(path, tname, problem)
     activation, source = _activation_of(act)
+    if activation is None:  # `activation=` may name an unrecognized activation, never replace other layers
+        if any(True for _ in act.parameters()) or any(True for _ in act.buffers()):
+            return LeftAlone(path, tname, f"the middle module {source} has parameters or buffers: not an activation")
+        if isinstance(act, nn.Module) and type(act).__module__.startswith("torch.nn.") and \
+                type(act).__module__ != "torch.nn.modules.activation":
+            return LeftAlone(path, tname, f"the middle module {source} is not an activation")
 
     def install(ffn):
         ffn.train(m.training)
