@@ -32,6 +32,9 @@ ext_cls = cpp_extension.CppExtension
 extra = {"cxx": CXX_FLAGS}
 
 
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"  # A100, RTX 30xx, L4/RTX 40xx, H100/H200 (+ PTX for newer)
+
+
 def nvcc_version(cuda_home):
     """'major.minor' of the nvcc under cuda_home, or None."""
     try:
@@ -63,6 +66,11 @@ def want_cuda():
 
 
 if want_cuda():
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        # torch.utils.cpp_extension reads the architecture off the visible GPU and fails without one
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        print(f"rbe_ffn: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for {DEFAULT_ARCHS}",
+              file=sys.stderr)
     ext_sources += sorted(glob.glob("cuda/*.cu")) + sorted(glob.glob("cuda/*.cpp"))
     ext_cls = cpp_extension.CUDAExtension
     extra["nvcc"] = ["-O3"]

@@ -19,6 +19,8 @@ PROBE = textwrap.dedent("""
     sys.argv = ["setup.py", "--name"]
     runpy.run_path("setup.py", run_name="__main__")
     print("EXT", "cuda" if any(s.endswith(".cu") for s in seen["ext_modules"][0].sources) else "cpu")
+    import os
+    print("ARCHS", os.environ.get("TORCH_CUDA_ARCH_LIST"))
 """)
 
 
@@ -31,9 +33,9 @@ def fake_cuda_home(tmp_path, release):
     return str(home)
 
 
-def run(torch_cuda, cuda_home, **env):
+def run(torch_cuda, cuda_home, env=None, **extra):
     return subprocess.run([sys.executable, "-c", PROBE, torch_cuda, cuda_home], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **env})
+                          text=True, timeout=120, env={**(os.environ if env is None else env), **extra})
 
 
 def test_version_mismatch_stops_with_a_clear_message(tmp_path):
@@ -43,9 +45,14 @@ def test_version_mismatch_stops_with_a_clear_message(tmp_path):
 
 
 def test_matching_nvcc_builds_cuda(tmp_path):
-    r = run("13.0", fake_cuda_home(tmp_path, "13.0"))
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    r = run("13.0", fake_cuda_home(tmp_path, "13.0"), env=env)
     assert r.returncode == 0, r.stderr
     assert "EXT cuda" in r.stdout
+    # no GPU visible here: a default architecture list instead of torch's failing guess
+    assert "ARCHS 8.0;8.6;8.9;9.0+PTX" in r.stdout and "TORCH_CUDA_ARCH_LIST unset" in r.stderr
+    r = run("13.0", fake_cuda_home(tmp_path / "b", "13.0"), env={**env, "TORCH_CUDA_ARCH_LIST": "9.0"})
+    assert "ARCHS 9.0" in r.stdout  # the user's choice is kept
 
 
 def test_cpu_builds(tmp_path):
