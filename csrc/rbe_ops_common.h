@@ -32,7 +32,7 @@ inline void check_float(const Tensor& t, const char* name, bool half_ok = false)
     const bool half = s == at::kHalf || s == at::kBFloat16;
     TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || (half && half_ok), "rbe_ffn: ", name,
                      " must be float32 or float64", half_ok ? " (or float16/bfloat16)" : "", ", got ", s,
-                     half && !half_ok ? " (float16 and bfloat16 are supported on CUDA tensors only)" : "");
+                     half && !half_ok ? " (float16 and bfloat16: only the CUDA linear, feed-forward, decode and activation operators)" : "");
 }
 
 inline void check_block_size(int64_t b) {

@@ -50,6 +50,13 @@ def test_non_float_input(dtype):
                                  (m.fc2.basis, m.fc2.coeffs, m.fc2.index, m.fc2.bias), 10, 37, 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu_says_cuda_only(dtype):
+    m = make().to(dtype)  # a consistent half-precision module: its dtype is not the problem, the CPU is
+    with pytest.raises(TypeError, match="float32 or float64.*only the CUDA"):
+        m(torch.ones(3, 10, dtype=dtype))
+
+
 def test_mixed_dtypes():
     m = make()  # float32
     with pytest.raises(TypeError, match=r"input dtype torch.float64 does not match the layer's dtype torch.float32"):
