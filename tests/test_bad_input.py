@@ -57,6 +57,15 @@ def test_half_precision_on_cpu_says_cuda_only(dtype):
         m(torch.ones(3, 10, dtype=dtype))
 
 
+@pytest.mark.parametrize("module", ["ffn", "linear"])
+def test_input_on_another_device_than_the_layer(module):
+    # a layer on the meta device stands in for a CUDA layer given a CPU input (no GPU here)
+    m = rbe_ffn.RBEFeedForward(10, 37, block_size=8, k=5, device="meta")
+    layer = m if module == "ffn" else m.fc1
+    with pytest.raises(ValueError, match="input is on cpu but the layer is on meta"):
+        layer(torch.ones(3, 10))
+
+
 def test_mixed_dtypes():
     m = make()  # float32
     with pytest.raises(TypeError, match=r"input dtype torch.float64 does not match the layer's dtype torch.float32"):

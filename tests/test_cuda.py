@@ -414,6 +414,8 @@ def test_bad_input_cuda():
         m.fc1.index[2, 1] = 64 * 64  # out of range (b = 8)
     with pytest.raises(IndexError, match="index is corrupted"):
         m(x)
+    with pytest.raises(ValueError, match="input is on cpu but the layer is on cuda"):
+        m(torch.randn(3, 16))  # forgot x.cuda()
     lin = rbe_ffn.RBELinear(16, 40, block_size=8, k=5)
     with pytest.raises(ValueError, match="device"):
         ops.linear(x, lin.plan.cuda(), lin.basis, lin.coeffs, lin.index, None, 16, 40)

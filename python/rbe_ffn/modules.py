@@ -20,10 +20,15 @@ def _pattern_energy(block_size: int) -> float:
     return phi.pow(2).sum().item() / (block_size * block_size)
 
 
-def _check_input_dtype(name: str, x, dtype: torch.dtype) -> None:
-    """A float32/float64 input of the other dtype than the layer's: say so plainly (the operator
-    would complain about its internal plan tensor, which the user never created). Other
-    dtypes (int, half, ...) are left to the operator: "must be float32 or float64"."""
+def _check_input(name: str, x, weight: torch.Tensor) -> None:
+    """An input on another device than the layer, or float32/float64 of the other dtype: say so
+    plainly (the operator would complain about its internal plan tensor, which the user never
+    created, or with a CUDA-internal message for a CPU input to a CUDA layer). Other dtypes
+    (int, half, ...) are left to the operator: "must be float32 or float64"."""
+    dtype = weight.dtype
+    if isinstance(x, torch.Tensor) and x.device != weight.device:
+        raise ValueError(f"{name}: input is on {x.device} but the layer is on {weight.device}; move the input "
+                         f"(x.to({str(weight.device)!r})) or the module")
     if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and x.dtype != dtype:
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's dtype {dtype}; "
                         f"convert the input or the module (e.g. module.to({x.dtype}))")
@@ -164,7 +169,7 @@ class RBELinear(nn.Module):
         return cls.from_compressed(cw, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input_dtype("RBELinear", x, self.basis.dtype)
+        _check_input("RBELinear", x, self.basis)
         return ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias,
                           self.in_features, self.out_features)
 
@@ -262,7 +267,7 @@ class RBEFeedForward(nn.Module):
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input_dtype("RBEFeedForward", x, self.fc1.basis.dtype)
+        _check_input("RBEFeedForward", x, self.fc1.basis)
         chunk = self.chunk_tokens()
         f1, f2 = self.fc1, self.fc2
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
