@@ -33,14 +33,14 @@ int rbe_cpu_has_avx2(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-// out[i][t] (+)= sum_p L[i*li + p*lp] Rm[p][t] for i < n_out, p < P, t < TL.
+// out[i][t] (+)= sum_p L[i*li + p*lp] Rm[p][t] for i < n_out, p < P, t < nl (nl: 16 or TL lanes).
 // Rows of out are ldo floats apart, rows of Rm ldr apart; acc != 0 adds to out.
 AVX2 static void gemm_tile(float* restrict out, long ldo, int acc, const float* restrict L, long li, long lp,
-                           const float* restrict Rm, long ldr, int n_out, int P) {
+                           const float* restrict Rm, long ldr, int n_out, int P, int nl) {
     int i = 0;
     for (; i + 6 <= n_out; i += 6) {
         const float* l = L + (long)i * li;
-        for (int t = 0; t < TL; t += 16) {
+        for (int t = 0; t < nl; t += 16) {
             float* o = out + (long)i * ldo + t;
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
             __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
@@ -79,7 +79,8 @@ AVX2 static void gemm_tile(float* restrict out, long ldo, int acc, const float* 
     }
     for (; i < n_out; i++) {
         const float* l = L + (long)i * li;
-        for (int t = 0; t < TL; t += 32) {
+        int t = 0;
+        for (; t + 32 <= nl; t += 32) {
             float* o = out + (long)i * ldo + t;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             if (acc) a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8), a2 = _mm256_loadu_ps(o + 16),
@@ -95,6 +96,18 @@ AVX2 static void gemm_tile(float* restrict out, long ldo, int acc, const float* 
             _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2),
                 _mm256_storeu_ps(o + 24, a3);
         }
+        if (t < nl) {  // 16 lanes left
+            float* o = out + (long)i * ldo + t;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            if (acc) a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8);
+            for (int p = 0; p < P; p++) {
+                const float* r = Rm + (long)p * ldr + t;
+                __m256 w = _mm256_broadcast_ss(l + (long)p * lp);
+                a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r), a0);
+                a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + 8), a1);
+            }
+            _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1);
+        }
     }
 }
 
@@ -105,9 +118,9 @@ AVX2 static void gemm_tile(float* restrict out, long ldo, int acc, const float* 
  * all of them in gemm_tile; the scale factors are folded into the tables.
  * dct2: out rows ldo apart <- in [N][TL];  work: 2N rows of TL. */
 AVX2 static void dct2_tile(float* restrict out, long ldo, const float* restrict in, int N, const float* tab,
-                           float* restrict work) {
+                           float* restrict work, int nl) {
     if (N % 2 || N <= 2) {
-        gemm_tile(out, ldo, 0, tab, N, 1, in, TL, N, N);
+        gemm_tile(out, ldo, 0, tab, N, 1, in, TL, N, N, nl);
         return;
     }
     const int h = N / 2;
@@ -116,32 +129,32 @@ AVX2 static void dct2_tile(float* restrict out, long ldo, const float* restrict 
     for (int n = 0; n < h; n++) {
         const float* x0 = in + (long)n * TL;
         const float* x1 = in + (long)(N - 1 - n) * TL;
-        for (int t = 0; t < TL; t += 8) {
+        for (int t = 0; t < nl; t += 8) {
             __m256 u = _mm256_loadu_ps(x0 + t), v = _mm256_loadu_ps(x1 + t);
             _mm256_storeu_ps(a + (long)n * TL + t, _mm256_add_ps(u, v));
             _mm256_storeu_ps(d + (long)n * TL + t, _mm256_sub_ps(u, v));
         }
     }
-    gemm_tile(out + ldo, 2 * ldo, 0, tab, h, 1, d, TL, h, h);
-    dct2_tile(out, 2 * ldo, a, h, tab + (long)h * h, work + 2L * h * TL);
+    gemm_tile(out + ldo, 2 * ldo, 0, tab, h, 1, d, TL, h, h, nl);
+    dct2_tile(out, 2 * ldo, a, h, tab + (long)h * h, work + 2L * h * TL, nl);
 }
 
 // dct3 (the transpose): out [N][TL] <- in rows ldi apart
 AVX2 static void dct3_tile(float* restrict out, const float* restrict in, long ldi, int N, const float* tab,
-                           float* restrict work) {
+                           float* restrict work, int nl) {
     if (N % 2 || N <= 2) {
-        gemm_tile(out, TL, 0, tab, 1, N, in, ldi, N, N);
+        gemm_tile(out, TL, 0, tab, 1, N, in, ldi, N, N, nl);
         return;
     }
     const int h = N / 2;
     float* a = work;
     float* d = work + (long)h * TL;
-    dct3_tile(a, in, 2 * ldi, h, tab + (long)h * h, work + 2L * h * TL);
-    gemm_tile(d, TL, 0, tab, 1, h, in + ldi, 2 * ldi, h, h);
+    dct3_tile(a, in, 2 * ldi, h, tab + (long)h * h, work + 2L * h * TL, nl);
+    gemm_tile(d, TL, 0, tab, 1, h, in + ldi, 2 * ldi, h, h, nl);
     for (int n = 0; n < h; n++) {
         float* y0 = out + (long)n * TL;
         float* y1 = out + (long)(N - 1 - n) * TL;
-        for (int t = 0; t < TL; t += 8) {
+        for (int t = 0; t < nl; t += 8) {
             __m256 u = _mm256_loadu_ps(a + (long)n * TL + t), v = _mm256_loadu_ps(d + (long)n * TL + t);
             _mm256_storeu_ps(y0 + t, _mm256_add_ps(u, v));
             _mm256_storeu_ps(y1 + t, _mm256_sub_ps(u, v));
@@ -150,17 +163,22 @@ AVX2 static void dct3_tile(float* restrict out, const float* restrict in, long l
 }
 
 // Xh rows [0, b) = DCT of xt, rows [b, b+nf) = pattern projections P xt; xt: [b][TL]
+// (lanes [nl, TL) of Xh are set to zero: what zero-padded tokens would give, so every reader of a
+// transform-domain tile may take all TL lanes)
 AVX2 static void analyse_tile(float* restrict Xh, const float* restrict xt, const float* M, const float* dct, int b,
-                              int nf, float* restrict work) {
-    dct2_tile(Xh, TL, xt, b, dct, work);
-    gemm_tile(Xh + (long)b * TL, TL, 0, M + (long)b * b, b, 1, xt, TL, nf, b);
+                              int nf, float* restrict work, int nl) {
+    dct2_tile(Xh, TL, xt, b, dct, work, nl);
+    gemm_tile(Xh + (long)b * TL, TL, 0, M + (long)b * b, b, 1, xt, TL, nf, b, nl);
+    if (nl < TL)
+        for (int m = 0; m < b + nf; m++)
+            for (int t = nl; t < TL; t += 8) _mm256_storeu_ps(Xh + (long)m * TL + t, _mm256_setzero_ps());
 }
 
 // out [b][TL] = Psi^T H[0, b) + P^T H[b, b+nf)  (H: [b+nf][TL], M = [Psi; P])
 AVX2 static void synthesise_tile(float* restrict out, const float* restrict H, const float* M, const float* dct, int b,
-                                 int nf, float* restrict work) {
-    dct3_tile(out, H, TL, b, dct, work);
-    gemm_tile(out, TL, 1, M + (long)b * b, 1, b, H + (long)b * TL, TL, b, nf);
+                                 int nf, float* restrict work, int nl) {
+    dct3_tile(out, H, TL, b, dct, work, nl);
+    gemm_tile(out, TL, 1, M + (long)b * b, 1, b, H + (long)b * TL, TL, b, nf, nl);
 }
 
 // out[key][:] = sum over the key's entries e of val[e] * src[off[e]][:]  (keys [0, b))
@@ -191,9 +209,48 @@ AVX2 static void sparse_sched(float* restrict out, const float* restrict src, co
     }
 }
 
+// (16 lanes: the same, two registers per row)
+AVX2 static void sparse_sched16(float* restrict out, const float* restrict src, const int32_t* restrict start,
+                                const int32_t* restrict off, const float* restrict val, int b) {
+    for (int key = 0; key < b; key++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        const int e1 = start[key + 1];
+        for (int e = start[key]; e < e1; e++) {
+            const float* x = src + off[e];
+            __m256 c = _mm256_broadcast_ss(val + e);
+            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x), a0);
+            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8), a1);
+        }
+        float* o = out + (long)key * TL;
+        _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1);
+    }
+}
+
 // out[row][:] += cf[q] * in[col][:] for one block's coefficients (idx = row*b + col, ascending),
 // each row held in registers for its run: the sparse product without a schedule (a single
 // tile of tokens, where building the schedule would cost as much as the product)
+// (16 lanes: the same, two registers per row)
+AVX2 static void sparse_block16(float* restrict out, const float* restrict in, const float* restrict cf,
+                                const void* index, int wide, long base, int k, int b) {
+    const int16_t* i16 = (const int16_t*)index + base;
+    const int32_t* i32 = (const int32_t*)index + base;
+    int q = 0;
+    while (q < k) {
+        int idx = wide ? i32[q] : i16[q];
+        const int row = idx / b, end = (row + 1) * b;
+        float* o = out + (long)row * TL;
+        __m256 a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8);
+        do {
+            const float* x = in + (long)(idx - row * b) * TL;
+            __m256 c = _mm256_broadcast_ss(cf + q);
+            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x), a0);
+            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8), a1);
+            if (++q < k) idx = wide ? i32[q] : i16[q];
+        } while (q < k && idx < end);
+        _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1);
+    }
+}
+
 AVX2 static void sparse_block(float* restrict out, const float* restrict in, const float* restrict cf,
                               const void* index, int wide, long base, int k, int b) {
     const int16_t* i16 = (const int16_t*)index + base;
@@ -225,9 +282,9 @@ AVX2 static void sparse_block(float* restrict out, const float* restrict in, con
     }
 }
 
-AVX2 static inline void axpy64(float* restrict dst, float a, const float* restrict src) {
+AVX2 static inline void axpy_lanes(float* restrict dst, float a, const float* restrict src, int nl) {
     __m256 c = _mm256_set1_ps(a);
-    for (int t = 0; t < TL; t += 8)
+    for (int t = 0; t < nl; t += 8)
         _mm256_storeu_ps(dst + t, _mm256_fmadd_ps(c, _mm256_loadu_ps(src + t), _mm256_loadu_ps(dst + t)));
 }
 
@@ -238,10 +295,11 @@ AVX2 static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2 static inline float dot64(const float* restrict a, const float* restrict b) {
+// (lanes past nl are zero in one of the operands, so stopping there gives the same sum)
+AVX2 static inline float dot_lanes(const float* restrict a, const float* restrict b, int nl) {
     __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
     __m256 s1 = _mm256_mul_ps(_mm256_loadu_ps(a + 8), _mm256_loadu_ps(b + 8));
-    for (int t = 16; t < TL; t += 16) {
+    for (int t = 16; t < nl; t += 16) {
         s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + t), _mm256_loadu_ps(b + t), s0);
         s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + t + 8), _mm256_loadu_ps(b + t + 8), s1);
     }
@@ -264,6 +322,11 @@ AVX2 static inline void transpose8(__m256* r) {
     r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
+// Lanes a tile of nt tokens is computed on: a tile of at most 16 tokens (a few tokens at a time,
+// as in generation) takes 16 lanes, a quarter of the work; lanes past nt hold what zero-padded
+// tokens give, exactly as in a full-width tile, so results do not depend on the width.
+static inline int lanes(int nt) { return nt <= 16 ? 16 : TL; }
+
 // xt[c][t] = x[t0 + t][j*b + c], zero past nc columns / nt tokens; xt: [b, TL]
 AVX2 static void load_tile_t(float* restrict xt, const float* restrict x, long t0, int nt, int n, int j, int b, int nc) {
     const float* base = x + (size_t)t0 * n + (size_t)j * b;
@@ -277,7 +340,9 @@ AVX2 static void load_tile_t(float* restrict xt, const float* restrict x, long t
                 for (int q = 0; q < 8; q++) _mm256_storeu_ps(xt + (size_t)(c + q) * TL + t, r[q]);
             }
     for (int cc = c; cc < b; cc++)
-        for (int t = 0; t < TL; t++) xt[(size_t)cc * TL + t] = (cc < nc && t < nt) ? base[(size_t)t * n + cc] : 0.0f;
+        for (int t = 0; t < TL; t += 8) _mm256_storeu_ps(xt + (size_t)cc * TL + t, _mm256_setzero_ps());
+    for (int t = 0; t < nt; t++)
+        for (int cc = c; cc < nc; cc++) xt[(size_t)cc * TL + t] = base[(size_t)t * n + cc];
 }
 
 // y[t0 + t][c0 + r] = src[r][t] for r < nr, t < nt (src: [>= nr, TL], y rows ld apart)
@@ -305,32 +370,32 @@ AVX2 void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* A, const
         int nt = T - t0 < TL ? (int)(T - t0) : TL;
         int nc = n - j * b < b ? n - j * b : b;
         load_tile_t(scratch, x, t0, nt, n, j, b, nc);
-        analyse_tile(Xh + (size_t)p * rows * TL, scratch, A, dct, b, nf, scratch + (size_t)b * TL);
+        analyse_tile(Xh + (size_t)p * rows * TL, scratch, A, dct, b, nf, scratch + (size_t)b * TL, lanes(nt));
     }
 }
 
 // Y[a] += sum_e P[a][e] E[e]  (forward: a = synthesis row, e = analysis row)
-AVX2 static void pattern_forward(float* restrict Y, const float* restrict E, const float* pk, int nd) {
-    for (int t = 0; t < TL; t++) {
+AVX2 static void pattern_forward(float* restrict Y, const float* restrict E, const float* pk, int nd, int nl) {
+    for (int t = 0; t < nl; t++) {
         float e0 = E[t], e1 = E[TL + t], e2 = E[2 * TL + t], e3 = E[3 * TL + t];
         Y[t] += pk[0] * e0 + pk[2] * e1 + pk[3] * e2 + pk[5] * e3;
         Y[TL + t] += pk[2] * e0;
         Y[2 * TL + t] += pk[4] * e0 + pk[7] * e2;
         Y[3 * TL + t] += pk[6] * e0;
     }
-    for (int m = 0; m < nd; m++) axpy64(Y + (size_t)(RBE_NFIX + m) * TL, pk[1], E + (size_t)(RBE_NFIX + m) * TL);
+    for (int m = 0; m < nd; m++) axpy_lanes(Y + (size_t)(RBE_NFIX + m) * TL, pk[1], E + (size_t)(RBE_NFIX + m) * TL, nl);
 }
 
 // D[e] += sum_a P[a][e] G[a]  (the transpose of pattern_forward)
-AVX2 static void pattern_backward(float* restrict D, const float* restrict G, const float* pk, int nd) {
-    for (int t = 0; t < TL; t++) {
+AVX2 static void pattern_backward(float* restrict D, const float* restrict G, const float* pk, int nd, int nl) {
+    for (int t = 0; t < nl; t++) {
         float g0 = G[t], g1 = G[TL + t], g2 = G[2 * TL + t], g3 = G[3 * TL + t];
         D[t] += pk[0] * g0 + pk[2] * g1 + pk[4] * g2 + pk[6] * g3;
         D[TL + t] += pk[2] * g0;
         D[2 * TL + t] += pk[3] * g0 + pk[7] * g2;
         D[3 * TL + t] += pk[5] * g0;
     }
-    for (int m = 0; m < nd; m++) axpy64(D + (size_t)(RBE_NFIX + m) * TL, pk[1], G + (size_t)(RBE_NFIX + m) * TL);
+    for (int m = 0; m < nd; m++) axpy_lanes(D + (size_t)(RBE_NFIX + m) * TL, pk[1], G + (size_t)(RBE_NFIX + m) * TL, nl);
 }
 
 AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct,
@@ -347,6 +412,7 @@ AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const fl
         long t0 = tile * TL;
         int nt = T - t0 < TL ? (int)(T - t0) : TL;
         int nr = out - i * b < b ? out - i * b : b;
+        const int nl = sstart ? TL : lanes(nt);  // the scheduled product works on whole tiles
         const float* Xt = Xh + (size_t)tile * C * rows * TL;
         if (sstart) {
             sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), soff, sval, b);
@@ -354,28 +420,31 @@ AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const fl
         } else {
             for (int e = 0; e < rows * TL; e += 8) _mm256_storeu_ps(yh + e, _mm256_setzero_ps());
             for (int j = 0; j < C; j++)
-                sparse_block(yh, Xt + (size_t)j * rows * TL, coeffs + ((size_t)i * C + j) * k, index, wide,
-                             ((long)i * C + j) * k, k, b);
+                (nl == TL ? sparse_block : sparse_block16)(yh, Xt + (size_t)j * rows * TL,
+                                                          coeffs + ((size_t)i * C + j) * k, index, wide,
+                                                          ((long)i * C + j) * k, k, b);
         }
         for (int j = 0; j < C; j++) {
             long blk = (long)i * C + j;
             const float* X = Xt + (size_t)j * rows * TL;
-            pattern_forward(yh + (size_t)b * TL, X + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd);
+            pattern_forward(yh + (size_t)b * TL, X + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
         }
-        synthesise_tile(yt, yh, S, dct, b, nf, yt + (size_t)b * TL);
+        synthesise_tile(yt, yh, S, dct, b, nf, yt + (size_t)b * TL, nl);
         if (bias)
             for (int r = 0; r < nr; r++) {
                 __m256 bv = _mm256_set1_ps(bias[i * b + r]);
-                for (int t = 0; t < TL; t += 8)
+                for (int t = 0; t < nl; t += 8)
                     _mm256_storeu_ps(yt + (size_t)r * TL + t, _mm256_add_ps(bv, _mm256_loadu_ps(yt + (size_t)r * TL + t)));
             }
         if (pre) store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
-        if (act != RBE_ACT_NONE) rbe_act_forward_f32(yt, yt, (long)nr * TL, act);  // feature-major, whole tile
+        if (act != RBE_ACT_NONE && nl == TL) rbe_act_forward_f32(yt, yt, (long)nr * TL, act);  // whole tile
+        else if (act != RBE_ACT_NONE)
+            for (int r = 0; r < nr; r++) rbe_act_forward_f32(yt + (size_t)r * TL, yt + (size_t)r * TL, nl, act);
         if (y) store_tile_t(y + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
         if (Xnext) {  // the next layer's analysis of this (activated) tile; rows past nr are padding
             for (int e = nr * TL; e < b * TL; e += 8) _mm256_storeu_ps(yt + e, _mm256_setzero_ps());
             analyse_tile(Xnext + ((size_t)tile * R + i) * rows * TL, yt, S - (size_t)rows * b, dct, b, nf,
-                         yt + (size_t)b * TL);
+                         yt + (size_t)b * TL, nl);
         }
     }
 }
@@ -393,15 +462,16 @@ AVX2 void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A,
         long t0 = tile * TL;
         int nt = T - t0 < TL ? (int)(T - t0) : TL;
         int nc = in - j * b < b ? in - j * b : b;
+        const int nl = lanes(nt);
         const float* Gt = Gh + (size_t)tile * R * rows * TL;
-        sparse_sched(dh, Gt, sstart + (size_t)j * (b + 1), soff, sval, b);
+        (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, sstart + (size_t)j * (b + 1), soff, sval, b);
         for (int e = b * TL; e < rows * TL; e += 8) _mm256_storeu_ps(dh + e, _mm256_setzero_ps());
         for (int i = 0; i < R; i++) {
             long blk = (long)i * C + j;
             const float* G = Gt + (size_t)i * rows * TL;
-            pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd);
+            pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
         }
-        synthesise_tile(dt, dh, A, dct, b, nf, dt + (size_t)b * TL);
+        synthesise_tile(dt, dh, A, dct, b, nf, dt + (size_t)b * TL, nl);
         store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
     }
 }
@@ -421,9 +491,39 @@ AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const floa
         for (long q = i * C * RBE_NPAT; q < (i + 1) * C * RBE_NPAT; q++) dbasis[q] = 0;
     for (long tile = 0; tile < ntiles; tile++) {
         const float* Xt = Xh + (size_t)tile * C * rows * TL;
+        // Gh's lanes past the tile's tokens are zero (analysis of zero-padded gradients), so a
+        // tile of at most 16 tokens sums 16 lanes: the same sums, a quarter of the work
+        const int nl = lanes(T - tile * TL < TL ? (int)(T - tile * TL) : TL);
         for (long i = p0; i < p1; i++) {
             const float* G = Gh + ((size_t)tile * R + i) * rows * TL;
-            if (dcoeffs) {
+            if (dcoeffs && nl < TL) {
+                const int32_t* st = sstart + (size_t)i * (b + 1);
+                for (int u = 0; u < b; u++) {
+                    const float* g = G + (size_t)u * TL;
+                    const __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
+                    const int e1 = st[u + 1];
+                    int e = st[u];
+                    for (; e + 2 <= e1; e += 2) {  // the full-width reduction below, on 16 lanes
+                        const float* xa = Xt + soff[e];
+                        const float* xb = Xt + soff[e + 1];
+                        __m256 a = _mm256_add_ps(_mm256_mul_ps(g0, _mm256_loadu_ps(xa)),
+                                                 _mm256_mul_ps(g1, _mm256_loadu_ps(xa + 8)));
+                        __m256 bb = _mm256_add_ps(_mm256_mul_ps(g0, _mm256_loadu_ps(xb)),
+                                                  _mm256_mul_ps(g1, _mm256_loadu_ps(xb + 8)));
+                        __m256 h = _mm256_hadd_ps(a, bb);
+                        __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                        q = _mm_hadd_ps(q, q);
+                        __m128 cur = _mm_castsi128_ps(_mm_loadl_epi64((const __m128i_u*)(sacc + e)));
+                        _mm_storel_epi64((__m128i_u*)(sacc + e), _mm_castps_si128(_mm_add_ps(cur, q)));
+                    }
+                    for (; e < e1; e++) {
+                        const float* x = Xt + soff[e];
+                        __m256 s0 = _mm256_mul_ps(g0, _mm256_loadu_ps(x));
+                        __m256 s1 = _mm256_mul_ps(g1, _mm256_loadu_ps(x + 8));
+                        sacc[e] += hsum(_mm256_add_ps(s0, s1));
+                    }
+                }
+            } else if (dcoeffs) {
                 const int32_t* st = sstart + (size_t)i * (b + 1);
                 for (int u = 0; u < b; u++) {
                     if (st[u] == st[u + 1]) continue;
@@ -488,15 +588,15 @@ AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const floa
                     float* db = dbasis + ((size_t)i * C + j) * RBE_NPAT;
                     float d1 = 0;
                     for (int m = 0; m < nd; m++)
-                        d1 += dot64(Gp + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL);
-                    db[0] += dot64(Gp, E);
+                        d1 += dot_lanes(Gp + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL, nl);
+                    db[0] += dot_lanes(Gp, E, nl);
                     db[1] += d1;
-                    db[2] += dot64(Gp, E + TL) + dot64(Gp + TL, E);
-                    db[3] += dot64(Gp, E + 2 * TL);
-                    db[4] += dot64(Gp + 2 * TL, E);
-                    db[5] += dot64(Gp, E + 3 * TL);
-                    db[6] += dot64(Gp + 3 * TL, E);
-                    db[7] += dot64(Gp + 2 * TL, E + 2 * TL);
+                    db[2] += dot_lanes(Gp, E + TL, nl) + dot_lanes(Gp + TL, E, nl);
+                    db[3] += dot_lanes(Gp, E + 2 * TL, nl);
+                    db[4] += dot_lanes(Gp + 2 * TL, E, nl);
+                    db[5] += dot_lanes(Gp, E + 3 * TL, nl);
+                    db[6] += dot_lanes(Gp + 3 * TL, E, nl);
+                    db[7] += dot_lanes(Gp + 2 * TL, E + 2 * TL, nl);
                 }
             }
         }

@@ -355,7 +355,7 @@ def test_chunked_equals_unchunked(checkpoint):
     params = [m.get_parameter(n) for n in R.PARAM_NAMES]
     fc1 = (m.fc1.basis, m.fc1.coeffs, m.fc1.index, m.fc1.bias)
     fc2 = (m.fc2.basis, m.fc2.coeffs, m.fc2.index, m.fc2.bias)
-    for chunk in (64, 128, 192, 1, 7, 100):
+    for chunk in (64, 128, 192, 1, 7, 16, 17, 100):  # <= 16 tokens: 16-lane tiles
         yc, gc = R.grads_of(lambda t: rbe_ffn.rbe_feed_forward(t, fc1, fc2, 96, 200, 16, "gelu", checkpoint, chunk),
                             x, params, dy)
         assert torch.equal(yc, y), chunk
@@ -479,3 +479,29 @@ def test_gradient_subsets_match_full(checkpoint):
         for n, g in zip([s for s in subset if s == "x"] + [s for s in subset if s != "x"], gs):
             assert R.rel_err(g, full[n]) < 1e-6, (subset, n)
     m.requires_grad_(True)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+def test_few_token_tiles_equal_full_tiles(tokens):
+    """Tiles of at most 16 tokens are computed on 16 lanes instead of 64. A token's output and
+    input gradient, and the parameter gradients (sums in which tokens with a zero gradient add
+    exact zeros), must be bitwise what the full-width tiles give: the same tokens followed by 64
+    others whose output gradient is zero (so those run on full-width tiles)."""
+    g = torch.Generator().manual_seed(21)
+    lin = rbe_ffn.RBELinear(96, 200, block_size=16, k=40, generator=g)
+    with torch.no_grad():
+        lin.basis.normal_(0, 0.1, generator=g)
+    x = torch.randn(tokens + 64, 96, generator=g)
+    gy = torch.randn(tokens + 64, 200, generator=g)
+    gy[tokens:] = 0
+    plan = lin.plan
+    small = ops.linear_backward(gy[:tokens], x[:tokens], plan, lin.basis.detach(), lin.coeffs.detach(), lin.index,
+                                96, 200, [True] * 4)
+    full = ops.linear_backward(gy, x, plan, lin.basis.detach(), lin.coeffs.detach(), lin.index, 96, 200, [True] * 4)
+    assert torch.equal(small[0], full[0][:tokens]), "dx"
+    for name, a, b in zip(("dbasis", "dcoeffs", "dbias"), small[1:], full[1:]):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(lin(x[:tokens]), lin(x)[:tokens])
+        m = make_ffn(96, 200, "gelu", block_size=16, k=40, seed=22)
+        assert torch.equal(m(x[:tokens]), m(x)[:tokens])

@@ -832,6 +832,8 @@ static void test_linear(void) {
         linear_case(mode, 130, 70, 65, 64, 300, 0);  // b = 64, three tiles, edge blocks
         linear_case(mode, 66, 40, 100, 48, 30, 0);   // b = 48: the fast DCT recurses 48 -> 24 -> 12 -> 6 -> 3
         linear_case(mode, 64, 24, 24, 24, 20, 0);    // b = 24, full tile (vector transposes)
+        linear_case(mode, 16, 70, 65, 64, 300, 0);   // 16 tokens: the 16-lane tile
+        linear_case(mode, 17, 70, 65, 64, 300, 0);   // 17: a full-width tile again
     }
     linear_case(0, 3, 20, 260, 256, 50, 1);  // b = 256 (int32 index), wide edge
     linear_case(3, 65, 20, 260, 256, 50, 1);
