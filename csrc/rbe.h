@@ -220,6 +220,13 @@ void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A, cons
 void rbe_params_backward_f32_portable(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                       const void* index, int wide, int accumulate, long T, int out, int in, int b,
                                       int nf, int k, long p0, long p1);
+/* without schedules, block by block: cols on transposed blocks (any T), params for one tile (T <= RBE_TILE) */
+void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
+                                       const float* coeffs_t, const int32_t* index_t, float* scratch, long T, int out,
+                                       int in, int b, int nf, int k, long p0, long p1);
+void rbe_params_backward_f32_avx2_blocks(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                         const void* index, int wide, int accumulate, long T, int out, int in, int b,
+                                         int nf, int k, long p0, long p1);
 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                   const int32_t* sstart, const int32_t* soff, const int32_t* spos, float* sacc,
                                   int accumulate,

@@ -449,6 +449,35 @@ AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const fl
     }
 }
 
+// The same without a schedule, block by block on each block's coefficients re-sorted by column
+// (rbe_transpose_blocks: index_t = v*b + u, int32): for a single tile of tokens
+AVX2 void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const float* A, const float* dct,
+                                            const float* basis, const float* coeffs_t, const int32_t* index_t,
+                                            float* scratch, long T, int out, int in, int b, int nf, int k, long p0,
+                                            long p1) {
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    float* dh = scratch;
+    float* dt = scratch + (size_t)rows * TL;
+    for (long p = p0; p < p1; p++) {
+        long tile = p / C;
+        int j = (int)(p % C);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nc = in - j * b < b ? in - j * b : b;
+        const int nl = lanes(nt);
+        const float* Gt = Gh + (size_t)tile * R * rows * TL;
+        for (int e = 0; e < rows * TL; e += 8) _mm256_storeu_ps(dh + e, _mm256_setzero_ps());
+        for (int i = 0; i < R; i++) {
+            long blk = (long)i * C + j;
+            const float* G = Gt + (size_t)i * rows * TL;
+            (nl == TL ? sparse_block : sparse_block16)(dh, G, coeffs_t + blk * k, index_t, 1, blk * k, k, b);
+            pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
+        }
+        synthesise_tile(dt, dh, A, dct, b, nf, dt + (size_t)b * TL, nl);
+        store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
+    }
+}
+
 AVX2 void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A, const float* dct,
                                      const float* basis, const int32_t* sstart, const int32_t* soff,
                                      const float* sval, float* scratch, long T, int out, int in, int b, int nf,
@@ -473,6 +502,54 @@ AVX2 void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A,
         }
         synthesise_tile(dt, dh, A, dct, b, nf, dt + (size_t)b * TL, nl);
         store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
+    }
+}
+
+// db[k] += the tile's contribution to dL/dbasis_k of one block, from the pattern rows of its
+// output gradient (Gp) and input (E): [nf][TL] each
+AVX2 static void basis_grad_tile(float* restrict db, const float* restrict Gp, const float* restrict E, int nd, int nl) {
+    float d1 = 0;
+    for (int m = 0; m < nd; m++)
+        d1 += dot_lanes(Gp + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL, nl);
+    db[0] += dot_lanes(Gp, E, nl);
+    db[1] += d1;
+    db[2] += dot_lanes(Gp, E + TL, nl) + dot_lanes(Gp + TL, E, nl);
+    db[3] += dot_lanes(Gp, E + 2 * TL, nl);
+    db[4] += dot_lanes(Gp + 2 * TL, E, nl);
+    db[5] += dot_lanes(Gp, E + 3 * TL, nl);
+    db[6] += dot_lanes(Gp + 3 * TL, E, nl);
+    db[7] += dot_lanes(Gp + 2 * TL, E + 2 * TL, nl);
+}
+
+// A single tile of tokens (T <= TL), block by block with no schedule (building one would cost
+// about as much as the sums): dcoeffs[ij][q] = Gh_i[u] . Xh_j[v], dbasis from the pattern rows.
+AVX2 void rbe_params_backward_f32_avx2_blocks(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                              const void* index, int wide, int accumulate, long T, int out, int in,
+                                              int b, int nf, int k, long p0, long p1) {
+    const int C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const int nl = lanes(T < TL ? (int)T : TL);
+    for (long i = p0; i < p1; i++) {
+        const float* G = Gh + (size_t)i * rows * TL;
+        for (int j = 0; j < C; j++) {
+            const long blk = i * C + j;
+            const float* X = Xh + (size_t)j * rows * TL;
+            if (dcoeffs) {
+                const int16_t* i16 = (const int16_t*)index + blk * k;
+                const int32_t* i32 = (const int32_t*)index + blk * k;
+                float* dc = dcoeffs + blk * k;
+                for (int q = 0; q < k; q++) {
+                    const int idx = wide ? i32[q] : i16[q], u = idx / b, v = idx - u * b;
+                    const float d = dot_lanes(G + (size_t)u * TL, X + (size_t)v * TL, nl);
+                    dc[q] = accumulate ? dc[q] + d : d;
+                }
+            }
+            if (dbasis) {
+                float* db = dbasis + blk * RBE_NPAT;
+                if (!accumulate)
+                    for (int q = 0; q < RBE_NPAT; q++) db[q] = 0;
+                basis_grad_tile(db, G + (size_t)b * TL, X + (size_t)b * TL, nd, nl);
+            }
+        }
     }
 }
 
@@ -581,24 +658,10 @@ AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const floa
                     }
                 }
             }
-            if (dbasis) {
-                for (int j = 0; j < C; j++) {
-                    const float* Gp = G + (size_t)b * TL;
-                    const float* E = Xt + ((size_t)j * rows + b) * TL;
-                    float* db = dbasis + ((size_t)i * C + j) * RBE_NPAT;
-                    float d1 = 0;
-                    for (int m = 0; m < nd; m++)
-                        d1 += dot_lanes(Gp + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL, nl);
-                    db[0] += dot_lanes(Gp, E, nl);
-                    db[1] += d1;
-                    db[2] += dot_lanes(Gp, E + TL, nl) + dot_lanes(Gp + TL, E, nl);
-                    db[3] += dot_lanes(Gp, E + 2 * TL, nl);
-                    db[4] += dot_lanes(Gp + 2 * TL, E, nl);
-                    db[5] += dot_lanes(Gp, E + 3 * TL, nl);
-                    db[6] += dot_lanes(Gp + 3 * TL, E, nl);
-                    db[7] += dot_lanes(Gp + 2 * TL, E + 2 * TL, nl);
-                }
-            }
+            if (dbasis)
+                for (int j = 0; j < C; j++)
+                    basis_grad_tile(dbasis + ((size_t)i * C + j) * RBE_NPAT, G + (size_t)b * TL,
+                                    Xt + ((size_t)j * rows + b) * TL, nd, nl);
         }
     }
     if (dcoeffs) {

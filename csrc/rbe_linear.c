@@ -66,6 +66,11 @@ void rbe_cols_backward_f32(float* dx, const float* Gh, const float* A, const flo
                                    nf, p0, p1);
         return;
     }
+    if (coeffs_t && rbe_cpu_has_avx2()) {
+        rbe_cols_backward_f32_avx2_blocks(dx, Gh, A, dct, basis, coeffs_t, index_t, scratch, T, out, in, b, nf, k, p0,
+                                          p1);
+        return;
+    }
 #endif
     rbe_cols_backward_f32_portable(dx, Gh, A, dct, basis, coeffs_t, index_t, scratch, T, out, in, b, nf, k, p0,
                                    p1);
@@ -78,6 +83,11 @@ void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, con
     if (sched && sched->acc && rbe_cpu_has_avx2()) {
         rbe_params_backward_f32_avx2(dbasis, dcoeffs, Gh, Xh, sched->start, sched->off, sched->pos, sched->acc,
                                      accumulate, T, out, in, b, nf, k, p0, p1);
+        return;
+    }
+    if (T <= RBE_TILE && rbe_cpu_has_avx2()) {
+        rbe_params_backward_f32_avx2_blocks(dbasis, dcoeffs, Gh, Xh, index, wide, accumulate, T, out, in, b, nf, k,
+                                            p0, p1);
         return;
     }
 #endif

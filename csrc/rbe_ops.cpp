@@ -258,9 +258,10 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
     if (!dx && !dbasis && !dcoeffs) return;
     Tensor Gh = analyse<T>(g, Tn, W.out, P, 1, opt);
     if (dx) {
-        // the transposed product runs over coefficients grouped by column: a schedule (AVX2)
-        // or each block's coefficients re-sorted by column (portable kernels)
-        const Sched sc = make_sched<T>(W, P, true, false);
+        // the transposed product runs over coefficients grouped by column: a schedule (AVX2, several
+        // tiles of tokens) or each block's coefficients re-sorted by column (one tile: building the
+        // schedule would cost as much as the product; and the portable kernels)
+        const Sched sc = ntiles > 1 ? make_sched<T>(W, P, true, false) : Sched();
         Tensor cft, ixt;
         if (!sc.on) {
             cft = at::empty(W.coeffs.sizes(), opt);
@@ -286,7 +287,7 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         Tensor Xh;
         if (!Xh_in) Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
         const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
-        const Sched sc = make_sched<T>(W, P, false, true);
+        const Sched sc = ntiles > 1 ? make_sched<T>(W, P, false, true) : Sched();  // one tile: block by block
         at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {  // block rows
             params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), X, W.index.data_ptr(), W.wide, sc.get(),
                             accumulate, (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k, (long)p0,

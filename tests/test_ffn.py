@@ -483,10 +483,12 @@ def test_gradient_subsets_match_full(checkpoint):
 
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 def test_few_token_tiles_equal_full_tiles(tokens):
-    """Tiles of at most 16 tokens are computed on 16 lanes instead of 64. A token's output and
-    input gradient, and the parameter gradients (sums in which tokens with a zero gradient add
-    exact zeros), must be bitwise what the full-width tiles give: the same tokens followed by 64
-    others whose output gradient is zero (so those run on full-width tiles)."""
+    """Tiles of at most 16 tokens are computed on 16 lanes instead of 64, and a single tile's
+    backward works block by block without schedules. Against the same tokens followed by 64
+    others whose output gradient is zero (two tiles: full width, scheduled), a token's output and
+    input gradient, dbasis and dbias must be bitwise equal (the extra tokens add exact zeros);
+    dcoeffs sums the same products, but the scheduled kernel reduces coefficients in pairs (another
+    association), so it agrees to rounding."""
     g = torch.Generator().manual_seed(21)
     lin = rbe_ffn.RBELinear(96, 200, block_size=16, k=40, generator=g)
     with torch.no_grad():
@@ -499,8 +501,9 @@ def test_few_token_tiles_equal_full_tiles(tokens):
                                 96, 200, [True] * 4)
     full = ops.linear_backward(gy, x, plan, lin.basis.detach(), lin.coeffs.detach(), lin.index, 96, 200, [True] * 4)
     assert torch.equal(small[0], full[0][:tokens]), "dx"
-    for name, a, b in zip(("dbasis", "dcoeffs", "dbias"), small[1:], full[1:]):
-        assert torch.equal(a, b), name
+    assert torch.equal(small[1], full[1]), "dbasis"
+    assert torch.equal(small[3], full[3]), "dbias"
+    assert R.rel_err(small[2], full[2]) < 1e-6, "dcoeffs"
     with torch.no_grad():
         assert torch.equal(lin(x[:tokens]), lin(x)[:tokens])
         m = make_ffn(96, 200, "gelu", block_size=16, k=40, seed=22)
