@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import rbe_ffn
+from rbe_ffn._profiling import peak_live_bytes
 
 
 def dense_ffn(d_model, d_ff):
@@ -126,8 +127,6 @@ def codec_table(reps=3):
 def peak_step_bytes(model, x):
     """Peak of (bytes allocated - bytes freed) by torch's CPU allocator during one training step
     (forward + backward), above the level at its start: from the profiler's memory events."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
 
     def step():
         for p in model.parameters():
@@ -137,19 +136,7 @@ def peak_step_bytes(model, x):
     step()  # gradients exist afterwards in steady state; measure a second step like the first
     for p in model.parameters():
         p.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(x).sum().backward()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        stack.extend(e.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
+    return peak_live_bytes(lambda: model(x).sum().backward())
 
 
 def saved_bytes(model, x):

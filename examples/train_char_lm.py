@@ -59,6 +59,7 @@ from torch import nn
 from tqdm import tqdm
 
 import rbe_ffn
+from rbe_ffn._profiling import peak_live_bytes
 
 ARMS = ("dense", "rbe", "dense-small")
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -223,25 +224,11 @@ def saved_for_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ffn_m
 def peak_step_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """bench/bench_cpu.py's method: peak of (allocated - freed) bytes by torch's CPU allocator during one
     forward + backward (parameter gradients set to None first), above the level at its start."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
     for p in model.parameters():
         p.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    peak = peak_live_bytes(lambda: F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward())
     for p in model.parameters():
         p.grad = None
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        stack.extend(e.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
     return peak
 
 

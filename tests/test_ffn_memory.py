@@ -15,6 +15,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 import rbe_ffn
+from rbe_ffn._profiling import peak_live_bytes
 from rbe_ffn.functional import intermediate_bytes_per_token
 
 MiB = 2**20
@@ -133,23 +134,6 @@ def test_memory_limit_bounds_training_step():
         big = largest_allocation(lambda: m(x))
     print(f"largest allocation without a limit (forward only): {big / MiB:.1f} MiB")
     assert big > limit * MiB
-
-
-def peak_live_bytes(fn) -> int:
-    """Peak of bytes allocated minus bytes freed while fn() runs (profiler memory events, in time order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        stack.extend(e.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def test_memory_limit_bounds_live_transients_of_a_step():
