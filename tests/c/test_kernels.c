@@ -834,8 +834,11 @@ static void test_linear(void) {
         linear_case(mode, 64, 24, 24, 24, 20, 0);    // b = 24, full tile (vector transposes)
         linear_case(mode, 16, 70, 65, 64, 300, 0);   // 16 tokens: the 16-lane tile
         linear_case(mode, 17, 70, 65, 64, 300, 0);   // 17: a full-width tile again
+        linear_case(mode, 80, 40, 100, 48, 30, 0);   // a full tile, then a 16-lane one
     }
     linear_case(0, 3, 20, 260, 256, 50, 1);  // b = 256 (int32 index), wide edge
+    linear_case(2, 3, 20, 260, 256, 50, 1);  // ... on 16 lanes
+    linear_case(3, 3, 20, 260, 256, 50, 1);
     linear_case(3, 65, 20, 260, 256, 50, 1);
     linear_case(2, 65, 20, 260, 256, 50, 1);
 }
