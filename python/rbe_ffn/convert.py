@@ -339,13 +339,17 @@ def _dtype_problem(*ws) -> str | None:
     return None
 
 
-def _shape_problem(w1, w2) -> str | None:
-    """w1 [f, d], w2 [d, f] in dense orientation."""
+def _pair_problem(w1, b1, w2, b2) -> str | None:
+    """What keeps two layers from being one feed-forward block, or None. w1 [f, d], w2 [d, f] in
+    dense orientation; b1, b2 their biases (or None)."""
     f, d = w1.shape
     if tuple(w2.shape) != (d, f):
         return (f"the two matrices do not form d_model -> d_ff -> d_model: {d} -> {f}, then "
                 f"{w2.shape[1]} -> {w2.shape[0]}")
-    return None
+    problem = _dtype_problem(w1, w2)
+    if problem is None and (b1 is None) != (b2 is None):
+        problem = "one layer has a bias and the other has none"
+    return problem
 
 
 def _match_gpt2(m, path, parent, name):
@@ -355,7 +359,7 @@ def _match_gpt2(m, path, parent, name):
         return LeftAlone(path, type(m).__name__, "GPT2MLP without the expected c_fc/c_proj (Conv1D), act, "
                                                  "dropout")
     w1, w2 = c_fc.weight.T, c_proj.weight.T  # Conv1D computes x @ W + b with W [in, out]
-    problem = _shape_problem(w1, w2) or _dtype_problem(w1, w2)
+    problem = _pair_problem(w1, c_fc.bias, w2, c_proj.bias)
     if problem:
         return LeftAlone(path, type(m).__name__, problem)
     activation, source = _activation_of(act)
@@ -382,9 +386,7 @@ def _match_sequential(m, path, parent, name):
         kinds = ", ".join(type(c).__name__ for c in children[:6]) + (", ..." if len(children) > 6 else "")
         return LeftAlone(path, tname, f"layout ({kinds}) is not (Linear, activation, Linear)")
     fc1, act, fc2 = children
-    problem = _shape_problem(fc1.weight, fc2.weight) or _dtype_problem(fc1.weight, fc2.weight)
-    if problem is None and (fc1.bias is None) != (fc2.bias is None):
-        problem = "one Linear has a bias and the other has none"
+    problem = _pair_problem(fc1.weight, fc1.bias, fc2.weight, fc2.bias)
     if problem:
         return LeftAlone(path, tname, problem)
     activation, source = _activation_of(act)
@@ -424,9 +426,7 @@ def _match_bert(parent, path):
             and isinstance(ln, nn.Module)):
         return LeftAlone(p_inter, pair, "without the expected intermediate.dense (Linear), intermediate_act_fn, "
                                         "output.dense (Linear), output.dropout, output.LayerNorm")
-    problem = _shape_problem(dense1.weight, dense2.weight) or _dtype_problem(dense1.weight, dense2.weight)
-    if problem is None and (dense1.bias is None) != (dense2.bias is None):
-        problem = "one dense layer has a bias and the other has none"
+    problem = _pair_problem(dense1.weight, dense1.bias, dense2.weight, dense2.bias)
     if problem:
         return LeftAlone(p_inter, pair, problem)
     activation, source = _activation_of(act)
