@@ -17,6 +17,7 @@ from torch.library import opcheck
 import rbe_ffn
 
 import ffn_reference as R
+from test_ffn import make_ffn as make_ffn_cpu
 from test_vectors_ffn import CASES, assert_matches, build as build_case, t64
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -29,14 +30,11 @@ OPS = ["encode", "decode", "linear", "linear_backward", "ffn", "ffn_backward", "
 
 
 def make_ffn(d_model, d_ff, activation="gelu", block_size=8, k=5, dtype=torch.float32, seed=0, **kw):
-    """A fresh RBEFeedForward (CPU) with a non-zero pattern part and non-zero biases."""
-    g = torch.Generator().manual_seed(seed)
-    m = rbe_ffn.RBEFeedForward(d_model, d_ff, activation, block_size=block_size, k=k, dtype=dtype, generator=g,
-                               **kw)
+    """test_ffn's fresh RBEFeedForward (CPU, non-zero pattern part), with non-zero biases too."""
+    m = make_ffn_cpu(d_model, d_ff, activation, block_size, k, dtype, seed, **kw)
+    g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for lin in (m.fc1, m.fc2):
-            lin.basis.copy_(torch.randn(lin.basis.shape, generator=g, dtype=torch.float64)
-                            / math.sqrt(3 * lin.in_features))
             if lin.bias is not None:
                 lin.bias.copy_(torch.randn(lin.bias.shape, generator=g, dtype=torch.float64) * 0.1)
     return m
