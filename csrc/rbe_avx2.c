@@ -181,57 +181,47 @@ AVX2 static void synthesise_tile(float* restrict out, const float* restrict H, c
     gemm_tile(out, TL, 1, M + (long)b * b, 1, b, H + (long)b * TL, TL, b, nf, nl);
 }
 
+// The two sparse products below hold one output row in nv registers (8: a whole tile of 64
+// lanes; 2: a 16-lane tile); nv is a constant in each caller, so the accumulator arrays stay
+// in registers. Every row sums its coefficients in the same order at either width.
+#define INLINE_ALWAYS __attribute__((always_inline)) inline
+
 // out[key][:] = sum over the key's entries e of val[e] * src[off[e]][:]  (keys [0, b))
-AVX2 static void sparse_sched(float* restrict out, const float* restrict src, const int32_t* restrict start,
-                              const int32_t* restrict off, const float* restrict val, int b) {
+AVX2 static INLINE_ALWAYS void sparse_sched_w(float* restrict out, const float* restrict src,
+                                              const int32_t* restrict start, const int32_t* restrict off,
+                                              const float* restrict val, int b, int nv) {
     for (int key = 0; key < b; key++) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        __m256 a[8];
+        for (int v = 0; v < nv; v++) a[v] = _mm256_setzero_ps();
         const int e1 = start[key + 1];
         for (int e = start[key]; e < e1; e++) {
             const float* x = src + off[e];
             const char* ahead = (const char*)(src + off[e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e]);
-            _mm_prefetch(ahead, _MM_HINT_T0), _mm_prefetch(ahead + 64, _MM_HINT_T0);
-            _mm_prefetch(ahead + 128, _MM_HINT_T0), _mm_prefetch(ahead + 192, _MM_HINT_T0);
-            __m256 c = _mm256_broadcast_ss(val + e);
-            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x), a0);
-            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8), a1);
-            a2 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 16), a2);
-            a3 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 24), a3);
-            a4 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 32), a4);
-            a5 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 40), a5);
-            a6 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 48), a6);
-            a7 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 56), a7);
+            for (int line = 0; line < nv / 2; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+            const __m256 c = _mm256_broadcast_ss(val + e);
+            for (int v = 0; v < nv; v++) a[v] = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8 * v), a[v]);
         }
         float* o = out + (long)key * TL;
-        _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2);
-        _mm256_storeu_ps(o + 24, a3), _mm256_storeu_ps(o + 32, a4), _mm256_storeu_ps(o + 40, a5);
-        _mm256_storeu_ps(o + 48, a6), _mm256_storeu_ps(o + 56, a7);
+        for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + 8 * v, a[v]);
     }
 }
 
-// (16 lanes: the same, two registers per row)
+AVX2 static void sparse_sched(float* restrict out, const float* restrict src, const int32_t* restrict start,
+                              const int32_t* restrict off, const float* restrict val, int b) {
+    sparse_sched_w(out, src, start, off, val, b, 8);
+}
+
 AVX2 static void sparse_sched16(float* restrict out, const float* restrict src, const int32_t* restrict start,
                                 const int32_t* restrict off, const float* restrict val, int b) {
-    for (int key = 0; key < b; key++) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        const int e1 = start[key + 1];
-        for (int e = start[key]; e < e1; e++) {
-            const float* x = src + off[e];
-            __m256 c = _mm256_broadcast_ss(val + e);
-            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x), a0);
-            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8), a1);
-        }
-        float* o = out + (long)key * TL;
-        _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1);
-    }
+    sparse_sched_w(out, src, start, off, val, b, 2);
 }
 
 // out[row][:] += cf[q] * in[col][:] for one block's coefficients (idx = row*b + col, ascending),
 // each row held in registers for its run: the sparse product without a schedule (a single
 // tile of tokens, where building the schedule would cost as much as the product)
-// (16 lanes: the same, two registers per row)
-AVX2 static void sparse_block16(float* restrict out, const float* restrict in, const float* restrict cf,
-                                const void* index, int wide, long base, int k, int b) {
+AVX2 static INLINE_ALWAYS void sparse_block_w(float* restrict out, const float* restrict in,
+                                              const float* restrict cf, const void* index, int wide, long base,
+                                              int k, int b, int nv) {
     const int16_t* i16 = (const int16_t*)index + base;
     const int32_t* i32 = (const int32_t*)index + base;
     int q = 0;
@@ -239,47 +229,26 @@ AVX2 static void sparse_block16(float* restrict out, const float* restrict in, c
         int idx = wide ? i32[q] : i16[q];
         const int row = idx / b, end = (row + 1) * b;
         float* o = out + (long)row * TL;
-        __m256 a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8);
+        __m256 a[8];
+        for (int v = 0; v < nv; v++) a[v] = _mm256_loadu_ps(o + 8 * v);
         do {
             const float* x = in + (long)(idx - row * b) * TL;
-            __m256 c = _mm256_broadcast_ss(cf + q);
-            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x), a0);
-            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8), a1);
+            const __m256 c = _mm256_broadcast_ss(cf + q);
+            for (int v = 0; v < nv; v++) a[v] = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8 * v), a[v]);
             if (++q < k) idx = wide ? i32[q] : i16[q];
         } while (q < k && idx < end);
-        _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1);
+        for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + 8 * v, a[v]);
     }
 }
 
 AVX2 static void sparse_block(float* restrict out, const float* restrict in, const float* restrict cf,
                               const void* index, int wide, long base, int k, int b) {
-    const int16_t* i16 = (const int16_t*)index + base;
-    const int32_t* i32 = (const int32_t*)index + base;
-    int q = 0;
-    while (q < k) {
-        int idx = wide ? i32[q] : i16[q];
-        const int row = idx / b, end = (row + 1) * b;
-        float* o = out + (long)row * TL;
-        __m256 a0 = _mm256_loadu_ps(o), a1 = _mm256_loadu_ps(o + 8), a2 = _mm256_loadu_ps(o + 16),
-               a3 = _mm256_loadu_ps(o + 24), a4 = _mm256_loadu_ps(o + 32), a5 = _mm256_loadu_ps(o + 40),
-               a6 = _mm256_loadu_ps(o + 48), a7 = _mm256_loadu_ps(o + 56);
-        do {
-            const float* x = in + (long)(idx - row * b) * TL;
-            __m256 c = _mm256_broadcast_ss(cf + q);
-            a0 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x), a0);
-            a1 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 8), a1);
-            a2 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 16), a2);
-            a3 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 24), a3);
-            a4 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 32), a4);
-            a5 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 40), a5);
-            a6 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 48), a6);
-            a7 = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + 56), a7);
-            if (++q < k) idx = wide ? i32[q] : i16[q];
-        } while (q < k && idx < end);
-        _mm256_storeu_ps(o, a0), _mm256_storeu_ps(o + 8, a1), _mm256_storeu_ps(o + 16, a2);
-        _mm256_storeu_ps(o + 24, a3), _mm256_storeu_ps(o + 32, a4), _mm256_storeu_ps(o + 40, a5);
-        _mm256_storeu_ps(o + 48, a6), _mm256_storeu_ps(o + 56, a7);
-    }
+    sparse_block_w(out, in, cf, index, wide, base, k, b, 8);
+}
+
+AVX2 static void sparse_block16(float* restrict out, const float* restrict in, const float* restrict cf,
+                                const void* index, int wide, long base, int k, int b) {
+    sparse_block_w(out, in, cf, index, wide, base, k, b, 2);
 }
 
 AVX2 static inline void axpy_lanes(float* restrict dst, float a, const float* restrict src, int nl) {
