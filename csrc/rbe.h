@@ -8,19 +8,22 @@
  *
  * Conventions used by every kernel:
  *   - a weight W is [out, in]; R = ceil(out/b) block rows, C = ceil(in/b) block
- *     columns, block (i, j) has linear index i*C + j;
+ *     columns, block (i, j) has linear index i*C + j; it travels as an rbe_weight_*;
  *   - the "plan" of a block size b is [3, b+nf, b]: plan[0] = the analysis
  *     rows A = [psi_0..psi_{b-1}; f_0..f_{nf-1}] and plan[1] = the synthesis rows
  *     S = [psi_0..psi_{b-1}; g_0..g_{nf-1}], where the pattern is factored as
- *     sum of rank-1 terms g_a f_e^T; plan[2] = the tables of the fast DCT
- *     ("dct" below; see rbe_plan.c);
+ *     a sum of rank-1 terms g_a f_e^T (rbe_plan.c); plan[2] = the tables of the fast
+ *     DCT; it travels as an rbe_plan_* (rbe_plan_view_* cuts a plan buffer into its parts);
  *   - activations of a token tile are kept feature-major: Xh[m][t] for
  *     m < b+nf and t < RBE_TILE, so each kept coefficient is one contiguous
  *     axpy over the tile's tokens;
- *   - index tensors are int16 (wide = 0) or int32 (wide = 1).
- * Fast kernels process a range [p0, p1) of independent work items so that the
- * caller (torch's thread pool) owns threading. Each has a naive reference
- * (rbe_ref.c) that the tests compare it with.
+ *   - index tensors are int16 (wide = 0) or int32 (wide = 1), validated by the caller
+ *     (rbe_index_snapshot) before any kernel reads them;
+ *   - outputs first, then inputs, then sizes; [p0, p1) is the range of independent work
+ *     items a call processes, so that the caller (torch's thread pool) owns threading.
+ * Each fast kernel has a naive reference (rbe_ref.c) that the tests compare it with.
+ * The scalar definitions (DCT, pattern functions, activations) are rbe_math.h, shared
+ * with the CUDA kernels.
  */
 #ifndef RBE_H
 #define RBE_H
@@ -28,27 +31,63 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "rbe_math.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define RBE_X86_KERNELS 1 /* rbe_avx2.c's kernels exist (chosen at run time if the CPU has AVX2 + FMA) */
-#endif
-
-#define RBE_NPAT 8        /* pattern functions per block */
 #define RBE_NFIX 4        /* separable pattern vectors: 1, z^2, cos(pi z), cos(2 pi z) */
 #define RBE_TILE 64       /* tokens per tile in the fast kernels */
-#define RBE_PI 3.14159265358979323846
-#define RBE_SQRT1_2 0.70710678118654752440
 
-enum rbe_act { RBE_ACT_NONE = 0, RBE_ACT_GELU = 1, RBE_ACT_GELU_TANH = 2, RBE_ACT_RELU = 3, RBE_ACT_SILU = 4 };
+/* A compressed weight W [out, in] at block size b (DESIGN.md section 2):
+ * basis [R*C, 8], coeffs [R*C, k], index [R*C, k] (flat u*b + v, strictly increasing per block). */
+typedef struct {
+    const float* basis;
+    const float* coeffs;
+    const void* index;
+    int wide; /* index is int32 (1) or int16 (0) */
+    int out, in, b, k;
+} rbe_weight_f32;
+typedef struct {
+    const double* basis;
+    const double* coeffs;
+    const void* index;
+    int wide;
+    int out, in, b, k;
+} rbe_weight_f64;
+
+/* The tables of a block size: A = plan[0], S = plan[1] ([b+nf, b] each), dct = plan[2]. */
+typedef struct {
+    const float* A;
+    const float* S;
+    const float* dct;
+    int b, nf;
+} rbe_plan_f32;
+typedef struct {
+    const double* A;
+    const double* S;
+    const double* dct;
+    int b, nf;
+} rbe_plan_f64;
+
+/* the parts of a plan buffer [3, b+nf, b] */
+static inline rbe_plan_f32 rbe_plan_view_f32(const float* plan, int b, int nf) {
+    const size_t slab = (size_t)(b + nf) * b;
+    rbe_plan_f32 p = {plan, plan + slab, plan + 2 * slab, b, nf};
+    return p;
+}
+static inline rbe_plan_f64 rbe_plan_view_f64(const double* plan, int b, int nf) {
+    const size_t slab = (size_t)(b + nf) * b;
+    rbe_plan_f64 p = {plan, plan + slab, plan + 2 * slab, b, nf};
+    return p;
+}
 
 /* ---- tables of a block size (double; computed once per b by the caller) ---- */
 
-/* psi: [b, b], psi[u*b + n] = a_u cos(pi (n + 1/2) u / b), the orthonormal DCT-II */
+/* psi: [b, b], psi[u*b + n] = rbe_dct_entry(u, n, b), the orthonormal DCT-II */
 void rbe_dct_matrix(double* psi, int b);
-/* phi: [8, b*b], phi[k*b*b + r*b + c] = Phi_k at row r, column c of a block */
+/* phi: [8, b*b], phi[k*b*b + r*b + c] = rbe_pattern_value(k, r, c, b) */
 void rbe_pattern_images(double* phi, int b);
 /* pinv: [8, b*b], the Moore-Penrose pseudo-inverse of the [b*b, 8] basis matrix
  * (rank-deficient for tiny b, e.g. b = 4). work: 8*b*b + 200 doubles */
@@ -61,19 +100,27 @@ int rbe_plan_build(double* plan, double* work, int b, double tol);
  * vecs [n, n] (column m = eigenvector of vals[m]) */
 void rbe_jacobi_eig(double* vals, double* vecs, double* a, int n);
 
-/* ---- validation ---- */
+/* ---- validation (rbe_check.c) ---- */
 
 /* index: [nblocks, k]; each row must be strictly increasing in [0, b*b).
  * Returns -1 when valid, else the flat position (block*k + q) of the first bad entry. */
 long rbe_index_check(const void* index, int wide, long nblocks, int k, int b);
+/* The same check on a private copy: dst (same layout as src) receives src, and the values
+ * checked are the ones written to dst, each read from src exactly once. A concurrent writer
+ * to src can tear the copy but cannot make an invalid copy pass, so kernels that read only
+ * dst stay in bounds. Returns -1 when dst is valid, else the first bad flat position. */
+long rbe_index_snapshot(void* dst, const void* src, int wide, long nblocks, int k, int b);
 
 /* number of non-finite values in x: [n] */
 long rbe_count_nonfinite_f32(const float* x, long n);
 long rbe_count_nonfinite_f64(const double* x, long n);
+/* max |x_i| over x: [n]: NaN if any x_i is NaN, infinity if any is infinite; 0 for n = 0 */
+double rbe_max_abs_f32(const float* x, long n);
+double rbe_max_abs_f64(const double* x, long n);
 
 /* ---- codec ---- */
 
-/* Encode blocks [p0, p1) of a dense W: [out, in] (row-major).
+/* Encode blocks [p0, p1) of a dense w: [out, in] (row-major).
  * basis: [R*C, 8], coeffs: [R*C, k], index: [R*C, k] (sorted ascending),
  * err: [R*C] squared error of each block over its real entries.
  * tabs: psi [b*b] then phi [8*b*b] then pinv [8*b*b] (double).
@@ -86,12 +133,10 @@ void rbe_encode_f64(double* basis, double* coeffs, void* index, int wide, double
                     const double* w, const double* tabs, double* work,
                     int out, int in, int b, int k, long p0, long p1);
 
-/* Decode blocks [p0, p1) into w: [out, in]. tabs: psi then phi (double).
+/* Decode blocks [p0, p1) of W into w: [out, in]. tabs: psi then phi (double).
  * work: 3*b*b doubles. */
-void rbe_decode_f32(float* w, const float* basis, const float* coeffs, const void* index, int wide,
-                    const double* tabs, double* work, int out, int in, int b, int k, long p0, long p1);
-void rbe_decode_f64(double* w, const double* basis, const double* coeffs, const void* index, int wide,
-                    const double* tabs, double* work, int out, int in, int b, int k, long p0, long p1);
+void rbe_decode_f32(float* w, const rbe_weight_f32* W, const double* tabs, double* work, long p0, long p1);
+void rbe_decode_f64(double* w, const rbe_weight_f64* W, const double* tabs, double* work, long p0, long p1);
 
 /* ---- activations ---- */
 
@@ -101,13 +146,13 @@ void rbe_act_forward_f64(double* y, const double* x, long n, int act);
 /* dx = dy * act'(x), elementwise */
 void rbe_act_backward_f32(float* dx, const float* dy, const float* x, long n, int act);
 void rbe_act_backward_f64(double* dx, const double* dy, const double* x, long n, int act);
-/* scalar reference definitions (the vectorized paths must agree with these) */
+/* rbe_act_value / rbe_act_grad of rbe_math.h rounded once (the vectorized paths must agree) */
 float rbe_act_scalar_f32(float x, int act);
 double rbe_act_scalar_f64(double x, int act);
 float rbe_act_grad_scalar_f32(float x, int act);
 double rbe_act_grad_scalar_f64(double x, int act);
 
-/* ---- schedules of the sparse products ----
+/* ---- schedules of the sparse products (float32, for the AVX2 kernels) ----
  * The coefficients of a weight regrouped so that each output row of a block-row
  * (transpose = 0; key u, source rows (j, v)) or of a block-column (transpose = 1;
  * key v, source rows (i, u)) is one run: entries [start[g*(b+1)+key], start[g*(b+1)+key+1]),
@@ -121,135 +166,91 @@ typedef struct {
     const int32_t* pos;
     float* acc; /* [R*C*k] work for the parameter gradient (schedule order), or NULL */
 } rbe_sched_f32;
-void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, const float* coeffs, const void* index,
-                      int wide, int transpose, int R, int C, int b, int nf, int k, long g0, long g1);
-void rbe_schedule_f64(int32_t* start, int32_t* off, double* val, int32_t* pos, const double* coeffs,
-                      const void* index, int wide, int transpose, int R, int C, int b, int nf, int k, long g0, long g1);
+void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, const rbe_weight_f32* W, int nf,
+                      int transpose, long g0, long g1);
 
-/* ---- compressed linear: y = x W^T + bias, computed in the transform domain ---- */
+/* ---- compressed linear: y = x W^T + bias, computed in the transform domain ----
+ * scratch: rbe_rows_scratch(b, nf) elements per calling thread (every kernel below). */
+size_t rbe_rows_scratch(int b, int nf);
 
 /* Transform token tiles: for work items p in [p0, p1), p = tile*nseg + j,
- * Xh[p][m][t] = sum_c A[m][c] x[tile*TILE + t][j*b + c] (zero past the real sizes).
- * Xh: [ntiles, nseg, b+nf, TILE], x: [T, n], A: [b+nf, b];
- * scratch: rbe_rows_scratch(b, nf) elements per calling thread (all kernels below).
- * dct: plan[2] (the fast-DCT tables; only the AVX2 float kernels use them). */
-void rbe_analysis_f32(float* Xh, const float* x, const float* A, const float* dct, float* scratch,
-                      long T, int n, int b, int nf, long p0, long p1);
-void rbe_analysis_f64(double* Xh, const double* x, const double* A, const double* dct, double* scratch,
-                      long T, int n, int b, int nf, long p0, long p1);
+ * Xh[p][m][t] = sum_c M[m][c] x[tile*TILE + t][j*b + c] (zero past the real sizes).
+ * Xh: [ntiles, nseg, b+nf, TILE], x: [T, n], M: P->A (inputs) or P->S (output gradients);
+ * the AVX2 float kernels use P->dct for the DCT rows. */
+void rbe_analysis_f32(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch, long T,
+                      int n, long p0, long p1);
+void rbe_analysis_f64(double* Xh, const double* x, const double* M, const rbe_plan_f64* P, double* scratch, long T,
+                      int n, long p0, long p1);
 
 /* Rows of the output: for work items p = tile*R + i in [p0, p1),
  * Yh = sum_j (sparse product + pattern combination of block (i, j)) over Xh,
  * y[t][i*b + r] = act(sum_m S[m][r] Yh[m][t] + bias[i*b + r]); pre (may be NULL)
  * receives the value before the activation; y may be NULL. Xnext (may be NULL) receives the
- * analysis (plan[0], which S - (b+nf)*b must hold: pass S = plan[1]) of the activated output
- * tile, laid out as the Xh of a next layer whose input is this output: [ntiles, R, b+nf, TILE]
- * (the feed-forward block's fc2 then skips its own analysis; lanes past T are unspecified).
- * y, pre: [T, out], Xh: [ntiles, C, b+nf, TILE], S: [b+nf, b], basis: [R*C, 8],
- * coeffs/index: [R*C, k], bias: [out] or NULL.
- * scratch: rbe_rows_scratch(b, nf) elements per calling thread. */
-size_t rbe_rows_scratch(int b, int nf);
-void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct,
-                          const float* basis, const float* coeffs, const void* index, int wide,
-                          const rbe_sched_f32* sched,
-                          const float* bias, int act, float* scratch,
-                          long T, int out, int in, int b, int nf, int k, long p0, long p1);
-void rbe_rows_forward_f64(double* y, double* pre, double* Xnext, const double* Xh, const double* S, const double* dct,
-                          const double* basis, const double* coeffs, const void* index, int wide,
-                          const double* bias, int act, double* scratch,
-                          long T, int out, int in, int b, int nf, int k, long p0, long p1);
+ * analysis (P->A) of the activated output tile, laid out as the Xh of a next layer whose
+ * input is this output: [ntiles, R, b+nf, TILE] (the feed-forward block's fc2 then skips its
+ * own analysis; lanes past T are unspecified).
+ * y, pre: [T, out], Xh: [ntiles, C, b+nf, TILE], bias: [out] or NULL.
+ * sched (float only; may be NULL): the AVX2 kernels' schedule (transpose = 0); without
+ * one they work block by block (cheaper for a single tile of tokens). */
+void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                          const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                          float* scratch, long T, long p0, long p1);
+void rbe_rows_forward_f64(double* y, double* pre, double* Xnext, const double* Xh, const rbe_weight_f64* W,
+                          const rbe_plan_f64* P, const double* bias, int act, double* scratch, long T, long p0,
+                          long p1);
 
 /* Input gradient: for work items p = tile*C + j in [p0, p1),
  * DX = sum_i (transposed sparse product + transposed pattern of block (i, j)) over Gh,
  * dx[t][j*b + c] = sum_m A[m][c] DX[m][t].
- * dx: [T, in], Gh: [ntiles, R, b+nf, TILE] (g analysed with S); coeffs_t/index_t: the
- * coefficients transposed by rbe_transpose_blocks (index_t = v*b + u, ascending).
- * sched (float only; may be NULL): the schedules (rows forward and params: transpose = 0,
- * cols backward: transpose = 1) of the AVX2 kernels. Without one, the AVX2 rows forward
- * works block by block (cheaper for a single tile of tokens) and the backward kernels fall
- * back to the portable ones. */
-void rbe_cols_backward_f32(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
-                           const float* coeffs_t, const int32_t* index_t, const rbe_sched_f32* sched, float* scratch, long T, int out, int in, int b, int nf, int k,
-                           long p0, long p1);
-void rbe_cols_backward_f64(double* dx, const double* Gh, const double* A, const double* dct, const double* basis,
-                           const double* coeffs_t, const int32_t* index_t, double* scratch, long T, int out, int in,
-                           int b, int nf, int k, long p0, long p1);
+ * dx: [T, in], Gh: [ntiles, R, b+nf, TILE] (g analysed with P->S).
+ * Wt: the weight with each block's coefficients re-sorted by column (rbe_transpose_blocks:
+ * index = v*b + u, int32, ascending); its coeffs/index are not read when sched is given.
+ * sched (float only; may be NULL): the AVX2 kernels' schedule (transpose = 1). */
+void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                           const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);
+void rbe_cols_backward_f64(double* dx, const double* Gh, const rbe_weight_f64* Wt, const rbe_plan_f64* P,
+                           double* scratch, long T, long p0, long p1);
 
-/* Blocks [p0, p1) of coeffs/index [nblk, k] re-sorted by column: index_t = v*b + u
- * (ascending), coeffs_t the matching values. work: b + 1 ints. */
-void rbe_transpose_blocks_f32(float* coeffs_t, int32_t* index_t, int32_t* work, const float* coeffs,
-                              const void* index, int wide, int b, int k, long p0, long p1);
-void rbe_transpose_blocks_f64(double* coeffs_t, int32_t* index_t, int32_t* work, const double* coeffs,
-                              const void* index, int wide, int b, int k, long p0, long p1);
+/* Blocks [p0, p1) of W re-sorted by column: index_t = v*b + u (ascending), coeffs_t the
+ * matching values; both [R*C, k]. work: b + 1 ints. */
+void rbe_transpose_blocks_f32(float* coeffs_t, int32_t* index_t, int32_t* work, const rbe_weight_f32* W, long p0,
+                              long p1);
+void rbe_transpose_blocks_f64(double* coeffs_t, int32_t* index_t, int32_t* work, const rbe_weight_f64* W, long p0,
+                              long p1);
 
 /* Parameter gradients of block rows [p0, p1) (blocks i*C + j), summed over all tokens:
  * dcoeffs[ij][q] = sum_t Gh_i[u][t] Xh_j[v][t], dbasis[ij][k] from the pattern rows.
- * Either output may be NULL; accumulate != 0 adds to what they hold. */
+ * Either output may be NULL; accumulate != 0 adds to what they hold.
+ * sched (float only; may be NULL): the schedule with pos and acc (transpose = 0). */
 void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
-                             const void* index, int wide, const rbe_sched_f32* sched, int accumulate, long T, int out, int in, int b,
-                             int nf, int k, long p0, long p1);
+                             const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                             int accumulate, long T, long p0, long p1);
 void rbe_params_backward_f64(double* dbasis, double* dcoeffs, const double* Gh, const double* Xh,
-                             const void* index, int wide, int accumulate, long T, int out, int in, int b,
-                             int nf, int k, long p0, long p1);
+                             const rbe_weight_f64* W, const rbe_plan_f64* P, int accumulate, long T, long p0,
+                             long p1);
 
 /* dbias[o] (+)= sum_t g[t][o] for o in [o0, o1); accumulate != 0 adds to dbias. g: [T, out] */
 void rbe_bias_backward_f32(float* dbias, const float* g, long T, int out, int accumulate, long o0, long o1);
 void rbe_bias_backward_f64(double* dbias, const double* g, long T, int out, int accumulate, long o0, long o1);
 
-/* ---- float32 variants: the entry points above dispatch at run time to the AVX2
- * kernels (rbe_avx2.c) when the CPU has AVX2 and FMA, else to the portable ones ---- */
+/* 1 when the float32 entry points run the AVX2 + FMA kernels on this CPU (chosen at run time;
+ * the schedules above are for them), 0 when they run the portable ones */
 int rbe_cpu_has_avx2(void);
-void rbe_analysis_f32_portable(float* Xh, const float* x, const float* A, const float* dct, float* scratch, long T, int n, int b, int nf,
-                               long p0, long p1);
-void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* A, const float* dct, float* scratch, long T, int n, int b, int nf,
-                           long p0, long p1);
-void rbe_rows_forward_f32_portable(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct, const float* basis,
-                                   const float* coeffs, const void* index, int wide, const float* bias, int act,
-                                   float* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1);
-void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct,
-                               const float* basis, const float* coeffs, const void* index, int wide,
-                               const int32_t* sstart, const int32_t* soff, const float* sval, const float* bias,
-                               int act, float* scratch, long T, int out, int in, int b, int nf, int k, long p0,
-                               long p1);
-void rbe_cols_backward_f32_portable(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
-                                    const float* coeffs_t, const int32_t* index_t, float* scratch, long T, int out,
-                                    int in, int b, int nf, int k, long p0, long p1);
-void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
-                                const int32_t* sstart, const int32_t* soff, const float* sval, float* scratch, long T,
-                                int out, int in, int b, int nf, long p0, long p1);
-void rbe_params_backward_f32_portable(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
-                                      const void* index, int wide, int accumulate, long T, int out, int in, int b,
-                                      int nf, int k, long p0, long p1);
-/* without schedules, block by block: cols on transposed blocks (any T), params for one tile (T <= RBE_TILE) */
-void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
-                                       const float* coeffs_t, const int32_t* index_t, float* scratch, long T, int out,
-                                       int in, int b, int nf, int k, long p0, long p1);
-void rbe_params_backward_f32_avx2_blocks(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
-                                         const void* index, int wide, int accumulate, long T, int out, int in, int b,
-                                         int nf, int k, long p0, long p1);
-void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
-                                  const int32_t* sstart, const int32_t* soff, const int32_t* spos, float* sacc,
-                                  int accumulate,
-                                  long T, int out, int in, int b, int nf, int k, long p0, long p1);
 
 /* ---- naive references (decode, then dense arithmetic in double) ---- */
 
 /* y = act(x W^T + bias) with W decoded; pre (may be NULL) gets the value before act.
  * tabs: psi then phi (double); work: out*in doubles */
-void rbe_linear_forward_ref_f32(float* y, float* pre, const float* x, const float* basis, const float* coeffs,
-                                const void* index, int wide, const float* bias, int act, const double* tabs,
-                                double* work, long T, int out, int in, int b, int k);
-void rbe_linear_forward_ref_f64(double* y, double* pre, const double* x, const double* basis, const double* coeffs,
-                                const void* index, int wide, const double* bias, int act, const double* tabs,
-                                double* work, long T, int out, int in, int b, int k);
-/* dx = g W, dW = g^T x projected on the block's stored numbers, dbias = sum_t g.
- * work: 2*out*in doubles */
+void rbe_linear_forward_ref_f32(float* y, float* pre, const float* x, const rbe_weight_f32* W, const float* bias,
+                                int act, const double* tabs, double* work, long T);
+void rbe_linear_forward_ref_f64(double* y, double* pre, const double* x, const rbe_weight_f64* W,
+                                const double* bias, int act, const double* tabs, double* work, long T);
+/* dx = g W, dW = g^T x projected on the block's stored numbers, dbias = sum_t g
+ * (any output may be NULL). work: 2*out*in doubles */
 void rbe_linear_backward_ref_f32(float* dx, float* dbasis, float* dcoeffs, float* dbias, const float* g,
-                                 const float* x, const float* basis, const float* coeffs, const void* index,
-                                 int wide, const double* tabs, double* work, long T, int out, int in, int b, int k);
+                                 const float* x, const rbe_weight_f32* W, const double* tabs, double* work, long T);
 void rbe_linear_backward_ref_f64(double* dx, double* dbasis, double* dcoeffs, double* dbias, const double* g,
-                                 const double* x, const double* basis, const double* coeffs, const void* index,
-                                 int wide, const double* tabs, double* work, long T, int out, int in, int b, int k);
+                                 const double* x, const rbe_weight_f64* W, const double* tabs, double* work, long T);
 
 #ifdef __cplusplus
 }

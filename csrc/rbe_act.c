@@ -1,66 +1,22 @@
-/* rbe_act.c - the activations of DESIGN.md section 4, named as PyTorch names them.
+/* rbe_act.c - the activations of DESIGN.md section 4 over arrays. The definitions are
+ * rbe_act_value / rbe_act_grad of rbe_math.h (shared with the CUDA kernels).
  *
- *   gelu       x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))        (F.gelu)
- *   gelu_tanh  0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)  (F.gelu(approximate="tanh")),
- *              evaluated as x * sigmoid(2u) (the same function; 1 + tanh(u) cancels
- *              catastrophically for u << 0, the sigmoid form does not)
- *   relu       max(x, 0), NaN propagates; derivative 0 where x <= 0, else 1 (NaN -> 1, as torch)
- *   silu       x * sigmoid(x)
- *
- * The scalar functions are the definitions; float values are computed in
- * double and rounded once, so they are within half an ulp of the exact value.
- * The vectorized float path computes the same formulas in double with libmvec
- * and rounds once: it agrees with the scalar definition to 1 ulp (almost always
+ * Float values are computed in double and rounded once, so they are within half an ulp of
+ * the exact value. The vectorized float path computes the same formulas in double with
+ * libmvec and rounds once: it agrees with the scalar definition to 1 ulp (almost always
  * bitwise; the double-precision erfc/exp differ in their last bits).
- * Non-finite inputs give what the formula gives (gelu(-inf) = NaN, as torch).
  */
-#include "rbe.h"
+#include "rbe_variants.h"
 
 #include <math.h>
 
-#define SQRT_2_OVER_PI 0.79788456080286535588
-#define INV_SQRT_2PI 0.39894228040143267794
-#define GELU_TANH_C 0.044715
-
-double rbe_act_scalar_f64(double x, int act) {
-    switch (act) {
-    case RBE_ACT_GELU:
-        return 0.5 * x * erfc(-x * RBE_SQRT1_2);
-    case RBE_ACT_GELU_TANH:
-        return x / (1.0 + exp(-2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x)));
-    case RBE_ACT_RELU:
-        return x > 0.0 || x != x ? x : 0.0;
-    case RBE_ACT_SILU:
-        return x / (1.0 + exp(-x));
-    default:
-        return x;
-    }
-}
-
-double rbe_act_grad_scalar_f64(double x, int act) {
-    switch (act) {
-    case RBE_ACT_GELU:
-        return 0.5 * erfc(-x * RBE_SQRT1_2) + x * INV_SQRT_2PI * exp(-0.5 * x * x);
-    case RBE_ACT_GELU_TANH: {  // s = 0.5 (1 + tanh u) = sigmoid(2u); 0.5 (1 - tanh^2 u) = 2 s (1 - s)
-        double s = 1.0 / (1.0 + exp(-2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x)));
-        return s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * x * x);
-    }
-    case RBE_ACT_RELU:
-        return x <= 0.0 ? 0.0 : 1.0;
-    case RBE_ACT_SILU: {
-        double s = 1.0 / (1.0 + exp(-x));
-        return s * (1.0 + x * (1.0 - s));
-    }
-    default:
-        return 1.0;
-    }
-}
-
-float rbe_act_scalar_f32(float x, int act) { return (float)rbe_act_scalar_f64((double)x, act); }
-float rbe_act_grad_scalar_f32(float x, int act) { return (float)rbe_act_grad_scalar_f64((double)x, act); }
+double rbe_act_scalar_f64(double x, int act) { return rbe_act_value(x, act); }
+double rbe_act_grad_scalar_f64(double x, int act) { return rbe_act_grad(x, act); }
+float rbe_act_scalar_f32(float x, int act) { return (float)rbe_act_value((double)x, act); }
+float rbe_act_grad_scalar_f32(float x, int act) { return (float)rbe_act_grad((double)x, act); }
 
 void rbe_act_forward_f64(double* y, const double* x, long n, int act) {
-    for (long i = 0; i < n; i++) y[i] = rbe_act_scalar_f64(x[i], act);
+    for (long i = 0; i < n; i++) y[i] = rbe_act_value(x[i], act);
 }
 
 void rbe_act_backward_f64(double* dx, const double* dy, const double* x, long n, int act) {
@@ -68,7 +24,7 @@ void rbe_act_backward_f64(double* dx, const double* dy, const double* x, long n,
         for (long i = 0; i < n; i++) dx[i] = x[i] <= 0.0 ? 0.0 : dy[i];
         return;
     }
-    for (long i = 0; i < n; i++) dx[i] = dy[i] * rbe_act_grad_scalar_f64(x[i], act);
+    for (long i = 0; i < n; i++) dx[i] = dy[i] * rbe_act_grad(x[i], act);
 }
 
 /* float32 arrays: four values at a time through glibc's vector math library
@@ -100,8 +56,8 @@ AVX2 static __m256d act4(__m256d x, int act) {
         return _mm256_mul_pd(_mm256_mul_pd(half, x), _ZGVdN4v_erfc(_mm256_mul_pd(x, _mm256_set1_pd(-RBE_SQRT1_2))));
     case RBE_ACT_GELU_TANH: {
         __m256d x3 = _mm256_mul_pd(_mm256_mul_pd(x, x), x);
-        __m256d u2 = _mm256_mul_pd(_mm256_set1_pd(-2.0 * SQRT_2_OVER_PI),
-                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(GELU_TANH_C), x3)));
+        __m256d u2 = _mm256_mul_pd(_mm256_set1_pd(-2.0 * RBE_SQRT_2_OVER_PI),
+                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(RBE_GELU_TANH_C), x3)));
         return _mm256_div_pd(x, _mm256_add_pd(one, _ZGVdN4v_exp(u2)));
     }
     case RBE_ACT_SILU:
@@ -119,16 +75,16 @@ AVX2 static __m256d act_grad4(__m256d x, int act) {
     case RBE_ACT_GELU: {
         __m256d cdf = _mm256_mul_pd(half, _ZGVdN4v_erfc(_mm256_mul_pd(x, _mm256_set1_pd(-RBE_SQRT1_2))));
         __m256d pdf = _ZGVdN4v_exp(_mm256_mul_pd(_mm256_set1_pd(-0.5), _mm256_mul_pd(x, x)));
-        return _mm256_add_pd(cdf, _mm256_mul_pd(_mm256_mul_pd(x, _mm256_set1_pd(INV_SQRT_2PI)), pdf));
+        return _mm256_add_pd(cdf, _mm256_mul_pd(_mm256_mul_pd(x, _mm256_set1_pd(RBE_INV_SQRT_2PI)), pdf));
     }
     case RBE_ACT_GELU_TANH: {
         __m256d x2 = _mm256_mul_pd(x, x);
-        __m256d u2 = _mm256_mul_pd(_mm256_set1_pd(-2.0 * SQRT_2_OVER_PI),
-                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(GELU_TANH_C), _mm256_mul_pd(x2, x))));
+        __m256d u2 = _mm256_mul_pd(_mm256_set1_pd(-2.0 * RBE_SQRT_2_OVER_PI),
+                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(RBE_GELU_TANH_C), _mm256_mul_pd(x2, x))));
         __m256d s = _mm256_div_pd(one, _mm256_add_pd(one, _ZGVdN4v_exp(u2)));
         __m256d d = _mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(2.0), x), _mm256_mul_pd(s, _mm256_sub_pd(one, s))),
-                                  _mm256_mul_pd(_mm256_set1_pd(SQRT_2_OVER_PI),
-                                                _mm256_add_pd(one, _mm256_mul_pd(_mm256_set1_pd(3.0 * GELU_TANH_C), x2))));
+                                  _mm256_mul_pd(_mm256_set1_pd(RBE_SQRT_2_OVER_PI),
+                                                _mm256_add_pd(one, _mm256_mul_pd(_mm256_set1_pd(3.0 * RBE_GELU_TANH_C), x2))));
         return _mm256_add_pd(s, d);
     }
     default: {  // silu

@@ -13,7 +13,7 @@
  *     output row held in 8 registers while all its coefficients, across every
  *     block of a block-row (or block-column), are applied, with prefetch.
  */
-#include "rbe.h"
+#include "rbe_variants.h"
 
 #ifdef RBE_X86_KERNELS
 #include <immintrin.h>
@@ -329,9 +329,9 @@ AVX2 static void store_tile_t(float* restrict y, long ld, const float* restrict 
         for (int rr = (nt == TL ? r : 0); rr < nr; rr++) y[(size_t)t * ld + rr] = src[(size_t)rr * TL + t];
 }
 
-AVX2 void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* A, const float* dct, float* scratch, long T,
-                                int n, int b, int nf, long p0, long p1) {
-    const int nseg = (n + b - 1) / b, rows = b + nf;
+AVX2 void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch,
+                                long T, int n, long p0, long p1) {
+    const int b = P->b, nf = P->nf, nseg = (n + b - 1) / b, rows = b + nf;
     for (long p = p0; p < p1; p++) {
         long tile = p / nseg;
         int j = (int)(p % nseg);
@@ -339,39 +339,35 @@ AVX2 void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* A, const
         int nt = T - t0 < TL ? (int)(T - t0) : TL;
         int nc = n - j * b < b ? n - j * b : b;
         load_tile_t(scratch, x, t0, nt, n, j, b, nc);
-        analyse_tile(Xh + (size_t)p * rows * TL, scratch, A, dct, b, nf, scratch + (size_t)b * TL, lanes(nt));
+        analyse_tile(Xh + (size_t)p * rows * TL, scratch, M, P->dct, b, nf, scratch + (size_t)b * TL, lanes(nt));
     }
 }
 
-// Y[a] += sum_e P[a][e] E[e]  (forward: a = synthesis row, e = analysis row)
+// The pattern of a block (rbe_variants.h's rank-1 terms) over nl lanes of a tile:
+// forward Y[g] += p_k E[f] (Y, E: the nf pattern rows of the output / input transform)
 AVX2 static void pattern_forward(float* restrict Y, const float* restrict E, const float* pk, int nd, int nl) {
-    for (int t = 0; t < nl; t++) {
-        float e0 = E[t], e1 = E[TL + t], e2 = E[2 * TL + t], e3 = E[3 * TL + t];
-        Y[t] += pk[0] * e0 + pk[2] * e1 + pk[3] * e2 + pk[5] * e3;
-        Y[TL + t] += pk[2] * e0;
-        Y[2 * TL + t] += pk[4] * e0 + pk[7] * e2;
-        Y[3 * TL + t] += pk[6] * e0;
+    for (int q = 0; q < RBE_NTERMS; q++) {
+        const int* term = rbe_pattern_terms[q];
+        axpy_lanes(Y + (size_t)term[1] * TL, pk[term[0]], E + (size_t)term[2] * TL, nl);
     }
     for (int m = 0; m < nd; m++) axpy_lanes(Y + (size_t)(RBE_NFIX + m) * TL, pk[1], E + (size_t)(RBE_NFIX + m) * TL, nl);
 }
 
-// D[e] += sum_a P[a][e] G[a]  (the transpose of pattern_forward)
+// transposed: D[f] += p_k G[g]
 AVX2 static void pattern_backward(float* restrict D, const float* restrict G, const float* pk, int nd, int nl) {
-    for (int t = 0; t < nl; t++) {
-        float g0 = G[t], g1 = G[TL + t], g2 = G[2 * TL + t], g3 = G[3 * TL + t];
-        D[t] += pk[0] * g0 + pk[2] * g1 + pk[4] * g2 + pk[6] * g3;
-        D[TL + t] += pk[2] * g0;
-        D[2 * TL + t] += pk[3] * g0 + pk[7] * g2;
-        D[3 * TL + t] += pk[5] * g0;
+    for (int q = 0; q < RBE_NTERMS; q++) {
+        const int* term = rbe_pattern_terms[q];
+        axpy_lanes(D + (size_t)term[2] * TL, pk[term[0]], G + (size_t)term[1] * TL, nl);
     }
     for (int m = 0; m < nd; m++) axpy_lanes(D + (size_t)(RBE_NFIX + m) * TL, pk[1], G + (size_t)(RBE_NFIX + m) * TL, nl);
 }
 
-AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct,
-                                    const float* basis, const float* coeffs, const void* index, int wide,
-                                    const int32_t* sstart, const int32_t* soff, const float* sval,
-                                    const float* bias, int act, float* scratch, long T, int out, int in, int b,
-                                    int nf, int k, long p0, long p1) {
+AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                                    const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                                    float* scratch, long T, long p0, long p1) {
+    const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
+    const float* basis = W->basis;
+    const int32_t* sstart = sched ? sched->start : NULL;
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     float* yh = scratch;
     float* yt = scratch + (size_t)rows * TL;
@@ -384,13 +380,13 @@ AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const fl
         const int nl = sstart ? TL : lanes(nt);  // the scheduled product works on whole tiles
         const float* Xt = Xh + (size_t)tile * C * rows * TL;
         if (sstart) {
-            sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), soff, sval, b);
+            sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), sched->off, sched->val, b);
             for (int e = b * TL; e < rows * TL; e += 8) _mm256_storeu_ps(yh + e, _mm256_setzero_ps());
         } else {
             for (int e = 0; e < rows * TL; e += 8) _mm256_storeu_ps(yh + e, _mm256_setzero_ps());
             for (int j = 0; j < C; j++)
                 (nl == TL ? sparse_block : sparse_block16)(yh, Xt + (size_t)j * rows * TL,
-                                                          coeffs + ((size_t)i * C + j) * k, index, wide,
+                                                          W->coeffs + ((size_t)i * C + j) * k, W->index, W->wide,
                                                           ((long)i * C + j) * k, k, b);
         }
         for (int j = 0; j < C; j++) {
@@ -398,7 +394,7 @@ AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const fl
             const float* X = Xt + (size_t)j * rows * TL;
             pattern_forward(yh + (size_t)b * TL, X + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
         }
-        synthesise_tile(yt, yh, S, dct, b, nf, yt + (size_t)b * TL, nl);
+        synthesise_tile(yt, yh, P->S, P->dct, b, nf, yt + (size_t)b * TL, nl);
         if (bias)
             for (int r = 0; r < nr; r++) {
                 __m256 bv = _mm256_set1_ps(bias[i * b + r]);
@@ -412,7 +408,7 @@ AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const fl
         if (y) store_tile_t(y + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
         if (Xnext) {  // the next layer's analysis of this (activated) tile; rows past nr are padding
             for (int e = nr * TL; e < b * TL; e += 8) _mm256_storeu_ps(yt + e, _mm256_setzero_ps());
-            analyse_tile(Xnext + ((size_t)tile * R + i) * rows * TL, yt, S - (size_t)rows * b, dct, b, nf,
+            analyse_tile(Xnext + ((size_t)tile * R + i) * rows * TL, yt, P->A, P->dct, b, nf,
                          yt + (size_t)b * TL, nl);
         }
     }
@@ -420,10 +416,10 @@ AVX2 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const fl
 
 // The same without a schedule, block by block on each block's coefficients re-sorted by column
 // (rbe_transpose_blocks: index_t = v*b + u, int32): for a single tile of tokens
-AVX2 void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const float* A, const float* dct,
-                                            const float* basis, const float* coeffs_t, const int32_t* index_t,
-                                            float* scratch, long T, int out, int in, int b, int nf, int k, long p0,
-                                            long p1) {
+AVX2 void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const rbe_weight_f32* Wt,
+                                            const rbe_plan_f32* P, float* scratch, long T, long p0, long p1) {
+    const int out = Wt->out, in = Wt->in, b = Wt->b, k = Wt->k, nf = P->nf;
+    const float* basis = Wt->basis;
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     float* dh = scratch;
     float* dt = scratch + (size_t)rows * TL;
@@ -439,18 +435,18 @@ AVX2 void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const fl
         for (int i = 0; i < R; i++) {
             long blk = (long)i * C + j;
             const float* G = Gt + (size_t)i * rows * TL;
-            (nl == TL ? sparse_block : sparse_block16)(dh, G, coeffs_t + blk * k, index_t, 1, blk * k, k, b);
+            (nl == TL ? sparse_block : sparse_block16)(dh, G, Wt->coeffs + blk * k, Wt->index, Wt->wide, blk * k, k, b);
             pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
         }
-        synthesise_tile(dt, dh, A, dct, b, nf, dt + (size_t)b * TL, nl);
+        synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
         store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
     }
 }
 
-AVX2 void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A, const float* dct,
-                                     const float* basis, const int32_t* sstart, const int32_t* soff,
-                                     const float* sval, float* scratch, long T, int out, int in, int b, int nf,
-                                     long p0, long p1) {
+AVX2 void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                                     const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
+    const int out = Wt->out, in = Wt->in, b = Wt->b, nf = P->nf;
+    const float* basis = Wt->basis;
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     float* dh = scratch;
     float* dt = scratch + (size_t)rows * TL;
@@ -462,39 +458,38 @@ AVX2 void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const float* A,
         int nc = in - j * b < b ? in - j * b : b;
         const int nl = lanes(nt);
         const float* Gt = Gh + (size_t)tile * R * rows * TL;
-        (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, sstart + (size_t)j * (b + 1), soff, sval, b);
+        (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, sched->start + (size_t)j * (b + 1), sched->off, sched->val, b);
         for (int e = b * TL; e < rows * TL; e += 8) _mm256_storeu_ps(dh + e, _mm256_setzero_ps());
         for (int i = 0; i < R; i++) {
             long blk = (long)i * C + j;
             const float* G = Gt + (size_t)i * rows * TL;
             pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
         }
-        synthesise_tile(dt, dh, A, dct, b, nf, dt + (size_t)b * TL, nl);
+        synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
         store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
     }
 }
 
-// db[k] += the tile's contribution to dL/dbasis_k of one block, from the pattern rows of its
-// output gradient (Gp) and input (E): [nf][TL] each
-AVX2 static void basis_grad_tile(float* restrict db, const float* restrict Gp, const float* restrict E, int nd, int nl) {
+// db[k] += the tile's contribution to dL/dbasis_k of one block, G[g] . E[f] over the pattern
+// rows of its output gradient (G) and input (E): [nf][TL] each
+AVX2 static void basis_grad_tile(float* restrict db, const float* restrict G, const float* restrict E, int nd, int nl) {
+    for (int q = 0; q < RBE_NTERMS; q++) {
+        const int* term = rbe_pattern_terms[q];
+        db[term[0]] += dot_lanes(G + (size_t)term[1] * TL, E + (size_t)term[2] * TL, nl);
+    }
     float d1 = 0;
     for (int m = 0; m < nd; m++)
-        d1 += dot_lanes(Gp + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL, nl);
-    db[0] += dot_lanes(Gp, E, nl);
+        d1 += dot_lanes(G + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL, nl);
     db[1] += d1;
-    db[2] += dot_lanes(Gp, E + TL, nl) + dot_lanes(Gp + TL, E, nl);
-    db[3] += dot_lanes(Gp, E + 2 * TL, nl);
-    db[4] += dot_lanes(Gp + 2 * TL, E, nl);
-    db[5] += dot_lanes(Gp, E + 3 * TL, nl);
-    db[6] += dot_lanes(Gp + 3 * TL, E, nl);
-    db[7] += dot_lanes(Gp + 2 * TL, E + 2 * TL, nl);
 }
 
 // A single tile of tokens (T <= TL), block by block with no schedule (building one would cost
 // about as much as the sums): dcoeffs[ij][q] = Gh_i[u] . Xh_j[v], dbasis from the pattern rows.
 AVX2 void rbe_params_backward_f32_avx2_blocks(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
-                                              const void* index, int wide, int accumulate, long T, int out, int in,
-                                              int b, int nf, int k, long p0, long p1) {
+                                              const rbe_weight_f32* W, const rbe_plan_f32* P, int accumulate, long T,
+                                              long p0, long p1) {
+    const int in = W->in, b = W->b, k = W->k, nf = P->nf, wide = W->wide;
+    const void* index = W->index;
     const int C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     const int nl = lanes(T < TL ? (int)T : TL);
     for (long i = p0; i < p1; i++) {
@@ -523,9 +518,11 @@ AVX2 void rbe_params_backward_f32_avx2_blocks(float* dbasis, float* dcoeffs, con
 }
 
 AVX2 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
-                                       const int32_t* sstart, const int32_t* soff, const int32_t* spos,
-                                       float* sacc, int accumulate, long T, int out, int in, int b, int nf, int k,
-                                       long p0, long p1) {
+                                       const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                                       int accumulate, long T, long p0, long p1) {
+    const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
+    const int32_t *sstart = sched->start, *soff = sched->off, *spos = sched->pos;
+    float* sacc = sched->acc;
     // work items are block rows [p0, p1); dcoeffs is summed in schedule order in sacc (sequential
     // access) and scattered to coefficient order once at the end
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;

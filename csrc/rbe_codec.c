@@ -71,12 +71,16 @@ static void select_top(int* ord, const double* mag, int n, int k) {
 
 #define RBE_T float
 #define RBE_SFX(name) name##_f32
+#define RBE_WEIGHT rbe_weight_f32
 #include "rbe_codec_impl.h"
 #undef RBE_T
 #undef RBE_SFX
+#undef RBE_WEIGHT
 
 #define RBE_T double
 #define RBE_SFX(name) name##_f64
+#define RBE_WEIGHT rbe_weight_f64
 #include "rbe_codec_impl.h"
 #undef RBE_T
 #undef RBE_SFX
+#undef RBE_WEIGHT

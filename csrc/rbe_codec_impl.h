@@ -72,8 +72,10 @@ void RBE_SFX(rbe_encode)(RBE_T* basis, RBE_T* coeffs, void* index, int wide, dou
 }
 
 // Decode blocks [p0, p1) into w: [out, in]; work: 3*b*b doubles
-void RBE_SFX(rbe_decode)(RBE_T* w, const RBE_T* basis, const RBE_T* coeffs, const void* index, int wide,
-                         const double* tabs, double* work, int out, int in, int b, int k, long p0, long p1) {
+void RBE_SFX(rbe_decode)(RBE_T* w, const RBE_WEIGHT* W, const double* tabs, double* work, long p0, long p1) {
+    const RBE_T *basis = W->basis, *coeffs = W->coeffs;
+    const void* index = W->index;
+    const int wide = W->wide, out = W->out, in = W->in, b = W->b, k = W->k;
     const int bb = b * b, C = (in + b - 1) / b;
     const double* psi = tabs;
     const double* phi = tabs + bb;

@@ -7,8 +7,11 @@
  *      y_i = S^T Yh_i (inverse DCT + pattern synthesis), bias and activation on write.
  * Backward: Gh_i = S g_i^T, then dx_j = A^T (sum_i transposed products), and
  * dcoeffs / dbasis as dot products over tokens of Gh and Xh rows.
+ *
+ * The float32 entry points choose the AVX2 kernels (rbe_avx2.c) at run time where the CPU has
+ * AVX2 and FMA, else the portable ones (rbe_linear_impl.h, also the double kernels).
  */
-#include "rbe.h"
+#include "rbe_variants.h"
 
 // transform rows + output tile + the fast DCT's work rows
 size_t rbe_rows_scratch(int b, int nf) { return (size_t)(4 * b + nf) * RBE_TILE; }
@@ -16,81 +19,131 @@ size_t rbe_rows_scratch(int b, int nf) { return (size_t)(4 * b + nf) * RBE_TILE;
 #define RBE_T float
 #define RBE_SFX(name) name##_f32
 #define RBE_KSFX(name) name##_f32_portable
+#define RBE_WEIGHT rbe_weight_f32
+#define RBE_PLAN rbe_plan_f32
 #include "rbe_linear_impl.h"
 #undef RBE_T
 #undef RBE_SFX
 #undef RBE_KSFX
+#undef RBE_WEIGHT
+#undef RBE_PLAN
 
 #define RBE_T double
 #define RBE_SFX(name) name##_f64
 #define RBE_KSFX(name) name##_f64
+#define RBE_WEIGHT rbe_weight_f64
+#define RBE_PLAN rbe_plan_f64
 #include "rbe_linear_impl.h"
 #undef RBE_T
 #undef RBE_SFX
 #undef RBE_KSFX
+#undef RBE_WEIGHT
+#undef RBE_PLAN
 
-/* float32: the AVX2 kernels (rbe_avx2.c) where the CPU has AVX2 + FMA, else the portable ones */
-void rbe_analysis_f32(float* Xh, const float* x, const float* A, const float* dct, float* scratch, long T, int n,
-                      int b, int nf, long p0, long p1) {
 #ifdef RBE_X86_KERNELS
-    if (rbe_cpu_has_avx2()) {
-        rbe_analysis_f32_avx2(Xh, x, A, dct, scratch, T, n, b, nf, p0, p1);
+#define AVX2_ON rbe_cpu_has_avx2()
+#else
+#define AVX2_ON 0
+#endif
+
+void rbe_analysis_f32(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch, long T,
+                      int n, long p0, long p1) {
+#ifdef RBE_X86_KERNELS
+    if (AVX2_ON) {
+        rbe_analysis_f32_avx2(Xh, x, M, P, scratch, T, n, p0, p1);
         return;
     }
 #endif
-    rbe_analysis_f32_portable(Xh, x, A, dct, scratch, T, n, b, nf, p0, p1);
+    rbe_analysis_f32_portable(Xh, x, M, P, scratch, T, n, p0, p1);
 }
 
-void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const float* S, const float* dct, const float* basis,
-                          const float* coeffs, const void* index, int wide, const rbe_sched_f32* sched,
-                          const float* bias, int act, float* scratch, long T, int out, int in, int b, int nf, int k,
-                          long p0, long p1) {
+void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                          const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                          float* scratch, long T, long p0, long p1) {
 #ifdef RBE_X86_KERNELS
-    if (rbe_cpu_has_avx2()) {
-        rbe_rows_forward_f32_avx2(y, pre, Xnext, Xh, S, dct, basis, coeffs, index, wide, sched ? sched->start : NULL,
-                                  sched ? sched->off : NULL, sched ? sched->val : NULL, bias, act, scratch, T, out, in,
-                                  b, nf, k, p0, p1);
+    if (AVX2_ON) {
+        rbe_rows_forward_f32_avx2(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, T, p0, p1);
         return;
     }
 #endif
-    rbe_rows_forward_f32_portable(y, pre, Xnext, Xh, S, dct, basis, coeffs, index, wide, bias, act, scratch, T, out, in,
-                                  b, nf, k, p0, p1);
+    rbe_rows_forward_f32_portable(y, pre, Xnext, Xh, W, P, bias, act, scratch, T, p0, p1);
 }
 
-void rbe_cols_backward_f32(float* dx, const float* Gh, const float* A, const float* dct, const float* basis,
-                           const float* coeffs_t, const int32_t* index_t, const rbe_sched_f32* sched, float* scratch,
-                           long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                           const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
 #ifdef RBE_X86_KERNELS
-    if (sched && rbe_cpu_has_avx2()) {
-        rbe_cols_backward_f32_avx2(dx, Gh, A, dct, basis, sched->start, sched->off, sched->val, scratch, T, out, in, b,
-                                   nf, p0, p1);
+    if (sched && AVX2_ON) {
+        rbe_cols_backward_f32_avx2(dx, Gh, Wt, P, sched, scratch, T, p0, p1);
         return;
     }
-    if (coeffs_t && rbe_cpu_has_avx2()) {
-        rbe_cols_backward_f32_avx2_blocks(dx, Gh, A, dct, basis, coeffs_t, index_t, scratch, T, out, in, b, nf, k, p0,
-                                          p1);
+    if (Wt->coeffs && AVX2_ON) {
+        rbe_cols_backward_f32_avx2_blocks(dx, Gh, Wt, P, scratch, T, p0, p1);
         return;
     }
 #endif
-    rbe_cols_backward_f32_portable(dx, Gh, A, dct, basis, coeffs_t, index_t, scratch, T, out, in, b, nf, k, p0,
-                                   p1);
+    rbe_cols_backward_f32_portable(dx, Gh, Wt, P, scratch, T, p0, p1);
 }
 
-void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const void* index,
-                             int wide, const rbe_sched_f32* sched, int accumulate, long T, int out, int in, int b,
-                             int nf, int k, long p0, long p1) {
+void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                             const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                             int accumulate, long T, long p0, long p1) {
 #ifdef RBE_X86_KERNELS
-    if (sched && sched->acc && rbe_cpu_has_avx2()) {
-        rbe_params_backward_f32_avx2(dbasis, dcoeffs, Gh, Xh, sched->start, sched->off, sched->pos, sched->acc,
-                                     accumulate, T, out, in, b, nf, k, p0, p1);
+    if (sched && sched->acc && AVX2_ON) {
+        rbe_params_backward_f32_avx2(dbasis, dcoeffs, Gh, Xh, W, P, sched, accumulate, T, p0, p1);
         return;
     }
-    if (T <= RBE_TILE && rbe_cpu_has_avx2()) {
-        rbe_params_backward_f32_avx2_blocks(dbasis, dcoeffs, Gh, Xh, index, wide, accumulate, T, out, in, b, nf, k,
-                                            p0, p1);
+    if (T <= RBE_TILE && AVX2_ON) {
+        rbe_params_backward_f32_avx2_blocks(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
         return;
     }
 #endif
-    rbe_params_backward_f32_portable(dbasis, dcoeffs, Gh, Xh, index, wide, accumulate, T, out, in, b, nf, k, p0,
-                                     p1);
+    rbe_params_backward_f32_portable(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
 }
+
+// Schedule of the sparse products for groups [g0, g1): the coefficients of one block-row
+// (transpose = 0: group i, key u, source row (j, v)) or of one block-column (transpose = 1:
+// group j, key v, source row (i, u)), sorted by key with counting sort. For group g the
+// entries [start[g*(b+1) + key], start[g*(b+1) + key + 1]) are written to one output row;
+// off[e] = (block * rows + source row) * TILE is the source row's offset inside a tile's
+// transform, val[e] the coefficient and pos[e] (may be NULL) its flat position in coeffs.
+// start: [ngroups, b+1]; off, val, pos: [R*C*k], group g's entries from g*(blocks per group)*k.
+void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, const rbe_weight_f32* W, int nf,
+                      int transpose, long g0, long g1) {
+    const float* coeffs = W->coeffs;
+    const void* index = W->index;
+    const int wide = W->wide, b = W->b, k = W->k;
+    const int R = (W->out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, per = transpose ? R : C;
+    int sh = 0;  // b a power of two (the usual case): shifts instead of divisions
+    while ((1 << sh) < b) sh++;
+    const int pow2 = (1 << sh) == b;
+    for (long g = g0; g < g1; g++) {
+        int32_t* st = start + g * (b + 1);
+        for (int e = 0; e <= b; e++) st[e] = 0;
+        for (int m = 0; m < per; m++) {
+            long blk = transpose ? (long)m * C + g : g * C + m;
+            for (int q = 0; q < k; q++) {
+                int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
+                int u = pow2 ? idx >> sh : idx / b, v = idx - u * b;
+                st[(transpose ? v : u) + 1]++;
+            }
+        }
+        for (int e = 0; e < b; e++) st[e + 1] += st[e];
+        const long base = g * per * (long)k;
+        for (int m = 0; m < per; m++) {
+            long blk = transpose ? (long)m * C + g : g * C + m;
+            for (int q = 0; q < k; q++) {
+                int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
+                int u = pow2 ? idx >> sh : idx / b, v = idx - u * b;
+                int key = transpose ? v : u, src = transpose ? u : v;
+                long e = base + st[key]++;
+                off[e] = (int32_t)(((long)m * rows + src) * RBE_TILE);
+                val[e] = coeffs[blk * k + q];
+                if (pos) pos[e] = (int32_t)(blk * k + q);
+            }
+        }
+        for (int e = b; e > 0; e--) st[e] = st[e - 1];  // placing advanced st[key] to the next key's start
+        st[0] = 0;
+        for (int e = 0; e <= b; e++) st[e] += (int32_t)base;  // absolute entry numbers
+    }
+}
+

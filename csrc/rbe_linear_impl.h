@@ -52,14 +52,43 @@ static void RBE_SFX(tile_gemm_t)(RBE_T* restrict out, const RBE_T* restrict M, c
     }
 }
 
-// Xh: [ntiles, nseg, b+nf, TL]; x: [T, n]; A: [b+nf, b]; scratch: b*TL
+// The pattern of a block (rbe_variants.h's rank-1 terms), over one tile:
+// forward Y[g] += p_k E[f] (Y, E: the nf pattern rows of the output / input transform)
+static void RBE_SFX(pattern_forward)(RBE_T* restrict Y, const RBE_T* restrict E, const RBE_T* pk, int nd) {
+    for (int q = 0; q < RBE_NTERMS; q++) {
+        const int* term = rbe_pattern_terms[q];
+        RBE_SFX(axpy)(Y + (size_t)term[1] * TL, pk[term[0]], E + (size_t)term[2] * TL);
+    }
+    for (int m = 0; m < nd; m++) RBE_SFX(axpy)(Y + (size_t)(RBE_NFIX + m) * TL, pk[1], E + (size_t)(RBE_NFIX + m) * TL);
+}
+
+// transposed: D[f] += p_k G[g]
+static void RBE_SFX(pattern_backward)(RBE_T* restrict D, const RBE_T* restrict G, const RBE_T* pk, int nd) {
+    for (int q = 0; q < RBE_NTERMS; q++) {
+        const int* term = rbe_pattern_terms[q];
+        RBE_SFX(axpy)(D + (size_t)term[2] * TL, pk[term[0]], G + (size_t)term[1] * TL);
+    }
+    for (int m = 0; m < nd; m++) RBE_SFX(axpy)(D + (size_t)(RBE_NFIX + m) * TL, pk[1], G + (size_t)(RBE_NFIX + m) * TL);
+}
+
+// gradient: db[k] += G[g] . E[f]
+static void RBE_SFX(pattern_grad)(RBE_T* restrict db, const RBE_T* restrict G, const RBE_T* restrict E, int nd) {
+    for (int q = 0; q < RBE_NTERMS; q++) {
+        const int* term = rbe_pattern_terms[q];
+        db[term[0]] += RBE_SFX(dot)(G + (size_t)term[1] * TL, E + (size_t)term[2] * TL);
+    }
+    RBE_T d1 = 0;
+    for (int m = 0; m < nd; m++) d1 += RBE_SFX(dot)(G + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL);
+    db[1] += d1;
+}
+
+// Xh: [ntiles, nseg, b+nf, TL]; x: [T, n]; M: [b+nf, b]; scratch: b*TL
 // (RBE_KSFX names the portable variants: _f32_portable beside the AVX2 ones, _f64;
-// they use the dense matrices of the plan and ignore dct)
-void RBE_KSFX(rbe_analysis)(RBE_T* Xh, const RBE_T* x, const RBE_T* A, const RBE_T* dct, RBE_T* scratch,
-                           long T, int n, int b, int nf, long p0, long p1) {
-    const int nseg = (n + b - 1) / b, rows = b + nf;
+// they use the dense matrices of the plan, not its fast-DCT tables)
+void RBE_KSFX(rbe_analysis)(RBE_T* Xh, const RBE_T* x, const RBE_T* M, const RBE_PLAN* P, RBE_T* scratch,
+                           long T, int n, long p0, long p1) {
+    const int b = P->b, nseg = (n + b - 1) / b, rows = b + P->nf;
     RBE_T* xt = scratch;
-    (void)dct;  // the portable kernels use the plan's dense DCT rows
     for (long p = p0; p < p1; p++) {
         long tile = p / nseg;
         int j = (int)(p % nseg);
@@ -69,18 +98,17 @@ void RBE_KSFX(rbe_analysis)(RBE_T* Xh, const RBE_T* x, const RBE_T* A, const RBE
         for (int c = 0; c < b; c++)
             for (int t = 0; t < TL; t++)
                 xt[(size_t)c * TL + t] = (c < nc && t < nt) ? x[(size_t)(t0 + t) * n + (size_t)j * b + c] : 0;
-        RBE_SFX(tile_gemm)(Xh + (size_t)p * rows * TL, A, xt, rows, b);
+        RBE_SFX(tile_gemm)(Xh + (size_t)p * rows * TL, M, xt, rows, b);
     }
 }
 
-// y, pre: [T, out]; Xh: [ntiles, C, b+nf, TL]; S: [b+nf, b]
-void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T* Xh, const RBE_T* S, const RBE_T* dct,
-                               const RBE_T* basis, const RBE_T* coeffs, const void* index, int wide,
-                               const RBE_T* bias, int act, RBE_T* scratch,
-                               long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+// y, pre: [T, out]; Xh: [ntiles, C, b+nf, TL]
+void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T* Xh, const RBE_WEIGHT* W,
+                               const RBE_PLAN* P, const RBE_T* bias, int act, RBE_T* scratch, long T, long p0,
+                               long p1) {
+    const int out = W->out, b = W->b, k = W->k, nf = P->nf;
+    const int R = (out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     RBE_T* yh = scratch;                     // [rows, TL]
-    (void)dct;
     RBE_T* yt = scratch + (size_t)rows * TL; // [b, TL]
     for (long p = p0; p < p1; p++) {
         long tile = p / R;
@@ -92,21 +120,10 @@ void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T*
         for (int j = 0; j < C; j++) {
             long blk = (long)i * C + j;
             const RBE_T* X = Xh + ((size_t)tile * C + j) * rows * TL;
-            RBE_SFX(sparse_rows)(yh, X, coeffs + (size_t)blk * k, index, wide, blk * k, k, b);
-            const RBE_T* pk = basis + (size_t)blk * RBE_NPAT;
-            const RBE_T* E = X + (size_t)b * TL;
-            RBE_T* Y = yh + (size_t)b * TL;
-            for (int t = 0; t < TL; t++) {
-                RBE_T e0 = E[t], e1 = E[TL + t], e2 = E[2 * TL + t], e3 = E[3 * TL + t];
-                Y[t] += pk[0] * e0 + pk[2] * e1 + pk[3] * e2 + pk[5] * e3;
-                Y[TL + t] += pk[2] * e0;
-                Y[2 * TL + t] += pk[4] * e0 + pk[7] * e2;
-                Y[3 * TL + t] += pk[6] * e0;
-            }
-            for (int m = 0; m < nd; m++)
-                RBE_SFX(axpy)(Y + (size_t)(RBE_NFIX + m) * TL, pk[1], E + (size_t)(RBE_NFIX + m) * TL);
+            RBE_SFX(sparse_rows)(yh, X, W->coeffs + (size_t)blk * k, W->index, W->wide, blk * k, k, b);
+            RBE_SFX(pattern_forward)(yh + (size_t)b * TL, X + (size_t)b * TL, W->basis + (size_t)blk * RBE_NPAT, nd);
         }
-        RBE_SFX(tile_gemm_t)(yt, S, yh, rows, b);
+        RBE_SFX(tile_gemm_t)(yt, P->S, yh, rows, b);
         for (int r = 0; r < nr; r++) {
             RBE_T bv = bias ? bias[i * b + r] : 0;
             for (int t = 0; t < TL; t++) yt[(size_t)r * TL + t] += bv;
@@ -120,18 +137,17 @@ void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T*
                 for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * out + (size_t)i * b + r] = yt[(size_t)r * TL + t];
         if (Xnext) {  // the next layer's analysis of this (activated) tile; rows past nr are padding
             for (size_t e = (size_t)nr * TL; e < (size_t)b * TL; e++) yt[e] = 0;
-            RBE_SFX(tile_gemm)(Xnext + ((size_t)tile * R + i) * rows * TL, S - (size_t)rows * b, yt, rows, b);
+            RBE_SFX(tile_gemm)(Xnext + ((size_t)tile * R + i) * rows * TL, P->A, yt, rows, b);
         }
     }
 }
 
-// dx: [T, in]; Gh: [ntiles, R, b+nf, TL]; A: [b+nf, b]
-void RBE_KSFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_T* A, const RBE_T* dct,
-                                const RBE_T* basis, const RBE_T* coeffs_t, const int32_t* index_t,
-                                RBE_T* scratch, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+// dx: [T, in]; Gh: [ntiles, R, b+nf, TL]; Wt: transposed blocks (index = v*b + u, int32)
+void RBE_KSFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_WEIGHT* Wt, const RBE_PLAN* P,
+                                RBE_T* scratch, long T, long p0, long p1) {
+    const int in = Wt->in, b = Wt->b, k = Wt->k, nf = P->nf;
+    const int R = (Wt->out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     RBE_T* dh = scratch;                     // [rows, TL]
-    (void)dct;
     RBE_T* dt = scratch + (size_t)rows * TL; // [b, TL]
     for (long p = p0; p < p1; p++) {
         long tile = p / C;
@@ -143,21 +159,10 @@ void RBE_KSFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_T* A, con
         for (int i = 0; i < R; i++) {
             long blk = (long)i * C + j;
             const RBE_T* G = Gh + ((size_t)tile * R + i) * rows * TL;
-            RBE_SFX(sparse_rows)(dh, G, coeffs_t + (size_t)blk * k, index_t, 1, blk * k, k, b);
-            const RBE_T* pk = basis + (size_t)blk * RBE_NPAT;
-            const RBE_T* Gp = G + (size_t)b * TL;
-            RBE_T* D = dh + (size_t)b * TL;
-            for (int t = 0; t < TL; t++) {
-                RBE_T g0 = Gp[t], g1 = Gp[TL + t], g2 = Gp[2 * TL + t], g3 = Gp[3 * TL + t];
-                D[t] += pk[0] * g0 + pk[2] * g1 + pk[4] * g2 + pk[6] * g3;
-                D[TL + t] += pk[2] * g0;
-                D[2 * TL + t] += pk[3] * g0 + pk[7] * g2;
-                D[3 * TL + t] += pk[5] * g0;
-            }
-            for (int m = 0; m < nd; m++)
-                RBE_SFX(axpy)(D + (size_t)(RBE_NFIX + m) * TL, pk[1], Gp + (size_t)(RBE_NFIX + m) * TL);
+            RBE_SFX(sparse_rows)(dh, G, Wt->coeffs + (size_t)blk * k, Wt->index, Wt->wide, blk * k, k, b);
+            RBE_SFX(pattern_backward)(dh + (size_t)b * TL, G + (size_t)b * TL, Wt->basis + (size_t)blk * RBE_NPAT, nd);
         }
-        RBE_SFX(tile_gemm_t)(dt, A, dh, rows, b);
+        RBE_SFX(tile_gemm_t)(dt, P->A, dh, rows, b);
         for (int t = 0; t < nt; t++) {
             RBE_T* xr = dx + (size_t)(t0 + t) * in + (size_t)j * b;
             for (int c = 0; c < nc; c++) xr[c] = dt[(size_t)c * TL + t];
@@ -167,9 +172,10 @@ void RBE_KSFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_T* A, con
 
 // dbasis: [R*C, 8], dcoeffs: [R*C, k] (either may be NULL), blocks [p0, p1)
 void RBE_KSFX(rbe_params_backward)(RBE_T* dbasis, RBE_T* dcoeffs, const RBE_T* Gh, const RBE_T* Xh,
-                                  const void* index, int wide, int accumulate, long T, int out, int in, int b,
-                                  int nf, int k, long p0, long p1) {
-    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+                                  const RBE_WEIGHT* W, const RBE_PLAN* P, int accumulate, long T, long p0, long p1) {
+    const int b = W->b, k = W->k, nf = P->nf, wide = W->wide;
+    const void* index = W->index;
+    const int R = (W->out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     const long ntiles = (T + TL - 1) / TL;
     p0 *= C, p1 *= C;  // work items are block rows; blocks [p0*C, p1*C)
     for (long p = p0; p < p1 && !accumulate; p++) {
@@ -191,74 +197,18 @@ void RBE_KSFX(rbe_params_backward)(RBE_T* dbasis, RBE_T* dcoeffs, const RBE_T* G
                     dc[q] += RBE_SFX(dot)(G + (size_t)u * TL, X + (size_t)(idx - u * b) * TL);
                 }
             }
-            if (dbasis) {
-                const RBE_T* Gp = G + (size_t)b * TL;
-                const RBE_T* E = X + (size_t)b * TL;
-                RBE_T* db = dbasis + (size_t)p * RBE_NPAT;
-                RBE_T d1 = 0;
-                for (int m = 0; m < nd; m++)
-                    d1 += RBE_SFX(dot)(Gp + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL);
-                db[0] += RBE_SFX(dot)(Gp, E);
-                db[1] += d1;
-                db[2] += RBE_SFX(dot)(Gp, E + TL) + RBE_SFX(dot)(Gp + TL, E);
-                db[3] += RBE_SFX(dot)(Gp, E + 2 * TL);
-                db[4] += RBE_SFX(dot)(Gp + 2 * TL, E);
-                db[5] += RBE_SFX(dot)(Gp, E + 3 * TL);
-                db[6] += RBE_SFX(dot)(Gp + 3 * TL, E);
-                db[7] += RBE_SFX(dot)(Gp + 2 * TL, E + 2 * TL);
-            }
+            if (dbasis)
+                RBE_SFX(pattern_grad)(dbasis + (size_t)p * RBE_NPAT, G + (size_t)b * TL, X + (size_t)b * TL, nd);
         }
-    }
-}
-
-// Schedule of the sparse products for groups [g0, g1): the coefficients of one block-row
-// (transpose = 0: group i, key u, source row (j, v)) or of one block-column (transpose = 1:
-// group j, key v, source row (i, u)), sorted by key with counting sort. For group g the
-// entries [start[g*(b+1) + key], start[g*(b+1) + key + 1]) are written to one output row;
-// off[e] = (block * rows + source row) * TILE is the source row's offset inside a tile's
-// transform, val[e] the coefficient and pos[e] (may be NULL) its flat position in coeffs.
-// start: [ngroups, b+1]; off, val, pos: [R*C*k], group g's entries from g*(blocks per group)*k.
-void RBE_SFX(rbe_schedule)(int32_t* start, int32_t* off, RBE_T* val, int32_t* pos, const RBE_T* coeffs,
-                           const void* index, int wide, int transpose, int R, int C, int b, int nf, int k,
-                           long g0, long g1) {
-    const int rows = b + nf, per = transpose ? R : C;
-    int sh = 0;  // b a power of two (the usual case): shifts instead of divisions
-    while ((1 << sh) < b) sh++;
-    const int pow2 = (1 << sh) == b;
-    for (long g = g0; g < g1; g++) {
-        int32_t* st = start + g * (b + 1);
-        for (int e = 0; e <= b; e++) st[e] = 0;
-        for (int m = 0; m < per; m++) {
-            long blk = transpose ? (long)m * C + g : g * C + m;
-            for (int q = 0; q < k; q++) {
-                int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
-                int u = pow2 ? idx >> sh : idx / b, v = idx - u * b;
-                st[(transpose ? v : u) + 1]++;
-            }
-        }
-        for (int e = 0; e < b; e++) st[e + 1] += st[e];
-        const long base = g * per * (long)k;
-        for (int m = 0; m < per; m++) {
-            long blk = transpose ? (long)m * C + g : g * C + m;
-            for (int q = 0; q < k; q++) {
-                int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
-                int u = pow2 ? idx >> sh : idx / b, v = idx - u * b;
-                int key = transpose ? v : u, src = transpose ? u : v;
-                long e = base + st[key]++;
-                off[e] = (int32_t)(((long)m * rows + src) * TL);
-                val[e] = coeffs[blk * k + q];
-                if (pos) pos[e] = (int32_t)(blk * k + q);
-            }
-        }
-        for (int e = b; e > 0; e--) st[e] = st[e - 1];  // placing advanced st[key] to the next key's start
-        st[0] = 0;
-        for (int e = 0; e <= b; e++) st[e] += (int32_t)base;  // absolute entry numbers
     }
 }
 
 // coeffs_t/index_t: each block's coefficients re-sorted by (col, row), index_t = col*b + row
-void RBE_SFX(rbe_transpose_blocks)(RBE_T* coeffs_t, int32_t* index_t, int32_t* work, const RBE_T* coeffs,
-                                   const void* index, int wide, int b, int k, long p0, long p1) {
+void RBE_SFX(rbe_transpose_blocks)(RBE_T* coeffs_t, int32_t* index_t, int32_t* work, const RBE_WEIGHT* W, long p0,
+                                   long p1) {
+    const RBE_T* coeffs = W->coeffs;
+    const void* index = W->index;
+    const int wide = W->wide, b = W->b, k = W->k;
     int32_t* count = work;  // [b + 1]
     for (long p = p0; p < p1; p++) {
         for (int c = 0; c <= b; c++) count[c] = 0;

@@ -8,6 +8,8 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -24,7 +26,32 @@ namespace rbe {
 
 using at::Tensor;
 
-// ---- type-overloaded views of the C kernels ----
+// ---- the C kernels' structs over checked tensors, and type-overloaded views of the kernels ----
+template <typename T>
+struct CTypes;
+template <>
+struct CTypes<float> {
+    using weight = rbe_weight_f32;
+    using plan = rbe_plan_f32;
+};
+template <>
+struct CTypes<double> {
+    using weight = rbe_weight_f64;
+    using plan = rbe_plan_f64;
+};
+
+template <typename T>
+static typename CTypes<T>::weight cweight(const Weight& W) {
+    return {W.basis.data_ptr<T>(), W.coeffs.data_ptr<T>(), W.index.data_ptr(), W.wide,
+            (int)W.out, (int)W.in, (int)W.b, (int)W.k};
+}
+static rbe_plan_f32 plan_view(const float* p, int b, int nf) { return rbe_plan_view_f32(p, b, nf); }
+static rbe_plan_f64 plan_view(const double* p, int b, int nf) { return rbe_plan_view_f64(p, b, nf); }
+template <typename T>
+static typename CTypes<T>::plan cplan(const Plan& P) {
+    return plan_view(P.t.data_ptr<T>(), (int)P.b, (int)P.nf);
+}
+
 static void encode(float* bs, float* cf, void* ix, int wide, double* err, const float* w, const double* tabs,
                    double* work, int out, int in, int b, int k, long p0, long p1) {
     rbe_encode_f32(bs, cf, ix, wide, err, w, tabs, work, out, in, b, k, p0, p1);
@@ -33,61 +60,52 @@ static void encode(double* bs, double* cf, void* ix, int wide, double* err, cons
                    double* work, int out, int in, int b, int k, long p0, long p1) {
     rbe_encode_f64(bs, cf, ix, wide, err, w, tabs, work, out, in, b, k, p0, p1);
 }
-static void decode(float* w, const float* bs, const float* cf, const void* ix, int wide, const double* tabs,
-                   double* work, int out, int in, int b, int k, long p0, long p1) {
-    rbe_decode_f32(w, bs, cf, ix, wide, tabs, work, out, in, b, k, p0, p1);
+static void decode(float* w, const rbe_weight_f32* W, const double* tabs, double* work, long p0, long p1) {
+    rbe_decode_f32(w, W, tabs, work, p0, p1);
 }
-static void decode(double* w, const double* bs, const double* cf, const void* ix, int wide, const double* tabs,
-                   double* work, int out, int in, int b, int k, long p0, long p1) {
-    rbe_decode_f64(w, bs, cf, ix, wide, tabs, work, out, in, b, k, p0, p1);
+static void decode(double* w, const rbe_weight_f64* W, const double* tabs, double* work, long p0, long p1) {
+    rbe_decode_f64(w, W, tabs, work, p0, p1);
 }
-static void analysis(float* o, const float* x, const float* A, const float* dct, float* s, long T, int n, int b, int nf,
+static void analysis(float* o, const float* x, const float* M, const rbe_plan_f32* P, float* s, long T, int n,
                      long p0, long p1) {
-    rbe_analysis_f32(o, x, A, dct, s, T, n, b, nf, p0, p1);
+    rbe_analysis_f32(o, x, M, P, s, T, n, p0, p1);
 }
-static void analysis(double* o, const double* x, const double* A, const double* dct, double* s, long T, int n, int b,
-                     int nf, long p0, long p1) {
-    rbe_analysis_f64(o, x, A, dct, s, T, n, b, nf, p0, p1);
+static void analysis(double* o, const double* x, const double* M, const rbe_plan_f64* P, double* s, long T, int n,
+                     long p0, long p1) {
+    rbe_analysis_f64(o, x, M, P, s, T, n, p0, p1);
 }
-// (float kernels take the AVX2 schedule when one was built; double kernels ignore it)
-static void rows_forward(float* y, float* pre, float* Xn, const float* Xh, const float* S, const float* dct, const float* bs,
-                         const float* cf, const void* ix, int wide, const rbe_sched_f32* sc, const float* bias, int act,
-                         float* s, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    rbe_rows_forward_f32(y, pre, Xn, Xh, S, dct, bs, cf, ix, wide, sc, bias, act, s, T, out, in, b, nf, k, p0, p1);
+// (float kernels take the AVX2 schedule when one was built; double kernels have none)
+static void rows_forward(float* y, float* pre, float* Xn, const float* Xh, const rbe_weight_f32* W,
+                         const rbe_plan_f32* P, const rbe_sched_f32* sc, const float* bias, int act, float* s, long T,
+                         long p0, long p1) {
+    rbe_rows_forward_f32(y, pre, Xn, Xh, W, P, sc, bias, act, s, T, p0, p1);
 }
-static void rows_forward(double* y, double* pre, double* Xn, const double* Xh, const double* S, const double* dct,
-                         const double* bs, const double* cf, const void* ix, int wide, const rbe_sched_f32*,
-                         const double* bias, int act, double* s, long T, int out, int in, int b, int nf, int k, long p0,
-                         long p1) {
-    rbe_rows_forward_f64(y, pre, Xn, Xh, S, dct, bs, cf, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+static void rows_forward(double* y, double* pre, double* Xn, const double* Xh, const rbe_weight_f64* W,
+                         const rbe_plan_f64* P, const rbe_sched_f32*, const double* bias, int act, double* s, long T,
+                         long p0, long p1) {
+    rbe_rows_forward_f64(y, pre, Xn, Xh, W, P, bias, act, s, T, p0, p1);
 }
-static void cols_backward(float* dx, const float* Gh, const float* A, const float* dct, const float* bs,
-                          const float* cft, const int32_t* ixt, const rbe_sched_f32* sc, float* s, long T, int out,
-                          int in, int b, int nf, int k, long p0, long p1) {
-    rbe_cols_backward_f32(dx, Gh, A, dct, bs, cft, ixt, sc, s, T, out, in, b, nf, k, p0, p1);
+static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                          const rbe_sched_f32* sc, float* s, long T, long p0, long p1) {
+    rbe_cols_backward_f32(dx, Gh, Wt, P, sc, s, T, p0, p1);
 }
-static void cols_backward(double* dx, const double* Gh, const double* A, const double* dct, const double* bs,
-                          const double* cft, const int32_t* ixt, const rbe_sched_f32*, double* s, long T, int out,
-                          int in, int b, int nf, int k, long p0, long p1) {
-    rbe_cols_backward_f64(dx, Gh, A, dct, bs, cft, ixt, s, T, out, in, b, nf, k, p0, p1);
+static void cols_backward(double* dx, const double* Gh, const rbe_weight_f64* Wt, const rbe_plan_f64* P,
+                          const rbe_sched_f32*, double* s, long T, long p0, long p1) {
+    rbe_cols_backward_f64(dx, Gh, Wt, P, s, T, p0, p1);
 }
-static void transpose_blocks(float* cft, int32_t* ixt, int32_t* w, const float* cf, const void* ix, int wide, int b,
-                             int k, long p0, long p1) {
-    rbe_transpose_blocks_f32(cft, ixt, w, cf, ix, wide, b, k, p0, p1);
+static void transpose_blocks(float* cft, int32_t* ixt, int32_t* w, const rbe_weight_f32* W, long p0, long p1) {
+    rbe_transpose_blocks_f32(cft, ixt, w, W, p0, p1);
 }
-static void transpose_blocks(double* cft, int32_t* ixt, int32_t* w, const double* cf, const void* ix, int wide, int b,
-                             int k, long p0, long p1) {
-    rbe_transpose_blocks_f64(cft, ixt, w, cf, ix, wide, b, k, p0, p1);
+static void transpose_blocks(double* cft, int32_t* ixt, int32_t* w, const rbe_weight_f64* W, long p0, long p1) {
+    rbe_transpose_blocks_f64(cft, ixt, w, W, p0, p1);
 }
-static void params_backward(float* db, float* dc, const float* Gh, const float* Xh, const void* ix, int wide,
-                            const rbe_sched_f32* sc, int acc, long T, int out, int in, int b, int nf, int k, long p0,
-                            long p1) {
-    rbe_params_backward_f32(db, dc, Gh, Xh, ix, wide, sc, acc, T, out, in, b, nf, k, p0, p1);
+static void params_backward(float* db, float* dc, const float* Gh, const float* Xh, const rbe_weight_f32* W,
+                            const rbe_plan_f32* P, const rbe_sched_f32* sc, int acc, long T, long p0, long p1) {
+    rbe_params_backward_f32(db, dc, Gh, Xh, W, P, sc, acc, T, p0, p1);
 }
-static void params_backward(double* db, double* dc, const double* Gh, const double* Xh, const void* ix, int wide,
-                            const rbe_sched_f32*, int acc, long T, int out, int in, int b, int nf, int k, long p0,
-                            long p1) {
-    rbe_params_backward_f64(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
+static void params_backward(double* db, double* dc, const double* Gh, const double* Xh, const rbe_weight_f64* W,
+                            const rbe_plan_f64* P, const rbe_sched_f32*, int acc, long T, long p0, long p1) {
+    rbe_params_backward_f64(db, dc, Gh, Xh, W, P, acc, T, p0, p1);
 }
 static void bias_backward(float* d, const float* g, long T, int out, int acc, long o0, long o1) {
     rbe_bias_backward_f32(d, g, T, out, acc, o0, o1);
@@ -103,6 +121,8 @@ static void act_backward(float* dx, const float* dy, const float* x, long n, int
 static void act_backward(double* dx, const double* dy, const double* x, long n, int act) {
     rbe_act_backward_f64(dx, dy, x, n, act);
 }
+static double max_abs(const float* x, long n) { return rbe_max_abs_f32(x, n); }
+static double max_abs(const double* x, long n) { return rbe_max_abs_f64(x, n); }
 
 // argument checks shared with the CUDA registration (cuda/rbe_ops_cuda.cpp)
 
@@ -155,11 +175,10 @@ Tensor decode_cpu(const Tensor& basis, const Tensor& coeffs, const Tensor& index
     const int64_t nblk = W.basis.size(0);
     AT_DISPATCH_FLOATING_TYPES(basis.scalar_type(), "rbe_decode", [&] {
         const std::vector<double> tabs = codec_tables((int)b);
+        const auto cw = cweight<scalar_t>(W);
         at::parallel_for(0, nblk, 1, [&](int64_t p0, int64_t p1) {
             std::vector<double> work(3 * b * b);
-            decode(w.data_ptr<scalar_t>(), W.basis.data_ptr<scalar_t>(), W.coeffs.data_ptr<scalar_t>(),
-                   W.index.data_ptr(), W.wide, tabs.data(), work.data(), (int)out, (int)in, (int)b, (int)W.k,
-                   (long)p0, (long)p1);
+            decode(w.data_ptr<scalar_t>(), &cw, tabs.data(), work.data(), (long)p0, (long)p1);
         });
     });
     return w;
@@ -194,10 +213,10 @@ static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool wit
         sc.acc = at::empty({R * C * W.k}, W.coeffs.options());
     }
     int32_t* pos = with_pos ? sc.pos.data_ptr<int32_t>() : nullptr;
+    const rbe_weight_f32 cw = cweight<float>(W);
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-        rbe_schedule_f32(sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos,
-                         (const float*)W.coeffs.data_ptr(), W.index.data_ptr(), W.wide, transpose, (int)R, (int)C,
-                         (int)P.b, (int)P.nf, (int)W.k, (long)g0, (long)g1);
+        rbe_schedule_f32(sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos, &cw,
+                         (int)P.nf, transpose, (long)g0, (long)g1);
     });
     sc.s = rbe_sched_f32{sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos,
                          with_pos ? sc.acc.data_ptr<float>() : nullptr};
@@ -205,18 +224,18 @@ static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool wit
     return sc;
 }
 
-// Xh = analysis of x [T, n] with M = plan[which]: [ntiles, ceil(n/b), b+nf, TILE]
+// Xh = analysis of x [T, n] with the plan's A (which = 0) or S (which = 1) rows: [ntiles, ceil(n/b), b+nf, TILE]
 template <typename T>
 static Tensor analyse(const T* x, int64_t Tn, int64_t n, const Plan& P, int which, const at::TensorOptions& opt) {
     const int64_t ntiles = cdiv(Tn, RBE_TILE), nseg = cdiv(n, P.b), rows = P.b + P.nf;
     Tensor Xh = at::empty({ntiles, nseg, rows, RBE_TILE}, opt);
-    const T* M = P.t.data_ptr<T>() + which * rows * P.b;
-    const T* dct = P.t.data_ptr<T>() + 2 * rows * P.b;
+    const auto cp = cplan<T>(P);
+    const T* M = which ? cp.S : cp.A;
     T* o = Xh.data_ptr<T>();
     at::parallel_for(0, ntiles * nseg, 1, [&](int64_t p0, int64_t p1) {
         std::vector<T> s;
         scratch_for(s, P);
-        analysis(o, x, M, dct, s.data(), (long)Tn, (int)n, (int)P.b, (int)P.nf, (long)p0, (long)p1);
+        analysis(o, x, M, &cp, s.data(), (long)Tn, (int)n, (long)p0, (long)p1);
     });
     return Xh;
 }
@@ -230,16 +249,15 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
     Tensor Xh;
     if (!Xh_in) Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
     const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
-    const int64_t R = cdiv(W.out, P.b), ntiles = cdiv(Tn, RBE_TILE), rows = P.b + P.nf;
-    const T* S = P.t.data_ptr<T>() + rows * P.b;
+    const int64_t R = cdiv(W.out, P.b), ntiles = cdiv(Tn, RBE_TILE);
+    const auto cw = cweight<T>(W);
+    const auto cp = cplan<T>(P);
     // one tile of tokens: the block-by-block product is cheaper than building the schedule
     const Sched sc = ntiles > 1 ? make_sched<T>(W, P, false, false) : Sched();
     at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
         std::vector<T> s;
         scratch_for(s, P);
-        rows_forward(y, pre, Xnext, X, S, S + rows * P.b, W.basis.data_ptr<T>(), W.coeffs.data_ptr<T>(), W.index.data_ptr(),
-                     W.wide, sc.get(), bias, act, s.data(), (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k,
-                     (long)p0, (long)p1);
+        rows_forward(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), (long)Tn, (long)p0, (long)p1);
     });
 }
 
@@ -256,6 +274,8 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
             bias_backward(dbias, g, (long)Tn, (int)W.out, accumulate, (long)o0, (long)o1);
         });
     if (!dx && !dbasis && !dcoeffs) return;
+    const auto cw = cweight<T>(W);
+    const auto cp = cplan<T>(P);
     Tensor Gh = analyse<T>(g, Tn, W.out, P, 1, opt);
     if (dx) {
         // the transposed product runs over coefficients grouped by column: a schedule (AVX2, several
@@ -268,19 +288,18 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
             ixt = at::empty(W.coeffs.sizes(), opt.dtype(at::kInt));
             at::parallel_for(0, R * C, 16, [&](int64_t p0, int64_t p1) {
                 std::vector<int32_t> w(P.b + 1);
-                transpose_blocks(cft.data_ptr<T>(), ixt.data_ptr<int32_t>(), w.data(), W.coeffs.data_ptr<T>(),
-                                 W.index.data_ptr(), W.wide, (int)P.b, (int)W.k, (long)p0, (long)p1);
+                transpose_blocks(cft.data_ptr<T>(), ixt.data_ptr<int32_t>(), w.data(), &cw, (long)p0, (long)p1);
             });
         }
-        const T* A = P.t.data_ptr<T>();
-        const int64_t rows = P.b + P.nf;
+        // the weight with its blocks re-sorted by column (not read when the schedule is on)
+        auto cwt = cw;
+        cwt.coeffs = sc.on ? nullptr : cft.data_ptr<T>();
+        cwt.index = sc.on ? nullptr : ixt.data_ptr<int32_t>();
+        cwt.wide = 1;
         at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
             std::vector<T> s;
             scratch_for(s, P);
-            cols_backward(dx, Gh.data_ptr<T>(), A, A + 2 * rows * P.b, W.basis.data_ptr<T>(),
-                          sc.on ? nullptr : cft.data_ptr<T>(), sc.on ? nullptr : ixt.data_ptr<int32_t>(), sc.get(),
-                          s.data(), (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k, (long)p0,
-                          (long)p1);
+            cols_backward(dx, Gh.data_ptr<T>(), &cwt, &cp, sc.get(), s.data(), (long)Tn, (long)p0, (long)p1);
         });
     }
     if (dbasis || dcoeffs) {
@@ -289,11 +308,66 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
         const Sched sc = ntiles > 1 ? make_sched<T>(W, P, false, true) : Sched();  // one tile: block by block
         at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {  // block rows
-            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), X, W.index.data_ptr(), W.wide, sc.get(),
-                            accumulate, (long)Tn, (int)W.out, (int)W.in, (int)P.b, (int)P.nf, (int)W.k, (long)p0,
+            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), X, &cw, &cp, sc.get(), accumulate, (long)Tn, (long)p0,
                             (long)p1);
         });
     }
+}
+
+// ---- the range the transform-domain kernels can take ----
+// An intermediate row of the transforms sums up to b input values (the DCT butterflies, the
+// pattern projections), so a finite input near the type's maximum can overflow where the dense
+// product would not; and the DCT turns one infinity into inf - inf = NaN across a segment.
+// So inputs are checked before the kernels run and results after: a non-finite result from
+// finite inputs and finite parameters is an error, never a silent answer. NaN inputs and
+// non-finite parameters propagate, as in a dense layer; so do non-finite upstream gradients
+// (a loss scaler skips such steps), which give non-finite gradients.
+template <typename T>
+static double max_abs_of(const Tensor& t) {  // NaN when t holds a NaN
+    const T* p = t.data_ptr<T>();
+    return at::parallel_reduce(
+        0, t.numel(), 1 << 16, 0.0,
+        [&](int64_t i0, int64_t i1, double m) {
+            const double v = max_abs(p + i0, (long)(i1 - i0));
+            return (std::isnan(m) || std::isnan(v)) ? NAN : std::max(m, v);
+        },
+        [](double a, double c) { return (std::isnan(a) || std::isnan(c)) ? NAN : std::max(a, c); });
+}
+
+// the largest |value| the kernels take at block size b: the type's maximum / (4 b)
+template <typename T>
+static double range_limit(int64_t b) {
+    return (double)std::numeric_limits<T>::max() / (4.0 * (double)b);
+}
+
+// max |t| of a checked input (NaN if it holds a NaN). Raises for finite values past the limit,
+// and for infinities unless inf_ok (upstream gradients).
+template <typename T>
+static double check_range(const Tensor& t, int64_t b, const char* what, bool inf_ok = false) {
+    const double m = max_abs_of<T>(t);
+    TORCH_CHECK_VALUE(inf_ok || !std::isinf(m), "rbe_ffn: ", what, " has infinite values; the transform-domain "
+                      "kernels cannot carry an infinity (the DCT would spread it as NaN over its segment)");
+    TORCH_CHECK_VALUE(!std::isfinite(m) || m <= range_limit<T>(b), "rbe_ffn: ", what, " has values up to |x| = ", m,
+                      ", beyond what the ", sizeof(T) == 4 ? "float32" : "float64",
+                      " transform-domain kernels take at block_size ", b, " (", range_limit<T>(b),
+                      " = the type's maximum / (4 * block_size)); scale it down",
+                      sizeof(T) == 4 ? " or compute in float64" : "");
+    return m;
+}
+
+// after the kernels: results computed from finite inputs (in_max) and finite parameters must be finite
+template <typename T>
+static void check_finite_results(std::initializer_list<Tensor> results, double in_max,
+                                 std::initializer_list<c10::optional<Tensor>> params, const char* what) {
+    if (!std::isfinite(in_max)) return;
+    bool finite = true;
+    for (const Tensor& r : results) finite = finite && (r.numel() == 0 || std::isfinite(max_abs_of<T>(r)));
+    if (finite) return;
+    for (const auto& p : params)  // only on failure: non-finite parameters propagate, as in a dense layer
+        if (p.has_value() && p->numel() > 0 && !std::isfinite(max_abs_of<T>(*p))) return;
+    TORCH_CHECK_VALUE(false, "rbe_ffn: ", what, " overflowed ", sizeof(T) == 4 ? "float32" : "float64",
+                      " (non-finite values from finite inputs and parameters, max |input| = ", in_max,
+                      "); scale the input or the weights down", sizeof(T) == 4 ? ", or compute in float64" : "");
 }
 
 template <typename T>
@@ -311,8 +385,10 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
     c10::optional<Tensor> bc = bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt;
     Tensor y = at::empty({x2.size(0), out}, x2.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_linear", [&] {
+        const double m = check_range<scalar_t>(x2, P.b, "input");
         linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x2.data_ptr<scalar_t>(), x2.size(0), W,
                              ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options());
+        check_finite_results<scalar_t>({y}, m, {W.basis, W.coeffs, bc}, "the output");
     });
     return y.view(with_last(x, out));
 }
@@ -338,9 +414,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& gra
     }
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_linear_backward", [&] {
         using T = scalar_t;
+        const double mg = check_range<T>(g2, P.b, "grad", true), mx = check_range<T>(x2, P.b, "input");
         linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() : nullptr, mask[1] ? db.data_ptr<T>() : nullptr,
                                mask[2] ? dc.data_ptr<T>() : nullptr, mask[3] ? dbias.data_ptr<T>() : nullptr, 0,
                                g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt);
+        const double m = std::isfinite(mg) ? mx : mg;
+        check_finite_results<T>({dx, db, dc, dbias}, m, {W.basis, W.coeffs}, "the gradient");
     });
     return {dx, db, dc, dbias};
 }
@@ -364,6 +443,7 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
     Tensor pre = keep_pre ? at::empty(with_last(x, d_ff), opt) : at::empty({0}, opt);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn", [&] {
         using T = scalar_t;
+        const double m = check_range<T>(a.x2, a.P.b, "input");
         // fc1 writes the activated hidden tile straight into fc2's transform-domain input,
         // so the [T, d_ff] hidden activation never exists token-major
         Tensor Xh2 = hidden_analysis(std::min(a.chunk, Tn), d_ff, a.P, opt);
@@ -374,6 +454,8 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
             linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, n, a.W2, ptr_or_null<T>(a.bias2),
                           RBE_ACT_NONE, a.P, opt, Xh2.data_ptr<T>());
         }
+        check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
+                                "the output");
     });
     return {y.view(x.sizes()), pre};
 }
@@ -405,6 +487,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     if (Tn == 0) return {dx, db1, dc1, dbias1, db2, dc2, dbias2};
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn_backward", [&] {
         using T = scalar_t;
+        const double mg = check_range<T>(g2, a.P.b, "grad", true), mx = check_range<T>(a.x2, a.P.b, "input");
         const int64_t cn = std::min(a.chunk, Tn);
         // standard: a = act(h) from the saved h; checkpointed: h recomputed, and a only in the
         // transform domain (fc1 writes fc2's analysed input directly)
@@ -444,6 +527,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                                    mask[1] ? db1.data_ptr<T>() : nullptr, mask[2] ? dc1.data_ptr<T>() : nullptr,
                                    mask[3] ? dbias1.data_ptr<T>() : nullptr, acc, dhp, xc, n, a.W1, a.P, opt);
         }
+        const double m = std::isfinite(mg) ? mx : mg;
+        check_finite_results<T>({dx, db1, dc1, dbias1, db2, dc2, dbias2}, m,
+                                {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs}, "the gradient");
     });
     return {dx, db1, dc1, dbias1, db2, dc2, dbias2};
 }

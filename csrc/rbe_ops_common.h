@@ -70,10 +70,21 @@ inline Weight check_weight(const char* name, const Tensor& basis, const Tensor& 
     Weight w{basis.contiguous(), coeffs.contiguous(), index.contiguous(), out, in, b, coeffs.size(1),
              index.scalar_type() == at::kInt};
     if (w.k > 0 && w.index.device().is_cpu()) {
-        long bad = rbe_index_check(w.index.data_ptr(), w.wide, (long)nblk, (int)w.k, (int)b);
+        // The kernels read a private copy validated as it is made, never the caller's tensor: a
+        // thread that rewrites the index during the call (load_state_dict) can tear the copy but
+        // cannot send a kernel out of bounds. (CUDA validates on the device, on the same stream
+        // as the writes.)
+        Tensor snap = at::empty(w.index.sizes(), w.index.options());
+        long bad = -1;
+        for (int attempt = 0; attempt < 3; attempt++) {  // a copy torn by a concurrent reload: copy again
+            bad = rbe_index_snapshot(snap.data_ptr(), w.index.data_ptr(), w.wide, (long)nblk, (int)w.k, (int)b);
+            if (bad < 0) break;
+        }
         TORCH_CHECK_INDEX(bad < 0, "rbe_ffn: ", name, ": index is corrupted at block ", bad / std::max<int64_t>(w.k, 1),
                           ", slot ", bad % std::max<int64_t>(w.k, 1),
-                          ": positions must be strictly increasing within a block and lie in [0, ", b * b, ")");
+                          ": positions must be strictly increasing within a block and lie in [0, ", b * b,
+                          ") (or another thread kept rewriting it during the call)");
+        w.index = snap;
     }
     return w;
 }

@@ -19,32 +19,16 @@
 #include <math.h>
 #include <string.h>
 
-static double grid(int n, int b) { return 2.0 * n / (double)(b - 1) - 1.0; }
-
 void rbe_dct_matrix(double* psi, int b) {
-    for (int u = 0; u < b; u++) {
-        double a = u == 0 ? sqrt(1.0 / b) : sqrt(2.0 / b);
-        for (int n = 0; n < b; n++) psi[u * b + n] = a * cos(RBE_PI * (n + 0.5) * u / b);
-    }
+    for (int u = 0; u < b; u++)
+        for (int n = 0; n < b; n++) psi[u * b + n] = rbe_dct_entry(u, n, b);
 }
 
 void rbe_pattern_images(double* phi, int b) {
-    size_t bb = (size_t)b * b;
-    for (int r = 0; r < b; r++) {
-        double y = grid(r, b);
-        for (int c = 0; c < b; c++) {
-            double x = grid(c, b), d2 = x * x + y * y;
-            size_t o = (size_t)r * b + c;
-            phi[0 * bb + o] = 1.0;
-            phi[1 * bb + o] = sqrt(d2);
-            phi[2 * bb + o] = d2;
-            phi[3 * bb + o] = cos(RBE_PI * x);
-            phi[4 * bb + o] = cos(RBE_PI * y);
-            phi[5 * bb + o] = cos(2.0 * RBE_PI * x);
-            phi[6 * bb + o] = cos(2.0 * RBE_PI * y);
-            phi[7 * bb + o] = cos(RBE_PI * x) * cos(RBE_PI * y);
-        }
-    }
+    const size_t bb = (size_t)b * b;
+    for (int k = 0; k < RBE_NPAT; k++)
+        for (int r = 0; r < b; r++)
+            for (int c = 0; c < b; c++) phi[k * bb + (size_t)r * b + c] = rbe_pattern_value(k, r, c, b);
 }
 
 // vals: [n], vecs: [n, n] (column m is the eigenvector of vals[m]), a: [n, n] symmetric (destroyed)
@@ -144,7 +128,7 @@ int rbe_plan_build(double* plan, double* work, int b, double tol) {
     double* fix = vals + b;           // [4, b]
     for (int r = 0; r < b; r++)
         for (int c = 0; c < b; c++) {
-            double y = grid(r, b), x = grid(c, b);
+            double y = rbe_grid(r, b), x = rbe_grid(c, b);
             dmat[r * b + c] = sqrt(x * x + y * y);
         }
     rbe_jacobi_eig(vals, vecs, dmat, b);
@@ -154,7 +138,7 @@ int rbe_plan_build(double* plan, double* work, int b, double tol) {
     for (int m = 0; m < b; m++) rank += fabs(vals[m]) > tol * vmax;
     int nf = RBE_NFIX + rank, rows = b + nf;
     for (int n = 0; n < b; n++) {
-        double z = grid(n, b);
+        double z = rbe_grid(n, b);
         fix[0 * b + n] = 1.0;
         fix[1 * b + n] = z * z;
         fix[2 * b + n] = cos(RBE_PI * z);
@@ -185,32 +169,4 @@ int rbe_plan_build(double* plan, double* work, int b, double tol) {
     memset(F, 0, sizeof(double) * rows * b);
     fast_dct_tables(F, b);
     return nf;
-}
-
-long rbe_index_check(const void* index, int wide, long nblocks, int k, int b) {
-    const int16_t* i16 = (const int16_t*)index;
-    const int32_t* i32 = (const int32_t*)index;
-    long lim = (long)b * b;
-    for (long blk = 0; blk < nblocks; blk++) {
-        long prev = -1;
-        for (int q = 0; q < k; q++) {
-            long pos = blk * k + q;
-            long v = wide ? (long)i32[pos] : (long)i16[pos];
-            if (v <= prev || v >= lim) return pos;
-            prev = v;
-        }
-    }
-    return -1;
-}
-
-long rbe_count_nonfinite_f32(const float* x, long n) {
-    long bad = 0;
-    for (long i = 0; i < n; i++) bad += !isfinite(x[i]);
-    return bad;
-}
-
-long rbe_count_nonfinite_f64(const double* x, long n) {
-    long bad = 0;
-    for (long i = 0; i < n; i++) bad += !isfinite(x[i]);
-    return bad;
 }

@@ -23,9 +23,11 @@ static void RBE_SFX(decode_naive)(double* w, const RBE_T* basis, const RBE_T* co
 }
 
 // y, pre: [T, out]; x: [T, in]; work: out*in
-void RBE_SFX(rbe_linear_forward_ref)(RBE_T* y, RBE_T* pre, const RBE_T* x, const RBE_T* basis, const RBE_T* coeffs,
-                                     const void* index, int wide, const RBE_T* bias, int act, const double* tabs,
-                                     double* work, long T, int out, int in, int b, int k) {
+void RBE_SFX(rbe_linear_forward_ref)(RBE_T* y, RBE_T* pre, const RBE_T* x, const RBE_WEIGHT* W, const RBE_T* bias,
+                                     int act, const double* tabs, double* work, long T) {
+    const RBE_T *basis = W->basis, *coeffs = W->coeffs;
+    const void* index = W->index;
+    const int wide = W->wide, out = W->out, in = W->in, b = W->b, k = W->k;
     double* w = work;
     RBE_SFX(decode_naive)(w, basis, coeffs, index, wide, tabs, out, in, b, k);
     for (long t = 0; t < T; t++)
@@ -33,15 +35,17 @@ void RBE_SFX(rbe_linear_forward_ref)(RBE_T* y, RBE_T* pre, const RBE_T* x, const
             double s = bias ? (double)bias[o] : 0.0;
             for (int c = 0; c < in; c++) s += (double)x[(size_t)t * in + c] * w[(size_t)o * in + c];
             if (pre) pre[(size_t)t * out + o] = (RBE_T)s;
-            y[(size_t)t * out + o] = (RBE_T)rbe_act_scalar_f64(s, act);
+            y[(size_t)t * out + o] = (RBE_T)rbe_act_value(s, act);
         }
 }
 
 // dx: [T, in]; dbasis: [R*C, 8]; dcoeffs: [R*C, k]; dbias: [out]; g: [T, out]; work: 2*out*in
 // (any output may be NULL)
 void RBE_SFX(rbe_linear_backward_ref)(RBE_T* dx, RBE_T* dbasis, RBE_T* dcoeffs, RBE_T* dbias, const RBE_T* g,
-                                      const RBE_T* x, const RBE_T* basis, const RBE_T* coeffs, const void* index,
-                                      int wide, const double* tabs, double* work, long T, int out, int in, int b, int k) {
+                                      const RBE_T* x, const RBE_WEIGHT* W, const double* tabs, double* work, long T) {
+    const RBE_T *basis = W->basis, *coeffs = W->coeffs;
+    const void* index = W->index;
+    const int wide = W->wide, out = W->out, in = W->in, b = W->b, k = W->k;
     const long R = (out + b - 1) / b, C = (in + b - 1) / b, bb = (long)b * b;
     const double* psi = tabs;
     const double* phi = tabs + bb;

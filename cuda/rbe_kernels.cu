@@ -36,44 +36,7 @@ __device__ __forceinline__ int reflect(int n, int len) {
     return m < len ? m : 2 * len - 1 - m;
 }
 
-// ---- activations (csrc/rbe_act.c holds the definitions these repeat) ----
-#define SQRT_2_OVER_PI 0.79788456080286535588
-#define INV_SQRT_2PI 0.39894228040143267794
-#define GELU_TANH_C 0.044715
-
-__device__ double act_value(double x, int act) {
-    switch (act) {
-    case RBE_ACT_GELU:
-        return 0.5 * x * erfc(-x * RBE_SQRT1_2);
-    case RBE_ACT_GELU_TANH:
-        return x / (1.0 + exp(-2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x)));
-    case RBE_ACT_RELU:
-        return x > 0.0 || x != x ? x : 0.0;
-    case RBE_ACT_SILU:
-        return x / (1.0 + exp(-x));
-    default:
-        return x;
-    }
-}
-
-__device__ double act_grad(double x, int act) {
-    switch (act) {
-    case RBE_ACT_GELU:
-        return 0.5 * erfc(-x * RBE_SQRT1_2) + x * INV_SQRT_2PI * exp(-0.5 * x * x);
-    case RBE_ACT_GELU_TANH: {
-        double s = 1.0 / (1.0 + exp(-2.0 * SQRT_2_OVER_PI * (x + GELU_TANH_C * x * x * x)));
-        return s + 2.0 * x * s * (1.0 - s) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * x * x);
-    }
-    case RBE_ACT_RELU:
-        return x <= 0.0 ? 0.0 : 1.0;
-    case RBE_ACT_SILU: {
-        double s = 1.0 / (1.0 + exp(-x));
-        return s * (1.0 + x * (1.0 - s));
-    }
-    default:
-        return 1.0;
-    }
-}
+// the activations, the DCT entries and the pattern functions are csrc/rbe_math.h (shared with the CPU)
 
 // ---- kernels ----
 
@@ -83,18 +46,9 @@ __global__ void tables_kernel(C* psi, C* phi, int b) {
     const long long bb = (long long)b * b;
     for (long long o = blockIdx.x * (long long)blockDim.x + threadIdx.x; o < bb; o += (long long)gridDim.x * blockDim.x) {
         const int u = (int)(o / b), n = (int)(o % b);
-        const double a = u == 0 ? sqrt(1.0 / b) : sqrt(2.0 / b);
-        st(psi, o, a * cos(RBE_PI * (n + 0.5) * u / b));
-        const int r = u, c = n;  // the same flat position read as (row, column) of a block
-        const double y = 2.0 * r / (double)(b - 1) - 1.0, x = 2.0 * c / (double)(b - 1) - 1.0, d2 = x * x + y * y;
-        st(phi, 0 * bb + o, 1.0);
-        st(phi, 1 * bb + o, sqrt(d2));
-        st(phi, 2 * bb + o, d2);
-        st(phi, 3 * bb + o, cos(RBE_PI * x));
-        st(phi, 4 * bb + o, cos(RBE_PI * y));
-        st(phi, 5 * bb + o, cos(2.0 * RBE_PI * x));
-        st(phi, 6 * bb + o, cos(2.0 * RBE_PI * y));
-        st(phi, 7 * bb + o, cos(RBE_PI * x) * cos(RBE_PI * y));
+        st(psi, o, rbe_dct_entry(u, n, b));
+        for (int k = 0; k < RBE_NPAT; k++)  // the same flat position read as (row u, column n) of a block
+            st(phi, k * bb + o, rbe_pattern_value(k, u, n, b));
     }
 }
 
@@ -190,7 +144,7 @@ __global__ void block_error_kernel(double* err, const double* rec, const double*
 template <typename T>
 __global__ void act_forward_kernel(T* y, const T* x, long long n, int act) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        st(y, i, act_value(ld(x, i), act));
+        st(y, i, rbe_act_value(ld(x, i), act));
 }
 
 template <typename T>
@@ -198,7 +152,7 @@ __global__ void act_backward_kernel(T* dx, const T* dy, const T* x, long long n,
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const double xv = ld(x, i);
         // relu: pass dy where x > 0 and 0 elsewhere (dy * 0 would turn an infinite dy into NaN)
-        const double g = act == RBE_ACT_RELU ? (xv <= 0.0 ? 0.0 : ld(dy, i)) : ld(dy, i) * act_grad(xv, act);
+        const double g = act == RBE_ACT_RELU ? (xv <= 0.0 ? 0.0 : ld(dy, i)) : ld(dy, i) * rbe_act_grad(xv, act);
         st(dx, i, g);
     }
 }

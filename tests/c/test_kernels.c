@@ -10,7 +10,7 @@
  * Prints one line per failed check and ends with exactly "N passed, N failed";
  * exits non-zero when anything failed.
  */
-#include "rbe.h"
+#include "rbe_variants.h" /* rbe.h and the portable / AVX2 variants */
 
 #include <math.h>
 #include <stdint.h>
@@ -397,6 +397,19 @@ static void test_plan(void) {
 
 /* ---------------------------------------------------------------- index validation */
 
+/* rbe_index_check, and rbe_index_snapshot into an exact-size copy: both must report the same
+ * first bad position, and the copy must hold the source's bytes */
+static long index_check_both(const void* ix, int wide, long nblk, int k, int b) {
+    const long r = rbe_index_check(ix, wide, nblk, k, b);
+    const size_t n = (size_t)nblk * k * (wide ? 4 : 2);
+    void* copy = xmalloc(n);
+    const long s = rbe_index_snapshot(copy, ix, wide, nblk, k, b);
+    CHECK(s == r, "index_snapshot reports %ld, index_check %ld (wide=%d)", s, r, wide);
+    CHECK(!n || !memcmp(copy, ix, n), "index_snapshot's copy differs from its source (wide=%d)", wide);
+    free(copy);
+    return r;
+}
+
 static void test_index_check(void) {
     const int b = 8, k = 4;
     const long nblk = 3;
@@ -409,35 +422,35 @@ static void test_index_check(void) {
 #define RESET() \
     for (int q = 0; q < 12; q++) SET(q, base[q])
         RESET();
-        CHECK(rbe_index_check(ix, wide, nblk, k, b) == -1, "wide=%d: valid index rejected", wide);
-        CHECK(rbe_index_check(ix, wide, 0, k, b) == -1 && rbe_index_check(ix, wide, nblk, 0, b) == -1,
+        CHECK(index_check_both(ix, wide, nblk, k, b) == -1, "wide=%d: valid index rejected", wide);
+        CHECK(index_check_both(ix, wide, 0, k, b) == -1 && index_check_both(ix, wide, nblk, 0, b) == -1,
               "wide=%d: empty index rejected", wide);
         SET(3, 64);  // out of range (b*b = 64)
-        CHECK(rbe_index_check(ix, wide, nblk, k, b) == 3, "wide=%d: out of range -> %ld", wide,
-              rbe_index_check(ix, wide, nblk, k, b));
+        CHECK(index_check_both(ix, wide, nblk, k, b) == 3, "wide=%d: out of range -> %ld", wide,
+              index_check_both(ix, wide, nblk, k, b));
         RESET();
         SET(8, -1);  // negative
-        CHECK(rbe_index_check(ix, wide, nblk, k, b) == 8, "wide=%d: negative -> %ld", wide,
-              rbe_index_check(ix, wide, nblk, k, b));
+        CHECK(index_check_both(ix, wide, nblk, k, b) == 8, "wide=%d: negative -> %ld", wide,
+              index_check_both(ix, wide, nblk, k, b));
         RESET();
         SET(6, 2);  // duplicate of slot 5
-        CHECK(rbe_index_check(ix, wide, nblk, k, b) == 6, "wide=%d: duplicate -> %ld", wide,
-              rbe_index_check(ix, wide, nblk, k, b));
+        CHECK(index_check_both(ix, wide, nblk, k, b) == 6, "wide=%d: duplicate -> %ld", wide,
+              index_check_both(ix, wide, nblk, k, b));
         RESET();
         SET(9, 5);  // unsorted: 10, 5, 30, 40
-        CHECK(rbe_index_check(ix, wide, nblk, k, b) == 9, "wide=%d: unsorted -> %ld", wide,
-              rbe_index_check(ix, wide, nblk, k, b));
+        CHECK(index_check_both(ix, wide, nblk, k, b) == 9, "wide=%d: unsorted -> %ld", wide,
+              index_check_both(ix, wide, nblk, k, b));
         RESET();
         // a new block may restart low: 63 then 1 across the block boundary is fine
-        CHECK(rbe_index_check(ix, wide, nblk, k, b) == -1, "wide=%d: block boundary", wide);
+        CHECK(index_check_both(ix, wide, nblk, k, b) == -1, "wide=%d: block boundary", wide);
 #undef SET
 #undef RESET
     }
     // int32 at b = 256: 65535 is the last valid position, 65536 is out of range
     int32_t big[2] = {7, 65535};
-    CHECK(rbe_index_check(big, 1, 1, 2, 256) == -1, "b=256: 65535 rejected");
+    CHECK(index_check_both(big, 1, 1, 2, 256) == -1, "b=256: 65535 rejected");
     big[1] = 65536;
-    CHECK(rbe_index_check(big, 1, 1, 2, 256) == 1, "b=256: 65536 accepted");
+    CHECK(index_check_both(big, 1, 1, 2, 256) == 1, "b=256: 65536 accepted");
 }
 
 /* ---------------------------------------------------------------- codec */
@@ -447,10 +460,23 @@ static void encode_t(int f32, void* basis, void* coeffs, void* ix, int wide, dou
     if (f32) rbe_encode_f32(basis, coeffs, ix, wide, err, w, tabs, work, out, in, b, k, p0, p1);
     else rbe_encode_f64(basis, coeffs, ix, wide, err, w, tabs, work, out, in, b, k, p0, p1);
 }
+/* the weight structs of rbe.h over untyped buffers */
+static rbe_weight_f32 w32(const void* basis, const void* coeffs, const void* ix, int wide, int out, int in, int b,
+                          int k) {
+    rbe_weight_f32 W = {basis, coeffs, ix, wide, out, in, b, k};
+    return W;
+}
+static rbe_weight_f64 w64(const void* basis, const void* coeffs, const void* ix, int wide, int out, int in, int b,
+                          int k) {
+    rbe_weight_f64 W = {basis, coeffs, ix, wide, out, in, b, k};
+    return W;
+}
 static void decode_t(int f32, void* w, const void* basis, const void* coeffs, const void* ix, int wide,
                      const double* tabs, double* work, int out, int in, int b, int k, long p0, long p1) {
-    if (f32) rbe_decode_f32(w, basis, coeffs, ix, wide, tabs, work, out, in, b, k, p0, p1);
-    else rbe_decode_f64(w, basis, coeffs, ix, wide, tabs, work, out, in, b, k, p0, p1);
+    const rbe_weight_f32 W32 = w32(basis, coeffs, ix, wide, out, in, b, k);
+    const rbe_weight_f64 W64 = w64(basis, coeffs, ix, wide, out, in, b, k);
+    if (f32) rbe_decode_f32(w, &W32, tabs, work, p0, p1);
+    else rbe_decode_f64(w, &W64, tabs, work, p0, p1);
 }
 
 /* Encode then decode W [out, in]; checks layout, the per-block error against the decoded
@@ -487,7 +513,8 @@ static void roundtrip(int f32, int out, int in, int b, int k, int wide) {
         double* cd = xmalloc(sizeof(double) * nblk * k + 1);
         from_t(bd, basis, nblk * 8, f32);
         from_t(cd, coeffs, nblk * k, f32);
-        rbe_decode_f64(exact, bd, cd, ix, wide, tabs, dwork, out, in, b, k, 0, nblk);
+        const rbe_weight_f64 Wd = w64(bd, cd, ix, wide, out, in, b, k);
+        rbe_decode_f64(exact, &Wd, tabs, dwork, 0, nblk);
         free(bd);
         free(cd);
     }
@@ -599,33 +626,51 @@ static void test_codec_selection(void) {
 
 /* ---------------------------------------------------------------- transform-domain linear vs the references */
 
-static void analysis_t(int f32, void* Xh, const void* x, const void* A, const void* dct, void* s, long T, int n, int b,
-                       int nf, long p0, long p1) {
-    if (f32) rbe_analysis_f32(Xh, x, A, dct, s, T, n, b, nf, p0, p1);
-    else rbe_analysis_f64(Xh, x, A, dct, s, T, n, b, nf, p0, p1);
-}
 static int g_portable;  // mode 1: call the portable float32 kernels directly
-static void rows_t(int f32, const rbe_sched_f32* sc, void* y, void* pre, void* Xn, const void* Xh, const void* S, const void* dct,
+/* The kernels over untyped buffers: plan is the [3, b+nf, b] plan of the value type (cut by
+ * rbe_plan_view_*), which = 0 / 1 analyses with its A / S rows. */
+static void analysis_t(int f32, void* Xh, const void* x, const void* plan, int which, void* s, long T, int n, int b,
+                       int nf, long p0, long p1) {
+    if (f32) {
+        const rbe_plan_f32 P = rbe_plan_view_f32(plan, b, nf);
+        (g_portable ? rbe_analysis_f32_portable : rbe_analysis_f32)(Xh, x, which ? P.S : P.A, &P, s, T, n, p0, p1);
+    } else {
+        const rbe_plan_f64 P = rbe_plan_view_f64(plan, b, nf);
+        rbe_analysis_f64(Xh, x, which ? P.S : P.A, &P, s, T, n, p0, p1);
+    }
+}
+static void rows_t(int f32, const rbe_sched_f32* sc, void* y, void* pre, void* Xn, const void* Xh, const void* plan,
                    const void* basis, const void* coeffs, const void* ix, int wide, const void* bias, int act, void* s,
                    long T, int out, int in, int b, int nf, int k, long p0, long p1) {
-    if (f32 && g_portable)
-        rbe_rows_forward_f32_portable(y, pre, Xn, Xh, S, dct, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k,
-                                      p0, p1);
-    else if (f32)
-        rbe_rows_forward_f32(y, pre, Xn, Xh, S, dct, basis, coeffs, ix, wide, sc, bias, act, s, T, out, in, b, nf, k, p0, p1);
-    else rbe_rows_forward_f64(y, pre, Xn, Xh, S, dct, basis, coeffs, ix, wide, bias, act, s, T, out, in, b, nf, k, p0, p1);
+    const rbe_weight_f32 W32 = w32(basis, coeffs, ix, wide, out, in, b, k);
+    const rbe_weight_f64 W64 = w64(basis, coeffs, ix, wide, out, in, b, k);
+    const rbe_plan_f32 P32 = rbe_plan_view_f32(plan, b, nf);
+    const rbe_plan_f64 P64 = rbe_plan_view_f64(plan, b, nf);
+    if (f32 && g_portable) rbe_rows_forward_f32_portable(y, pre, Xn, Xh, &W32, &P32, bias, act, s, T, p0, p1);
+    else if (f32) rbe_rows_forward_f32(y, pre, Xn, Xh, &W32, &P32, sc, bias, act, s, T, p0, p1);
+    else rbe_rows_forward_f64(y, pre, Xn, Xh, &W64, &P64, bias, act, s, T, p0, p1);
 }
-static void cols_t(int f32, const rbe_sched_f32* sc, void* dx, const void* Gh, const void* A, const void* dct,
-                   const void* basis, const void* cft, const int32_t* ixt, void* s, long T, int out, int in, int b,
-                   int nf, int k, long p0, long p1) {
-    if (f32) rbe_cols_backward_f32(dx, Gh, A, dct, basis, cft, ixt, sc, s, T, out, in, b, nf, k, p0, p1);
-    else rbe_cols_backward_f64(dx, Gh, A, dct, basis, cft, ixt, s, T, out, in, b, nf, k, p0, p1);
+static void cols_t(int f32, const rbe_sched_f32* sc, void* dx, const void* Gh, const void* plan, const void* basis,
+                   const void* cft, const int32_t* ixt, void* s, long T, int out, int in, int b, int nf, int k, long p0,
+                   long p1) {
+    const rbe_weight_f32 W32 = w32(basis, sc ? NULL : cft, sc ? NULL : ixt, 1, out, in, b, k);
+    const rbe_weight_f64 W64 = w64(basis, cft, ixt, 1, out, in, b, k);
+    const rbe_plan_f32 P32 = rbe_plan_view_f32(plan, b, nf);
+    const rbe_plan_f64 P64 = rbe_plan_view_f64(plan, b, nf);
+    if (f32 && g_portable) rbe_cols_backward_f32_portable(dx, Gh, &W32, &P32, s, T, p0, p1);
+    else if (f32) rbe_cols_backward_f32(dx, Gh, &W32, &P32, sc, s, T, p0, p1);
+    else rbe_cols_backward_f64(dx, Gh, &W64, &P64, s, T, p0, p1);
 }
 static void params_t(int f32, const rbe_sched_f32* sc, void* db, void* dc, const void* Gh, const void* Xh,
                      const void* ix, int wide, int acc, long T, int out, int in, int b, int nf, int k, long p0,
                      long p1) {
-    if (f32) rbe_params_backward_f32(db, dc, Gh, Xh, ix, wide, sc, acc, T, out, in, b, nf, k, p0, p1);
-    else rbe_params_backward_f64(db, dc, Gh, Xh, ix, wide, acc, T, out, in, b, nf, k, p0, p1);
+    const rbe_weight_f32 W32 = w32(NULL, NULL, ix, wide, out, in, b, k);
+    const rbe_weight_f64 W64 = w64(NULL, NULL, ix, wide, out, in, b, k);
+    const rbe_plan_f32 P32 = {NULL, NULL, NULL, b, nf};
+    const rbe_plan_f64 P64 = {NULL, NULL, NULL, b, nf};
+    if (f32 && g_portable) rbe_params_backward_f32_portable(db, dc, Gh, Xh, &W32, &P32, acc, T, p0, p1);
+    else if (f32) rbe_params_backward_f32(db, dc, Gh, Xh, &W32, &P32, sc, acc, T, p0, p1);
+    else rbe_params_backward_f64(db, dc, Gh, Xh, &W64, &P64, acc, T, p0, p1);
 }
 static void bias_t(int f32, void* db, const void* g, long T, int out, int acc, long o0, long o1) {
     if (f32) rbe_bias_backward_f32(db, g, T, out, acc, o0, o1);
@@ -634,14 +679,18 @@ static void bias_t(int f32, void* db, const void* g, long T, int out, int acc, l
 static void fwd_ref_t(int f32, void* y, void* pre, const void* x, const void* basis, const void* coeffs,
                       const void* ix, int wide, const void* bias, int act, const double* tabs, double* work, long T,
                       int out, int in, int b, int k) {
-    if (f32) rbe_linear_forward_ref_f32(y, pre, x, basis, coeffs, ix, wide, bias, act, tabs, work, T, out, in, b, k);
-    else rbe_linear_forward_ref_f64(y, pre, x, basis, coeffs, ix, wide, bias, act, tabs, work, T, out, in, b, k);
+    const rbe_weight_f32 W32 = w32(basis, coeffs, ix, wide, out, in, b, k);
+    const rbe_weight_f64 W64 = w64(basis, coeffs, ix, wide, out, in, b, k);
+    if (f32) rbe_linear_forward_ref_f32(y, pre, x, &W32, bias, act, tabs, work, T);
+    else rbe_linear_forward_ref_f64(y, pre, x, &W64, bias, act, tabs, work, T);
 }
 static void bwd_ref_t(int f32, void* dx, void* db, void* dc, void* dbias, const void* g, const void* x,
                       const void* basis, const void* coeffs, const void* ix, int wide, const double* tabs, double* work,
                       long T, int out, int in, int b, int k) {
-    if (f32) rbe_linear_backward_ref_f32(dx, db, dc, dbias, g, x, basis, coeffs, ix, wide, tabs, work, T, out, in, b, k);
-    else rbe_linear_backward_ref_f64(dx, db, dc, dbias, g, x, basis, coeffs, ix, wide, tabs, work, T, out, in, b, k);
+    const rbe_weight_f32 W32 = w32(basis, coeffs, ix, wide, out, in, b, k);
+    const rbe_weight_f64 W64 = w64(basis, coeffs, ix, wide, out, in, b, k);
+    if (f32) rbe_linear_backward_ref_f32(dx, db, dc, dbias, g, x, &W32, tabs, work, T);
+    else rbe_linear_backward_ref_f64(dx, db, dc, dbias, g, x, &W64, tabs, work, T);
 }
 
 /* relative max error of got vs ref (both read as double) */
@@ -677,9 +726,6 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     const int nf = rbe_plan_build(pland, pwork, b, f32 ? 1e-9 : 1e-15);
     const int rows = b + nf;
     void* plan = to_t(pland, 3 * (size_t)rows * b, f32);
-    const void* A = plan;
-    const void* S = (const char*)plan + (size_t)rows * b * es;
-    const void* dct = (const char*)plan + 2 * (size_t)rows * b * es;
     double* tabs = codec_tables(b);
 
     // random weight, inputs, bias, upstream gradient
@@ -707,8 +753,10 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     void* cft = xmalloc(nblk * k * es + 1);
     int32_t* ixt = xmalloc(sizeof(int32_t) * nblk * k + 4);
     int32_t* twork = xmalloc(sizeof(int32_t) * (b + 1));
-    if (f32) rbe_transpose_blocks_f32(cft, ixt, twork, coeffs, ix, wide, b, k, 0, nblk);
-    else rbe_transpose_blocks_f64(cft, ixt, twork, coeffs, ix, wide, b, k, 0, nblk);
+    const rbe_weight_f32 W32 = w32(basis, coeffs, ix, wide, out, in, b, k);
+    const rbe_weight_f64 W64 = w64(basis, coeffs, ix, wide, out, in, b, k);
+    if (f32) rbe_transpose_blocks_f32(cft, ixt, twork, &W32, 0, nblk);
+    else rbe_transpose_blocks_f64(cft, ixt, twork, &W64, 0, nblk);
     int32_t* rs_start = xmalloc(sizeof(int32_t) * R * (b + 1));
     int32_t* cs_start = xmalloc(sizeof(int32_t) * C * (b + 1));
     int32_t* rs_off = xmalloc(sizeof(int32_t) * nblk * k + 4);
@@ -720,18 +768,18 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     rbe_sched_f32 rsched = {rs_start, rs_off, rs_val, rs_pos, rs_acc}, csched = {cs_start, cs_off, cs_val, NULL, NULL};
     const rbe_sched_f32 *rsc = NULL, *csc = NULL;
     if (mode == 3) {
-        rbe_schedule_f32(rs_start, rs_off, rs_val, rs_pos, coeffs, ix, wide, 0, R, C, b, nf, k, 0, R);
-        rbe_schedule_f32(cs_start, cs_off, cs_val, NULL, coeffs, ix, wide, 1, R, C, b, nf, k, 0, C);
+        rbe_schedule_f32(rs_start, rs_off, rs_val, rs_pos, &W32, nf, 0, 0, R);
+        rbe_schedule_f32(cs_start, cs_off, cs_val, NULL, &W32, nf, 1, 0, C);
         rsc = &rsched, csc = &csched;
     }
     void* yr = xmalloc((size_t)T * out * es);
     void* prer = xmalloc((size_t)T * out * es);
 
     // forward, every activation, with and without bias / pre
-    analysis_t(f32, Xh, x, A, dct, scratch, T, in, b, nf, 0, ntiles * C);
+    analysis_t(f32, Xh, x, plan, 0, scratch, T, in, b, nf, 0, ntiles * C);
     for (int act = RBE_ACT_NONE; act <= RBE_ACT_SILU; act++) {
         const void* bs = act % 2 ? bias : NULL;
-        rows_t(f32, rsc, y, pre, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, ntiles * R);
+        rows_t(f32, rsc, y, pre, NULL, Xh, plan, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, ntiles * R);
         fwd_ref_t(f32, yr, prer, x, basis, coeffs, ix, wide, bs, act, tabs, rwork, T, out, in, b, k);
         double ey = rel_err(y, yr, (size_t)T * out, f32), ep = rel_err(pre, prer, (size_t)T * out, f32);
         CHECK(ey < tol, "%s act=%d: forward (post-activation) off by %.3e", tag, act, ey);
@@ -739,15 +787,15 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         // pre = NULL gives the same y; split work ranges give the same bytes
         void* y2 = xmalloc((size_t)T * out * es);
         long items = ntiles * R, mid = items / 2 + (items > 1);
-        rows_t(f32, rsc, y2, NULL, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, mid, items);
-        rows_t(f32, rsc, y2, NULL, NULL, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, mid);
+        rows_t(f32, rsc, y2, NULL, NULL, Xh, plan, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, mid, items);
+        rows_t(f32, rsc, y2, NULL, NULL, Xh, plan, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, mid);
         CHECK(!memcmp(y, y2, (size_t)T * out * es), "%s act=%d: split / pre=NULL forward differs", tag, act);
         // Xnext (y = NULL): the next layer's analysis of the activated output, as if y were analysed
         void* Xn = xmalloc((size_t)ntiles * R * rows * RBE_TILE * es);
         void* Xy = xmalloc((size_t)ntiles * R * rows * RBE_TILE * es);
-        rows_t(f32, rsc, NULL, NULL, Xn, Xh, S, dct, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0,
+        rows_t(f32, rsc, NULL, NULL, Xn, Xh, plan, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0,
                items);
-        analysis_t(f32, Xy, y, A, dct, scratch, T, out, b, nf, 0, ntiles * R);
+        analysis_t(f32, Xy, y, plan, 0, scratch, T, out, b, nf, 0, ntiles * R);
         double exn = 0.0, sxn = 0.0;
         for (long p = 0; p < ntiles * R; p++)
             for (int m = 0; m < rows; m++)
@@ -771,8 +819,8 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     void* dbr = xmalloc(nblk * 8 * es);
     void* dcr = xmalloc(nblk * k * es + 1);
     void* dbiasr = xmalloc(out * es);
-    analysis_t(f32, Gh, g, S, dct, scratch, T, out, b, nf, 0, ntiles * R);
-    cols_t(f32, csc, dx, Gh, A, dct, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, ntiles * C);
+    analysis_t(f32, Gh, g, plan, 1, scratch, T, out, b, nf, 0, ntiles * R);
+    cols_t(f32, csc, dx, Gh, plan, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, ntiles * C);
     params_t(f32, rsc, db, dc, Gh, Xh, ix, wide, 0, T, out, in, b, nf, k, 0, R);
     bias_t(f32, dbias, g, T, out, 0, 0, out);
     bwd_ref_t(f32, dxr, dbr, dcr, dbiasr, g, x, basis, coeffs, ix, wide, tabs, rwork, T, out, in, b, k);
@@ -809,8 +857,8 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     {
         void* dx2 = xmalloc((size_t)T * in * es);
         long items = ntiles * C, mid = items / 2 + (items > 1);
-        cols_t(f32, csc, dx2, Gh, A, dct, basis, cft, ixt, scratch, T, out, in, b, nf, k, mid, items);
-        cols_t(f32, csc, dx2, Gh, A, dct, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, mid);
+        cols_t(f32, csc, dx2, Gh, plan, basis, cft, ixt, scratch, T, out, in, b, nf, k, mid, items);
+        cols_t(f32, csc, dx2, Gh, plan, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, mid);
         CHECK(!memcmp(dx, dx2, (size_t)T * in * es), "%s: split dx differs", tag);
         free(dx2);
     }
@@ -963,6 +1011,15 @@ static void test_nonfinite_count(void) {
     float f[5] = {0.0f, NAN, 3.4e38f, -INFINITY, 1.0f};
     CHECK(rbe_count_nonfinite_f64(d, 6) == 3 && rbe_count_nonfinite_f64(d, 1) == 0, "count_nonfinite_f64");
     CHECK(rbe_count_nonfinite_f32(f, 5) == 2 && rbe_count_nonfinite_f32(f, 0) == 0, "count_nonfinite_f32");
+    // max |x|: a NaN anywhere gives NaN, else an infinity wins; 0 for nothing
+    double dd[4] = {0.5, -INFINITY, 2.0, -3.0};
+    float ff[4] = {-2.5f, 1.0f, 3.4e38f, -1e38f};
+    CHECK(isnan(rbe_max_abs_f64(d, 6)) && rbe_max_abs_f64(dd, 4) == INFINITY && rbe_max_abs_f64(dd + 2, 2) == 3.0 &&
+              rbe_max_abs_f64(d, 0) == 0.0,
+          "max_abs_f64");
+    CHECK(isnan(rbe_max_abs_f32(f, 3)) && rbe_max_abs_f32(ff, 4) == (double)3.4e38f && rbe_max_abs_f32(ff, 2) == 2.5 &&
+              rbe_max_abs_f32(f, 0) == 0.0,
+          "max_abs_f32");
 }
 
 int main(void) {

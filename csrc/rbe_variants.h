@@ -1,0 +1,70 @@
+/* rbe_variants.h - internal to the kernel files (and their C tests): the instruction-set
+ * variants behind the float32 entry points of rbe.h, which rbe_linear.c chooses between at
+ * run time, and the pattern's rank-1 terms that every kernel family expands.
+ * Not part of the public kernel API.
+ */
+#ifndef RBE_VARIANTS_H
+#define RBE_VARIANTS_H
+
+#include "rbe.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RBE_X86_KERNELS 1 /* rbe_avx2.c's kernels exist (chosen at run time if the CPU has AVX2 + FMA) */
+#endif
+
+/* The pattern of a block as rank-1 terms between the plan's separable rows (rbe_plan.c):
+ * term {k, g, f} adds p_k * (synthesis row g) (analysis row f)^T. Phi_1 (the d term) is not
+ * separable: it is sum_m (analysis row RBE_NFIX + m) with weight p_1, m < nf - RBE_NFIX.
+ * Forward: Yh[g] += p_k Xh[b + f]; transposed: DX[b + f] += p_k Gh[g]; gradient:
+ * dp_k += Gh[b + g] . Xh[b + f] (all rows counted past the b DCT rows). */
+#define RBE_NTERMS 8
+static const int rbe_pattern_terms[RBE_NTERMS][3] = {
+    {0, 0, 0}, /* Phi_0 = 1 1^T */
+    {2, 0, 1}, /* Phi_2 = 1 (z^2)^T + (z^2) 1^T */
+    {2, 1, 0},
+    {3, 0, 2}, /* Phi_3 = 1 cos(pi z)^T */
+    {4, 2, 0}, /* Phi_4 = cos(pi z) 1^T */
+    {5, 0, 3}, /* Phi_5 = 1 cos(2 pi z)^T */
+    {6, 3, 0}, /* Phi_6 = cos(2 pi z) 1^T */
+    {7, 2, 2}, /* Phi_7 = cos(pi z) cos(pi z)^T */
+};
+
+/* portable float32 kernels (the double ones are rbe.h's _f64 entry points, same bodies) */
+void rbe_analysis_f32_portable(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch,
+                               long T, int n, long p0, long p1);
+void rbe_rows_forward_f32_portable(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                                   const rbe_plan_f32* P, const float* bias, int act, float* scratch, long T, long p0,
+                                   long p1);
+void rbe_cols_backward_f32_portable(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                                    float* scratch, long T, long p0, long p1);
+void rbe_params_backward_f32_portable(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                      const rbe_weight_f32* W, const rbe_plan_f32* P, int accumulate, long T,
+                                      long p0, long p1);
+
+/* AVX2 + FMA kernels (rbe_avx2.c). sched may be NULL in rows_forward (block by block);
+ * _blocks: without schedules, block by block: cols on transposed blocks (any T), params for
+ * one tile (T <= RBE_TILE); the others need the schedule. */
+void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch, long T,
+                           int n, long p0, long p1);
+void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                               const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                               float* scratch, long T, long p0, long p1);
+void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                                const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);
+void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                                       float* scratch, long T, long p0, long p1);
+void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                  const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                                  int accumulate, long T, long p0, long p1);
+void rbe_params_backward_f32_avx2_blocks(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                         const rbe_weight_f32* W, const rbe_plan_f32* P, int accumulate, long T,
+                                         long p0, long p1);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
