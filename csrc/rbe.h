@@ -105,10 +105,10 @@ void rbe_jacobi_eig(double* vals, double* vecs, double* a, int n);
 /* index: [nblocks, k]; each row must be strictly increasing in [0, b*b).
  * Returns -1 when valid, else the flat position (block*k + q) of the first bad entry. */
 long rbe_index_check(const void* index, int wide, long nblocks, int k, int b);
-/* The same check on a private copy: dst (same layout as src) receives src, and the values
- * checked are the ones written to dst, each read from src exactly once. A concurrent writer
- * to src can tear the copy but cannot make an invalid copy pass, so kernels that read only
- * dst stay in bounds. Returns -1 when dst is valid, else the first bad flat position. */
+/* The same check on a private copy: dst (same layout as src) receives a copy of src, read
+ * once, and the check runs on dst. A concurrent writer to src can tear the copy but cannot
+ * make an invalid copy pass, so kernels that read only dst stay in bounds. Returns -1 when
+ * dst is valid, else the first bad flat position. */
 long rbe_index_snapshot(void* dst, const void* src, int wide, long nblocks, int k, int b);
 
 /* number of non-finite values in x: [n] */

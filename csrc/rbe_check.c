@@ -3,6 +3,7 @@
 #include "rbe.h"
 
 #include <math.h>
+#include <string.h>
 
 long rbe_index_check(const void* index, int wide, long nblocks, int k, int b) {
     const int16_t* i16 = (const int16_t*)index;
@@ -20,34 +21,29 @@ long rbe_index_check(const void* index, int wide, long nblocks, int k, int b) {
     return -1;
 }
 
-long rbe_index_snapshot(void* dst, const void* src, int wide, long nblocks, int k, int b) {
-    // every value is read once through a volatile pointer (the source may change under us: the
-    // compiler must not re-read it) and the value checked is the value written
-    const volatile int16_t* s16 = (const volatile int16_t*)src;
-    const volatile int32_t* s32 = (const volatile int32_t*)src;
-    int16_t* d16 = (int16_t*)dst;
-    int32_t* d32 = (int32_t*)dst;
-    const long lim = (long)b * b;
-    long bad = -1;
-    for (long blk = 0; blk < nblocks; blk++) {
-        long prev = -1;
-        for (int q = 0; q < k; q++) {
-            const long pos = blk * k + q;
-            long v;
-            if (wide) {
-                const int32_t x = s32[pos];
-                d32[pos] = x;
-                v = x;
-            } else {
-                const int16_t x = s16[pos];
-                d16[pos] = x;
-                v = x;
-            }
-            if (bad < 0 && (v <= prev || v >= lim)) bad = pos;
-            prev = v;
-        }
+// 1 when every row of index [nblocks, k] is strictly increasing in [0, lim): branch-free over a
+// row, so the compiler vectorizes it (the rows are sorted, so the range check is first and last)
+#define RBE_INDEX_OK(T)                                                                 \
+    static int index_ok_##T(const T* ix, long nblocks, int k, long lim) {               \
+        int bad = 0;                                                                    \
+        for (long blk = 0; blk < nblocks; blk++) {                                      \
+            const T* r = ix + blk * k;                                                  \
+            for (int q = 1; q < k; q++) bad |= r[q] <= r[q - 1];                        \
+            bad |= (r[0] < 0) | ((long)r[k - 1] >= lim);                                \
+        }                                                                               \
+        return !bad;                                                                    \
     }
-    return bad;
+RBE_INDEX_OK(int16_t)
+RBE_INDEX_OK(int32_t)
+
+long rbe_index_snapshot(void* dst, const void* src, int wide, long nblocks, int k, int b) {
+    if (nblocks <= 0 || k <= 0) return -1;
+    // the source is read once, by the copy; everything after reads only the private copy
+    memcpy(dst, src, (size_t)nblocks * k * (wide ? sizeof(int32_t) : sizeof(int16_t)));
+    const long lim = (long)b * b;
+    if (wide ? index_ok_int32_t((const int32_t*)dst, nblocks, k, lim) : index_ok_int16_t((const int16_t*)dst, nblocks, k, lim))
+        return -1;
+    return rbe_index_check(dst, wide, nblocks, k, b);  // where: the first bad position
 }
 
 long rbe_count_nonfinite_f32(const float* x, long n) {

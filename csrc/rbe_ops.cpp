@@ -383,14 +383,16 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
     Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
     check_bias(bias, out, x.scalar_type(), x.device(), "bias");
     c10::optional<Tensor> bc = bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt;
-    Tensor y = at::empty({x2.size(0), out}, x2.options());
+    // y is allocated in the input's leading shape (contiguous: the kernels write it as [T, out]),
+    // so the operator returns a base tensor, not a view (FSDP2 warns about views)
+    Tensor y = at::empty(with_last(x, out), x2.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_linear", [&] {
         const double m = check_range<scalar_t>(x2, P.b, "input");
         linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x2.data_ptr<scalar_t>(), x2.size(0), W,
                              ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options());
         check_finite_results<scalar_t>({y}, m, {W.basis, W.coeffs, bc}, "the output");
     });
-    return y.view(with_last(x, out));
+    return y;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& plan,
@@ -439,7 +441,7 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
                           activation, chunk_tokens);
     const int64_t Tn = a.x2.size(0);
     auto opt = a.x2.options();
-    Tensor y = at::empty({Tn, d_model}, opt);
+    Tensor y = at::empty(x.sizes(), opt);  // [T, d_model] in x's shape: a base tensor, not a view
     Tensor pre = keep_pre ? at::empty(with_last(x, d_ff), opt) : at::empty({0}, opt);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn", [&] {
         using T = scalar_t;
@@ -457,7 +459,7 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
         check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
                                 "the output");
     });
-    return {y.view(x.sizes()), pre};
+    return {y, pre};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_cpu(

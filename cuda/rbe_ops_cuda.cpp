@@ -228,9 +228,10 @@ Tensor linear_cuda(const Tensor& x, const Tensor& plan, const Tensor& basis, con
     check_indexes({{"linear", &W}});
     const at::ScalarType ct = compute_type(x.scalar_type());
     Tensor wd = decode_dense(W, tables(P.b, ct, x.device()), ct);
-    Tensor y = at::empty({x2.size(0), out}, x2.options());
-    affine(y, x2, wd, bias);
-    return y.view(with_last(x, out));
+    Tensor y = at::empty(with_last(x, out), x2.options());  // returned as a base tensor, not a view
+    Tensor y2 = y.view({x2.size(0), out});
+    affine(y2, x2, wd, bias);
+    return y;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& plan,
@@ -273,7 +274,8 @@ std::tuple<Tensor, Tensor> ffn_cuda(const Tensor& x, const Tensor& plan, const T
     const Tensor wd1 = decode_dense(a.W1, T, ct), wd2 = decode_dense(a.W2, T, ct);
     const int64_t Tn = a.x2.size(0);
     auto opt = a.x2.options();
-    Tensor y = at::empty({Tn, d_model}, opt);
+    Tensor y = at::empty(x.sizes(), opt);  // returned as a base tensor, not a view
+    Tensor y2 = y.view({Tn, d_model});
     Tensor pre = keep_pre ? at::empty(with_last(x, d_ff), opt) : empty0(opt);
     for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
         const int64_t n = std::min(a.chunk, Tn - t0);
@@ -281,10 +283,10 @@ std::tuple<Tensor, Tensor> ffn_cuda(const Tensor& x, const Tensor& plan, const T
         affine(h, a.x2.narrow(0, t0, n), wd1, a.bias1);
         Tensor hid = keep_pre ? at::empty({n, d_ff}, opt) : h;  // in place when h is not kept
         act_forward(hid, h, a.act);
-        Tensor yc = y.narrow(0, t0, n);
+        Tensor yc = y2.narrow(0, t0, n);
         affine(yc, hid, wd2, a.bias2);
     }
-    return {y.view(x.sizes()), pre};
+    return {y, pre};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_cuda(
