@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -9,6 +10,13 @@ from torch import nn
 from ._ops import get_plan, ops
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
 from .functional import canonical_activation, chunk_tokens_for, intermediate_bytes_per_token
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """A DTensor (FSDP2's sharded parameters), without importing torch.distributed.tensor
+    (slow to import): none can exist before that module is loaded."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _pattern_energy(block_size: int) -> float:
@@ -332,6 +340,10 @@ class RBEFeedForward(nn.Module):
         _check_input("RBEFeedForward", x, self.fc1.basis)
         chunk = self.chunk_tokens()
         f1, f2 = self.fc1, self.fc2
+        if _is_dtensor(f1.basis) or _is_dtensor(f2.basis):
+            raise RuntimeError("RBEFeedForward: the weights of fc1/fc2 are sharded DTensors here. Its forward runs "
+                               "one fused operator on both layers' weights and never calls fc1/fc2, so FSDP "
+                               "never gathers them: apply fully_shard to the RBEFeedForward, not to its fc1/fc2")
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
                        self.d_model, self.d_ff, self.activation, chunk, not self.checkpoint)
         if not torch.compiler.is_compiling():
