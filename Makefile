@@ -1,31 +1,42 @@
 # rbe_ffn: the two commands of the README, and what they need.
 #   make example   set up (venv, torch 2.13.0 CPU, build) and run the main example (examples/train_char_lm.py)
 #   make test      set up, then C kernel tests under ASan/UBSan, CUDA compile check, pytest
+# The venv gets the package as an editable install (pip install --no-build-isolation -e .), its
+# dependencies from pyproject.toml; rebuilt when a C/C++/CUDA source or a build file changes.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DEPS   := torch==2.13.0 numpy pytest tqdm safetensors matplotlib transformers==5.24.0
-SRC    := $(wildcard csrc/*.c csrc/*.h csrc/*.cpp cuda/*.cu cuda/*.cpp cuda/*.h) setup.py
-SO     := python/rbe_ffn/.built
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+DEPS   := torch==2.13.0 transformers==5.24.0 "setuptools>=77" wheel
+SRC    := $(wildcard csrc/*.c csrc/*.h csrc/*.cpp cuda/*.cu cuda/*.cpp cuda/*.h) setup.py pyproject.toml
+BUILT  := $(VENV)/.rbe_ffn_built
 
 .PHONY: example test ctest cuda-check pytest bench clean
 
-example: $(SO)
+example: $(BUILT)
 	$(PY) examples/train_char_lm.py
 
 test: ctest cuda-check pytest
 
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check $(DEPS)
-	$(PY) -c "import sysconfig, os; open(os.path.join(sysconfig.get_paths()['purelib'], 'rbe_ffn_src.pth'), 'w').write(os.path.abspath('python') + '\n')"
+	rm -f $(VENV)/lib/python*/site-packages/rbe_ffn_src.pth  # the path file of older Makefiles
+	$(PIP) $(DEPS)
 	touch $@
 
-$(SO): $(VENV)/.deps $(SRC)
+# the package: an editable install (its dependencies, metadata, python/ on the venv's path)...
+$(VENV)/.rbe_ffn_installed: $(VENV)/.deps pyproject.toml setup.py
+	$(PIP) --no-build-isolation -e ".[test,hf]"
+	touch $@
+
+# ...whose extension (python/rbe_ffn/_C*.so) is rebuilt in place after a source change: pip's
+# editable build compiles everything in a temporary folder, this one only what changed (build/,
+# which the wheel test of tests/test_packaging.py reuses too)
+$(BUILT): $(VENV)/.rbe_ffn_installed $(SRC)
 	$(PY) setup.py -q build_clib build_ext --inplace
 	touch $@
 
-pytest: $(SO)
+pytest: $(BUILT)
 	$(PY) -m pytest -q tests
 
 # C kernels alone, no torch, under AddressSanitizer and UndefinedBehaviorSanitizer
@@ -50,9 +61,9 @@ cuda-check: $(VENV)/.deps
 	  for f in cuda/*.cpp; do echo "c++ -fsyntax-only $$f"; $(CXX) -std=c++20 -fsyntax-only -Wall -Wno-unused-parameter -Icsrc -Icuda $$cuinc -Ibuild/cuda-stub $$inc $$f || exit 1; done; \
 	else echo "cuda-check: nvcc or cuda/*.cu absent, nothing to compile"; fi
 
-bench: $(SO)
+bench: $(BUILT)
 	mkdir -p bench/out
 	$(PY) bench/bench_cpu.py --out bench/out/cpu.md --plot bench/out/cpu_tokens.png
 
 clean:
-	rm -rf build tests/c/bin python/rbe_ffn/_C*.so $(SO)
+	rm -rf build tests/c/bin python/rbe_ffn/_C*.so python/*.egg-info $(BUILT) $(VENV)/.rbe_ffn_installed

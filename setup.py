@@ -1,7 +1,9 @@
 """Build of the rbe_ffn extension: C11 kernels (csrc/*.c) as a static library,
 the C++ operator registration, and CUDA kernels when torch has CUDA and nvcc exists.
+The package's metadata is in pyproject.toml; this file holds only what needs code.
 
-    pip install --no-build-isolation -e .      (uses the torch already installed)
+    pip install --no-build-isolation -e .      (development; uses the torch already installed)
+    pip wheel --no-build-isolation --no-deps .  (a wheel for that torch)
 """
 import ctypes.util
 import glob
@@ -10,7 +12,7 @@ import re
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 import torch
 from torch.utils import cpp_extension
 
@@ -76,11 +78,6 @@ if want_cuda():
     extra["nvcc"] = ["-O3"]
 
 setup(
-    name="rbe_ffn",
-    version="0.1.0",
-    description="Transformer feed-forward blocks stored, trained and run in compressed RBE form",
-    package_dir={"": "python"},
-    packages=find_packages("python"),
     libraries=[("rbe_kernels", {"sources": c_sources, "include_dirs": ["csrc"], "cflags": C_FLAGS})],
     ext_modules=[
         ext_cls(
@@ -95,7 +92,4 @@ setup(
         )
     ],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "tqdm", "safetensors"], "hf": ["transformers"]},
 )

@@ -171,7 +171,7 @@ def ffn_param_counts(model: CharLM) -> tuple[int, int, int]:
                 w += p.numel()
                 nbytes += p.numel() * p.element_size()
         for name, buf in blk.ffn.named_buffers():
-            if name.endswith("index"):
+            if name.endswith("index_bytes"):  # the index, as its raw bytes
                 nbytes += buf.numel() * buf.element_size()
     return w, b, nbytes
 

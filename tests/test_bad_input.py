@@ -146,6 +146,18 @@ def test_index_corrupted_between_forward_and_backward():
                             10, 37, [True] * 4)
 
 
+def ffn_with_index(m, x, index1=None, index2=None):
+    """The ffn operator on m's weights, with other index tensors than m's own (the module
+    keeps its index as bytes and checks what is assigned to it, so the operator's own checks
+    are reached this way)."""
+    f1, f2 = m.fc1, m.fc2
+    i1 = f1.index if index1 is None else index1
+    i2 = f2.index if index2 is None else index2
+    y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, i1, f1.bias, f2.basis, f2.coeffs, i2, f2.bias, m.d_model, m.d_ff,
+                   m.activation, 0, True)
+    return y
+
+
 def test_index_wrong_dtype_and_shape():
     m = make()
     x = torch.randn(4, 10)
@@ -157,25 +169,42 @@ def test_index_wrong_dtype_and_shape():
         (m.fc2.index[:-1].contiguous(), ValueError, "index must have the shape of coeffs"),
         (m.fc2.index.reshape(-1), ValueError, "index must have the shape of coeffs"),
     ]:
-        mm = copy.deepcopy(m)
-        mm.fc2.index = bad
         with pytest.raises(err, match=pattern):
-            mm(x)
+            ffn_with_index(m, x, index2=bad)
     # int32 where int16 is the default: accepted, same answer
+    assert torch.equal(ffn_with_index(m, x, index1=m.fc1.index.int()), m(x))
+
+
+def test_index_assignment_is_checked():
+    m = make()
+    x = torch.randn(4, 10)
+    for bad, err, pattern in [
+        (m.fc2.index.float(), TypeError, "RBELinear.index: dtype torch.float32 is not an integer dtype"),
+        (m.fc2.index[:, :4], ValueError, r"RBELinear.index must have shape \(10, 5\), got \(10, 4\)"),
+        (m.fc2.index.reshape(-1), ValueError, "RBELinear.index must have shape"),
+        (m.fc2.index.flip(1), ValueError, "unsorted positions in row 0"),
+        (m.fc2.index.tolist(), TypeError, "RBELinear.index must be a tensor, got list"),
+    ]:
+        mm = copy.deepcopy(m)
+        with pytest.raises(err, match=pattern):
+            mm.fc2.index = bad
+        assert torch.equal(mm.fc2.index, m.fc2.index)  # unchanged
+    # a valid index of another integer dtype is copied in (as int16): same answer
     mm = copy.deepcopy(m)
-    mm.fc1.index = m.fc1.index.int()
-    assert torch.equal(mm(x), m(x))
+    mm.fc1.index = m.fc1.index.long()
+    assert mm.fc1.index.dtype == torch.int16 and torch.equal(mm(x), m(x))
+    # a new index changes the layer
+    mm.fc1.index = torch.arange(5, dtype=torch.int16).expand_as(m.fc1.index)
+    assert not torch.equal(mm(x), m(x)) and torch.equal(mm.fc1.index[3], torch.arange(5, dtype=torch.int16))
 
 
 def test_non_contiguous_index_is_read_correctly():
     m = make()
     x = torch.randn(4, 10)
-    mm = copy.deepcopy(m)
     wide = torch.zeros(m.fc1.index.shape[0], 2 * m.fc1.index.shape[1], dtype=m.fc1.index.dtype)
     wide[:, ::2] = m.fc1.index
-    mm.fc1.index = wide[:, ::2]
-    assert not mm.fc1.index.is_contiguous()
-    assert torch.equal(mm(x), m(x))
+    assert not wide[:, ::2].is_contiguous()
+    assert torch.equal(ffn_with_index(m, x, index1=wide[:, ::2]), m(x))
 
 
 # ----------------------------------------------------------------- k / block size mismatches

@@ -505,11 +505,12 @@ def test_dtype_and_device_kept():
         m = gpt2(dtype=dtype)
         rbe_ffn.replace_mlp(m, block_size=16, k=30)
         for name, t in list(m.named_parameters()) + list(m.named_buffers()):
-            if name.endswith(".index"):
-                assert t.dtype == torch.int16, name
+            if name.endswith(".index_bytes"):
+                assert t.dtype == torch.uint8, name
             elif t.is_floating_point():
                 assert t.dtype == dtype, name
             assert t.device == torch.device("cpu"), name
+        assert all(mod.index.dtype == torch.int16 for mod in m.modules() if isinstance(mod, rbe_ffn.RBELinear))
         assert m(ids()).logits.dtype == dtype
 
 

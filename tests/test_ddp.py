@@ -4,18 +4,17 @@
 Each rank trains on its half of every global batch; DDP averages the gradients, so with a
 mean-reduced loss per rank and equal halves the result must equal one process training on the
 whole batch with the loss averaged over it. Every parameter of both ranks is compared with that
-single-process reference, and the fixed ``index`` buffers must be identical and unchanged.
+single-process reference, and the fixed ``index`` must be identical on both ranks and unchanged.
 
-Known limitation (see test_ddp_default_buffer_sync): gloo cannot broadcast int16 tensors
-("Invalid scalar type") and ``index`` is int16 for block_size <= 128, so DDP's default
-init-time buffer broadcast fails. ``index`` never changes during training, so the models here
-tell DDP to leave it alone (or turn buffer broadcasting off); every rank must then build the
-same ``index`` itself (same seed, or load the same state_dict), which the test checks.
+The main case is plain ``DDP(model)``: the index (int16, which gloo and NCCL cannot broadcast) is
+kept as a uint8 buffer ``index_bytes``, which DDP broadcasts from rank 0 like any buffer, at
+construction (so a rank that built another index gets rank 0's) and before every forward.
 """
 import os
 import socket
 import time
 import traceback
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -33,11 +32,12 @@ GLOBAL_BATCH = 12  # even: equal halves, so DDP's gradient average equals the fu
 JOIN_TIMEOUT_S = 120  # the whole file normally takes ~10-25 s
 PG_TIMEOUT = timedelta(seconds=60)
 
-# name -> (checkpoint, how DDP is told about the int16 index buffers)
+# name -> (checkpoint, how the model is wrapped)
 CASES = {
-    "checkpoint": (True, "ignore_index"),
-    "standard": (False, "ignore_index"),
-    "standard_no_buffer_broadcast": (False, "broadcast_buffers_false"),
+    "default": (False, "default"),                          # DDP(model), nothing else
+    "default_checkpoint": (True, "default"),
+    "no_forward_sync": (False, "forward_sync_buffers_false"),  # buffers broadcast at construction only
+    "ignore_index_deprecated": (True, "ignore_index"),       # the old workaround still works (and warns)
 }
 
 
@@ -55,23 +55,27 @@ def global_batches():
             for _ in range(STEPS)]
 
 
-def index_buffer_names(model: nn.Module):
-    return [n for n, _ in model.named_buffers() if n.split(".")[-1] == "index"]
+def index_names(model: nn.Module):
+    return [f"{n}.index" for n, m in model.named_modules() if isinstance(m, rbe_ffn.RBELinear)]
+
+
+def indexes(model: nn.Module):
+    return {f"{n}.index": m.index.clone() for n, m in model.named_modules() if isinstance(m, rbe_ffn.RBELinear)}
 
 
 def wrap_ddp(model: nn.Module, how: str) -> nn.Module:
     DDP = nn.parallel.DistributedDataParallel
     if how == "ignore_index":
-        ignored = rbe_ffn.ddp_ignore_index(model)
-        assert set(index_buffer_names(model)) <= set(ignored)
+        with pytest.warns(DeprecationWarning, match="ddp_ignore_index is no longer needed"):
+            ignored = rbe_ffn.ddp_ignore_index(model)
+        assert {n + "_bytes" for n in index_names(model)} <= set(ignored)
         return DDP(model)
-    if how == "broadcast_buffers_false":
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # deprecated in torch 2.13, still honoured
-            return DDP(model, broadcast_buffers=False)
+    if how == "forward_sync_buffers_false":
+        return DDP(model, forward_sync_buffers=False)
     assert how == "default"
-    return DDP(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain DDP(model) warns about nothing either
+        return DDP(model)
 
 
 def train(model: nn.Module, batches, rank: int | None):
@@ -87,7 +91,8 @@ def train(model: nn.Module, batches, rank: int | None):
 
 def snapshot(model: nn.Module):
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()}}
+            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+            "index": indexes(model)}
 
 
 # ------------------------------------------------------------------ workers (spawned)
@@ -109,14 +114,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             train(ddp, batches, rank)
             dist.barrier()
             torch.save({"before": before, "after": snapshot(model)}, os.path.join(out_dir, f"{name}.{rank}.pt"))
-        # last, as it may fail: DDP with its default (init-time) buffer broadcast
-        try:
-            wrap_ddp(build_model(True), "default")
-            result = "ok"
-        except RuntimeError as e:
-            result = f"RuntimeError: {e}"
-        with open(os.path.join(out_dir, f"default.{rank}.txt"), "w") as f:
-            f.write(result)
+        # a rank that built another index gets rank 0's when DDP(model) is built, as for parameters
+        model = build_model(True)
+        if rank == 1:
+            other = build_model(True)
+            torch.manual_seed(rank)
+            other[1].fc1.reset_parameters()
+            model[1].fc1.index = other[1].fc1.index
+        before = indexes(model)
+        nn.parallel.DistributedDataParallel(model)
+        torch.save({"before": before, "after": indexes(model)}, os.path.join(out_dir, f"index_sync.{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"error.{rank}.txt"), "w") as f:
@@ -196,22 +203,23 @@ def test_ddp_matches_single_process(world_dir, one_thread):
         for n in names:  # DDP keeps the replicas bitwise identical
             assert torch.equal(ranks[0]["after"]["params"][n], ranks[1]["after"]["params"][n]), (name, n)
 
-        idx = index_buffer_names(ref_model)
+        idx = index_names(ref_model)
         assert len(idx) == 2
         for r, got in enumerate(ranks):
             assert set(got["after"]["buffers"]) == set(ref["buffers"])
             for n in idx:
-                b = got["after"]["buffers"][n]
-                assert b.dtype == ref_before["buffers"][n].dtype
-                assert torch.equal(b, got["before"]["buffers"][n]), (name, r, n, "index changed in training")
-                assert torch.equal(b, ref_before["buffers"][n]), (name, r, n)
-            for n, b in got["after"]["buffers"].items():  # plan buffers too
+                b = got["after"]["index"][n]
+                assert b.dtype == torch.int16
+                assert torch.equal(b, got["before"]["index"][n]), (name, r, n, "index changed in training")
+                assert torch.equal(b, ref_before["index"][n]), (name, r, n)
+            for n, b in got["after"]["buffers"].items():  # index_bytes and plan buffers
                 assert torch.equal(b, ranks[0]["after"]["buffers"][n]), (name, r, n)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="gloo cannot broadcast the int16 `index` buffer (block_size <= 128): DDP's default "
-                          "init-time buffer sync raises 'Invalid scalar type'")
-def test_ddp_default_buffer_sync(world_dir):
-    results = [(world_dir / f"default.{r}.txt").read_text() for r in range(WORLD)]
-    assert results == ["ok"] * WORLD, results
+def test_ddp_gives_every_rank_rank0s_index(world_dir):
+    r0, r1 = (torch.load(world_dir / f"index_sync.{r}.pt") for r in range(WORLD))
+    assert not torch.equal(r1["before"]["1.fc1.index"], r0["before"]["1.fc1.index"])  # rank 1 built another
+    for n in r0["before"]:
+        assert torch.equal(r0["after"][n], r0["before"][n]), n
+        assert torch.equal(r1["after"][n], r0["before"][n]), n
+        assert r1["after"][n].dtype == torch.int16

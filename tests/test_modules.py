@@ -37,11 +37,16 @@ def test_linear_parameters_and_buffers():
     assert dict((n, tuple(p.shape)) for n, p in lin.named_parameters()) == {
         "basis": (nblk, 8), "coeffs": (nblk, 5), "bias": (37,)}
     buffers = dict(lin.named_buffers())
-    assert set(buffers) == {"index", "plan"}
-    assert buffers["index"].shape == (nblk, 5) and buffers["index"].dtype == torch.int16
-    assert not buffers["index"].requires_grad
-    assert set(lin.state_dict()) == {"basis", "coeffs", "bias", "index"}  # plan is not persistent
-    assert rbe_ffn.RBELinear(300, 10, block_size=130, k=3).index.dtype == torch.int32
+    assert set(buffers) == {"index_bytes", "plan"}  # index: its raw bytes (DDP can broadcast uint8, not int16)
+    assert buffers["index_bytes"].shape == (nblk, 10) and buffers["index_bytes"].dtype == torch.uint8
+    assert lin.index.shape == (nblk, 5) and lin.index.dtype == torch.int16 and not lin.index.requires_grad
+    assert lin.index.data_ptr() == buffers["index_bytes"].data_ptr()  # a view, no copy
+    sd = lin.state_dict()
+    assert list(sd) == ["basis", "coeffs", "bias", "index"]  # plan is not persistent
+    assert sd["index"].dtype == torch.int16 and torch.equal(sd["index"], lin.index)
+    wide = rbe_ffn.RBELinear(300, 10, block_size=130, k=3)
+    assert wide.index.dtype == torch.int32 and wide.index_bytes.shape == (3, 12)
+    assert wide.state_dict()["index"].dtype == torch.int32
 
     nob = rbe_ffn.RBELinear(21, 37, bias=False, block_size=8, k=5)
     assert nob.bias is None and set(nob.state_dict()) == {"basis", "coeffs", "index"}
@@ -302,3 +307,40 @@ def test_training_updates_compressed_parameters():
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert torch.equal(m.fc1.index, index_before[0]) and torch.equal(m.fc2.index, index_before[1])
+
+
+def test_index_storage_survives_dtype_casts_and_loads_old_state_dicts():
+    """index (int16) lives in the uint8 buffer index_bytes: float casts never touch it, the
+    state_dict key stays "index" with int16 values, so state_dicts saved before load as they are."""
+    torch.manual_seed(0)
+    m = rbe_ffn.RBEFeedForward(16, 40, block_size=8, k=5)
+    idx = m.fc1.index.clone()
+    for cast in (lambda t: t.half(), lambda t: t.to(torch.bfloat16), lambda t: t.double(), lambda t: t.float()):
+        m = cast(m)
+        assert m.fc1.index.dtype == torch.int16 and torch.equal(m.fc1.index, idx)
+        assert m.fc1.index_bytes.dtype == torch.uint8
+    assert m.fc1.basis.dtype == torch.float32
+
+    # a state_dict as written before the byte storage: plain int16 "index" tensors
+    old = {k: v.clone() for k, v in m.state_dict().items()}
+    assert {k: v.dtype for k, v in old.items() if k.endswith("index")} == {"fc1.index": torch.int16,
+                                                                          "fc2.index": torch.int16}
+    fresh = rbe_ffn.RBEFeedForward(16, 40, block_size=8, k=5)
+    assert not torch.equal(fresh.fc1.index, idx)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.fc1.index, idx) and torch.equal(fresh.fc2.index, m.fc2.index)
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), m(x))
+    # load_state_dict(assign=True) and missing / stray keys name "index"
+    fresh = rbe_ffn.RBEFeedForward(16, 40, block_size=8, k=5)
+    fresh.load_state_dict(old, assign=True)
+    assert torch.equal(fresh.fc2.index, m.fc2.index) and fresh.fc2.index_bytes.dtype == torch.uint8
+    r = fresh.load_state_dict({k: v for k, v in old.items() if k != "fc2.index"}, strict=False)
+    assert r.missing_keys == ["fc2.index"] and r.unexpected_keys == []
+    raw = dict(old, **{"fc2.index_bytes": m.fc2.index_bytes.clone()})
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"fc2.index_bytes\""):
+        fresh.load_state_dict(raw)
+    bad = dict(old, **{"fc2.index": old["fc2.index"][:, :3]})
+    with pytest.raises(RuntimeError, match=r"size mismatch for fc2.index: copying a param with shape "
+                                           r"torch.Size\(\[10, 3\]\)"):
+        fresh.load_state_dict(bad)

@@ -1,5 +1,13 @@
-"""Helpers for torch.distributed training of models with RBE layers."""
+"""Helpers for torch.distributed training of models with RBE layers.
+
+None is needed: ``DistributedDataParallel(model)`` works as it is, and so does FSDP2's
+``fully_shard`` applied to each RBEFeedForward (and each RBELinear used on its own) and then
+to the root. RBELinear keeps its int16 ``index`` as the uint8 buffer ``index_bytes``, which
+gloo and NCCL can broadcast, so DDP gives every rank rank 0's index when it is built.
+"""
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -8,17 +16,17 @@ from .modules import RBELinear
 
 
 def ddp_ignore_index(model: nn.Module) -> list[str]:
-    """Tell DistributedDataParallel(model) to leave the RBE layers' fixed buffers alone.
+    """Deprecated: ``DistributedDataParallel(model)`` needs nothing any more.
 
-    DDP broadcasts every buffer from rank 0 when it is built; gloo and NCCL cannot carry
-    int16, the dtype of ``index`` for block_size <= 128, so ``DDP(model)`` fails with
-    "Invalid scalar type". ``index`` never changes during training and ``plan`` is derived
-    from the block size, so they need no syncing. Every rank must build the same ``index``
-    itself: the same seed, or the same state_dict / checkpoint. Call this on the model you
-    pass to DDP, before wrapping it; returns the names now ignored.
+    Tells DDP (through its private ``_set_params_and_buffers_to_ignore_for_model``) to leave
+    the RBE layers' fixed buffers (``index_bytes``, ``plan``) alone: they are then neither
+    broadcast when DDP is built nor before each forward, and every rank must build the same
+    index itself (same seed, or the same state_dict). Returns the names now ignored.
     """
+    warnings.warn("rbe_ffn.ddp_ignore_index is no longer needed: DistributedDataParallel(model) works as it is "
+                  "(and then makes every rank's index equal to rank 0's)", DeprecationWarning, stacklevel=2)
     names = [f"{prefix}.{b}" if prefix else b
-             for prefix, m in model.named_modules() if isinstance(m, RBELinear) for b in ("index", "plan")]
+             for prefix, m in model.named_modules() if isinstance(m, RBELinear) for b in ("index_bytes", "plan")]
     before = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
     ignored = before + [n for n in names if n not in before]
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)

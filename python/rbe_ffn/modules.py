@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -9,6 +10,13 @@ from torch import nn
 from ._ops import get_plan, ops
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
 from .functional import canonical_activation, chunk_tokens_for, intermediate_bytes_per_token
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """A DTensor (FSDP2's sharded parameters), without importing torch.distributed.tensor
+    (slow to import): none can exist before that module is loaded."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _pattern_energy(block_size: int) -> float:
@@ -60,6 +68,20 @@ def index_problem(index: torch.Tensor, block_size: int) -> str | None:
     return None
 
 
+def _bytes_as(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[n, k * width] uint8 -> [n, k] of dtype, the same memory (no copy)."""
+    if data.shape[-1] == 0:  # k = 0: nothing to view (and torch refuses the view of its strides)
+        return data.new_empty(data.shape, dtype=dtype)
+    return data.view(dtype)
+
+
+def _as_bytes(index: torch.Tensor) -> torch.Tensor:
+    """[n, k] integer tensor -> its raw bytes [n, k * width] uint8."""
+    if index.shape[-1] == 0:
+        return index.new_empty(index.shape, dtype=torch.uint8)
+    return index.contiguous().view(torch.uint8)
+
+
 class RBELinear(nn.Module):
     """A linear layer y = x W^T + b whose W [out, in] is stored and trained in RBE form.
 
@@ -88,7 +110,10 @@ class RBELinear(nn.Module):
         nblk = num_blocks(out_features, in_features, block_size)
         self.basis = nn.Parameter(torch.empty(nblk, 8, device=device, dtype=dtype))
         self.coeffs = nn.Parameter(torch.empty(nblk, k, device=device, dtype=dtype))
-        self.register_buffer("index", torch.empty(nblk, k, device=device, dtype=index_dtype(block_size)))
+        # the positions are kept as their raw bytes (see `index`): int16 is the one dtype that gloo
+        # and NCCL cannot broadcast, and DistributedDataParallel broadcasts every buffer
+        width = torch.empty((), dtype=index_dtype(block_size)).element_size()
+        self.register_buffer("index_bytes", torch.empty(nblk, k * width, device=device, dtype=torch.uint8))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
@@ -118,6 +143,37 @@ class RBELinear(nn.Module):
                 self.bias.copy_(torch.empty(self.out_features, dtype=dtype).uniform_(-bound, bound,
                                                                                      generator=generator))
 
+    # ``index`` [R*C, k] (int16 for block_size <= 128, else int32) is stored as the uint8 buffer
+    # ``index_bytes`` [R*C, k * 2 (or 4)] and read through a zero-copy dtype view. Why: DDP(model)
+    # broadcasts every buffer from rank 0 (at construction and, by default, before every forward)
+    # and neither gloo nor NCCL can carry int16 ("Invalid scalar type"), while uint8 they can; a
+    # uint8 buffer is also never touched by model.half() / .to(torch.bfloat16) / .double(). The
+    # state_dict keeps the key "index" with the int16 (int32) values, as before.
+    @property
+    def index(self) -> torch.Tensor:
+        """The fixed positions [R*C, k] (int16, or int32 for block_size > 128): a view of the
+        ``index_bytes`` buffer (writes through it change the layer)."""
+        return _bytes_as(self.index_bytes, index_dtype(self.block_size))
+
+    @index.setter
+    def index(self, value: torch.Tensor) -> None:
+        """``layer.index = t`` copies t's positions in (after the load-time checks); the storage stays."""
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"RBELinear.index must be a tensor, got {type(value).__name__}")
+        if value.shape != self.index.shape:
+            raise ValueError(f"RBELinear.index must have shape {tuple(self.index.shape)}, got {tuple(value.shape)}")
+        problem = index_problem(value, self.block_size)
+        if problem is not None:
+            raise (TypeError if "dtype" in problem else ValueError)(f"RBELinear.index: {problem}")
+        with torch.no_grad():
+            self.index.copy_(value)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        store = destination.pop(prefix + "index_bytes", None)
+        if store is not None:  # at index_bytes' place: the same key order as before
+            destination[prefix + "index"] = _bytes_as(store, index_dtype(self.block_size))
+
     # the plan follows the parameters' dtype and device, rebuilt exactly (never cast)
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -127,19 +183,33 @@ class RBELinear(nn.Module):
     # load_state_dict checks the fixed positions before anything of this layer is copied in: a
     # corrupted checkpoint's out-of-range, duplicated or unsorted index would otherwise be
     # accepted silently (wrong outputs, or table reads out of bounds in the kernels). The error
-    # goes into error_msgs, so load_state_dict raises its usual RuntimeError naming the key;
-    # a wrong shape is left to the default message. Everything else is the default behaviour.
+    # goes into error_msgs, so load_state_dict raises its usual RuntimeError naming the key.
+    # The key is "index" (int16/int32 values, or any integer dtype holding valid positions); it
+    # is stored into the uint8 buffer index_bytes. Everything else is the default behaviour.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        key = prefix + "index"
-        idx = state_dict.get(key)
-        if isinstance(idx, torch.Tensor) and idx.shape == self.index.shape:
+        key, store = prefix + "index", prefix + "index_bytes"
+        own = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if own.pop(store, None) is not None and strict:
+            unexpected_keys.append(store)  # never written by state_dict(): it would bypass the checks below
+        idx = own.pop(key, None)
+        if key in state_dict:
+            want = self.index
+            if not isinstance(idx, torch.Tensor):
+                error_msgs.append(f"{key}: expected a tensor, got {type(idx).__name__}")
+                return
+            if idx.shape != want.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {idx.shape} from checkpoint, "
+                                  f"the shape in current model is {want.shape}.")
+                return  # nothing of this layer is loaded
             problem = index_problem(idx, self.block_size)
             if problem is not None:
                 error_msgs.append(f"{key}: {problem}")
                 return  # nothing of this layer is loaded
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+            own[store] = _as_bytes(idx.to(want.dtype))  # values checked: the cast is exact
+        n = len(missing_keys)
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        missing_keys[n:] = [key if k == store else k for k in missing_keys[n:]]
 
     @classmethod
     def from_compressed(cls, cw: CompressedWeight, bias: torch.Tensor | None = None) -> "RBELinear":
@@ -270,6 +340,10 @@ class RBEFeedForward(nn.Module):
         _check_input("RBEFeedForward", x, self.fc1.basis)
         chunk = self.chunk_tokens()
         f1, f2 = self.fc1, self.fc2
+        if _is_dtensor(f1.basis) or _is_dtensor(f2.basis):
+            raise RuntimeError("RBEFeedForward: the weights of fc1/fc2 are sharded DTensors here. Its forward runs "
+                               "one fused operator on both layers' weights and never calls fc1/fc2, so FSDP "
+                               "never gathers them: apply fully_shard to the RBEFeedForward, not to its fc1/fc2")
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
                        self.d_model, self.d_ff, self.activation, chunk, not self.checkpoint)
         if not torch.compiler.is_compiling():
