@@ -97,6 +97,71 @@ def test_fresh_init_positions():
     assert not torch.equal(other.index, lin.index)
 
 
+@pytest.mark.parametrize("k", [2, 3, 13, 14])
+def test_fresh_init_positions_uniform_over_subsets(k):
+    """Every k-subset of a 4x4 block's 16 positions equally likely (k < 8 draws the positions, k > 8
+    the complement): Pearson's chi-square over the C(16, k) subsets, seeded, so it cannot flake. The
+    bound is the mean + 6 standard deviations of chi-square with C(16, k) - 1 degrees of freedom."""
+    subsets = math.comb(16, k)
+    lin = rbe_ffn.RBELinear(4 * 150, 4 * subsets // 3, bias=False, block_size=4, k=k, generator=gen(5))
+    rows = lin.index.long()
+    assert (rows[:, 1:] > rows[:, :-1]).all()
+    nblk = rows.shape[0]
+    keys = (1 << rows).sum(dim=1)  # a bit mask per block
+    counts = torch.bincount(keys, minlength=1 << 16).double()
+    seen = counts > 0
+    assert int(seen.sum()) == subsets  # every subset occurs, and nothing else
+    expected = nblk / subsets
+    chi2 = ((counts[seen] - expected) ** 2 / expected).sum().item()
+    df = subsets - 1
+    assert chi2 < df + 6 * math.sqrt(2 * df), (chi2, df)
+
+
+@pytest.mark.parametrize("k", [1, 5, 31, 32, 33, 60, 63])
+def test_fresh_init_positions_uniform_per_position(k):
+    """Every position of an 8x8 block is chosen with probability k/64: the counts over 2000 blocks,
+    normalized by the per-block variance p(1-p), have mean 64 and standard deviation ~11.4 under
+    uniform sampling without replacement (seeded; bound at mean + 6 sd)."""
+    lin = rbe_ffn.RBELinear(8 * 50, 8 * 40, bias=False, block_size=8, k=k, generator=gen(6))
+    idx = lin.index.long()
+    nblk = idx.shape[0]
+    assert (idx[:, 1:] > idx[:, :-1]).all()
+    counts = torch.bincount(idx.flatten(), minlength=64).double()
+    p = k / 64
+    t = ((counts - nblk * p) ** 2).sum().item() / (nblk * p * (1 - p))
+    assert t < 64 + 6 * math.sqrt(2 * 63) * 64 / 63, t
+
+
+@pytest.mark.parametrize("b, k", [(8, 0), (8, 64), (16, 1), (256, 1), (256, 65535), (256, 65536)])
+def test_fresh_init_positions_extremes(b, k):
+    lin = rbe_ffn.RBELinear(b + 3, b, block_size=b, k=k, generator=gen(7))
+    idx = lin.index.long()
+    assert idx.shape == (2, k)
+    if k > 0:
+        assert idx.min() >= 0 and idx.max() < b * b and (idx[:, 1:] > idx[:, :-1]).all()
+    if k == b * b:
+        assert torch.equal(idx, torch.arange(b * b).expand(2, -1))
+    # reproducible from the global seed too
+    torch.manual_seed(11)
+    a = rbe_ffn.RBELinear(b + 3, b, block_size=b, k=k)
+    torch.manual_seed(11)
+    assert torch.equal(rbe_ffn.RBELinear(b + 3, b, block_size=b, k=k).index, a.index)
+
+
+@pytest.mark.parametrize("shape", [(1024, 4096, 32, 64), (512, 2048, 16, 200)])
+def test_fresh_init_transient_memory(shape):
+    """Constructing a layer allocates less than twice its own bytes in all (the layer included): no
+    [blocks, b*b] temporaries (an argsort of b*b keys per block cost ~1 GB for a 4096 x 16384 block)."""
+    from rbe_ffn._profiling import peak_live_bytes
+
+    d, f, b, k = shape
+    rbe_ffn.RBEFeedForward(8, 8, block_size=b, k=1)  # the cached plan of this block size
+    made = []
+    peak = peak_live_bytes(lambda: made.append(rbe_ffn.RBEFeedForward(d, f, block_size=b, k=k, generator=gen(0))))
+    own = sum(t.numel() * t.element_size() for t in made[0].state_dict().values())
+    assert peak < 2 * own, (peak, own)
+
+
 def test_fresh_ffn_output_scale_like_dense():
     """A fresh RBEFeedForward produces outputs of the scale a fresh dense FFN does."""
     torch.manual_seed(0)

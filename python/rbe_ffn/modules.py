@@ -60,6 +60,52 @@ def index_problem(index: torch.Tensor, block_size: int) -> str | None:
     return None
 
 
+# reset_parameters draws at most about this many random numbers at a time (a few MB of temporaries)
+_CHUNK_NUMBERS = 1 << 16
+
+
+def _chunk_blocks(block_size: int, k: int) -> int:
+    """Blocks per chunk of random_positions: ~_CHUNK_NUMBERS draws, and a mask of at most 1 MB
+    when the complement is drawn (k > b*b/2)."""
+    n = block_size * block_size
+    m = min(k, n - k)
+    rows = _CHUNK_NUMBERS // max(m, 1)
+    if k > n - k:
+        rows = min(rows, (1 << 20) // n)
+    return max(rows, 1)
+
+
+def random_positions(nblk: int, block_size: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[nblk, k] flat positions in [0, b*b) (index dtype, on the CPU): each row k distinct positions
+    drawn uniformly at random without replacement, sorted ascending.
+
+    Draws k positions per row with replacement, sorts each row, and redraws the duplicates (only
+    in rows that have some) until none is left: that is the sequence "draw until k distinct" done
+    in batches, so every k-subset is equally likely. For k > b*b/2 the b*b - k positions left out
+    are drawn that way instead (fewer redraws). Time and memory are O(nblk * k), not O(nblk * b*b)
+    as for a random permutation per block."""
+    n = block_size * block_size
+    dt = index_dtype(block_size)
+    if k == n:
+        return torch.arange(n, dtype=dt).repeat(nblk, 1)
+    m = min(k, n - k)  # how many to draw
+    c = torch.randint(0, n, (nblk, m), generator=generator, dtype=torch.int32).sort(dim=1).values
+    while m > 1:
+        dup = c[:, 1:] == c[:, :-1]
+        rows = dup.any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        sub, d = c[rows], dup[rows]
+        fresh = torch.randint(0, n, (int(d.sum()),), generator=generator, dtype=torch.int32)
+        sub[:, 1:][d] = fresh
+        c[rows] = sub.sort(dim=1).values
+    if m == k:
+        return c.to(dt)
+    keep = torch.ones(nblk, n, dtype=torch.bool)
+    keep.scatter_(1, c.long(), False)
+    return torch.arange(n, dtype=dt).expand(nblk, n)[keep].view(nblk, k)
+
+
 class RBELinear(nn.Module):
     """A linear layer y = x W^T + b whose W [out, in] is stored and trained in RBE form.
 
@@ -99,20 +145,26 @@ class RBELinear(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Fresh init: each block's k positions at random (without replacement, not the lowest
         frequencies first), values scaled so Var(W_entry) = k Var(c) / b^2 = 1 / (3 in) as for
-        nn.Linear's default init; zero pattern; nn.Linear's bias init."""
+        nn.Linear's default init; zero pattern; nn.Linear's bias init. Random numbers come from
+        ``generator`` (or torch's global CPU generator), the same on every device; the work is done
+        a chunk of blocks at a time, so its transient memory stays small next to the layer's."""
         nblk, k, b, dtype = self.coeffs.shape[0], self.k, self.block_size, self.coeffs.dtype
-        pos = torch.rand(nblk, b * b, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values
         std = b / math.sqrt(3.0 * self.in_features * max(k, 1))
-        coeffs = torch.randn(nblk, k, generator=generator, dtype=dtype) * std
-        basis = torch.zeros(nblk, 8, dtype=dtype)
-        if k == 0:  # only the pattern is left to carry the weight
-            # Var(W_entry) = Var(p) * sum_k mean(Phi_k^2) over a block; the Phi_k are not
-            # unit-RMS (their squares sum to ~7 on average), so divide that out.
-            basis.normal_(0.0, 1.0 / math.sqrt(3.0 * self.in_features * _pattern_energy(b)), generator=generator)
         with torch.no_grad():
-            self.index.copy_(pos)
-            self.coeffs.copy_(coeffs)
-            self.basis.copy_(basis)
+            step = _chunk_blocks(b, k)
+            for s in range(0, nblk, step):
+                e = min(s + step, nblk)
+                self.index[s:e].copy_(random_positions(e - s, b, k, generator))
+            rows = max(1, _CHUNK_NUMBERS // max(k, 1))
+            for s in range(0, nblk, rows):
+                e = min(s + rows, nblk)
+                self.coeffs[s:e].copy_(torch.randn(e - s, k, generator=generator, dtype=dtype).mul_(std))
+            self.basis.zero_()
+            if k == 0:  # only the pattern is left to carry the weight
+                # Var(W_entry) = Var(p) * sum_k mean(Phi_k^2) over a block; the Phi_k are not
+                # unit-RMS (their squares sum to ~7 on average), so divide that out.
+                sd = 1.0 / math.sqrt(3.0 * self.in_features * _pattern_energy(b))
+                self.basis.copy_(torch.empty(nblk, 8, dtype=dtype).normal_(0.0, sd, generator=generator))
             if self.bias is not None:
                 bound = 1.0 / math.sqrt(self.in_features)
                 self.bias.copy_(torch.empty(self.out_features, dtype=dtype).uniform_(-bound, bound,
