@@ -202,6 +202,74 @@ def test_from_linears_ffn_full_k():
         rbe_ffn.RBEFeedForward.from_linears(nn.Linear(24, 40), nn.Linear(40, 24, bias=False))
 
 
+BAD_FFN_ARGS = [  # (keyword arguments, exception, message)
+    (dict(memory_limit_mb=-1), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb=0), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb=float("nan")), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb=float("inf")), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb=True), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb="8"), ValueError, "memory_limit_mb"),
+    (dict(activation="tanh"), ValueError, "unknown activation"),
+    (dict(activation=nn.Tanh()), ValueError, "unknown activation"),
+    (dict(block_size=3), ValueError, "block_size"),
+    (dict(k=65), ValueError, "k must be"),
+    (dict(k=2.0), ValueError, "k must be"),
+    (dict(checkpoint="yes"), TypeError, "checkpoint must be a bool"),
+    (dict(checkpoint=1), TypeError, "checkpoint must be a bool"),
+]
+
+
+@pytest.mark.parametrize("bad, exc, msg", BAD_FFN_ARGS)
+def test_every_ffn_constructor_checks_its_arguments(bad, exc, msg):
+    """RBEFeedForward(...) and RBEFeedForward.from_linears(...) refuse the same arguments, before any work."""
+    kw = dict(activation="gelu", block_size=8, k=5, checkpoint=False, memory_limit_mb=None) | bad
+    with pytest.raises(exc, match=msg):
+        rbe_ffn.RBEFeedForward(24, 40, **kw)
+    with pytest.raises(exc, match=msg):
+        rbe_ffn.RBEFeedForward.from_linears(nn.Linear(24, 40), nn.Linear(40, 24), **kw)
+
+
+def test_constructors_accept_the_same_good_arguments():
+    kw = dict(activation=nn.GELU(approximate="tanh"), block_size=8, k=5, checkpoint=True, memory_limit_mb=0.5)
+    for m in (rbe_ffn.RBEFeedForward(24, 40, **kw),
+              rbe_ffn.RBEFeedForward.from_linears(nn.Linear(24, 40), nn.Linear(40, 24), **kw)):
+        assert (m.activation, m.checkpoint, m.memory_limit_mb, m.block_size) == ("gelu_tanh", True, 0.5, 8)
+        assert m.fc1.k == m.fc2.k == 5
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        rbe_ffn.RBEFeedForward(24, 40, bias="no", block_size=8, k=5)
+    with pytest.raises(TypeError, match="fc1 must be an nn.Linear"):
+        rbe_ffn.RBEFeedForward.from_linears("fc1", nn.Linear(40, 24), block_size=8, k=5)
+
+
+def test_from_compressed_checks_shapes_and_index():
+    """Nothing is broadcast or copied unchecked: a wrong-shaped tensor or an invalid index is an error."""
+    cw = rbe_ffn.compress(torch.randn(37, 21), block_size=8, k=5)  # 5 x 3 = 15 blocks
+    ok = rbe_ffn.RBELinear.from_compressed(cw, torch.zeros(37))
+    torch.testing.assert_close(ok.dense_weight(), cw.decompress())
+
+    def with_(**kw):
+        return rbe_ffn.codec.CompressedWeight(**{f: kw.get(f, getattr(cw, f)) for f in
+                                                 ("basis", "coeffs", "index", "shape", "block_size")})
+    cases = [
+        (with_(basis=cw.basis[:1]), None, ValueError, r"basis has shape \(1, 8\), expected \(15, 8\)"),
+        (with_(coeffs=cw.coeffs[:1]), None, ValueError, "coeffs has shape"),
+        (with_(coeffs=cw.coeffs[:, :1]), None, ValueError, "index has shape"),  # k is read from coeffs
+        (with_(index=cw.index[:1]), None, ValueError, "index has shape"),
+        (cw, torch.zeros(1), ValueError, r"bias has shape \(1,\)"),
+        (cw, torch.zeros(37, dtype=torch.int64), TypeError, "bias must be a floating-point"),
+        (with_(index=cw.index.flip(1)), None, ValueError, "unsorted"),
+        (with_(index=torch.full_like(cw.index, 64)), None, ValueError, "outside"),
+        (with_(shape=(37, 21, 1)), None, ValueError, "cw.shape"),
+        (with_(shape=(37, 0)), None, ValueError, "in_features"),
+        (with_(block_size=3), None, ValueError, "block_size"),
+        (with_(basis=cw.basis.double()), None, TypeError, "basis and coeffs"),
+        ("cw", None, TypeError, "CompressedWeight"),
+    ]
+    for c, bias, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            rbe_ffn.RBELinear.from_compressed(c, bias)
+
+
 # ----------------------------------------------------------------- serialization
 def test_state_dict_round_trip():
     a = randomize(rbe_ffn.RBEFeedForward(10, 37, "silu", block_size=8, k=5, generator=gen(1)), 1)
