@@ -610,6 +610,39 @@ def test_distill_activations_reduce_heldout_error():
     assert [l.path for l in rep] == ["1.mlp"] and rep[0].output_error_before is None
 
 
+def test_distill_never_returns_a_worse_block():
+    """At k = b*b the conversion is lossless; Adam steps can only move it away. The block keeps the
+    converted parameters (bitwise) and the report says so: best step 0, the last step's error higher."""
+    m = seq_model(d=24, f=40, act=nn.GELU())
+    plain = copy.deepcopy(m)
+    train = {"0.mlp": anisotropic(256, 24, 1), "1.mlp": anisotropic(256, 24, 2)}
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=64, distill=dict(inputs=train, steps=20, lr=1e-2, eval_every=5,
+                                                                   progress=False))
+    rbe_ffn.replace_mlp(plain, block_size=8, k=64)
+    x = anisotropic(64, 24, 7)
+    for i, layer in enumerate(rep):
+        assert layer.output_error_after <= layer.output_error_before < 1e-12
+        assert layer.best_step == 0 and layer.output_error_last > 1e-6
+        assert torch.equal(m[i].mlp(x), plain[i].mlp(x))
+        for (n, p), (_, q) in zip(m[i].mlp.named_parameters(), plain[i].mlp.named_parameters()):
+            assert torch.equal(p, q), n
+    assert "best step" in str(rep)
+    with pytest.raises(ValueError, match="eval_every"):
+        rbe_ffn.replace_mlp(seq_model(), block_size=8, k=5, distill=dict(inputs=train, eval_every=0))
+
+
+def test_distill_keeps_the_best_step():
+    """Lossy k: the kept parameters are those of the evaluated step with the lowest held-out error."""
+    m = seq_model(d=24, f=40, act=nn.GELU())
+    train = {"0.mlp": anisotropic(256, 24, 1)}
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=12, skip=["1.mlp"],
+                              distill=dict(inputs=train, steps=40, lr=3e-2, eval_every=4, progress=False))
+    layer = rep["0.mlp"]
+    assert layer.best_step % 4 == 0 and layer.best_step > 0
+    assert layer.output_error_after < layer.output_error_before
+    assert layer.output_error_after <= layer.output_error_last
+
+
 def test_distill_gpt2_from_model_inputs():
     m = gpt2(40, 72)
     ref = copy.deepcopy(m)

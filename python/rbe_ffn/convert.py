@@ -114,7 +114,11 @@ class ConvertedLayer:
     are ||W - decoded|| / ||W|| of the two matrices (the encoder's exact figure, at conversion: a
     distillation afterwards changes the matrices and is judged by the output errors instead);
     ``output_error_before/after`` are ||FFN_rbe(x) - FFN_dense(x)|| / ||FFN_dense(x)|| on held-out
-    samples, before and after distillation (None without distillation). Bytes count the two weight
+    samples, before and after distillation (None without distillation). Distillation keeps the best
+    parameters seen on the held-out samples, so ``after <= before``: ``best_step`` is the step they
+    come from (0: no step improved on the conversion, which is kept as it was) and
+    ``output_error_last`` the held-out error after the last step. The held-out samples both choose
+    the step and measure ``after``, so ``after`` is slightly optimistic. Bytes count the two weight
     matrices only (dense: at the model's dtype; RBE: basis + coeffs + index), biases excluded."""
 
     path: str
@@ -132,6 +136,8 @@ class ConvertedLayer:
     output_error_before: float | None = None
     output_error_after: float | None = None
     distill_samples: int = 0
+    output_error_last: float | None = None
+    best_step: int | None = None
 
     @property
     def compression_ratio(self) -> float:
@@ -192,7 +198,7 @@ class ConversionReport:
             cols = ["path", "layout", "d_model", "d_ff", "b", "k", "activation", "err fc1", "err fc2",
                     "dense B", "RBE B", "ratio"]
             if distilled:
-                cols += ["out err before", "out err after"]
+                cols += ["out err before", "out err after", "best step"]
             rows = []
             for l in self.layers:
                 row = [l.path, l.layout, str(l.d_model), str(l.d_ff), str(l.block_size), str(l.k), l.activation,
@@ -200,7 +206,8 @@ class ConversionReport:
                        f"{l.compression_ratio:.2f}x"]
                 if distilled:
                     row += ["-" if l.output_error_before is None else f"{l.output_error_before:.4f}",
-                            "-" if l.output_error_after is None else f"{l.output_error_after:.4f}"]
+                            "-" if l.output_error_after is None else f"{l.output_error_after:.4f}",
+                            "-" if l.best_step is None else str(l.best_step)]
                 rows.append(row)
             lines += _table(cols, rows, left=(0, 1, 6))
             sources = sorted({f"{l.activation} <- {l.activation_source}" for l in self.layers})
@@ -245,7 +252,10 @@ class Distill:
     them as keyword arguments; a mix raises ValueError.
 
     A random ``holdout`` fraction of each block's samples is kept out of training; the report's
-    output errors are measured on it. ``batch_size`` samples (rows) per step.
+    output errors are measured on it. ``batch_size`` samples (rows) per step. Every ``eval_every``
+    steps (None: steps // 20, at least 1) and after the last one the held-out error is measured,
+    and the best parameters seen (the converted ones included) are what the block keeps: distilling
+    never returns a block worse on the held-out samples than the conversion alone.
     """
 
     inputs: Any
@@ -255,6 +265,7 @@ class Distill:
     holdout: float = 0.2
     seed: int = 0
     progress: bool = True
+    eval_every: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seed"):
@@ -267,6 +278,9 @@ class Distill:
             raise ValueError(f"distill lr must be a positive number, got {self.lr!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
             raise ValueError(f"distill holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if self.eval_every is not None and (isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int)
+                                            or self.eval_every < 1):
+            raise ValueError(f"distill eval_every must be a positive int or None, got {self.eval_every!r}")
         if self.inputs is None:
             raise ValueError("distill needs inputs: sample activations per block or a batch of model inputs")
 
@@ -594,10 +608,14 @@ def _distill(pairs, samples, cfg: Distill):
             x_hold, x_train = x[perm[:n_hold]], x[perm[n_hold:]]
             with torch.no_grad():
                 y_hold, y_train = block.teacher(x_hold), block.teacher(x_train)
-                rec.output_error_before = _rel(ffn(x_hold), y_hold)
-            opt = torch.optim.Adam(ffn.parameters(), lr=cfg.lr)
+                best = last = rec.output_error_before = _rel(ffn(x_hold), y_hold)
+            params = list(ffn.parameters())
+            kept = [p.detach().clone() for p in params]  # the best parameters so far: the converted ones
+            best_step = 0
+            every = cfg.eval_every or max(1, cfg.steps // 20)
+            opt = torch.optim.Adam(params, lr=cfg.lr)
             bar.set_postfix_str(block.path)
-            for _ in range(cfg.steps):
+            for step in range(1, cfg.steps + 1):
                 i = torch.randint(0, x_train.shape[0], (min(cfg.batch_size, x_train.shape[0]),), generator=g)
                 i = i.to(x.device)
                 loss = F.mse_loss(ffn(x_train[i]), y_train[i])
@@ -605,8 +623,18 @@ def _distill(pairs, samples, cfg: Distill):
                 loss.backward()
                 opt.step()
                 bar.update(1)
+                if step % every == 0 or step == cfg.steps:
+                    with torch.no_grad():
+                        last = _rel(ffn(x_hold), y_hold)
+                        if last < best:  # a NaN never is
+                            best, best_step = last, step
+                            for saved, q in zip(kept, params):
+                                saved.copy_(q)
             with torch.no_grad():
+                for saved, q in zip(kept, params):
+                    q.copy_(saved)
                 rec.output_error_after = _rel(ffn(x_hold), y_hold)
+            rec.output_error_last, rec.best_step = last, best_step
             rec.distill_samples = x_train.shape[0]
             ffn.zero_grad(set_to_none=True)
             ffn.reset_stats()
