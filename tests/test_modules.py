@@ -97,10 +97,11 @@ def test_fresh_init_positions():
     assert not torch.equal(other.index, lin.index)
 
 
-@pytest.mark.parametrize("k", [2, 3, 13, 14])
+@pytest.mark.parametrize("k", [2, 3, 6, 7, 9, 13, 14])
 def test_fresh_init_positions_uniform_over_subsets(k):
-    """Every k-subset of a 4x4 block's 16 positions equally likely (k < 8 draws the positions, k > 8
-    the complement): Pearson's chi-square over the C(16, k) subsets, seeded, so it cannot flake. The
+    """Every k-subset of a 4x4 block's 16 positions equally likely, for each way of drawing them
+    (redrawn duplicates: k = 2, 3, 6; sorted random keys: 7; the complement of those: 9, 13, 14):
+    Pearson's chi-square over the C(16, k) subsets, ~50 blocks each, seeded, so it cannot flake. The
     bound is the mean + 6 standard deviations of chi-square with C(16, k) - 1 degrees of freedom."""
     subsets = math.comb(16, k)
     lin = rbe_ffn.RBELinear(4 * 150, 4 * subsets // 3, bias=False, block_size=4, k=k, generator=gen(5))
