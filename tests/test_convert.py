@@ -553,6 +553,229 @@ def test_converted_model_trains_and_round_trips(tmp_path):
     assert torch.equal(b2(x).last_hidden_state, b(x).last_hidden_state)
 
 
+# ----------------------------------------------------------------- filter_fn, structure-only reload
+def test_filter_fn():
+    m = gpt2(layers=3)
+    asked = []
+
+    def only_odd(module, path):
+        asked.append((type(module).__name__, path))
+        return path != "transformer.h.1.mlp"
+
+    keep1 = m.transformer.h[1].mlp
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=10, filter_fn=only_odd, skip=["transformer.h.2"])
+    assert asked == [("GPT2MLP", "transformer.h.0.mlp"), ("GPT2MLP", "transformer.h.1.mlp")]  # not the skipped
+    assert [l.path for l in rep] == ["transformer.h.0.mlp"] and rep.skipped == ["transformer.h.2.mlp"]
+    assert [(a.path, a.reason) for a in rep.left_alone] == [
+        ("transformer.h.1.mlp", "filter_fn returned False for transformer.h.1.mlp")]
+    assert m.transformer.h[1].mlp is keep1 and isinstance(m.transformer.h[0].mlp, RBEGPT2MLP)
+    # BERT: asked about the intermediate half, under the report's path
+    b = bert()
+    asked.clear()
+    rep = rbe_ffn.replace_mlp(b, block_size=8, k=10, filter_fn=lambda mod, p: asked.append((type(mod).__name__, p))
+                              or p.startswith("encoder.layer.1"))
+    assert asked == [("BertIntermediate", f"encoder.layer.{i}.intermediate") for i in range(2)]
+    assert [l.path for l in rep] == ["encoder.layer.1.intermediate"]
+    with pytest.raises(TypeError, match="filter_fn"):
+        rbe_ffn.replace_mlp(gpt2(), block_size=8, k=10, filter_fn="transformer.h.0")
+
+
+@pytest.mark.parametrize("model_fn", [gpt2, bert])
+def test_structure_only_reload(tmp_path, model_fn, monkeypatch):
+    """Convert, save (state_dict and rbe_ffn.save_safetensors), build the original model again, swap in RBE
+    blocks of the right shapes without encoding, load: the same outputs."""
+    m = model_fn()
+    rbe_ffn.replace_mlp(m, block_size=16, k=30)
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    rbe_ffn.save_safetensors(m, str(tmp_path / "m.safetensors"))
+    x = ids()
+    want = m(x)[0]
+
+    def no_encoder(*a, **kw):
+        raise AssertionError("encode=False ran the encoder")
+
+    monkeypatch.setattr(rbe_ffn.modules, "compress", no_encoder)
+    for load in ("pt", "safetensors"):
+        fresh = model_fn(seed=5)
+        rng = torch.get_rng_state()
+        rep = rbe_ffn.replace_mlp(fresh, block_size=16, k=30, encode=False)
+        assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is left alone
+        assert len(rep) == 2 and all(l.error_fc1 is None and l.error_fc2 is None for l in rep)
+        assert " - " in str(rep)
+        assert not torch.equal(fresh(x)[0], want)
+        if load == "pt":
+            fresh.load_state_dict(torch.load(tmp_path / "m.pt"))
+        else:
+            rbe_ffn.load_safetensors(fresh, str(tmp_path / "m.safetensors"))
+        assert torch.equal(fresh(x)[0], want), load
+    with pytest.raises(ValueError, match="encode=True"):
+        rbe_ffn.replace_mlp(model_fn(), block_size=16, k=30, encode=False, distill=dict(inputs=x))
+    with pytest.raises(TypeError, match="encode"):
+        rbe_ffn.replace_mlp(model_fn(), block_size=16, k=30, encode="no")
+
+
+def test_structure_only_keeps_shapes_dtype_and_options():
+    m = seq_model(d=13, f=37, act=nn.SiLU(), dtype=torch.float32)
+    m[1].mlp = nn.Sequential(nn.Linear(13, 37, bias=False), nn.ReLU(), nn.Linear(37, 13, bias=False))
+    rbe_ffn.replace_mlp(m, block_size=8, k=5, encode=False, checkpoint=True)
+    a, b = m[0].mlp, m[1].mlp
+    assert (a.d_model, a.d_ff, a.activation, a.checkpoint, a.fc1.k, a.block_size) == (13, 37, "silu", True, 5, 8)
+    assert a.fc1.bias is not None and b.fc1.bias is None and b.activation == "relu"
+    assert a.fc1.coeffs.dtype == torch.float32
+    assert not torch.equal(a.fc1.index, b.fc1.index)  # each block its own random init
+
+
+# ----------------------------------------------------------------- meaning kept, or left alone
+class TwoNames(nn.Module):
+    """One MLP registered under two attribute names, used twice."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.a = mlp
+        self.b = mlp
+
+    def forward(self, x):
+        return self.a(x) + 2 * self.b(x)
+
+
+def test_mlp_under_two_names_is_one_block_at_both():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12)).double()
+    m = nn.Sequential(TwoNames(mlp))
+    ref = copy.deepcopy(m)
+    rep = rbe_ffn.replace_mlp(m, block_size=4, k=16)  # lossless
+    assert len(rep) == 1 and not rep.left_alone
+    assert rep[0].path == "0.a" and rep[0].aliases == ("0.b",)
+    assert isinstance(m[0].a, rbe_ffn.RBEFeedForward) and m[0].b is m[0].a
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ref(x))
+    assert "shared: 0.a is also at 0.b" in str(rep)
+    # skipping either name skips the block (it is one module)
+    m = nn.Sequential(TwoNames(copy.deepcopy(mlp)))
+    rep = rbe_ffn.replace_mlp(m, block_size=4, k=16, skip=["0.b"])
+    assert len(rep) == 0 and rep.skipped == ["0.a"] and m[0].a is m[0].b and isinstance(m[0].a, nn.Sequential)
+
+
+def test_mlp_shared_by_two_layers_stays_shared():
+    m = gpt2(layers=3)
+    m.transformer.h[2].mlp = m.transformer.h[0].mlp
+    ref = copy.deepcopy(m)
+    x = ids()
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=64)  # lossless
+    assert [(l.path, l.aliases) for l in rep] == [("transformer.h.0.mlp", ("transformer.h.2.mlp",)),
+                                                  ("transformer.h.1.mlp", ())]
+    h = m.transformer.h
+    assert isinstance(h[0].mlp, RBEGPT2MLP) and h[2].mlp is h[0].mlp and h[1].mlp is not h[0].mlp
+    torch.testing.assert_close(m(x).logits, ref(x).logits)
+    # one set of parameters, trained by both uses
+    m(x, labels=x).loss.backward()
+    assert h[0].mlp.ffn.fc1.coeffs.grad is not None
+    sd = m.state_dict()  # saved under both paths, as the dense model was
+    assert torch.equal(sd["transformer.h.2.mlp.ffn.fc1.coeffs"], sd["transformer.h.0.mlp.ffn.fc1.coeffs"])
+    # a shared parent (ALBERT-like) is one block too, reported with its other path
+    b = bert(layers=2)
+    b.encoder.layer[1] = b.encoder.layer[0]
+    rep = rbe_ffn.replace_mlp(b, block_size=8, k=10)
+    assert [(l.path, l.aliases) for l in rep] == [("encoder.layer.0.intermediate", ("encoder.layer.1.intermediate",))]
+    assert isinstance(b.encoder.layer[1].intermediate, RBEBertIntermediate)
+
+
+def test_tied_weights_left_alone():
+    # a weight of the MLP also used by another module (same Parameter)
+    m = seq_model()
+    m.extra = nn.Linear(13, 37).double()
+    m.extra.weight = m[0].mlp[0].weight
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=10)
+    assert [l.path for l in rep] == ["1.mlp"]
+    (a,) = rep.left_alone
+    assert a.path == "0.mlp" and "tied to extra.weight" in a.reason and "untie" in a.reason
+    assert isinstance(m[0].mlp, nn.Sequential) and m.extra.weight is m[0].mlp[0].weight
+    # the same storage under another Parameter object
+    m = seq_model()
+    m.extra = nn.Linear(37, 13, bias=False).double()
+    m.extra.weight = nn.Parameter(m[1].mlp[2].weight.detach())
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=10)
+    assert [l.path for l in rep] == ["0.mlp"] and "tied to extra.weight" in rep.left_alone[0].reason
+    # the two layers of the block tied to each other (square block)
+    m = seq_model(d=16, f=16)
+    m[0].mlp[2].weight = m[0].mlp[0].weight
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=10)
+    assert [l.path for l in rep] == ["1.mlp"] and "share a parameter" in rep.left_alone[0].reason
+
+
+class OwnGELU(nn.GELU):
+    """A GELU subclass that computes something else (quick_gelu)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class RenamedGELU(nn.GELU):
+    pass
+
+
+def test_activation_subclass_with_own_forward_left_alone():
+    m = seq_model(act=OwnGELU())
+    m[1].mlp[1] = RenamedGELU()
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=64)
+    assert [l.path for l in rep] == ["1.mlp"]  # a subclass that keeps nn.GELU's forward is nn.GELU
+    (a,) = rep.left_alone
+    assert a.path == "0.mlp" and "OwnGELU (a subclass of nn.GELU with its own forward)" in a.reason
+    assert isinstance(m[0].mlp, nn.Sequential)
+    for bad in (OwnGELU(), type("OwnReLU", (nn.ReLU,), {"forward": lambda self, x: x})()):
+        with pytest.raises(ValueError, match="its own forward"):
+            rbe_ffn.RBEFeedForward(8, 16, activation=bad, block_size=4, k=4)
+    assert rbe_ffn.RBEFeedForward(8, 16, activation=RenamedGELU(), block_size=4, k=4).activation == "gelu"
+
+
+def test_requires_grad_kept():
+    m = gpt2(layers=2)
+    m.transformer.h[0].mlp.requires_grad_(False)
+    m.transformer.h[1].mlp.c_proj.bias.requires_grad_(False)
+    rbe_ffn.replace_mlp(m, block_size=8, k=10)
+    f0, f1 = m.transformer.h[0].mlp.ffn, m.transformer.h[1].mlp.ffn
+    assert not any(p.requires_grad for p in f0.parameters())
+    assert {n for n, p in f1.named_parameters() if not p.requires_grad} == {"fc2.bias"}
+    # distillation still trains the frozen block (it is part of the conversion), then freezes it again
+    m = seq_model(d=24, f=40)
+    m[0].mlp.requires_grad_(False)
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=12, distill=dict(inputs={"0.mlp": anisotropic(256, 24, 1)},
+                                                                  steps=20, lr=3e-3, progress=False))
+    assert rep["0.mlp"].best_step > 0
+    assert not any(p.requires_grad for p in m[0].mlp.parameters())
+    assert all(p.requires_grad for p in m[1].mlp.parameters())
+
+
+def test_modules_with_hooks_left_alone():
+    m = seq_model()
+    calls = []
+    m[0].mlp.register_forward_hook(lambda *a: calls.append("fwd"))
+    m[1].mlp[0].register_forward_pre_hook(lambda *a: calls.append("pre"))
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=10)
+    assert len(rep) == 0
+    reasons = {a.path: a.reason for a in rep.left_alone}
+    assert "0.mlp has forward hook(s)" in reasons["0.mlp"]
+    assert "1.mlp.0 has forward_pre hook(s)" in reasons["1.mlp"]
+    m(torch.randn(2, 13, dtype=torch.float64))
+    assert calls == ["fwd", "pre"]
+    # hooks on a module the replacement keeps (GPT-2's dropout, BERT's LayerNorm) stay and are called
+    g = gpt2(layers=1)
+    g.transformer.h[0].mlp.dropout.register_forward_hook(lambda *a: calls.append("dropout"))
+    assert len(rbe_ffn.replace_mlp(g, block_size=8, k=10)) == 1
+    g(ids())
+    assert calls[-1] == "dropout"
+    b = bert(layers=1)
+    b.encoder.layer[0].output.LayerNorm.register_forward_hook(lambda *a: calls.append("ln"))
+    b.encoder.layer[0].output.dense.register_forward_hook(lambda *a: calls.append("dense"))
+    rep = rbe_ffn.replace_mlp(b, block_size=8, k=10)
+    assert len(rep) == 0 and "output.dense has forward hook(s)" in rep.left_alone[0].reason
+    b2 = bert(layers=1)
+    b2.encoder.layer[0].output.LayerNorm.register_forward_hook(lambda *a: calls.append("ln"))
+    assert len(rbe_ffn.replace_mlp(b2, block_size=8, k=10)) == 1
+    b2(ids())
+    assert calls[-1] == "ln"
+
+
 # ----------------------------------------------------------------- distillation
 def test_capture_inputs_are_the_mlp_inputs():
     m = gpt2()
@@ -609,6 +832,39 @@ def test_distill_activations_reduce_heldout_error():
     rep = rbe_ffn.replace_mlp(m, block_size=8, k=12, skip=["0.mlp"],
                               distill=dict(inputs={"0.mlp": train["0.mlp"]}, steps=5, progress=False))
     assert [l.path for l in rep] == ["1.mlp"] and rep[0].output_error_before is None
+
+
+def test_distill_never_returns_a_worse_block():
+    """At k = b*b the conversion is lossless; Adam steps can only move it away. The block keeps the
+    converted parameters (bitwise) and the report says so: best step 0, the last step's error higher."""
+    m = seq_model(d=24, f=40, act=nn.GELU())
+    plain = copy.deepcopy(m)
+    train = {"0.mlp": anisotropic(256, 24, 1), "1.mlp": anisotropic(256, 24, 2)}
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=64, distill=dict(inputs=train, steps=20, lr=1e-2, eval_every=5,
+                                                                   progress=False))
+    rbe_ffn.replace_mlp(plain, block_size=8, k=64)
+    x = anisotropic(64, 24, 7)
+    for i, layer in enumerate(rep):
+        assert layer.output_error_after <= layer.output_error_before < 1e-12
+        assert layer.best_step == 0 and layer.output_error_last > 1e-6
+        assert torch.equal(m[i].mlp(x), plain[i].mlp(x))
+        for (n, p), (_, q) in zip(m[i].mlp.named_parameters(), plain[i].mlp.named_parameters()):
+            assert torch.equal(p, q), n
+    assert "best step" in str(rep)
+    with pytest.raises(ValueError, match="eval_every"):
+        rbe_ffn.replace_mlp(seq_model(), block_size=8, k=5, distill=dict(inputs=train, eval_every=0))
+
+
+def test_distill_keeps_the_best_step():
+    """Lossy k: the kept parameters are those of the evaluated step with the lowest held-out error."""
+    m = seq_model(d=24, f=40, act=nn.GELU())
+    train = {"0.mlp": anisotropic(256, 24, 1)}
+    rep = rbe_ffn.replace_mlp(m, block_size=8, k=12, skip=["1.mlp"],
+                              distill=dict(inputs=train, steps=40, lr=3e-2, eval_every=4, progress=False))
+    layer = rep["0.mlp"]
+    assert layer.best_step % 4 == 0 and layer.best_step > 0
+    assert layer.output_error_after < layer.output_error_before
+    assert layer.output_error_after <= layer.output_error_last
 
 
 def test_distill_gpt2_from_model_inputs():

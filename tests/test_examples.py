@@ -53,3 +53,23 @@ def test_train_char_lm_smoke(tmp_path):
     mem = res["memory"]  # (saved bytes, of which inside the FFNs, profiler peak)
     assert mem["rbe"][1] < mem["rbe, checkpoint=False"][1] < mem["dense"][1]
     assert mem["rbe"][0] < mem["rbe, checkpoint=False"][0]
+
+
+def test_profiler_helper_prints_nothing():
+    """`make example` printed kineto's "USDT: ... profiler_start" / "profiler_stop" lines for every
+    peak-memory measurement (rbe_ffn._profiling.peak_live_bytes, a fresh process as in the example);
+    the helper leaves the environment as it found it."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch\n"
+            "from rbe_ffn._profiling import peak_live_bytes\n"
+            "a = peak_live_bytes(lambda: torch.ones(1000) + 1)\n"
+            "b = peak_live_bytes(lambda: torch.ones(1000) + 1)\n"
+            "assert a >= 8000 and b >= 8000, (a, b)\n"
+            "assert 'KINETO_LOG_LEVEL' not in os.environ\n"
+            "print('done')\n")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "done\n" and out.stderr == "", (out.stdout, out.stderr)

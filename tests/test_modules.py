@@ -102,6 +102,72 @@ def test_fresh_init_positions():
     assert not torch.equal(other.index, lin.index)
 
 
+@pytest.mark.parametrize("k", [2, 3, 6, 7, 9, 13, 14])
+def test_fresh_init_positions_uniform_over_subsets(k):
+    """Every k-subset of a 4x4 block's 16 positions equally likely, for each way of drawing them
+    (redrawn duplicates: k = 2, 3, 6; sorted random keys: 7; the complement of those: 9, 13, 14):
+    Pearson's chi-square over the C(16, k) subsets, ~50 blocks each, seeded, so it cannot flake. The
+    bound is the mean + 6 standard deviations of chi-square with C(16, k) - 1 degrees of freedom."""
+    subsets = math.comb(16, k)
+    lin = rbe_ffn.RBELinear(4 * 150, 4 * subsets // 3, bias=False, block_size=4, k=k, generator=gen(5))
+    rows = lin.index.long()
+    assert (rows[:, 1:] > rows[:, :-1]).all()
+    nblk = rows.shape[0]
+    keys = (1 << rows).sum(dim=1)  # a bit mask per block
+    counts = torch.bincount(keys, minlength=1 << 16).double()
+    seen = counts > 0
+    assert int(seen.sum()) == subsets  # every subset occurs, and nothing else
+    expected = nblk / subsets
+    chi2 = ((counts[seen] - expected) ** 2 / expected).sum().item()
+    df = subsets - 1
+    assert chi2 < df + 6 * math.sqrt(2 * df), (chi2, df)
+
+
+@pytest.mark.parametrize("k", [1, 5, 31, 32, 33, 60, 63])
+def test_fresh_init_positions_uniform_per_position(k):
+    """Every position of an 8x8 block is chosen with probability k/64: the counts over 2000 blocks,
+    normalized by the per-block variance p(1-p), have mean 64 and standard deviation ~11.4 under
+    uniform sampling without replacement (seeded; bound at mean + 6 sd)."""
+    lin = rbe_ffn.RBELinear(8 * 50, 8 * 40, bias=False, block_size=8, k=k, generator=gen(6))
+    idx = lin.index.long()
+    nblk = idx.shape[0]
+    assert (idx[:, 1:] > idx[:, :-1]).all()
+    counts = torch.bincount(idx.flatten(), minlength=64).double()
+    p = k / 64
+    t = ((counts - nblk * p) ** 2).sum().item() / (nblk * p * (1 - p))
+    assert t < 64 + 6 * math.sqrt(2 * 63) * 64 / 63, t
+
+
+@pytest.mark.parametrize("b, k", [(8, 0), (8, 64), (16, 1), (256, 1), (256, 65535), (256, 65536)])
+def test_fresh_init_positions_extremes(b, k):
+    lin = rbe_ffn.RBELinear(b + 3, b, block_size=b, k=k, generator=gen(7))
+    idx = lin.index.long()
+    assert idx.shape == (2, k)
+    if k > 0:
+        assert idx.min() >= 0 and idx.max() < b * b and (idx[:, 1:] > idx[:, :-1]).all()
+    if k == b * b:
+        assert torch.equal(idx, torch.arange(b * b).expand(2, -1))
+    # reproducible from the global seed too
+    torch.manual_seed(11)
+    a = rbe_ffn.RBELinear(b + 3, b, block_size=b, k=k)
+    torch.manual_seed(11)
+    assert torch.equal(rbe_ffn.RBELinear(b + 3, b, block_size=b, k=k).index, a.index)
+
+
+@pytest.mark.parametrize("shape", [(1024, 4096, 32, 64), (512, 2048, 16, 200)])
+def test_fresh_init_transient_memory(shape):
+    """Constructing a layer allocates less than twice its own bytes in all (the layer included): no
+    [blocks, b*b] temporaries (an argsort of b*b keys per block cost ~1 GB for a 4096 x 16384 block)."""
+    from rbe_ffn._profiling import peak_live_bytes
+
+    d, f, b, k = shape
+    rbe_ffn.RBEFeedForward(8, 8, block_size=b, k=1)  # the cached plan of this block size
+    made = []
+    peak = peak_live_bytes(lambda: made.append(rbe_ffn.RBEFeedForward(d, f, block_size=b, k=k, generator=gen(0))))
+    own = sum(t.numel() * t.element_size() for t in made[0].state_dict().values())
+    assert peak < 2 * own, (peak, own)
+
+
 def test_fresh_ffn_output_scale_like_dense():
     """A fresh RBEFeedForward produces outputs of the scale a fresh dense FFN does."""
     torch.manual_seed(0)
@@ -140,6 +206,74 @@ def test_from_linears_ffn_full_k():
         rbe_ffn.RBEFeedForward.from_linears(nn.Linear(24, 40), nn.Linear(41, 24))
     with pytest.raises(ValueError, match="bias"):
         rbe_ffn.RBEFeedForward.from_linears(nn.Linear(24, 40), nn.Linear(40, 24, bias=False))
+
+
+BAD_FFN_ARGS = [  # (keyword arguments, exception, message)
+    (dict(memory_limit_mb=-1), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb=0), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb=float("nan")), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb=float("inf")), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb=True), ValueError, "memory_limit_mb"),
+    (dict(memory_limit_mb="8"), ValueError, "memory_limit_mb"),
+    (dict(activation="tanh"), ValueError, "unknown activation"),
+    (dict(activation=nn.Tanh()), ValueError, "unknown activation"),
+    (dict(block_size=3), ValueError, "block_size"),
+    (dict(k=65), ValueError, "k must be"),
+    (dict(k=2.0), ValueError, "k must be"),
+    (dict(checkpoint="yes"), TypeError, "checkpoint must be a bool"),
+    (dict(checkpoint=1), TypeError, "checkpoint must be a bool"),
+]
+
+
+@pytest.mark.parametrize("bad, exc, msg", BAD_FFN_ARGS)
+def test_every_ffn_constructor_checks_its_arguments(bad, exc, msg):
+    """RBEFeedForward(...) and RBEFeedForward.from_linears(...) refuse the same arguments, before any work."""
+    kw = dict(activation="gelu", block_size=8, k=5, checkpoint=False, memory_limit_mb=None) | bad
+    with pytest.raises(exc, match=msg):
+        rbe_ffn.RBEFeedForward(24, 40, **kw)
+    with pytest.raises(exc, match=msg):
+        rbe_ffn.RBEFeedForward.from_linears(nn.Linear(24, 40), nn.Linear(40, 24), **kw)
+
+
+def test_constructors_accept_the_same_good_arguments():
+    kw = dict(activation=nn.GELU(approximate="tanh"), block_size=8, k=5, checkpoint=True, memory_limit_mb=0.5)
+    for m in (rbe_ffn.RBEFeedForward(24, 40, **kw),
+              rbe_ffn.RBEFeedForward.from_linears(nn.Linear(24, 40), nn.Linear(40, 24), **kw)):
+        assert (m.activation, m.checkpoint, m.memory_limit_mb, m.block_size) == ("gelu_tanh", True, 0.5, 8)
+        assert m.fc1.k == m.fc2.k == 5
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        rbe_ffn.RBEFeedForward(24, 40, bias="no", block_size=8, k=5)
+    with pytest.raises(TypeError, match="fc1 must be an nn.Linear"):
+        rbe_ffn.RBEFeedForward.from_linears("fc1", nn.Linear(40, 24), block_size=8, k=5)
+
+
+def test_from_compressed_checks_shapes_and_index():
+    """Nothing is broadcast or copied unchecked: a wrong-shaped tensor or an invalid index is an error."""
+    cw = rbe_ffn.compress(torch.randn(37, 21), block_size=8, k=5)  # 5 x 3 = 15 blocks
+    ok = rbe_ffn.RBELinear.from_compressed(cw, torch.zeros(37))
+    torch.testing.assert_close(ok.dense_weight(), cw.decompress())
+
+    def with_(**kw):
+        return rbe_ffn.codec.CompressedWeight(**{f: kw.get(f, getattr(cw, f)) for f in
+                                                 ("basis", "coeffs", "index", "shape", "block_size")})
+    cases = [
+        (with_(basis=cw.basis[:1]), None, ValueError, r"basis has shape \(1, 8\), expected \(15, 8\)"),
+        (with_(coeffs=cw.coeffs[:1]), None, ValueError, "coeffs has shape"),
+        (with_(coeffs=cw.coeffs[:, :1]), None, ValueError, "index has shape"),  # k is read from coeffs
+        (with_(index=cw.index[:1]), None, ValueError, "index has shape"),
+        (cw, torch.zeros(1), ValueError, r"bias has shape \(1,\)"),
+        (cw, torch.zeros(37, dtype=torch.int64), TypeError, "bias must be a floating-point"),
+        (with_(index=cw.index.flip(1)), None, ValueError, "unsorted"),
+        (with_(index=torch.full_like(cw.index, 64)), None, ValueError, "outside"),
+        (with_(shape=(37, 21, 1)), None, ValueError, "cw.shape"),
+        (with_(shape=(37, 0)), None, ValueError, "in_features"),
+        (with_(block_size=3), None, ValueError, "block_size"),
+        (with_(basis=cw.basis.double()), None, TypeError, "basis and coeffs"),
+        ("cw", None, TypeError, "CompressedWeight"),
+    ]
+    for c, bias, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            rbe_ffn.RBELinear.from_compressed(c, bias)
 
 
 # ----------------------------------------------------------------- serialization

@@ -114,8 +114,15 @@ class ConvertedLayer:
     are ||W - decoded|| / ||W|| of the two matrices (the encoder's exact figure, at conversion: a
     distillation afterwards changes the matrices and is judged by the output errors instead);
     ``output_error_before/after`` are ||FFN_rbe(x) - FFN_dense(x)|| / ||FFN_dense(x)|| on held-out
-    samples, before and after distillation (None without distillation). Bytes count the two weight
-    matrices only (dense: at the model's dtype; RBE: basis + coeffs + index), biases excluded."""
+    samples, before and after distillation (None without distillation). Distillation keeps the best
+    parameters seen on the held-out samples, so ``after <= before``: ``best_step`` is the step they
+    come from (0: no step improved on the conversion, which is kept as it was) and
+    ``output_error_last`` the held-out error after the last step. The held-out samples both choose
+    the step and measure ``after``, so ``after`` is slightly optimistic. Bytes count the two weight
+    matrices only (dense: at the model's dtype; RBE: basis + coeffs + index), biases excluded.
+    ``error_fc1/2`` are None for a structure-only conversion (``encode=False``). ``aliases``: the
+    other paths at which the same block sits (a module registered twice or shared by layers: one RBE
+    block is installed at all of them)."""
 
     path: str
     layout: str
@@ -125,13 +132,16 @@ class ConvertedLayer:
     k: int
     activation: str
     activation_source: str
-    error_fc1: float
-    error_fc2: float
+    error_fc1: float | None
+    error_fc2: float | None
     dense_bytes: int
     rbe_bytes: int
     output_error_before: float | None = None
     output_error_after: float | None = None
     distill_samples: int = 0
+    output_error_last: float | None = None
+    best_step: int | None = None
+    aliases: tuple = ()
 
     @property
     def compression_ratio(self) -> float:
@@ -192,19 +202,22 @@ class ConversionReport:
             cols = ["path", "layout", "d_model", "d_ff", "b", "k", "activation", "err fc1", "err fc2",
                     "dense B", "RBE B", "ratio"]
             if distilled:
-                cols += ["out err before", "out err after"]
+                cols += ["out err before", "out err after", "best step"]
             rows = []
             for l in self.layers:
                 row = [l.path, l.layout, str(l.d_model), str(l.d_ff), str(l.block_size), str(l.k), l.activation,
-                       f"{l.error_fc1:.4f}", f"{l.error_fc2:.4f}", f"{l.dense_bytes:,}", f"{l.rbe_bytes:,}",
+                       _fmt(l.error_fc1), _fmt(l.error_fc2), f"{l.dense_bytes:,}", f"{l.rbe_bytes:,}",
                        f"{l.compression_ratio:.2f}x"]
                 if distilled:
                     row += ["-" if l.output_error_before is None else f"{l.output_error_before:.4f}",
-                            "-" if l.output_error_after is None else f"{l.output_error_after:.4f}"]
+                            "-" if l.output_error_after is None else f"{l.output_error_after:.4f}",
+                            "-" if l.best_step is None else str(l.best_step)]
                 rows.append(row)
             lines += _table(cols, rows, left=(0, 1, 6))
             sources = sorted({f"{l.activation} <- {l.activation_source}" for l in self.layers})
             lines.append("activations: " + "; ".join(sources))
+            lines += [f"shared: {l.path} is also at {', '.join(l.aliases)} (one RBE block at every place)"
+                      for l in self.layers if l.aliases]
         if self.left_alone:
             lines.append("left alone:")
             lines += ["  " + s for s in _table(["path", "type", "reason"],
@@ -217,6 +230,10 @@ class ConversionReport:
     def __repr__(self) -> str:
         return (f"ConversionReport(layers={len(self.layers)}, left_alone={len(self.left_alone)}, "
                 f"skipped={len(self.skipped)})")
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _table(cols, rows, left=()) -> list:
@@ -245,7 +262,10 @@ class Distill:
     them as keyword arguments; a mix raises ValueError.
 
     A random ``holdout`` fraction of each block's samples is kept out of training; the report's
-    output errors are measured on it. ``batch_size`` samples (rows) per step.
+    output errors are measured on it. ``batch_size`` samples (rows) per step. Every ``eval_every``
+    steps (None: steps // 20, at least 1) and after the last one the held-out error is measured,
+    and the best parameters seen (the converted ones included) are what the block keeps: distilling
+    never returns a block worse on the held-out samples than the conversion alone.
     """
 
     inputs: Any
@@ -255,6 +275,7 @@ class Distill:
     holdout: float = 0.2
     seed: int = 0
     progress: bool = True
+    eval_every: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seed"):
@@ -267,6 +288,9 @@ class Distill:
             raise ValueError(f"distill lr must be a positive number, got {self.lr!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
             raise ValueError(f"distill holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if self.eval_every is not None and (isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int)
+                                            or self.eval_every < 1):
+            raise ValueError(f"distill eval_every must be a positive int or None, got {self.eval_every!r}")
         if self.inputs is None:
             raise ValueError("distill needs inputs: sample activations per block or a batch of model inputs")
 
@@ -288,7 +312,7 @@ def _as_distill(distill) -> Distill | None:
 class _Block:
     path: str
     layout: str
-    paths: tuple            # every module path this block replaces (for skip=)
+    paths: tuple            # every module path this block replaces, aliases included (for skip=)
     w1: torch.Tensor        # [d_ff, d_model] dense orientation (may be a transposed view)
     b1: torch.Tensor | None
     w2: torch.Tensor        # [d_model, d_ff]
@@ -296,8 +320,103 @@ class _Block:
     activation: str | None
     activation_source: str
     teacher: Callable       # x -> original dense block's output (no dropout)
-    capture: nn.Module      # its forward input is the block's input
-    install: Callable       # (ffn) -> None, swaps the replacement in
+    capture: nn.Module      # its forward input is the block's input; filter_fn is asked about it
+    install: Callable       # (ffn) -> None, swaps the replacement in at every place the block is
+    aliases: tuple = ()     # the other paths of the same module (shared, or registered twice)
+    params: tuple = ()      # the original (w1, b1, w2, b2) parameters, None for a missing bias
+
+
+class _Model:
+    """Where every module and tensor of the model is: all paths of a module (a module registered
+    twice, or inside a shared parent, has several), the (parent, attribute) slots holding it, and
+    the names of every parameter and buffer by object and by storage."""
+
+    def __init__(self, model: nn.Module):
+        self.paths = {}
+        for p, mod in model.named_modules(remove_duplicate=False):
+            self.paths.setdefault(id(mod), []).append(p)
+        self.slots = {}
+        for mod in model.modules():
+            for name, child in mod._modules.items():
+                if child is not None:
+                    self.slots.setdefault(id(child), []).append((mod, name))
+        self.tensor_names, self.storage_names = {}, {}
+        named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+        for n, t in named:
+            self.tensor_names.setdefault(id(t), []).append(n)
+            key = _storage_key(t)
+            if key is not None:
+                self.storage_names.setdefault(key, set()).add(n)
+
+    def all_paths(self, m: nn.Module, path: str) -> list:
+        ps = self.paths.get(id(m), [path])
+        return [path] + [p for p in ps if p != path]
+
+    def install_everywhere(self, m: nn.Module, new: nn.Module) -> None:
+        for parent, name in self.slots.get(id(m), ()):
+            setattr(parent, name, new)
+
+
+def _storage_key(t: torch.Tensor):
+    if t.is_meta or t.numel() == 0:
+        return None
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return None
+
+
+def _under(name: str, paths) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in paths)
+
+
+def _tie_problem(info: _Model, params, paths) -> str | None:
+    """A parameter of the block that is also used outside it (tied weights, by object or by storage),
+    or shared between its two layers: converting would untie them."""
+    ps = [p for p in params if p is not None]
+    if len({id(p) for p in ps}) < len(ps):
+        return "its two layers share a parameter: converting would untie them"
+    for p in ps:
+        names = set(info.tensor_names.get(id(p), ()))
+        key = _storage_key(p)
+        sharing = set(info.storage_names.get(key, ())) if key is not None else set()
+        outside = sorted(n for n in names | sharing if not _under(n, paths))
+        if outside:
+            return (f"a weight of the block is tied to {', '.join(outside[:3])}"
+                    f"{', ...' if len(outside) > 3 else ''}: converting would untie them")
+    return None
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _hook_problem(modules, base: str) -> str | None:
+    """A hook on a module that the replacement drops (it would silently stop being called)."""
+    for rel_path, mod in modules:
+        kinds = [h.strip("_").replace("_hooks", "") for h in _HOOK_DICTS if getattr(mod, h, None)]
+        if kinds:
+            where = f"{base}.{rel_path}" if rel_path else base
+            return (f"{where or '<root>'} has {', '.join(kinds)} hook(s), which the replacement would drop; "
+                    f"remove them first (or skip= this block)")
+    return None
+
+
+def _subtree(m: nn.Module, keep=()) -> list:
+    """(relative path, module) of m and everything under it, minus the modules in `keep` (kept by the
+    replacement, hooks and all) and what is under them."""
+    out = []
+    keep_ids = {id(k) for k in keep}
+
+    def walk(mod, rel):
+        if id(mod) in keep_ids:
+            return
+        out.append((rel, mod))
+        for n, c in mod.named_children():
+            walk(c, f"{rel}.{n}" if rel else n)
+
+    walk(m, "")
+    return out
 
 
 def _from_transformers(m) -> bool:
@@ -307,11 +426,14 @@ def _from_transformers(m) -> bool:
 def _activation_of(act) -> tuple:
     """(our name or None, a description of where it came from)."""
     desc = type(act).__name__ if isinstance(act, nn.Module) else getattr(act, "__name__", repr(act))
-    if isinstance(act, (nn.GELU, nn.ReLU, nn.SiLU)):
-        name = canonical_activation(act)
-        if isinstance(act, nn.GELU):
-            desc = f"nn.GELU(approximate={act.approximate!r})"
-        return name, desc
+    for base in (nn.GELU, nn.ReLU, nn.SiLU):
+        if isinstance(act, base):
+            if type(act).forward is not base.forward:
+                return None, f"{desc} (a subclass of nn.{base.__name__} with its own forward)"
+            name = canonical_activation(act)
+            if base is nn.GELU:
+                desc = f"nn.GELU(approximate={act.approximate!r})"
+            return name, desc
     if isinstance(act, nn.Module) and _from_transformers(act) and type(act).__name__ in _HF_ACTIVATIONS:
         return _HF_ACTIVATIONS[type(act).__name__], desc
     try:
@@ -352,7 +474,12 @@ def _pair_problem(w1, b1, w2, b2) -> str | None:
     return problem
 
 
-def _match_gpt2(m, path, parent, name):
+def _preserve_problem(info: _Model, paths, params, dropped, base) -> str | None:
+    """What converting this block could not carry over (tied weights, hooks), or None."""
+    return _tie_problem(info, params, paths) or _hook_problem(dropped, base)
+
+
+def _match_gpt2(m, path, info: _Model):
     """A GPT2MLP: c_fc/c_proj Conv1D (weights [in, out]), act, dropout."""
     c_fc, c_proj, act, drop = (getattr(m, a, None) for a in ("c_fc", "c_proj", "act", "dropout"))
     if not (_conv1d_ok(c_fc) and _conv1d_ok(c_proj) and isinstance(drop, nn.Dropout) and act is not None):
@@ -360,6 +487,9 @@ def _match_gpt2(m, path, parent, name):
                                                  "dropout")
     w1, w2 = c_fc.weight.T, c_proj.weight.T  # Conv1D computes x @ W + b with W [in, out]
     problem = _pair_problem(w1, c_fc.bias, w2, c_proj.bias)
+    paths = info.all_paths(m, path)
+    params = (c_fc.weight, c_fc.bias, c_proj.weight, c_proj.bias)
+    problem = problem or _preserve_problem(info, paths, params, _subtree(m, keep=(drop,)), path)
     if problem:
         return LeftAlone(path, type(m).__name__, problem)
     activation, source = _activation_of(act)
@@ -370,13 +500,13 @@ def _match_gpt2(m, path, parent, name):
     def install(ffn):
         new = RBEGPT2MLP(ffn, drop)
         new.train(m.training)
-        setattr(parent, name, new)
+        info.install_everywhere(m, new)
 
-    return _Block(path, type(m).__name__, (path,), w1, c_fc.bias, w2, c_proj.bias, activation, source, teacher, m,
-                  install)
+    return _Block(path, type(m).__name__, tuple(paths), w1, c_fc.bias, w2, c_proj.bias, activation, source, teacher,
+                  m, install, tuple(paths[1:]), params)
 
 
-def _match_sequential(m, path, parent, name):
+def _match_sequential(m, path, info: _Model):
     children = list(m.children())
     linears = [c for c in children if isinstance(c, nn.Linear)]
     if len(linears) < 2:
@@ -387,6 +517,9 @@ def _match_sequential(m, path, parent, name):
         return LeftAlone(path, tname, f"layout ({kinds}) is not (Linear, activation, Linear)")
     fc1, act, fc2 = children
     problem = _pair_problem(fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    paths = info.all_paths(m, path)
+    params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    problem = problem or _preserve_problem(info, paths, params, _subtree(m), path)
     if problem:
         return LeftAlone(path, tname, problem)
     activation, source = _activation_of(act)
@@ -399,13 +532,13 @@ def _match_sequential(m, path, parent, name):
 
     def install(ffn):
         ffn.train(m.training)
-        setattr(parent, name, ffn)
+        info.install_everywhere(m, ffn)
 
-    return _Block(path, tname, (path,), fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation, source, m, m,
-                  install)
+    return _Block(path, tname, tuple(paths), fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation, source, m, m,
+                  install, tuple(paths[1:]), params)
 
 
-def _match_bert(parent, path):
+def _match_bert(parent, path, info: _Model):
     """BertLayer-like parent with .intermediate (dense, intermediate_act_fn) and .output (dense, dropout,
     LayerNorm). Returns a _Block, a LeftAlone, or None when the parent has no such pair."""
     inter, out = getattr(parent, "intermediate", None), getattr(parent, "output", None)
@@ -427,6 +560,18 @@ def _match_bert(parent, path):
         return LeftAlone(p_inter, pair, "without the expected intermediate.dense (Linear), intermediate_act_fn, "
                                         "output.dense (Linear), output.dropout, output.LayerNorm")
     problem = _pair_problem(dense1.weight, dense1.bias, dense2.weight, dense2.bias)
+    # the pair is replaced by setting two attributes of the parent: each half must be held by that
+    # parent only (a shared parent is one object: replacing in it replaces everywhere)
+    for half, p in ((inter, p_inter), (out, p_out)):
+        if problem is None and len(info.slots.get(id(half), ())) > 1:
+            problem = (f"{p} is also registered in another module: replacing the pair in {path or '<root>'} "
+                       f"would leave it there")
+    paths = info.all_paths(inter, p_inter) + info.all_paths(out, p_out)
+    params = (dense1.weight, dense1.bias, dense2.weight, dense2.bias)
+    if problem is None:
+        dropped = ([(f"intermediate.{r}" if r else "intermediate", mod) for r, mod in _subtree(inter)]
+                   + [(f"output.{r}" if r else "output", mod) for r, mod in _subtree(out, keep=(drop, ln))])
+        problem = _preserve_problem(info, paths, params, dropped, path)
     if problem:
         return LeftAlone(p_inter, pair, problem)
     activation, source = _activation_of(act)
@@ -441,8 +586,9 @@ def _match_bert(parent, path):
         parent.intermediate = new_inter
         parent.output = new_out
 
-    return _Block(p_inter, pair, (p_inter, p_out), dense1.weight, dense1.bias, dense2.weight, dense2.bias,
-                  activation, source, teacher, inter, install)
+    aliases = tuple(q for q in info.all_paths(inter, p_inter)[1:])
+    return _Block(p_inter, pair, tuple(paths), dense1.weight, dense1.bias, dense2.weight, dense2.bias,
+                  activation, source, teacher, inter, install, aliases, params)
 
 
 def _gated_reason(m) -> str | None:
@@ -453,41 +599,47 @@ def _gated_reason(m) -> str | None:
     return None
 
 
-def _match(m, path, parent, name):
+def _match(m, path, info: _Model):
     """A _Block, a LeftAlone, or None (not an MLP block)."""
     if isinstance(m, _OURS):
         return None
     tname = type(m).__name__
     if tname in _GPT2_MLPS and _from_transformers(m):
-        return _match_gpt2(m, path, parent, name)
+        return _match_gpt2(m, path, info)
     if type(m) is nn.Sequential:
-        return _match_sequential(m, path, parent, name)
+        return _match_sequential(m, path, info)
     if _LOOKS_LIKE_MLP.search(tname):
         return LeftAlone(path, tname, _gated_reason(m) or "unknown layout")
     return None
 
 
 def _scan(model: nn.Module):
+    """(blocks, left alone). Each module is looked at once, at its first path: a module registered at
+    several places (twice in one parent, or in several parents) is one block with aliases."""
+    info = _Model(model)
     blocks, left = [], []
-    root = _match(model, "", None, None)
+    root = _match(model, "", info)
     if isinstance(root, _Block):
         raise ValueError(f"the model itself is an MLP block ({root.layout}); replace_mlp swaps submodules in "
                          f"place, so wrap it in a parent module (or use RBEFeedForward.from_linears)")
     if isinstance(root, LeftAlone):
         left.append(root)
+    seen = {id(model)}
 
     def visit(mod, path):
         handled = set()
-        bert = _match_bert(mod, path)
+        bert = _match_bert(mod, path, info)
         if bert is not None:
             (blocks if isinstance(bert, _Block) else left).append(bert)
             if isinstance(bert, _Block):
                 handled = {"intermediate", "output"}
+                seen.update((id(mod.intermediate), id(mod.output)))
         for name, child in mod.named_children():
-            if name in handled:
+            if name in handled or id(child) in seen:
                 continue
+            seen.add(id(child))
             p = f"{path}.{name}" if path else name
-            found = _match(child, p, mod, name)
+            found = _match(child, p, info)
             if isinstance(found, _Block):
                 blocks.append(found)
                 continue  # nothing inside a recognized block is looked at
@@ -594,10 +746,14 @@ def _distill(pairs, samples, cfg: Distill):
             x_hold, x_train = x[perm[:n_hold]], x[perm[n_hold:]]
             with torch.no_grad():
                 y_hold, y_train = block.teacher(x_hold), block.teacher(x_train)
-                rec.output_error_before = _rel(ffn(x_hold), y_hold)
-            opt = torch.optim.Adam(ffn.parameters(), lr=cfg.lr)
+                best = last = rec.output_error_before = _rel(ffn(x_hold), y_hold)
+            params = list(ffn.parameters())
+            kept = [p.detach().clone() for p in params]  # the best parameters so far: the converted ones
+            best_step = 0
+            every = cfg.eval_every or max(1, cfg.steps // 20)
+            opt = torch.optim.Adam(params, lr=cfg.lr)
             bar.set_postfix_str(block.path)
-            for _ in range(cfg.steps):
+            for step in range(1, cfg.steps + 1):
                 i = torch.randint(0, x_train.shape[0], (min(cfg.batch_size, x_train.shape[0]),), generator=g)
                 i = i.to(x.device)
                 loss = F.mse_loss(ffn(x_train[i]), y_train[i])
@@ -605,8 +761,18 @@ def _distill(pairs, samples, cfg: Distill):
                 loss.backward()
                 opt.step()
                 bar.update(1)
+                if step % every == 0 or step == cfg.steps:
+                    with torch.no_grad():
+                        last = _rel(ffn(x_hold), y_hold)
+                        if last < best:  # a NaN never is
+                            best, best_step = last, step
+                            for saved, q in zip(kept, params):
+                                saved.copy_(q)
             with torch.no_grad():
+                for saved, q in zip(kept, params):
+                    q.copy_(saved)
                 rec.output_error_after = _rel(ffn(x_hold), y_hold)
+            rec.output_error_last, rec.best_step = last, best_step
             rec.distill_samples = x_train.shape[0]
             ffn.zero_grad(set_to_none=True)
             ffn.reset_stats()
@@ -616,7 +782,7 @@ def _distill(pairs, samples, cfg: Distill):
 
 # ------------------------------------------------------------------ the entry point
 def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation=None, skip=(),
-                checkpoint: bool = False, distill=None) -> ConversionReport:
+                checkpoint: bool = False, distill=None, filter_fn=None, encode: bool = True) -> ConversionReport:
     """Replace the MLP blocks of ``model`` in place by RBE feed-forward blocks and report what was done.
 
     Recognized layouts (see the module docstring): Hugging Face ``GPT2MLP`` (Conv1D weights, transposed
@@ -626,14 +792,32 @@ def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation
     are left alone). Modules that look like MLPs but have another layout or an unsupported activation
     are left alone and listed in ``report.left_alone`` with the reason.
 
+    What the model means is kept or the block is left alone: a block registered at several places
+    (twice in one parent, or shared by several layers) becomes one RBE block installed at every one
+    of them (``report[path].aliases``); the compressed parameters take ``requires_grad`` from the
+    weights (fc1.basis, fc1.coeffs) and biases they replace; the training flag is kept. Left alone,
+    with the reason: blocks whose weights are tied to a tensor outside the block (or to each other),
+    blocks with hooks on a module the replacement drops, activations that subclass nn.GELU / nn.ReLU
+    / nn.SiLU with their own forward.
+
     activation: overrides the detected activation of every converted block (name, alias or nn module);
         blocks whose own activation is unsupported are then converted too, with this one.
     skip: module paths (or prefixes: "transformer.h.0" skips everything under it) not to convert;
-        names that match nothing are ignored. A single string is one path.
+        names that match nothing are ignored. A single string is one path. A block with several
+        paths is skipped when any of them is.
     checkpoint: passed to RBEFeedForward (save only the input for backward).
     distill: None, or a :class:`Distill` / dict of its fields (``inputs``, ``steps``, ``lr``, ...):
         train each converted block to match the original one's outputs; the report then holds
         the output error before and after on held-out samples.
+    filter_fn: None, or ``filter_fn(module, path) -> bool`` (as torchao's ``quantize_``), asked about
+        each recognized block (``module`` the GPT2MLP / Sequential / BertIntermediate, ``path`` as in
+        the report; once per path for a block at several places): only blocks for which it returns
+        True everywhere are converted, the others are left alone with the reason.
+    encode: False swaps in RBE blocks of the right shapes (block_size, k, bias, activation, dtype,
+        device) without running the encoder, with a fresh random init (a private generator: the
+        global RNG is untouched), so that a state_dict or safetensors file saved from a converted
+        model can be loaded into a freshly built original model. The report's error_fc1/error_fc2
+        are None. Cannot be combined with distill.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -651,7 +835,13 @@ def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation
             raise TypeError(f"skip must hold module paths (str), got {s!r}")
     if not isinstance(checkpoint, bool):
         raise TypeError(f"checkpoint must be a bool, got {checkpoint!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be None or a callable (module, path) -> bool, got {filter_fn!r}")
+    if not isinstance(encode, bool):
+        raise TypeError(f"encode must be a bool, got {encode!r}")
     cfg = _as_distill(distill)
+    if cfg is not None and not encode:
+        raise ValueError("distill needs encode=True: a structure-only conversion has nothing to distill from")
 
     blocks, left = _scan(model)
     report = ConversionReport(left_alone=left)
@@ -659,6 +849,9 @@ def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation
     for b in blocks:
         if _skipped(b.paths, skip):
             report.skipped.append(b.path)
+        elif filter_fn is not None and (refused := next(
+                (p for p in (b.path,) + b.aliases if not filter_fn(b.capture, p)), None)) is not None:
+            report.left_alone.append(LeftAlone(b.path, b.layout, f"filter_fn returned False for {refused}"))
         elif b.activation is None and activation is None:
             report.left_alone.append(LeftAlone(b.path, b.layout, f"activation {b.activation_source} is not "
                                                                  f"supported (gelu, gelu_tanh, relu, silu)"))
@@ -668,20 +861,32 @@ def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation
     samples = _samples(model, todo, cfg.inputs, [b.path for b in blocks]) if cfg is not None and todo else {}
 
     pairs = []
-    for b in todo:
+    for n, b in enumerate(todo):
         act = activation or b.activation
-        ffn = RBEFeedForward.from_linears(_linear(b.w1, b.b1), _linear(b.w2, b.b2), activation=act,
-                                          block_size=block_size, k=k, checkpoint=checkpoint)
+        if encode:
+            ffn = RBEFeedForward.from_linears(_linear(b.w1, b.b1), _linear(b.w2, b.b2), activation=act,
+                                              block_size=block_size, k=k, checkpoint=checkpoint)
+        else:
+            ffn = RBEFeedForward(b.w1.shape[1], b.w1.shape[0], act, bias=b.b1 is not None, block_size=block_size,
+                                 k=k, checkpoint=checkpoint, device=b.w1.device, dtype=b.w1.dtype,
+                                 generator=torch.Generator().manual_seed(n))
         rec = ConvertedLayer(
             path=b.path, layout=b.layout, d_model=ffn.d_model, d_ff=ffn.d_ff, block_size=block_size, k=k,
             activation=act, activation_source=b.activation_source if activation is None else "activation=",
             error_fc1=ffn.fc1.relative_error, error_fc2=ffn.fc2.relative_error,
-            dense_bytes=(b.w1.numel() + b.w2.numel()) * b.w1.element_size(), rbe_bytes=ffn.weight_nbytes)
+            dense_bytes=(b.w1.numel() + b.w2.numel()) * b.w1.element_size(), rbe_bytes=ffn.weight_nbytes,
+            aliases=b.aliases)
         pairs.append((b, ffn, rec))
         report.layers.append(rec)
     if cfg is not None:
         _distill(pairs, samples, cfg)
     for b, ffn, _ in pairs:
+        w1, b1, w2, b2 = b.params
+        for lin, w, bias in ((ffn.fc1, w1, b1), (ffn.fc2, w2, b2)):
+            lin.basis.requires_grad_(w.requires_grad)
+            lin.coeffs.requires_grad_(w.requires_grad)
+            if bias is not None:
+                lin.bias.requires_grad_(bias.requires_grad)
         b.install(ffn)
     return report
 

@@ -15,7 +15,14 @@ _ALIASES = {
 
 
 def canonical_activation(activation) -> str:
-    """'gelu' | 'gelu_tanh' | 'relu' | 'silu' from a name, an alias or an nn activation module."""
+    """'gelu' | 'gelu_tanh' | 'relu' | 'silu' from a name, an alias or an nn activation module
+    (nn.GELU, nn.ReLU, nn.SiLU, or a subclass that keeps their forward: one with its own forward
+    computes something else, so it is refused rather than taken for the base function)."""
+    for base in (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU):
+        if isinstance(activation, base) and type(activation).forward is not base.forward:
+            raise ValueError(f"activation {type(activation).__name__} subclasses nn.{base.__name__} with its own "
+                             f"forward: what it computes is unknown, so it cannot be run as "
+                             f"{base.__name__.lower()}; pass the activation's name if it is the same function")
     if isinstance(activation, torch.nn.GELU):
         return "gelu_tanh" if activation.approximate == "tanh" else "gelu"
     if isinstance(activation, torch.nn.ReLU):

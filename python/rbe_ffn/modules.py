@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 
 import torch
@@ -82,6 +83,84 @@ def _as_bytes(index: torch.Tensor) -> torch.Tensor:
     return index.contiguous().view(torch.uint8)
 
 
+# reset_parameters draws at most about this many random numbers at a time (a few MB of temporaries)
+_CHUNK_NUMBERS = 1 << 16
+
+
+def _chunk_blocks(block_size: int, k: int) -> int:
+    """Blocks per chunk of random_positions: ~_CHUNK_NUMBERS draws, and at most 2**20 / (b*b) blocks
+    when it works on whole blocks (random keys, or the mask of the complement)."""
+    n = block_size * block_size
+    m = min(k, n - k)
+    rows = _CHUNK_NUMBERS // max(m, 1)
+    if k > n - k or _by_keys(n, m):
+        rows = min(rows, (1 << 20) // n)
+    return max(rows, 1)
+
+
+def _by_keys(n: int, m: int) -> bool:
+    """Draw m of n positions by sorting n random keys: faster than redrawing duplicates when m is
+    more than about 3/8 of n (many rounds of redraws then; measured at b = 64)."""
+    return 8 * m > 3 * n
+
+
+def random_positions(nblk: int, block_size: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[nblk, k] flat positions in [0, b*b) (index dtype, on the CPU): each row k distinct positions
+    drawn uniformly at random without replacement, sorted ascending.
+
+    Draws k positions per row with replacement, sorts each row, and redraws the duplicates (only
+    in rows that have some) until none is left: that is the sequence "draw until k distinct" done
+    in batches, so every k-subset is equally likely. For k > b*b/2 the b*b - k positions left out
+    are drawn that way instead (fewer redraws). Time and memory are O(nblk * k), not O(nblk * b*b)
+    as for a random permutation per block, except near k = b*b/2 (3/8 to 5/8 of b*b), where a
+    permutation per block (the first positions of an argsort of random keys) is the faster way."""
+    n = block_size * block_size
+    dt = index_dtype(block_size)
+    if k == n:
+        return torch.arange(n, dtype=dt).repeat(nblk, 1)
+    m = min(k, n - k)  # how many to draw
+    if _by_keys(n, m):
+        c = torch.rand(nblk, n, generator=generator).argsort(dim=1)[:, :m].to(torch.int32).sort(dim=1).values
+    else:
+        c = torch.randint(0, n, (nblk, m), generator=generator, dtype=torch.int32).sort(dim=1).values
+    while m > 1 and not _by_keys(n, m):
+        dup = c[:, 1:] == c[:, :-1]
+        rows = dup.any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        sub, d = c[rows], dup[rows]
+        fresh = torch.randint(0, n, (int(d.sum()),), generator=generator, dtype=torch.int32)
+        sub[:, 1:][d] = fresh
+        c[rows] = sub.sort(dim=1).values
+    if m == k:
+        return c.to(dt)
+    keep = torch.ones(nblk, n, dtype=torch.bool)
+    keep.scatter_(1, c.long(), False)
+    return torch.arange(n, dtype=dt).expand(nblk, n)[keep].view(nblk, k)
+
+
+def _check_memory_limit(memory_limit_mb):
+    """memory_limit_mb as given if valid: None, or a finite positive number of MiB (not a bool)."""
+    if memory_limit_mb is None:
+        return None
+    if isinstance(memory_limit_mb, bool) or not isinstance(memory_limit_mb, numbers.Real) \
+            or not math.isfinite(memory_limit_mb) or not memory_limit_mb > 0:
+        raise ValueError(f"memory_limit_mb must be positive or None, got {memory_limit_mb!r}")
+    return memory_limit_mb
+
+
+def _check_ffn_args(activation, bias, block_size, k, checkpoint, memory_limit_mb) -> tuple:
+    """The arguments every RBEFeedForward constructor shares, checked in one place (before any
+    work): (canonical activation name, memory_limit_mb)."""
+    act = canonical_activation(activation)
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {bias!r}")
+    check_sizes(block_size, k)
+    if not isinstance(checkpoint, bool):
+        raise TypeError(f"checkpoint must be a bool, got {checkpoint!r}")
+    return act, _check_memory_limit(memory_limit_mb)
+
+
 class RBELinear(nn.Module):
     """A linear layer y = x W^T + b whose W [out, in] is stored and trained in RBE form.
 
@@ -124,20 +203,26 @@ class RBELinear(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Fresh init: each block's k positions at random (without replacement, not the lowest
         frequencies first), values scaled so Var(W_entry) = k Var(c) / b^2 = 1 / (3 in) as for
-        nn.Linear's default init; zero pattern; nn.Linear's bias init."""
+        nn.Linear's default init; zero pattern; nn.Linear's bias init. Random numbers come from
+        ``generator`` (or torch's global CPU generator), the same on every device; the work is done
+        a chunk of blocks at a time, so its transient memory stays small next to the layer's."""
         nblk, k, b, dtype = self.coeffs.shape[0], self.k, self.block_size, self.coeffs.dtype
-        pos = torch.rand(nblk, b * b, generator=generator).argsort(dim=1)[:, :k].sort(dim=1).values
         std = b / math.sqrt(3.0 * self.in_features * max(k, 1))
-        coeffs = torch.randn(nblk, k, generator=generator, dtype=dtype) * std
-        basis = torch.zeros(nblk, 8, dtype=dtype)
-        if k == 0:  # only the pattern is left to carry the weight
-            # Var(W_entry) = Var(p) * sum_k mean(Phi_k^2) over a block; the Phi_k are not
-            # unit-RMS (their squares sum to ~7 on average), so divide that out.
-            basis.normal_(0.0, 1.0 / math.sqrt(3.0 * self.in_features * _pattern_energy(b)), generator=generator)
         with torch.no_grad():
-            self.index.copy_(pos)
-            self.coeffs.copy_(coeffs)
-            self.basis.copy_(basis)
+            step = _chunk_blocks(b, k)
+            for s in range(0, nblk, step):
+                e = min(s + step, nblk)
+                self.index[s:e].copy_(random_positions(e - s, b, k, generator))
+            rows = max(1, _CHUNK_NUMBERS // max(k, 1))
+            for s in range(0, nblk, rows):
+                e = min(s + rows, nblk)
+                self.coeffs[s:e].copy_(torch.randn(e - s, k, generator=generator, dtype=dtype).mul_(std))
+            self.basis.zero_()
+            if k == 0:  # only the pattern is left to carry the weight
+                # Var(W_entry) = Var(p) * sum_k mean(Phi_k^2) over a block; the Phi_k are not
+                # unit-RMS (their squares sum to ~7 on average), so divide that out.
+                sd = 1.0 / math.sqrt(3.0 * self.in_features * _pattern_energy(b))
+                self.basis.copy_(torch.empty(nblk, 8, dtype=dtype).normal_(0.0, sd, generator=generator))
             if self.bias is not None:
                 bound = 1.0 / math.sqrt(self.in_features)
                 self.bias.copy_(torch.empty(self.out_features, dtype=dtype).uniform_(-bound, bound,
@@ -213,7 +298,39 @@ class RBELinear(nn.Module):
 
     @classmethod
     def from_compressed(cls, cw: CompressedWeight, bias: torch.Tensor | None = None) -> "RBELinear":
-        out_features, in_features = cw.shape
+        """A layer holding a copy of ``cw``'s numbers (and ``bias``), checked as the constructor and
+        load_state_dict check theirs: shapes exact (nothing broadcast), index valid."""
+        if not isinstance(cw, CompressedWeight):
+            raise TypeError(f"cw must be a CompressedWeight, got {type(cw).__name__}")
+        shape = tuple(cw.shape) if isinstance(cw.shape, (tuple, list, torch.Size)) else ()
+        if len(shape) != 2:
+            raise ValueError(f"cw.shape must be (out_features, in_features), got {cw.shape!r}")
+        out_features, in_features = shape
+        for name, t in (("basis", cw.basis), ("coeffs", cw.coeffs), ("index", cw.index), ("bias", bias)):
+            if t is None and name == "bias":
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if cw.coeffs.dim() != 2:
+            raise ValueError(f"cw.coeffs must be 2-D [blocks, k], got shape {tuple(cw.coeffs.shape)}")
+        check_sizes(cw.block_size, cw.k)
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"cw.shape: {name} must be a positive int, got {v!r}")
+        nblk = num_blocks(out_features, in_features, cw.block_size)
+        for name, t, want in (("basis", cw.basis, (nblk, 8)), ("coeffs", cw.coeffs, (nblk, cw.k)),
+                              ("index", cw.index, (nblk, cw.k)), ("bias", bias, (out_features,))):
+            if t is not None and tuple(t.shape) != want:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {want} for shape {shape} at "
+                                 f"block_size={cw.block_size}, k={cw.k}")
+        if cw.coeffs.dtype not in (torch.float32, torch.float64) or cw.basis.dtype != cw.coeffs.dtype:
+            raise TypeError(f"basis and coeffs must both be float32 or both float64, got {cw.basis.dtype} and "
+                            f"{cw.coeffs.dtype}")
+        if bias is not None and not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        problem = index_problem(cw.index, cw.block_size)
+        if problem is not None:
+            raise ValueError(f"cw.index: {problem}")
         layer = cls.__new__(cls)  # no random init: every number is copied from cw
         nn.Module.__init__(layer)
         layer._allocate(in_features, out_features, bias is not None, cw.block_size, cw.k, cw.coeffs.device,
@@ -285,12 +402,11 @@ class RBEFeedForward(nn.Module):
                  k: int = 300, checkpoint: bool = False, memory_limit_mb: float | None = None, *, device=None,
                  dtype=None, generator: torch.Generator | None = None):
         super().__init__()
-        self.activation = canonical_activation(activation)
-        if memory_limit_mb is not None and not memory_limit_mb > 0:
-            raise ValueError(f"memory_limit_mb must be positive or None, got {memory_limit_mb!r}")
+        self.activation, memory_limit_mb = _check_ffn_args(activation, bias, block_size, k, checkpoint,
+                                                           memory_limit_mb)
         self.d_model, self.d_ff = d_model, d_ff
         self.block_size = block_size
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint = checkpoint
         self.memory_limit_mb = memory_limit_mb
         self.fc1 = RBELinear(d_model, d_ff, bias, block_size, k, device=device, dtype=dtype, generator=generator)
         self.fc2 = RBELinear(d_ff, d_model, bias, block_size, k, device=device, dtype=dtype, generator=generator)
@@ -300,6 +416,11 @@ class RBEFeedForward(nn.Module):
     def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, activation="gelu", block_size: int = 64, k: int = 300,
                      checkpoint: bool = False, memory_limit_mb: float | None = None) -> "RBEFeedForward":
         """Compress a dense Linear(d_model, d_ff) -> act -> Linear(d_ff, d_model) block."""
+        for name, lin in (("fc1", fc1), ("fc2", fc2)):
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"{name} must be an nn.Linear, got {type(lin).__name__}")
+        activation, memory_limit_mb = _check_ffn_args(activation, fc1.bias is not None, block_size, k, checkpoint,
+                                                      memory_limit_mb)
         if fc1.in_features != fc2.out_features or fc1.out_features != fc2.in_features:
             raise ValueError(f"fc1 {fc1.in_features}->{fc1.out_features} and fc2 {fc2.in_features}->"
                              f"{fc2.out_features} do not form a feed-forward block")
@@ -307,9 +428,9 @@ class RBEFeedForward(nn.Module):
             raise ValueError("fc1 and fc2 must both have a bias or both have none")
         m = cls.__new__(cls)
         nn.Module.__init__(m)
-        m.activation = canonical_activation(activation)
+        m.activation = activation
         m.d_model, m.d_ff = fc1.in_features, fc1.out_features
-        m.block_size, m.checkpoint, m.memory_limit_mb = block_size, bool(checkpoint), memory_limit_mb
+        m.block_size, m.checkpoint, m.memory_limit_mb = block_size, checkpoint, memory_limit_mb
         m.fc1 = RBELinear.from_linear(fc1, block_size, k)
         m.fc2 = RBELinear.from_linear(fc2, block_size, k)
         m.reset_stats()
