@@ -115,9 +115,6 @@ def test_fsdp2_sharding_fc1_alone_is_a_clear_error(world):
         assert "apply fully_shard to the RBEFeedForward, not to its fc1/fc2" in w["wrong"], w["wrong"]
 
 
-@pytest.mark.xfail(strict=True, reason="the C++ operators return y.view(x.sizes()) of an internal 2-D tensor "
-                                       "(csrc/rbe_ops.cpp linear_cpu, ffn_cpu): FSDP2 warns that the module "
-                                       "returned a view; fixed by allocating y in x's shape")
 def test_fsdp2_no_view_warning(world):
     for w in world:
         assert not [m for m in w["warnings"] if "view" in m], w["warnings"]
