@@ -11,7 +11,7 @@ DEPS   := torch==2.13.0 transformers==5.24.0 "setuptools>=77" wheel
 SRC    := $(wildcard csrc/*.c csrc/*.h csrc/*.cpp cuda/*.cu cuda/*.cpp cuda/*.h) setup.py pyproject.toml
 BUILT  := $(VENV)/.rbe_ffn_built
 
-.PHONY: example test ctest cuda-check pytest bench clean
+.PHONY: example test ctest cuda-check pytest asan-stress bench clean
 
 example: $(BUILT)
 	$(PY) examples/train_char_lm.py
@@ -40,13 +40,27 @@ pytest: $(BUILT)
 	$(PY) -m pytest -q tests
 
 # C kernels alone, no torch, under AddressSanitizer and UndefinedBehaviorSanitizer
-CTEST_FLAGS := -std=c11 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -Icsrc
+CTEST_FLAGS := -std=c11 -O1 -g -pthread -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -Icsrc
 ctest: tests/c/bin/test_kernels
 	ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_kernels
 
 tests/c/bin/test_kernels: tests/c/test_kernels.c $(wildcard csrc/*.c csrc/*.h)
 	mkdir -p tests/c/bin
 	$(CC) $(CTEST_FLAGS) -o $@ tests/c/test_kernels.c $(wildcard csrc/*.c) -lm
+
+# By hand (not part of make test: ~1 min): the extension built with AddressSanitizer into
+# build/asan, and tests/test_threads.py's stress (forward/backward in three threads while a
+# fourth reloads state) run against it. libstdc++ is preloaded beside libasan so that ASan's
+# __cxa_throw interceptor finds the real one (python itself does not link libstdc++).
+ASAN_LIB := $(shell $(CC) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
+asan-stress: $(VENV)/.rbe_ffn_installed
+	rm -rf build/asan
+	CFLAGS="-fsanitize=address -fno-omit-frame-pointer" LDFLAGS="-fsanitize=address" $(PY) setup.py -q \
+	  build_clib --build-temp build/asan/tmp --build-clib build/asan/clib \
+	  build_ext --build-temp build/asan/tmp --build-lib build/asan/lib
+	cp python/rbe_ffn/*.py build/asan/lib/rbe_ffn/
+	PYTHONPATH=build/asan/lib LD_PRELOAD="$(ASAN_LIB)" ASAN_OPTIONS=detect_leaks=0 OMP_NUM_THREADS=1 \
+	  $(PY) tests/test_threads.py 10
 
 # every .cu compiles to an object file wherever nvcc exists (no GPU needed), and the CUDA
 # registration (cuda/*.cpp) passes a syntax check against torch's headers (a CPU-only torch

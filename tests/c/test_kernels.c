@@ -13,6 +13,7 @@
 #include "rbe_variants.h" /* rbe.h and the portable / AVX2 variants */
 
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1022,6 +1023,97 @@ static void test_nonfinite_count(void) {
           "max_abs_f32");
 }
 
+/* ---------------------------------------------------------------- concurrent index writes */
+
+/* A writer thread keeps rewriting a weight's index, element by element (as a concurrent
+ * load_state_dict would, here alternating a valid index and an out-of-range one), while this
+ * thread does what the operators do: take a private snapshot, and run the kernels on it only
+ * when it is valid. Under AddressSanitizer any out-of-bounds access is fatal (the kernels run
+ * on the live index instead of the snapshot fail at once); the race on the source is deliberate. */
+typedef struct {
+    int16_t* live;
+    const int16_t* a;
+    const int16_t* b;
+    long n;
+    volatile int stop;
+    long flips;
+} index_writer;
+
+static void* write_index(void* arg) {
+    index_writer* w = arg;
+    volatile int16_t* live = w->live;
+    while (!w->stop) {
+        const int16_t* src = w->flips % 2 ? w->a : w->b;
+        for (long i = 0; i < w->n; i++) live[i] = src[i];
+        w->flips++;
+        for (volatile int spin = 0; spin < 20000; spin++) {  // a pause: some copies see a whole index
+        }
+    }
+    return NULL;
+}
+
+static void test_concurrent_index_writes(void) {
+    const int out = 40, in = 72, b = 16, k = 60, R = cdiv(out, b), C = cdiv(in, b);
+    const long nblk = (long)R * C, T = 80, ntiles = cdiv((int)T, RBE_TILE);
+    // one valid index, and one whose every value lies out of range (b*b and past it): whatever
+    // the source holds when the copy is taken, the kernels must never see it unchecked
+    int16_t* a = random_index(nblk, k, b, 0);
+    int16_t* bx = random_index(nblk, k, b, 0);
+    for (long i = 0; i < nblk * k; i++) bx[i] = (int16_t)(bx[i] + b * b);
+    int16_t* live = xmalloc(sizeof(int16_t) * nblk * k);
+    memcpy(live, a, sizeof(int16_t) * nblk * k);
+    int16_t* snap = xmalloc(sizeof(int16_t) * nblk * k);  // exact size: ASan sees any overrun
+    double* pland = xmalloc(sizeof(double) * 3 * (2 * b + 4) * b);
+    double* pwork = xmalloc(sizeof(double) * (3 * b * b + b));
+    const int nf = rbe_plan_build(pland, pwork, b, 1e-9), rows = b + nf;
+    float* plan = to_t(pland, 3 * (size_t)rows * b, 1);
+    const rbe_plan_f32 P = rbe_plan_view_f32(plan, b, nf);
+    double* tmp = xmalloc(sizeof(double) * (nblk * k + T * in + 8));
+    fill_normal(tmp, nblk * 8);
+    float* basis = to_t(tmp, nblk * 8, 1);
+    fill_normal(tmp, nblk * k);
+    float* coeffs = to_t(tmp, nblk * k, 1);
+    fill_normal(tmp, T * in);
+    float* x = to_t(tmp, T * in, 1);
+    float* Xh = xmalloc(sizeof(float) * ntiles * C * rows * RBE_TILE);
+    float* y = xmalloc(sizeof(float) * T * out);
+    float* scratch = xmalloc(sizeof(float) * rbe_rows_scratch(b, nf));
+    int32_t* st = xmalloc(sizeof(int32_t) * R * (b + 1));
+    int32_t* off = xmalloc(sizeof(int32_t) * nblk * k);
+    float* val = xmalloc(sizeof(float) * nblk * k);
+    float* cft = xmalloc(sizeof(float) * nblk * k);
+    int32_t* ixt = xmalloc(sizeof(int32_t) * nblk * k);
+    int32_t* tw = xmalloc(sizeof(int32_t) * (b + 1));
+    rbe_analysis_f32(Xh, x, P.A, &P, scratch, T, in, 0, ntiles * C);
+
+    index_writer w = {live, a, bx, nblk * k, 0, 0};
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, write_index, &w) == 0, "pthread_create");
+    long valid = 0, refused = 0;
+    for (long it = 0; it < 1000000 && (valid < 50 || refused < 50); it++) {
+        if (rbe_index_snapshot(snap, live, 0, nblk, k, b) >= 0) {
+            refused++;
+            continue;
+        }
+        valid++;
+        const rbe_weight_f32 W = {basis, coeffs, snap, 0, out, in, b, k};
+        rbe_schedule_f32(st, off, val, NULL, &W, nf, 0, 0, R);
+        const rbe_sched_f32 sc = {st, off, val, NULL, NULL};
+        rbe_rows_forward_f32(y, NULL, NULL, Xh, &W, &P, &sc, NULL, RBE_ACT_NONE, scratch, T, 0, ntiles * R);
+        rbe_rows_forward_f32(y, NULL, NULL, Xh, &W, &P, NULL, NULL, RBE_ACT_GELU, scratch, T, 0, ntiles * R);
+        rbe_transpose_blocks_f32(cft, ixt, tw, &W, 0, nblk);
+    }
+    w.stop = 1;
+    pthread_join(th, NULL);
+    CHECK(valid >= 50 && refused >= 50 && w.flips > 0, "concurrent index writes: %ld valid, %ld refused, %ld flips", valid,
+          refused, w.flips);
+    printf("  (concurrent index writes: %ld snapshots used, %ld refused (torn or out of range), %ld rewrites)\n", valid, refused,
+           w.flips);
+    free(a), free(bx), free(live), free(snap), free(pland), free(pwork), free(plan), free(tmp), free(basis);
+    free(coeffs), free(x), free(Xh), free(y), free(scratch), free(st), free(off), free(val), free(cft), free(ixt);
+    free(tw);
+}
+
 int main(void) {
     test_dct();
     test_pattern_images();
@@ -1034,6 +1126,7 @@ int main(void) {
     test_codec_selection();
     test_linear();
     test_activations();
+    test_concurrent_index_writes();
     printf("%ld passed, %ld failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
 }
