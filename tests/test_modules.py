@@ -37,10 +37,11 @@ def test_linear_parameters_and_buffers():
     assert dict((n, tuple(p.shape)) for n, p in lin.named_parameters()) == {
         "basis": (nblk, 8), "coeffs": (nblk, 5), "bias": (37,)}
     buffers = dict(lin.named_buffers())
-    assert set(buffers) == {"index", "plan"}
+    assert set(buffers) == {"index"}  # the plan is the layer's own tensor, not a buffer (see RBELinear.plan)
+    assert lin.plan.shape[0] == 3 and lin.plan.dtype == torch.float32
     assert buffers["index"].shape == (nblk, 5) and buffers["index"].dtype == torch.int16
     assert not buffers["index"].requires_grad
-    assert set(lin.state_dict()) == {"basis", "coeffs", "bias", "index"}  # plan is not persistent
+    assert set(lin.state_dict()) == {"basis", "coeffs", "bias", "index"}  # plan is not saved
     assert rbe_ffn.RBELinear(300, 10, block_size=130, k=3).index.dtype == torch.int32
 
     nob = rbe_ffn.RBELinear(21, 37, bias=False, block_size=8, k=5)

@@ -24,40 +24,74 @@ def _cdiv(a: int, b: int) -> int:
 
 
 # ---------------------------------------------------------------- plans
-_PLAN_SHAPES: dict = {}
-
-
-@torch.library.register_fake("rbe_ffn::make_plan")
-def _make_plan_fake(block_size, tol):
-    key = (block_size, tol)
-    if key not in _PLAN_SHAPES:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-        with unset_fake_temporarily():
-            _PLAN_SHAPES[key] = tuple(ops.make_plan(block_size, tol).shape)
-    return torch.empty(_PLAN_SHAPES[key], dtype=torch.float64)
-
-
 # Eigenvalues of the d-pattern below tol * max are dropped: 1e-15 keeps float64
 # exact to ~1e-14; 1e-9 is far below float32 rounding and keeps fewer rows.
 PLAN_TOL = {torch.float64: 1e-15}
 DEFAULT_PLAN_TOL = 1e-9
-_PLANS: dict = {}
+_MASTERS: dict = {}  # (block size, tol) -> the float64 CPU tables; never handed out
+_CONVERTED: dict = {}  # (block size, dtype, device) -> those tables converted; never handed out
+
+
+def _plan_tol(dtype: torch.dtype) -> float:
+    return PLAN_TOL.get(dtype, DEFAULT_PLAN_TOL)
+
+
+def _fake_mode_active() -> bool:
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def _master_plan(block_size: int, tol: float) -> torch.Tensor:
+    """ops.make_plan(block_size, tol), computed once per process (it takes ~1 s at b = 256).
+    Built outside every mode the caller may be in (inference_mode, FakeTensorMode, a
+    torch.device context), so the cached tensor is an ordinary CPU tensor; callers only ever
+    receive copies of it, so no mode and no in-place edit can leak from one user to another."""
+    key = (int(block_size), float(tol))
+    master = _MASTERS.get(key)
+    if master is None:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.inference_mode(False), torch.device("cpu"):
+            master = ops.make_plan(int(block_size), float(tol))
+        _MASTERS[key] = master
+    return master
+
+
+@torch.library.register_fake("rbe_ffn::make_plan")
+def _make_plan_fake(block_size, tol):
+    return torch.empty(_master_plan(block_size, tol).shape, dtype=torch.float64)
 
 
 def get_plan(block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The [3, b+nf, b] tables of a block size (analysis rows, synthesis rows, fast-DCT tables;
-    see csrc/rbe.h), cached per (block size, dtype, device) and never cast between dtypes."""
+    see csrc/rbe.h) in `dtype` on `device`: a new tensor on every call, converted from the
+    float64 tables (computed once per block size), never cast from another dtype's copy.
+
+    Each caller owns its copy: an in-place edit of one module's plan changes nothing else,
+    and a copy made under torch.inference_mode() or FakeTensorMode is that caller's alone
+    (an inference or fake tensor, as its other tensors are), never one that a module built
+    later would receive."""
     device = torch.device(device)
+    tol = _plan_tol(dtype)
+    if torch.compiler.is_compiling():
+        # traced by torch.compile: a cached table enters the graph as an input (no per-call
+        # cost but the copy); with a cold cache, make_plan itself is traced into the graph
+        tables = _CONVERTED.get((int(block_size), dtype, device))
+        if tables is not None:
+            return tables.clone()
+        return ops.make_plan(int(block_size), tol).to(device=device, dtype=dtype)
+    if _fake_mode_active():  # tracing: a fake tensor of the right shape, from the fake kernel
+        return ops.make_plan(int(block_size), tol).to(device=device, dtype=dtype)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        device = torch.device(device.type, torch.get_device_module(device.type).current_device())
     key = (int(block_size), dtype, device)
-    plan = _PLANS.get(key)
-    if plan is None:
-        tol = PLAN_TOL.get(dtype, DEFAULT_PLAN_TOL)
-        full = ops.make_plan(int(block_size), tol)
-        _PLAN_SHAPES[(int(block_size), tol)] = tuple(full.shape)
-        plan = full.to(device=device, dtype=dtype)
-        _PLANS[key] = plan
-    return plan
+    tables = _CONVERTED.get(key)
+    if tables is None:  # the conversion is cached so that a call copies on the device, not from the host
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.inference_mode(False):
+            tables = _master_plan(block_size, tol).to(device=device, dtype=dtype)
+        _CONVERTED[key] = tables
+    return tables.clone()
 
 
 # ---------------------------------------------------------------- first-order autograd

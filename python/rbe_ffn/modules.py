@@ -94,7 +94,26 @@ class RBELinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.relative_error: float | None = None  # set when built from a dense weight
-        self.register_buffer("plan", get_plan(block_size, self.basis.dtype, self.basis.device), persistent=False)
+        self._plan = get_plan(block_size, self.basis.dtype, self.basis.device)
+
+    # The plan (the block size's transform tables) is this layer's own tensor, not a buffer, and
+    # not shared with other layers: it is derived from (block_size, dtype, device) alone, so
+    # - it has no place in state_dict, and DDP need not broadcast it (DDP broadcasts every
+    #   buffer before every forward by default: 2 tables per layer per step for nothing);
+    # - it follows the parameters: rebuilt exactly (never cast) by _apply (.to, .double(),
+    #   .cuda(), to_empty) and, when the parameters were replaced another way (a module built on
+    #   the meta device and then load_state_dict(sd, assign=True), or a parameter assigned
+    #   directly), on first use, instead of staying on meta where the operator would see it;
+    # - it is one tensor per layer, so an in-place edit, or a layer built under
+    #   torch.inference_mode() or FakeTensorMode, affects that layer only.
+    # torch.compile sees the same tensor attribute each call (no rebuild once it matches).
+    @property
+    def plan(self) -> torch.Tensor:
+        plan, basis = self._plan, self.basis
+        if plan.device != basis.device or plan.dtype != basis.dtype:
+            plan = self._plan = get_plan(self.block_size, basis.dtype, basis.device)
+        return plan
+
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Fresh init: each block's k positions at random (without replacement, not the lowest
@@ -121,7 +140,7 @@ class RBELinear(nn.Module):
     # the plan follows the parameters' dtype and device, rebuilt exactly (never cast)
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.plan = get_plan(self.block_size, self.basis.dtype, self.basis.device)
+        self._plan = get_plan(self.block_size, self.basis.dtype, self.basis.device)
         return self
 
     # load_state_dict checks the fixed positions before anything of this layer is copied in: a

@@ -1,0 +1,80 @@
+"""Issue #14 (reliability): every call either computes the right answer or raises an error
+that says what is unsupported and what to do; never uninitialized memory, a silent zero
+derivative, a state leaking between modules, an unverified checkpoint or an inf result."""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import rbe_ffn
+
+ops = torch.ops.rbe_ffn
+
+
+def make_ffn(seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    m = rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=5, generator=g, **kw)
+    with torch.no_grad():
+        m.fc1.basis.normal_(0, 0.2, generator=g)
+        m.fc2.basis.normal_(0, 0.1, generator=g)
+    return m
+
+
+def make_linear(seed=0, block_size=8, **kw):
+    g = torch.Generator().manual_seed(seed)
+    lin = rbe_ffn.RBELinear(10, 12, block_size=block_size, k=5, generator=g, **kw)
+    with torch.no_grad():
+        lin.basis.normal_(0, 0.2, generator=g)
+    return lin
+
+
+# ----------------------------------------------------------------- 4. no process-wide shared plan
+def test_module_built_in_inference_mode_does_not_break_later_training():
+    with torch.inference_mode():
+        a = make_linear(block_size=11)  # first use of block size 11 in the process
+        a(torch.randn(2, 10))
+    b = make_linear(block_size=11)
+    x = torch.randn(2, 10, requires_grad=True)
+    b(x).sum().backward()  # used to fail: "Inference tensors cannot be saved for backward"
+    assert b.coeffs.grad is not None and not b.plan.is_inference()
+
+
+def test_module_built_under_fake_tensor_mode_does_not_leak():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    with FakeTensorMode():
+        fake = rbe_ffn.RBELinear(10, 12, block_size=13, k=5)  # first use of block size 13
+        assert isinstance(fake.plan, FakeTensor)
+    real = make_linear(block_size=13)
+    assert not isinstance(real.plan, FakeTensor)
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(real(x), x @ real.dense_weight().T + real.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_edit_of_one_plan_changes_no_other_module():
+    a, b = make_linear(), make_linear()
+    x = torch.randn(3, 10)
+    yb = b(x)
+    with torch.no_grad():
+        a.plan.mul_(2.0)
+    assert a.plan.data_ptr() != b.plan.data_ptr()
+    assert torch.equal(b(x), yb)
+    assert torch.equal(make_linear()(x), yb)
+    p = rbe_ffn.get_plan(8, torch.float32, "cpu")
+    p.zero_()  # a caller's copy
+    assert rbe_ffn.get_plan(8, torch.float32, "cpu").abs().sum() > 0
+
+
+def test_plan_is_not_a_buffer_and_follows_the_parameters():
+    m = make_ffn()
+    assert not any("plan" in n for n, _ in m.named_buffers())  # DDP would broadcast it every step
+    m.double()
+    assert m.fc1.plan.dtype == torch.float64
+    assert torch.equal(m.fc1.plan, rbe_ffn.get_plan(8, torch.float64, "cpu"))
+
+
