@@ -34,6 +34,61 @@ def make_linear(seed=0, block_size=8, **kw):
     return lin
 
 
+# ----------------------------------------------------------------- 2. meta tensors
+@pytest.mark.parametrize("kind", ["ffn", "linear"])
+def test_meta_init_then_load_state_dict_assign(kind):
+    ref = make_ffn() if kind == "ffn" else make_linear()
+    with torch.device("meta"):
+        m = rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=5) if kind == "ffn" else \
+            rbe_ffn.RBELinear(10, 12, block_size=8, k=5)
+    m.load_state_dict(ref.state_dict(), assign=True)
+    x = torch.randn(4, 10, requires_grad=True)
+    y = m(x)
+    assert torch.equal(y, ref(x)) and torch.equal(m(x), y)  # not uninitialized memory
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("k", [5, 0])  # k = 0: the init's pattern scale used to call .item() on meta
+def test_meta_device_context_to_empty_then_load(k):
+    ref = rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=k)
+    with torch.device("meta"):
+        m = rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=k)
+    m.to_empty(device="cpu")
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 10)
+    assert torch.equal(m(x), ref(x))
+
+
+@pytest.mark.parametrize("left", ["bias", "index"])
+def test_tensor_left_on_meta_raises(left):
+    ref = make_ffn()
+    sd = {k: v for k, v in ref.state_dict().items() if k != f"fc1.{left}"}
+    with torch.device("meta"):
+        m = rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=5)
+    m.load_state_dict(sd, assign=True, strict=False)  # fc1.<left> stays on meta
+    x = torch.randn(4, 10)
+    with pytest.raises(ValueError, match=rf"{left}1? is on meta but x is on cpu.*meta device holds no values"):
+        m(x)
+    with pytest.raises(ValueError, match=rf"{left} is on meta but x is on cpu"):
+        m.fc1(x)
+
+
+def test_operators_refuse_a_meta_tensor_among_real_ones():
+    lin = make_linear()
+    x = torch.randn(3, 10)
+    args = [x, lin.plan, lin.basis, lin.coeffs, lin.index, lin.bias, 10, 12]
+    for i, name in ((1, "plan"), (2, "basis"), (5, "bias")):
+        bad = list(args)
+        bad[i] = bad[i].to("meta")
+        with pytest.raises(ValueError, match=f"rbe_ffn.linear: {name} is on meta but x is on cpu"):
+            ops.linear(*bad)
+    with pytest.raises(ValueError, match="rbe_ffn.decode: coeffs is on meta"):
+        ops.decode(lin.basis, lin.coeffs.to("meta"), lin.index, 12, 10, 8)
+    # all on meta is shape inference, as before
+    assert ops.linear(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]).shape == (3, 12)
+
+
 # ----------------------------------------------------------------- 4. no process-wide shared plan
 def test_module_built_in_inference_mode_does_not_break_later_training():
     with torch.inference_mode():

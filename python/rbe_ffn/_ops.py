@@ -23,6 +23,24 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _one_device(op: str, **tensors) -> None:
+    """The fake kernels also serve the Meta dispatch key: a call on real CPU/CUDA tensors of
+    which one (the plan, the bias, the index, ...) is on the meta device is dispatched here,
+    and would return uninitialized memory on the real device. Refuse tensors on different
+    devices, as the real kernels do (under FakeTensorMode all are fake, on one device)."""
+    named = [(n, t.device) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
+    first, dev = named[0]
+    for name, d in named[1:]:
+        if d != dev:
+            hint = ""
+            if "meta" in (d.type, dev.type):
+                hint = ("; a tensor on the meta device holds no values: load them first (e.g. "
+                        "module.load_state_dict(state_dict, assign=True) with every key, or "
+                        "module.to_empty(device=...) then load_state_dict)")
+            raise ValueError(f"rbe_ffn.{op}: {name} is on {d} but {first} is on {dev}; all tensors must be "
+                             f"on one device{hint}")
+
+
 # ---------------------------------------------------------------- plans
 # Eigenvalues of the d-pattern below tol * max are dropped: 1e-15 keeps float64
 # exact to ~1e-14; 1e-9 is far below float32 rounding and keeps fewer rows.
@@ -134,18 +152,21 @@ def _encode_fake(weight, block_size, k):
 
 @torch.library.register_fake("rbe_ffn::decode")
 def _decode_fake(basis, coeffs, index, out_features, in_features, block_size):
+    _one_device("decode", basis=basis, coeffs=coeffs, index=index)
     return basis.new_empty((out_features, in_features))
 
 
 # ---------------------------------------------------------------- linear
 @torch.library.register_fake("rbe_ffn::linear")
 def _linear_fake(x, plan, basis, coeffs, index, bias, in_features, out_features):
+    _one_device("linear", x=x, plan=plan, basis=basis, coeffs=coeffs, index=index, bias=bias)
     torch._check(x.shape[-1] == in_features, lambda: f"rbe_ffn: input must have last dimension {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.register_fake("rbe_ffn::linear_backward")
 def _linear_backward_fake(grad, x, plan, basis, coeffs, index, in_features, out_features, output_mask):
+    _one_device("linear_backward", grad=grad, x=x, plan=plan, basis=basis, coeffs=coeffs, index=index)
     e = x.new_empty((0,))
     return (
         x.new_empty(x.shape) if output_mask[0] else e,
@@ -177,6 +198,8 @@ torch.library.register_autograd("rbe_ffn::linear", _first_order_only(_linear_bac
 @torch.library.register_fake("rbe_ffn::ffn")
 def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
               d_model, d_ff, activation, chunk_tokens, keep_pre):
+    _one_device("ffn", x=x, plan=plan, basis1=basis1, coeffs1=coeffs1, index1=index1, bias1=bias1,
+                basis2=basis2, coeffs2=coeffs2, index2=index2, bias2=bias2)
     torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
     pre = x.new_empty((*x.shape[:-1], d_ff)) if keep_pre else x.new_empty((0,))
     return x.new_empty(x.shape), pre
@@ -185,6 +208,8 @@ def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, 
 @torch.library.register_fake("rbe_ffn::ffn_backward")
 def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2,
                        d_model, d_ff, activation, chunk_tokens, output_mask):
+    _one_device("ffn_backward", grad=grad, x=x, pre=pre, plan=plan, basis1=basis1, coeffs1=coeffs1,
+                index1=index1, bias1=bias1, basis2=basis2, coeffs2=coeffs2, index2=index2)
     shapes = [x.shape, basis1.shape, coeffs1.shape, (d_ff,), basis2.shape, coeffs2.shape, (d_model,)]
     return tuple(x.new_empty(s) if on else x.new_empty((0,)) for s, on in zip(shapes, output_mask))
 
@@ -226,6 +251,7 @@ def _activation_fake(x, activation):
 
 @torch.library.register_fake("rbe_ffn::activation_backward")
 def _activation_backward_fake(grad, x, activation):
+    _one_device("activation_backward", grad=grad, x=x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

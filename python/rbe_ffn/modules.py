@@ -12,11 +12,12 @@ from .functional import canonical_activation, chunk_tokens_for, intermediate_byt
 
 
 def _pattern_energy(block_size: int) -> float:
-    """sum_k mean over a block of Phi_k^2: the 8 pattern images decoded side by side."""
-    eye = torch.eye(8, dtype=torch.float64)
-    none = torch.empty(8, 0, dtype=torch.float64)
-    phi = ops.decode(eye, none, torch.empty(8, 0, dtype=index_dtype(block_size)), block_size, 8 * block_size,
-                     block_size)
+    """sum_k mean over a block of Phi_k^2: the 8 pattern images decoded side by side (on the CPU,
+    also for a layer built under torch.device("meta"), where .item() would fail)."""
+    eye = torch.eye(8, dtype=torch.float64, device="cpu")
+    none = torch.empty(8, 0, dtype=torch.float64, device="cpu")
+    phi = ops.decode(eye, none, torch.empty(8, 0, dtype=index_dtype(block_size), device="cpu"), block_size,
+                     8 * block_size, block_size)
     return phi.pow(2).sum().item() / (block_size * block_size)
 
 
@@ -27,6 +28,10 @@ def _check_input(name: str, x, weight: torch.Tensor) -> None:
     (int, half, ...) are left to the operator: "must be float32 or float64"."""
     dtype = weight.dtype
     if isinstance(x, torch.Tensor) and x.device != weight.device:
+        if weight.is_meta:  # built on the meta device and never loaded
+            raise ValueError(f"{name}: input is on {x.device} but the layer is on meta (shapes only, no values): "
+                             "load its values first, e.g. module.load_state_dict(state_dict, assign=True), or "
+                             f"module.to_empty(device={str(x.device)!r}) then module.load_state_dict(state_dict)")
         raise ValueError(f"{name}: input is on {x.device} but the layer is on {weight.device}; move the input "
                          f"(x.to({str(weight.device)!r})) or the module")
     if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and x.dtype != dtype:
