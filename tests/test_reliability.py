@@ -89,6 +89,74 @@ def test_operators_refuse_a_meta_tensor_among_real_ones():
     assert ops.linear(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]).shape == (3, 12)
 
 
+# ----------------------------------------------------------------- 3. derivatives beyond first-order reverse mode
+def _fn(kind):
+    if kind == "ffn":
+        return make_ffn(), 10
+    if kind == "linear":
+        return make_linear(), 10
+    return (lambda z: ops.activation(z, "gelu")), 10
+
+
+KINDS = ["ffn", "linear", "activation"]
+FORWARD_MODE = "forward-mode automatic differentiation .* is not supported"
+DOUBLE = "double backward .* is not supported"
+FUNC = "torch.func gradient transforms .* are not supported"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_mode_raises(kind):
+    f, d = _fn(kind)
+    x, v = torch.randn(3, d), torch.randn(3, d)
+    with pytest.raises(NotImplementedError, match=FORWARD_MODE):
+        torch.func.jvp(f, (x,), (v,))
+    with pytest.raises(NotImplementedError, match=FORWARD_MODE):
+        torch.func.jacfwd(f)(x[0])
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match=FORWARD_MODE):
+        f(fwAD.make_dual(x, v))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_double_backward_raises(kind):
+    f, d = _fn(kind)
+    x, v = torch.randn(3, d), torch.randn(3, d)
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        torch.autograd.functional.hvp(lambda z: f(z).pow(2).sum(), x, v)
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        torch.autograd.functional.hessian(lambda z: f(z).pow(2).sum(), x[:1])
+    z = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(z).pow(2).sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match=DOUBLE):
+        torch.autograd.grad(g.sum(), z, allow_unused=True)
+    # first order is unaffected, also with create_graph=True
+    z2 = x.clone().requires_grad_()
+    (g2,) = torch.autograd.grad(f(z2).pow(2).sum(), z2)
+    torch.testing.assert_close(g, g2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_func_transforms_say_what_is_unsupported(kind):
+    f, d = _fn(kind)
+    x = torch.randn(3, d)
+    with pytest.raises(NotImplementedError, match=FUNC):
+        torch.func.grad(lambda z: f(z).sum())(x)
+    with pytest.raises(NotImplementedError, match=FUNC):
+        torch.func.jacrev(f)(x[0])
+    if kind != "activation":  # per-sample gradients of the parameters
+        params = {k: p.detach() for k, p in f.named_parameters()}
+        loss = lambda p, z: torch.func.functional_call(f, p, (z,)).sum()  # noqa: E731
+        with pytest.raises(NotImplementedError, match=FUNC):
+            torch.func.vmap(torch.func.grad(loss), (None, 0))(params, x)
+
+
+@pytest.mark.parametrize("kind", ["ffn", "linear"])
+def test_vmap_forward_works(kind):
+    f, d = _fn(kind)
+    x = torch.randn(3, d)
+    torch.testing.assert_close(torch.func.vmap(f)(x), torch.stack([f(r) for r in x]))
+
+
 # ----------------------------------------------------------------- 4. no process-wide shared plan
 def test_module_built_in_inference_mode_does_not_break_later_training():
     with torch.inference_mode():

@@ -113,12 +113,33 @@ def get_plan(block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- first-order autograd
+_DOUBLE_BACKWARD = (
+    "rbe_ffn: double backward (a gradient of a gradient: torch.autograd.grad(..., create_graph=True) "
+    "then differentiating the result, torch.autograd.functional.hessian/hvp/vhp, gradient penalties "
+    "through the layer) is not supported by the rbe_ffn operators; only first-order reverse mode "
+    "(loss.backward(), torch.autograd.grad) is")
+_FORWARD_MODE = (
+    "rbe_ffn.{op}: forward-mode automatic differentiation (torch.func.jvp, torch.func.jacfwd, "
+    "torch.func.hessian, torch.autograd.forward_ad dual tensors) is not supported by the rbe_ffn "
+    "operators; use reverse mode (loss.backward(), torch.autograd.grad, or torch.autograd.functional.jacobian "
+    "/ vjp) instead")
+_FUNC_TRANSFORMS = (
+    "rbe_ffn.{op}: torch.func gradient transforms (torch.func.grad, grad_and_value, vjp, jacrev, "
+    "hessian, and per-sample gradients with vmap(grad(...))) are not supported by the rbe_ffn "
+    "operators; use torch.autograd (loss.backward() or torch.autograd.grad) and, for per-sample "
+    "gradients, one backward per sample. torch.func.vmap and functional_call of the forward alone "
+    "work")
+
+
 def _first_order_only(backward):
     """The backward operators (linear_backward, ffn_backward, activation_backward) have no
     derivatives of their own. Under create_graph=True torch would otherwise give their
-    outputs a grad_fn that only warns and contributes nothing: double backward through
-    them would silently return zero/None. Like @once_differentiable, make that an error,
-    also when only a saved tensor (not the incoming gradient) requires grad."""
+    outputs no grad_fn, and double backward through them would silently return zero/None.
+    Make that an error: each output gets a DelayedError node (raises when differentiated)
+    whose edges lead to every input of the backward that requires grad (the incoming
+    gradient, x, the parameters). Those edges matter: with the error node hanging off a
+    detached copy only (as @once_differentiable does), torch.autograd.grad(g, x) never visits
+    it and returns None, and torch.autograd.functional.hvp/hessian return zeros."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
@@ -127,13 +148,50 @@ def _first_order_only(backward):
         if not torch.is_grad_enabled():
             return out
         tensors = [g for g in grads if isinstance(g, torch.Tensor)] + list(ctx.saved_tensors)
-        if not any(t.requires_grad for t in tensors):
+        deps = [t for t in tensors if t.requires_grad]
+        if not deps:
             return out
-        err = torch._C._functions.DelayedError(
-            b"rbe_ffn: double backward (a gradient of a gradient) is not supported by the rbe_ffn operators", 1)
-        return tuple(None if t is None else err(t.detach().requires_grad_()) for t in out)
+
+        def guard(t):
+            err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD.encode(), 1 + len(deps))
+            return err(t.detach(), *deps)[0]
+
+        return tuple(None if t is None else guard(t) for t in out)
 
     return wrapper
+
+
+def _has_tangent(args) -> bool:
+    import torch.autograd.forward_ad as fwAD
+
+    if fwAD._current_level < 0:  # no dual level entered: the common case, no tensor can carry a tangent
+        return False
+    return any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
+
+
+_autograd_lib = torch.library.Library("rbe_ffn", "IMPL")
+
+
+def _register_autograd(name: str, backward, setup_context) -> None:
+    """torch.library.register_autograd(f"rbe_ffn::{name}", _first_order_only(backward), setup_context=...),
+    done by hand (the same two calls it makes) so that the Autograd kernel first refuses, in
+    words, what the formula cannot do. Without this:
+    - forward mode (torch.func.jvp, jacfwd, forward_ad) silently gave a zero tangent (the op
+      has no forward-mode formula and its inputs do not require grad, so autograd was skipped);
+    - torch.func.grad/jacrev/vjp raised "it must override the setup_context staticmethod"."""
+    from torch._library.autograd import Info, make_autograd_impl
+
+    impl = make_autograd_impl(getattr(ops, name).default, Info(_first_order_only(backward), setup_context))
+
+    def kernel(keyset, *args):
+        if _has_tangent(args):
+            raise NotImplementedError(_FORWARD_MODE.format(op=name))
+        if torch._C._are_functorch_transforms_active() and torch.is_grad_enabled() \
+                and torch._C._any_requires_grad(*args):
+            raise NotImplementedError(_FUNC_TRANSFORMS.format(op=name))
+        return impl(keyset, *args)
+
+    _autograd_lib.impl(name, kernel, "Autograd", with_keyset=True)
 
 
 # ---------------------------------------------------------------- codec
@@ -191,7 +249,7 @@ def _linear_backward(ctx, grad):
     return pick(dx, mask[0]), None, pick(db, mask[1]), pick(dc, mask[2]), None, pick(dbias, mask[3]), None, None
 
 
-torch.library.register_autograd("rbe_ffn::linear", _first_order_only(_linear_backward), setup_context=_linear_setup)
+_register_autograd("linear", _linear_backward, _linear_setup)
 
 
 # ---------------------------------------------------------------- feed-forward
@@ -240,7 +298,7 @@ def _ffn_backward(ctx, grad, _grad_pre):
     return dx, None, db1, dc1, None, dbias1, db2, dc2, None, dbias2, None, None, None, None, None
 
 
-torch.library.register_autograd("rbe_ffn::ffn", _first_order_only(_ffn_backward), setup_context=_ffn_setup)
+_register_autograd("ffn", _ffn_backward, _ffn_setup)
 
 
 # ---------------------------------------------------------------- activations
@@ -266,7 +324,7 @@ def _activation_bwd(ctx, grad):
     return ops.activation_backward(grad.contiguous(), x, ctx.activation), None
 
 
-torch.library.register_autograd("rbe_ffn::activation", _first_order_only(_activation_bwd), setup_context=_activation_setup)
+_register_autograd("activation", _activation_bwd, _activation_setup)
 
 
 # ---------------------------------------------------------------- autocast (CUDA)
