@@ -201,3 +201,79 @@ def test_plan_is_not_a_buffer_and_follows_the_parameters():
     assert torch.equal(m.fc1.plan, rbe_ffn.get_plan(8, torch.float64, "cpu"))
 
 
+# ----------------------------------------------------------------- 6. checkpoints
+def _split(data):
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _join(header, body):
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + body
+
+
+@pytest.fixture
+def saved(tmp_path):
+    m = make_ffn()
+    path = tmp_path / "m.safetensors"
+    rbe_ffn.save_safetensors(m, path)
+    return m, path
+
+
+@pytest.mark.parametrize("drop", ["all", "one"])
+def test_missing_checksums_are_an_error_unless_opted_out(saved, tmp_path, drop):
+    m, path = saved
+    header, body = _split(path.read_bytes())
+    rec = json.loads(header["__metadata__"]["rbe_ffn"])
+    if drop == "all":
+        rec["sha256"] = {}
+    else:
+        del rec["sha256"]["fc1.coeffs"]
+    header["__metadata__"]["rbe_ffn"] = json.dumps(rec)
+    off = header["fc1.coeffs"]["data_offsets"][0]
+    body = bytearray(body)
+    body[off] ^= 1  # a flipped bit in a coefficient: still a valid finite float
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(_join(header, bytes(body)))
+    target = make_ffn(seed=1)
+    with pytest.raises(ValueError, match=r"no SHA-256 sum for tensor\(s\) \[.*'fc1.coeffs'.*require_checksums=False"):
+        rbe_ffn.load_safetensors(target, bad)
+    assert torch.equal(target.fc1.coeffs, make_ffn(seed=1).fc1.coeffs)  # untouched
+    rbe_ffn.load_safetensors(target, bad, require_checksums=False)  # explicit opt-out
+    assert not torch.equal(target.fc1.coeffs, m.fc1.coeffs)
+
+
+_FIFO_SCRIPT = """
+import sys, rbe_ffn
+m = rbe_ffn.RBEFeedForward(10, 37, block_size=8, k=5)
+for f in (rbe_ffn.load_safetensors, rbe_ffn.save_safetensors):
+    try:
+        f(m, sys.argv[1])
+        print("no error")
+    except Exception as e:
+        print(type(e).__name__, e)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifo_path_is_refused_not_waited_on(tmp_path):
+    # in a subprocess: opening a FIFO blocks (holding the GIL) until a writer/reader comes
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    try:
+        out = subprocess.run([sys.executable, "-c", _FIFO_SCRIPT, str(fifo)], capture_output=True, text=True,
+                             timeout=60).stdout.splitlines()
+    except subprocess.TimeoutExpired:
+        pytest.fail("load_safetensors/save_safetensors blocked on a FIFO")
+    assert len(out) == 2, out
+    for line in out:
+        assert line.startswith("ValueError") and "is a FIFO (named pipe), not a regular file" in line, line
+
+
+def test_directory_path_is_a_clear_error(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        rbe_ffn.load_safetensors(make_ffn(), tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        rbe_ffn.save_safetensors(make_ffn(), tmp_path)
+
+
