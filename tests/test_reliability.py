@@ -277,3 +277,21 @@ def test_directory_path_is_a_clear_error(tmp_path):
         rbe_ffn.save_safetensors(make_ffn(), tmp_path)
 
 
+# ----------------------------------------------------------------- 7. no inf coefficients from finite weights
+def test_compress_near_dtype_max_raises():
+    g = torch.Generator().manual_seed(0)
+    w = (torch.rand(16, 16, generator=g) * 2 - 1) * 3e38  # finite float32
+    with pytest.raises(ValueError, match="overflow torch.float32.*weight.double"):
+        rbe_ffn.compress(w, 8, 5)
+    lin = nn.Linear(16, 16)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    with pytest.raises(ValueError, match="overflow"):
+        rbe_ffn.RBELinear.from_linear(lin, 8, 5)
+    big64 = torch.randn(16, 16, generator=g, dtype=torch.float64) * 1e200  # squared error overflows float64
+    with pytest.raises(ValueError, match="squared error of the encoding overflows float64"):
+        rbe_ffn.compress(big64, 8, 5)
+    cw = rbe_ffn.compress(w.double(), 8, 5)  # float64 holds these coefficients
+    assert torch.isfinite(cw.coeffs).all() and math.isfinite(cw.relative_error)
+
+
