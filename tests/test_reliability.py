@@ -295,3 +295,40 @@ def test_compress_near_dtype_max_raises():
     assert torch.isfinite(cw.coeffs).all() and math.isfinite(cw.relative_error)
 
 
+# ----------------------------------------------------------------- 8. arguments
+@pytest.mark.parametrize("value, err", [(float("inf"), ValueError), (float("nan"), ValueError), (0, ValueError),
+                                        (-1.0, ValueError), (True, TypeError), ("64", TypeError),
+                                        (torch.tensor(64.0), TypeError)])
+def test_memory_limit_validated_everywhere(value, err):
+    with pytest.raises(err, match="memory_limit_mb must be a positive"):
+        rbe_ffn.RBEFeedForward(10, 37, block_size=8, k=5, memory_limit_mb=value)
+    with pytest.raises(err, match="memory_limit_mb must be a positive"):
+        rbe_ffn.RBEFeedForward.from_linears(nn.Linear(10, 37), nn.Linear(37, 10), block_size=8, k=5,
+                                            memory_limit_mb=value)
+    m = make_ffn()
+    with pytest.raises(err, match="memory_limit_mb must be a positive"):
+        m.memory_limit_mb = value
+    assert m.memory_limit_mb is None
+
+
+def test_huge_memory_limit_means_no_chunking():
+    m = make_ffn(memory_limit_mb=1e300)
+    x = torch.randn(5, 10)
+    assert torch.equal(m(x), make_ffn()(x))
+
+
+def test_cpu_half_precision_input_says_what_to_do():
+    m = make_ffn()
+    model = nn.Sequential(nn.Linear(10, 10), m)
+    x = torch.randn(3, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"bfloat16 input on CPU is not supported.*x.float\(\).*outside"):
+            model(x)
+        m(x)  # a float32 input runs in float32 under autocast
+        with torch.autocast("cpu", enabled=False):
+            model[1](model[0](x).float())
+    for dtype in (torch.bfloat16, torch.float16):
+        with pytest.raises(TypeError, match=r"input on CPU is not supported.*x.float\(\)"):
+            m(x.to(dtype))
+        with pytest.raises(TypeError, match=r"input on CPU is not supported.*x.float\(\)"):
+            m.fc1(x.to(dtype))

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from ._ops import get_plan, ops
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
-from .functional import canonical_activation, chunk_tokens_for, intermediate_bytes_per_token
+from .functional import canonical_activation, check_cpu_half, chunk_tokens_for, intermediate_bytes_per_token
 
 
 def _pattern_energy(block_size: int) -> float:
@@ -24,8 +25,9 @@ def _pattern_energy(block_size: int) -> float:
 def _check_input(name: str, x, weight: torch.Tensor) -> None:
     """An input on another device than the layer, or float32/float64 of the other dtype: say so
     plainly (the operator would complain about its internal plan tensor, which the user never
-    created, or with a CUDA-internal message for a CPU input to a CUDA layer). Other dtypes
-    (int, half, ...) are left to the operator: "must be float32 or float64"."""
+    created, or with a CUDA-internal message for a CPU input to a CUDA layer); float16/bfloat16
+    on the CPU (e.g. from CPU autocast): what to do. Other dtypes (int, complex, ...) are left to
+    the operator: "must be float32 or float64"."""
     dtype = weight.dtype
     if isinstance(x, torch.Tensor) and x.device != weight.device:
         if weight.is_meta:  # built on the meta device and never loaded
@@ -37,6 +39,24 @@ def _check_input(name: str, x, weight: torch.Tensor) -> None:
     if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and x.dtype != dtype:
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's dtype {dtype}; "
                         f"convert the input or the module (e.g. module.to({x.dtype}))")
+    check_cpu_half(name, x)
+
+
+def _check_memory_limit(memory_limit_mb):
+    """memory_limit_mb as given, if valid: None (no limit) or a finite positive real number of
+    MiB (int, float, numpy scalar). bool, inf, nan, <= 0, strings and tensors are refused
+    here, once, for every way the value is set (constructor, from_linears, attribute), instead
+    of failing at the first forward with an OverflowError or a TypeError about 'int'."""
+    if memory_limit_mb is None:
+        return None
+    if isinstance(memory_limit_mb, bool) or not isinstance(memory_limit_mb, numbers.Real) \
+            or isinstance(memory_limit_mb, torch.Tensor):
+        raise TypeError(f"memory_limit_mb must be a positive number of MiB or None, got "
+                        f"{type(memory_limit_mb).__name__} {memory_limit_mb!r}")
+    if not (math.isfinite(memory_limit_mb) and memory_limit_mb > 0):
+        raise ValueError(f"memory_limit_mb must be a positive finite number of MiB or None (no limit), "
+                         f"got {memory_limit_mb!r}")
+    return memory_limit_mb
 
 
 def index_problem(index: torch.Tensor, block_size: int) -> str | None:
@@ -118,7 +138,6 @@ class RBELinear(nn.Module):
         if plan.device != basis.device or plan.dtype != basis.dtype:
             plan = self._plan = get_plan(self.block_size, basis.dtype, basis.device)
         return plan
-
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Fresh init: each block's k positions at random (without replacement, not the lowest
@@ -240,8 +259,7 @@ class RBEFeedForward(nn.Module):
                  dtype=None, generator: torch.Generator | None = None):
         super().__init__()
         self.activation = canonical_activation(activation)
-        if memory_limit_mb is not None and not memory_limit_mb > 0:
-            raise ValueError(f"memory_limit_mb must be positive or None, got {memory_limit_mb!r}")
+        _check_memory_limit(memory_limit_mb)
         self.d_model, self.d_ff = d_model, d_ff
         self.block_size = block_size
         self.checkpoint = bool(checkpoint)
@@ -268,6 +286,16 @@ class RBEFeedForward(nn.Module):
         m.fc2 = RBELinear.from_linear(fc2, block_size, k)
         m.reset_stats()
         return m
+
+    # a property, so that every assignment (constructor, from_linears, m.memory_limit_mb = ...)
+    # goes through _check_memory_limit
+    @property
+    def memory_limit_mb(self):
+        return self._memory_limit_mb
+
+    @memory_limit_mb.setter
+    def memory_limit_mb(self, value) -> None:
+        self._memory_limit_mb = _check_memory_limit(value)
 
     def reset_stats(self) -> None:
         self.stats = {"calls": 0, "flops": 0, "peak_intermediate_bytes": 0}
