@@ -102,13 +102,17 @@ def test_file_holds_no_dense_weight(tmp_path):
     assert path.stat().st_size < dense * 4 / 2  # well under one dense float32 weight
 
 
-def test_plain_file_without_metadata_loads(tmp_path):
+def test_plain_file_without_metadata_loads_when_checksums_not_required(tmp_path):
     from safetensors.torch import save_file
     m = make()
     path = tmp_path / "plain.safetensors"
     save_file(m.state_dict(), str(path))
     other = make(seed=1)
-    rbe_ffn.load_safetensors(other, path)
+    # no checksums to verify: refused unless the caller opts out explicitly
+    with pytest.raises(ValueError, match="no 'rbe_ffn' metadata record.*require_checksums=False"):
+        rbe_ffn.load_safetensors(other, path)
+    assert states_equal(make(seed=1), other)
+    rbe_ffn.load_safetensors(other, path, require_checksums=False)
     assert states_equal(m, other)
 
 
@@ -123,7 +127,7 @@ def test_non_strict(tmp_path):
     other = make(seed=1)
     with pytest.raises(ValueError, match=r"missing keys \['fc2.coeffs'\]; unexpected keys \['extra'\]"):
         rbe_ffn.load_safetensors(other, path)
-    res = rbe_ffn.load_safetensors(other, path, strict=False)
+    res = rbe_ffn.load_safetensors(other, path, strict=False, require_checksums=False)
     assert res.missing_keys == ["fc2.coeffs"]
     assert torch.equal(other.fc1.coeffs, m.fc1.coeffs) and not torch.equal(other.fc2.coeffs, m.fc2.coeffs)
 

@@ -78,7 +78,7 @@ def test_compiled_saved_tensors(checkpoint):
     x = torch.randn(4, 7, 10, requires_grad=True)
     cm = torch.compile(m, fullgraph=True)
     cm(x)  # compile outside the hooks
-    own = {t.data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    own = {t.data_ptr() for t in list(m.parameters()) + list(m.buffers()) + [m.fc1.plan, m.fc2.plan]}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = cm(x)

@@ -67,8 +67,9 @@ def make_ffn(d_model, d_ff, block_size, k, seed=0, **kw):
 
 # ----------------------------------------------------------------- saved tensors
 def saved_bytes(m, x):
-    """Bytes of the tensors autograd saves in m(x), excluding m's own parameters and buffers."""
-    own = {t.data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    """Bytes of the tensors autograd saves in m(x), excluding m's own parameters, buffers and plans."""
+    plans = [lin.plan for lin in m.modules() if isinstance(lin, rbe_ffn.RBELinear)]
+    own = {t.data_ptr() for t in list(m.parameters()) + list(m.buffers()) + plans}
     saved = []
 
     def pack(t):

@@ -37,12 +37,13 @@ def test_linear_parameters_and_buffers():
     assert dict((n, tuple(p.shape)) for n, p in lin.named_parameters()) == {
         "basis": (nblk, 8), "coeffs": (nblk, 5), "bias": (37,)}
     buffers = dict(lin.named_buffers())
-    assert set(buffers) == {"index_bytes", "plan"}  # index: its raw bytes (DDP can broadcast uint8, not int16)
+    assert set(buffers) == {"index_bytes"}  # index: its raw bytes (DDP can broadcast uint8, not int16)
+    assert lin.plan.shape[0] == 3 and lin.plan.dtype == torch.float32  # the layer's own tensor, not a buffer
     assert buffers["index_bytes"].shape == (nblk, 10) and buffers["index_bytes"].dtype == torch.uint8
     assert lin.index.shape == (nblk, 5) and lin.index.dtype == torch.int16 and not lin.index.requires_grad
     assert lin.index.data_ptr() == buffers["index_bytes"].data_ptr()  # a view, no copy
     sd = lin.state_dict()
-    assert list(sd) == ["basis", "coeffs", "bias", "index"]  # plan is not persistent
+    assert list(sd) == ["basis", "coeffs", "bias", "index"]  # plan is not saved
     assert sd["index"].dtype == torch.int16 and torch.equal(sd["index"], lin.index)
     wide = rbe_ffn.RBELinear(300, 10, block_size=130, k=3)
     assert wide.index.dtype == torch.int32 and wide.index_bytes.shape == (3, 12)

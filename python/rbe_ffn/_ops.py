@@ -23,50 +23,123 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _one_device(op: str, **tensors) -> None:
+    """The fake kernels also serve the Meta dispatch key: a call on real CPU/CUDA tensors of
+    which one (the plan, the bias, the index, ...) is on the meta device is dispatched here,
+    and would return uninitialized memory on the real device. Refuse tensors on different
+    devices, as the real kernels do (under FakeTensorMode all are fake, on one device)."""
+    named = [(n, t.device) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
+    first, dev = named[0]
+    for name, d in named[1:]:
+        if d != dev:
+            hint = ""
+            if "meta" in (d.type, dev.type):
+                hint = ("; a tensor on the meta device holds no values: load them first (e.g. "
+                        "module.load_state_dict(state_dict, assign=True) with every key, or "
+                        "module.to_empty(device=...) then load_state_dict)")
+            raise ValueError(f"rbe_ffn.{op}: {name} is on {d} but {first} is on {dev}; all tensors must be "
+                             f"on one device{hint}")
+
+
 # ---------------------------------------------------------------- plans
-_PLAN_SHAPES: dict = {}
-
-
-@torch.library.register_fake("rbe_ffn::make_plan")
-def _make_plan_fake(block_size, tol):
-    key = (block_size, tol)
-    if key not in _PLAN_SHAPES:
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-        with unset_fake_temporarily():
-            _PLAN_SHAPES[key] = tuple(ops.make_plan(block_size, tol).shape)
-    return torch.empty(_PLAN_SHAPES[key], dtype=torch.float64)
-
-
 # Eigenvalues of the d-pattern below tol * max are dropped: 1e-15 keeps float64
 # exact to ~1e-14; 1e-9 is far below float32 rounding and keeps fewer rows.
 PLAN_TOL = {torch.float64: 1e-15}
 DEFAULT_PLAN_TOL = 1e-9
-_PLANS: dict = {}
+_MASTERS: dict = {}  # (block size, tol) -> the float64 CPU tables; never handed out
+_CONVERTED: dict = {}  # (block size, dtype, device) -> those tables converted; never handed out
+
+
+def _plan_tol(dtype: torch.dtype) -> float:
+    return PLAN_TOL.get(dtype, DEFAULT_PLAN_TOL)
+
+
+def _fake_mode_active() -> bool:
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def _master_plan(block_size: int, tol: float) -> torch.Tensor:
+    """ops.make_plan(block_size, tol), computed once per process (it takes ~1 s at b = 256).
+    Built outside every mode the caller may be in (inference_mode, FakeTensorMode, a
+    torch.device context), so the cached tensor is an ordinary CPU tensor; callers only ever
+    receive copies of it, so no mode and no in-place edit can leak from one user to another."""
+    key = (int(block_size), float(tol))
+    master = _MASTERS.get(key)
+    if master is None:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.inference_mode(False), torch.device("cpu"):
+            master = ops.make_plan(int(block_size), float(tol))
+        _MASTERS[key] = master
+    return master
+
+
+@torch.library.register_fake("rbe_ffn::make_plan")
+def _make_plan_fake(block_size, tol):
+    return torch.empty(_master_plan(block_size, tol).shape, dtype=torch.float64)
 
 
 def get_plan(block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The [3, b+nf, b] tables of a block size (analysis rows, synthesis rows, fast-DCT tables;
-    see csrc/rbe.h), cached per (block size, dtype, device) and never cast between dtypes."""
+    see csrc/rbe.h) in `dtype` on `device`: a new tensor on every call, converted from the
+    float64 tables (computed once per block size), never cast from another dtype's copy.
+
+    Each caller owns its copy: an in-place edit of one module's plan changes nothing else,
+    and a copy made under torch.inference_mode() or FakeTensorMode is that caller's alone
+    (an inference or fake tensor, as its other tensors are), never one that a module built
+    later would receive."""
     device = torch.device(device)
+    tol = _plan_tol(dtype)
+    if torch.compiler.is_compiling():
+        # traced by torch.compile: a cached table enters the graph as an input (no per-call
+        # cost but the copy); with a cold cache, make_plan itself is traced into the graph
+        tables = _CONVERTED.get((int(block_size), dtype, device))
+        if tables is not None:
+            return tables.clone()
+        return ops.make_plan(int(block_size), tol).to(device=device, dtype=dtype)
+    if _fake_mode_active():  # tracing: a fake tensor of the right shape, from the fake kernel
+        return ops.make_plan(int(block_size), tol).to(device=device, dtype=dtype)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        device = torch.device(device.type, torch.get_device_module(device.type).current_device())
     key = (int(block_size), dtype, device)
-    plan = _PLANS.get(key)
-    if plan is None:
-        tol = PLAN_TOL.get(dtype, DEFAULT_PLAN_TOL)
-        full = ops.make_plan(int(block_size), tol)
-        _PLAN_SHAPES[(int(block_size), tol)] = tuple(full.shape)
-        plan = full.to(device=device, dtype=dtype)
-        _PLANS[key] = plan
-    return plan
+    tables = _CONVERTED.get(key)
+    if tables is None:  # the conversion is cached so that a call copies on the device, not from the host
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.inference_mode(False):
+            tables = _master_plan(block_size, tol).to(device=device, dtype=dtype)
+        _CONVERTED[key] = tables
+    return tables.clone()
 
 
 # ---------------------------------------------------------------- first-order autograd
+_DOUBLE_BACKWARD = (
+    "rbe_ffn: double backward (a gradient of a gradient: torch.autograd.grad(..., create_graph=True) "
+    "then differentiating the result, torch.autograd.functional.hessian/hvp/vhp, gradient penalties "
+    "through the layer) is not supported by the rbe_ffn operators; only first-order reverse mode "
+    "(loss.backward(), torch.autograd.grad) is")
+_FORWARD_MODE = (
+    "rbe_ffn.{op}: forward-mode automatic differentiation (torch.func.jvp, torch.func.jacfwd, "
+    "torch.func.hessian, torch.autograd.forward_ad dual tensors) is not supported by the rbe_ffn "
+    "operators; use reverse mode (loss.backward(), torch.autograd.grad, or torch.autograd.functional.jacobian "
+    "/ vjp) instead")
+_FUNC_TRANSFORMS = (
+    "rbe_ffn.{op}: torch.func gradient transforms (torch.func.grad, grad_and_value, vjp, jacrev, "
+    "hessian, and per-sample gradients with vmap(grad(...))) are not supported by the rbe_ffn "
+    "operators; use torch.autograd (loss.backward() or torch.autograd.grad) and, for per-sample "
+    "gradients, one backward per sample. torch.func.vmap and functional_call of the forward alone "
+    "work")
+
+
 def _first_order_only(backward):
     """The backward operators (linear_backward, ffn_backward, activation_backward) have no
     derivatives of their own. Under create_graph=True torch would otherwise give their
-    outputs a grad_fn that only warns and contributes nothing: double backward through
-    them would silently return zero/None. Like @once_differentiable, make that an error,
-    also when only a saved tensor (not the incoming gradient) requires grad."""
+    outputs no grad_fn, and double backward through them would silently return zero/None.
+    Make that an error: each output gets a DelayedError node (raises when differentiated)
+    whose edges lead to every input of the backward that requires grad (the incoming
+    gradient, x, the parameters). Those edges matter: with the error node hanging off a
+    detached copy only (as @once_differentiable does), torch.autograd.grad(g, x) never visits
+    it and returns None, and torch.autograd.functional.hvp/hessian return zeros."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
@@ -75,13 +148,50 @@ def _first_order_only(backward):
         if not torch.is_grad_enabled():
             return out
         tensors = [g for g in grads if isinstance(g, torch.Tensor)] + list(ctx.saved_tensors)
-        if not any(t.requires_grad for t in tensors):
+        deps = [t for t in tensors if t.requires_grad]
+        if not deps:
             return out
-        err = torch._C._functions.DelayedError(
-            b"rbe_ffn: double backward (a gradient of a gradient) is not supported by the rbe_ffn operators", 1)
-        return tuple(None if t is None else err(t.detach().requires_grad_()) for t in out)
+
+        def guard(t):
+            err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD.encode(), 1 + len(deps))
+            return err(t.detach(), *deps)[0]
+
+        return tuple(None if t is None else guard(t) for t in out)
 
     return wrapper
+
+
+def _has_tangent(args) -> bool:
+    import torch.autograd.forward_ad as fwAD
+
+    if fwAD._current_level < 0:  # no dual level entered: the common case, no tensor can carry a tangent
+        return False
+    return any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
+
+
+_autograd_lib = torch.library.Library("rbe_ffn", "IMPL")
+
+
+def _register_autograd(name: str, backward, setup_context) -> None:
+    """torch.library.register_autograd(f"rbe_ffn::{name}", _first_order_only(backward), setup_context=...),
+    done by hand (the same two calls it makes) so that the Autograd kernel first refuses, in
+    words, what the formula cannot do. Without this:
+    - forward mode (torch.func.jvp, jacfwd, forward_ad) silently gave a zero tangent (the op
+      has no forward-mode formula and its inputs do not require grad, so autograd was skipped);
+    - torch.func.grad/jacrev/vjp raised "it must override the setup_context staticmethod"."""
+    from torch._library.autograd import Info, make_autograd_impl
+
+    impl = make_autograd_impl(getattr(ops, name).default, Info(_first_order_only(backward), setup_context))
+
+    def kernel(keyset, *args):
+        if _has_tangent(args):
+            raise NotImplementedError(_FORWARD_MODE.format(op=name))
+        if torch._C._are_functorch_transforms_active() and torch.is_grad_enabled() \
+                and torch._C._any_requires_grad(*args):
+            raise NotImplementedError(_FUNC_TRANSFORMS.format(op=name))
+        return impl(keyset, *args)
+
+    _autograd_lib.impl(name, kernel, "Autograd", with_keyset=True)
 
 
 # ---------------------------------------------------------------- codec
@@ -100,18 +210,21 @@ def _encode_fake(weight, block_size, k):
 
 @torch.library.register_fake("rbe_ffn::decode")
 def _decode_fake(basis, coeffs, index, out_features, in_features, block_size):
+    _one_device("decode", basis=basis, coeffs=coeffs, index=index)
     return basis.new_empty((out_features, in_features))
 
 
 # ---------------------------------------------------------------- linear
 @torch.library.register_fake("rbe_ffn::linear")
 def _linear_fake(x, plan, basis, coeffs, index, bias, in_features, out_features):
+    _one_device("linear", x=x, plan=plan, basis=basis, coeffs=coeffs, index=index, bias=bias)
     torch._check(x.shape[-1] == in_features, lambda: f"rbe_ffn: input must have last dimension {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.register_fake("rbe_ffn::linear_backward")
 def _linear_backward_fake(grad, x, plan, basis, coeffs, index, in_features, out_features, output_mask):
+    _one_device("linear_backward", grad=grad, x=x, plan=plan, basis=basis, coeffs=coeffs, index=index)
     e = x.new_empty((0,))
     return (
         x.new_empty(x.shape) if output_mask[0] else e,
@@ -136,13 +249,15 @@ def _linear_backward(ctx, grad):
     return pick(dx, mask[0]), None, pick(db, mask[1]), pick(dc, mask[2]), None, pick(dbias, mask[3]), None, None
 
 
-torch.library.register_autograd("rbe_ffn::linear", _first_order_only(_linear_backward), setup_context=_linear_setup)
+_register_autograd("linear", _linear_backward, _linear_setup)
 
 
 # ---------------------------------------------------------------- feed-forward
 @torch.library.register_fake("rbe_ffn::ffn")
 def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
               d_model, d_ff, activation, chunk_tokens, keep_pre):
+    _one_device("ffn", x=x, plan=plan, basis1=basis1, coeffs1=coeffs1, index1=index1, bias1=bias1,
+                basis2=basis2, coeffs2=coeffs2, index2=index2, bias2=bias2)
     torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
     pre = x.new_empty((*x.shape[:-1], d_ff)) if keep_pre else x.new_empty((0,))
     return x.new_empty(x.shape), pre
@@ -151,6 +266,8 @@ def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, 
 @torch.library.register_fake("rbe_ffn::ffn_backward")
 def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2,
                        d_model, d_ff, activation, chunk_tokens, output_mask):
+    _one_device("ffn_backward", grad=grad, x=x, pre=pre, plan=plan, basis1=basis1, coeffs1=coeffs1,
+                index1=index1, bias1=bias1, basis2=basis2, coeffs2=coeffs2, index2=index2)
     shapes = [x.shape, basis1.shape, coeffs1.shape, (d_ff,), basis2.shape, coeffs2.shape, (d_model,)]
     return tuple(x.new_empty(s) if on else x.new_empty((0,)) for s, on in zip(shapes, output_mask))
 
@@ -181,7 +298,7 @@ def _ffn_backward(ctx, grad, _grad_pre):
     return dx, None, db1, dc1, None, dbias1, db2, dc2, None, dbias2, None, None, None, None, None
 
 
-torch.library.register_autograd("rbe_ffn::ffn", _first_order_only(_ffn_backward), setup_context=_ffn_setup)
+_register_autograd("ffn", _ffn_backward, _ffn_setup)
 
 
 # ---------------------------------------------------------------- activations
@@ -192,6 +309,7 @@ def _activation_fake(x, activation):
 
 @torch.library.register_fake("rbe_ffn::activation_backward")
 def _activation_backward_fake(grad, x, activation):
+    _one_device("activation_backward", grad=grad, x=x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -206,7 +324,7 @@ def _activation_bwd(ctx, grad):
     return ops.activation_backward(grad.contiguous(), x, ctx.activation), None
 
 
-torch.library.register_autograd("rbe_ffn::activation", _first_order_only(_activation_bwd), setup_context=_activation_setup)
+_register_autograd("activation", _activation_bwd, _activation_setup)
 
 
 # ---------------------------------------------------------------- autocast (CUDA)

@@ -11,14 +11,17 @@ key ``"rbe_ffn"`` holds JSON:
 ``load_safetensors`` checks everything before the module is touched, so a rejected file
 leaves the module unchanged. Every problem with the file (truncated or garbled bytes,
 wrong keys, shapes or dtypes, invalid index, non-finite values, metadata or checksum
-mismatch) is a ``ValueError`` naming the file and the tensor. A missing file is the usual
-``FileNotFoundError``.
+mismatch, a checksum missing) is a ``ValueError`` naming the file and the tensor. A missing
+file is the usual ``FileNotFoundError``, a directory ``IsADirectoryError``; a FIFO or a
+device is refused (ValueError) on save and load instead of blocking.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 
 import torch
 from torch import nn
@@ -48,6 +51,30 @@ def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def _check_regular_file(path: str, action: str, must_exist: bool) -> None:
+    """A path that exists must be a regular file (or a link to one): reading a FIFO blocks
+    forever waiting for a writer, writing one blocks waiting for a reader, a directory gives
+    the parser's "No such device", a device file is not a checkpoint. FileNotFoundError as
+    usual when it must exist and does not."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if must_exist:
+            raise
+        return
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, f"cannot {action} a safetensors file: the path is a directory, "
+                                "not a file", path)
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise ValueError(f"{path}: cannot {action} a safetensors file: the path is {kind}, not a regular file")
+
+
 def save_safetensors(module: nn.Module, path, metadata: dict | None = None) -> None:
     """Write ``module.state_dict()`` to a safetensors file, with a record of every RBELinear
     (in_features, out_features, block_size, k, bias) and a SHA-256 of every tensor in the
@@ -71,7 +98,9 @@ def save_safetensors(module: nn.Module, path, metadata: dict | None = None) -> N
               "layers": {name: _layer_record(m) for name, m in _rbe_layers(module).items()},
               "sha256": {name: _sha256(t) for name, t in tensors.items()}}
     extra[METADATA_KEY] = json.dumps(record, sort_keys=True)
-    save_file(tensors, os.fspath(path), metadata=extra)
+    path = os.fspath(path)
+    _check_regular_file(path, "write", must_exist=False)
+    save_file(tensors, path, metadata=extra)
 
 
 def _read(path: str, module: nn.Module, expected: dict, strict: bool):
@@ -118,11 +147,12 @@ class _FileProblem(ValueError):
     pass
 
 
-def _check_metadata(meta: dict, module: nn.Module, strict: bool) -> dict:
-    """The parsed "rbe_ffn" record (or {} when absent), checked against the module's RBE layers."""
+def _check_metadata(meta: dict, module: nn.Module, strict: bool) -> dict | None:
+    """The SHA-256 sums of the parsed "rbe_ffn" record (None when there is no record), after
+    checking the record against the module's RBE layers."""
     raw = meta.get(METADATA_KEY)
     if raw is None:
-        return {}
+        return None
     try:
         record = json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -155,27 +185,37 @@ def _check_metadata(meta: dict, module: nn.Module, strict: bool) -> dict:
     return sums
 
 
-def load_safetensors(module: nn.Module, path, strict: bool = True, *, check_finite: bool = True):
-    """Load a file written by ``save_safetensors`` (or any safetensors file of the module's
-    state_dict) into ``module``, after checking every tensor: keys (all present, none extra,
-    when ``strict``), shapes and dtypes equal to the module's, every RBELinear index valid
-    (integer, in [0, b*b), strictly increasing per row), floating values finite (unless
-    ``check_finite=False``), the RBE layer record and SHA-256 sums of the metadata (when
-    present). Raises ValueError naming the file and the problem; the module is then left
-    unchanged. Returns what ``module.load_state_dict`` returns."""
+def load_safetensors(module: nn.Module, path, strict: bool = True, *, check_finite: bool = True,
+                     require_checksums: bool = True):
+    """Load a file written by ``save_safetensors`` into ``module``, after checking every tensor:
+    keys (all present, none extra, when ``strict``), shapes and dtypes equal to the module's,
+    every RBELinear index valid (integer, in [0, b*b), strictly increasing per row), floating
+    values finite (unless ``check_finite=False``), the RBE layer record of the metadata (when
+    present), and the SHA-256 sum of every tensor loaded.
+
+    A tensor without a recorded SHA-256 (a plain safetensors file of the module's state_dict,
+    a file whose metadata record was removed, or a record that lacks some sums) is an error:
+    its corruption could not be detected. ``require_checksums=False`` loads such tensors
+    unverified (the sums that are recorded are still checked).
+
+    Raises ValueError naming the file and the problem; the module is then left unchanged.
+    A path that is missing is the usual FileNotFoundError, a directory IsADirectoryError, any
+    other non-regular file (FIFO, device) a ValueError. Returns what
+    ``module.load_state_dict`` returns."""
     path = os.fspath(path)
-    os.stat(path)  # FileNotFoundError as usual
+    _check_regular_file(path, "read", must_exist=True)
     expected = module.state_dict()
     index_keys = {_key(name, "index"): m.block_size for name, m in _rbe_layers(module).items()}
     try:
         sums, tensors = _read(path, module, expected, strict)
+        unverified = []
         for key, t in tensors.items():
             want = expected[key]
             if t.dtype != want.dtype:
                 raise _FileProblem(f"tensor {key!r}: dtype {t.dtype} in the file, {want.dtype} in the module")
-            if sums and key not in sums:
-                raise _FileProblem(f"tensor {key!r}: no SHA-256 recorded in the metadata")
-            if sums and _sha256(t) != sums[key]:
+            if sums is None or key not in sums:
+                unverified.append(key)  # reported after the content checks, which name the actual problem
+            elif _sha256(t) != sums[key]:
                 raise _FileProblem(f"tensor {key!r}: SHA-256 differs from the one recorded in the metadata "
                                    "(corrupted data)")
             if key in index_keys:
@@ -185,6 +225,15 @@ def load_safetensors(module: nn.Module, path, strict: bool = True, *, check_fini
             if check_finite and (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
                 bad = (~torch.isfinite(t)).nonzero()[0].tolist()
                 raise _FileProblem(f"tensor {key!r}: non-finite value {t[tuple(bad)].item()} at {bad}")
+        # Without a sum, a flipped bit in a coefficient loads silently (it stays a finite float).
+        if unverified and require_checksums:
+            if sums is None:
+                why = (f"the file has no {METADATA_KEY!r} metadata record, so no SHA-256 sums to verify its "
+                       "tensors (not written by rbe_ffn.save_safetensors, or the record was removed)")
+            else:
+                why = (f"the {METADATA_KEY!r} metadata record has no SHA-256 sum for tensor(s) {unverified} "
+                       "(the checksum record is missing or incomplete)")
+            raise _FileProblem(why + "; pass require_checksums=False to load them unverified")
     except _FileProblem as e:
         raise ValueError(f"{path}: {e}") from None
     return module.load_state_dict(tensors, strict=strict)

@@ -88,6 +88,20 @@ def compress(weight: torch.Tensor, block_size: int = 64, k: int = 300) -> Compre
     basis, coeffs, index, err = ops.encode(w, block_size, k)
     total = w.double().pow(2).sum().item()
     dropped = err.sum().item()
+    # Finite weights near the dtype's maximum give infinite pattern/DCT values (a block's DCT
+    # coefficient reaches b x its largest entry) or an error measure that overflows float64
+    # (squares of |w| > ~1e154): refuse them rather than return inf coefficients with
+    # relative_error inf/nan. (Scaling by a power of two is exact only without underflow, and
+    # the stored numbers of such a block would overflow the dtype anyway.)
+    if not (bool(torch.isfinite(basis).all()) and bool(torch.isfinite(coeffs).all())):
+        raise ValueError(f"rbe_ffn.compress: the weight's RBE coefficients overflow {w.dtype} (largest |weight| "
+                         f"{w.abs().max().item():.3g}; a block's coefficients reach up to block_size = {block_size} "
+                         f"times its largest entry): scale the weight down before compressing (and the layer's "
+                         f"output back up){' or compress it as float64 (weight.double())' if w.dtype != torch.float64 else ''}")
+    if not (math.isfinite(total) and math.isfinite(dropped)):
+        raise ValueError(f"rbe_ffn.compress: the squared error of the encoding overflows float64 (largest |weight| "
+                         f"{w.abs().max().item():.3g}; squares overflow above ~1e154): scale the weight down "
+                         f"before compressing")
     rel = math.sqrt(dropped / total) if total > 0 else math.sqrt(dropped)
     return CompressedWeight(basis, coeffs, index, tuple(w.shape), block_size, rel, err)
 

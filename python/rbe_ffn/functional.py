@@ -37,8 +37,24 @@ def canonical_activation(activation) -> str:
     )
 
 
+def check_cpu_half(name: str, x) -> None:
+    """A float16/bfloat16 input on the CPU: the CPU kernels compute in float32/float64 only.
+    Typically it comes from torch.autocast("cpu", dtype=torch.bfloat16), which makes the layer
+    before this one return bfloat16; say what to do instead of failing inside the operator."""
+    if not (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)):
+        return
+    where = ""
+    if torch.is_autocast_enabled("cpu"):
+        where = (f" (torch.autocast('cpu', dtype={torch.get_autocast_dtype('cpu')}) is on: run this block "
+                 "outside it, e.g. `with torch.autocast('cpu', enabled=False): y = block(x.float())`)")
+    raise TypeError(f"{name}: {x.dtype} input on CPU is not supported: the CPU kernels compute in float32 or "
+                    f"float64 only (float16 and bfloat16: only the CUDA kernels). Cast the input to float32 "
+                    f"(x.float()) and keep the RBE layers in float32 (module.float()){where}")
+
+
 def rbe_linear(x, basis, coeffs, index, bias, in_features: int, out_features: int, block_size: int):
     """y = x W^T + bias for a compressed W, computed in the transform domain. x: (*, in)."""
+    check_cpu_half("rbe_linear", x)
     plan = get_plan(block_size, x.dtype, x.device)
     return ops.linear(x, plan, basis, coeffs, index, bias, in_features, out_features)
 
@@ -58,7 +74,9 @@ def chunk_tokens_for(memory_limit_mb, d_model: int, d_ff: int, block_size: int, 
     if memory_limit_mb is None:
         return 0
     per_token = intermediate_bytes_per_token(d_model, d_ff, block_size, nf, itemsize)
-    n = int(memory_limit_mb * 2**20) // per_token
+    # at most 2**62 tokens: a limit far above any token count means no chunking, and the
+    # operators take chunk_tokens as an int64
+    n = min(int(memory_limit_mb * 2**20) // per_token, 2**62)
     if n >= RBE_TILE:
         n -= n % RBE_TILE  # whole token tiles: no padding counts against the limit
     return max(n, 1)
@@ -73,6 +91,7 @@ def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, acti
     checkpoint=True saves x only and recomputes the pre-activation in backward.
     chunk_tokens > 0 processes that many tokens at a time, forward and backward.
     """
+    check_cpu_half("rbe_feed_forward", x)
     plan = get_plan(block_size, x.dtype, x.device)
     y, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
                    int(chunk_tokens), not checkpoint)

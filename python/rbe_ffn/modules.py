@@ -10,7 +10,7 @@ from torch import nn
 
 from ._ops import get_plan, ops
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
-from .functional import canonical_activation, chunk_tokens_for, intermediate_bytes_per_token
+from .functional import canonical_activation, check_cpu_half, chunk_tokens_for, intermediate_bytes_per_token
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -21,26 +21,50 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def _pattern_energy(block_size: int) -> float:
-    """sum_k mean over a block of Phi_k^2: the 8 pattern images decoded side by side."""
-    eye = torch.eye(8, dtype=torch.float64)
-    none = torch.empty(8, 0, dtype=torch.float64)
-    phi = ops.decode(eye, none, torch.empty(8, 0, dtype=index_dtype(block_size)), block_size, 8 * block_size,
-                     block_size)
+    """sum_k mean over a block of Phi_k^2: the 8 pattern images decoded side by side (on the CPU,
+    also for a layer built under torch.device("meta"), where .item() would fail)."""
+    eye = torch.eye(8, dtype=torch.float64, device="cpu")
+    none = torch.empty(8, 0, dtype=torch.float64, device="cpu")
+    phi = ops.decode(eye, none, torch.empty(8, 0, dtype=index_dtype(block_size), device="cpu"), block_size,
+                     8 * block_size, block_size)
     return phi.pow(2).sum().item() / (block_size * block_size)
 
 
 def _check_input(name: str, x, weight: torch.Tensor) -> None:
     """An input on another device than the layer, or float32/float64 of the other dtype: say so
     plainly (the operator would complain about its internal plan tensor, which the user never
-    created, or with a CUDA-internal message for a CPU input to a CUDA layer). Other dtypes
-    (int, half, ...) are left to the operator: "must be float32 or float64"."""
+    created, or with a CUDA-internal message for a CPU input to a CUDA layer); float16/bfloat16
+    on the CPU (e.g. from CPU autocast): what to do. Other dtypes (int, complex, ...) are left to
+    the operator: "must be float32 or float64"."""
     dtype = weight.dtype
     if isinstance(x, torch.Tensor) and x.device != weight.device:
+        if weight.is_meta:  # built on the meta device and never loaded
+            raise ValueError(f"{name}: input is on {x.device} but the layer is on meta (shapes only, no values): "
+                             "load its values first, e.g. module.load_state_dict(state_dict, assign=True), or "
+                             f"module.to_empty(device={str(x.device)!r}) then module.load_state_dict(state_dict)")
         raise ValueError(f"{name}: input is on {x.device} but the layer is on {weight.device}; move the input "
                          f"(x.to({str(weight.device)!r})) or the module")
     if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and x.dtype != dtype:
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's dtype {dtype}; "
                         f"convert the input or the module (e.g. module.to({x.dtype}))")
+    check_cpu_half(name, x)
+
+
+def _check_memory_limit(memory_limit_mb):
+    """memory_limit_mb as given, if valid: None (no limit) or a finite positive real number of
+    MiB (int, float, numpy scalar). bool, inf, nan, <= 0, strings and tensors are refused
+    here, once, for every way the value is set (constructor, from_linears, attribute), instead
+    of failing at the first forward with an OverflowError or a TypeError about 'int'."""
+    if memory_limit_mb is None:
+        return None
+    if isinstance(memory_limit_mb, bool) or not isinstance(memory_limit_mb, numbers.Real) \
+            or isinstance(memory_limit_mb, torch.Tensor):
+        raise TypeError(f"memory_limit_mb must be a positive number of MiB or None, got "
+                        f"{type(memory_limit_mb).__name__} {memory_limit_mb!r}")
+    if not (math.isfinite(memory_limit_mb) and memory_limit_mb > 0):
+        raise ValueError(f"memory_limit_mb must be a positive finite number of MiB or None (no limit), "
+                         f"got {memory_limit_mb!r}")
+    return memory_limit_mb
 
 
 def index_problem(index: torch.Tensor, block_size: int) -> str | None:
@@ -139,16 +163,6 @@ def random_positions(nblk: int, block_size: int, k: int, generator: torch.Genera
     return torch.arange(n, dtype=dt).expand(nblk, n)[keep].view(nblk, k)
 
 
-def _check_memory_limit(memory_limit_mb):
-    """memory_limit_mb as given if valid: None, or a finite positive number of MiB (not a bool)."""
-    if memory_limit_mb is None:
-        return None
-    if isinstance(memory_limit_mb, bool) or not isinstance(memory_limit_mb, numbers.Real) \
-            or not math.isfinite(memory_limit_mb) or not memory_limit_mb > 0:
-        raise ValueError(f"memory_limit_mb must be positive or None, got {memory_limit_mb!r}")
-    return memory_limit_mb
-
-
 def _check_ffn_args(activation, bias, block_size, k, checkpoint, memory_limit_mb) -> tuple:
     """The arguments every RBEFeedForward constructor shares, checked in one place (before any
     work): (canonical activation name, memory_limit_mb)."""
@@ -198,7 +212,25 @@ class RBELinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.relative_error: float | None = None  # set when built from a dense weight
-        self.register_buffer("plan", get_plan(block_size, self.basis.dtype, self.basis.device), persistent=False)
+        self._plan = get_plan(block_size, self.basis.dtype, self.basis.device)
+
+    # The plan (the block size's transform tables) is this layer's own tensor, not a buffer, and
+    # not shared with other layers: it is derived from (block_size, dtype, device) alone, so
+    # - it has no place in state_dict, and DDP need not broadcast it (DDP broadcasts every
+    #   buffer before every forward by default: 2 tables per layer per step for nothing);
+    # - it follows the parameters: rebuilt exactly (never cast) by _apply (.to, .double(),
+    #   .cuda(), to_empty) and, when the parameters were replaced another way (a module built on
+    #   the meta device and then load_state_dict(sd, assign=True), or a parameter assigned
+    #   directly), on first use, instead of staying on meta where the operator would see it;
+    # - it is one tensor per layer, so an in-place edit, or a layer built under
+    #   torch.inference_mode() or FakeTensorMode, affects that layer only.
+    # torch.compile sees the same tensor attribute each call (no rebuild once it matches).
+    @property
+    def plan(self) -> torch.Tensor:
+        plan, basis = self._plan, self.basis
+        if plan.device != basis.device or plan.dtype != basis.dtype:
+            plan = self._plan = get_plan(self.block_size, basis.dtype, basis.device)
+        return plan
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Fresh init: each block's k positions at random (without replacement, not the lowest
@@ -262,7 +294,7 @@ class RBELinear(nn.Module):
     # the plan follows the parameters' dtype and device, rebuilt exactly (never cast)
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.plan = get_plan(self.block_size, self.basis.dtype, self.basis.device)
+        self._plan = get_plan(self.block_size, self.basis.dtype, self.basis.device)
         return self
 
     # load_state_dict checks the fixed positions before anything of this layer is copied in: a
@@ -435,6 +467,16 @@ class RBEFeedForward(nn.Module):
         m.fc2 = RBELinear.from_linear(fc2, block_size, k)
         m.reset_stats()
         return m
+
+    # a property, so that every assignment (constructor, from_linears, m.memory_limit_mb = ...)
+    # goes through _check_memory_limit
+    @property
+    def memory_limit_mb(self):
+        return self._memory_limit_mb
+
+    @memory_limit_mb.setter
+    def memory_limit_mb(self, value) -> None:
+        self._memory_limit_mb = _check_memory_limit(value)
 
     def reset_stats(self) -> None:
         self.stats = {"calls": 0, "flops": 0, "peak_intermediate_bytes": 0}
