@@ -20,6 +20,13 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return mod is not None and isinstance(t, mod.DTensor)
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    """t is a FakeTensor (built under FakeTensorMode, as torch.compile's tracing does)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
 def _pattern_energy(block_size: int) -> float:
     """sum_k mean over a block of Phi_k^2: the 8 pattern images decoded side by side (on the CPU,
     also for a layer built under torch.device("meta"), where .item() would fail)."""
@@ -141,26 +148,26 @@ def random_positions(nblk: int, block_size: int, k: int, generator: torch.Genera
     n = block_size * block_size
     dt = index_dtype(block_size)
     if k == n:
-        return torch.arange(n, dtype=dt).repeat(nblk, 1)
+        return torch.arange(n, dtype=dt, device="cpu").repeat(nblk, 1)
     m = min(k, n - k)  # how many to draw
     if _by_keys(n, m):
-        c = torch.rand(nblk, n, generator=generator).argsort(dim=1)[:, :m].to(torch.int32).sort(dim=1).values
+        c = torch.rand(nblk, n, generator=generator, device="cpu").argsort(dim=1)[:, :m].to(torch.int32).sort(dim=1).values
     else:
-        c = torch.randint(0, n, (nblk, m), generator=generator, dtype=torch.int32).sort(dim=1).values
+        c = torch.randint(0, n, (nblk, m), generator=generator, dtype=torch.int32, device="cpu").sort(dim=1).values
     while m > 1 and not _by_keys(n, m):
         dup = c[:, 1:] == c[:, :-1]
         rows = dup.any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
             break
         sub, d = c[rows], dup[rows]
-        fresh = torch.randint(0, n, (int(d.sum()),), generator=generator, dtype=torch.int32)
+        fresh = torch.randint(0, n, (int(d.sum()),), generator=generator, dtype=torch.int32, device="cpu")
         sub[:, 1:][d] = fresh
         c[rows] = sub.sort(dim=1).values
     if m == k:
         return c.to(dt)
-    keep = torch.ones(nblk, n, dtype=torch.bool)
+    keep = torch.ones(nblk, n, dtype=torch.bool, device="cpu")
     keep.scatter_(1, c.long(), False)
-    return torch.arange(n, dtype=dt).expand(nblk, n)[keep].view(nblk, k)
+    return torch.arange(n, dtype=dt, device="cpu").expand(nblk, n)[keep].view(nblk, k)
 
 
 def _check_ffn_args(activation, bias, block_size, k, checkpoint, memory_limit_mb) -> tuple:
@@ -239,6 +246,8 @@ class RBELinear(nn.Module):
         ``generator`` (or torch's global CPU generator), the same on every device; the work is done
         a chunk of blocks at a time, so its transient memory stays small next to the layer's."""
         nblk, k, b, dtype = self.coeffs.shape[0], self.k, self.block_size, self.coeffs.dtype
+        if self.coeffs.is_meta or _is_fake(self.coeffs):  # meta device / FakeTensorMode: no values to draw
+            return
         std = b / math.sqrt(3.0 * self.in_features * max(k, 1))
         with torch.no_grad():
             step = _chunk_blocks(b, k)
@@ -248,16 +257,16 @@ class RBELinear(nn.Module):
             rows = max(1, _CHUNK_NUMBERS // max(k, 1))
             for s in range(0, nblk, rows):
                 e = min(s + rows, nblk)
-                self.coeffs[s:e].copy_(torch.randn(e - s, k, generator=generator, dtype=dtype).mul_(std))
+                self.coeffs[s:e].copy_(torch.randn(e - s, k, generator=generator, dtype=dtype, device="cpu").mul_(std))
             self.basis.zero_()
             if k == 0:  # only the pattern is left to carry the weight
                 # Var(W_entry) = Var(p) * sum_k mean(Phi_k^2) over a block; the Phi_k are not
                 # unit-RMS (their squares sum to ~7 on average), so divide that out.
                 sd = 1.0 / math.sqrt(3.0 * self.in_features * _pattern_energy(b))
-                self.basis.copy_(torch.empty(nblk, 8, dtype=dtype).normal_(0.0, sd, generator=generator))
+                self.basis.copy_(torch.empty(nblk, 8, dtype=dtype, device="cpu").normal_(0.0, sd, generator=generator))
             if self.bias is not None:
                 bound = 1.0 / math.sqrt(self.in_features)
-                self.bias.copy_(torch.empty(self.out_features, dtype=dtype).uniform_(-bound, bound,
+                self.bias.copy_(torch.empty(self.out_features, dtype=dtype, device="cpu").uniform_(-bound, bound,
                                                                                      generator=generator))
 
     # ``index`` [R*C, k] (int16 for block_size <= 128, else int32) is stored as the uint8 buffer
