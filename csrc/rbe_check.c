@@ -46,36 +46,22 @@ long rbe_index_snapshot(void* dst, const void* src, int wide, long nblocks, int 
     return rbe_index_check(dst, wide, nblocks, k, b);  // where: the first bad position
 }
 
-long rbe_count_nonfinite_f32(const float* x, long n) {
-    long bad = 0;
-    for (long i = 0; i < n; i++) bad += !isfinite(x[i]);
-    return bad;
-}
-
-long rbe_count_nonfinite_f64(const double* x, long n) {
-    long bad = 0;
-    for (long i = 0; i < n; i++) bad += !isfinite(x[i]);
-    return bad;
-}
-
-double rbe_max_abs_f32(const float* x, long n) {
-    float m = 0.0f;
-    int nan = 0;
-    for (long i = 0; i < n; i++) {
-        const float a = fabsf(x[i]);
-        nan |= a != a;
-        m = a > m ? a : m;
+// non-finite count and max |x| (NaN if any x is NaN) of a float or double array
+#define RBE_SCAN(T, SFX, ABS)                                      \
+    long rbe_count_nonfinite_##SFX(const T* x, long n) {           \
+        long bad = 0;                                              \
+        for (long i = 0; i < n; i++) bad += !isfinite(x[i]);       \
+        return bad;                                                \
+    }                                                              \
+    double rbe_max_abs_##SFX(const T* x, long n) {                 \
+        T m = 0;                                                   \
+        int nan = 0;                                               \
+        for (long i = 0; i < n; i++) {                             \
+            const T a = ABS(x[i]);                                 \
+            nan |= a != a;                                         \
+            m = a > m ? a : m;                                     \
+        }                                                          \
+        return nan ? NAN : (double)m;                              \
     }
-    return nan ? NAN : m;
-}
-
-double rbe_max_abs_f64(const double* x, long n) {
-    double m = 0.0;
-    int nan = 0;
-    for (long i = 0; i < n; i++) {
-        const double a = fabs(x[i]);
-        nan |= a != a;
-        m = a > m ? a : m;
-    }
-    return nan ? NAN : m;
-}
+RBE_SCAN(float, f32, fabsf)
+RBE_SCAN(double, f64, fabs)
