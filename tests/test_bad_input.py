@@ -36,8 +36,8 @@ def test_wrong_last_dimension(shape):
         m(torch.tensor(1.0))  # 0-d
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool, torch.float16,
-                                   torch.bfloat16, torch.complex64])
+# (float16 / bfloat16 inputs to a float32 layer are computed in float32: tests/test_cpu_half.py)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool, torch.complex64])
 def test_non_float_input(dtype):
     m = make()
     x = torch.ones(3, 10).to(dtype)

@@ -349,6 +349,36 @@ def _autocast_cuda(op):
     return kernel
 
 
+# ---------------------------------------------------------------- autocast (CPU)
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _autocast_cpu(op):
+    """The AutocastCPU kernel of a forward operator: under torch.autocast("cpu"), the CPU kernels
+    compute in the layer's own dtype (float32 or float64: the plan's, argument 1), a float16 or
+    bfloat16 input is cast up to it, and the output (the first result) is cast to the autocast
+    dtype, as nn.Linear's output is under autocast, so a converted block hands the next layer the
+    dtype a dense one would. A float64 layer stays float64, as autocast leaves float64 alone.
+    Parameters and their gradients stay in the layer's dtype; autograd carries the gradient
+    back through the casts."""
+
+    def kernel(x, plan, *rest):
+        out_dtype = torch.get_autocast_dtype("cpu")
+        compute = plan.dtype
+        if x.dtype in HALF and compute in (torch.float32, torch.float64):
+            x = x.to(compute)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
+            out = op(x, plan, *rest)
+        if compute != torch.float32 or out_dtype == torch.float32:
+            return out
+        if isinstance(out, tuple):  # ffn: (y, pre); pre stays internal, in the compute dtype
+            return (out[0].to(out_dtype),) + tuple(out[1:])
+        return out.to(out_dtype)
+
+    return kernel
+
+
 _autocast_lib = torch.library.Library("rbe_ffn", "IMPL")
 for _name in ("linear", "ffn"):
     _autocast_lib.impl(_name, _autocast_cuda(getattr(ops, _name).default), "AutocastCUDA")
+    _autocast_lib.impl(_name, _autocast_cpu(getattr(ops, _name).default), "AutocastCPU")

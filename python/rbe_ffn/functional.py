@@ -37,26 +37,27 @@ def canonical_activation(activation) -> str:
     )
 
 
-def check_cpu_half(name: str, x) -> None:
-    """A float16/bfloat16 input on the CPU: the CPU kernels compute in float32/float64 only.
-    Typically it comes from torch.autocast("cpu", dtype=torch.bfloat16), which makes the layer
-    before this one return bfloat16; say what to do instead of failing inside the operator."""
-    if not (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)):
-        return
-    where = ""
-    if torch.is_autocast_enabled("cpu"):
-        where = (f" (torch.autocast('cpu', dtype={torch.get_autocast_dtype('cpu')}) is on: run this block "
-                 "outside it, e.g. `with torch.autocast('cpu', enabled=False): y = block(x.float())`)")
-    raise TypeError(f"{name}: {x.dtype} input on CPU is not supported: the CPU kernels compute in float32 or "
-                    f"float64 only (float16 and bfloat16: only the CUDA kernels). Cast the input to float32 "
-                    f"(x.float()) and keep the RBE layers in float32 (module.float()){where}")
+def cpu_half_input(x, dtype: torch.dtype):
+    """A float16/bfloat16 input on the CPU to a layer of dtype float32/float64 (typically from
+    torch.autocast("cpu", dtype=torch.bfloat16), which makes the layer before this one return
+    bfloat16): the CPU kernels compute in the layer's dtype. Returns (the input to compute with,
+    the dtype to give the output back in, or None when nothing is cast)."""
+    if (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+            and dtype in (torch.float32, torch.float64)):
+        return x.to(dtype), x.dtype
+    return x, None
+
+
+def _restore(y, out_dtype):
+    """The output in the input's half dtype (under autocast it already is the autocast dtype)."""
+    return y if out_dtype is None or torch.is_autocast_enabled("cpu") else y.to(out_dtype)
 
 
 def rbe_linear(x, basis, coeffs, index, bias, in_features: int, out_features: int, block_size: int):
     """y = x W^T + bias for a compressed W, computed in the transform domain. x: (*, in)."""
-    check_cpu_half("rbe_linear", x)
+    x, out_dtype = cpu_half_input(x, basis.dtype)
     plan = get_plan(block_size, x.dtype, x.device)
-    return ops.linear(x, plan, basis, coeffs, index, bias, in_features, out_features)
+    return _restore(ops.linear(x, plan, basis, coeffs, index, bias, in_features, out_features), out_dtype)
 
 
 def intermediate_bytes_per_token(d_model: int, d_ff: int, block_size: int, nf: int, itemsize: int) -> int:
@@ -91,8 +92,8 @@ def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, acti
     checkpoint=True saves x only and recomputes the pre-activation in backward.
     chunk_tokens > 0 processes that many tokens at a time, forward and backward.
     """
-    check_cpu_half("rbe_feed_forward", x)
+    x, out_dtype = cpu_half_input(x, fc1[0].dtype)
     plan = get_plan(block_size, x.dtype, x.device)
     y, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
                    int(chunk_tokens), not checkpoint)
-    return y
+    return _restore(y, out_dtype)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._ops import get_plan, ops
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
-from .functional import canonical_activation, check_cpu_half, chunk_tokens_for, intermediate_bytes_per_token
+from .functional import _restore, canonical_activation, chunk_tokens_for, cpu_half_input, intermediate_bytes_per_token
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -40,9 +40,9 @@ def _pattern_energy(block_size: int) -> float:
 def _check_input(name: str, x, weight: torch.Tensor) -> None:
     """An input on another device than the layer, or float32/float64 of the other dtype: say so
     plainly (the operator would complain about its internal plan tensor, which the user never
-    created, or with a CUDA-internal message for a CPU input to a CUDA layer); float16/bfloat16
-    on the CPU (e.g. from CPU autocast): what to do. Other dtypes (int, complex, ...) are left to
-    the operator: "must be float32 or float64"."""
+    created, or with a CUDA-internal message for a CPU input to a CUDA layer). float16/bfloat16
+    on the CPU is computed in the layer's dtype (cpu_half_input). Other dtypes (int, complex,
+    ...) are left to the operator: "must be float32 or float64"."""
     dtype = weight.dtype
     if isinstance(x, torch.Tensor) and x.device != weight.device:
         if weight.is_meta:  # built on the meta device and never loaded
@@ -54,7 +54,6 @@ def _check_input(name: str, x, weight: torch.Tensor) -> None:
     if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and x.dtype != dtype:
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's dtype {dtype}; "
                         f"convert the input or the module (e.g. module.to({x.dtype}))")
-    check_cpu_half(name, x)
 
 
 def _check_memory_limit(memory_limit_mb):
@@ -398,8 +397,9 @@ class RBELinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("RBELinear", x, self.basis)
-        return ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias,
-                          self.in_features, self.out_features)
+        x, out_dtype = cpu_half_input(x, self.basis.dtype)
+        return _restore(ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias,
+                                   self.in_features, self.out_features), out_dtype)
 
     def compressed(self) -> CompressedWeight:
         return CompressedWeight(self.basis, self.coeffs, self.index, (self.out_features, self.in_features),
@@ -516,8 +516,10 @@ class RBEFeedForward(nn.Module):
             raise RuntimeError("RBEFeedForward: the weights of fc1/fc2 are sharded DTensors here. Its forward runs "
                                "one fused operator on both layers' weights and never calls fc1/fc2, so FSDP "
                                "never gathers them: apply fully_shard to the RBEFeedForward, not to its fc1/fc2")
+        x, out_dtype = cpu_half_input(x, f1.basis.dtype)
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
                        self.d_model, self.d_ff, self.activation, chunk, not self.checkpoint)
+        y = _restore(y, out_dtype)
         if not torch.compiler.is_compiling():
             tokens = x.numel() // max(self.d_model, 1)
             nf = f1.plan.shape[1] - self.block_size

@@ -1,0 +1,100 @@
+"""float16/bfloat16 on the CPU: under torch.autocast("cpu") and as plain half inputs.
+
+The CPU kernels compute in the layer's dtype (float32 here); a half input is cast up, the output
+is given back in the input's half dtype (under autocast: in the autocast dtype, as nn.Linear's
+output is), parameters and their gradients stay float32. The error against float32 must be no
+worse than 2x the dense module's own bfloat16 error (issue #11).
+"""
+import pytest
+import torch
+from torch import nn
+
+import rbe_ffn
+
+ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
+
+
+def make(activation="gelu", checkpoint=False, seed=0):
+    torch.manual_seed(seed)
+    return rbe_ffn.RBEFeedForward(64, 160, activation=activation, block_size=16, k=60, checkpoint=checkpoint)
+
+
+def dense_twin(m):
+    """The dense module with the decoded weights of m (the same function in float32)."""
+    act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(), "silu": nn.SiLU()}
+    d = nn.Sequential(nn.Linear(m.d_model, m.d_ff), act[m.activation], nn.Linear(m.d_ff, m.d_model))
+    with torch.no_grad():
+        d[0].weight.copy_(m.fc1.dense_weight()), d[0].bias.copy_(m.fc1.bias)
+        d[2].weight.copy_(m.fc2.dense_weight()), d[2].bias.copy_(m.fc2.bias)
+    return d
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("activation", ACTS)
+def test_autocast_bf16_trains_with_float32_parameters(activation, checkpoint):
+    m = make(activation, checkpoint)
+    dense = dense_twin(m)
+    model = nn.Sequential(nn.Linear(32, 64), m, nn.Linear(64, 8))
+    x = torch.randn(5, 7, 32)
+    with torch.no_grad():
+        ref = model(x)  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model[0](x)
+        assert h.dtype == torch.bfloat16  # what the block receives from a dense layer under autocast
+        y = m(h)
+        assert y.dtype == torch.bfloat16  # what a dense block would hand on
+        yd = dense(h)
+        out = model[2](y)
+    # error against float32 no worse than 2x the dense module's own bfloat16 error
+    y32 = m(h.float())
+    err_rbe, err_dense = rel(y, y32), rel(yd, dense(h.float()))
+    assert err_rbe <= 2 * err_dense, (err_rbe, err_dense)
+    assert rel(out, ref) < 0.05
+    out.float().pow(2).sum().backward()
+    for p in m.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+        assert torch.isfinite(p.grad).all()
+    # the gradients match the float32 model's to bfloat16 accuracy
+    g16 = [p.grad.clone() for p in m.parameters()]
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    for a, b in zip(g16, m.parameters()):
+        assert rel(a, b.grad) < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_without_autocast(dtype):
+    m = make()
+    lin = m.fc1
+    x = torch.randn(4, 64).to(dtype).requires_grad_()
+    for layer, ref in ((m, m(x.detach().float())), (lin, lin(x.detach().float()))):
+        y = layer(x)
+        assert y.dtype == dtype  # back in the input's dtype
+        assert rel(y, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)  # the output's rounding
+        y.float().sum().backward()
+        assert x.grad.dtype == dtype and all(p.grad.dtype == torch.float32 for p in layer.parameters())
+        x.grad = None
+        layer.zero_grad()
+
+
+def test_functional_api_takes_half_inputs():
+    m = make()
+    f1 = (m.fc1.basis, m.fc1.coeffs, m.fc1.index, m.fc1.bias)
+    f2 = (m.fc2.basis, m.fc2.coeffs, m.fc2.index, m.fc2.bias)
+    x = torch.randn(3, 64)
+    y = rbe_ffn.rbe_feed_forward(x.bfloat16(), f1, f2, 64, 160, 16, "gelu")
+    assert y.dtype == torch.bfloat16 and rel(y, m(x)) < 1e-2
+    z = rbe_ffn.rbe_linear(x.half(), *f1, 64, 160, 16)
+    assert z.dtype == torch.float16 and rel(z, m.fc1(x)) < 2e-3
+
+
+def test_float64_layer_under_autocast_stays_float64():
+    m = make().double()
+    x = torch.randn(3, 64, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.float64 and torch.equal(y, m(x))
