@@ -9,39 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.library import opcheck
 
 import rbe_ffn
-from rbe_ffn.functional import intermediate_bytes_per_token
 
 import ffn_reference as R
+from conftest import ACTS, assert_opcheck, ffn_args, limit_for_chunk, make_ffn
 
 ops = torch.ops.rbe_ffn
-ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
-
-
-def make_ffn(d_model, d_ff, activation="gelu", block_size=8, k=5, dtype=torch.float32, seed=0, **kw):
-    """A fresh RBEFeedForward with a non-zero pattern part (fresh init leaves basis at 0)."""
-    g = torch.Generator().manual_seed(seed)
-    m = rbe_ffn.RBEFeedForward(d_model, d_ff, activation, block_size=block_size, k=k, dtype=dtype, generator=g,
-                               **kw)
-    with torch.no_grad():
-        for lin in (m.fc1, m.fc2):
-            lin.basis.copy_(torch.randn(lin.basis.shape, generator=g, dtype=torch.float64)
-                            / math.sqrt(3 * lin.in_features))
-    return m
-
-
-def limit_for_chunk(m, chunk: int) -> float:
-    nf = m.fc1.plan.shape[1] - m.block_size
-    per = intermediate_bytes_per_token(m.d_model, m.d_ff, m.block_size, nf, m.fc1.coeffs.element_size())
-    return (chunk + 0.5) * per / 2**20
-
-
-def ffn_args(m, x, chunk=0, keep_pre=True, bias=True):
-    f1, f2 = m.fc1, m.fc2
-    return (x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias if bias else None, f2.basis, f2.coeffs, f2.index,
-            f2.bias if bias else None, m.d_model, m.d_ff, m.activation, chunk, keep_pre)
 
 
 # ----------------------------------------------------------------- gradcheck
@@ -97,24 +71,19 @@ def test_gradcheck_linear(shape, bias):
 
 
 # ----------------------------------------------------------------- opcheck
-def _opcheck(op, args):
-    result = opcheck(op, args)
-    assert all(v == "SUCCESS" for v in result.values()), result
-
-
 def test_opcheck_make_plan():
     # no tensor arguments: opcheck still runs all its checks (schema, fake, aot dispatch)
-    _opcheck(ops.make_plan, (8, 1e-9))
-    _opcheck(ops.make_plan, (13, 1e-15))
+    assert_opcheck(ops.make_plan, (8, 1e-9))
+    assert_opcheck(ops.make_plan, (13, 1e-15))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_codec(dtype):
     w = torch.randn(13, 21, dtype=dtype)
-    _opcheck(ops.encode, (w, 8, 5))
-    _opcheck(ops.encode, (torch.randn(3, 5, dtype=dtype), 130, 7))  # int32 index
+    assert_opcheck(ops.encode, (w, 8, 5))
+    assert_opcheck(ops.encode, (torch.randn(3, 5, dtype=dtype), 130, 7))  # int32 index
     basis, coeffs, index, _ = ops.encode(w, 8, 5)
-    _opcheck(ops.decode, (basis, coeffs, index, 13, 21, 8))
+    assert_opcheck(ops.decode, (basis, coeffs, index, 13, 21, 8))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -122,11 +91,11 @@ def test_opcheck_linear(bias):
     g = torch.Generator().manual_seed(3)
     lin = rbe_ffn.RBELinear(21, 13, bias=bias, block_size=8, k=5, dtype=torch.float64, generator=g)
     x = torch.randn(2, 3, 21, generator=g, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.linear, (x, lin.plan, lin.basis, lin.coeffs, lin.index, lin.bias, 21, 13))
+    assert_opcheck(ops.linear, (x, lin.plan, lin.basis, lin.coeffs, lin.index, lin.bias, 21, 13))
     gy = torch.randn(2, 3, 13, dtype=torch.float64)
     d = lambda t: t.detach()  # noqa: E731  (the backward operator has no autograd of its own)
     for mask in ([True] * 4, [True, False, True, False], [False, True, False, True]):
-        _opcheck(ops.linear_backward, (gy, d(x), lin.plan, d(lin.basis), d(lin.coeffs), lin.index, 21, 13, mask))
+        assert_opcheck(ops.linear_backward, (gy, d(x), lin.plan, d(lin.basis), d(lin.coeffs), lin.index, 21, 13, mask))
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
@@ -134,8 +103,8 @@ def test_opcheck_linear(bias):
 def test_opcheck_ffn(keep_pre, chunk):
     m = make_ffn(10, 37, "silu", dtype=torch.float64)
     x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre))
-    _opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre, bias=False))
+    assert_opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre))
+    assert_opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre, bias=False))
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
@@ -149,16 +118,16 @@ def test_opcheck_ffn_backward(keep_pre, chunk):
     f1, f2 = m.fc1, m.fc2
     d = lambda t: t.detach()  # noqa: E731
     for mask in ([True] * 7, [False, True, False, True, False, True, False], [True] + [False] * 6):
-        _opcheck(ops.ffn_backward, (gy, x, pre, f1.plan, d(f1.basis), d(f1.coeffs), f1.index, d(f1.bias),
+        assert_opcheck(ops.ffn_backward, (gy, x, pre, f1.plan, d(f1.basis), d(f1.coeffs), f1.index, d(f1.bias),
                                     d(f2.basis), d(f2.coeffs), f2.index, 10, 37, "gelu_tanh", chunk, mask))
 
 
 @pytest.mark.parametrize("activation", ACTS + ["none"])
 def test_opcheck_activation(activation):
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.activation, (x, activation))
-    _opcheck(ops.activation_backward, (torch.randn(3, 7, dtype=torch.float64), x.detach(), activation))
-    _opcheck(ops.activation, (torch.randn(2, 5, 3).transpose(0, 2), activation))  # non-contiguous
+    assert_opcheck(ops.activation, (x, activation))
+    assert_opcheck(ops.activation_backward, (torch.randn(3, 7, dtype=torch.float64), x.detach(), activation))
+    assert_opcheck(ops.activation, (torch.randn(2, 5, 3).transpose(0, 2), activation))  # non-contiguous
 
 
 # ----------------------------------------------------------------- agreement with the reference

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 import rbe_ffn
-from rbe_ffn.functional import intermediate_bytes_per_token
 
 import ffn_reference as R
+from conftest import TOL, limit_for_chunk
 
 CASES = R.load_cases()["ffn"]
 ACTS = [c["activation"] for c in CASES]
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def test_vectors_cover_every_activation():
@@ -24,13 +23,6 @@ def test_vectors_cover_every_activation():
 
 def t64(v):
     return torch.tensor(v, dtype=torch.float64)  # torch.tensor(list) would default to float32
-
-
-def limit_for_chunk(m, chunk: int) -> float:
-    """memory_limit_mb that makes the module process `chunk` tokens at a time."""
-    nf = m.fc1.plan.shape[1] - m.block_size
-    per = intermediate_bytes_per_token(m.d_model, m.d_ff, m.block_size, nf, m.fc1.coeffs.element_size())
-    return (chunk + 0.5) * per / 2**20
 
 
 def build(case, dtype, checkpoint, chunk):
