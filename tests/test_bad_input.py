@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import rbe_ffn
 
 import ffn_reference as R
-from conftest import ACTS, make_small_ffn
+from conftest import ACTS, make_ffn, make_small_ffn
 
 ops = torch.ops.rbe_ffn
 
@@ -115,6 +115,25 @@ def test_corrupted_index(kind, layer):
         lin(torch.randn(3, lin.in_features))
     with pytest.raises(IndexError, match="index is corrupted"):
         lin.dense_weight()
+
+
+def test_corrupted_index_names_block_and_slot(device):
+    """The error says which layer, block and slot; out-of-range positions are caught; a NaN
+    weight is refused by encode. On every device."""
+    m = make_ffn(16, 40, "gelu", 8, 5, random_bias=True).to(device)
+    x = torch.randn(3, 16, device=device)
+    with torch.no_grad():
+        m.fc1.index[2, 1] = m.fc1.index[2, 0]  # duplicate position
+    with pytest.raises(IndexError, match="fc1: index is corrupted at block 2, slot 1"):
+        m(x)
+    with torch.no_grad():
+        m.fc1.index[2, 1] = 64 * 64  # out of range (b = 8)
+    with pytest.raises(IndexError, match="index is corrupted"):
+        m(x)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ops.encode(torch.full((8, 8), float("nan"), device=device), 8, 3)
+    if device == "cuda":
+        torch.cuda.synchronize()  # nothing asynchronous went wrong either
 
 
 def test_index_corrupted_between_forward_and_backward():

@@ -7,7 +7,7 @@ import torch
 import rbe_ffn
 
 import ffn_reference as R
-from conftest import make_ffn
+from conftest import check_close, make_ffn, params_of
 
 
 def run(fn, m, x, dy):
@@ -38,6 +38,23 @@ def test_compile_fullgraph_matches_eager(variant):
     # a second call reuses the graph and still agrees
     yc2, _ = run(cm, m, x * 2, dy)
     torch.testing.assert_close(yc2, m(x * 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_compile_fullgraph_gradients_within_1e6(checkpoint, device):
+    """A wider block (32 -> 80, b = 16, non-zero biases): compiled y and all 7 gradients within
+    1e-6 (relative, norm-wise) of eager."""
+    torch._dynamo.reset()
+    m = make_ffn(32, 80, "gelu", 16, 20, seed=13, checkpoint=checkpoint, random_bias=True).to(device)
+    x = torch.randn(4, 7, 32, device=device)
+    dy = torch.randn_like(x)
+    y, g = R.grads_of(m, x, params_of(m), dy)
+    cm = torch.compile(m, fullgraph=True)
+    yc, gc = R.grads_of(cm, x, params_of(m), dy)
+    check_close(yc, y, 1e-6, "compiled forward")
+    for a, b in zip(gc, g):
+        check_close(a, b, 1e-6, "compiled grad")
+    torch._dynamo.reset()
 
 
 def test_compile_linear():

@@ -92,6 +92,16 @@ def test_saved_tensors(dtype, memory_limit_mb):
     y.sum().backward()
 
 
+def test_checkpointed_saves_no_token_by_d_ff_tensor(device):
+    m = make_ffn(64, 256, "gelu", 16, 30, checkpoint=True, random_bias=True).to(device)
+    x = torch.randn(128, 64, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        m(x).sum().backward()
+    big = [tuple(t.shape) for t in saved if t.numel() >= 128 * 256]
+    assert big == [], f"a [T, d_ff] tensor was saved: {big}"
+
+
 def test_saved_tensors_without_input_grad():
     # parameter gradients still need x; nothing else is kept
     m = make_ffn(40, 150, "gelu", 16, 20, checkpoint=True)
