@@ -9,25 +9,16 @@ import torch.nn.functional as F
 import rbe_ffn
 
 import ffn_reference as R
+from conftest import ACTS, make_ffn, make_small_ffn
 
 ops = torch.ops.rbe_ffn
-ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
-
-
-def make(activation="gelu", dtype=torch.float32, **kw):
-    g = torch.Generator().manual_seed(0)
-    m = rbe_ffn.RBEFeedForward(10, 37, activation, block_size=8, k=5, dtype=dtype, generator=g, **kw)
-    with torch.no_grad():
-        m.fc1.basis.normal_(0, 0.2, generator=g)
-        m.fc2.basis.normal_(0, 0.1, generator=g)
-    return m
 
 
 # ----------------------------------------------------------------- shapes and dtypes
 @pytest.mark.parametrize("shape", [(2, 3, 9), (4, 11), (16,), (3, 16), (2, 1)],
                          ids=["9_same_blocks", "11", "16_1d", "16_two_blocks", "1"])
 def test_wrong_last_dimension(shape):
-    m = make()
+    m = make_small_ffn()
     with pytest.raises(ValueError, match="last dimension 10"):
         m(torch.randn(*shape))
     with pytest.raises(ValueError, match="last dimension 10"):
@@ -39,7 +30,7 @@ def test_wrong_last_dimension(shape):
 # (float16 / bfloat16 inputs to a float32 layer are computed in float32: tests/test_cpu_half.py)
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool, torch.complex64])
 def test_non_float_input(dtype):
-    m = make()
+    m = make_small_ffn()
     x = torch.ones(3, 10).to(dtype)
     with pytest.raises(TypeError, match="float32 or float64"):
         m(x)
@@ -52,7 +43,7 @@ def test_non_float_input(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_cpu_says_cuda_only(dtype):
-    m = make().to(dtype)  # a consistent half-precision module: its dtype is not the problem, the CPU is
+    m = make_small_ffn().to(dtype)  # a consistent half-precision module: its dtype is not the problem, the CPU is
     with pytest.raises(TypeError, match="float32 or float64.*only the CUDA"):
         m(torch.ones(3, 10, dtype=dtype))
 
@@ -67,12 +58,12 @@ def test_input_on_another_device_than_the_layer(module):
 
 
 def test_mixed_dtypes():
-    m = make()  # float32
+    m = make_small_ffn()  # float32
     with pytest.raises(TypeError, match=r"input dtype torch.float64 does not match the layer's dtype torch.float32"):
         m(torch.randn(3, 10, dtype=torch.float64))
     with pytest.raises(TypeError, match="does not match the layer's dtype"):
         m.fc1(torch.randn(3, 10, dtype=torch.float64))
-    md = make(dtype=torch.float64)
+    md = make_small_ffn(dtype=torch.float64)
     with pytest.raises(TypeError, match="does not match the layer's dtype"):
         md(torch.randn(3, 10))
     # the operators themselves (functional path: the plan follows x, the weights do not)
@@ -84,7 +75,7 @@ def test_mixed_dtypes():
     with pytest.raises(TypeError, match="plan must have the input's dtype"):
         ops.linear(x, m.fc1.plan, md.fc1.basis, md.fc1.coeffs, md.fc1.index, None, 10, 37)
     # a module half converted
-    mixed = make()
+    mixed = make_small_ffn()
     mixed.fc2.double()
     with pytest.raises(TypeError, match="fc2: basis and coeffs must have the input's dtype"):
         mixed(torch.randn(3, 10))
@@ -110,7 +101,7 @@ def corrupt(kind):
 @pytest.mark.parametrize("layer", ["fc1", "fc2"])
 @pytest.mark.parametrize("kind", ["out_of_range", "negative", "duplicate", "unsorted", "large"])
 def test_corrupted_index(kind, layer):
-    m = make()
+    m = make_small_ffn()
     x = torch.randn(2, 3, 10, requires_grad=True)
     with torch.no_grad():
         corrupt(kind)(getattr(m, layer))
@@ -126,10 +117,29 @@ def test_corrupted_index(kind, layer):
         lin.dense_weight()
 
 
+def test_corrupted_index_names_block_and_slot(device):
+    """The error says which layer, block and slot; out-of-range positions are caught; a NaN
+    weight is refused by encode. On every device."""
+    m = make_ffn(16, 40, "gelu", 8, 5, random_bias=True).to(device)
+    x = torch.randn(3, 16, device=device)
+    with torch.no_grad():
+        m.fc1.index[2, 1] = m.fc1.index[2, 0]  # duplicate position
+    with pytest.raises(IndexError, match="fc1: index is corrupted at block 2, slot 1"):
+        m(x)
+    with torch.no_grad():
+        m.fc1.index[2, 1] = 64 * 64  # out of range (b = 8)
+    with pytest.raises(IndexError, match="index is corrupted"):
+        m(x)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ops.encode(torch.full((8, 8), float("nan"), device=device), 8, 3)
+    if device == "cuda":
+        torch.cuda.synchronize()  # nothing asynchronous went wrong either
+
+
 def test_index_corrupted_between_forward_and_backward():
     """Changing the index in place after forward is caught (autograd's version counter),
     and the backward operator checks the index itself too."""
-    m = make()
+    m = make_small_ffn()
     x = torch.randn(5, 10, requires_grad=True)
     y = m(x)
     with torch.no_grad():
@@ -159,7 +169,7 @@ def ffn_with_index(m, x, index1=None, index2=None):
 
 
 def test_index_wrong_dtype_and_shape():
-    m = make()
+    m = make_small_ffn()
     x = torch.randn(4, 10)
     for bad, err, pattern in [
         (m.fc2.index.long(), TypeError, "fc2: index must be int16 or int32, got Long"),
@@ -176,7 +186,7 @@ def test_index_wrong_dtype_and_shape():
 
 
 def test_index_assignment_is_checked():
-    m = make()
+    m = make_small_ffn()
     x = torch.randn(4, 10)
     for bad, err, pattern in [
         (m.fc2.index.float(), TypeError, "RBELinear.index: dtype torch.float32 is not an integer dtype"),
@@ -199,7 +209,7 @@ def test_index_assignment_is_checked():
 
 
 def test_non_contiguous_index_is_read_correctly():
-    m = make()
+    m = make_small_ffn()
     x = torch.randn(4, 10)
     wide = torch.zeros(m.fc1.index.shape[0], 2 * m.fc1.index.shape[1], dtype=m.fc1.index.dtype)
     wide[:, ::2] = m.fc1.index
@@ -209,7 +219,7 @@ def test_non_contiguous_index_is_read_correctly():
 
 # ----------------------------------------------------------------- k / block size mismatches
 def test_state_dict_from_other_k_or_block_size():
-    m = make()
+    m = make_small_ffn()
     for other in (rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=6),
                   rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=16, k=5),
                   rbe_ffn.RBEFeedForward(10, 36, "gelu", block_size=8, k=5)):
@@ -218,7 +228,7 @@ def test_state_dict_from_other_k_or_block_size():
 
 
 def test_tensors_of_another_k_or_block_size():
-    m = make()
+    m = make_small_ffn()
     x = torch.randn(3, 10)
     mm = copy.deepcopy(m)
     mm.fc1.coeffs = torch.nn.Parameter(torch.zeros(m.fc1.coeffs.shape[0], 6))  # k=6 values, k=5 positions
@@ -256,7 +266,7 @@ def test_bad_constructor_arguments():
 
 
 def test_bad_operator_arguments():
-    m = make()
+    m = make_small_ffn()
     x = torch.randn(3, 10)
     f1, f2 = m.fc1, m.fc2
     args = [x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias, 10, 37,
@@ -283,7 +293,7 @@ def test_bad_operator_arguments():
 @pytest.mark.parametrize("variant", ["standard", "checkpoint", "chunked"])
 @pytest.mark.parametrize("shape", [(0, 10), (2, 0, 10), (0, 3, 10)])
 def test_zero_tokens(shape, variant):
-    m = make(checkpoint=variant == "checkpoint", memory_limit_mb=0.001 if variant == "chunked" else None)
+    m = make_small_ffn(checkpoint=variant == "checkpoint", memory_limit_mb=0.001 if variant == "chunked" else None)
     x = torch.randn(*shape, requires_grad=True)
     y = m(x)
     assert y.shape == shape and y.dtype == x.dtype
@@ -305,7 +315,7 @@ def test_zero_tokens(shape, variant):
 @pytest.mark.parametrize("checkpoint", [False, True])
 @pytest.mark.parametrize("activation", ACTS)
 def test_nan_propagates_like_dense(activation, checkpoint):
-    m = make(activation, checkpoint=checkpoint)
+    m = make_small_ffn(activation, checkpoint=checkpoint)
     x = torch.randn(2, 70, 10)  # 140 tokens: three token tiles
     x[0, 1, 3] = float("nan")
     x[1, 5, :] = float("nan")
@@ -328,7 +338,7 @@ def test_nan_propagates_like_dense(activation, checkpoint):
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_infinite_input_raises(checkpoint):
     # the DCT would turn +-inf into NaN over its segment where a dense layer gives +-inf: refuse
-    m = make(checkpoint=checkpoint)
+    m = make_small_ffn(checkpoint=checkpoint)
     lin = rbe_ffn.RBELinear(10, 12, block_size=4, k=6)
     for sign in (1.0, -1.0):
         x = torch.randn(3, 10)
@@ -341,7 +351,7 @@ def test_infinite_input_raises(checkpoint):
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_infinite_upstream_gradient_propagates(checkpoint):
     # a loss scaler's overflowed gradient must come back non-finite (so the step is skipped), not raise
-    m = make(checkpoint=checkpoint)
+    m = make_small_ffn(checkpoint=checkpoint)
     x = torch.randn(3, 10, requires_grad=True)
     g = torch.ones(3, 10)
     g[1, 2] = float("inf")
@@ -358,7 +368,7 @@ def test_extreme_finite_input_raises_or_matches_dense(dtype):
     x = torch.randn(5, 16, dtype=dtype)
     with pytest.raises(ValueError, match="beyond what the .* transform-domain kernels take"):
         lin(x * big / x.abs().max())
-    m = make(dtype=dtype)
+    m = make_small_ffn(dtype=dtype)
     with pytest.raises(ValueError, match="beyond what the"):
         m(torch.full((2, 10), big, dtype=dtype))
     # a large but admissible input: finite, and the dense product's value
@@ -380,7 +390,7 @@ def test_overflow_inside_the_block_raises():
 
 
 def test_nan_in_parameters_propagates():
-    m = make()
+    m = make_small_ffn()
     x = torch.randn(3, 10)
     with torch.no_grad():
         m.fc2.coeffs[0, 0] = float("nan")

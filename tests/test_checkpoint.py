@@ -19,14 +19,7 @@ from torch import nn
 import rbe_ffn
 from rbe_ffn.modules import index_problem
 
-
-def make(k=5, block_size=8, seed=0, d_model=10, d_ff=37):
-    g = torch.Generator().manual_seed(seed)
-    m = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=block_size, k=k, generator=g)
-    with torch.no_grad():
-        m.fc1.basis.normal_(0, 0.2, generator=g)
-        m.fc2.basis.normal_(0, 0.1, generator=g)
-    return m
+from conftest import join_safetensors, make_small_ffn, split_safetensors
 
 
 def states_equal(a, b):
@@ -34,28 +27,10 @@ def states_equal(a, b):
     return list(sa) == list(sb) and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def split(data: bytes):
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    h = json.dumps(header).encode()
-    return struct.pack("<Q", len(h)) + h + body
-
-
-@pytest.fixture
-def saved(tmp_path):
-    m = make()
-    path = tmp_path / "ffn.safetensors"
-    rbe_ffn.save_safetensors(m, path)
-    return m, path
-
-
 # ----------------------------------------------------------------- round trips
 def test_round_trip_ffn(saved):
     m, path = saved
-    other = make(seed=1)
+    other = make_small_ffn(seed=1)
     assert not states_equal(m, other)
     rbe_ffn.load_safetensors(other, path)
     assert states_equal(m, other)
@@ -78,7 +53,7 @@ def test_round_trip_sequential_float64(tmp_path):
     assert states_equal(a, b)
     x = torch.randn(5, 16, dtype=torch.float64)
     assert torch.equal(a(x), b(x))
-    header, _ = split(path.read_bytes())
+    header, _ = split_safetensors(path.read_bytes())
     meta = header["__metadata__"]
     assert meta["note"] == "two blocks"
     layers = json.loads(meta["rbe_ffn"])["layers"]
@@ -87,10 +62,10 @@ def test_round_trip_sequential_float64(tmp_path):
 
 
 def test_file_holds_no_dense_weight(tmp_path):
-    m = make(k=20, block_size=16, d_model=64, d_ff=256)
+    m = make_small_ffn(k=20, block_size=16, d_model=64, d_ff=256)
     path = tmp_path / "ffn.safetensors"
     rbe_ffn.save_safetensors(m, path)
-    header, _ = split(path.read_bytes())
+    header, _ = split_safetensors(path.read_bytes())
     dense = 64 * 256
     sizes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
     assert set(sizes) == set(m.state_dict())
@@ -104,27 +79,27 @@ def test_file_holds_no_dense_weight(tmp_path):
 
 def test_plain_file_without_metadata_loads_when_checksums_not_required(tmp_path):
     from safetensors.torch import save_file
-    m = make()
+    m = make_small_ffn()
     path = tmp_path / "plain.safetensors"
     save_file(m.state_dict(), str(path))
-    other = make(seed=1)
+    other = make_small_ffn(seed=1)
     # no checksums to verify: refused unless the caller opts out explicitly
     with pytest.raises(ValueError, match="no 'rbe_ffn' metadata record.*require_checksums=False"):
         rbe_ffn.load_safetensors(other, path)
-    assert states_equal(make(seed=1), other)
+    assert states_equal(make_small_ffn(seed=1), other)
     rbe_ffn.load_safetensors(other, path, require_checksums=False)
     assert states_equal(m, other)
 
 
 def test_non_strict(tmp_path):
     from safetensors.torch import save_file
-    m = make()
+    m = make_small_ffn()
     sd = dict(m.state_dict())
     del sd["fc2.coeffs"]
     sd["extra"] = torch.zeros(3)
     path = tmp_path / "partial.safetensors"
     save_file(sd, str(path))
-    other = make(seed=1)
+    other = make_small_ffn(seed=1)
     with pytest.raises(ValueError, match=r"missing keys \['fc2.coeffs'\]; unexpected keys \['extra'\]"):
         rbe_ffn.load_safetensors(other, path)
     res = rbe_ffn.load_safetensors(other, path, strict=False, require_checksums=False)
@@ -138,7 +113,7 @@ def test_non_strict(tmp_path):
                                      ({"d_ff": 36}, "'fc1': out_features is 37 in the file, 36")])
 def test_other_sizes_rejected(saved, kw, msg):
     _, path = saved
-    other = make(**kw)
+    other = make_small_ffn(**kw)
     before = copy.deepcopy(other)
     with pytest.raises(ValueError, match=msg):
         rbe_ffn.load_safetensors(other, path)
@@ -147,19 +122,19 @@ def test_other_sizes_rejected(saved, kw, msg):
 
 def test_other_dtype_rejected(saved):
     _, path = saved
-    other = make().double()
+    other = make_small_ffn().double()
     with pytest.raises(ValueError, match=r"'fc1.basis': dtype torch.float32 in the file, torch.float64"):
         rbe_ffn.load_safetensors(other, path)
 
 
 def test_reserved_metadata_key(tmp_path):
     with pytest.raises(ValueError, match="reserved"):
-        rbe_ffn.save_safetensors(make(), tmp_path / "x.safetensors", metadata={"rbe_ffn": "x"})
+        rbe_ffn.save_safetensors(make_small_ffn(), tmp_path / "x.safetensors", metadata={"rbe_ffn": "x"})
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
-        rbe_ffn.load_safetensors(make(), tmp_path / "nope.safetensors")
+        rbe_ffn.load_safetensors(make_small_ffn(), tmp_path / "nope.safetensors")
 
 
 # ----------------------------------------------------------------- corrupted files
@@ -173,7 +148,7 @@ def write_state(tmp_path, sd, with_metadata=False, m=None):
 
 
 def corrupt(key, fn):
-    sd = {k: v.clone() for k, v in make().state_dict().items()}
+    sd = {k: v.clone() for k, v in make_small_ffn().state_dict().items()}
     sd[key] = fn(sd[key])
     return sd
 
@@ -200,9 +175,9 @@ CORRUPTIONS = {
     "coeffs_nan": (lambda: corrupt("fc1.coeffs", lambda t: _set(t, (1, 2), float("nan"))),
                    r"'fc1.coeffs': non-finite value nan at \[1, 2\]"),
     "basis_inf": (lambda: corrupt("fc2.basis", lambda t: _set(t, (0, 7), float("-inf"))), r"'fc2.basis': non-finite"),
-    "missing_key": (lambda: {k: v for k, v in make().state_dict().items() if k != "fc1.index"},
+    "missing_key": (lambda: {k: v for k, v in make_small_ffn().state_dict().items() if k != "fc1.index"},
                     r"missing keys \['fc1.index'\]"),
-    "extra_key": (lambda: {**make().state_dict(), "fc3.coeffs": torch.zeros(2)}, r"unexpected keys \['fc3.coeffs'\]"),
+    "extra_key": (lambda: {**make_small_ffn().state_dict(), "fc3.coeffs": torch.zeros(2)}, r"unexpected keys \['fc3.coeffs'\]"),
 }
 
 
@@ -210,7 +185,7 @@ CORRUPTIONS = {
 def test_corrupted_state_rejected(tmp_path, name):
     build, msg = CORRUPTIONS[name]
     path = write_state(tmp_path, build())
-    m = make(seed=1)
+    m = make_small_ffn(seed=1)
     before = copy.deepcopy(m)
     with pytest.raises(ValueError, match=msg) as e:
         rbe_ffn.load_safetensors(m, path)
@@ -226,44 +201,44 @@ def test_truncated_and_garbage(saved, tmp_path):
                  b"\x00" * 64, bytes(random.Random(0).randrange(256) for _ in range(500)),
                  b"not a safetensors file at all, just text\n" * 10):
         bad.write_bytes(blob)
-        m = make(seed=1)
+        m = make_small_ffn(seed=1)
         with pytest.raises(ValueError, match="not a valid safetensors file") as e:
             rbe_ffn.load_safetensors(m, bad)
         assert str(bad) in str(e.value)
-        assert states_equal(make(seed=1), m)
+        assert states_equal(make_small_ffn(seed=1), m)
 
 
 def test_data_flip_caught_by_checksum(saved, tmp_path):
     _, path = saved
-    header, body = split(path.read_bytes())
+    header, body = split_safetensors(path.read_bytes())
     off = header["fc1.coeffs"]["data_offsets"][0]
     body = bytearray(body)
     body[off] ^= 1  # a tiny change in a coefficient: still a valid finite float
     bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(join(header, bytes(body)))
+    bad.write_bytes(join_safetensors(header, bytes(body)))
     with pytest.raises(ValueError, match="'fc1.coeffs': SHA-256 differs"):
-        rbe_ffn.load_safetensors(make(seed=1), bad)
+        rbe_ffn.load_safetensors(make_small_ffn(seed=1), bad)
 
 
 def test_bad_metadata(saved, tmp_path):
     _, path = saved
-    header, body = split(path.read_bytes())
+    header, body = split_safetensors(path.read_bytes())
     bad = tmp_path / "bad.safetensors"
     for value, msg in (("{not json", "not valid JSON"), ("[1, 2]", "unknown format"),
                        (json.dumps({"format": 1, "layers": {"fc1": {"k": True}}}), "'fc1': in_features is None"),
                        (json.dumps({"format": 1, "layers": {}, "sha256": {}}), "not recorded in the file")):
         h = copy.deepcopy(header)
         h["__metadata__"]["rbe_ffn"] = value
-        bad.write_bytes(join(h, body))
+        bad.write_bytes(join_safetensors(h, body))
         with pytest.raises(ValueError, match=msg):
-            rbe_ffn.load_safetensors(make(seed=1), bad)
+            rbe_ffn.load_safetensors(make_small_ffn(seed=1), bad)
 
 
 # ----------------------------------------------------------------- plain load_state_dict checks the index
 @pytest.mark.parametrize("name", ["index_out_of_range", "index_negative", "index_duplicate", "index_unsorted"])
 def test_load_state_dict_checks_index(name):
     sd = CORRUPTIONS[name][0]()
-    m = make(seed=1)
+    m = make_small_ffn(seed=1)
     before = copy.deepcopy(m)
     key = "fc1.index" if "fc1.index" in CORRUPTIONS[name][1] else "fc2.index"
     with pytest.raises(RuntimeError, match=key + ": (value|duplicate|unsorted)"):
@@ -274,18 +249,18 @@ def test_load_state_dict_checks_index(name):
 
 
 def test_load_state_dict_float_index_rejected():
-    sd = dict(make().state_dict())
+    sd = dict(make_small_ffn().state_dict())
     sd["fc1.index"] = sd["fc1.index"].float() + 0.5
     with pytest.raises(RuntimeError, match="fc1.index: dtype torch.float32 is not an integer dtype"):
-        make(seed=1).load_state_dict(sd)
+        make_small_ffn(seed=1).load_state_dict(sd)
 
 
 def test_load_state_dict_valid_index_of_other_int_dtype():
     # unchanged behaviour: a valid index of another integer dtype is copied (exactly) as before
-    a = make()
+    a = make_small_ffn()
     sd = dict(a.state_dict())
     sd["fc1.index"] = sd["fc1.index"].long()
-    b = make(seed=1)
+    b = make_small_ffn(seed=1)
     b.load_state_dict(sd)
     assert states_equal(a, b)
 
@@ -332,34 +307,34 @@ def _mutate(rng: random.Random, data: bytes, header: dict, body: bytes):
             h[name]["shape"] = [int(__import__("math").prod(shape))] if shape else [1]
         if kind == "drop_meta_shape":
             h.pop("__metadata__", None)
-        return kind, join(h, body)
+        return kind, join_safetensors(h, body)
     if kind == "dtype":
         h[name]["dtype"] = rng.choice(["F32", "F64", "F16", "BF16", "I16", "I32", "I64", "U8", "I8", "BOOL", "U16",
                                        "F8_E4M3", "X99", "", 7])
-        return kind, join(h, body)
+        return kind, join_safetensors(h, body)
     if kind == "offsets":
         off = h[name]["data_offsets"]
         off[rng.randrange(2)] = rng.choice([0, -1, 1, len(body), len(body) + 1, 2**64 - 1, off[0] + 2, off[1] - 2])
-        return kind, join(h, body)
+        return kind, join_safetensors(h, body)
     if kind == "swap_offsets":
         other = rng.choice(names)
         h[name]["data_offsets"], h[other]["data_offsets"] = h[other]["data_offsets"], h[name]["data_offsets"]
         if rng.random() < 0.5:
             h.pop("__metadata__", None)
-        return kind, join(h, body)
+        return kind, join_safetensors(h, body)
     if kind == "meta_edit":
         rec = json.loads(h["__metadata__"]["rbe_ffn"])
         layer = rng.choice(list(rec["layers"]))
         field = rng.choice(["in_features", "out_features", "block_size", "k", "bias"])
         rec["layers"][layer][field] = rng.choice([0, 1, 5, 8, 37, -1, True, None, "8", 8.0])
         h["__metadata__"]["rbe_ffn"] = json.dumps(rec)
-        return kind, join(h, body)
+        return kind, join_safetensors(h, body)
     # drop_meta_flip_data: no checksums left, so the content checks (index, finiteness) must catch it
     h.pop("__metadata__", None)
     b = bytearray(body)
     for _ in range(rng.randint(1, 4)):
         b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
-    return kind, join(h, bytes(b))
+    return kind, join_safetensors(h, bytes(b))
 
 
 def _assert_valid(m: rbe_ffn.RBEFeedForward, template):
@@ -375,9 +350,9 @@ def _assert_valid(m: rbe_ffn.RBEFeedForward, template):
 def test_fuzz(saved, tmp_path, capsys):
     original, path = saved
     data = path.read_bytes()
-    header, body = split(data)
+    header, body = split_safetensors(data)
     template = original.state_dict()
-    target = make(seed=1)
+    target = make_small_ffn(seed=1)
     pristine = copy.deepcopy(target.state_dict())
     bad = tmp_path / "fuzz.safetensors"
     rng = random.Random(1234)
@@ -400,7 +375,7 @@ def test_fuzz(saved, tmp_path, capsys):
             raise AssertionError(f"case {case} ({kind}): unexpected {type(e).__name__}: {e}") from e
         _assert_valid(target, template)
         try:
-            has_sums = "rbe_ffn" in (split(blob)[0].get("__metadata__") or {})
+            has_sums = "rbe_ffn" in (split_safetensors(blob)[0].get("__metadata__") or {})
         except Exception:
             has_sums = False
         if has_sums:  # sums recorded: a successful load must be exactly what was saved

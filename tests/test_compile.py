@@ -1,24 +1,13 @@
 """torch.compile(fullgraph=True) traces the RBE operators (fake kernels + autograd
 registered in Python) without a graph break, and forward and backward match eager.
 Shapes are tiny: compiling dominates the time."""
-import math
-
 import pytest
 import torch
 
 import rbe_ffn
 
 import ffn_reference as R
-
-
-def make(checkpoint=False, memory_limit_mb=None, activation="gelu"):
-    g = torch.Generator().manual_seed(0)
-    m = rbe_ffn.RBEFeedForward(10, 37, activation, block_size=8, k=5, checkpoint=checkpoint,
-                               memory_limit_mb=memory_limit_mb, generator=g)
-    with torch.no_grad():
-        for lin in (m.fc1, m.fc2):
-            lin.basis.normal_(0, 1 / math.sqrt(3 * lin.in_features), generator=g)
-    return m
+from conftest import check_close, make_ffn, params_of
 
 
 def run(fn, m, x, dy):
@@ -35,7 +24,7 @@ def _fresh_dynamo():
 
 @pytest.mark.parametrize("variant", ["standard", "checkpoint", "chunked_checkpoint"])
 def test_compile_fullgraph_matches_eager(variant):
-    m = make(checkpoint=variant != "standard", memory_limit_mb=0.003 if variant.startswith("chunked") else None)
+    m = make_ffn(checkpoint=variant != "standard", memory_limit_mb=0.003 if variant.startswith("chunked") else None)
     if variant.startswith("chunked"):
         assert 0 < m.chunk_tokens() < 6
     x = torch.randn(2, 3, 10)
@@ -49,6 +38,23 @@ def test_compile_fullgraph_matches_eager(variant):
     # a second call reuses the graph and still agrees
     yc2, _ = run(cm, m, x * 2, dy)
     torch.testing.assert_close(yc2, m(x * 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_compile_fullgraph_gradients_within_1e6(checkpoint, device):
+    """A wider block (32 -> 80, b = 16, non-zero biases): compiled y and all 7 gradients within
+    1e-6 (relative, norm-wise) of eager."""
+    torch._dynamo.reset()
+    m = make_ffn(32, 80, "gelu", 16, 20, seed=13, checkpoint=checkpoint, random_bias=True).to(device)
+    x = torch.randn(4, 7, 32, device=device)
+    dy = torch.randn_like(x)
+    y, g = R.grads_of(m, x, params_of(m), dy)
+    cm = torch.compile(m, fullgraph=True)
+    yc, gc = R.grads_of(cm, x, params_of(m), dy)
+    check_close(yc, y, 1e-6, "compiled forward")
+    for a, b in zip(gc, g):
+        check_close(a, b, 1e-6, "compiled grad")
+    torch._dynamo.reset()
 
 
 def test_compile_linear():
@@ -74,7 +80,7 @@ def test_compile_linear():
 def test_compiled_saved_tensors(checkpoint):
     """The compiled graph keeps the memory contract: checkpointed saves only the input,
     standard saves the input and the [T, d_ff] pre-activation (module tensors excluded)."""
-    m = make(checkpoint=checkpoint)
+    m = make_ffn(checkpoint=checkpoint)
     x = torch.randn(4, 7, 10, requires_grad=True)
     cm = torch.compile(m, fullgraph=True)
     cm(x)  # compile outside the hooks

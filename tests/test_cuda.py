@@ -1,6 +1,12 @@
-"""The operators on CUDA tensors, checked against the CPU operators on the same inputs, against
-the independent test vectors, with gradcheck, opcheck and torch.compile, and in half precision
-against the dense module's own half-precision error.
+"""CUDA-only checks: the CUDA operators against the CPU operators on the same inputs, moving
+modules between devices, half precision and autocast against the dense module's own
+half-precision error, and CUDA-specific bad input.
+
+The checks that are the same on every device (the test vectors, gradcheck, opcheck,
+torch.compile, checkpointed / chunked variants, saved tensors, corrupted indexes) are the
+device-parametrized tests of test_vectors_ffn.py, test_ffn.py, test_compile.py,
+test_ffn_memory.py and test_bad_input.py (the `device` fixture in conftest.py); they run
+on CUDA where a CUDA device is present.
 
 Skipped (with the reason shown) where no CUDA device is present; where one is present the
 extension must have been built with its CUDA kernels, else test_cuda_kernels_registered fails.
@@ -10,43 +16,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.library import opcheck
 
 import rbe_ffn
 
 import ffn_reference as R
-from test_ffn import make_ffn as make_ffn_cpu
-from test_vectors_ffn import CASES, assert_matches, build as build_case, t64
+from conftest import ACTS, TOL, check_close, make_ffn, params_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device here: the CUDA kernels are only compiled (make cuda-check)")
 
 ops = torch.ops.rbe_ffn
-ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 OPS = ["encode", "decode", "linear", "linear_backward", "ffn", "ffn_backward", "activation", "activation_backward"]
-
-
-def make_ffn(d_model, d_ff, activation="gelu", block_size=8, k=5, dtype=torch.float32, seed=0, **kw):
-    """test_ffn's fresh RBEFeedForward (CPU, non-zero pattern part), with non-zero biases too."""
-    m = make_ffn_cpu(d_model, d_ff, activation, block_size, k, dtype, seed, **kw)
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for lin in (m.fc1, m.fc2):
-            if lin.bias is not None:
-                lin.bias.copy_(torch.randn(lin.bias.shape, generator=g, dtype=torch.float64) * 0.1)
-    return m
-
-
-def params_of(m):
-    return [p for n in R.PARAM_NAMES if (p := m.get_parameter(n)) is not None]
-
-
-def check_close(got, want, tol, what):
-    err = R.rel_err(got.cpu(), want.cpu())
-    assert err < tol, f"{what}: relative error {err:.3g} >= {tol}"
 
 
 def test_cuda_kernels_registered():
@@ -66,7 +47,7 @@ SHAPES = [(50, 130, 16, 37), (24, 40, 8, 64), (10, 37, 8, 5), (70, 33, 4, 3)]
 @pytest.mark.parametrize("tokens", [1, 100])
 def test_ffn_matches_cpu(shape, activation, checkpoint, dtype, tokens):
     d_model, d_ff, b, k = shape
-    m = make_ffn(d_model, d_ff, activation, b, k, dtype=dtype, seed=tokens, checkpoint=checkpoint)
+    m = make_ffn(d_model, d_ff, activation, b, k, dtype=dtype, seed=tokens, checkpoint=checkpoint, random_bias=True)
     mc = copy.deepcopy(m).cuda()
     g = torch.Generator().manual_seed(7)
     x = torch.randn(tokens, d_model, generator=g, dtype=dtype)
@@ -99,27 +80,6 @@ def test_linear_matches_cpu(shape, bias, dtype):
     check_close(yc, y, TOL[dtype], "y")
     for name, a, b_ in zip(["x"] + names, gradsc, grads):
         check_close(a, b_, TOL[dtype], f"d/d{name}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("variant", ["standard", "checkpoint", "chunk1"])
-@pytest.mark.parametrize("case", CASES, ids=[c["activation"] for c in CASES])
-def test_cuda_matches_vectors(case, variant, dtype):
-    m = build_case(case, dtype, variant == "checkpoint", 1 if variant == "chunk1" else 0).cuda()
-    x = t64(case["x"]).to(dtype).cuda()
-    dy = t64(case["dy"]).to(dtype).cuda()
-    y, grads = R.grads_of(m, x, params_of(m), dy)
-    assert_matches(y.cpu(), t64(case["y"]).to(dtype), TOL[dtype], "y")
-    for name, g in zip(("x",) + R.PARAM_NAMES, grads):
-        assert_matches(g.cpu(), t64(case["grad"][name]).to(dtype), TOL[dtype], f"d/d{name}")
-
-
-def test_cuda_decode_matches_vectors():
-    for case in R.load_cases()["decode"]:
-        b = case["block_size"]
-        idx = torch.tensor(case["index"]).to(torch.int32 if b > 128 else torch.int16)
-        w = ops.decode(t64(case["basis"]).cuda(), t64(case["coeffs"]).cuda(), idx.cuda(), case["out"], case["in"], b)
-        assert_matches(w.cpu(), t64(case["weight"]), 1e-12, "decode")
 
 
 # ----------------------------------------------------------------- codec on CUDA
@@ -161,124 +121,14 @@ def test_compress_cuda_weight_end_to_end():
     assert R.rel_err(cw.decompress().cpu(), ref.decompress()) < 1e-6
 
 
-# ----------------------------------------------------------------- gradcheck (float64, small weird shapes)
-@pytest.mark.parametrize("variant", ["standard", "checkpoint", "chunked"])
-@pytest.mark.parametrize("activation", ["gelu", "silu", "gelu_tanh"])
-def test_gradcheck_ffn_cuda(activation, variant):
-    m = make_ffn(6, 11, activation, block_size=4, k=5, dtype=torch.float64, seed=3,
-                 checkpoint=variant == "checkpoint").cuda()
-    x = torch.randn(3, 6, dtype=torch.float64, device="cuda", requires_grad=True)
-    names = list(R.PARAM_NAMES)
-    chunk = 2 if variant == "chunked" else 0
-
-    def f(x, *p):
-        return rbe_ffn.rbe_feed_forward(x, (p[0], p[1], m.fc1.index, p[2]), (p[3], p[4], m.fc2.index, p[5]), 6, 11, 4,
-                                        activation, variant == "checkpoint", chunk)
-
-    params = [m.get_parameter(n).detach().clone().requires_grad_() for n in names]
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-8, rtol=1e-6)
-
-
-@pytest.mark.parametrize("shape", [(13, 21, 8, 5), (7, 5, 130, 10)], ids=["13x21_b8", "7x5_b130_int32"])
-def test_gradcheck_linear_cuda(shape):
-    out, inp, b, k = shape
-    lin = rbe_ffn.RBELinear(inp, out, block_size=b, k=k, dtype=torch.float64,
-                            generator=torch.Generator().manual_seed(2)).cuda()
-    basis = torch.randn(lin.basis.shape, dtype=torch.float64, device="cuda", requires_grad=True)
-    coeffs = lin.coeffs.detach().clone().requires_grad_()
-    bias = torch.randn(out, dtype=torch.float64, device="cuda", requires_grad=True)
-    x = torch.randn(2, 3, inp, dtype=torch.float64, device="cuda", requires_grad=True)
-
-    def f(x, basis, coeffs, bias):
-        return ops.linear(x, lin.plan, basis, coeffs, lin.index, bias, inp, out)
-
-    assert torch.autograd.gradcheck(f, (x, basis, coeffs, bias), eps=1e-6, atol=1e-8, rtol=1e-6)
-
-
-# ----------------------------------------------------------------- opcheck on every CUDA operator
-def _opcheck(op, args):
-    result = opcheck(op, args)
-    assert all(v == "SUCCESS" for v in result.values()), result
-
-
-def ffn_args(m, x, chunk=0, keep_pre=True):
-    f1, f2 = m.fc1, m.fc2
-    return (x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
-            m.d_model, m.d_ff, m.activation, chunk, keep_pre)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
-def test_opcheck_cuda(dtype):
-    d = lambda t: t.detach()  # noqa: E731
-    if dtype != torch.bfloat16:
-        w = torch.randn(13, 21, dtype=dtype, device="cuda")
-        _opcheck(ops.encode, (w, 8, 5))
-        _opcheck(ops.encode, (torch.randn(3, 5, dtype=dtype, device="cuda"), 130, 7))
-    m = make_ffn(10, 37, "silu", dtype=torch.float64).to("cuda", dtype)
-    f1 = m.fc1
-    _opcheck(ops.decode, (d(f1.basis), d(f1.coeffs), f1.index, 37, 10, 8))
-    x = torch.randn(2, 3, 10, dtype=dtype, device="cuda", requires_grad=True)
-    _opcheck(ops.linear, (x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, 10, 37))
-    gy = torch.randn(2, 3, 37, dtype=dtype, device="cuda")
-    for mask in ([True] * 4, [True, False, True, False]):
-        _opcheck(ops.linear_backward, (gy, d(x), f1.plan, d(f1.basis), d(f1.coeffs), f1.index, 10, 37, mask))
-    for keep_pre in (True, False):
-        for chunk in (0, 4):
-            _opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre))
-            with torch.no_grad():
-                y, pre = ops.ffn(*ffn_args(m, d(x), chunk, keep_pre))
-            f2 = m.fc2
-            _opcheck(ops.ffn_backward, (torch.randn_like(y), d(x), pre, f1.plan, d(f1.basis), d(f1.coeffs), f1.index,
-                                        d(f1.bias), d(f2.basis), d(f2.coeffs), f2.index, 10, 37, "silu", chunk,
-                                        [True] * 7))
-    h = torch.randn(4, 9, dtype=dtype, device="cuda", requires_grad=True)
-    _opcheck(ops.activation, (h, "gelu"))
-    _opcheck(ops.activation_backward, (torch.randn_like(h), d(h), "gelu_tanh"))
-
-
-# ----------------------------------------------------------------- variants
-@pytest.mark.parametrize("activation", ACTS)
-def test_checkpointed_and_chunked_equal_standard(activation):
-    base = make_ffn(40, 100, activation, 16, 30, seed=4).cuda()
-    x = torch.randn(3, 50, 40, device="cuda")
-    dy = torch.randn_like(x)
-    y, g = R.grads_of(base, x, params_of(base), dy)
-    ck = copy.deepcopy(base)
-    ck.checkpoint = True
-    yk, gk = R.grads_of(ck, x, params_of(ck), dy)
-    assert torch.equal(yk, y), "checkpointed forward must be bitwise equal to the standard one"
-    for a, b in zip(gk, g):
-        check_close(a, b, 1e-6, "checkpointed grad")
-    for checkpoint in (False, True):
-        ch = copy.deepcopy(base)
-        ch.checkpoint = checkpoint
-        fc = ch.fc1
-        y2, g2 = R.grads_of(lambda x: rbe_ffn.rbe_feed_forward(
-            x, (fc.basis, fc.coeffs, fc.index, fc.bias), (ch.fc2.basis, ch.fc2.coeffs, ch.fc2.index, ch.fc2.bias),
-            40, 100, 16, activation, checkpoint, 37), x, params_of(ch), dy)
-        check_close(y2, y, 1e-6, "chunked forward")
-        for a, b in zip(g2, g):
-            check_close(a, b, 1e-6, "chunked grad")
-
-
-def test_checkpointed_saves_only_the_input():
-    m = make_ffn(64, 256, "gelu", 16, 30, checkpoint=True).cuda()
-    x = torch.randn(128, 64, device="cuda", requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        m(x).sum().backward()
-    big = [tuple(t.shape) for t in saved if t.numel() >= 128 * 256]
-    assert big == [], f"a [T, d_ff] tensor was saved: {big}"
-
-
 # ----------------------------------------------------------------- modules move with .cuda()
 def test_module_cuda_roundtrip_and_state_dict():
-    m = make_ffn(48, 96, "gelu_tanh", 16, 20, seed=9)
+    m = make_ffn(48, 96, "gelu_tanh", 16, 20, seed=9, random_bias=True)
     mc = copy.deepcopy(m).cuda()
     assert mc.fc1.plan.is_cuda and mc.fc1.index.is_cuda
     x = torch.randn(5, 48)
     check_close(mc(x.cuda()), m(x), 1e-5, "module on CUDA")
-    back = make_ffn(48, 96, "gelu_tanh", 16, 20, seed=10)
+    back = make_ffn(48, 96, "gelu_tanh", 16, 20, seed=10, random_bias=True)
     back.load_state_dict(mc.state_dict())
     check_close(back(x), m(x), 1e-6, "state_dict from CUDA")
     opt = torch.optim.AdamW(mc.parameters(), lr=1e-2)
@@ -312,7 +162,7 @@ def forward_and_input_grad(model, x, dy):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("mode", ["cast", "autocast"])
 def test_half_error_within_twice_dense(dtype, mode):
-    m = make_ffn(256, 1024, "gelu", 64, 300, seed=11).cuda()
+    m = make_ffn(256, 1024, "gelu", 64, 300, seed=11, random_bias=True).cuda()
     dense = dense_twin(m)
     x = torch.randn(4, 64, 256, device="cuda")
     dy = torch.randn(4, 64, 256, device="cuda")
@@ -340,7 +190,7 @@ def test_half_error_within_twice_dense(dtype, mode):
 def test_half_parameter_grads(dtype):
     """Parameter gradients in half precision against float32 ones, no worse than 2x the dense
     module's own half-precision weight-gradient error (float32 master weights, autocast)."""
-    m = make_ffn(128, 512, "silu", 32, 200, seed=12).cuda()
+    m = make_ffn(128, 512, "silu", 32, 200, seed=12, random_bias=True).cuda()
     dense = dense_twin(m)
     x = torch.randn(256, 128, device="cuda")
 
@@ -384,34 +234,12 @@ def test_activation_matches_cpu(activation, dtype):
                                ops.activation_backward(dy, x, activation), rtol=tol, atol=1e-12, equal_nan=True)
 
 
-# ----------------------------------------------------------------- torch.compile
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_compile_fullgraph_cuda(checkpoint):
-    torch._dynamo.reset()
-    m = make_ffn(32, 80, "gelu", 16, 20, seed=13, checkpoint=checkpoint).cuda()
-    x = torch.randn(4, 7, 32, device="cuda")
-    dy = torch.randn_like(x)
-    y, g = R.grads_of(m, x, params_of(m), dy)
-    cm = torch.compile(m, fullgraph=True)
-    yc, gc = R.grads_of(cm, x, params_of(m), dy)
-    check_close(yc, y, 1e-6, "compiled forward")
-    for a, b in zip(gc, g):
-        check_close(a, b, 1e-6, "compiled grad")
-    torch._dynamo.reset()
-
-
 # ----------------------------------------------------------------- bad input
 def test_bad_input_cuda():
-    m = make_ffn(16, 40, "gelu", 8, 5).cuda()
+    """Device mismatches and dtypes only the CUDA kernels take (a corrupted index on CUDA is
+    test_bad_input.py's test_corrupted_index_names_block_and_slot[cuda])."""
+    m = make_ffn(16, 40, "gelu", 8, 5, random_bias=True).cuda()
     x = torch.randn(3, 16, device="cuda")
-    with torch.no_grad():
-        m.fc1.index[2, 1] = m.fc1.index[2, 0]  # duplicate position
-    with pytest.raises(IndexError, match="fc1: index is corrupted at block 2, slot 1"):
-        m(x)
-    with torch.no_grad():
-        m.fc1.index[2, 1] = 64 * 64  # out of range (b = 8)
-    with pytest.raises(IndexError, match="index is corrupted"):
-        m(x)
     with pytest.raises(ValueError, match="input is on cpu but the layer is on cuda"):
         m(torch.randn(3, 16))  # forgot x.cuda()
     lin = rbe_ffn.RBELinear(16, 40, block_size=8, k=5)
@@ -421,6 +249,4 @@ def test_bad_input_cuda():
         lin.to(torch.bfloat16)(torch.randn(3, 16, dtype=torch.bfloat16))
     with pytest.raises((TypeError, ValueError), match="dtype"):
         lin.cuda()(torch.randn(3, 16, device="cuda", dtype=torch.float64))
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        ops.encode(torch.full((8, 8), float("nan"), device="cuda"), 8, 3)
     torch.cuda.synchronize()  # nothing asynchronous went wrong either

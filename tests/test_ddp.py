@@ -11,26 +11,17 @@ kept as a uint8 buffer ``index_bytes``, which DDP broadcasts from rank 0 like an
 construction (so a rank that built another index gets rank 0's) and before every forward.
 """
 import os
-import socket
-import time
 import traceback
 import warnings
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import rbe_ffn
 
-WORLD = 2
-STEPS = 4
-LR = 0.1
-GLOBAL_BATCH = 12  # even: equal halves, so DDP's gradient average equals the full-batch mean
-JOIN_TIMEOUT_S = 120  # the whole file normally takes ~10-25 s
-PG_TIMEOUT = timedelta(seconds=60)
+from distributed_helpers import WORLD, global_batches, init_process_group, run_world, train
 
 # name -> (checkpoint, how the model is wrapped)
 CASES = {
@@ -47,12 +38,6 @@ def build_model(checkpoint: bool) -> nn.Module:
         nn.Linear(16, 32),
         rbe_ffn.RBEFeedForward(32, 96, activation="gelu", block_size=16, k=40, checkpoint=checkpoint),
     )
-
-
-def global_batches():
-    g = torch.Generator().manual_seed(99)
-    return [(torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randn(GLOBAL_BATCH, 32, generator=g))
-            for _ in range(STEPS)]
 
 
 def index_names(model: nn.Module):
@@ -78,17 +63,6 @@ def wrap_ddp(model: nn.Module, how: str) -> nn.Module:
         return DDP(model)
 
 
-def train(model: nn.Module, batches, rank: int | None):
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for x, y in batches:
-        if rank is not None:
-            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x), y)  # mean over this rank's (or the global) batch
-        loss.backward()
-        opt.step()
-
-
 def snapshot(model: nn.Module):
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
@@ -96,16 +70,9 @@ def snapshot(model: nn.Module):
 
 
 # ------------------------------------------------------------------ workers (spawned)
-def _init(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=PG_TIMEOUT)
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
-        _init(rank, port)
+        init_process_group(rank, port)
         batches = global_batches()
         for name, (checkpoint, how) in CASES.items():
             model = build_model(checkpoint)
@@ -131,36 +98,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         raise
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_world(target, out_dir) -> None:
-    """Start WORLD spawned processes; always join them, killing any left after the timeout."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(rank, port, str(out_dir)), daemon=True) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-    finally:
-        hung = [p for p in procs if p.is_alive()]
-        for p in hung:
-            p.kill()
-        for p in procs:
-            p.join(timeout=10)
-    errors = {f.name: f.read_text() for f in sorted(out_dir.glob("error.*.txt"))}
-    assert not hung, f"{len(hung)} worker(s) still running after {JOIN_TIMEOUT_S} s were killed; {errors}"
-    codes = [p.exitcode for p in procs]
-    if codes != [0] * WORLD or errors:
-        pytest.fail(f"worker exit codes {codes}\n" + "\n".join(f"{k}:\n{v}" for k, v in errors.items()))
-
-
 # ------------------------------------------------------------------ tests
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
@@ -170,16 +107,8 @@ def world_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def one_thread():
-    """The reference runs single-threaded, like the workers (and fast on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_ddp_matches_single_process(world_dir, one_thread):
+    # one_thread (conftest.py): the reference runs single-threaded like the workers (fast on a busy machine)
     tmp_path = world_dir
     batches = global_batches()
     for name, (checkpoint, _) in CASES.items():

@@ -1,47 +1,23 @@
 """The feed-forward and linear operators on CPU: gradcheck, opcheck, agreement with a
 pure-PyTorch reference (tests/ffn_reference.py, written from DESIGN.md), the
 accuracy bar of the format, and the equivalence of the standard, checkpointed and
-chunked variants.
+chunked variants. Tests that take `device` (conftest.py) run on the CPU and, where
+present, on CUDA.
 """
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.library import opcheck
 
 import rbe_ffn
-from rbe_ffn.functional import intermediate_bytes_per_token
 
 import ffn_reference as R
+from conftest import ACTS, DEVICES, assert_opcheck, check_close, ffn_args, limit_for_chunk, make_ffn, params_of
 
 ops = torch.ops.rbe_ffn
-ACTS = ["gelu", "gelu_tanh", "relu", "silu"]
-
-
-def make_ffn(d_model, d_ff, activation="gelu", block_size=8, k=5, dtype=torch.float32, seed=0, **kw):
-    """A fresh RBEFeedForward with a non-zero pattern part (fresh init leaves basis at 0)."""
-    g = torch.Generator().manual_seed(seed)
-    m = rbe_ffn.RBEFeedForward(d_model, d_ff, activation, block_size=block_size, k=k, dtype=dtype, generator=g,
-                               **kw)
-    with torch.no_grad():
-        for lin in (m.fc1, m.fc2):
-            lin.basis.copy_(torch.randn(lin.basis.shape, generator=g, dtype=torch.float64)
-                            / math.sqrt(3 * lin.in_features))
-    return m
-
-
-def limit_for_chunk(m, chunk: int) -> float:
-    nf = m.fc1.plan.shape[1] - m.block_size
-    per = intermediate_bytes_per_token(m.d_model, m.d_ff, m.block_size, nf, m.fc1.coeffs.element_size())
-    return (chunk + 0.5) * per / 2**20
-
-
-def ffn_args(m, x, chunk=0, keep_pre=True, bias=True):
-    f1, f2 = m.fc1, m.fc2
-    return (x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias if bias else None, f2.basis, f2.coeffs, f2.index,
-            f2.bias if bias else None, m.d_model, m.d_ff, m.activation, chunk, keep_pre)
 
 
 # ----------------------------------------------------------------- gradcheck
@@ -78,17 +54,18 @@ def test_gradcheck_ffn(activation, variant):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(13, 21, 8, 5), (37, 10, 8, 64), (7, 5, 130, 10)],
                          ids=["13x21_b8", "37x10_b8_kfull", "7x5_b130_int32"])
-def test_gradcheck_linear(shape, bias):
+def test_gradcheck_linear(shape, bias, device):
     out, inp, b, k = shape
     g = torch.Generator().manual_seed(2)
     lin = rbe_ffn.RBELinear(inp, out, bias=bias, block_size=b, k=k, dtype=torch.float64, generator=g)
     assert lin.index.dtype == (torch.int32 if b > 128 else torch.int16)
-    basis = torch.randn(lin.basis.shape, generator=g, dtype=torch.float64, requires_grad=True)
+    basis = torch.randn(lin.basis.shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    lin = lin.to(device)
     coeffs = lin.coeffs.detach().clone().requires_grad_()
-    x = torch.randn(2, 3, inp, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, inp, generator=g, dtype=torch.float64).to(device).requires_grad_()
     inputs = [x, basis, coeffs]
     if bias:
-        inputs.append(torch.randn(out, generator=g, dtype=torch.float64, requires_grad=True))
+        inputs.append(torch.randn(out, generator=g, dtype=torch.float64).to(device).requires_grad_())
 
     def f(x, basis, coeffs, bias=None):
         return ops.linear(x, lin.plan, basis, coeffs, lin.index, bias, inp, out)
@@ -96,25 +73,39 @@ def test_gradcheck_linear(shape, bias):
     assert torch.autograd.gradcheck(f, tuple(inputs), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["standard", "checkpoint", "chunked"])
+@pytest.mark.parametrize("activation", ["gelu", "silu", "gelu_tanh"])
+def test_gradcheck_ffn_functional(activation, variant, device):
+    """rbe_feed_forward called directly with an explicit chunk size (2 of 3 tokens), b = 4,
+    non-zero biases."""
+    m = make_ffn(6, 11, activation, block_size=4, k=5, dtype=torch.float64, seed=3,
+                 checkpoint=variant == "checkpoint", random_bias=True).to(device)
+    x = torch.randn(3, 6, dtype=torch.float64, device=device, requires_grad=True)
+    names = list(R.PARAM_NAMES)
+    chunk = 2 if variant == "chunked" else 0
+
+    def f(x, *p):
+        return rbe_ffn.rbe_feed_forward(x, (p[0], p[1], m.fc1.index, p[2]), (p[3], p[4], m.fc2.index, p[5]), 6, 11, 4,
+                                        activation, variant == "checkpoint", chunk)
+
+    params = [m.get_parameter(n).detach().clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
 # ----------------------------------------------------------------- opcheck
-def _opcheck(op, args):
-    result = opcheck(op, args)
-    assert all(v == "SUCCESS" for v in result.values()), result
-
-
 def test_opcheck_make_plan():
     # no tensor arguments: opcheck still runs all its checks (schema, fake, aot dispatch)
-    _opcheck(ops.make_plan, (8, 1e-9))
-    _opcheck(ops.make_plan, (13, 1e-15))
+    assert_opcheck(ops.make_plan, (8, 1e-9))
+    assert_opcheck(ops.make_plan, (13, 1e-15))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_codec(dtype):
     w = torch.randn(13, 21, dtype=dtype)
-    _opcheck(ops.encode, (w, 8, 5))
-    _opcheck(ops.encode, (torch.randn(3, 5, dtype=dtype), 130, 7))  # int32 index
+    assert_opcheck(ops.encode, (w, 8, 5))
+    assert_opcheck(ops.encode, (torch.randn(3, 5, dtype=dtype), 130, 7))  # int32 index
     basis, coeffs, index, _ = ops.encode(w, 8, 5)
-    _opcheck(ops.decode, (basis, coeffs, index, 13, 21, 8))
+    assert_opcheck(ops.decode, (basis, coeffs, index, 13, 21, 8))
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -122,11 +113,11 @@ def test_opcheck_linear(bias):
     g = torch.Generator().manual_seed(3)
     lin = rbe_ffn.RBELinear(21, 13, bias=bias, block_size=8, k=5, dtype=torch.float64, generator=g)
     x = torch.randn(2, 3, 21, generator=g, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.linear, (x, lin.plan, lin.basis, lin.coeffs, lin.index, lin.bias, 21, 13))
+    assert_opcheck(ops.linear, (x, lin.plan, lin.basis, lin.coeffs, lin.index, lin.bias, 21, 13))
     gy = torch.randn(2, 3, 13, dtype=torch.float64)
     d = lambda t: t.detach()  # noqa: E731  (the backward operator has no autograd of its own)
     for mask in ([True] * 4, [True, False, True, False], [False, True, False, True]):
-        _opcheck(ops.linear_backward, (gy, d(x), lin.plan, d(lin.basis), d(lin.coeffs), lin.index, 21, 13, mask))
+        assert_opcheck(ops.linear_backward, (gy, d(x), lin.plan, d(lin.basis), d(lin.coeffs), lin.index, 21, 13, mask))
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
@@ -134,8 +125,8 @@ def test_opcheck_linear(bias):
 def test_opcheck_ffn(keep_pre, chunk):
     m = make_ffn(10, 37, "silu", dtype=torch.float64)
     x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre))
-    _opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre, bias=False))
+    assert_opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre))
+    assert_opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre, bias=False))
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
@@ -149,16 +140,51 @@ def test_opcheck_ffn_backward(keep_pre, chunk):
     f1, f2 = m.fc1, m.fc2
     d = lambda t: t.detach()  # noqa: E731
     for mask in ([True] * 7, [False, True, False, True, False, True, False], [True] + [False] * 6):
-        _opcheck(ops.ffn_backward, (gy, x, pre, f1.plan, d(f1.basis), d(f1.coeffs), f1.index, d(f1.bias),
+        assert_opcheck(ops.ffn_backward, (gy, x, pre, f1.plan, d(f1.basis), d(f1.coeffs), f1.index, d(f1.bias),
                                     d(f2.basis), d(f2.coeffs), f2.index, 10, 37, "gelu_tanh", chunk, mask))
 
 
 @pytest.mark.parametrize("activation", ACTS + ["none"])
 def test_opcheck_activation(activation):
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.activation, (x, activation))
-    _opcheck(ops.activation_backward, (torch.randn(3, 7, dtype=torch.float64), x.detach(), activation))
-    _opcheck(ops.activation, (torch.randn(2, 5, 3).transpose(0, 2), activation))  # non-contiguous
+    assert_opcheck(ops.activation, (x, activation))
+    assert_opcheck(ops.activation_backward, (torch.randn(3, 7, dtype=torch.float64), x.detach(), activation))
+    assert_opcheck(ops.activation, (torch.randn(2, 5, 3).transpose(0, 2), activation))  # non-contiguous
+
+
+# bfloat16 only where the CUDA kernels are (the CPU operators refuse half precision)
+OPCHECK_ALL = [(d, t) for d in DEVICES for t in (torch.float32, torch.float64)] + (
+    [("cuda", torch.bfloat16)] if "cuda" in DEVICES else [])
+
+
+@pytest.mark.parametrize("device,dtype", OPCHECK_ALL, ids=lambda v: str(v).replace("torch.", ""))
+def test_opcheck_every_operator(device, dtype):
+    """Every operator of a float32 / float64 (/ bfloat16) module on one device, biases included."""
+    d = lambda t: t.detach()  # noqa: E731
+    if dtype != torch.bfloat16:
+        w = torch.randn(13, 21, dtype=dtype, device=device)
+        assert_opcheck(ops.encode, (w, 8, 5))
+        assert_opcheck(ops.encode, (torch.randn(3, 5, dtype=dtype, device=device), 130, 7))
+    m = make_ffn(10, 37, "silu", dtype=torch.float64, random_bias=True).to(device, dtype)
+    f1 = m.fc1
+    assert_opcheck(ops.decode, (d(f1.basis), d(f1.coeffs), f1.index, 37, 10, 8))
+    x = torch.randn(2, 3, 10, dtype=dtype, device=device, requires_grad=True)
+    assert_opcheck(ops.linear, (x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, 10, 37))
+    gy = torch.randn(2, 3, 37, dtype=dtype, device=device)
+    for mask in ([True] * 4, [True, False, True, False]):
+        assert_opcheck(ops.linear_backward, (gy, d(x), f1.plan, d(f1.basis), d(f1.coeffs), f1.index, 10, 37, mask))
+    for keep_pre in (True, False):
+        for chunk in (0, 4):
+            assert_opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre))
+            with torch.no_grad():
+                y, pre = ops.ffn(*ffn_args(m, d(x), chunk, keep_pre))
+            f2 = m.fc2
+            assert_opcheck(ops.ffn_backward, (torch.randn_like(y), d(x), pre, f1.plan, d(f1.basis), d(f1.coeffs),
+                                              f1.index, d(f1.bias), d(f2.basis), d(f2.coeffs), f2.index, 10, 37,
+                                              "silu", chunk, [True] * 7))
+    h = torch.randn(4, 9, dtype=dtype, device=device, requires_grad=True)
+    assert_opcheck(ops.activation, (h, "gelu"))
+    assert_opcheck(ops.activation_backward, (torch.randn_like(h), d(h), "gelu_tanh"))
 
 
 # ----------------------------------------------------------------- agreement with the reference
@@ -369,6 +395,32 @@ def test_chunked_equals_unchunked(checkpoint):
     assert torch.equal(yc, y)
     for a, b in zip(gc, g):
         assert R.rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_checkpointed_and_chunked_equal_standard(activation, device):
+    """Checkpointed forward bitwise equal to the standard one; checkpointed gradients and the
+    functional path with 37-token chunks (standard and checkpointed) within 1e-6."""
+    base = make_ffn(40, 100, activation, 16, 30, seed=4, random_bias=True).to(device)
+    x = torch.randn(3, 50, 40, device=device)
+    dy = torch.randn_like(x)
+    y, g = R.grads_of(base, x, params_of(base), dy)
+    ck = copy.deepcopy(base)
+    ck.checkpoint = True
+    yk, gk = R.grads_of(ck, x, params_of(ck), dy)
+    assert torch.equal(yk, y), "checkpointed forward must be bitwise equal to the standard one"
+    for a, b in zip(gk, g):
+        check_close(a, b, 1e-6, "checkpointed grad")
+    for checkpoint in (False, True):
+        ch = copy.deepcopy(base)
+        ch.checkpoint = checkpoint
+        fc = ch.fc1
+        y2, g2 = R.grads_of(lambda x: rbe_ffn.rbe_feed_forward(
+            x, (fc.basis, fc.coeffs, fc.index, fc.bias), (ch.fc2.basis, ch.fc2.coeffs, ch.fc2.index, ch.fc2.bias),
+            40, 100, 16, activation, checkpoint, 37), x, params_of(ch), dy)
+        check_close(y2, y, 1e-6, "chunked forward")
+        for a, b in zip(g2, g):
+            check_close(a, b, 1e-6, "chunked grad")
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])

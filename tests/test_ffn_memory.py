@@ -7,8 +7,6 @@ Allocations are measured independently of the extension with torch.profiler
 event tree as an Allocation event with its size; `test_allocation_probe_sees_sizes`
 checks that the probe reports what it should.
 """
-import math
-
 import pytest
 import torch
 from torch._C._profiler import _EventType
@@ -17,6 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 import rbe_ffn
 from rbe_ffn._profiling import peak_live_bytes
 from rbe_ffn.functional import intermediate_bytes_per_token
+
+from conftest import make_ffn
 
 MiB = 2**20
 
@@ -56,15 +56,6 @@ def test_allocation_probe_sees_sizes():
     assert largest_allocation(lambda: lin.dense_weight()) == 200 * 300 * 4
 
 
-def make_ffn(d_model, d_ff, block_size, k, seed=0, **kw):
-    g = torch.Generator().manual_seed(seed)
-    m = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=block_size, k=k, generator=g, **kw)
-    with torch.no_grad():
-        for lin in (m.fc1, m.fc2):
-            lin.basis.normal_(0, 1 / math.sqrt(3 * lin.in_features), generator=g)
-    return m
-
-
 # ----------------------------------------------------------------- saved tensors
 def saved_bytes(m, x):
     """Bytes of the tensors autograd saves in m(x), excluding m's own parameters, buffers and plans."""
@@ -85,7 +76,7 @@ def saved_bytes(m, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("memory_limit_mb", [None, 0.05])
 def test_saved_tensors(dtype, memory_limit_mb):
-    m = make_ffn(40, 150, 16, 20, memory_limit_mb=memory_limit_mb).to(dtype)
+    m = make_ffn(40, 150, "gelu", 16, 20, memory_limit_mb=memory_limit_mb).to(dtype)
     x = torch.randn(3, 70, 40, dtype=dtype, requires_grad=True)
     tokens, itemsize = 3 * 70, x.element_size()
 
@@ -101,9 +92,19 @@ def test_saved_tensors(dtype, memory_limit_mb):
     y.sum().backward()
 
 
+def test_checkpointed_saves_no_token_by_d_ff_tensor(device):
+    m = make_ffn(64, 256, "gelu", 16, 30, checkpoint=True, random_bias=True).to(device)
+    x = torch.randn(128, 64, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        m(x).sum().backward()
+    big = [tuple(t.shape) for t in saved if t.numel() >= 128 * 256]
+    assert big == [], f"a [T, d_ff] tensor was saved: {big}"
+
+
 def test_saved_tensors_without_input_grad():
     # parameter gradients still need x; nothing else is kept
-    m = make_ffn(40, 150, 16, 20, checkpoint=True)
+    m = make_ffn(40, 150, "gelu", 16, 20, checkpoint=True)
     x = torch.randn(5, 40)
     _, extra, nbytes = saved_bytes(m, x)
     assert nbytes == x.numel() * 4
@@ -116,7 +117,7 @@ def test_memory_limit_bounds_training_step():
     gradient are exactly x's size, 64 MiB, and are the largest); without a limit the
     forward alone allocates far more."""
     limit = 64
-    m = make_ffn(1024, 4096, 64, 300, checkpoint=True, memory_limit_mb=limit)
+    m = make_ffn(1024, 4096, "gelu", 64, 300, checkpoint=True, memory_limit_mb=limit)
     chunk = m.chunk_tokens()
     assert 0 < chunk < 32 * 512
     x = torch.randn(32, 512, 1024, requires_grad=True)
@@ -142,7 +143,7 @@ def test_memory_limit_bounds_live_transients_of_a_step():
     the output, the input gradient and the parameter gradients) stay under memory_limit_mb,
     not just each allocation on its own."""
     limit = 16
-    m = make_ffn(1024, 4096, 64, 300, checkpoint=True, memory_limit_mb=limit)
+    m = make_ffn(1024, 4096, "gelu", 64, 300, checkpoint=True, memory_limit_mb=limit)
     x = torch.randn(4096, 1024, requires_grad=True)
     dy = torch.randn(4096, 1024)
     assert 0 < m.chunk_tokens() < 4096
@@ -166,7 +167,7 @@ def test_memory_limit_bounds_live_transients_of_a_step():
 def test_memory_limit_standard_mode_backward():
     """Standard mode saves the [T, d_ff] pre-activation in forward (by design); the backward
     must not allocate anything of that size again (chunked buffers only)."""
-    m = make_ffn(64, 512, 16, 20)
+    m = make_ffn(64, 512, "gelu", 16, 20)
     nf = m.fc1.plan.shape[1] - 16
     per = intermediate_bytes_per_token(64, 512, 16, nf, 4)
     m.memory_limit_mb = 128.5 * per / MiB
@@ -183,7 +184,7 @@ def test_memory_limit_standard_mode_backward():
 # ----------------------------------------------------------------- no dense weights
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_no_dense_weight_in_forward_or_backward(checkpoint):
-    m = make_ffn(768, 3072, 64, 300, checkpoint=checkpoint)
+    m = make_ffn(768, 3072, "gelu", 64, 300, checkpoint=checkpoint)
     x = torch.randn(8, 768, requires_grad=True)
     dense = 768 * 3072 * 4
 

@@ -1,5 +1,5 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard) training of RBE models: gloo backend, CPU,
-2 processes on this machine, loopback only (the process handling of test_ddp.py).
+2 processes on this machine, loopback only (the process handling of distributed_helpers.py, shared with test_ddp.py).
 
 fully_shard is applied to each RBEFeedForward and each RBELinear used on its own, then to the
 root. Each rank trains on its half of every global batch; with a mean loss per rank FSDP's
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import rbe_ffn
-from test_ddp import WORLD, _init, global_batches, run_world, train
+from distributed_helpers import WORLD, global_batches, init_process_group, run_world, train
 
 
 def build_model() -> nn.Module:
@@ -41,7 +41,7 @@ def shard(model: nn.Module) -> nn.Module:
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
-        _init(rank, port)
+        init_process_group(rank, port)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         model = shard(build_model())

@@ -14,19 +14,7 @@ from torch import nn
 import rbe_ffn
 
 import ffn_reference as R
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def randomize(m, seed=0):
-    """Non-zero pattern coefficients (fresh init leaves basis at 0 when k > 0)."""
-    g = gen(seed)
-    with torch.no_grad():
-        for lin in [mod for mod in m.modules() if isinstance(mod, rbe_ffn.RBELinear)]:
-            lin.basis.normal_(0, 1 / math.sqrt(3 * lin.in_features), generator=g)
-    return m
+from conftest import randomize_basis, seeded
 
 
 # ----------------------------------------------------------------- structure
@@ -51,7 +39,7 @@ def test_linear_parameters_and_buffers():
 
     nob = rbe_ffn.RBELinear(21, 37, bias=False, block_size=8, k=5)
     assert nob.bias is None and set(nob.state_dict()) == {"basis", "coeffs", "index"}
-    randomize(nob)
+    randomize_basis(nob)
     x = torch.randn(4, 21)
     torch.testing.assert_close(nob(x), x @ nob.dense_weight().T, rtol=1e-5, atol=1e-5)
 
@@ -67,7 +55,7 @@ def test_ffn_structure():
 @pytest.mark.parametrize("shape", [(256, 512, 64, 300), (100, 300, 64, 300), (96, 200, 8, 5), (768, 3072, 64, 300)])
 def test_fresh_init_variance(shape):
     inp, out, b, k = shape
-    lin = rbe_ffn.RBELinear(inp, out, block_size=b, k=k, generator=gen(1))
+    lin = rbe_ffn.RBELinear(inp, out, block_size=b, k=k, generator=seeded(1))
     w = lin.dense_weight()
     assert w.shape == (out, inp)
     target = 1 / (3 * inp)  # nn.Linear: U(-1/sqrt(in), 1/sqrt(in))
@@ -80,14 +68,14 @@ def test_fresh_init_variance(shape):
 def test_fresh_init_variance_pattern_only():
     """k=0: only the 8 pattern numbers carry the weight; still nn.Linear's variance (averaged over seeds)."""
     inp, out = 50, 70
-    v = [rbe_ffn.RBELinear(inp, out, block_size=16, k=0, generator=gen(s)).dense_weight().pow(2).mean().item()
+    v = [rbe_ffn.RBELinear(inp, out, block_size=16, k=0, generator=seeded(s)).dense_weight().pow(2).mean().item()
          for s in range(40)]
     assert abs(sum(v) / len(v) * 3 * inp - 1) < 0.2
 
 
 def test_fresh_init_positions():
     b, k = 16, 40
-    lin = rbe_ffn.RBELinear(160, 96, block_size=b, k=k, generator=gen(2))
+    lin = rbe_ffn.RBELinear(160, 96, block_size=b, k=k, generator=seeded(2))
     idx = lin.index.long()
     assert idx.min() >= 0 and idx.max() < b * b
     assert (idx[:, 1:] > idx[:, :-1]).all()  # sorted, hence distinct within a block
@@ -97,9 +85,9 @@ def test_fresh_init_positions():
     assert abs(idx.double().mean().item() / (b * b / 2) - 1) < 0.1  # spread over the whole block
     assert len({tuple(r) for r in idx.tolist()}) == idx.shape[0]  # blocks draw their own positions
     # seeded: same generator seed, same layer
-    again = rbe_ffn.RBELinear(160, 96, block_size=b, k=k, generator=gen(2))
+    again = rbe_ffn.RBELinear(160, 96, block_size=b, k=k, generator=seeded(2))
     assert torch.equal(again.index, lin.index) and torch.equal(again.coeffs, lin.coeffs)
-    other = rbe_ffn.RBELinear(160, 96, block_size=b, k=k, generator=gen(3))
+    other = rbe_ffn.RBELinear(160, 96, block_size=b, k=k, generator=seeded(3))
     assert not torch.equal(other.index, lin.index)
 
 
@@ -110,7 +98,7 @@ def test_fresh_init_positions_uniform_over_subsets(k):
     Pearson's chi-square over the C(16, k) subsets, ~50 blocks each, seeded, so it cannot flake. The
     bound is the mean + 6 standard deviations of chi-square with C(16, k) - 1 degrees of freedom."""
     subsets = math.comb(16, k)
-    lin = rbe_ffn.RBELinear(4 * 150, 4 * subsets // 3, bias=False, block_size=4, k=k, generator=gen(5))
+    lin = rbe_ffn.RBELinear(4 * 150, 4 * subsets // 3, bias=False, block_size=4, k=k, generator=seeded(5))
     rows = lin.index.long()
     assert (rows[:, 1:] > rows[:, :-1]).all()
     nblk = rows.shape[0]
@@ -129,7 +117,7 @@ def test_fresh_init_positions_uniform_per_position(k):
     """Every position of an 8x8 block is chosen with probability k/64: the counts over 2000 blocks,
     normalized by the per-block variance p(1-p), have mean 64 and standard deviation ~11.4 under
     uniform sampling without replacement (seeded; bound at mean + 6 sd)."""
-    lin = rbe_ffn.RBELinear(8 * 50, 8 * 40, bias=False, block_size=8, k=k, generator=gen(6))
+    lin = rbe_ffn.RBELinear(8 * 50, 8 * 40, bias=False, block_size=8, k=k, generator=seeded(6))
     idx = lin.index.long()
     nblk = idx.shape[0]
     assert (idx[:, 1:] > idx[:, :-1]).all()
@@ -141,7 +129,7 @@ def test_fresh_init_positions_uniform_per_position(k):
 
 @pytest.mark.parametrize("b, k", [(8, 0), (8, 64), (16, 1), (256, 1), (256, 65535), (256, 65536)])
 def test_fresh_init_positions_extremes(b, k):
-    lin = rbe_ffn.RBELinear(b + 3, b, block_size=b, k=k, generator=gen(7))
+    lin = rbe_ffn.RBELinear(b + 3, b, block_size=b, k=k, generator=seeded(7))
     idx = lin.index.long()
     assert idx.shape == (2, k)
     if k > 0:
@@ -164,7 +152,7 @@ def test_fresh_init_transient_memory(shape):
     d, f, b, k = shape
     rbe_ffn.RBEFeedForward(8, 8, block_size=b, k=1)  # the cached plan of this block size
     made = []
-    peak = peak_live_bytes(lambda: made.append(rbe_ffn.RBEFeedForward(d, f, block_size=b, k=k, generator=gen(0))))
+    peak = peak_live_bytes(lambda: made.append(rbe_ffn.RBEFeedForward(d, f, block_size=b, k=k, generator=seeded(0))))
     own = sum(t.numel() * t.element_size() for t in made[0].state_dict().values())
     assert peak < 2 * own, (peak, own)
 
@@ -279,8 +267,8 @@ def test_from_compressed_checks_shapes_and_index():
 
 # ----------------------------------------------------------------- serialization
 def test_state_dict_round_trip():
-    a = randomize(rbe_ffn.RBEFeedForward(10, 37, "silu", block_size=8, k=5, generator=gen(1)), 1)
-    b = rbe_ffn.RBEFeedForward(10, 37, "silu", block_size=8, k=5, generator=gen(2))
+    a = randomize_basis(rbe_ffn.RBEFeedForward(10, 37, "silu", block_size=8, k=5, generator=seeded(1)), 1)
+    b = rbe_ffn.RBEFeedForward(10, 37, "silu", block_size=8, k=5, generator=seeded(2))
     sd = a.state_dict()
     assert not any("plan" in key for key in sd)
     b.load_state_dict(sd)  # strict
@@ -298,7 +286,7 @@ def test_state_dict_round_trip():
 
 
 def test_dtype_moves_and_plan_follows():
-    m = randomize(rbe_ffn.RBEFeedForward(37, 61, "gelu", block_size=16, k=33, generator=gen(3)), 3)
+    m = randomize_basis(rbe_ffn.RBEFeedForward(37, 61, "gelu", block_size=16, k=33, generator=seeded(3)), 3)
     x = torch.randn(5, 37, dtype=torch.float64)
     y32 = m(x.float())
     md = m.double()
@@ -318,8 +306,8 @@ def test_dtype_moves_and_plan_follows():
 
 
 def test_deepcopy_and_pickle():
-    m = randomize(rbe_ffn.RBEFeedForward(10, 37, "relu", block_size=8, k=5, checkpoint=True, memory_limit_mb=0.01,
-                                         generator=gen(4)), 4)
+    m = randomize_basis(rbe_ffn.RBEFeedForward(10, 37, "relu", block_size=8, k=5, checkpoint=True, memory_limit_mb=0.01,
+                                         generator=seeded(4)), 4)
     x = torch.randn(2, 6, 10)
     y = m(x)
     for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
@@ -367,7 +355,7 @@ def test_compression_ratio():
                                         ("gelu_tanh", "gelu_tanh"), ("relu", "relu"), ("silu", "silu")])
 def test_activation_aliases(alias, name):
     assert rbe_ffn.canonical_activation(alias) == name
-    a = randomize(rbe_ffn.RBEFeedForward(10, 37, alias, block_size=8, k=5, generator=gen(5)), 5)
+    a = randomize_basis(rbe_ffn.RBEFeedForward(10, 37, alias, block_size=8, k=5, generator=seeded(5)), 5)
     assert a.activation == name
     x = torch.randn(6, 10)
     want = R.module_ffn(a, x)  # reference with the canonical activation's torch definition
@@ -389,7 +377,7 @@ def test_gelu_variants_differ():
     x = torch.randn(6, 10)
     ys = {}
     for name in ("Gelu", "GeluPytorch", "GeluApproximate"):
-        ys[name] = randomize(rbe_ffn.RBEFeedForward(10, 37, name, block_size=8, k=5, generator=gen(6)), 6)(x)
+        ys[name] = randomize_basis(rbe_ffn.RBEFeedForward(10, 37, name, block_size=8, k=5, generator=seeded(6)), 6)(x)
     assert torch.equal(ys["Gelu"], ys["GeluPytorch"])
     assert not torch.allclose(ys["Gelu"], ys["GeluApproximate"], rtol=0, atol=1e-7)
 

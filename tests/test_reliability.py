@@ -4,7 +4,6 @@ derivative, a state leaking between modules, an unverified checkpoint or an inf 
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 
@@ -14,30 +13,15 @@ from torch import nn
 
 import rbe_ffn
 
+from conftest import join_safetensors, make_linear, make_small_ffn, split_safetensors
+
 ops = torch.ops.rbe_ffn
-
-
-def make_ffn(seed=0, **kw):
-    g = torch.Generator().manual_seed(seed)
-    m = rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=5, generator=g, **kw)
-    with torch.no_grad():
-        m.fc1.basis.normal_(0, 0.2, generator=g)
-        m.fc2.basis.normal_(0, 0.1, generator=g)
-    return m
-
-
-def make_linear(seed=0, block_size=8, **kw):
-    g = torch.Generator().manual_seed(seed)
-    lin = rbe_ffn.RBELinear(10, 12, block_size=block_size, k=5, generator=g, **kw)
-    with torch.no_grad():
-        lin.basis.normal_(0, 0.2, generator=g)
-    return lin
 
 
 # ----------------------------------------------------------------- 2. meta tensors
 @pytest.mark.parametrize("kind", ["ffn", "linear"])
 def test_meta_init_then_load_state_dict_assign(kind):
-    ref = make_ffn() if kind == "ffn" else make_linear()
+    ref = make_small_ffn() if kind == "ffn" else make_linear()
     with torch.device("meta"):
         m = rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=5) if kind == "ffn" else \
             rbe_ffn.RBELinear(10, 12, block_size=8, k=5)
@@ -62,7 +46,7 @@ def test_meta_device_context_to_empty_then_load(k):
 
 @pytest.mark.parametrize("left", ["bias", "index"])
 def test_tensor_left_on_meta_raises(left):
-    ref = make_ffn()
+    ref = make_small_ffn()
     sd = {k: v for k, v in ref.state_dict().items() if k != f"fc1.{left}"}
     with torch.device("meta"):
         m = rbe_ffn.RBEFeedForward(10, 37, "gelu", block_size=8, k=5)
@@ -92,7 +76,7 @@ def test_operators_refuse_a_meta_tensor_among_real_ones():
 # ----------------------------------------------------------------- 3. derivatives beyond first-order reverse mode
 def _fn(kind):
     if kind == "ffn":
-        return make_ffn(), 10
+        return make_small_ffn(), 10
     if kind == "linear":
         return make_linear(), 10
     return (lambda z: ops.activation(z, "gelu")), 10
@@ -194,7 +178,7 @@ def test_inplace_edit_of_one_plan_changes_no_other_module():
 
 
 def test_plan_is_not_a_buffer_and_follows_the_parameters():
-    m = make_ffn()
+    m = make_small_ffn()
     assert not any("plan" in n for n, _ in m.named_buffers())  # DDP would broadcast it every step
     m.double()
     assert m.fc1.plan.dtype == torch.float64
@@ -202,28 +186,10 @@ def test_plan_is_not_a_buffer_and_follows_the_parameters():
 
 
 # ----------------------------------------------------------------- 6. checkpoints
-def _split(data):
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def _join(header, body):
-    h = json.dumps(header).encode()
-    return struct.pack("<Q", len(h)) + h + body
-
-
-@pytest.fixture
-def saved(tmp_path):
-    m = make_ffn()
-    path = tmp_path / "m.safetensors"
-    rbe_ffn.save_safetensors(m, path)
-    return m, path
-
-
 @pytest.mark.parametrize("drop", ["all", "one"])
 def test_missing_checksums_are_an_error_unless_opted_out(saved, tmp_path, drop):
     m, path = saved
-    header, body = _split(path.read_bytes())
+    header, body = split_safetensors(path.read_bytes())
     rec = json.loads(header["__metadata__"]["rbe_ffn"])
     if drop == "all":
         rec["sha256"] = {}
@@ -234,11 +200,11 @@ def test_missing_checksums_are_an_error_unless_opted_out(saved, tmp_path, drop):
     body = bytearray(body)
     body[off] ^= 1  # a flipped bit in a coefficient: still a valid finite float
     bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(_join(header, bytes(body)))
-    target = make_ffn(seed=1)
+    bad.write_bytes(join_safetensors(header, bytes(body)))
+    target = make_small_ffn(seed=1)
     with pytest.raises(ValueError, match=r"no SHA-256 sum for tensor\(s\) \[.*'fc1.coeffs'.*require_checksums=False"):
         rbe_ffn.load_safetensors(target, bad)
-    assert torch.equal(target.fc1.coeffs, make_ffn(seed=1).fc1.coeffs)  # untouched
+    assert torch.equal(target.fc1.coeffs, make_small_ffn(seed=1).fc1.coeffs)  # untouched
     rbe_ffn.load_safetensors(target, bad, require_checksums=False)  # explicit opt-out
     assert not torch.equal(target.fc1.coeffs, m.fc1.coeffs)
 
@@ -272,9 +238,9 @@ def test_fifo_path_is_refused_not_waited_on(tmp_path):
 
 def test_directory_path_is_a_clear_error(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
-        rbe_ffn.load_safetensors(make_ffn(), tmp_path)
+        rbe_ffn.load_safetensors(make_small_ffn(), tmp_path)
     with pytest.raises(IsADirectoryError, match="is a directory"):
-        rbe_ffn.save_safetensors(make_ffn(), tmp_path)
+        rbe_ffn.save_safetensors(make_small_ffn(), tmp_path)
 
 
 # ----------------------------------------------------------------- 7. no inf coefficients from finite weights
@@ -305,13 +271,13 @@ def test_memory_limit_validated_everywhere(value, err):
     with pytest.raises(err, match="memory_limit_mb must be a positive"):
         rbe_ffn.RBEFeedForward.from_linears(nn.Linear(10, 37), nn.Linear(37, 10), block_size=8, k=5,
                                             memory_limit_mb=value)
-    m = make_ffn()
+    m = make_small_ffn()
     with pytest.raises(err, match="memory_limit_mb must be a positive"):
         m.memory_limit_mb = value
     assert m.memory_limit_mb is None
 
 
 def test_huge_memory_limit_means_no_chunking():
-    m = make_ffn(memory_limit_mb=1e300)
+    m = make_small_ffn(memory_limit_mb=1e300)
     x = torch.randn(5, 10)
-    assert torch.equal(m(x), make_ffn()(x))
+    assert torch.equal(m(x), make_small_ffn()(x))

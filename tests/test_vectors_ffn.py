@@ -3,19 +3,19 @@
 The vectors pin the conventions (DCT scaling, u/v order, block order, weight
 orientation, activation definitions) that a self-consistent implementation can
 still get wrong. Checked for the standard, checkpointed and chunked variants,
-in float64 (1e-12) and float32 (1e-5 relative).
+in float64 (1e-12) and float32 (1e-5 relative), on every device in conftest.DEVICES (the module
+is built on the CPU and moved, as a user would).
 """
 import pytest
 import torch
 
 import rbe_ffn
-from rbe_ffn.functional import intermediate_bytes_per_token
 
 import ffn_reference as R
+from conftest import TOL, limit_for_chunk
 
 CASES = R.load_cases()["ffn"]
 ACTS = [c["activation"] for c in CASES]
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def test_vectors_cover_every_activation():
@@ -24,13 +24,6 @@ def test_vectors_cover_every_activation():
 
 def t64(v):
     return torch.tensor(v, dtype=torch.float64)  # torch.tensor(list) would default to float32
-
-
-def limit_for_chunk(m, chunk: int) -> float:
-    """memory_limit_mb that makes the module process `chunk` tokens at a time."""
-    nf = m.fc1.plan.shape[1] - m.block_size
-    per = intermediate_bytes_per_token(m.d_model, m.d_ff, m.block_size, nf, m.fc1.coeffs.element_size())
-    return (chunk + 0.5) * per / 2**20
 
 
 def build(case, dtype, checkpoint, chunk):
@@ -63,21 +56,31 @@ def assert_matches(got, want, tol, what):
 @pytest.mark.parametrize("chunk", [0, 1, 4], ids=["whole", "chunk1", "chunk4"])
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["standard", "checkpoint"])
 @pytest.mark.parametrize("case", CASES, ids=ACTS)
-def test_ffn_vectors(case, checkpoint, chunk, dtype):
-    m = build(case, dtype, checkpoint, chunk)
-    x = t64(case["x"]).to(dtype)
-    dy = t64(case["dy"]).to(dtype)
+def test_ffn_vectors(case, checkpoint, chunk, dtype, device):
+    m = build(case, dtype, checkpoint, chunk).to(device)
+    x = t64(case["x"]).to(dtype).to(device)
+    dy = t64(case["dy"]).to(dtype).to(device)
     assert x.shape == (2, 3, case["d_model"])
     if chunk:
         assert chunk < x.shape[0] * x.shape[1]
     params = [m.get_parameter(n) for n in R.PARAM_NAMES]
     y, grads = R.grads_of(m, x, params, dy)
-    assert y.dtype == dtype and y.shape == x.shape
+    assert y.dtype == dtype and y.shape == x.shape and y.device.type == device
     tol = TOL[dtype]
-    assert_matches(y, t64(case["y"]).to(dtype), tol, "y")
+    assert_matches(y.cpu(), t64(case["y"]).to(dtype), tol, "y")
     for name, g in zip(("x",) + R.PARAM_NAMES, grads):
         assert g is not None, name
-        assert_matches(g, t64(case["grad"][name]).to(dtype), tol, f"d/d{name}")
+        assert_matches(g.cpu(), t64(case["grad"][name]).to(dtype), tol, f"d/d{name}")
+
+
+def test_decode_operator_matches_vectors(device):
+    """torch.ops.rbe_ffn.decode itself (not the module) against the "decode" vectors, in float64."""
+    for case in R.load_cases()["decode"]:
+        b = case["block_size"]
+        idx = torch.tensor(case["index"]).to(torch.int32 if b > 128 else torch.int16)
+        w = torch.ops.rbe_ffn.decode(t64(case["basis"]).to(device), t64(case["coeffs"]).to(device), idx.to(device),
+                                     case["out"], case["in"], b)
+        assert_matches(w.cpu(), t64(case["weight"]), 1e-12, "decode")
 
 
 def test_reference_matches_vectors():
