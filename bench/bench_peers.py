@@ -198,7 +198,7 @@ def build_arms(d_model, d_ff, block_size, k):
                 rbe(x.bfloat16())
             a.note += "; a bfloat16 input also runs"
         except Exception as e:
-            a.note += f"; a bfloat16 input raises {first_line(e).split(' (torch.autocast')[0]}"
+            a.note += f"; a bfloat16 input raises {first_line(e).split('. ')[0]}"
     except Exception as e:
         a.status, a.note = "unsupported", first_line(e)
     return arms
@@ -277,6 +277,7 @@ def main(argv=None):
         f"({big_reps} at >= 4096 tokens), after {warmup} warm-up rounds ({min(warmup, 1)} at >= 4096)",
     ]
     print("\n".join(head), flush=True)
+    load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
     csv_rows, results, arm_info = [], {}, {}
     t_start = time.perf_counter()
     for d_model, d_ff in shapes:
@@ -307,8 +308,12 @@ def main(argv=None):
                       ", ".join(f"{k} {fmt(v)}" for k, v in med.items()) +
                       f"  [{time.perf_counter() - t_start:.0f} s]", flush=True)
 
-    lines = head + [""] + tables(shapes, token_list, arm_info, results, args.k)
-    print("\n" + "\n".join(lines[len(head):]))
+    total = time.perf_counter() - t_start
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    head.append(f"load average {load0} at the start, {load} at the end ({os.cpu_count()} CPUs); "
+                f"total {total / 60:.1f} min")
+    lines = head + [""] + tables(shapes, token_list, arm_info, results)
+    print("\n" + "\n".join(lines[len(head) - 1:]))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
@@ -322,7 +327,7 @@ def main(argv=None):
     return results
 
 
-def tables(shapes, token_list, arm_info, results, k):
+def tables(shapes, token_list, arm_info, results):
     out = ["### Arms", "",
            "| d_model/d_ff | arm | weight params | weight bytes | dense bytes / bytes | rel. error vs | notes |",
            "|---|---|---|---|---|---|---|"]
