@@ -251,7 +251,8 @@ def fmt(ms):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=21, help="timed rounds (tokens >= 4096: max(5, reps // 3))")
+    ap.add_argument("--reps", type=int, default=21,
+                    help="timed rounds (tokens <= 64: 3 * reps; tokens >= 4096: max(5, reps // 3))")
     ap.add_argument("--quick", action="store_true", help="768/3072, tokens 1 and 1024")
     ap.add_argument("--smoke", action="store_true", help="64/128, tokens 1 and 16, 1 rep, no warmup (tests)")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts, e.g. 1,64")
@@ -268,13 +269,17 @@ def main(argv=None):
         shapes, token_list, reps, warmup = [(64, 128)], [1, 16], 1, 0
     if args.tokens:
         token_list = [int(t) for t in args.tokens.split(",")]
+    # rounds per token count: a round at <= 64 tokens costs milliseconds, and those times suffer
+    # most from other processes on a shared machine: three times as many; at >= 4096 a third
     big_reps = max(5, reps // 3) if not args.smoke else reps
+    small_reps = 3 * reps if not args.smoke else reps
 
     head = [
         isa_line(),
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, float32 input, GELU, "
         f"RBE b={args.block_size} k={args.k}; medians over {reps} interleaved rounds "
-        f"({big_reps} at >= 4096 tokens), after {warmup} warm-up rounds ({min(warmup, 1)} at >= 4096)",
+        f"({small_reps} at <= 64 tokens, {big_reps} at >= 4096), after {warmup} warm-up rounds "
+        f"({min(warmup, 1)} at >= 4096)",
     ]
     print("\n".join(head), flush=True)
     load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -287,7 +292,8 @@ def main(argv=None):
             torch.manual_seed(1)
             x = torch.randn(tokens, d_model, requires_grad=True)
             errs = rel_errors(arms, x)
-            n, w = (big_reps, min(warmup, 1)) if tokens >= 4096 else (reps, warmup)
+            n, w = ((big_reps, min(warmup, 1)) if tokens >= 4096 else (small_reps, warmup) if tokens <= 64
+                    else (reps, warmup))
             for mode in MODES:
                 times = measure(arms, x, mode, n, w)
                 for a in arms:
