@@ -78,6 +78,7 @@ cuda-check: $(VENV)/.deps
 bench: $(BUILT)
 	mkdir -p bench/out
 	$(PY) bench/bench_cpu.py --out bench/out/cpu.md --plot bench/out/cpu_tokens.png
+	$(PY) bench/bench_peers.py --out bench/out/peers.md --csv bench/out/peers.csv
 
 clean:
 	rm -rf build tests/c/bin python/rbe_ffn/_C*.so python/*.egg-info $(BUILT) $(VENV)/.rbe_ffn_installed

@@ -1,0 +1,82 @@
+"""Smoke test of bench/bench_peers.py: run with --smoke (64/128, tokens 1 and 16, one round) in a
+subprocess, then check the CSV: every arm and mode is there, the arms that compute the same
+function agree (dense fp32 vs bf16 autocast within bf16 tolerance, int8 within int8 tolerance,
+RBE checkpointed / under autocast equal to RBE), and the low-rank and narrow arms have RBE's
+weight parameter count as the script states it. No speed assertions."""
+import csv
+import os
+import subprocess
+import sys
+
+import rbe_ffn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARMS = {"dense", "dense_bf16", "int8_dyn", "lowrank", "narrow", "rbe", "rbe_ckpt", "rbe_bf16"}
+
+
+def run_smoke(tmp_path):
+    env = dict(os.environ)
+    # the subprocess imports the same rbe_ffn as this test (a worktree's python/, not an
+    # editable install's)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rbe_ffn.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    out, csv_path = tmp_path / "peers.md", tmp_path / "peers.csv"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_peers.py"), "--smoke", "--threads", "1",
+                          "--out", str(out), "--csv", str(csv_path)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f)), out.read_text(), res.stdout
+
+
+def test_bench_peers_smoke(tmp_path):
+    rows, md, stdout = run_smoke(tmp_path)
+    assert "get_cpu_capability()=" in stdout and "avx2" in stdout
+
+    # every (tokens, mode, arm) has a row; int8 has no training step, everything else is timed
+    for tokens in ("1", "16"):
+        for mode in ("forward", "step"):
+            got = {r["arm"]: r for r in rows if r["tokens"] == tokens and r["mode"] == mode}
+            assert set(got) == ARMS, (tokens, mode, set(got))
+            for arm, r in got.items():
+                if arm == "int8_dyn" and mode == "step":
+                    assert r["status"] == "n/a" and r["ms"] == ""
+                elif arm == "rbe_bf16" and r["status"] == "unsupported":
+                    assert r["note"] and r["ms"] == ""  # the error's first line, no time
+                else:
+                    assert r["status"] == "ok" and float(r["ms"]) > 0, r
+
+    # the same function where it should be (forward, max |y - y_ref| / max |y_ref|)
+    for r in rows:
+        if r["mode"] != "forward" or r["status"] != "ok":
+            continue
+        if r["arm"] == "dense_bf16":
+            assert r["ref"] == "dense" and float(r["rel_err"]) < 2e-2
+        elif r["arm"] == "int8_dyn":
+            assert r["ref"] == "dense" and float(r["rel_err"]) < 0.1
+        elif r["arm"] in ("rbe_ckpt", "rbe_bf16"):
+            assert r["ref"] == "rbe" and float(r["rel_err"]) < 1e-5
+        else:
+            assert r["rel_err"] == ""
+
+    # parameter counts: RBE = basis + coeffs of both layers; low-rank 2r(d+f), narrow 2d f',
+    # each the nearest to RBE's
+    d, f = 64, 128
+    one = {r["arm"]: r for r in rows if r["tokens"] == "1" and r["mode"] == "forward"}
+    m = rbe_ffn.RBEFeedForward(d, f, "gelu", block_size=64, k=300)
+    p_rbe = sum(t.numel() for t in (m.fc1.basis, m.fc1.coeffs, m.fc2.basis, m.fc2.coeffs))
+    assert int(one["rbe"]["weight_params"]) == int(one["rbe_ckpt"]["weight_params"]) == p_rbe
+    assert int(one["rbe"]["weight_bytes"]) == m.weight_nbytes
+    assert int(one["dense"]["weight_params"]) == 2 * d * f and int(one["dense"]["weight_bytes"]) == 8 * d * f
+    assert int(one["int8_dyn"]["weight_bytes"]) == 2 * d * f + 2 * 8  # int8 values + scale, zero point
+    lr, nw = int(one["lowrank"]["weight_params"]), int(one["narrow"]["weight_params"])
+    r = round(p_rbe / (2 * (d + f)))
+    assert lr == 2 * r * (d + f) and f"r={r}" in one["lowrank"]["note"]
+    assert abs(lr - p_rbe) <= (d + f)  # the nearest rank
+    fn = round(p_rbe / (2 * d))
+    assert nw == 2 * d * fn and f"d_ff'={fn}" in one["narrow"]["note"]
+    assert abs(nw - p_rbe) <= d
+
+    # the markdown: the arms table, the time table with ratios, the spread table
+    for s in ("### Arms", "| 64/128 | 16 | step |", "fastest non-RBE", "### Spread over rounds"):
+        assert s in md
