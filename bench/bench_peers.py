@@ -193,6 +193,8 @@ def build_arms(d_model, d_ff, block_size, k):
         a.note = f"runs; output {str(y.dtype).replace('torch.', '')}"
         if y.dtype == torch.float32:
             a.note += " (autocast leaves the RBE ops in float32 on CPU)"
+        else:
+            a.note += " (computed in float32: the input cast up, the output to the autocast dtype)"
         try:
             with torch.no_grad(), a.ctx():
                 rbe(x.bfloat16())

@@ -54,8 +54,10 @@ def test_bench_peers_smoke(tmp_path):
             assert r["ref"] == "dense" and float(r["rel_err"]) < 2e-2
         elif r["arm"] == "int8_dyn":
             assert r["ref"] == "dense" and float(r["rel_err"]) < 0.1
-        elif r["arm"] in ("rbe_ckpt", "rbe_bf16"):
+        elif r["arm"] == "rbe_ckpt":
             assert r["ref"] == "rbe" and float(r["rel_err"]) < 1e-5
+        elif r["arm"] == "rbe_bf16":  # computed in float32, the output rounded to bfloat16
+            assert r["ref"] == "rbe" and float(r["rel_err"]) < 2e-2
         else:
             assert r["rel_err"] == ""
 
