@@ -6,7 +6,8 @@ run in a compressed RBE form (pattern + sparse DCT residual per block).
     ffn = rbe_ffn.RBEFeedForward(768, 3072, activation="gelu", checkpoint=True)
     report = rbe_ffn.replace_mlp(model, block_size=64, k=300)   # convert a model's MLPs
 """
-from . import _C, _ops
+from . import _ops
+from . import _C  # the extension, loaded by _ops once torch is (it links torch's libraries)
 from ._ops import get_plan
 from .checkpoint import load_safetensors, save_safetensors
 from .codec import CompressedWeight, compress, decompress
