@@ -1,7 +1,7 @@
 /* rbe.h - plain C11 kernels of the RBE (residual block encoding) feed-forward.
  *
  * Everything here takes pointers and sizes, allocates nothing, keeps no
- * globals and knows nothing of torch. The math is docs/DESIGN.md:
+ * globals (but the instruction set chosen once, rbe_cpu_isa) and knows nothing of torch. The math is docs/DESIGN.md:
  *
  *   W block (i, j) = sum_k basis[ij][k] Phi_k + sum_q coeffs[ij][q] psi_u psi_v^T
  *   with (u, v) = (index[ij][q] / b, index[ij][q] % b).
@@ -152,7 +152,7 @@ double rbe_act_scalar_f64(double x, int act);
 float rbe_act_grad_scalar_f32(float x, int act);
 double rbe_act_grad_scalar_f64(double x, int act);
 
-/* ---- schedules of the sparse products (float32, for the AVX2 kernels) ----
+/* ---- schedules of the sparse products (float32, for the AVX2 and AVX-512 kernels) ----
  * The coefficients of a weight regrouped so that each output row of a block-row
  * (transpose = 0; key u, source rows (j, v)) or of a block-column (transpose = 1;
  * key v, source rows (i, u)) is one run: entries [start[g*(b+1)+key], start[g*(b+1)+key+1]),
@@ -176,7 +176,7 @@ size_t rbe_rows_scratch(int b, int nf);
 /* Transform token tiles: for work items p in [p0, p1), p = tile*nseg + j,
  * Xh[p][m][t] = sum_c M[m][c] x[tile*TILE + t][j*b + c] (zero past the real sizes).
  * Xh: [ntiles, nseg, b+nf, TILE], x: [T, n], M: P->A (inputs) or P->S (output gradients);
- * the AVX2 float kernels use P->dct for the DCT rows. */
+ * the x86 float kernels use P->dct for the DCT rows. */
 void rbe_analysis_f32(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch, long T,
                       int n, long p0, long p1);
 void rbe_analysis_f64(double* Xh, const double* x, const double* M, const rbe_plan_f64* P, double* scratch, long T,
@@ -190,7 +190,7 @@ void rbe_analysis_f64(double* Xh, const double* x, const double* M, const rbe_pl
  * input is this output: [ntiles, R, b+nf, TILE] (the feed-forward block's fc2 then skips its
  * own analysis; lanes past T are unspecified).
  * y, pre: [T, out], Xh: [ntiles, C, b+nf, TILE], bias: [out] or NULL.
- * sched (float only; may be NULL): the AVX2 kernels' schedule (transpose = 0); without
+ * sched (float only; may be NULL): the x86 kernels' schedule (transpose = 0); without
  * one they work block by block (cheaper for a single tile of tokens). */
 void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                           const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
@@ -205,7 +205,7 @@ void rbe_rows_forward_f64(double* y, double* pre, double* Xnext, const double* X
  * dx: [T, in], Gh: [ntiles, R, b+nf, TILE] (g analysed with P->S).
  * Wt: the weight with each block's coefficients re-sorted by column (rbe_transpose_blocks:
  * index = v*b + u, int32, ascending); its coeffs/index are not read when sched is given.
- * sched (float only; may be NULL): the AVX2 kernels' schedule (transpose = 1). */
+ * sched (float only; may be NULL): the x86 kernels' schedule (transpose = 1). */
 void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
                            const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);
 void rbe_cols_backward_f64(double* dx, const double* Gh, const rbe_weight_f64* Wt, const rbe_plan_f64* P,
@@ -233,9 +233,20 @@ void rbe_params_backward_f64(double* dbasis, double* dcoeffs, const double* Gh, 
 void rbe_bias_backward_f32(float* dbias, const float* g, long T, int out, int accumulate, long o0, long o1);
 void rbe_bias_backward_f64(double* dbias, const double* g, long T, int out, int accumulate, long o0, long o1);
 
-/* 1 when the float32 entry points run the AVX2 + FMA kernels on this CPU (chosen at run time;
- * the schedules above are for them), 0 when they run the portable ones */
+/* ---- instruction sets of the float32 kernels ----
+ * The float32 entry points run the best kernels this CPU has: AVX-512 (F, VL, DQ, BW), then
+ * AVX2 + FMA, then portable C. The environment variable RBE_FFN_ISA (avx512, avx2 or portable)
+ * caps the choice, e.g. to compare paths in one build; it is read once, at the first call
+ * (a process-wide cache; any other value is ignored, with one line on stderr). The schedules
+ * above are for the AVX2 and AVX-512 kernels (rbe_cpu_isa_level() >= RBE_ISA_AVX2). */
+#define RBE_ISA_PORTABLE 0
+#define RBE_ISA_AVX2 1
+#define RBE_ISA_AVX512 2
+int rbe_cpu_isa_level(void);   /* the chosen kernels: one of RBE_ISA_* */
+const char* rbe_cpu_isa(void); /* their name: "avx512", "avx2" or "portable" */
+/* 1 when the CPU (and OS) has the instructions, whatever RBE_FFN_ISA says */
 int rbe_cpu_has_avx2(void);
+int rbe_cpu_has_avx512(void);
 
 /* ---- naive references (decode, then dense arithmetic in double) ---- */
 

@@ -29,8 +29,9 @@ void rbe_act_backward_f64(double* dx, const double* dy, const double* x, long n,
 
 /* float32 arrays: four values at a time through glibc's vector math library
  * (libmvec's AVX2 erfc/exp in double), rounded to float once, as the scalar
- * definition does; used when libmvec was linked (weak symbols) and the CPU has
- * AVX2. Elsewhere, and for the tail, the scalar definition itself. */
+ * definition does; used when libmvec was linked (weak symbols) and the float32 kernels
+ * are x86 ones (rbe_cpu_isa_level: AVX2 or AVX-512). Elsewhere, and for the tail, the scalar
+ * definition itself. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define RBE_VEC_ACT 1
@@ -39,7 +40,7 @@ extern __m256d _ZGVdN4v_erfc(__m256d) __attribute__((weak));
 extern __m256d _ZGVdN4v_exp(__m256d) __attribute__((weak));
 
 static int vec_act_ok(int act) {
-    if (!rbe_cpu_has_avx2()) return 0;
+    if (rbe_cpu_isa_level() < RBE_ISA_AVX2) return 0;  // no AVX2, or RBE_FFN_ISA=portable
     switch (act) {
     case RBE_ACT_GELU: return _ZGVdN4v_erfc != 0 && _ZGVdN4v_exp != 0;
     case RBE_ACT_GELU_TANH: return _ZGVdN4v_exp != 0;

@@ -8,10 +8,16 @@
  * Backward: Gh_i = S g_i^T, then dx_j = A^T (sum_i transposed products), and
  * dcoeffs / dbasis as dot products over tokens of Gh and Xh rows.
  *
- * The float32 entry points choose the AVX2 kernels (rbe_avx2.c) at run time where the CPU has
- * AVX2 and FMA, else the portable ones (rbe_linear_impl.h, also the double kernels).
+ * The float32 entry points choose at run time between the AVX-512 kernels (rbe_avx512.c), the
+ * AVX2 + FMA ones (rbe_avx2.c) and the portable ones (rbe_linear_impl.h, also the double
+ * kernels): the best the CPU has, capped by RBE_FFN_ISA (rbe.h).
  */
 #include "rbe_variants.h"
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 // transform rows + output tile + the fast DCT's work rows
 size_t rbe_rows_scratch(int b, int nf) { return (size_t)(4 * b + nf) * RBE_TILE; }
@@ -40,64 +46,104 @@ size_t rbe_rows_scratch(int b, int nf) { return (size_t)(4 * b + nf) * RBE_TILE;
 #undef RBE_WEIGHT
 #undef RBE_PLAN
 
+// ---- the instruction set of the float32 kernels, chosen once ----
+
+static int isa_best(void) {
+    if (rbe_cpu_has_avx512()) return RBE_ISA_AVX512;
+    if (rbe_cpu_has_avx2()) return RBE_ISA_AVX2;
+    return RBE_ISA_PORTABLE;
+}
+
+// the best one, capped by RBE_FFN_ISA
+static int isa_choose(void) {
+    const int best = isa_best();
+    const char* cap = getenv("RBE_FFN_ISA");
+    if (!cap || !*cap) return best;
+    int level = -1;
+    if (!strcmp(cap, "avx512")) level = RBE_ISA_AVX512;
+    else if (!strcmp(cap, "avx2")) level = RBE_ISA_AVX2;
+    else if (!strcmp(cap, "portable")) level = RBE_ISA_PORTABLE;
+    if (level < 0) {
+        fprintf(stderr, "rbe_ffn: RBE_FFN_ISA=%s is not one of avx512, avx2, portable: ignored\n", cap);
+        return best;
+    }
+    return level < best ? level : best;
+}
+
+int rbe_cpu_isa_level(void) {
+    static atomic_int chosen = -1;  // threads racing on the first call compute the same value
+    int level = atomic_load_explicit(&chosen, memory_order_relaxed);
+    if (level < 0) {
+        level = isa_choose();
+        atomic_store_explicit(&chosen, level, memory_order_relaxed);
+    }
+    return level;
+}
+
+const char* rbe_cpu_isa(void) {
+    static const char* const names[] = {"portable", "avx2", "avx512"};
+    return names[rbe_cpu_isa_level()];
+}
+
+// ---- the float32 entry points: the chosen x86 kernels, else the portable ones ----
+
 #ifdef RBE_X86_KERNELS
-#define AVX2_ON rbe_cpu_has_avx2()
-#else
-#define AVX2_ON 0
+const rbe_x86_kernels_f32 rbe_x86_avx2 = {"avx2",
+                                          rbe_analysis_f32_avx2,
+                                          rbe_rows_forward_f32_avx2,
+                                          rbe_cols_backward_f32_avx2,
+                                          rbe_cols_backward_f32_avx2_blocks,
+                                          rbe_params_backward_f32_avx2,
+                                          rbe_params_backward_f32_avx2_blocks};
+const rbe_x86_kernels_f32 rbe_x86_avx512 = {"avx512",
+                                            rbe_analysis_f32_avx512,
+                                            rbe_rows_forward_f32_avx512,
+                                            rbe_cols_backward_f32_avx512,
+                                            rbe_cols_backward_f32_avx512_blocks,
+                                            rbe_params_backward_f32_avx512,
+                                            rbe_params_backward_f32_avx512_blocks};
 #endif
+
+static const rbe_x86_kernels_f32* x86(void) {
+#ifdef RBE_X86_KERNELS
+    switch (rbe_cpu_isa_level()) {
+    case RBE_ISA_AVX512: return &rbe_x86_avx512;
+    case RBE_ISA_AVX2: return &rbe_x86_avx2;
+    }
+#endif
+    return NULL;
+}
 
 void rbe_analysis_f32(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch, long T,
                       int n, long p0, long p1) {
-#ifdef RBE_X86_KERNELS
-    if (AVX2_ON) {
-        rbe_analysis_f32_avx2(Xh, x, M, P, scratch, T, n, p0, p1);
-        return;
-    }
-#endif
-    rbe_analysis_f32_portable(Xh, x, M, P, scratch, T, n, p0, p1);
+    const rbe_x86_kernels_f32* k = x86();
+    if (k) k->analysis(Xh, x, M, P, scratch, T, n, p0, p1);
+    else rbe_analysis_f32_portable(Xh, x, M, P, scratch, T, n, p0, p1);
 }
 
 void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                           const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
                           float* scratch, long T, long p0, long p1) {
-#ifdef RBE_X86_KERNELS
-    if (AVX2_ON) {
-        rbe_rows_forward_f32_avx2(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, T, p0, p1);
-        return;
-    }
-#endif
-    rbe_rows_forward_f32_portable(y, pre, Xnext, Xh, W, P, bias, act, scratch, T, p0, p1);
+    const rbe_x86_kernels_f32* k = x86();
+    if (k) k->rows_forward(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, T, p0, p1);
+    else rbe_rows_forward_f32_portable(y, pre, Xnext, Xh, W, P, bias, act, scratch, T, p0, p1);
 }
 
 void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
                            const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
-#ifdef RBE_X86_KERNELS
-    if (sched && AVX2_ON) {
-        rbe_cols_backward_f32_avx2(dx, Gh, Wt, P, sched, scratch, T, p0, p1);
-        return;
-    }
-    if (Wt->coeffs && AVX2_ON) {
-        rbe_cols_backward_f32_avx2_blocks(dx, Gh, Wt, P, scratch, T, p0, p1);
-        return;
-    }
-#endif
-    rbe_cols_backward_f32_portable(dx, Gh, Wt, P, scratch, T, p0, p1);
+    const rbe_x86_kernels_f32* k = x86();
+    if (k && sched) k->cols_backward(dx, Gh, Wt, P, sched, scratch, T, p0, p1);
+    else if (k && Wt->coeffs) k->cols_backward_blocks(dx, Gh, Wt, P, scratch, T, p0, p1);
+    else rbe_cols_backward_f32_portable(dx, Gh, Wt, P, scratch, T, p0, p1);
 }
 
 void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                              const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                              int accumulate, long T, long p0, long p1) {
-#ifdef RBE_X86_KERNELS
-    if (sched && sched->acc && AVX2_ON) {
-        rbe_params_backward_f32_avx2(dbasis, dcoeffs, Gh, Xh, W, P, sched, accumulate, T, p0, p1);
-        return;
-    }
-    if (T <= RBE_TILE && AVX2_ON) {
-        rbe_params_backward_f32_avx2_blocks(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
-        return;
-    }
-#endif
-    rbe_params_backward_f32_portable(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
+    const rbe_x86_kernels_f32* k = x86();
+    if (k && sched && sched->acc) k->params_backward(dbasis, dcoeffs, Gh, Xh, W, P, sched, accumulate, T, p0, p1);
+    else if (k && T <= RBE_TILE) k->params_backward_blocks(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
+    else rbe_params_backward_f32_portable(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
 }
 
 // Schedule of the sparse products for groups [g0, g1): the coefficients of one block-row

@@ -16,9 +16,17 @@
 #include "rbe.h"
 #include "rbe_ops_common.h"
 
-// A Python extension module with no methods: importing it loads the operators.
+// The Python extension module: importing it loads the operators. Its one method, cpu_isa(),
+// names the float32 CPU kernels in use (rbe.h: "avx512", "avx2" or "portable").
+static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(rbe_cpu_isa()); }
+
 extern "C" PyObject* PyInit__C(void) {
-    static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "rbe_ffn operators", -1, nullptr};
+    static PyMethodDef methods[] = {
+        {"cpu_isa", cpu_isa, METH_NOARGS,
+         "The instruction set of the float32 CPU kernels: 'avx512', 'avx2' or 'portable' (the best the CPU "
+         "has, capped by the environment variable RBE_FFN_ISA, read once)."},
+        {nullptr, nullptr, 0, nullptr}};
+    static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "rbe_ffn operators", -1, methods};
     return PyModule_Create(&def);
 }
 
@@ -190,8 +198,9 @@ static void scratch_for(std::vector<T>& s, const Plan& P) {
     s.resize(rbe_rows_scratch((int)P.b, (int)P.nf));
 }
 
-// The run-grouped schedule of a weight's sparse products for the AVX2 float kernels
-// (rbe.h); `on` is false (and the portable kernels run) for double or without AVX2.
+// The run-grouped schedule of a weight's sparse products for the x86 float kernels, AVX2 or
+// AVX-512 (rbe.h); `on` is false (and the portable kernels run) for double, or when the chosen
+// float kernels are the portable ones (no AVX2, or RBE_FFN_ISA=portable).
 struct Sched {
     Tensor start, off, val, pos, acc;
     rbe_sched_f32 s{nullptr, nullptr, nullptr, nullptr, nullptr};
@@ -202,7 +211,7 @@ struct Sched {
 template <typename T>
 static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool with_pos) {
     Sched sc;
-    if (!std::is_same<T, float>::value || !rbe_cpu_has_avx2()) return sc;
+    if (!std::is_same<T, float>::value || rbe_cpu_isa_level() < RBE_ISA_AVX2) return sc;
     const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), groups = transpose ? C : R;
     auto iopt = W.coeffs.options().dtype(at::kInt);
     sc.start = at::empty({groups, P.b + 1}, iopt);

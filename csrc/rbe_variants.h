@@ -13,7 +13,7 @@ extern "C" {
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define RBE_X86_KERNELS 1 /* rbe_avx2.c's kernels exist (chosen at run time if the CPU has AVX2 + FMA) */
+#define RBE_X86_KERNELS 1 /* rbe_avx2.c's and rbe_avx512.c's kernels exist (chosen at run time) */
 #endif
 
 /* The pattern of a block as rank-1 terms between the plan's separable rows (rbe_plan.c):
@@ -45,9 +45,10 @@ void rbe_params_backward_f32_portable(float* dbasis, float* dcoeffs, const float
                                       const rbe_weight_f32* W, const rbe_plan_f32* P, int accumulate, long T,
                                       long p0, long p1);
 
-/* AVX2 + FMA kernels (rbe_avx2.c). sched may be NULL in rows_forward (block by block);
- * _blocks: without schedules, block by block: cols on transposed blocks (any T), params for
- * one tile (T <= RBE_TILE); the others need the schedule. */
+/* x86 kernels: AVX2 + FMA (rbe_avx2.c) and AVX-512 (rbe_avx512.c), both rbe_x86_impl.h.
+ * sched may be NULL in rows_forward (block by block); _blocks: without schedules, block by
+ * block: cols on transposed blocks (any T), params for one tile (T <= RBE_TILE); the others
+ * need the schedule. */
 void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch, long T,
                            int n, long p0, long p1);
 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
@@ -63,6 +64,42 @@ void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh
 void rbe_params_backward_f32_avx2_blocks(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                          const rbe_weight_f32* W, const rbe_plan_f32* P, int accumulate, long T,
                                          long p0, long p1);
+void rbe_analysis_f32_avx512(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch,
+                             long T, int n, long p0, long p1);
+void rbe_rows_forward_f32_avx512(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                                 const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                                 float* scratch, long T, long p0, long p1);
+void rbe_cols_backward_f32_avx512(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                                  const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);
+void rbe_cols_backward_f32_avx512_blocks(float* dx, const float* Gh, const rbe_weight_f32* Wt,
+                                         const rbe_plan_f32* P, float* scratch, long T, long p0, long p1);
+void rbe_params_backward_f32_avx512(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                    const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                                    int accumulate, long T, long p0, long p1);
+void rbe_params_backward_f32_avx512_blocks(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                           const rbe_weight_f32* W, const rbe_plan_f32* P, int accumulate, long T,
+                                           long p0, long p1);
+
+/* The x86 kernels of one instruction set, as the float32 entry points of rbe_linear.c choose
+ * between them: rows_forward (any sched), cols_backward with a schedule, else _blocks;
+ * params_backward with a schedule (and acc), else _blocks for one tile, else the portable one. */
+typedef struct {
+    const char* name;
+    void (*analysis)(float*, const float*, const float*, const rbe_plan_f32*, float*, long, int, long, long);
+    void (*rows_forward)(float*, float*, float*, const float*, const rbe_weight_f32*, const rbe_plan_f32*,
+                         const rbe_sched_f32*, const float*, int, float*, long, long, long);
+    void (*cols_backward)(float*, const float*, const rbe_weight_f32*, const rbe_plan_f32*, const rbe_sched_f32*,
+                          float*, long, long, long);
+    void (*cols_backward_blocks)(float*, const float*, const rbe_weight_f32*, const rbe_plan_f32*, float*, long,
+                                 long, long);
+    void (*params_backward)(float*, float*, const float*, const float*, const rbe_weight_f32*, const rbe_plan_f32*,
+                            const rbe_sched_f32*, int, long, long, long);
+    void (*params_backward_blocks)(float*, float*, const float*, const float*, const rbe_weight_f32*,
+                                   const rbe_plan_f32*, int, long, long, long);
+} rbe_x86_kernels_f32;
+#ifdef RBE_X86_KERNELS
+extern const rbe_x86_kernels_f32 rbe_x86_avx2, rbe_x86_avx512;
+#endif
 
 #ifdef __cplusplus
 }

@@ -7,6 +7,7 @@ run in a compressed RBE form (pattern + sparse DCT residual per block).
     report = rbe_ffn.replace_mlp(model, block_size=64, k=300)   # convert a model's MLPs
 """
 from . import _ops
+from . import _C  # the extension, loaded by _ops once torch is (it links torch's libraries)
 from ._ops import get_plan
 from .checkpoint import load_safetensors, save_safetensors
 from .codec import CompressedWeight, compress, decompress
@@ -19,6 +20,15 @@ __all__ = [
     "CompressedWeight", "compress", "decompress", "RBELinear", "RBEFeedForward",
     "rbe_linear", "rbe_feed_forward", "canonical_activation", "get_plan",
     "save_safetensors", "load_safetensors", "ddp_ignore_index",
-    "replace_mlp", "ConversionReport", "Distill",
+    "replace_mlp", "ConversionReport", "Distill", "cpu_isa",
 ]
 __version__ = "0.1.0"
+
+
+def cpu_isa() -> str:
+    """The instruction set of the float32 CPU kernels: ``"avx512"``, ``"avx2"`` or ``"portable"``.
+
+    The best this CPU has, capped by the environment variable ``RBE_FFN_ISA`` (one of those
+    names), which the kernels read once, at their first call: set it before the process starts
+    (or at least before the first CPU forward) to compare paths, e.g. ``RBE_FFN_ISA=avx2``."""
+    return _C.cpu_isa()

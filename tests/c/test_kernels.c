@@ -10,7 +10,7 @@
  * Prints one line per failed check and ends with exactly "N passed, N failed";
  * exits non-zero when anything failed.
  */
-#include "rbe_variants.h" /* rbe.h and the portable / AVX2 variants */
+#include "rbe_variants.h" /* rbe.h and the portable / AVX2 / AVX-512 variants */
 
 #include <math.h>
 #include <pthread.h>
@@ -627,14 +627,16 @@ static void test_codec_selection(void) {
 
 /* ---------------------------------------------------------------- transform-domain linear vs the references */
 
-static int g_portable;  // mode 1: call the portable float32 kernels directly
+static int g_portable;                   // mode 1: call the portable float32 kernels directly
+static const rbe_x86_kernels_f32* g_x86; // modes 2, 3: these x86 kernels directly (NULL: the entry points)
 /* The kernels over untyped buffers: plan is the [3, b+nf, b] plan of the value type (cut by
  * rbe_plan_view_*), which = 0 / 1 analyses with its A / S rows. */
 static void analysis_t(int f32, void* Xh, const void* x, const void* plan, int which, void* s, long T, int n, int b,
                        int nf, long p0, long p1) {
     if (f32) {
         const rbe_plan_f32 P = rbe_plan_view_f32(plan, b, nf);
-        (g_portable ? rbe_analysis_f32_portable : rbe_analysis_f32)(Xh, x, which ? P.S : P.A, &P, s, T, n, p0, p1);
+        (g_portable ? rbe_analysis_f32_portable : g_x86 ? g_x86->analysis : rbe_analysis_f32)(
+            Xh, x, which ? P.S : P.A, &P, s, T, n, p0, p1);
     } else {
         const rbe_plan_f64 P = rbe_plan_view_f64(plan, b, nf);
         rbe_analysis_f64(Xh, x, which ? P.S : P.A, &P, s, T, n, p0, p1);
@@ -648,6 +650,7 @@ static void rows_t(int f32, const rbe_sched_f32* sc, void* y, void* pre, void* X
     const rbe_plan_f32 P32 = rbe_plan_view_f32(plan, b, nf);
     const rbe_plan_f64 P64 = rbe_plan_view_f64(plan, b, nf);
     if (f32 && g_portable) rbe_rows_forward_f32_portable(y, pre, Xn, Xh, &W32, &P32, bias, act, s, T, p0, p1);
+    else if (f32 && g_x86) g_x86->rows_forward(y, pre, Xn, Xh, &W32, &P32, sc, bias, act, s, T, p0, p1);
     else if (f32) rbe_rows_forward_f32(y, pre, Xn, Xh, &W32, &P32, sc, bias, act, s, T, p0, p1);
     else rbe_rows_forward_f64(y, pre, Xn, Xh, &W64, &P64, bias, act, s, T, p0, p1);
 }
@@ -659,6 +662,8 @@ static void cols_t(int f32, const rbe_sched_f32* sc, void* dx, const void* Gh, c
     const rbe_plan_f32 P32 = rbe_plan_view_f32(plan, b, nf);
     const rbe_plan_f64 P64 = rbe_plan_view_f64(plan, b, nf);
     if (f32 && g_portable) rbe_cols_backward_f32_portable(dx, Gh, &W32, &P32, s, T, p0, p1);
+    else if (f32 && g_x86 && sc) g_x86->cols_backward(dx, Gh, &W32, &P32, sc, s, T, p0, p1);
+    else if (f32 && g_x86) g_x86->cols_backward_blocks(dx, Gh, &W32, &P32, s, T, p0, p1);
     else if (f32) rbe_cols_backward_f32(dx, Gh, &W32, &P32, sc, s, T, p0, p1);
     else rbe_cols_backward_f64(dx, Gh, &W64, &P64, s, T, p0, p1);
 }
@@ -670,6 +675,9 @@ static void params_t(int f32, const rbe_sched_f32* sc, void* db, void* dc, const
     const rbe_plan_f32 P32 = {NULL, NULL, NULL, b, nf};
     const rbe_plan_f64 P64 = {NULL, NULL, NULL, b, nf};
     if (f32 && g_portable) rbe_params_backward_f32_portable(db, dc, Gh, Xh, &W32, &P32, acc, T, p0, p1);
+    else if (f32 && g_x86 && sc) g_x86->params_backward(db, dc, Gh, Xh, &W32, &P32, sc, acc, T, p0, p1);
+    else if (f32 && g_x86 && T <= RBE_TILE) g_x86->params_backward_blocks(db, dc, Gh, Xh, &W32, &P32, acc, T, p0, p1);
+    else if (f32 && g_x86) rbe_params_backward_f32_portable(db, dc, Gh, Xh, &W32, &P32, acc, T, p0, p1);
     else if (f32) rbe_params_backward_f32(db, dc, Gh, Xh, &W32, &P32, sc, acc, T, p0, p1);
     else rbe_params_backward_f64(db, dc, Gh, Xh, &W64, &P64, acc, T, p0, p1);
 }
@@ -706,9 +714,9 @@ static double rel_err(const void* got, const void* ref, size_t n, int f32) {
     return e;
 }
 
-// mode 0: float64; 1: float32, the portable kernels; 2: float32 through the dispatching entry points
-// without schedules (AVX2 block-by-block forward where the CPU has it); 3: with the run-grouped
-// schedules (the AVX2 kernels where the CPU has AVX2 + FMA)
+// mode 0: float64; 1: float32, the portable kernels; 2: float32 without schedules (the x86 kernels'
+// block-by-block paths); 3: with the run-grouped schedules. Modes 2 and 3 call the x86 kernels
+// g_x86 directly, or (g_x86 NULL) the dispatching entry points.
 static void linear_case(int mode, long T, int out, int in, int b, int k, int wide) {
     const int f32 = mode > 0;
     g_portable = mode == 1;
@@ -716,10 +724,10 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     const long nblk = (long)R * C, ntiles = (T + RBE_TILE - 1) / RBE_TILE;
     const size_t es = esize(f32), bb = (size_t)b * b;
     const double tol = f32 ? 1e-4 : 1e-10;
-    char tag[96];
-    snprintf(tag, sizeof tag, "%s T=%ld out=%d in=%d b=%d k=%d wide=%d",
-             mode == 0 ? "f64" : mode == 1 ? "f32 portable" : mode == 2 ? "f32 unscheduled" : "f32 scheduled", T, out,
-             in, b, k, wide);
+    char tag[128];
+    snprintf(tag, sizeof tag, "%s%s%s T=%ld out=%d in=%d b=%d k=%d wide=%d",
+             mode == 0 ? "f64" : mode == 1 ? "f32 portable" : mode == 2 ? "f32 unscheduled" : "f32 scheduled",
+             mode >= 2 ? " " : "", mode >= 2 ? (g_x86 ? g_x86->name : "dispatch") : "", T, out, in, b, k, wide);
 
     // plan as the Python layer builds it: tol 1e-15 for float64, 1e-9 for float32
     double* pland = xmalloc(sizeof(double) * 3 * (2 * b + 4) * b);
@@ -864,6 +872,56 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         free(dx2);
     }
 
+    // The x86 kernels' lanes (rbe_x86_impl.h): a tile of T <= 16 tokens runs on 16 lanes, the same
+    // tokens followed by zero tokens (up to 20) on all 64, with the same bits for the real tokens;
+    // and the AVX-512 products give the AVX2 bits (each lane the same chain), their lane sums
+    // (the parameter gradient) the same values within rounding.
+    if (f32 && g_x86) {
+        const rbe_x86_kernels_f32* ks = g_x86;
+        const int dead = T <= 16, cross = ks == &rbe_x86_avx512 && rbe_cpu_has_avx2();
+        const long T2 = dead ? 20 : T, nt2 = (T2 + RBE_TILE - 1) / RBE_TILE;
+        float* x2 = calloc((size_t)T2 * in + 1, sizeof(float));
+        float* g2 = calloc((size_t)T2 * out + 1, sizeof(float));
+        memcpy(x2, x, (size_t)T * in * es), memcpy(g2, g, (size_t)T * out * es);
+        float* Xh2 = xmalloc((size_t)nt2 * C * rows * RBE_TILE * es);
+        float* Gh2 = xmalloc((size_t)nt2 * R * rows * RBE_TILE * es);
+        float *y1 = xmalloc((size_t)T * out * es), *y2 = xmalloc((size_t)T2 * out * es);
+        float *dx1 = xmalloc((size_t)T * in * es), *dx2 = xmalloc((size_t)T2 * in * es);
+        float *db1 = xmalloc(nblk * 8 * es), *db2 = xmalloc(nblk * 8 * es);
+        float *dc1 = xmalloc(nblk * k * es + 1), *dc2 = xmalloc(nblk * k * es + 1);
+        const int act = RBE_ACT_GELU;
+        // reference outputs: these kernels on T tokens; then, on T2 tokens (dead) or with AVX2 (cross)
+        rows_t(1, rsc, y1, NULL, NULL, Xh, plan, basis, coeffs, ix, wide, bias, act, scratch, T, out, in, b, nf, k, 0,
+               ntiles * R);
+        cols_t(1, csc, dx1, Gh, plan, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, ntiles * C);
+        params_t(1, rsc, db1, dc1, Gh, Xh, ix, wide, 0, T, out, in, b, nf, k, 0, R);
+        for (int pass = 0; pass < 2; pass++) {
+            if (pass == 0 && !dead) continue;
+            if (pass == 1 && !cross) continue;
+            const long Tp = pass == 0 ? T2 : T, ntp = (Tp + RBE_TILE - 1) / RBE_TILE;
+            g_x86 = pass == 0 ? ks : &rbe_x86_avx2;
+            analysis_t(1, Xh2, pass == 0 ? x2 : x, plan, 0, scratch, Tp, in, b, nf, 0, ntp * C);
+            analysis_t(1, Gh2, pass == 0 ? g2 : g, plan, 1, scratch, Tp, out, b, nf, 0, ntp * R);
+            rows_t(1, rsc, y2, NULL, NULL, Xh2, plan, basis, coeffs, ix, wide, bias, act, scratch, Tp, out, in, b, nf, k,
+                   0, ntp * R);
+            cols_t(1, csc, dx2, Gh2, plan, basis, cft, ixt, scratch, Tp, out, in, b, nf, k, 0, ntp * C);
+            params_t(1, rsc, db2, dc2, Gh2, Xh2, ix, wide, 0, Tp, out, in, b, nf, k, 0, R);
+            const char* what = pass == 0 ? "16 lanes vs 64 (zero tokens appended)" : "avx512 vs avx2";
+            CHECK(!memcmp(y1, y2, (size_t)T * out * es), "%s: %s: forward differs", tag, what);
+            CHECK(!memcmp(dx1, dx2, (size_t)T * in * es), "%s: %s: dx differs", tag, what);
+            if (pass == 0) {
+                CHECK(!memcmp(db1, db2, nblk * 8 * es), "%s: %s: dbasis differs", tag, what);
+                CHECK(!memcmp(dc1, dc2, nblk * k * es), "%s: %s: dcoeffs differs", tag, what);
+            } else {
+                double eb = rel_err(db1, db2, nblk * 8, 1), ec = rel_err(dc1, dc2, nblk * k, 1);
+                CHECK(eb < 1e-5 && ec < 1e-5, "%s: %s: dbasis off by %.3e, dcoeffs by %.3e", tag, what, eb, ec);
+            }
+        }
+        g_x86 = ks;
+        free(x2), free(g2), free(Xh2), free(Gh2), free(y1), free(y2), free(dx1), free(dx2);
+        free(db1), free(db2), free(dc1), free(dc2);
+    }
+
     free(pland), free(pwork), free(plan), free(tabs), free(tmp), free(basis), free(coeffs), free(ix), free(x);
     free(bias), free(g), free(scratch), free(Xh), free(Gh), free(rwork), free(y), free(pre), free(yr), free(prer);
     free(dx), free(db), free(dc), free(dbias), free(dxr), free(dbr), free(dcr), free(dbiasr);
@@ -871,25 +929,47 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     free(rs_val), free(cs_val), free(rs_acc);
 }
 
+static void linear_cases(int mode) {
+    linear_case(mode, 5, 37, 10, 8, 5, 0);
+    linear_case(mode, 70, 20, 33, 16, 40, 0);    // two token tiles
+    linear_case(mode, 1, 9, 6, 4, 16, 1);        // b = 4, every coefficient, int32 index
+    linear_case(mode, 64, 8, 8, 8, 0, 0);        // k = 0: pattern only, exactly one tile
+    linear_case(mode, 130, 70, 65, 64, 300, 0);  // b = 64, three tiles, edge blocks
+    linear_case(mode, 66, 40, 100, 48, 30, 0);   // b = 48: the fast DCT recurses 48 -> 24 -> 12 -> 6 -> 3
+    linear_case(mode, 64, 24, 24, 24, 20, 0);    // b = 24, full tile (vector transposes)
+    linear_case(mode, 16, 70, 65, 64, 300, 0);   // 16 tokens: the 16-lane tile
+    linear_case(mode, 17, 70, 65, 64, 300, 0);   // 17: a full-width tile again
+    linear_case(mode, 80, 40, 100, 48, 30, 0);   // a full tile, then a 16-lane one
+    linear_case(mode, 7, 200, 130, 32, 90, 0);   // many rows per block in gemm_tile's remainders
+}
+
+// Every float32 variant this CPU has, each called directly (the portable and AVX2 kernels stay
+// tested where the entry points choose AVX-512), then the entry points themselves.
 static void test_linear(void) {
-    printf("  (float32 scheduled kernels: %s)\n", rbe_cpu_has_avx2() ? "AVX2" : "portable fallback, no AVX2 here");
-    for (int mode = 0; mode <= 3; mode++) {
-        linear_case(mode, 5, 37, 10, 8, 5, 0);
-        linear_case(mode, 70, 20, 33, 16, 40, 0);    // two token tiles
-        linear_case(mode, 1, 9, 6, 4, 16, 1);        // b = 4, every coefficient, int32 index
-        linear_case(mode, 64, 8, 8, 8, 0, 0);        // k = 0: pattern only, exactly one tile
-        linear_case(mode, 130, 70, 65, 64, 300, 0);  // b = 64, three tiles, edge blocks
-        linear_case(mode, 66, 40, 100, 48, 30, 0);   // b = 48: the fast DCT recurses 48 -> 24 -> 12 -> 6 -> 3
-        linear_case(mode, 64, 24, 24, 24, 20, 0);    // b = 24, full tile (vector transposes)
-        linear_case(mode, 16, 70, 65, 64, 300, 0);   // 16 tokens: the 16-lane tile
-        linear_case(mode, 17, 70, 65, 64, 300, 0);   // 17: a full-width tile again
-        linear_case(mode, 80, 40, 100, 48, 30, 0);   // a full tile, then a 16-lane one
+    const rbe_x86_kernels_f32* sets[2];
+    int nsets = 0;
+#ifdef RBE_X86_KERNELS
+    if (rbe_cpu_has_avx2()) sets[nsets++] = &rbe_x86_avx2;
+    if (rbe_cpu_has_avx512()) sets[nsets++] = &rbe_x86_avx512;
+#endif
+    printf("  (float32 kernels tested: portable%s%s%s; the entry points run %s)\n", nsets ? ", " : "",
+           nsets ? sets[0]->name : "", nsets > 1 ? ", avx512" : "", rbe_cpu_isa());
+    for (int mode = 0; mode <= 1; mode++) linear_cases(mode);
+    for (int s = 0; s < nsets; s++) {
+        g_x86 = sets[s];
+        linear_cases(2);
+        linear_cases(3);
+        linear_case(2, 3, 20, 260, 256, 50, 1);  // b = 256 (int32 index), wide edge, on 16 lanes
+        linear_case(3, 3, 20, 260, 256, 50, 1);
+        linear_case(3, 65, 20, 260, 256, 50, 1);
+        linear_case(2, 65, 20, 260, 256, 50, 1);
     }
-    linear_case(0, 3, 20, 260, 256, 50, 1);  // b = 256 (int32 index), wide edge
-    linear_case(2, 3, 20, 260, 256, 50, 1);  // ... on 16 lanes
-    linear_case(3, 3, 20, 260, 256, 50, 1);
-    linear_case(3, 65, 20, 260, 256, 50, 1);
-    linear_case(2, 65, 20, 260, 256, 50, 1);
+    g_x86 = NULL;  // the entry points (whatever they choose here)
+    linear_case(0, 3, 20, 260, 256, 50, 1);
+    linear_case(2, 5, 37, 10, 8, 5, 0);
+    linear_case(3, 70, 20, 33, 16, 40, 0);
+    linear_case(2, 130, 70, 65, 64, 300, 0);
+    linear_case(3, 130, 70, 65, 64, 300, 0);
 }
 
 /* ---------------------------------------------------------------- activations */

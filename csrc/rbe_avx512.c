@@ -1,0 +1,130 @@
+/* rbe_avx512.c - float32 linear kernels with AVX-512 (F, VL, DQ) intrinsics.
+ *
+ * The kernels are rbe_x86_impl.h at 16 floats a vector: an output row of a tile (64 tokens)
+ * is 4 zmm registers instead of 8 ymm, so the sparse products and the pattern terms issue
+ * half the loads and multiply-adds per coefficient, and a 16-lane tile (at most 16 tokens)
+ * is a single register. This file holds what is particular to the width: gemm_tile's
+ * register blocking, the lane sum and the parameter gradient's reductions (four entries
+ * share one). Every lane runs the same chain of fused multiply-adds as in the AVX2 kernels,
+ * so the products (forward, input gradient) give the same bits; the lane sums of the
+ * parameter gradient are associated differently (within float rounding).
+ *
+ * Compiled with per-function target attributes, so the file builds everywhere;
+ * rbe_linear.c picks these at run time when the CPU has AVX-512 F/VL/DQ/BW (and AVX2 + FMA),
+ * unless RBE_FFN_ISA caps the choice.
+ */
+#include "rbe_variants.h"
+
+#ifdef RBE_X86_KERNELS
+
+#define XT __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
+#define XSFX(name) name##_avx512
+#define XSFX_BLOCKS(name) name##_avx512_blocks
+#define VF __m512
+#define VW 16
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VSUB(a, b) _mm512_sub_ps(a, b)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSET1(x) _mm512_set1_ps(x)
+#define VBCAST(p) _mm512_set1_ps(*(p))
+#include "rbe_x86_impl.h"
+
+int rbe_cpu_has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") && rbe_cpu_has_avx2();
+}
+
+// mr rows x 16 nv tokens of gemm_tile in registers (mr <= 8, nv <= 4; constants at each call)
+XT static INLINE_ALWAYS void gemm_block(float* restrict o, long ldo, int acc, const float* restrict l, long li,
+                                        long lp, const float* restrict r, long ldr, int P, int mr, int nv) {
+    __m512 a[8][4];
+    for (int m = 0; m < mr; m++)
+        for (int v = 0; v < nv; v++) a[m][v] = acc ? _mm512_loadu_ps(o + m * ldo + 16 * v) : _mm512_setzero_ps();
+    for (int p = 0; p < P; p++) {
+        __m512 x[4];
+        for (int v = 0; v < nv; v++) x[v] = _mm512_loadu_ps(r + (long)p * ldr + 16 * v);
+        for (int m = 0; m < mr; m++) {
+            const __m512 w = _mm512_set1_ps(l[m * li + p * lp]);
+            for (int v = 0; v < nv; v++) a[m][v] = _mm512_fmadd_ps(w, x[v], a[m][v]);
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int v = 0; v < nv; v++) _mm512_storeu_ps(o + m * ldo + 16 * v, a[m][v]);
+}
+
+// the rows of gemm_tile in blocks of mr, then 2, then 1, each 16 nv tokens wide
+XT static INLINE_ALWAYS void gemm_rows(float* restrict out, long ldo, int acc, const float* restrict L, long li,
+                                       long lp, const float* restrict Rm, long ldr, int n_out, int P, int mr,
+                                       int nv) {
+    int i = 0;
+    for (; i + mr <= n_out; i += mr) gemm_block(out + i * ldo, ldo, acc, L + i * li, li, lp, Rm, ldr, P, mr, nv);
+    for (; i + 2 <= n_out; i += 2) gemm_block(out + i * ldo, ldo, acc, L + i * li, li, lp, Rm, ldr, P, 2, nv);
+    for (; i < n_out; i++) gemm_block(out + i * ldo, ldo, acc, L + i * li, li, lp, Rm, ldr, P, 1, nv);
+}
+
+// A whole tile: 6 rows x 64 tokens (24 accumulators; 4 loads and 6 broadcasts per 24 FMAs);
+// a 16-lane tile: 8 rows x 16 tokens.
+XT static void gemm_tile(float* restrict out, long ldo, int acc, const float* restrict L, long li, long lp,
+                         const float* restrict Rm, long ldr, int n_out, int P, int nl) {
+    if (nl == TL) gemm_rows(out, ldo, acc, L, li, lp, Rm, ldr, n_out, P, 6, TL / 16);
+    else gemm_rows(out, ldo, acc, L, li, lp, Rm, ldr, n_out, P, 8, 1);
+}
+
+XT static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// the lane sums of four vectors: [sum a, sum b, sum c, sum d]
+XT static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    // fold 512 -> 256 bits pairwise: ab = [a0+a2, a1+a3, b0+b2, b1+b3] (128-bit quarters)
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    // then to one quarter each: [a | b | c | d], four partial sums in each
+    __m512 f = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    f = _mm512_add_ps(f, _mm512_permute_ps(f, 0x4E));  // within quarters: [x0+x2, x1+x3, ...]
+    f = _mm512_add_ps(f, _mm512_permute_ps(f, 0xB1));  // every lane of a quarter: its total
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                          0, 0, 0, 0), f));
+}
+
+// coeff_grads over nv = nl / 16 registers: each entry's chain g[0]*x[0] + g[1]*x[1] + ... over
+// the registers (the extra lanes of a full tile add exact zeros when only 16 hold tokens),
+// four entries sharing one reduction, the rest one at a time
+XT static INLINE_ALWAYS void coeff_grads_w(float* restrict sacc, const float* restrict g, const float* restrict Xt,
+                                           const int32_t* restrict soff, int e, int e1, int nv) {
+    __m512 gv[4];
+    for (int v = 0; v < nv; v++) gv[v] = _mm512_loadu_ps(g + 16 * v);
+    for (; e + 4 <= e1; e += 4) {
+        __m512 s[4];
+        for (int q = 0; q < 4; q++) {
+            if (nv == TL / 16) {  // whole tiles: rows come from L2/L3 in schedule order
+                const int ea = e + q + RBE_PREFETCH < e1 ? e + q + RBE_PREFETCH : e + q;
+                const char* pa = (const char*)(Xt + soff[ea]);
+                for (int line = 0; line < nv; line++) _mm_prefetch(pa + 64 * line, _MM_HINT_T0);
+            }
+            const float* x = Xt + soff[e + q];
+            s[q] = _mm512_mul_ps(gv[0], _mm512_loadu_ps(x));
+            for (int v = 1; v < nv; v++) s[q] = _mm512_fmadd_ps(gv[v], _mm512_loadu_ps(x + 16 * v), s[q]);
+        }
+        _mm_storeu_ps(sacc + e, _mm_add_ps(_mm_loadu_ps(sacc + e), hsum4(s[0], s[1], s[2], s[3])));
+    }
+    for (; e < e1; e++) {
+        const float* x = Xt + soff[e];
+        __m512 s = _mm512_mul_ps(gv[0], _mm512_loadu_ps(x));
+        for (int v = 1; v < nv; v++) s = _mm512_fmadd_ps(gv[v], _mm512_loadu_ps(x + 16 * v), s);
+        sacc[e] += hsum(s);
+    }
+}
+
+XT static void coeff_grads(float* restrict sacc, const float* restrict g, const float* restrict Xt,
+                           const int32_t* restrict soff, int e, int e1, int nl) {
+    if (nl == TL) coeff_grads_w(sacc, g, Xt, soff, e, e1, TL / 16);
+    else coeff_grads_w(sacc, g, Xt, soff, e, e1, 1);
+}
+
+#else
+int rbe_cpu_has_avx512(void) { return 0; }
+#endif

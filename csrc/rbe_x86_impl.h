@@ -1,0 +1,486 @@
+/* rbe_x86_impl.h - the body of the x86 float32 kernels, written once for any vector width;
+ * included by rbe_avx2.c (8 floats, AVX2 + FMA) and rbe_avx512.c (16 floats, AVX-512).
+ *
+ * Same contracts as the portable kernels of rbe_linear_impl.h (rbe.h), which are tested
+ * against these. The including file defines, before the #include:
+ *   XT              the target attribute of every function, e.g. __attribute__((target("avx2,fma")))
+ *   XSFX(name), XSFX_BLOCKS(name)  the entry points' names (rbe_variants.h): name##_avx2, name##_avx2_blocks
+ *   VF, VW          the vector type and its float lanes (8 or 16; 16 divides every lane count)
+ *   VZERO() VLOAD(p) VSTORE(p, v) VADD(a, b) VSUB(a, b) VMUL(a, b) VFMA(a, b, c) = a*b + c
+ *   VSET1(x) VBCAST(p) (= VSET1(*p), from memory)
+ * and, after it, the three primitives declared below, where the register blocking differs:
+ *   gemm_tile       out[i][t] (+)= sum_p L[i*li + p*lp] Rm[p][t] over a tile (the pattern
+ *                   projections and the dense parts of the fast DCT are all this one product);
+ *   hsum(v)         the sum of a vector's lanes;
+ *   coeff_grads     sacc[e] += g . Xt[off[e]] over the entries [e0, e1) of one output row (the
+ *                   scheduled parameter gradient), sharing reductions between entries.
+ * Here, per tile of TL tokens: the tile transposes (8 x 8, AVX), the fast DCT dct2_tile /
+ * dct3_tile, analysis and synthesis, the sparse products (sparse_sched: one output row in
+ * TL / VW registers while all its coefficients across a block-row or block-column are applied,
+ * with prefetch; sparse_block: block by block), the pattern terms (rbe_pattern_terms) and the
+ * entry points.
+ *
+ * Lanes: a tile of at most 16 tokens is computed on 16 lanes (lanes()), a quarter of the work;
+ * lanes past the tokens hold what zero-padded tokens give, and every lane's arithmetic is the
+ * same sequence at either width, so results are bitwise the same at 16 or TL lanes (the
+ * reductions over lanes included: the extra lanes add exact zeros at the end of each chain).
+ */
+#include <immintrin.h>
+
+#define TL RBE_TILE
+#ifndef RBE_PREFETCH
+#define RBE_PREFETCH 8 /* entries ahead: rows come from L2/L3 in schedule order */
+#endif
+#define INLINE_ALWAYS __attribute__((always_inline)) inline
+
+#if RBE_TILE != 64
+#error "the x86 kernels assume 64-token tiles"
+#endif
+
+// out[i][t] (+)= sum_p L[i*li + p*lp] Rm[p][t] for i < n_out, p < P, t < nl (nl: 16 or TL lanes).
+// Rows of out are ldo floats apart, rows of Rm ldr apart; acc != 0 adds to out. Each lane is
+// the chain out (or 0), then one fused multiply-add per p in order.
+XT static void gemm_tile(float* restrict out, long ldo, int acc, const float* restrict L, long li, long lp,
+                         const float* restrict Rm, long ldr, int n_out, int P, int nl);
+XT static inline float hsum(VF v);
+// sacc[e] += sum over nl lanes of g[t] * Xt[off[e] + t], for e in [e0, e1)
+XT static void coeff_grads(float* restrict sacc, const float* restrict g, const float* restrict Xt,
+                           const int32_t* restrict off, int e0, int e1, int nl);
+
+// Lanes a tile of nt tokens is computed on: a tile of at most 16 tokens (a few tokens at a time,
+// as in generation) takes 16 lanes, a quarter of the work; lanes past nt hold what zero-padded
+// tokens give, exactly as in a full-width tile, so results do not depend on the width.
+static inline int lanes(int nt) { return nt <= 16 ? 16 : TL; }
+
+/* Fast orthonormal DCT of a tile along its feature rows (rbe_plan.c builds `tab`):
+ * the even outputs of a size-N DCT-II are the size-N/2 DCT-II of a[n] = x[n] + x[N-1-n],
+ * the odd ones a dense (N/2)^2 product with d[n] = x[n] - x[N-1-n]; recursion while N
+ * is even and > 2, then a dense N0 x N0 product. About b^2/3 multiply-adds instead of b^2,
+ * all of them in gemm_tile; the scale factors are folded into the tables.
+ * dct2: out rows ldo apart <- in [N][TL];  work: 2N rows of TL. */
+XT static void dct2_tile(float* restrict out, long ldo, const float* restrict in, int N, const float* tab,
+                         float* restrict work, int nl) {
+    if (N % 2 || N <= 2) {
+        gemm_tile(out, ldo, 0, tab, N, 1, in, TL, N, N, nl);
+        return;
+    }
+    const int h = N / 2;
+    float* a = work;
+    float* d = work + (long)h * TL;
+    for (int n = 0; n < h; n++) {
+        const float* x0 = in + (long)n * TL;
+        const float* x1 = in + (long)(N - 1 - n) * TL;
+        for (int t = 0; t < nl; t += VW) {
+            VF u = VLOAD(x0 + t), v = VLOAD(x1 + t);
+            VSTORE(a + (long)n * TL + t, VADD(u, v));
+            VSTORE(d + (long)n * TL + t, VSUB(u, v));
+        }
+    }
+    gemm_tile(out + ldo, 2 * ldo, 0, tab, h, 1, d, TL, h, h, nl);
+    dct2_tile(out, 2 * ldo, a, h, tab + (long)h * h, work + 2L * h * TL, nl);
+}
+
+// dct3 (the transpose): out [N][TL] <- in rows ldi apart
+XT static void dct3_tile(float* restrict out, const float* restrict in, long ldi, int N, const float* tab,
+                         float* restrict work, int nl) {
+    if (N % 2 || N <= 2) {
+        gemm_tile(out, TL, 0, tab, 1, N, in, ldi, N, N, nl);
+        return;
+    }
+    const int h = N / 2;
+    float* a = work;
+    float* d = work + (long)h * TL;
+    dct3_tile(a, in, 2 * ldi, h, tab + (long)h * h, work + 2L * h * TL, nl);
+    gemm_tile(d, TL, 0, tab, 1, h, in + ldi, 2 * ldi, h, h, nl);
+    for (int n = 0; n < h; n++) {
+        float* y0 = out + (long)n * TL;
+        float* y1 = out + (long)(N - 1 - n) * TL;
+        for (int t = 0; t < nl; t += VW) {
+            VF u = VLOAD(a + (long)n * TL + t), v = VLOAD(d + (long)n * TL + t);
+            VSTORE(y0 + t, VADD(u, v));
+            VSTORE(y1 + t, VSUB(u, v));
+        }
+    }
+}
+
+// Xh rows [0, b) = DCT of xt, rows [b, b+nf) = pattern projections P xt; xt: [b][TL]
+// (lanes [nl, TL) of Xh are set to zero: what zero-padded tokens would give, so every reader of a
+// transform-domain tile may take all TL lanes)
+XT static void analyse_tile(float* restrict Xh, const float* restrict xt, const float* M, const float* dct, int b,
+                            int nf, float* restrict work, int nl) {
+    dct2_tile(Xh, TL, xt, b, dct, work, nl);
+    gemm_tile(Xh + (long)b * TL, TL, 0, M + (long)b * b, b, 1, xt, TL, nf, b, nl);
+    if (nl < TL)
+        for (int m = 0; m < b + nf; m++)
+            for (int t = nl; t < TL; t += VW) VSTORE(Xh + (long)m * TL + t, VZERO());
+}
+
+// out [b][TL] = Psi^T H[0, b) + P^T H[b, b+nf)  (H: [b+nf][TL], M = [Psi; P])
+XT static void synthesise_tile(float* restrict out, const float* restrict H, const float* M, const float* dct, int b,
+                               int nf, float* restrict work, int nl) {
+    dct3_tile(out, H, TL, b, dct, work, nl);
+    gemm_tile(out, TL, 1, M + (long)b * b, 1, b, H + (long)b * TL, TL, b, nf, nl);
+}
+
+// The two sparse products below hold one output row in nv = nl / VW registers (a whole tile of
+// 64 lanes, or a 16-lane tile); nv is a constant in each caller, so the accumulator arrays stay
+// in registers. Every row sums its coefficients in the same order at either width.
+
+// out[key][:] = sum over the key's entries e of val[e] * src[off[e]][:]  (keys [0, b))
+XT static INLINE_ALWAYS void sparse_sched_w(float* restrict out, const float* restrict src,
+                                            const int32_t* restrict start, const int32_t* restrict off,
+                                            const float* restrict val, int b, int nv) {
+    for (int key = 0; key < b; key++) {
+        VF a[TL / VW];
+        for (int v = 0; v < nv; v++) a[v] = VZERO();
+        const int e1 = start[key + 1];
+        for (int e = start[key]; e < e1; e++) {
+            const float* x = src + off[e];
+            const char* ahead = (const char*)(src + off[e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e]);
+            for (int line = 0; line < nv * VW / 16; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+            const VF c = VBCAST(val + e);
+            for (int v = 0; v < nv; v++) a[v] = VFMA(c, VLOAD(x + VW * v), a[v]);
+        }
+        float* o = out + (long)key * TL;
+        for (int v = 0; v < nv; v++) VSTORE(o + VW * v, a[v]);
+    }
+}
+
+XT static void sparse_sched(float* restrict out, const float* restrict src, const int32_t* restrict start,
+                            const int32_t* restrict off, const float* restrict val, int b) {
+    sparse_sched_w(out, src, start, off, val, b, TL / VW);
+}
+
+XT static void sparse_sched16(float* restrict out, const float* restrict src, const int32_t* restrict start,
+                              const int32_t* restrict off, const float* restrict val, int b) {
+    sparse_sched_w(out, src, start, off, val, b, 16 / VW);
+}
+
+// out[row][:] += cf[q] * in[col][:] for one block's coefficients (idx = row*b + col, ascending),
+// each row held in registers for its run: the sparse product without a schedule (a single
+// tile of tokens, where building the schedule would cost as much as the product)
+XT static INLINE_ALWAYS void sparse_block_w(float* restrict out, const float* restrict in,
+                                            const float* restrict cf, const void* index, int wide, long base,
+                                            int k, int b, int nv) {
+    const int16_t* i16 = (const int16_t*)index + base;
+    const int32_t* i32 = (const int32_t*)index + base;
+    int q = 0;
+    while (q < k) {
+        int idx = wide ? i32[q] : i16[q];
+        const int row = idx / b, end = (row + 1) * b;
+        float* o = out + (long)row * TL;
+        VF a[TL / VW];
+        for (int v = 0; v < nv; v++) a[v] = VLOAD(o + VW * v);
+        do {
+            const float* x = in + (long)(idx - row * b) * TL;
+            const VF c = VBCAST(cf + q);
+            for (int v = 0; v < nv; v++) a[v] = VFMA(c, VLOAD(x + VW * v), a[v]);
+            if (++q < k) idx = wide ? i32[q] : i16[q];
+        } while (q < k && idx < end);
+        for (int v = 0; v < nv; v++) VSTORE(o + VW * v, a[v]);
+    }
+}
+
+XT static void sparse_block(float* restrict out, const float* restrict in, const float* restrict cf,
+                            const void* index, int wide, long base, int k, int b) {
+    sparse_block_w(out, in, cf, index, wide, base, k, b, TL / VW);
+}
+
+XT static void sparse_block16(float* restrict out, const float* restrict in, const float* restrict cf,
+                              const void* index, int wide, long base, int k, int b) {
+    sparse_block_w(out, in, cf, index, wide, base, k, b, 16 / VW);
+}
+
+XT static inline void axpy_lanes(float* restrict dst, float a, const float* restrict src, int nl) {
+    VF c = VSET1(a);
+    for (int t = 0; t < nl; t += VW)
+        VSTORE(dst + t, VFMA(c, VLOAD(src + t), VLOAD(dst + t)));
+}
+// (lanes past nl are zero in one of the operands, so stopping there gives the same sum)
+XT static inline float dot_lanes(const float* restrict a, const float* restrict b, int nl) {
+    VF s[16 / VW];  // each chain sums every 16th group of VW lanes
+    for (int v = 0; v < 16 / VW; v++) s[v] = VMUL(VLOAD(a + VW * v), VLOAD(b + VW * v));
+    for (int t = 16; t < nl; t += 16)
+        for (int v = 0; v < 16 / VW; v++) s[v] = VFMA(VLOAD(a + t + VW * v), VLOAD(b + t + VW * v), s[v]);
+    for (int v = 1; v < 16 / VW; v++) s[0] = VADD(s[0], s[v]);
+    return hsum(s[0]);
+}
+
+// 8x8 transpose of r0..r7 in registers
+XT static inline void transpose8(__m256* r) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// xt[c][t] = x[t0 + t][j*b + c], zero past nc columns / nt tokens; xt: [b, TL]
+XT static void load_tile_t(float* restrict xt, const float* restrict x, long t0, int nt, int n, int j, int b, int nc) {
+    const float* base = x + (size_t)t0 * n + (size_t)j * b;
+    int c = 0;
+    if (nt == TL)
+        for (; c + 8 <= nc; c += 8)
+            for (int t = 0; t < TL; t += 8) {
+                __m256 r[8];
+                for (int q = 0; q < 8; q++) r[q] = _mm256_loadu_ps(base + (size_t)(t + q) * n + c);
+                transpose8(r);
+                for (int q = 0; q < 8; q++) _mm256_storeu_ps(xt + (size_t)(c + q) * TL + t, r[q]);
+            }
+    for (int cc = c; cc < b; cc++)
+        for (int t = 0; t < TL; t += 8) _mm256_storeu_ps(xt + (size_t)cc * TL + t, _mm256_setzero_ps());
+    for (int t = 0; t < nt; t++)
+        for (int cc = c; cc < nc; cc++) xt[(size_t)cc * TL + t] = base[(size_t)t * n + cc];
+}
+
+// y[t0 + t][c0 + r] = src[r][t] for r < nr, t < nt (src: [>= nr, TL], y rows ld apart)
+XT static void store_tile_t(float* restrict y, long ld, const float* restrict src, int nr, int nt) {
+    int r = 0;
+    if (nt == TL)
+        for (; r + 8 <= nr; r += 8)
+            for (int t = 0; t < TL; t += 8) {
+                __m256 v[8];
+                for (int q = 0; q < 8; q++) v[q] = _mm256_loadu_ps(src + (size_t)(r + q) * TL + t);
+                transpose8(v);
+                for (int q = 0; q < 8; q++) _mm256_storeu_ps(y + (size_t)(t + q) * ld + r, v[q]);
+            }
+    for (int t = 0; t < nt; t++)
+        for (int rr = (nt == TL ? r : 0); rr < nr; rr++) y[(size_t)t * ld + rr] = src[(size_t)rr * TL + t];
+}
+
+XT void XSFX(rbe_analysis_f32)(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch,
+                               long T, int n, long p0, long p1) {
+    const int b = P->b, nf = P->nf, nseg = (n + b - 1) / b, rows = b + nf;
+    for (long p = p0; p < p1; p++) {
+        long tile = p / nseg;
+        int j = (int)(p % nseg);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nc = n - j * b < b ? n - j * b : b;
+        load_tile_t(scratch, x, t0, nt, n, j, b, nc);
+        analyse_tile(Xh + (size_t)p * rows * TL, scratch, M, P->dct, b, nf, scratch + (size_t)b * TL, lanes(nt));
+    }
+}
+
+// The pattern of a block (rbe_variants.h's rank-1 terms) over nl lanes of a tile:
+// forward Y[g] += p_k E[f] (Y, E: the nf pattern rows of the output / input transform)
+XT static void pattern_forward(float* restrict Y, const float* restrict E, const float* pk, int nd, int nl) {
+    for (int q = 0; q < RBE_NTERMS; q++) {
+        const int* term = rbe_pattern_terms[q];
+        axpy_lanes(Y + (size_t)term[1] * TL, pk[term[0]], E + (size_t)term[2] * TL, nl);
+    }
+    for (int m = 0; m < nd; m++) axpy_lanes(Y + (size_t)(RBE_NFIX + m) * TL, pk[1], E + (size_t)(RBE_NFIX + m) * TL, nl);
+}
+
+// transposed: D[f] += p_k G[g]
+XT static void pattern_backward(float* restrict D, const float* restrict G, const float* pk, int nd, int nl) {
+    for (int q = 0; q < RBE_NTERMS; q++) {
+        const int* term = rbe_pattern_terms[q];
+        axpy_lanes(D + (size_t)term[2] * TL, pk[term[0]], G + (size_t)term[1] * TL, nl);
+    }
+    for (int m = 0; m < nd; m++) axpy_lanes(D + (size_t)(RBE_NFIX + m) * TL, pk[1], G + (size_t)(RBE_NFIX + m) * TL, nl);
+}
+
+XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                                   const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                                   float* scratch, long T, long p0, long p1) {
+    const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
+    const float* basis = W->basis;
+    const int32_t* sstart = sched ? sched->start : NULL;
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    float* yh = scratch;
+    float* yt = scratch + (size_t)rows * TL;
+    for (long p = p0; p < p1; p++) {
+        long tile = p / R;
+        int i = (int)(p % R);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nr = out - i * b < b ? out - i * b : b;
+        const int nl = sstart ? TL : lanes(nt);  // the scheduled product works on whole tiles
+        const float* Xt = Xh + (size_t)tile * C * rows * TL;
+        if (sstart) {
+            sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), sched->off, sched->val, b);
+            for (int e = b * TL; e < rows * TL; e += VW) VSTORE(yh + e, VZERO());
+        } else {
+            for (int e = 0; e < rows * TL; e += VW) VSTORE(yh + e, VZERO());
+            for (int j = 0; j < C; j++)
+                (nl == TL ? sparse_block : sparse_block16)(yh, Xt + (size_t)j * rows * TL,
+                                                          W->coeffs + ((size_t)i * C + j) * k, W->index, W->wide,
+                                                          ((long)i * C + j) * k, k, b);
+        }
+        for (int j = 0; j < C; j++) {
+            long blk = (long)i * C + j;
+            const float* X = Xt + (size_t)j * rows * TL;
+            pattern_forward(yh + (size_t)b * TL, X + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
+        }
+        synthesise_tile(yt, yh, P->S, P->dct, b, nf, yt + (size_t)b * TL, nl);
+        if (bias)
+            for (int r = 0; r < nr; r++) {
+                VF bv = VSET1(bias[i * b + r]);
+                for (int t = 0; t < nl; t += VW)
+                    VSTORE(yt + (size_t)r * TL + t, VADD(bv, VLOAD(yt + (size_t)r * TL + t)));
+            }
+        if (pre) store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
+        if (act != RBE_ACT_NONE && nl == TL) rbe_act_forward_f32(yt, yt, (long)nr * TL, act);  // whole tile
+        else if (act != RBE_ACT_NONE)
+            for (int r = 0; r < nr; r++) rbe_act_forward_f32(yt + (size_t)r * TL, yt + (size_t)r * TL, nl, act);
+        if (y) store_tile_t(y + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
+        if (Xnext) {  // the next layer's analysis of this (activated) tile; rows past nr are padding
+            for (int e = nr * TL; e < b * TL; e += VW) VSTORE(yt + e, VZERO());
+            analyse_tile(Xnext + ((size_t)tile * R + i) * rows * TL, yt, P->A, P->dct, b, nf,
+                         yt + (size_t)b * TL, nl);
+        }
+    }
+}
+
+// The same without a schedule, block by block on each block's coefficients re-sorted by column
+// (rbe_transpose_blocks: index_t = v*b + u, int32): for a single tile of tokens
+XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt,
+                                           const rbe_plan_f32* P, float* scratch, long T, long p0, long p1) {
+    const int out = Wt->out, in = Wt->in, b = Wt->b, k = Wt->k, nf = P->nf;
+    const float* basis = Wt->basis;
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    float* dh = scratch;
+    float* dt = scratch + (size_t)rows * TL;
+    for (long p = p0; p < p1; p++) {
+        long tile = p / C;
+        int j = (int)(p % C);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nc = in - j * b < b ? in - j * b : b;
+        const int nl = lanes(nt);
+        const float* Gt = Gh + (size_t)tile * R * rows * TL;
+        for (int e = 0; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
+        for (int i = 0; i < R; i++) {
+            long blk = (long)i * C + j;
+            const float* G = Gt + (size_t)i * rows * TL;
+            (nl == TL ? sparse_block : sparse_block16)(dh, G, Wt->coeffs + blk * k, Wt->index, Wt->wide, blk * k, k, b);
+            pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
+        }
+        synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
+        store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
+    }
+}
+
+XT void XSFX(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                                    const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
+    const int out = Wt->out, in = Wt->in, b = Wt->b, nf = P->nf;
+    const float* basis = Wt->basis;
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    float* dh = scratch;
+    float* dt = scratch + (size_t)rows * TL;
+    for (long p = p0; p < p1; p++) {
+        long tile = p / C;
+        int j = (int)(p % C);
+        long t0 = tile * TL;
+        int nt = T - t0 < TL ? (int)(T - t0) : TL;
+        int nc = in - j * b < b ? in - j * b : b;
+        const int nl = lanes(nt);
+        const float* Gt = Gh + (size_t)tile * R * rows * TL;
+        (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, sched->start + (size_t)j * (b + 1), sched->off, sched->val, b);
+        for (int e = b * TL; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
+        for (int i = 0; i < R; i++) {
+            long blk = (long)i * C + j;
+            const float* G = Gt + (size_t)i * rows * TL;
+            pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
+        }
+        synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
+        store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
+    }
+}
+
+// db[k] += the tile's contribution to dL/dbasis_k of one block, G[g] . E[f] over the pattern
+// rows of its output gradient (G) and input (E): [nf][TL] each
+XT static void basis_grad_tile(float* restrict db, const float* restrict G, const float* restrict E, int nd, int nl) {
+    for (int q = 0; q < RBE_NTERMS; q++) {
+        const int* term = rbe_pattern_terms[q];
+        db[term[0]] += dot_lanes(G + (size_t)term[1] * TL, E + (size_t)term[2] * TL, nl);
+    }
+    float d1 = 0;
+    for (int m = 0; m < nd; m++)
+        d1 += dot_lanes(G + (size_t)(RBE_NFIX + m) * TL, E + (size_t)(RBE_NFIX + m) * TL, nl);
+    db[1] += d1;
+}
+
+// A single tile of tokens (T <= TL), block by block with no schedule (building one would cost
+// about as much as the sums): dcoeffs[ij][q] = Gh_i[u] . Xh_j[v], dbasis from the pattern rows.
+XT void XSFX_BLOCKS(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                             const rbe_weight_f32* W, const rbe_plan_f32* P, int accumulate, long T,
+                                             long p0, long p1) {
+    const int in = W->in, b = W->b, k = W->k, nf = P->nf, wide = W->wide;
+    const void* index = W->index;
+    const int C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const int nl = lanes(T < TL ? (int)T : TL);
+    for (long i = p0; i < p1; i++) {
+        const float* G = Gh + (size_t)i * rows * TL;
+        for (int j = 0; j < C; j++) {
+            const long blk = i * C + j;
+            const float* X = Xh + (size_t)j * rows * TL;
+            if (dcoeffs) {
+                const int16_t* i16 = (const int16_t*)index + blk * k;
+                const int32_t* i32 = (const int32_t*)index + blk * k;
+                float* dc = dcoeffs + blk * k;
+                for (int q = 0; q < k; q++) {
+                    const int idx = wide ? i32[q] : i16[q], u = idx / b, v = idx - u * b;
+                    const float d = dot_lanes(G + (size_t)u * TL, X + (size_t)v * TL, nl);
+                    dc[q] = accumulate ? dc[q] + d : d;
+                }
+            }
+            if (dbasis) {
+                float* db = dbasis + blk * RBE_NPAT;
+                if (!accumulate)
+                    for (int q = 0; q < RBE_NPAT; q++) db[q] = 0;
+                basis_grad_tile(db, G + (size_t)b * TL, X + (size_t)b * TL, nd, nl);
+            }
+        }
+    }
+}
+
+XT void XSFX(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                      const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                                      int accumulate, long T, long p0, long p1) {
+    const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
+    const int32_t *sstart = sched->start, *soff = sched->off, *spos = sched->pos;
+    float* sacc = sched->acc;
+    // work items are block rows [p0, p1); dcoeffs is summed in schedule order in sacc (sequential
+    // access) and scattered to coefficient order once at the end
+    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const long ntiles = (T + TL - 1) / TL;
+    const long e0 = p0 * C * (long)k, e1 = p1 * C * (long)k;
+    if (dcoeffs)
+        for (long e = e0; e < e1; e++) sacc[e] = 0;
+    for (long i = p0; i < p1 && !accumulate && dbasis; i++)
+        for (long q = i * C * RBE_NPAT; q < (i + 1) * C * RBE_NPAT; q++) dbasis[q] = 0;
+    for (long tile = 0; tile < ntiles; tile++) {
+        const float* Xt = Xh + (size_t)tile * C * rows * TL;
+        // Gh's lanes past the tile's tokens are zero (analysis of zero-padded gradients), so a
+        // tile of at most 16 tokens sums 16 lanes: the same sums, a quarter of the work
+        const int nl = lanes(T - tile * TL < TL ? (int)(T - tile * TL) : TL);
+        for (long i = p0; i < p1; i++) {
+            const float* G = Gh + ((size_t)tile * R + i) * rows * TL;
+            if (dcoeffs) {
+                const int32_t* st = sstart + (size_t)i * (b + 1);
+                for (int u = 0; u < b; u++)
+                    if (st[u] < st[u + 1]) coeff_grads(sacc, G + (size_t)u * TL, Xt, soff, st[u], st[u + 1], nl);
+            }
+            if (dbasis)
+                for (int j = 0; j < C; j++)
+                    basis_grad_tile(dbasis + ((size_t)i * C + j) * RBE_NPAT, G + (size_t)b * TL,
+                                    Xt + ((size_t)j * rows + b) * TL, nd, nl);
+        }
+    }
+    if (dcoeffs) {
+        if (accumulate)
+            for (long e = e0; e < e1; e++) dcoeffs[spos[e]] += sacc[e];
+        else
+            for (long e = e0; e < e1; e++) dcoeffs[spos[e]] = sacc[e];
+    }
+}
+
