@@ -181,3 +181,85 @@ def test_bad_options():
         rbe_ffn.compress(w, 4, 3, calibration=x, damp=0)
     with pytest.raises(TypeError, match="torch.Tensor"):
         rbe_ffn.compress(w, 4, 3, calibration=[[1.0] * 12])
+
+
+# ----------------------------------------------------------------- replace_mlp(calibration=)
+def tiny_gpt2(d=32, f=64, layers=2, seed=0):
+    transformers = pytest.importorskip("transformers", reason="transformers (the hf extra) is not installed")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=d, n_head=4, n_inner=f, vocab_size=61, n_positions=32,
+                                  activation_function="gelu_new", bos_token_id=0, eos_token_id=0)
+    m = transformers.GPT2LMHeadModel(cfg).to(torch.float64).eval()
+    g = seeded(seed)
+    with torch.no_grad():
+        # correlated token embeddings (a decaying spectrum) and MLP weights at a 1/sqrt(fan_in) scale
+        m.transformer.wte.weight.copy_(correlated_inputs(61, d, seed=seed + 7, decay=1.0) * 3)
+        for name, p in m.named_parameters():
+            if "mlp.c_" in name:
+                fan_in = p.shape[0] if p.dim() == 2 else 1
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (1.5 / math.sqrt(fan_in) if p.dim() == 2
+                                                                             else 0.5))
+    return m
+
+
+def test_replace_mlp_calibration_gpt2():
+    import copy
+
+    model = tiny_gpt2()
+    ids = torch.randint(0, 61, (4, 24), generator=seeded(3))
+    plain_model, data_model = copy.deepcopy(model), copy.deepcopy(model)
+    captured = rbe_ffn.convert._capture_inputs(model, rbe_ffn.convert._scan(model)[0], ids)
+    plain = rbe_ffn.replace_mlp(plain_model, block_size=8, k=12)
+    report = rbe_ffn.replace_mlp(data_model, block_size=8, k=12, calibration=ids)
+    assert len(report) == 2
+    for lp, ld in zip(plain, report):
+        assert ld.calibration_samples == 4 * 24
+        assert lp.block_error is None and lp.output_error_fc1 is None
+        assert ld.output_error_fc1 < ld.output_error_fc1_plain and ld.output_error_fc2 < ld.output_error_fc2_plain
+        assert ld.block_error < 0.9 * ld.block_error_plain, (ld.block_error, ld.block_error_plain)
+        # the plain column is the plain conversion's error on the same inputs
+        x = captured[ld.path]
+        mlp_dense = model.get_submodule(ld.path)
+        with torch.no_grad():
+            want = mlp_dense.c_proj(mlp_dense.act(mlp_dense.c_fc(x)))
+            got_plain = plain_model.get_submodule(ld.path).ffn(x)
+            got_data = data_model.get_submodule(ld.path).ffn(x)
+        assert R.rel_err(got_plain, want) == pytest.approx(ld.block_error_plain, rel=1e-9)
+        assert R.rel_err(got_data, want) == pytest.approx(ld.block_error, rel=1e-9)
+        # fc1's reported output error is its own on the block inputs
+        w1 = mlp_dense.c_fc.weight.T
+        fc1 = data_model.get_submodule(ld.path).ffn.fc1
+        assert ld.output_error_fc1 == pytest.approx(
+            R.rel_err(x @ fc1.dense_weight().T, x @ w1.T), rel=1e-9)
+    text = str(report)
+    assert "out fc1 plain" in text and "block data" in text
+    # the whole model's logits move less from the dense model's than with the plain conversion
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert R.rel_err(data_model(ids).logits, ref) < R.rel_err(plain_model(ids).logits, ref)
+
+
+def test_replace_mlp_calibration_activations_dict():
+    """Sample activations per block path (as Distill takes them); blocks without any stay plain."""
+    model = tiny_gpt2(layers=2)
+    x = correlated_inputs(80, 32, seed=9)
+    report = rbe_ffn.replace_mlp(model, block_size=8, k=12, calibration={"transformer.h.0.mlp": x})
+    assert report[0].block_error is not None and report[0].calibration_samples == 80
+    assert report[1].block_error is None and report[1].output_error_fc1 is None
+
+
+def test_replace_mlp_calibration_bad():
+    model = tiny_gpt2(layers=1)
+    with pytest.raises(ValueError, match="d_model=32"):
+        rbe_ffn.replace_mlp(model, block_size=8, k=12, calibration={"transformer.h.0.mlp": torch.randn(5, 7)})
+    with pytest.raises(ValueError, match="non-finite"):
+        rbe_ffn.replace_mlp(model, block_size=8, k=12,
+                            calibration={"transformer.h.0.mlp": torch.full((5, 32), float("nan"))})
+    with pytest.raises(ValueError, match="empty"):
+        rbe_ffn.replace_mlp(model, block_size=8, k=12, calibration={"transformer.h.0.mlp": torch.empty(0, 32)})
+    with pytest.raises(ValueError, match="encode=True"):
+        rbe_ffn.replace_mlp(model, block_size=8, k=12, calibration=torch.zeros(1, 4, dtype=torch.long),
+                            encode=False)
+    # nothing was replaced by the failed calls
+    assert type(model.transformer.h[0].mlp).__name__ == "GPT2MLP"
