@@ -263,3 +263,18 @@ def test_replace_mlp_calibration_bad():
                             encode=False)
     # nothing was replaced by the failed calls
     assert type(model.transformer.h[0].mlp).__name__ == "GPT2MLP"
+
+
+def test_replace_mlp_calibration_then_distill():
+    """Distillation starts from the data-aware encoding: its held-out 'before' error is the data-aware
+    block's, lower than the plain conversion's on the same held-out samples."""
+    import copy
+
+    model = tiny_gpt2(layers=1)
+    ids = torch.randint(0, 61, (4, 24), generator=seeded(4))
+    cfg = dict(inputs=ids, steps=3, progress=False)
+    plain = rbe_ffn.replace_mlp(copy.deepcopy(model), block_size=8, k=12, distill=cfg)
+    data = rbe_ffn.replace_mlp(copy.deepcopy(model), block_size=8, k=12, distill=cfg, calibration=ids)
+    assert data[0].output_error_before < 0.9 * plain[0].output_error_before
+    assert data[0].output_error_after <= data[0].output_error_before
+    assert "out err before" in str(data) and "block data" in str(data)
