@@ -170,7 +170,7 @@ def _select_obs(t: torch.Tensor, hh: torch.Tensor, b: int, k: int) -> torch.Tens
         score = (seg / d[c0:c1]) ** 2
         m = _topk_mask(score.reshape(R, b, 1, b).permute(0, 2, 1, 3), k)[:, 0]  # [R, b(u), b(v)]
         mask[:, j] = m
-        keep = m.permute(0, 1, 2).reshape(R * b, b)  # rows i*b+u, column v
+        keep = m.reshape(R * b, b)  # rows i*b+u, column v
         err = torch.empty_like(seg)
         for q in range(b):
             col = seg[:, q]
