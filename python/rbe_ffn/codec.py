@@ -34,6 +34,12 @@ class CompressedWeight:
     values, index [R*C, k] their flat positions u*b+v (sorted within a block).
     ``relative_error`` is ||W - decode||_F / ||W||_F over the real entries,
     known exactly at encoding time (or ``None`` when not built from a matrix).
+
+    Data-aware encodings (``compress(..., calibration=X)``) also carry ``output_error``,
+    ||(W - decode) X^T||_F / ||W X^T||_F on the calibration inputs, and ``output_error_plain``,
+    the same figure for the plain encoder's result (``None`` for plain encodings).
+    ``plain_block_rows`` counts the block rows where the plain encoding was kept (it was better
+    on the calibration data).
     """
 
     basis: torch.Tensor
@@ -43,6 +49,9 @@ class CompressedWeight:
     block_size: int
     relative_error: float | None = None
     block_errors: torch.Tensor | None = None  # [R*C] squared error of each block
+    output_error: float | None = None
+    output_error_plain: float | None = None
+    plain_block_rows: int | None = None
 
     @property
     def k(self) -> int:
@@ -66,11 +75,22 @@ class CompressedWeight:
         return decompress(self.basis, self.coeffs, self.index, self.shape, self.block_size)
 
 
-def compress(weight: torch.Tensor, block_size: int = 64, k: int = 300) -> CompressedWeight:
+def compress(weight: torch.Tensor, block_size: int = 64, k: int = 300, calibration: torch.Tensor | None = None, *,
+             second_moment: torch.Tensor | None = None, damp: float = 0.01, select: str = "obs") -> CompressedWeight:
     """Encode a dense [out, in] float32/float64 matrix into the RBE format.
 
     Each b x b block keeps 8 pattern numbers (least-squares fit) and the k
     largest coefficients of the orthonormal DCT of what the pattern leaves.
+
+    Data-aware encoding: ``calibration`` is a tensor of SAMPLE INPUTS of this layer, X [n, in]
+    (leading dimensions are flattened; any float dtype, any device). Alternatively pass their
+    second moment as ``second_moment=H`` with H = X^T X / n [in, in] (not both). The positions and
+    the kept values are then chosen to minimize the output error ||(W - W_rbe) X^T|| instead of the
+    weight error (rbe_ffn/calibrate.py has the method; ``select`` = "obs" (default, SparseGPT-like
+    selection with error compensation) or "diag"; ``damp``: ridge damp * mean(diag H) added to H).
+    The 8 pattern numbers are the plain encoder's. Each block row keeps the plain encoding where
+    that is better on the calibration data, so ``output_error <= output_error_plain`` always.
+    Without calibration data the plain encoder runs, unchanged.
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -81,6 +101,19 @@ def compress(weight: torch.Tensor, block_size: int = 64, k: int = 300) -> Compre
     if weight.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"weight must be float32 or float64, got {weight.dtype}")
     check_sizes(block_size, k)
+    h = None
+    if calibration is not None or second_moment is not None:
+        from . import calibrate
+        if calibration is not None and second_moment is not None:
+            raise ValueError("give either calibration (sample inputs X [n, in]) or second_moment (X^T X / n), not both")
+        if select not in calibrate.SELECT:
+            raise ValueError(f"select must be one of {calibrate.SELECT}, got {select!r}")
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (damp > 0 and math.isfinite(damp)):
+            raise ValueError(f"damp must be a positive number, got {damp!r}")
+        if calibration is not None:
+            h, _ = calibrate.second_moment(calibration, weight.shape[1])
+        else:
+            h = calibrate.check_moment(second_moment, weight.shape[1])
     # contiguous here (the encoder copies a strided input anyway) so that the norm below is
     # summed in the same order as for a contiguous copy: a transposed view then gives a
     # bitwise-identical relative_error, not one that differs in the last bit
@@ -103,7 +136,14 @@ def compress(weight: torch.Tensor, block_size: int = 64, k: int = 300) -> Compre
                          f"{w.abs().max().item():.3g}; squares overflow above ~1e154): scale the weight down "
                          f"before compressing")
     rel = math.sqrt(dropped / total) if total > 0 else math.sqrt(dropped)
-    return CompressedWeight(basis, coeffs, index, tuple(w.shape), block_size, rel, err)
+    plain = CompressedWeight(basis, coeffs, index, tuple(w.shape), block_size, rel, err)
+    if h is None:
+        return plain
+    from .calibrate import encode_calibrated
+    basis, coeffs, index, err, out_err, out_plain, n_plain = encode_calibrated(w, block_size, k, h, plain, damp,
+                                                                              select)
+    rel = math.sqrt(err.sum().item() / total) if total > 0 else math.sqrt(err.sum().item())
+    return CompressedWeight(basis, coeffs, index, tuple(w.shape), block_size, rel, err, out_err, out_plain, n_plain)
 
 
 def decompress(basis: torch.Tensor, coeffs: torch.Tensor, index: torch.Tensor, shape, block_size: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import check_sizes
+from .codec import CompressedWeight, check_sizes, compress
 from .functional import canonical_activation
 from .modules import RBEFeedForward, RBELinear
 
@@ -122,7 +122,15 @@ class ConvertedLayer:
     matrices only (dense: at the model's dtype; RBE: basis + coeffs + index), biases excluded.
     ``error_fc1/2`` are None for a structure-only conversion (``encode=False``). ``aliases``: the
     other paths at which the same block sits (a module registered twice or shared by layers: one RBE
-    block is installed at all of them)."""
+    block is installed at all of them).
+
+    With ``calibration=`` (data-aware encoding), on the block's ``calibration_samples`` captured
+    inputs: ``output_error_fc1/fc2`` are ||(W - W_rbe) X^T|| / ||W X^T|| of each matrix on its own
+    inputs (fc1: the block input; fc2: act(fc1_dense(x)) of the original block) and
+    ``output_error_fc1/fc2_plain`` the same for the plain encoding; ``block_error`` and
+    ``block_error_plain`` are the whole block's ||FFN_rbe(x) - FFN_dense(x)|| / ||FFN_dense(x)||
+    for the data-aware and the plain conversion (on the first 4096 calibration samples themselves,
+    not held out). All None without calibration."""
 
     path: str
     layout: str
@@ -142,6 +150,13 @@ class ConvertedLayer:
     output_error_last: float | None = None
     best_step: int | None = None
     aliases: tuple = ()
+    output_error_fc1: float | None = None
+    output_error_fc2: float | None = None
+    output_error_fc1_plain: float | None = None
+    output_error_fc2_plain: float | None = None
+    block_error: float | None = None
+    block_error_plain: float | None = None
+    calibration_samples: int = 0
 
     @property
     def compression_ratio(self) -> float:
@@ -199,8 +214,12 @@ class ConversionReport:
         lines = [head]
         if self.layers:
             distilled = any(l.output_error_before is not None for l in self.layers)
+            calibrated = any(l.block_error is not None for l in self.layers)
             cols = ["path", "layout", "d_model", "d_ff", "b", "k", "activation", "err fc1", "err fc2",
                     "dense B", "RBE B", "ratio"]
+            if calibrated:
+                cols += ["out fc1 plain", "out fc1 data", "out fc2 plain", "out fc2 data", "block plain",
+                         "block data"]
             if distilled:
                 cols += ["out err before", "out err after", "best step"]
             rows = []
@@ -208,6 +227,9 @@ class ConversionReport:
                 row = [l.path, l.layout, str(l.d_model), str(l.d_ff), str(l.block_size), str(l.k), l.activation,
                        _fmt(l.error_fc1), _fmt(l.error_fc2), f"{l.dense_bytes:,}", f"{l.rbe_bytes:,}",
                        f"{l.compression_ratio:.2f}x"]
+                if calibrated:
+                    row += [_fmt(l.output_error_fc1_plain), _fmt(l.output_error_fc1), _fmt(l.output_error_fc2_plain),
+                            _fmt(l.output_error_fc2), _fmt(l.block_error_plain), _fmt(l.block_error)]
                 if distilled:
                     row += ["-" if l.output_error_before is None else f"{l.output_error_before:.4f}",
                             "-" if l.output_error_after is None else f"{l.output_error_after:.4f}",
@@ -216,6 +238,9 @@ class ConversionReport:
             lines += _table(cols, rows, left=(0, 1, 6))
             sources = sorted({f"{l.activation} <- {l.activation_source}" for l in self.layers})
             lines.append("activations: " + "; ".join(sources))
+            if calibrated:
+                lines.append("out/block: relative output errors on the calibration samples, plain vs data-aware "
+                             "encoding")
             lines += [f"shared: {l.path} is also at {', '.join(l.aliases)} (one RBE block at every place)"
                       for l in self.layers if l.aliases]
         if self.left_alone:
@@ -782,7 +807,8 @@ def _distill(pairs, samples, cfg: Distill):
 
 # ------------------------------------------------------------------ the entry point
 def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation=None, skip=(),
-                checkpoint: bool = False, distill=None, filter_fn=None, encode: bool = True) -> ConversionReport:
+                checkpoint: bool = False, distill=None, filter_fn=None, encode: bool = True,
+                calibration=None) -> ConversionReport:
     """Replace the MLP blocks of ``model`` in place by RBE feed-forward blocks and report what was done.
 
     Recognized layouts (see the module docstring): Hugging Face ``GPT2MLP`` (Conv1D weights, transposed
@@ -818,6 +844,14 @@ def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation
         global RNG is untouched), so that a state_dict or safetensors file saved from a converted
         model can be loaded into a freshly built original model. The report's error_fc1/error_fc2
         are None. Cannot be combined with distill.
+    calibration: None, or sample inputs for data-aware encoding, in any form ``Distill.inputs``
+        takes (a batch for the model, run on the ORIGINAL model with input-capturing hooks, or a dict
+        ``{block path: activations [..., d_model]}``). Each block's fc1 is then encoded with
+        ``rbe_ffn.compress(..., second_moment=)`` of the block's inputs x, and fc2 with that of
+        act(fc1_dense(x)) (the original dense first layer, the converted block's activation), so
+        both minimize their output error instead of their weight error; blocks without samples are
+        encoded plainly. The report gains the plain vs data-aware output errors. Combines with
+        distill (which then starts from the data-aware encoding).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -842,6 +876,8 @@ def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation
     cfg = _as_distill(distill)
     if cfg is not None and not encode:
         raise ValueError("distill needs encode=True: a structure-only conversion has nothing to distill from")
+    if calibration is not None and not encode:
+        raise ValueError("calibration needs encode=True: a structure-only conversion does not encode")
 
     blocks, left = _scan(model)
     report = ConversionReport(left_alone=left)
@@ -859,6 +895,7 @@ def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation
             todo.append(b)
 
     samples = _samples(model, todo, cfg.inputs, [b.path for b in blocks]) if cfg is not None and todo else {}
+    calib = _samples(model, todo, calibration, [b.path for b in blocks]) if calibration is not None and todo else {}
 
     pairs = []
     for n, b in enumerate(todo):
@@ -876,6 +913,8 @@ def replace_mlp(model: nn.Module, block_size: int = 64, k: int = 300, activation
             error_fc1=ffn.fc1.relative_error, error_fc2=ffn.fc2.relative_error,
             dense_bytes=(b.w1.numel() + b.w2.numel()) * b.w1.element_size(), rbe_bytes=ffn.weight_nbytes,
             aliases=b.aliases)
+        if b.path in calib:
+            _calibrate(b, ffn, rec, calib[b.path], block_size, k, act)
         pairs.append((b, ffn, rec))
         report.layers.append(rec)
     if cfg is not None:
@@ -899,3 +938,53 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     if bias is not None:
         lin.bias = nn.Parameter(bias.detach(), requires_grad=False)
     return lin
+
+
+_ACT_FN = {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+
+
+def _calibrate(block, ffn, rec, x, block_size, k, act):
+    """Re-encode ffn's fc1 and fc2 data-aware from the block's sample inputs x [N, d_model] (ffn holds
+    the plain encoding, kept for the comparison); fill rec's output-error fields."""
+    from .calibrate import second_moment
+
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise ValueError(f"calibration: samples for {block.path} must be a floating-point tensor")
+    if x.shape[-1] != ffn.d_model:
+        raise ValueError(f"calibration: samples for {block.path} have {x.shape[-1]} features, the block has "
+                         f"d_model={ffn.d_model}")
+    x = x.detach().reshape(-1, ffn.d_model)
+    h1, n = second_moment(x, ffn.d_model, f"calibration samples for {block.path}")
+    w1 = block.w1.detach().to("cpu")
+    w2 = block.w2.detach().to("cpu")
+    b1 = None if block.b1 is None else block.b1.detach().to("cpu", torch.float64)
+    fn = _ACT_FN[act]
+    # fc2's inputs: act(fc1_dense(x)) of the original block, accumulated in float64 chunks
+    h2 = torch.zeros(ffn.d_ff, ffn.d_ff, dtype=torch.float64)
+    for s in range(0, n, 4096):
+        a = fn(F.linear(x[s:s + 4096].to("cpu", torch.float64), w1.double(), b1))
+        h2.addmm_(a.T, a)
+    h2 /= n
+    dev = ffn.fc1.coeffs.device
+    plain = (ffn.fc1, ffn.fc2)
+    for name, w, h, bias in (("fc1", w1, h1, block.b1), ("fc2", w2, h2, block.b2)):
+        work = w if w.dtype in (torch.float32, torch.float64) else w.float()
+        cw = compress(work, block_size, k, second_moment=h)
+        setattr(rec, f"output_error_{name}", cw.output_error)
+        setattr(rec, f"output_error_{name}_plain", cw.output_error_plain)
+        cw = CompressedWeight(cw.basis.to(dev), cw.coeffs.to(dev), cw.index.to(dev), cw.shape, cw.block_size,
+                              cw.relative_error, cw.block_errors)
+        lin = RBELinear.from_compressed(cw, None if bias is None else bias.detach().to(cw.coeffs.dtype))
+        setattr(ffn, name, lin)
+    rec.error_fc1, rec.error_fc2 = ffn.fc1.relative_error, ffn.fc2.relative_error
+    rec.calibration_samples = n
+    # the whole block on the calibration samples, plain vs data-aware
+    with torch.no_grad():
+        xs = x[:4096].to(device=dev, dtype=ffn.fc1.coeffs.dtype)
+        want = block.teacher(xs.to(block.w1.device, block.w1.dtype)).to(xs)
+        rec.block_error = _rel(ffn(xs), want)
+        data = (ffn.fc1, ffn.fc2)
+        ffn.fc1, ffn.fc2 = plain
+        rec.block_error_plain = _rel(ffn(xs), want)
+        ffn.fc1, ffn.fc2 = data
+    ffn.reset_stats()
