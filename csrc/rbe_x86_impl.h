@@ -340,10 +340,11 @@ XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const flo
     }
 }
 
-// The same without a schedule, block by block on each block's coefficients re-sorted by column
-// (rbe_transpose_blocks: index_t = v*b + u, int32): for a single tile of tokens
-XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt,
-                                           const rbe_plan_f32* P, float* scratch, long T, long p0, long p1) {
+// Input gradient. With a schedule (transpose = 1) the transposed product runs run by run; without
+// one (a single tile of tokens), block by block on each block's coefficients re-sorted by column
+// (Wt: rbe_transpose_blocks, index = v*b + u, int32).
+XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                             const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
     const int out = Wt->out, in = Wt->in, b = Wt->b, k = Wt->k, nf = P->nf;
     const float* basis = Wt->basis;
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
@@ -357,11 +358,19 @@ XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe
         int nc = in - j * b < b ? in - j * b : b;
         const int nl = lanes(nt);
         const float* Gt = Gh + (size_t)tile * R * rows * TL;
-        for (int e = 0; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
+        if (sched) {
+            (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, sched->start + (size_t)j * (b + 1), sched->off,
+                                                       sched->val, b);
+            for (int e = b * TL; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
+        } else {
+            for (int e = 0; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
+        }
         for (int i = 0; i < R; i++) {
             long blk = (long)i * C + j;
             const float* G = Gt + (size_t)i * rows * TL;
-            (nl == TL ? sparse_block : sparse_block16)(dh, G, Wt->coeffs + blk * k, Wt->index, Wt->wide, blk * k, k, b);
+            if (!sched)
+                (nl == TL ? sparse_block : sparse_block16)(dh, G, Wt->coeffs + blk * k, Wt->index, Wt->wide, blk * k,
+                                                           k, b);
             pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
         }
         synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
@@ -369,31 +378,14 @@ XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe
     }
 }
 
+XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt,
+                                           const rbe_plan_f32* P, float* scratch, long T, long p0, long p1) {
+    cols_backward(dx, Gh, Wt, P, NULL, scratch, T, p0, p1);
+}
+
 XT void XSFX(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
                                     const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
-    const int out = Wt->out, in = Wt->in, b = Wt->b, nf = P->nf;
-    const float* basis = Wt->basis;
-    const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
-    float* dh = scratch;
-    float* dt = scratch + (size_t)rows * TL;
-    for (long p = p0; p < p1; p++) {
-        long tile = p / C;
-        int j = (int)(p % C);
-        long t0 = tile * TL;
-        int nt = T - t0 < TL ? (int)(T - t0) : TL;
-        int nc = in - j * b < b ? in - j * b : b;
-        const int nl = lanes(nt);
-        const float* Gt = Gh + (size_t)tile * R * rows * TL;
-        (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, sched->start + (size_t)j * (b + 1), sched->off, sched->val, b);
-        for (int e = b * TL; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
-        for (int i = 0; i < R; i++) {
-            long blk = (long)i * C + j;
-            const float* G = Gt + (size_t)i * rows * TL;
-            pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
-        }
-        synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
-        store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
-    }
+    cols_backward(dx, Gh, Wt, P, sched, scratch, T, p0, p1);
 }
 
 // db[k] += the tile's contribution to dL/dbasis_k of one block, G[g] . E[f] over the pattern
