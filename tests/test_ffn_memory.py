@@ -14,7 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import rbe_ffn
 from rbe_ffn._profiling import peak_live_bytes
-from rbe_ffn.functional import intermediate_bytes_per_token
+from rbe_ffn.functional import SCHED_BYTES_PER_COEFF, intermediate_bytes_per_token
+from rbe_ffn.modules import CHECKPOINT_CHUNK_TOKENS
 
 from conftest import make_ffn
 
@@ -131,10 +132,10 @@ def test_memory_limit_bounds_training_step():
     assert allocs[0][0] <= limit * MiB
     assert x.grad is not None and all(p.grad is not None for p in m.parameters())
 
-    m.memory_limit_mb = None
+    m.memory_limit_mb, m.checkpoint = None, False  # (checkpointed blocks chunk by default)
     with torch.no_grad():
         big = largest_allocation(lambda: m(x))
-    print(f"largest allocation without a limit (forward only): {big / MiB:.1f} MiB")
+    print(f"largest allocation without a limit (standard mode, forward only): {big / MiB:.1f} MiB")
     assert big > limit * MiB
 
 
@@ -164,13 +165,42 @@ def test_memory_limit_bounds_live_transients_of_a_step():
     assert peak - outside <= limit * MiB
 
 
+def test_checkpointed_default_chunks_bound_live_transients_of_a_step():
+    """Without memory_limit_mb a checkpointed block processes CHECKPOINT_CHUNK_TOKENS tokens at a
+    time: the transients alive together in a step are those of one chunk plus the schedules kept
+    for the call, not the [T, d_ff] activations of all tokens (which the standard mode holds)."""
+    m = make_ffn(768, 3072, "gelu", 64, 300, checkpoint=True)
+    assert m.chunk_tokens() == CHECKPOINT_CHUNK_TOKENS
+    x = torch.randn(2048, 768, requires_grad=True)
+    dy = torch.randn(2048, 768)
+
+    def step():
+        x.grad = None
+        for p in m.parameters():
+            p.grad = None
+        m(x).backward(dy)
+
+    step()
+    peak = peak_live_bytes(step)
+    kept = m.fc1.coeffs.numel() + m.fc2.coeffs.numel()
+    outside = (2 * x.numel() * x.element_size() + sum(p.numel() * p.element_size() for p in m.parameters())
+               + sum(lin.index.numel() * lin.index.element_size() for lin in (m.fc1, m.fc2)))
+    nf = m.fc1.plan.shape[1] - 64
+    bound = CHECKPOINT_CHUNK_TOKENS * intermediate_bytes_per_token(768, 3072, 64, nf, 4) + SCHED_BYTES_PER_COEFF * kept
+    print(f"peak live {peak / MiB:.1f} MiB, transients {(peak - outside) / MiB:.1f} MiB (bound {bound / MiB:.1f})")
+    assert peak - outside <= bound
+    # the [T, d_ff] activations of all 2048 tokens alone would be 24 MiB
+    assert bound < 2048 * 3072 * 4
+
+
 def test_memory_limit_standard_mode_backward():
     """Standard mode saves the [T, d_ff] pre-activation in forward (by design); the backward
     must not allocate anything of that size again (chunked buffers only)."""
     m = make_ffn(64, 512, "gelu", 16, 20)
     nf = m.fc1.plan.shape[1] - 16
     per = intermediate_bytes_per_token(64, 512, 16, nf, 4)
-    m.memory_limit_mb = 128.5 * per / MiB
+    sched = SCHED_BYTES_PER_COEFF * (m.fc1.coeffs.numel() + m.fc2.coeffs.numel())  # kept for the whole call
+    m.memory_limit_mb = (128.5 * per + sched) / MiB
     assert m.chunk_tokens() == 128
     x = torch.randn(4, 256, 64, requires_grad=True)
     pre_bytes = 1024 * 512 * 4

@@ -70,14 +70,29 @@ def intermediate_bytes_per_token(d_model: int, d_ff: int, block_size: int, nf: i
     return itemsize * (3 * d_ff + wide + 2 * narrow)
 
 
-def chunk_tokens_for(memory_limit_mb, d_model: int, d_ff: int, block_size: int, nf: int, itemsize: int) -> int:
-    """Tokens per chunk so that one chunk's transient buffers stay under the limit (0: no chunking)."""
+# bytes per kept coefficient of the float32 schedules the CPU operator keeps for a whole chunked call
+# (csrc/rbe_ops.cpp SchedCache): rows with positions and work array (16 B) + transposed (8 B)
+SCHED_BYTES_PER_COEFF = 24
+
+
+def chunk_tokens_for(memory_limit_mb, d_model: int, d_ff: int, block_size: int, nf: int, itemsize: int,
+                     kept: int = 0) -> int:
+    """Tokens per chunk so that one chunk's transient buffers stay under the limit (0: no chunking).
+
+    kept: the kept coefficients of both weights. When chunks hold several tiles of tokens the float32
+    operator keeps both weights' schedules for the whole call instead of rebuilding them per chunk
+    (SCHED_BYTES_PER_COEFF each): they count against the limit. When what is left is less than two
+    tiles, chunks of at most one tile are used, which need no schedules at all."""
     if memory_limit_mb is None:
         return 0
     per_token = intermediate_bytes_per_token(d_model, d_ff, block_size, nf, itemsize)
     # at most 2**62 tokens: a limit far above any token count means no chunking, and the
     # operators take chunk_tokens as an int64
-    n = min(int(memory_limit_mb * 2**20) // per_token, 2**62)
+    limit = min(int(memory_limit_mb * 2**20), 2**62 * per_token)
+    sched = SCHED_BYTES_PER_COEFF * kept if itemsize == 4 else 0
+    n = (limit - sched) // per_token
+    if n <= RBE_TILE:  # no room for cached schedules: one tile at most, block by block
+        n = min(limit // per_token, RBE_TILE)
     if n >= RBE_TILE:
         n -= n % RBE_TILE  # whole token tiles: no padding counts against the limit
     return max(n, 1)

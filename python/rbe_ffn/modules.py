@@ -429,12 +429,22 @@ class RBELinear(nn.Module):
         return s
 
 
+# Tokens per chunk of a checkpointed block without memory_limit_mb: two tiles of the kernels, so the
+# operator keeps each weight's schedules for the whole call and the d_ff-sized transients live per
+# chunk (measured at 768/3072, 1024 tokens, 2 threads: step peak 17.6 MiB against 53.4 unchunked
+# and 48 for the dense block, step time 0.97x the unchunked one; docs/benchmarks.md).
+CHECKPOINT_CHUNK_TOKENS = 128
+
+
 class RBEFeedForward(nn.Module):
     """act(x W1^T + b1) W2^T + b2 with both weights in RBE form: fc1 expands, fc2 contracts.
 
     checkpoint=True saves only the input for backward and recomputes the
-    [T, d_ff] pre-activation; memory_limit_mb bounds the transient buffers of
-    one chunk of tokens (forward and backward) by processing tokens in chunks.
+    [T, d_ff] pre-activation, and by default processes tokens in chunks of
+    CHECKPOINT_CHUNK_TOKENS (the d_ff-sized transients then live per chunk: a
+    training step's peak is about a third of a dense block's at 768/3072, 1024
+    tokens, at no extra time; docs/benchmarks.md); memory_limit_mb bounds the
+    transient buffers of one chunk of tokens (forward and backward) instead.
     ``stats`` counts calls, estimated multiply-adds x2 (FLOPs) of the
     transform-domain algorithm, and the peak transient bytes of one call.
     """
@@ -491,11 +501,14 @@ class RBEFeedForward(nn.Module):
         self.stats = {"calls": 0, "flops": 0, "peak_intermediate_bytes": 0}
 
     def chunk_tokens(self) -> int:
-        """Tokens per chunk under memory_limit_mb (0 = all tokens at once)."""
+        """Tokens per chunk: under memory_limit_mb; else CHECKPOINT_CHUNK_TOKENS when checkpointed;
+        else 0 (all tokens at once)."""
+        if self.memory_limit_mb is None:
+            return CHECKPOINT_CHUNK_TOKENS if self.checkpoint else 0
         plan = self.fc1.plan
         nf = plan.shape[1] - self.block_size
         return chunk_tokens_for(self.memory_limit_mb, self.d_model, self.d_ff, self.block_size, nf,
-                                self.fc1.coeffs.element_size())
+                                self.fc1.coeffs.element_size(), self.fc1.coeffs.numel() + self.fc2.coeffs.numel())
 
     def estimated_flops(self, tokens: int) -> int:
         """2 x multiply-adds of one forward over `tokens` tokens (transforms, sparse products, pattern),
