@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 import rbe_ffn
 from rbe_ffn._profiling import peak_live_bytes
 from rbe_ffn.functional import SCHED_BYTES_PER_COEFF, intermediate_bytes_per_token
-from rbe_ffn.modules import CHECKPOINT_CHUNK_TOKENS
+from rbe_ffn.modules import DEFAULT_CHUNK_TOKENS
 
 from conftest import make_ffn
 
@@ -166,11 +166,11 @@ def test_memory_limit_bounds_live_transients_of_a_step():
 
 
 def test_checkpointed_default_chunks_bound_live_transients_of_a_step():
-    """Without memory_limit_mb a checkpointed block processes CHECKPOINT_CHUNK_TOKENS tokens at a
-    time: the transients alive together in a step are those of one chunk plus the schedules kept
-    for the call, not the [T, d_ff] activations of all tokens (which the standard mode holds)."""
+    """Without memory_limit_mb a block processes DEFAULT_CHUNK_TOKENS tokens at a time; checkpointed,
+    the transients alive together in a step are those of one chunk plus the schedules kept for the
+    call, not the [T, d_ff] activations of all tokens (which the standard mode holds)."""
     m = make_ffn(768, 3072, "gelu", 64, 300, checkpoint=True)
-    assert m.chunk_tokens() == CHECKPOINT_CHUNK_TOKENS
+    assert m.chunk_tokens() == DEFAULT_CHUNK_TOKENS
     x = torch.randn(2048, 768, requires_grad=True)
     dy = torch.randn(2048, 768)
 
@@ -186,7 +186,7 @@ def test_checkpointed_default_chunks_bound_live_transients_of_a_step():
     outside = (2 * x.numel() * x.element_size() + sum(p.numel() * p.element_size() for p in m.parameters())
                + sum(lin.index.numel() * lin.index.element_size() for lin in (m.fc1, m.fc2)))
     nf = m.fc1.plan.shape[1] - 64
-    bound = CHECKPOINT_CHUNK_TOKENS * intermediate_bytes_per_token(768, 3072, 64, nf, 4) + SCHED_BYTES_PER_COEFF * kept
+    bound = DEFAULT_CHUNK_TOKENS * intermediate_bytes_per_token(768, 3072, 64, nf, 4) + SCHED_BYTES_PER_COEFF * kept
     print(f"peak live {peak / MiB:.1f} MiB, transients {(peak - outside) / MiB:.1f} MiB (bound {bound / MiB:.1f})")
     assert peak - outside <= bound
     # the [T, d_ff] activations of all 2048 tokens alone would be 24 MiB

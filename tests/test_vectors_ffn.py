@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rbe_ffn
-from rbe_ffn.modules import CHECKPOINT_CHUNK_TOKENS
+from rbe_ffn.modules import DEFAULT_CHUNK_TOKENS
 
 import ffn_reference as R
 from conftest import TOL, limit_for_chunk
@@ -42,8 +42,8 @@ def build(case, dtype, checkpoint, chunk):
     if chunk:
         m.memory_limit_mb = limit_for_chunk(m, chunk)
         assert m.chunk_tokens() == chunk
-    else:  # all tokens at once (a checkpointed block's default chunk is far above these 6 tokens)
-        assert m.chunk_tokens() == (CHECKPOINT_CHUNK_TOKENS if checkpoint else 0)
+    else:  # all tokens at once (the default chunk is far above these 6 tokens)
+        assert m.chunk_tokens() == DEFAULT_CHUNK_TOKENS
     return m
 
 

@@ -429,22 +429,24 @@ class RBELinear(nn.Module):
         return s
 
 
-# Tokens per chunk of a checkpointed block without memory_limit_mb: two tiles of the kernels, so the
-# operator keeps each weight's schedules for the whole call and the d_ff-sized transients live per
-# chunk (measured at 768/3072, 1024 tokens, 2 threads: step peak 17.6 MiB against 53.4 unchunked
-# and 48 for the dense block, step time 0.97x the unchunked one; docs/benchmarks.md).
-CHECKPOINT_CHUNK_TOKENS = 128
+# Tokens per chunk of a block without memory_limit_mb: two tiles of the kernels, so the operator
+# keeps each weight's schedules for the whole call and the d_ff-sized transients (and, when
+# checkpointed, the recomputed pre-activation) live per chunk, in cache. Measured at 768/3072,
+# 2 threads, against all tokens at once: checkpointed step peak 21.3 MiB against 50.4 (dense 45.0),
+# step time 0.80-1.07x (1024 tokens) and 0.72x (4096); standard step 0.84x (1024) and 0.76x (4096),
+# forward 0.93x and 0.81x; at 1024/4096, 1024 tokens 1.04x (docs/benchmarks.md).
+DEFAULT_CHUNK_TOKENS = 128
 
 
 class RBEFeedForward(nn.Module):
     """act(x W1^T + b1) W2^T + b2 with both weights in RBE form: fc1 expands, fc2 contracts.
 
-    checkpoint=True saves only the input for backward and recomputes the
-    [T, d_ff] pre-activation, and by default processes tokens in chunks of
-    CHECKPOINT_CHUNK_TOKENS (the d_ff-sized transients then live per chunk: a
-    training step's peak is about a third of a dense block's at 768/3072, 1024
-    tokens, at no extra time; docs/benchmarks.md); memory_limit_mb bounds the
-    transient buffers of one chunk of tokens (forward and backward) instead.
+    On the CPU tokens are processed in chunks of DEFAULT_CHUNK_TOKENS (forward and
+    backward; the d_ff-sized transients live per chunk). checkpoint=True saves only the
+    input for backward and recomputes the [T, d_ff] pre-activation chunk by
+    chunk: a training step then peaks at about 0.45x a dense block's memory at
+    768/3072, 1024 tokens (docs/benchmarks.md). memory_limit_mb instead bounds
+    the transient buffers of one chunk of tokens, the kept schedules included.
     ``stats`` counts calls, estimated multiply-adds x2 (FLOPs) of the
     transform-domain algorithm, and the peak transient bytes of one call.
     """
@@ -501,10 +503,11 @@ class RBEFeedForward(nn.Module):
         self.stats = {"calls": 0, "flops": 0, "peak_intermediate_bytes": 0}
 
     def chunk_tokens(self) -> int:
-        """Tokens per chunk: under memory_limit_mb; else CHECKPOINT_CHUNK_TOKENS when checkpointed;
-        else 0 (all tokens at once)."""
+        """Tokens per chunk: under memory_limit_mb; else DEFAULT_CHUNK_TOKENS on the CPU and all
+        tokens at once (0) elsewhere (the CUDA operators decode the weights once per call and run
+        each chunk as its own cuBLAS products: small chunks would only cost launches there)."""
         if self.memory_limit_mb is None:
-            return CHECKPOINT_CHUNK_TOKENS if self.checkpoint else 0
+            return DEFAULT_CHUNK_TOKENS if self.fc1.basis.device.type == "cpu" else 0
         plan = self.fc1.plan
         nf = plan.shape[1] - self.block_size
         return chunk_tokens_for(self.memory_limit_mb, self.d_model, self.d_ff, self.block_size, nf,
