@@ -6,6 +6,7 @@ import the test module that defines their target, which imports this file.
 import os
 import socket
 import time
+import traceback
 from datetime import timedelta
 
 import pytest
@@ -55,12 +56,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _recording(target, rank: int, port: int, out_dir: str) -> None:
+    """Run one worker; if it fails, leave its traceback in out_dir/error.<rank>.txt for the parent."""
+    try:
+        target(rank, port, out_dir)
+    except BaseException:
+        with open(os.path.join(out_dir, f"error.{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
 def run_world(target, out_dir) -> None:
     """Start WORLD spawned processes target(rank, port, out_dir); always join them, killing any
     left after the timeout. A worker that fails writes its traceback to out_dir/error.<rank>.txt."""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=target, args=(rank, port, str(out_dir)), daemon=True) for rank in range(WORLD)]
+    procs = [ctx.Process(target=_recording, args=(target, rank, port, str(out_dir)), daemon=True)
+             for rank in range(WORLD)]
     for p in procs:
         p.start()
     try:

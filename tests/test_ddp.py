@@ -11,7 +11,6 @@ kept as a uint8 buffer ``index_bytes``, which DDP broadcasts from rank 0 like an
 construction (so a rank that built another index gets rank 0's) and before every forward.
 """
 import os
-import traceback
 import warnings
 
 import pytest
@@ -71,31 +70,26 @@ def snapshot(model: nn.Module):
 
 # ------------------------------------------------------------------ workers (spawned)
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    try:
-        init_process_group(rank, port)
-        batches = global_batches()
-        for name, (checkpoint, how) in CASES.items():
-            model = build_model(checkpoint)
-            before = snapshot(model)
-            ddp = wrap_ddp(model, how)
-            train(ddp, batches, rank)
-            dist.barrier()
-            torch.save({"before": before, "after": snapshot(model)}, os.path.join(out_dir, f"{name}.{rank}.pt"))
-        # a rank that built another index gets rank 0's when DDP(model) is built, as for parameters
-        model = build_model(True)
-        if rank == 1:
-            other = build_model(True)
-            torch.manual_seed(rank)
-            other[1].fc1.reset_parameters()
-            model[1].fc1.index = other[1].fc1.index
-        before = indexes(model)
-        nn.parallel.DistributedDataParallel(model)
-        torch.save({"before": before, "after": indexes(model)}, os.path.join(out_dir, f"index_sync.{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"error.{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    init_process_group(rank, port)
+    batches = global_batches()
+    for name, (checkpoint, how) in CASES.items():
+        model = build_model(checkpoint)
+        before = snapshot(model)
+        ddp = wrap_ddp(model, how)
+        train(ddp, batches, rank)
+        dist.barrier()
+        torch.save({"before": before, "after": snapshot(model)}, os.path.join(out_dir, f"{name}.{rank}.pt"))
+    # a rank that built another index gets rank 0's when DDP(model) is built, as for parameters
+    model = build_model(True)
+    if rank == 1:
+        other = build_model(True)
+        torch.manual_seed(rank)
+        other[1].fc1.reset_parameters()
+        model[1].fc1.index = other[1].fc1.index
+    before = indexes(model)
+    nn.parallel.DistributedDataParallel(model)
+    torch.save({"before": before, "after": indexes(model)}, os.path.join(out_dir, f"index_sync.{rank}.pt"))
+    dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------ tests

@@ -139,15 +139,10 @@ def test_memory_limit_bounds_training_step():
     assert big > limit * MiB
 
 
-def test_memory_limit_bounds_live_transients_of_a_step():
-    """Checkpointed and chunked, the transient buffers alive together in a training step (beyond
-    the output, the input gradient and the parameter gradients) stay under memory_limit_mb,
-    not just each allocation on its own."""
-    limit = 16
-    m = make_ffn(1024, 4096, "gelu", 64, 300, checkpoint=True, memory_limit_mb=limit)
-    x = torch.randn(4096, 1024, requires_grad=True)
-    dy = torch.randn(4096, 1024)
-    assert 0 < m.chunk_tokens() < 4096
+def step_transients(m, x, dy) -> int:
+    """Peak live bytes of a training step of m on x (after a warm-up step) beyond what lies outside
+    any chunk budget: the input and its gradient, the parameter gradients, and the operator's
+    private validated copies of the two index tensors (weight-sized, not token-sized)."""
 
     def step():
         x.grad = None
@@ -157,12 +152,20 @@ def test_memory_limit_bounds_live_transients_of_a_step():
 
     step()
     peak = peak_live_bytes(step)
-    # outside the limit: the input and its gradient, the parameter gradients, and the operator's
-    # private validated copies of the two index tensors (weight-sized, not token-sized)
     outside = (2 * x.numel() * x.element_size() + sum(p.numel() * p.element_size() for p in m.parameters())
                + sum(lin.index.numel() * lin.index.element_size() for lin in (m.fc1, m.fc2)))
-    print(f"peak live {peak / MiB:.1f} MiB, of which transients {(peak - outside) / MiB:.1f} MiB (limit {limit})")
-    assert peak - outside <= limit * MiB
+    print(f"peak live {peak / MiB:.1f} MiB, of which transients {(peak - outside) / MiB:.1f} MiB")
+    return peak - outside
+
+
+def test_memory_limit_bounds_live_transients_of_a_step():
+    """Checkpointed and chunked, the transient buffers alive together in a training step (beyond
+    the output, the input gradient and the parameter gradients) stay under memory_limit_mb,
+    not just each allocation on its own."""
+    limit = 16
+    m = make_ffn(1024, 4096, "gelu", 64, 300, checkpoint=True, memory_limit_mb=limit)
+    assert 0 < m.chunk_tokens() < 4096
+    assert step_transients(m, torch.randn(4096, 1024, requires_grad=True), torch.randn(4096, 1024)) <= limit * MiB
 
 
 def test_checkpointed_default_chunks_bound_live_transients_of_a_step():
@@ -171,26 +174,11 @@ def test_checkpointed_default_chunks_bound_live_transients_of_a_step():
     call, not the [T, d_ff] activations of all tokens (which the standard mode holds)."""
     m = make_ffn(768, 3072, "gelu", 64, 300, checkpoint=True)
     assert m.chunk_tokens() == DEFAULT_CHUNK_TOKENS
-    x = torch.randn(2048, 768, requires_grad=True)
-    dy = torch.randn(2048, 768)
-
-    def step():
-        x.grad = None
-        for p in m.parameters():
-            p.grad = None
-        m(x).backward(dy)
-
-    step()
-    peak = peak_live_bytes(step)
-    kept = m.fc1.coeffs.numel() + m.fc2.coeffs.numel()
-    outside = (2 * x.numel() * x.element_size() + sum(p.numel() * p.element_size() for p in m.parameters())
-               + sum(lin.index.numel() * lin.index.element_size() for lin in (m.fc1, m.fc2)))
     nf = m.fc1.plan.shape[1] - 64
+    kept = m.fc1.coeffs.numel() + m.fc2.coeffs.numel()
     bound = DEFAULT_CHUNK_TOKENS * intermediate_bytes_per_token(768, 3072, 64, nf, 4) + SCHED_BYTES_PER_COEFF * kept
-    print(f"peak live {peak / MiB:.1f} MiB, transients {(peak - outside) / MiB:.1f} MiB (bound {bound / MiB:.1f})")
-    assert peak - outside <= bound
-    # the [T, d_ff] activations of all 2048 tokens alone would be 24 MiB
-    assert bound < 2048 * 3072 * 4
+    assert bound < 2048 * 3072 * 4  # below the [T, d_ff] activations of all 2048 tokens (24 MiB)
+    assert step_transients(m, torch.randn(2048, 768, requires_grad=True), torch.randn(2048, 768)) <= bound
 
 
 def test_memory_limit_standard_mode_backward():

@@ -7,7 +7,6 @@ averaged gradients equal one process training on the whole batch, so the gathere
 dict must equal that single-process reference, and load into a plain (unsharded) model.
 """
 import os
-import traceback
 import warnings
 
 import pytest
@@ -40,32 +39,27 @@ def shard(model: nn.Module) -> nn.Module:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    try:
-        init_process_group(rank, port)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    init_process_group(rank, port)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        model = shard(build_model())
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            train(model, global_batches(), rank)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        # fc1/fc2 sharded on their own: RBEFeedForward never calls them, FSDP never gathers them
-        from torch.distributed.fsdp import fully_shard
-        wrong = build_model()
-        fully_shard(wrong[1].fc1)
-        try:
-            wrong(torch.randn(2, 16))
-            wrong_result = "ran"
-        except RuntimeError as e:
-            wrong_result = str(e)
-        torch.save({"full": full, "warnings": [str(w.message) for w in caught], "wrong": wrong_result},
-                   os.path.join(out_dir, f"fsdp.{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"error.{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    model = shard(build_model())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, global_batches(), rank)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # fc1/fc2 sharded on their own: RBEFeedForward never calls them, FSDP never gathers them
+    from torch.distributed.fsdp import fully_shard
+    wrong = build_model()
+    fully_shard(wrong[1].fc1)
+    try:
+        wrong(torch.randn(2, 16))
+        wrong_result = "ran"
+    except RuntimeError as e:
+        wrong_result = str(e)
+    torch.save({"full": full, "warnings": [str(w.message) for w in caught], "wrong": wrong_result},
+               os.path.join(out_dir, f"fsdp.{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
