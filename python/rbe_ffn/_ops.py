@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import _C  # noqa: F401  (loads the operator library)
 
@@ -162,8 +163,6 @@ def _first_order_only(backward):
 
 
 def _has_tangent(args) -> bool:
-    import torch.autograd.forward_ad as fwAD
-
     if fwAD._current_level < 0:  # no dual level entered: the common case, no tensor can carry a tangent
         return False
     return any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None for a in args)
