@@ -44,6 +44,22 @@ def test_seeded_positions_pinned(args):
     assert got.tolist() == PINNED[args]
 
 
+# larger cases, as digests: several chunks of _chunk_blocks blocks each (the chunking is part of what a
+# seed gives), b = 256 (int32 positions), many duplicates redrawn
+PINNED_DIGESTS = {
+    (150, 64, 1000, 3): 1731771923872902373,
+    (8, 256, 30000, 1): -7106033802208022132,
+    (40, 256, 60000, 2): -7107529360817422902,
+}
+
+
+@pytest.mark.parametrize("args", list(PINNED_DIGESTS))
+def test_seeded_positions_pinned_digests(args):
+    got = seeded_positions(*args)
+    assert index_problem(got, args[1]) is None
+    assert positions_digest(got) == PINNED_DIGESTS[args]
+
+
 def test_seeded_positions_independent_of_global_state_and_threads():
     torch.manual_seed(0)
     state = torch.get_rng_state()

@@ -704,6 +704,8 @@ class RBEFeedForward(nn.Module):
     the transient buffers of one chunk of tokens, the kept schedules included.
     ``stats`` counts calls, estimated multiply-adds x2 (FLOPs) of the
     transform-domain algorithm, and the peak transient bytes of one call.
+    ``index_seed=s``: fc1's positions from seed 2s, fc2's from 2s + 1 (see
+    RBELinear; give each block of a model its own s, e.g. its layer number).
     """
 
     def __init__(self, d_model: int, d_ff: int, activation="gelu", bias: bool = True, block_size: int = 64,

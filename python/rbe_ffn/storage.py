@@ -6,8 +6,8 @@ Two storage options cut a checkpoint below the in-memory form (basis + coeffs fl
   state_dict holds the seed (24 bytes per layer) instead of 2k bytes per block;
 - ``values_dtype`` = float16 / bfloat16: the coefficient values stored at half width and cast back
   to the layer's dtype on load. Only ``coeffs``: the 8 pattern numbers per block keep the layer's
-  dtype (rounding them costs about twice the output error of rounding all k coefficients, for
-  0.6% of the bytes at b = 64, k = 300; docs/DESIGN.md).
+  dtype (rounding them costs 2-11x the output error of rounding all k coefficients, for 16 of
+  1232 bytes per block at b = 64, k = 300; docs/benchmarks.md, Storage options).
 
 ``storage_report`` gives bytes, bytes per block and the compression ratio for any combination, so
 quality figures can be compared at equal bytes.
