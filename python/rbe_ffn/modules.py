@@ -151,7 +151,9 @@ def random_positions(nblk: int, block_size: int, k: int, generator: torch.Genera
         return torch.arange(n, dtype=dt, device="cpu").repeat(nblk, 1)
     m = min(k, n - k)  # how many to draw
     if _by_keys(n, m):
-        c = torch.rand(nblk, n, generator=generator, device="cpu").argsort(dim=1, stable=True)[:, :m].to(torch.int32).sort(dim=1).values
+        # stable: ties of the float32 keys are then broken the same way by every build
+        keys = torch.rand(nblk, n, generator=generator, device="cpu")
+        c = keys.argsort(dim=1, stable=True)[:, :m].to(torch.int32).sort(dim=1).values
     else:
         c = torch.randint(0, n, (nblk, m), generator=generator, dtype=torch.int32, device="cpu").sort(dim=1).values
     while m > 1 and not _by_keys(n, m):
@@ -224,8 +226,8 @@ def seeded_positions(nblk: int, block_size: int, k: int, seed: int) -> torch.Ten
     generator, mt19937) seeded with ``seed``, drawn by random_positions in chunks of
     _chunk_blocks(b, k) blocks (torch.randint / torch.rand, then a stable sort). Always drawn on
     the CPU, so the positions are the same whatever device the layer lives on and however many
-    threads run. They are tied to torch keeping those CPU draws stable across releases (it has
-    for years, but does not promise it): a seed is therefore stored with a digest of its
+    threads run. They are tied to torch keeping those CPU draws stable across releases (which it
+    does not promise): a seed is therefore stored with a digest of its
     positions, and a load whose regenerated positions do not match it is refused
     (tests/test_storage.py pins a few small outputs, so a change shows up there first)."""
     check_sizes(block_size, k)
@@ -330,10 +332,11 @@ class RBELinear(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Fresh init: each block's k positions at random (without replacement, not the lowest
-        frequencies first; from the layer's index seed, when it has one), values scaled so Var(W_entry) = k Var(c) / b^2 = 1 / (3 in) as for
-        nn.Linear's default init; zero pattern; nn.Linear's bias init. Random numbers come from
-        ``generator`` (or torch's global CPU generator), the same on every device; the work is done
-        a chunk of blocks at a time, so its transient memory stays small next to the layer's."""
+        frequencies first; from the layer's index seed, when it has one), values scaled so
+        Var(W_entry) = k Var(c) / b^2 = 1 / (3 in) as for nn.Linear's default init; zero pattern;
+        nn.Linear's bias init. Random numbers come from ``generator`` (or torch's global CPU
+        generator), the same on every device; the work is done a chunk of blocks at a time, so its
+        transient memory stays small next to the layer's."""
         nblk, k, b, dtype = self.coeffs.shape[0], self.k, self.block_size, self.coeffs.dtype
         if self.coeffs.is_meta or _is_fake(self.coeffs):  # meta device / FakeTensorMode: no values to draw
             if self._index_seed is not None:
