@@ -8,6 +8,15 @@ key ``"rbe_ffn"`` holds JSON:
      "layers": {"fc1": {"in_features": .., "out_features": .., "block_size": .., "k": .., "bias": true}, ...},
      "sha256": {"fc1.basis": "<hex digest of the tensor's bytes>", ...}}
 
+Format 2 (written only when one of these options is used; format 1 otherwise, so such files
+stay readable by older versions) adds two optional fields to a layer's record:
+
+- ``"index": "seeded"``: the layer stores ``<layer>.index_seed`` (int64 [version, seed, digest],
+  see RBELinear) instead of ``<layer>.index``; loading regenerates the positions from the seed
+  and refuses them unless their digest matches (another torch random generator, for instance);
+- ``"values_dtype": "float16"`` (or ``"bfloat16"``, ``"float32"``): ``<layer>.coeffs`` is stored
+  in that dtype (``save_safetensors(..., values_dtype=...)``) and cast to the layer's on load.
+
 ``load_safetensors`` checks everything before the module is touched, so a rejected file
 leaves the module unchanged. Every problem with the file (truncated or garbled bytes,
 wrong keys, shapes or dtypes, invalid index, non-finite values, metadata or checksum
@@ -26,11 +35,15 @@ import stat
 import torch
 from torch import nn
 
-from .modules import RBELinear, index_problem
+from .modules import RBELinear, check_values_dtype, index_problem
+from .codec import index_dtype
+from .storage import storage_state_dict
 
 METADATA_KEY = "rbe_ffn"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads and writes; 1 is written when nothing of 2 is used
+_FORMATS = (1, 2)
 _LAYER_FIELDS = ("in_features", "out_features", "block_size", "k", "bias")
+_VALUES_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _rbe_layers(module: nn.Module) -> dict:
@@ -75,46 +88,69 @@ def _check_regular_file(path: str, action: str, must_exist: bool) -> None:
     raise ValueError(f"{path}: cannot {action} a safetensors file: the path is {kind}, not a regular file")
 
 
-def save_safetensors(module: nn.Module, path, metadata: dict | None = None) -> None:
+def save_safetensors(module: nn.Module, path, metadata: dict | None = None, *,
+                     values_dtype: torch.dtype | None = None) -> None:
     """Write ``module.state_dict()`` to a safetensors file, with a record of every RBELinear
     (in_features, out_features, block_size, k, bias) and a SHA-256 of every tensor in the
-    metadata. ``metadata``: extra str -> str entries (the key "rbe_ffn" is reserved)."""
+    metadata. ``metadata``: extra str -> str entries (the key "rbe_ffn" is reserved).
+
+    Seeded layers (RBELinear.index_seed) store their seed instead of their index, after a full
+    check that their positions still are the seed's. ``values_dtype`` (torch.float16,
+    torch.bfloat16 or torch.float32) stores every RBELinear's ``coeffs`` in that dtype
+    (rbe_ffn.storage_state_dict; values beyond its range are a ValueError)."""
     from safetensors.torch import save_file
 
+    values_dtype = check_values_dtype(values_dtype)
     extra = dict(metadata or {})
     for k, v in extra.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"metadata must map str to str, got {k!r}: {type(v).__name__}")
     if METADATA_KEY in extra:
         raise ValueError(f"metadata key {METADATA_KEY!r} is reserved for the RBE layer record")
+    layers = _rbe_layers(module)
+    for m in layers.values():
+        m.check_index_seed()  # drops a seed whose positions were changed behind the version counter
     tensors = {}
-    for name, t in module.state_dict().items():
+    for name, t in storage_state_dict(module, values_dtype).items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"state_dict entry {name!r} is a {type(t).__name__}, not a tensor; "
                             "safetensors stores tensors only")
         # a copy per tensor: safetensors refuses tensors that share storage, and needs them contiguous
         tensors[name] = t.detach().cpu().contiguous().clone()
-    record = {"format": FORMAT_VERSION,
-              "layers": {name: _layer_record(m) for name, m in _rbe_layers(module).items()},
-              "sha256": {name: _sha256(t) for name, t in tensors.items()}}
+    records = {}
+    for name, m in layers.items():
+        rec = records[name] = _layer_record(m)
+        if _key(name, "index_seed") in tensors:
+            rec["index"] = "seeded"
+        coeffs = tensors.get(_key(name, "coeffs"))
+        if values_dtype is not None and coeffs is not None and coeffs.dtype != m.coeffs.dtype:
+            rec["values_dtype"] = str(values_dtype).removeprefix("torch.")
+    fmt = 2 if any("index" in r or "values_dtype" in r for r in records.values()) else 1
+    record = {"format": fmt, "layers": records, "sha256": {name: _sha256(t) for name, t in tensors.items()}}
     extra[METADATA_KEY] = json.dumps(record, sort_keys=True)
     path = os.fspath(path)
     _check_regular_file(path, "write", must_exist=False)
     save_file(tensors, path, metadata=extra)
 
 
-def _read(path: str, module: nn.Module, expected: dict, strict: bool):
-    """(SHA-256 sums from the metadata, {key: tensor}) for the keys of `expected` the file holds, checking shapes
-    against the header before any tensor is read. Errors of the safetensors parser become
-    ValueError; our own checks raise ValueError directly."""
+def _read(path: str, module: nn.Module, specs: dict, pairs: dict, strict: bool):
+    """(the parsed metadata record, {key: tensor}) for the keys of `specs` ({key: (shape, dtype)})
+    the file holds, checking keys and shapes against the header before any tensor is read. `pairs`:
+    the RBE layers' (index key, index_seed key), of which a file holds exactly one. Errors of the
+    safetensors parser become ValueError; our own checks raise ValueError directly."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            sums = _check_metadata(f.metadata() or {}, module, strict)  # before shapes: clearer messages
+            record = _check_metadata(f.metadata() or {}, module, strict)  # before shapes: clearer messages
             keys = list(f.keys())
-            missing = sorted(set(expected) - set(keys))
-            unexpected = sorted(set(keys) - set(expected))
+            for ki, ks in pairs.values():
+                if ki in keys and ks in keys:
+                    raise _FileProblem(f"the file holds both {ki!r} and {ks!r} (one of them, please)")
+            seed_of = dict(pairs.values())  # index key -> index_seed key; either one will do
+            missing = sorted(k for k in set(specs) - set(keys)
+                             if k not in seed_of.values() and not (k in seed_of and seed_of[k] in keys))
+            unexpected = sorted(set(keys) - set(specs))
             if strict and (missing or unexpected):
                 parts = []
                 if missing:
@@ -124,10 +160,10 @@ def _read(path: str, module: nn.Module, expected: dict, strict: bool):
                 raise _FileProblem("; ".join(parts) + " (strict=True)")
             tensors = {}
             for key in keys:
-                if key not in expected:
+                if key not in specs:
                     continue
                 shape = tuple(f.get_slice(key).get_shape())
-                want = tuple(expected[key].shape)
+                want = specs[key][0]
                 if shape != want:
                     raise _FileProblem(f"tensor {key!r}: shape {list(shape)} in the file, {list(want)} in the module")
                 tensors[key] = f.get_tensor(key)
@@ -140,7 +176,7 @@ def _read(path: str, module: nn.Module, expected: dict, strict: bool):
     except Exception as e:  # the parser's SafetensorError and anything else it raises on garbled bytes
         raise ValueError(f"{path}: not a valid safetensors file (truncated or corrupted?): "
                          f"{type(e).__name__}: {e}") from e
-    return sums, tensors
+    return record, tensors
 
 
 class _FileProblem(ValueError):
@@ -148,8 +184,8 @@ class _FileProblem(ValueError):
 
 
 def _check_metadata(meta: dict, module: nn.Module, strict: bool) -> dict | None:
-    """The SHA-256 sums of the parsed "rbe_ffn" record (None when there is no record), after
-    checking the record against the module's RBE layers."""
+    """The parsed "rbe_ffn" record (None when there is none), after checking it against the
+    module's RBE layers: {"layers": {...}, "sha256": {...}}."""
     raw = meta.get(METADATA_KEY)
     if raw is None:
         return None
@@ -157,9 +193,10 @@ def _check_metadata(meta: dict, module: nn.Module, strict: bool) -> dict | None:
         record = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise _FileProblem(f"metadata {METADATA_KEY!r} is not valid JSON: {e}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT_VERSION:
+    # `type(...) is int`: JSON true must not pass for format 1
+    if not isinstance(record, dict) or type(record.get("format")) is not int or record["format"] not in _FORMATS:
         raise _FileProblem(f"metadata {METADATA_KEY!r}: unknown format (expected a JSON object with "
-                           f"\"format\": {FORMAT_VERSION})")
+                           f"\"format\" one of {list(_FORMATS)})")
     layers, sums = record.get("layers", {}), record.get("sha256", {})
     if not isinstance(layers, dict) or not isinstance(sums, dict) or \
             not all(isinstance(v, str) for v in sums.values()):
@@ -178,11 +215,16 @@ def _check_metadata(meta: dict, module: nn.Module, strict: bool) -> dict | None:
             if field not in rec or type(rec[field]) is not type(mine[field]) or rec[field] != mine[field]:
                 raise _FileProblem(f"RBE layer {name!r}: {field} is {rec.get(field)!r} in the file, "
                                    f"{mine[field]!r} in the module")
+        if rec.get("index", "stored") not in ("stored", "seeded"):
+            raise _FileProblem(f"RBE layer {name!r}: index is {rec['index']!r} (expected \"seeded\" or none)")
+        if "values_dtype" in rec and rec["values_dtype"] not in _VALUES_DTYPES:
+            raise _FileProblem(f"RBE layer {name!r}: values_dtype is {rec['values_dtype']!r} (expected one of "
+                               f"{sorted(_VALUES_DTYPES)})")
     if strict:
         lacking = sorted(set(ours) - set(layers))
         if lacking:
             raise _FileProblem(f"metadata: the module's RBE layers {lacking} are not recorded in the file")
-    return sums
+    return {"layers": layers, "sha256": sums}
 
 
 def load_safetensors(module: nn.Module, path, strict: bool = True, *, check_finite: bool = True,
@@ -192,6 +234,11 @@ def load_safetensors(module: nn.Module, path, strict: bool = True, *, check_fini
     every RBELinear index valid (integer, in [0, b*b), strictly increasing per row), floating
     values finite (unless ``check_finite=False``), the RBE layer record of the metadata (when
     present), and the SHA-256 sum of every tensor loaded.
+
+    A layer's positions may come as ``index`` or as ``index_seed`` (a seeded layer's, whatever the
+    module's layer holds now): the positions are then regenerated from the seed and must match the
+    digest recorded with it; the layer then claims the seed. ``coeffs`` stored in another dtype
+    (``values_dtype`` in the record) are cast to the layer's.
 
     A tensor without a recorded SHA-256 (a plain safetensors file of the module's state_dict,
     a file whose metadata record was removed, or a record that lacks some sums) is an error:
@@ -204,15 +251,36 @@ def load_safetensors(module: nn.Module, path, strict: bool = True, *, check_fini
     ``module.load_state_dict`` returns."""
     path = os.fspath(path)
     _check_regular_file(path, "read", must_exist=True)
-    expected = module.state_dict()
-    index_keys = {_key(name, "index"): m.block_size for name, m in _rbe_layers(module).items()}
+    layers = _rbe_layers(module)
+    specs = {key: (tuple(t.shape), t.dtype) for key, t in module.state_dict().items()}
+    pairs, index_keys, seed_keys, coeff_keys = {}, {}, {}, {}
+    for name, m in layers.items():
+        ki, ks = _key(name, "index"), _key(name, "index_seed")
+        specs.pop(ki, None)
+        specs.pop(ks, None)
+        specs[ki] = (tuple(m.index.shape), index_dtype(m.block_size))
+        specs[ks] = ((3,), torch.int64)
+        pairs[name], index_keys[ki], seed_keys[ks], coeff_keys[_key(name, "coeffs")] = (ki, ks), m.block_size, m, name
     try:
-        sums, tensors = _read(path, module, expected, strict)
-        unverified = []
+        record, tensors = _read(path, module, specs, pairs, strict)
+        sums = None if record is None else record["sha256"]
+        recs = {} if record is None else record["layers"]
+        for name, (ki, ks) in pairs.items():
+            rec = recs.get(name)
+            if isinstance(rec, dict):
+                seeded = rec.get("index") == "seeded"
+                if (seeded and ki in tensors) or (not seeded and ks in tensors):
+                    raise _FileProblem(f"RBE layer {name!r}: the record says its index is "
+                                       f"{'seeded' if seeded else 'stored'} but the file holds "
+                                       f"{ki if seeded else ks!r}")
+        unverified, positions = [], {}
         for key, t in tensors.items():
-            want = expected[key]
-            if t.dtype != want.dtype:
-                raise _FileProblem(f"tensor {key!r}: dtype {t.dtype} in the file, {want.dtype} in the module")
+            want = specs[key][1]
+            rec = recs.get(coeff_keys.get(key)) if key in coeff_keys else None
+            if isinstance(rec, dict) and "values_dtype" in rec:
+                want = _VALUES_DTYPES[rec["values_dtype"]]  # cast to the layer's dtype below
+            if t.dtype != want:
+                raise _FileProblem(f"tensor {key!r}: dtype {t.dtype} in the file, {want} in the module")
             if sums is None or key not in sums:
                 unverified.append(key)  # reported after the content checks, which name the actual problem
             elif _sha256(t) != sums[key]:
@@ -222,6 +290,11 @@ def load_safetensors(module: nn.Module, path, strict: bool = True, *, check_fini
                 problem = index_problem(t, index_keys[key])
                 if problem is not None:
                     raise _FileProblem(f"tensor {key!r}: {problem}")
+            if key in seed_keys:
+                try:
+                    positions[key.removesuffix("_seed")] = seed_keys[key].positions_from_seed_state(t)[0]
+                except ValueError as e:
+                    raise _FileProblem(f"tensor {key!r}: {e}") from None
             if check_finite and (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
                 bad = (~torch.isfinite(t)).nonzero()[0].tolist()
                 raise _FileProblem(f"tensor {key!r}: non-finite value {t[tuple(bad)].item()} at {bad}")
@@ -236,4 +309,8 @@ def load_safetensors(module: nn.Module, path, strict: bool = True, *, check_fini
             raise _FileProblem(why + "; pass require_checksums=False to load them unverified")
     except _FileProblem as e:
         raise ValueError(f"{path}: {e}") from None
+    for key, t in list(tensors.items()):
+        if key in coeff_keys and t.dtype != specs[key][1]:
+            tensors[key] = t.to(specs[key][1])
+    tensors.update(positions)  # with their seed: load_state_dict checks the pair by digest only
     return module.load_state_dict(tensors, strict=strict)

@@ -1,6 +1,7 @@
 """nn.Modules: a compressed linear layer and the compressed feed-forward block."""
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import sys
@@ -150,7 +151,9 @@ def random_positions(nblk: int, block_size: int, k: int, generator: torch.Genera
         return torch.arange(n, dtype=dt, device="cpu").repeat(nblk, 1)
     m = min(k, n - k)  # how many to draw
     if _by_keys(n, m):
-        c = torch.rand(nblk, n, generator=generator, device="cpu").argsort(dim=1)[:, :m].to(torch.int32).sort(dim=1).values
+        # stable: ties of the float32 keys are then broken the same way by every build
+        keys = torch.rand(nblk, n, generator=generator, device="cpu")
+        c = keys.argsort(dim=1, stable=True)[:, :m].to(torch.int32).sort(dim=1).values
     else:
         c = torch.randint(0, n, (nblk, m), generator=generator, dtype=torch.int32, device="cpu").sort(dim=1).values
     while m > 1 and not _by_keys(n, m):
@@ -167,6 +170,80 @@ def random_positions(nblk: int, block_size: int, k: int, generator: torch.Genera
     keep = torch.ones(nblk, n, dtype=torch.bool, device="cpu")
     keep.scatter_(1, c.long(), False)
     return torch.arange(n, dtype=dt, device="cpu").expand(nblk, n)[keep].view(nblk, k)
+
+
+INDEX_SEED_VERSION = 1
+"""Version of the generator of seeded positions (``seeded_positions``), stored with every seed:
+bumped whenever the positions a given seed produces change."""
+
+_SEED_LIMIT = 1 << 63  # seeds are stored in an int64
+
+
+def _check_seed(seed, name: str = "index_seed", limit: int = _SEED_LIMIT) -> int:
+    """seed as an int if it is one in [0, limit) (a Python or numpy integer, not a bool)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or isinstance(seed, torch.Tensor):
+        raise TypeError(f"{name} must be an int in [0, {limit}), got {type(seed).__name__} {seed!r}")
+    seed = int(seed)
+    if not 0 <= seed < limit:
+        raise ValueError(f"{name} must be in [0, {limit}), got {seed}")
+    return seed
+
+
+SEED_STATE_BYTES = 3 * 8
+"""Bytes a seeded layer's index costs in a checkpoint: the int64 [3] state_dict entry index_seed."""
+
+VALUES_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""The dtypes coefficient values can be stored in (save_safetensors, storage_state_dict)."""
+
+
+def check_values_dtype(values_dtype) -> torch.dtype | None:
+    """values_dtype if it is None or one of VALUES_DTYPES, else a clear error."""
+    if values_dtype is None or values_dtype in VALUES_DTYPES:
+        return values_dtype
+    if not isinstance(values_dtype, torch.dtype):
+        raise TypeError(f"values_dtype must be a torch.dtype (torch.float16, torch.bfloat16 or torch.float32) or "
+                        f"None, got {type(values_dtype).__name__} {values_dtype!r}")
+    raise ValueError(f"values_dtype must be torch.float16, torch.bfloat16 or torch.float32 (or None: the layer's "
+                     f"own dtype), got {values_dtype}")
+
+
+_INDEX_OPTIONS = (None, "stored", "seeded")
+
+
+def _draw_positions(out: torch.Tensor, block_size: int, k: int, generator) -> None:
+    """Fill out [nblk, k] with random_positions, _chunk_blocks(b, k) blocks at a time, in order
+    (the chunking is part of what a seed produces: see seeded_positions)."""
+    step = _chunk_blocks(block_size, k)
+    for s in range(0, out.shape[0], step):
+        e = min(s + step, out.shape[0])
+        out[s:e].copy_(random_positions(e - s, block_size, k, generator))
+
+
+def seeded_positions(nblk: int, block_size: int, k: int, seed: int) -> torch.Tensor:
+    """[nblk, k] positions (index dtype, on the CPU) that depend on (nblk, b, k, seed) alone.
+
+    Generator version 1 (INDEX_SEED_VERSION): a fresh ``torch.Generator("cpu")`` (torch's CPU
+    generator, mt19937) seeded with ``seed``, drawn by random_positions in chunks of
+    _chunk_blocks(b, k) blocks (torch.randint / torch.rand, then a stable sort). Always drawn on
+    the CPU, so the positions are the same whatever device the layer lives on and however many
+    threads run. They are tied to torch keeping those CPU draws stable across releases (which it
+    does not promise): a seed is therefore stored with a digest of its
+    positions, and a load whose regenerated positions do not match it is refused
+    (tests/test_storage.py pins a few small outputs, so a change shows up there first)."""
+    check_sizes(block_size, k)
+    seed = _check_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = torch.empty(nblk, k, dtype=index_dtype(block_size), device="cpu")
+    _draw_positions(out, block_size, k, g)
+    return out
+
+
+def positions_digest(index: torch.Tensor) -> int:
+    """A 64-bit digest of an index (the first 8 bytes of the SHA-256 of its little-endian values,
+    as a signed int64): stored with a seed, it detects regenerated positions that differ."""
+    data = index.detach().cpu().contiguous()
+    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "little", signed=True)
 
 
 def _check_ffn_args(activation, bias, block_size, k, checkpoint, memory_limit_mb) -> tuple:
@@ -189,12 +266,27 @@ class RBELinear(nn.Module):
     A fresh layer picks each block's k positions at random (without
     replacement, from torch's global generator or ``generator``) and scales
     the values so the effective weight has nn.Linear's default variance.
+
+    ``index_seed``: the positions are instead generated from this seed alone
+    (``seeded_positions``), and the layer's state_dict stores the seed (key
+    ``index_seed``, 24 bytes) instead of the index (2k bytes per block) for as
+    long as the positions still are the seed's (see ``index_seed``).
     """
 
+    # the seed the positions were generated from (None: explicit positions), the digest of those
+    # positions, and (index_bytes tensor, its _version) when they were last found to match
+    _index_seed: int | None = None
+    _index_digest: int | None = None
+    _index_checked: tuple | None = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 64,
-                 k: int = 300, *, device=None, dtype=None, generator: torch.Generator | None = None):
+                 k: int = 300, *, device=None, dtype=None, generator: torch.Generator | None = None,
+                 index_seed: int | None = None):
         super().__init__()
+        if index_seed is not None:
+            index_seed = _check_seed(index_seed)
         self._allocate(in_features, out_features, bias, block_size, k, device, dtype)
+        self._index_seed = index_seed
         self.reset_parameters(generator)
 
     def _allocate(self, in_features, out_features, bias, block_size, k, device, dtype) -> None:
@@ -240,19 +332,22 @@ class RBELinear(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Fresh init: each block's k positions at random (without replacement, not the lowest
-        frequencies first), values scaled so Var(W_entry) = k Var(c) / b^2 = 1 / (3 in) as for
-        nn.Linear's default init; zero pattern; nn.Linear's bias init. Random numbers come from
-        ``generator`` (or torch's global CPU generator), the same on every device; the work is done
-        a chunk of blocks at a time, so its transient memory stays small next to the layer's."""
+        frequencies first; from the layer's index seed, when it has one), values scaled so
+        Var(W_entry) = k Var(c) / b^2 = 1 / (3 in) as for nn.Linear's default init; zero pattern;
+        nn.Linear's bias init. Random numbers come from ``generator`` (or torch's global CPU
+        generator), the same on every device; the work is done a chunk of blocks at a time, so its
+        transient memory stays small next to the layer's."""
         nblk, k, b, dtype = self.coeffs.shape[0], self.k, self.block_size, self.coeffs.dtype
         if self.coeffs.is_meta or _is_fake(self.coeffs):  # meta device / FakeTensorMode: no values to draw
+            if self._index_seed is not None:
+                self._index_digest = self._index_checked = None  # positions not drawn yet
             return
         std = b / math.sqrt(3.0 * self.in_features * max(k, 1))
         with torch.no_grad():
-            step = _chunk_blocks(b, k)
-            for s in range(0, nblk, step):
-                e = min(s + step, nblk)
-                self.index[s:e].copy_(random_positions(e - s, b, k, generator))
+            if self._index_seed is not None:
+                self._write_seeded(self._index_seed)
+            else:
+                _draw_positions(self.index, b, k, generator)
             rows = max(1, _CHUNK_NUMBERS // max(k, 1))
             for s in range(0, nblk, rows):
                 e = min(s + rows, nblk)
@@ -296,13 +391,131 @@ class RBELinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         store = destination.pop(prefix + "index_bytes", None)
-        if store is not None:  # at index_bytes' place: the same key order as before
+        if store is None:
+            return
+        # at index_bytes' place: the same key order as before
+        if self._seed_holds():
+            # on the CPU for a meta layer: the seed is known, and a meta tensor would lose it
+            destination[prefix + "index_seed"] = self._seed_state("cpu" if store.is_meta else store.device)
+        else:
             destination[prefix + "index"] = _bytes_as(store, index_dtype(self.block_size))
 
-    # the plan follows the parameters' dtype and device, rebuilt exactly (never cast)
+    # ---------------------------------------------------------------- seeded positions
+    # A seeded layer's positions are seeded_positions(nblk, b, k, seed); its state_dict then holds
+    # index_seed = [INDEX_SEED_VERSION, seed, positions_digest(positions)] (int64 [3]) instead of
+    # the index. The claim "these positions are the seed's" must never outlive a change of the
+    # positions (an in-place write, layer.index = ..., a load of explicit positions, a support
+    # update, to_empty): it is re-checked, whenever it is read, against the digest, and dropped
+    # for good once the positions differ. The check is cheap when nothing was written since the
+    # last one (the index_bytes tensor is the same and its _version unchanged), a hash of the
+    # index otherwise. Writes that bypass the version counter (through .data or a raw pointer) are
+    # seen only by a full check (check_index_seed(); save_safetensors does one).
+    @property
+    def index_seed(self) -> int | None:
+        """The seed this layer's positions were generated from, or None: the layer has explicit
+        positions (built or loaded with them), or its positions changed since they were generated
+        (the seed is then dropped for good; use_seeded_index sets a new one)."""
+        return self._index_seed if self._seed_holds() else None
+
+    def check_index_seed(self) -> int | None:
+        """index_seed, after hashing the positions whatever their version counter says (catches
+        writes through .data or raw pointers, which the cheap check of index_seed misses)."""
+        return self._index_seed if self._seed_holds(full=True) else None
+
+    def use_seeded_index(self, seed: int) -> None:
+        """Replace the positions by seeded_positions(..., seed) and store the seed instead of the
+        index from now on. The coefficient values stay as they are, each now at its block's new
+        position: meant for fresh layers (whose values are i.i.d., so they stay a fresh init),
+        not for trained or converted ones."""
+        seed = _check_seed(seed)
+        with torch.no_grad():
+            self._write_seeded(seed)
+
+    def _write_seeded(self, seed: int) -> None:
+        """index := the seed's positions; the layer claims the seed (nothing drawn on meta/fake)."""
+        self._index_seed = seed
+        self._index_digest = self._index_checked = None
+        if self.index_bytes.is_meta or _is_fake(self.index_bytes):
+            return
+        pos = seeded_positions(self.index.shape[0], self.block_size, self.k, seed)
+        self.index.copy_(pos)
+        self._index_digest = positions_digest(pos)
+        self._mark_checked()
+
+    def _mark_checked(self) -> None:
+        store = self.index_bytes
+        try:
+            self._index_checked = (store, store._version)
+        except RuntimeError:  # inference tensors have no version counter: hash at every check
+            self._index_checked = None
+
+    def _seed_holds(self, full: bool = False) -> bool:
+        """Whether the positions still are the seed's (dropping the seed for good when not)."""
+        if self._index_seed is None:
+            return False
+        store = self.index_bytes
+        if store.is_meta or _is_fake(store):
+            return True  # no positions to compare: the seed defines them
+        if not full and self._index_checked is not None:
+            t, version = self._index_checked
+            if t is store:
+                try:
+                    if store._version == version:
+                        return True
+                except RuntimeError:
+                    pass
+        if self._index_digest is None:  # drawn on meta and materialized since: compare with the seed's
+            self._index_digest = positions_digest(seeded_positions(store.shape[0], self.block_size, self.k,
+                                                                   self._index_seed))
+        if positions_digest(self.index) == self._index_digest:
+            self._mark_checked()
+            return True
+        self._index_seed = self._index_digest = self._index_checked = None
+        return False
+
+    def _seed_state(self, device) -> torch.Tensor:
+        """The state_dict entry index_seed: int64 [INDEX_SEED_VERSION, seed, digest]."""
+        if self._index_digest is None:  # meta: the digest of what the seed will give
+            self._index_digest = positions_digest(seeded_positions(self.index.shape[0], self.block_size, self.k,
+                                                                   self._index_seed))
+        return torch.tensor([INDEX_SEED_VERSION, self._index_seed, self._index_digest], dtype=torch.int64,
+                            device=device)
+
+    def positions_from_seed_state(self, state) -> tuple[torch.Tensor, int, int]:
+        """(positions [R*C, k] on the CPU, seed, digest) of a state_dict entry index_seed for
+        this layer, or ValueError naming the problem: not an int64 tensor [3], an unknown
+        generator version, a seed out of range, or positions whose digest differs from the one
+        recorded (another torch random generator, or a layer of another shape, block_size or k)."""
+        if not isinstance(state, torch.Tensor):
+            raise ValueError(f"expected a tensor, got {type(state).__name__}")
+        if state.dtype != torch.int64 or tuple(state.shape) != (3,):
+            raise ValueError(f"must be an int64 tensor [3] (version, seed, digest), got {state.dtype} "
+                             f"{list(state.shape)}")
+        if state.is_meta:
+            raise ValueError("is on the meta device (no values)")
+        version, seed, digest = state.tolist()
+        if version != INDEX_SEED_VERSION:
+            raise ValueError(f"generator version {version} is not known to this rbe_ffn (it knows "
+                             f"{INDEX_SEED_VERSION}); load a checkpoint with the explicit index")
+        if seed < 0:
+            raise ValueError(f"seed {seed} is negative")
+        pos = seeded_positions(self.index.shape[0], self.block_size, self.k, seed)
+        if positions_digest(pos) != digest:
+            raise ValueError(f"the positions generated from seed {seed} do not match the digest recorded with "
+                             f"them: this torch ({torch.__version__}) draws other random numbers than the one that "
+                             "wrote the state, or it comes from a layer of another shape, block_size or k; load a "
+                             "checkpoint with the explicit index")
+        problem = index_problem(pos, self.block_size)
+        if problem is not None:  # a broken generator: never expected
+            raise ValueError(f"the positions generated from seed {seed} are invalid: {problem}")
+        return pos, seed, digest
+
+    # the plan follows the parameters' dtype and device, rebuilt exactly (never cast); the index
+    # may have been replaced (.to() copies it, to_empty does not): its seed is checked again
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self._plan = get_plan(self.block_size, self.basis.dtype, self.basis.device)
+        self._index_checked = None
         return self
 
     # load_state_dict checks the fixed positions before anything of this layer is copied in: a
@@ -310,15 +523,39 @@ class RBELinear(nn.Module):
     # accepted silently (wrong outputs, or table reads out of bounds in the kernels). The error
     # goes into error_msgs, so load_state_dict raises its usual RuntimeError naming the key.
     # The key is "index" (int16/int32 values, or any integer dtype holding valid positions); it
-    # is stored into the uint8 buffer index_bytes. Everything else is the default behaviour.
+    # is stored into the uint8 buffer index_bytes. Or "index_seed" (a seeded layer's): the
+    # positions are regenerated from it and checked against its digest, and the layer then claims
+    # the seed. Both keys: the index must match the seed's digest (load_safetensors passes both,
+    # having regenerated the positions once already). Everything else is the default behaviour.
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        key, store = prefix + "index", prefix + "index_bytes"
+        key, skey, store = prefix + "index", prefix + "index_seed", prefix + "index_bytes"
         own = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
         if own.pop(store, None) is not None and strict:
             unexpected_keys.append(store)  # never written by state_dict(): it would bypass the checks below
         idx = own.pop(key, None)
-        if key in state_dict:
+        seed_state, new_seed = own.pop(skey, None), None
+        if skey in state_dict:
+            try:
+                if key in state_dict:
+                    t = seed_state
+                    if not (isinstance(t, torch.Tensor) and t.dtype == torch.int64 and tuple(t.shape) == (3,)):
+                        raise ValueError("must be an int64 tensor [3] (version, seed, digest)")
+                    version, seed, digest = t.tolist()
+                    if version != INDEX_SEED_VERSION or seed < 0:
+                        raise ValueError(f"unknown generator version {version} or negative seed {seed}")
+                    if isinstance(idx, torch.Tensor) and idx.shape == self.index.shape and \
+                            index_problem(idx, self.block_size) is None and positions_digest(
+                                idx.to(self.index.dtype)) != digest:
+                        raise ValueError(f"{key} given with it does not match its digest")
+                else:
+                    idx, seed, digest = self.positions_from_seed_state(seed_state)
+                    idx = idx.to(seed_state.device)
+            except ValueError as e:
+                error_msgs.append(f"{skey}: {e}")
+                return  # nothing of this layer is loaded
+            new_seed = (seed, digest)
+        if idx is not None or key in state_dict:
             want = self.index
             if not isinstance(idx, torch.Tensor):
                 error_msgs.append(f"{key}: expected a tensor, got {type(idx).__name__}")
@@ -335,6 +572,9 @@ class RBELinear(nn.Module):
         n = len(missing_keys)
         super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         missing_keys[n:] = [key if k == store else k for k in missing_keys[n:]]
+        if new_seed is not None:  # claimed once the positions are found in place (checked lazily)
+            self._index_seed, self._index_digest = new_seed
+            self._index_checked = None
 
     @classmethod
     def from_compressed(cls, cw: CompressedWeight, bias: torch.Tensor | None = None) -> "RBELinear":
@@ -421,6 +661,24 @@ class RBELinear(nn.Module):
         """Dense weight bytes (same value dtype) / stored weight bytes."""
         return self.out_features * self.in_features * self.coeffs.element_size() / self.weight_nbytes
 
+    def storage_bytes(self, index: str | None = None, values_dtype: torch.dtype | None = None) -> int:
+        """Bytes of the weight in a checkpoint (basis + coeffs + index or seed; the bias excluded,
+        as in weight_nbytes): per block 8 pattern numbers in the layer's dtype, k coefficients in
+        ``values_dtype`` (None: the layer's dtype; as save_safetensors(values_dtype=...)), and
+        k index entries (int16, int32 for b > 128) unless the index is seeded, which costs
+        SEED_STATE_BYTES per layer. ``index``: None counts the index as state_dict() would store it
+        now; "stored" and "seeded" count that option whatever the layer holds (to compare options)."""
+        if index not in _INDEX_OPTIONS:
+            raise ValueError(f"index must be None, 'stored' or 'seeded', got {index!r}")
+        values_dtype = check_values_dtype(values_dtype) or self.coeffs.dtype
+        if index is None:
+            index = "seeded" if self.index_seed is not None else "stored"
+        nblk = self.coeffs.shape[0]
+        n = nblk * 8 * self.basis.element_size() + nblk * self.k * values_dtype.itemsize
+        if index == "seeded":
+            return n + SEED_STATE_BYTES
+        return n + nblk * self.k * self.index.element_size()
+
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
              f"block_size={self.block_size}, k={self.k}, compression={self.compression_ratio:.1f}x")
@@ -449,21 +707,41 @@ class RBEFeedForward(nn.Module):
     the transient buffers of one chunk of tokens, the kept schedules included.
     ``stats`` counts calls, estimated multiply-adds x2 (FLOPs) of the
     transform-domain algorithm, and the peak transient bytes of one call.
+    ``index_seed=s``: fc1's positions from seed 2s, fc2's from 2s + 1 (see
+    RBELinear; give each block of a model its own s, e.g. its layer number).
     """
 
     def __init__(self, d_model: int, d_ff: int, activation="gelu", bias: bool = True, block_size: int = 64,
                  k: int = 300, checkpoint: bool = False, memory_limit_mb: float | None = None, *, device=None,
-                 dtype=None, generator: torch.Generator | None = None):
+                 dtype=None, generator: torch.Generator | None = None, index_seed: int | None = None):
         super().__init__()
         self.activation, memory_limit_mb = _check_ffn_args(activation, bias, block_size, k, checkpoint,
                                                            memory_limit_mb)
+        seeds = self._layer_seeds(index_seed)
         self.d_model, self.d_ff = d_model, d_ff
         self.block_size = block_size
         self.checkpoint = checkpoint
         self.memory_limit_mb = memory_limit_mb
-        self.fc1 = RBELinear(d_model, d_ff, bias, block_size, k, device=device, dtype=dtype, generator=generator)
-        self.fc2 = RBELinear(d_ff, d_model, bias, block_size, k, device=device, dtype=dtype, generator=generator)
+        self.fc1 = RBELinear(d_model, d_ff, bias, block_size, k, device=device, dtype=dtype, generator=generator,
+                             index_seed=seeds[0])
+        self.fc2 = RBELinear(d_ff, d_model, bias, block_size, k, device=device, dtype=dtype, generator=generator,
+                             index_seed=seeds[1])
         self.reset_stats()
+
+    @staticmethod
+    def _layer_seeds(index_seed) -> tuple:
+        """(fc1's, fc2's) index seeds for a block seed s: 2s and 2s + 1, so blocks seeded 0, 1, 2, ...
+        (e.g. by layer number) never share a layer's positions."""
+        if index_seed is None:
+            return None, None
+        s = _check_seed(index_seed, limit=_SEED_LIMIT // 2)
+        return 2 * s, 2 * s + 1
+
+    def use_seeded_index(self, seed: int) -> None:
+        """fc1.use_seeded_index(2 * seed) and fc2.use_seeded_index(2 * seed + 1) (see RBELinear's)."""
+        s1, s2 = self._layer_seeds(seed)
+        self.fc1.use_seeded_index(s1)
+        self.fc2.use_seeded_index(s2)
 
     @classmethod
     def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, activation="gelu", block_size: int = 64, k: int = 300,
@@ -551,6 +829,10 @@ class RBEFeedForward(nn.Module):
     @property
     def weight_nbytes(self) -> int:
         return self.fc1.weight_nbytes + self.fc2.weight_nbytes
+
+    def storage_bytes(self, index: str | None = None, values_dtype: torch.dtype | None = None) -> int:
+        """fc1's + fc2's RBELinear.storage_bytes (checkpoint bytes of both weights, biases excluded)."""
+        return self.fc1.storage_bytes(index, values_dtype) + self.fc2.storage_bytes(index, values_dtype)
 
     @property
     def compression_ratio(self) -> float:
