@@ -62,7 +62,8 @@ def randomize_basis(m, generator=0):
 
 def make_ffn(d_model=10, d_ff=37, activation="gelu", block_size=8, k=5, dtype=torch.float32, seed=0, *,
              basis_std=None, random_bias=False, **kw):
-    """A fresh RBEFeedForward on the CPU, built from generator `seed`, with a non-zero pattern part.
+    """A fresh RBEFeedForward on the CPU, built from generator `seed`, with a non-zero pattern part;
+    parametrization "plain" unless given (tests of the "scaled" one: tests/test_parametrization.py).
 
     basis_std=None: both layers' basis as randomize_basis (scaled by fan-in), from the same generator.
     basis_std=(s1, s2): fc1.basis ~ N(0, s1^2), fc2.basis ~ N(0, s2^2), drawn in place (make_small_ffn).
@@ -71,6 +72,7 @@ def make_ffn(d_model=10, d_ff=37, activation="gelu", block_size=8, k=5, dtype=to
     Other keyword arguments (checkpoint, memory_limit_mb, bias, ...) go to RBEFeedForward.
     """
     g = seeded(seed)
+    kw.setdefault("parametrization", "plain")  # the parameters are the format's numbers (they are set below)
     m = rbe_ffn.RBEFeedForward(d_model, d_ff, activation, block_size=block_size, k=k, dtype=dtype, generator=g,
                                **kw)
     if basis_std is None:
@@ -97,6 +99,7 @@ def make_small_ffn(activation="gelu", dtype=torch.float32, *, seed=0, d_model=10
 def make_linear(in_features=10, out_features=12, block_size=8, k=5, seed=0, basis_std=0.2, **kw):
     """A fresh RBELinear from generator `seed` with basis ~ N(0, basis_std^2)."""
     g = seeded(seed)
+    kw.setdefault("parametrization", "plain")  # the parameters are the format's numbers (basis is set below)
     lin = rbe_ffn.RBELinear(in_features, out_features, block_size=block_size, k=k, generator=g, **kw)
     with torch.no_grad():
         lin.basis.normal_(0, basis_std, generator=g)

@@ -75,9 +75,11 @@ def ffn(x, fc1, fc2, d_model: int, d_ff: int, b: int, activation: str):
 
 
 def module_ffn(m, x):
-    """The reference evaluated on an RBEFeedForward's own parameters (autograd reaches them)."""
+    """The reference evaluated on an RBEFeedForward's format numbers (its parameters times their
+    scales: autograd reaches the parameters)."""
     f1, f2 = m.fc1, m.fc2
-    return ffn(x, (f1.basis, f1.coeffs, f1.index, f1.bias), (f2.basis, f2.coeffs, f2.index, f2.bias),
+    (b1, c1), (b2, c2) = f1.numbers(), f2.numbers()
+    return ffn(x, (b1, c1, f1.index, f1.bias), (b2, c2, f2.index, f2.bias),
                m.d_model, m.d_ff, m.block_size, m.activation)
 
 

@@ -83,8 +83,8 @@ def test_half_input_without_autocast(dtype):
 
 def test_functional_api_takes_half_inputs():
     m = make()
-    f1 = (m.fc1.basis, m.fc1.coeffs, m.fc1.index, m.fc1.bias)
-    f2 = (m.fc2.basis, m.fc2.coeffs, m.fc2.index, m.fc2.bias)
+    f1 = (*m.fc1.numbers(), m.fc1.index, m.fc1.bias)  # the format numbers (parameters x scales)
+    f2 = (*m.fc2.numbers(), m.fc2.index, m.fc2.bias)
     x = torch.randn(3, 64)
     y = rbe_ffn.rbe_feed_forward(x.bfloat16(), f1, f2, 64, 160, 16, "gelu")
     assert y.dtype == torch.bfloat16 and rel(y, m(x)) < 1e-2

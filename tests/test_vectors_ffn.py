@@ -29,7 +29,8 @@ def t64(v):
 
 def build(case, dtype, checkpoint, chunk):
     m = rbe_ffn.RBEFeedForward(case["d_model"], case["d_ff"], case["activation"], block_size=case["block_size"],
-                               k=case["k"], checkpoint=checkpoint, dtype=torch.float64)
+                               k=case["k"], checkpoint=checkpoint, dtype=torch.float64,
+                               parametrization="plain")  # the vectors' gradients are the format numbers' 
     with torch.no_grad():
         for lin, key in ((m.fc1, "fc1"), (m.fc2, "fc2")):
             lin.basis.copy_(t64(case[key]["basis"]))

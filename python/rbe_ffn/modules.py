@@ -1,6 +1,7 @@
 """nn.Modules: a compressed linear layer and the compressed feed-forward block."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import numbers
@@ -28,14 +29,24 @@ def _is_fake(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
+@functools.lru_cache(maxsize=None)
 def _pattern_energy(block_size: int) -> float:
-    """sum_k mean over a block of Phi_k^2: the 8 pattern images decoded side by side (on the CPU,
-    also for a layer built under torch.device("meta"), where .item() would fail)."""
-    eye = torch.eye(8, dtype=torch.float64, device="cpu")
-    none = torch.empty(8, 0, dtype=torch.float64, device="cpu")
-    phi = ops.decode(eye, none, torch.empty(8, 0, dtype=index_dtype(block_size), device="cpu"), block_size,
-                     8 * block_size, block_size)
-    return phi.pow(2).sum().item() / (block_size * block_size)
+    """sum_k mean over a block of Phi_k^2 (E = sum_k ||Phi_k||_F^2 / b^2; csrc/rbe_math.h's
+    pattern functions on its grid). Every image is separable in the grid's x and y, so it is summed
+    from 1-D sums in plain Python: no tensor is made, so it also works for a layer built on the meta
+    device or under FakeTensorMode (tests/test_parametrization.py checks it against a decode)."""
+    b = block_size
+    g = [2.0 * n / (b - 1) - 1.0 for n in range(b)]  # rbe_grid
+    s2 = sum(v * v for v in g)
+    s4 = sum(v ** 4 for v in g)
+    c1 = sum(math.cos(math.pi * v) ** 2 for v in g)
+    c2 = sum(math.cos(2.0 * math.pi * v) ** 2 for v in g)
+    total = (b * b                          # 1
+             + 2 * b * s2                   # d = |(x, y)|: sum of d^2
+             + 2 * b * s4 + 2 * s2 * s2     # d^2: sum of (x^2 + y^2)^2
+             + 2 * b * c1 + 2 * b * c2      # cos(pi x), cos(pi y), cos(2 pi x), cos(2 pi y)
+             + c1 * c1)                     # cos(pi x) cos(pi y)
+    return total / (b * b)
 
 
 def _check_input(name: str, x, weight: torch.Tensor) -> None:
@@ -246,6 +257,39 @@ def positions_digest(index: torch.Tensor) -> int:
     return int.from_bytes(hashlib.sha256(raw).digest()[:8], "little", signed=True)
 
 
+PARAMETRIZATIONS = ("scaled", "plain")
+"""How an RBE layer's parameters map to its format numbers (see parametrization_scales)."""
+
+
+def parametrization_scales(block_size: int, k: int, parametrization: str) -> tuple[float, float]:
+    """(pattern scale, coefficient scale): the layer's pattern numbers are the ``basis`` parameter
+    times the first, its DCT coefficients the ``coeffs`` parameter times the second.
+
+    "plain": (1, 1), the parameters are the format's numbers (what every layer did before; what
+    from_compressed / from_linear / replace_mlp build, so converted numbers stay as encoded).
+    "scaled" (default for fresh layers): every stored number gets an image of the same norm,
+    sized so that a step of +-lr on each of a block's 8 + k numbers (what Adam's first steps do)
+    moves the block by about lr * b in Frobenius norm, as the same step moves a dense block of
+    b * b entries. A coefficient's image (a DCT basis image) has norm 1, so its scale is
+    b / sqrt(k + 8); the pattern images Phi_j have norms of tens (b for the constant one), so
+    the pattern's scale is that divided by their RMS norm, b sqrt(E / 8) (E = sum_j ||Phi_j||^2 / b^2).
+    Both are rounded to the nearest power of two (exact conversions). Measured at 128 -> 512, b=32, k=120 (docs/studies/equal_params.md): with "plain", one Adam step
+    of the pattern numbers moves the weight's spectral norm 12x what a dense step does and one of the
+    coefficients 0.32x; training a small LM with the two scales found by a learning-rate sweep
+    (pattern x0.1, coefficients x3, close to this rule's x0.115 and x2.83) beat "plain" clearly.
+    Under Adam the scales act as per-parameter learning-rate multipliers (the state_dict holds the
+    format numbers either way, so checkpoints do not depend on the parametrization)."""
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+    if parametrization == "plain":
+        return 1.0, 1.0
+    coeff = block_size / math.sqrt(k + 8)
+    pattern = coeff / (block_size * math.sqrt(_pattern_energy(block_size) / 8.0))
+    # rounded to powers of two: then parameters <-> format numbers (state_dict, from_compressed)
+    # are exact both ways, and a checkpoint round trip is bitwise
+    return 2.0 ** round(math.log2(pattern)), 2.0 ** round(math.log2(coeff))
+
+
 def _check_ffn_args(activation, bias, block_size, k, checkpoint, memory_limit_mb) -> tuple:
     """The arguments every RBEFeedForward constructor shares, checked in one place (before any
     work): (canonical activation name, memory_limit_mb)."""
@@ -278,20 +322,26 @@ class RBELinear(nn.Module):
     _index_seed: int | None = None
     _index_digest: int | None = None
     _index_checked: tuple | None = None
+    # the parametrization (see parametrization_scales): format numbers = parameters x these scales
+    parametrization: str = "plain"
+    _pattern_scale: float = 1.0
+    _coeff_scale: float = 1.0
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = 64,
                  k: int = 300, *, device=None, dtype=None, generator: torch.Generator | None = None,
-                 index_seed: int | None = None):
+                 index_seed: int | None = None, parametrization: str = "scaled"):
         super().__init__()
         if index_seed is not None:
             index_seed = _check_seed(index_seed)
-        self._allocate(in_features, out_features, bias, block_size, k, device, dtype)
+        self._allocate(in_features, out_features, bias, block_size, k, device, dtype, parametrization)
         self._index_seed = index_seed
         self.reset_parameters(generator)
 
-    def _allocate(self, in_features, out_features, bias, block_size, k, device, dtype) -> None:
+    def _allocate(self, in_features, out_features, bias, block_size, k, device, dtype, parametrization) -> None:
         """Parameters and buffers of the right shapes, uninitialized."""
         check_sizes(block_size, k)
+        self.parametrization = parametrization
+        self._pattern_scale, self._coeff_scale = parametrization_scales(block_size, k, parametrization)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -358,6 +408,9 @@ class RBELinear(nn.Module):
                 # unit-RMS (their squares sum to ~7 on average), so divide that out.
                 sd = 1.0 / math.sqrt(3.0 * self.in_features * _pattern_energy(b))
                 self.basis.copy_(torch.empty(nblk, 8, dtype=dtype, device="cpu").normal_(0.0, sd, generator=generator))
+            # the draws above are the format's numbers; the parameters hold them over their scales
+            self.basis.div_(self._pattern_scale)
+            self.coeffs.div_(self._coeff_scale)
             if self.bias is not None:
                 bound = 1.0 / math.sqrt(self.in_features)
                 self.bias.copy_(torch.empty(self.out_features, dtype=dtype, device="cpu").uniform_(-bound, bound,
@@ -388,8 +441,14 @@ class RBELinear(nn.Module):
         with torch.no_grad():
             self.index.copy_(value)
 
+    # The state_dict holds the format's numbers (the parameters times their scales), whatever the
+    # parametrization: a checkpoint means the same weight to every layer and every tool that reads it.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, scale in (("basis", self._pattern_scale), ("coeffs", self._coeff_scale)):
+            t = destination.get(prefix + name)
+            if scale != 1.0 and t is not None:
+                destination[prefix + name] = t * scale if keep_vars else (t * scale).detach()
         store = destination.pop(prefix + "index_bytes", None)
         if store is None:
             return
@@ -569,6 +628,10 @@ class RBELinear(nn.Module):
                 error_msgs.append(f"{key}: {problem}")
                 return  # nothing of this layer is loaded
             own[store] = _as_bytes(idx.to(want.dtype))  # values checked: the cast is exact
+        for name, scale in (("basis", self._pattern_scale), ("coeffs", self._coeff_scale)):
+            t = own.get(prefix + name)
+            if scale != 1.0 and isinstance(t, torch.Tensor) and t.is_floating_point():
+                own[prefix + name] = t / scale  # format numbers -> this layer's parameters
         n = len(missing_keys)
         super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         missing_keys[n:] = [key if k == store else k for k in missing_keys[n:]]
@@ -577,9 +640,11 @@ class RBELinear(nn.Module):
             self._index_checked = None
 
     @classmethod
-    def from_compressed(cls, cw: CompressedWeight, bias: torch.Tensor | None = None) -> "RBELinear":
+    def from_compressed(cls, cw: CompressedWeight, bias: torch.Tensor | None = None, *,
+                        parametrization: str = "plain") -> "RBELinear":
         """A layer holding a copy of ``cw``'s numbers (and ``bias``), checked as the constructor and
-        load_state_dict check theirs: shapes exact (nothing broadcast), index valid."""
+        load_state_dict check theirs: shapes exact (nothing broadcast), index valid. Its
+        parametrization is "plain" unless asked (see parametrization_scales)."""
         if not isinstance(cw, CompressedWeight):
             raise TypeError(f"cw must be a CompressedWeight, got {type(cw).__name__}")
         shape = tuple(cw.shape) if isinstance(cw.shape, (tuple, list, torch.Size)) else ()
@@ -614,10 +679,10 @@ class RBELinear(nn.Module):
         layer = cls.__new__(cls)  # no random init: every number is copied from cw
         nn.Module.__init__(layer)
         layer._allocate(in_features, out_features, bias is not None, cw.block_size, cw.k, cw.coeffs.device,
-                        cw.coeffs.dtype)
+                        cw.coeffs.dtype, parametrization)
         with torch.no_grad():
-            layer.basis.copy_(cw.basis)
-            layer.coeffs.copy_(cw.coeffs)
+            layer.basis.copy_(cw.basis / layer._pattern_scale)
+            layer.coeffs.copy_(cw.coeffs / layer._coeff_scale)
             layer.index.copy_(cw.index)
             if bias is not None:
                 layer.bias.copy_(bias)
@@ -635,21 +700,35 @@ class RBELinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().to(cw.coeffs.dtype)
         return cls.from_compressed(cw, bias)
 
+    def numbers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pattern numbers [R*C, 8], coefficients [R*C, k]): the format's numbers of this layer's
+        weight, the parameters ``basis`` and ``coeffs`` times their scales (differentiable; the
+        parameters themselves when the parametrization is "plain")."""
+        basis, coeffs = self.basis, self.coeffs
+        if self._pattern_scale != 1.0:
+            basis = basis * self._pattern_scale
+        if self._coeff_scale != 1.0:
+            coeffs = coeffs * self._coeff_scale
+        return basis, coeffs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("RBELinear", x, self.basis)
         x, out_dtype = cpu_half_input(x, self.basis.dtype)
-        return _restore(ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias,
+        basis, coeffs = self.numbers()
+        return _restore(ops.linear(x, self.plan, basis, coeffs, self.index, self.bias,
                                    self.in_features, self.out_features), out_dtype)
 
     def compressed(self) -> CompressedWeight:
-        return CompressedWeight(self.basis, self.coeffs, self.index, (self.out_features, self.in_features),
+        """The format's numbers (see numbers()) as a CompressedWeight."""
+        basis, coeffs = self.numbers()
+        return CompressedWeight(basis, coeffs, self.index, (self.out_features, self.in_features),
                                 self.block_size, self.relative_error)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense W these numbers describe (a new tensor; for inspection and tests)."""
         with torch.no_grad():
-            return decompress(self.basis, self.coeffs, self.index, (self.out_features, self.in_features),
-                              self.block_size)
+            basis, coeffs = self.numbers()
+            return decompress(basis, coeffs, self.index, (self.out_features, self.in_features), self.block_size)
 
     @property
     def weight_nbytes(self) -> int:
@@ -681,7 +760,8 @@ class RBELinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-             f"block_size={self.block_size}, k={self.k}, compression={self.compression_ratio:.1f}x")
+             f"block_size={self.block_size}, k={self.k}, compression={self.compression_ratio:.1f}x, "
+             f"parametrization={self.parametrization!r}")
         if self.relative_error is not None:
             s += f", relative_error={self.relative_error:.3g}"
         return s
@@ -713,7 +793,8 @@ class RBEFeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, activation="gelu", bias: bool = True, block_size: int = 64,
                  k: int = 300, checkpoint: bool = False, memory_limit_mb: float | None = None, *, device=None,
-                 dtype=None, generator: torch.Generator | None = None, index_seed: int | None = None):
+                 dtype=None, generator: torch.Generator | None = None, index_seed: int | None = None,
+                 parametrization: str = "scaled"):
         super().__init__()
         self.activation, memory_limit_mb = _check_ffn_args(activation, bias, block_size, k, checkpoint,
                                                            memory_limit_mb)
@@ -723,9 +804,9 @@ class RBEFeedForward(nn.Module):
         self.checkpoint = checkpoint
         self.memory_limit_mb = memory_limit_mb
         self.fc1 = RBELinear(d_model, d_ff, bias, block_size, k, device=device, dtype=dtype, generator=generator,
-                             index_seed=seeds[0])
+                             index_seed=seeds[0], parametrization=parametrization)
         self.fc2 = RBELinear(d_ff, d_model, bias, block_size, k, device=device, dtype=dtype, generator=generator,
-                             index_seed=seeds[1])
+                             index_seed=seeds[1], parametrization=parametrization)
         self.reset_stats()
 
     @staticmethod
@@ -811,7 +892,8 @@ class RBEFeedForward(nn.Module):
                                "one fused operator on both layers' weights and never calls fc1/fc2, so FSDP "
                                "never gathers them: apply fully_shard to the RBEFeedForward, not to its fc1/fc2")
         x, out_dtype = cpu_half_input(x, f1.basis.dtype)
-        y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
+        (b1, c1), (b2, c2) = f1.numbers(), f2.numbers()
+        y, _ = ops.ffn(x, f1.plan, b1, c1, f1.index, f1.bias, b2, c2, f2.index, f2.bias,
                        self.d_model, self.d_ff, self.activation, chunk, not self.checkpoint)
         y = _restore(y, out_dtype)
         if not torch.compiler.is_compiling():
