@@ -66,7 +66,7 @@ _STATE_KEYS = {torch.optim.Adam: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                torch.optim.SGD: ("momentum_buffer",)}
 
 # tokens per chunk when an RBEFeedForward's inner activations are recomputed at an update
-_RECOMPUTE_TOKENS = 512
+_RECOMPUTE_TOKENS = 128
 
 
 def _dct_tiles(a: torch.Tensor, features: int, b: int, psi: torch.Tensor) -> torch.Tensor:
@@ -81,6 +81,19 @@ def _row_gradient(xh: torch.Tensor, dyh: torch.Tensor, i: int, b: int) -> torch.
     g = dyh[:, i * b:(i + 1) * b].T @ xh  # [b (u), C*b (j, v)]
     c = xh.shape[1] // b
     return g.view(b, c, b).permute(1, 0, 2).reshape(c, b * b)
+
+
+def _largest(score: torch.Tensor, n: int) -> torch.Tensor:
+    """[rows, n] column indices (ascending) of the n largest entries of each row of score, ties
+    going to the lower column: torch.topk finds the n-th largest value, and of the entries equal to
+    it the lowest columns fill what the larger ones leave (a stable sort of whole rows gives the
+    same choice at several times the cost)."""
+    threshold = torch.topk(score, n, dim=1, sorted=False).values.amin(1, keepdim=True)
+    above = score > threshold
+    tied = score == threshold
+    room = n - above.sum(1, keepdim=True)
+    take = above | (tied & (tied.cumsum(1) <= room))
+    return take.nonzero()[:, 1].view(score.shape[0], n)
 
 
 class _Unit:
@@ -269,41 +282,62 @@ class DynamicSupport:
 
         return forward_hook
 
-    def _tiles(self, unit: _Unit):
-        """[(layer, xh [T, C*b], dyh [T, R*b])] from the records of this step (T = 0 without any)."""
+    @staticmethod
+    def _tiles(unit: _Unit, wanted):
+        """Yield (layer, xh [T, C*b], dyh [T, R*b]) for the layers of ``wanted`` from the records of
+        this step, one layer at a time (T = 0 without any): an FFN's fc2 first (input act(pre), output gradient dy: fc1's
+        forward is recomputed), then fc1 (input x, output gradient dL/dpre: the forward and fc2's
+        input gradient are recomputed), so only one layer's tiles exist at a time. The consumer
+        drops each layer's tiles before asking for the next."""
         lins = unit.layers
         f1 = lins[0]
-        dtype, device, b = f1.coeffs.dtype, f1.coeffs.device, f1.block_size
-        psi = dct_matrix(b).to(dtype=dtype, device=device)
-        with torch.no_grad():
-            if len(lins) == 1:
+        dtype, b = f1.coeffs.dtype, f1.block_size
+        psi = dct_matrix(b).to(dtype=dtype, device=f1.coeffs.device)
+        if len(lins) == 1:
+            if not wanted:
+                return
+            with torch.no_grad():
                 xs = [x.reshape(-1, f1.in_features).to(dtype) for x, _, _ in unit.records]
                 dys = [dy.reshape(-1, f1.out_features).to(dtype) for _, dy, _ in unit.records]
                 x = torch.cat(xs) if xs else f1.coeffs.new_zeros(0, f1.in_features)
                 dy = torch.cat(dys) if dys else f1.coeffs.new_zeros(0, f1.out_features)
-                return [(f1, _dct_tiles(x, f1.in_features, b, psi), _dct_tiles(dy, f1.out_features, b, psi))]
-            m = unit.module
-            dm, dff, act = m.d_model, m.d_ff, m.activation
-            total = sum(x.numel() // dm for x, _, _ in unit.records)
-            nm, nf = -(-dm // b) * b, -(-dff // b) * b
-            xh1, dyh1 = f1.coeffs.new_empty(total, nm), f1.coeffs.new_empty(total, nf)
-            xh2, dyh2 = f1.coeffs.new_empty(total, nf), f1.coeffs.new_empty(total, nm)
-            t0 = 0
-            for x, dy, (p1, c1, i1, bias1, p2, c2, i2, _) in unit.records:
-                x, dy = x.reshape(-1, dm).to(dtype), dy.reshape(-1, dm).to(dtype)
-                for s in range(0, x.shape[0], _RECOMPUTE_TOKENS):
-                    xc, dyc = x[s:s + _RECOMPUTE_TOKENS], dy[s:s + _RECOMPUTE_TOKENS].contiguous()
-                    t1 = t0 + xc.shape[0]
-                    pre = ops.linear(xc, f1.plan, p1, c1, i1, bias1, dm, dff)
-                    h = ops.activation(pre, act)
-                    dh = ops.linear_backward(dyc, h, lins[1].plan, p2, c2, i2, dff, dm, [True, False, False, False])[0]
-                    dpre = ops.activation_backward(dh, pre, act)
-                    xh1[t0:t1] = _dct_tiles(xc, dm, b, psi)
-                    dyh1[t0:t1] = _dct_tiles(dpre, dff, b, psi)
-                    xh2[t0:t1] = _dct_tiles(h, dff, b, psi)
-                    dyh2[t0:t1] = _dct_tiles(dyc, dm, b, psi)
-                    t0 = t1
-            return [(lins[0], xh1, dyh1), (lins[1], xh2, dyh2)]
+                del xs, dys
+                tiles = (f1, _dct_tiles(x, f1.in_features, b, psi), _dct_tiles(dy, f1.out_features, b, psi))
+                del x, dy
+            yield tiles
+            return
+        m = unit.module
+        dm, dff, act = m.d_model, m.d_ff, m.activation
+        total = sum(x.numel() // dm for x, _, _ in unit.records)
+        nm, nf = -(-dm // b) * b, -(-dff // b) * b
+        for second in (True, False):
+            if not any(lin is lins[1 if second else 0] for lin in wanted):
+                continue
+            with torch.no_grad():
+                xh = f1.coeffs.new_empty(total, nf if second else nm)
+                dyh = f1.coeffs.new_empty(total, nm if second else nf)
+                t0 = 0
+                for x, dy, (p1, c1, i1, bias1, p2, c2, i2, _) in unit.records:
+                    x, dy = x.reshape(-1, dm).to(dtype), dy.reshape(-1, dm).to(dtype)
+                    for s in range(0, x.shape[0], _RECOMPUTE_TOKENS):
+                        xc, dyc = x[s:s + _RECOMPUTE_TOKENS], dy[s:s + _RECOMPUTE_TOKENS].contiguous()
+                        t1 = t0 + xc.shape[0]
+                        pre = ops.linear(xc, f1.plan, p1, c1, i1, bias1, dm, dff)
+                        h = ops.activation(pre, act)
+                        if second:
+                            xh[t0:t1] = _dct_tiles(h, dff, b, psi)
+                            dyh[t0:t1] = _dct_tiles(dyc, dm, b, psi)
+                        else:
+                            dh = ops.linear_backward(dyc, h, lins[1].plan, p2, c2, i2, dff, dm,
+                                                     [True, False, False, False])[0]
+                            xh[t0:t1] = _dct_tiles(xc, dm, b, psi)
+                            dyh[t0:t1] = _dct_tiles(ops.activation_backward(dh, pre, act), dff, b, psi)
+                        t0 = t1
+                pre = h = dh = x = dy = xc = dyc = None  # nothing of this layer stays while suspended
+                tiles = (lins[1] if second else f1, xh, dyh)
+                del xh, dyh
+            yield tiles
+            del tiles
 
     def dct_gradient(self, layer: RBELinear) -> torch.Tensor:
         """G [R*C, b*b] of ``layer`` from this process's records of the armed step (flat position
@@ -311,7 +345,7 @@ class DynamicSupport:
         the whole [R*C, b*b], which update steps never do. Call it after the step's backward and
         before step()."""
         for unit in self.units:
-            for lin, xh, dyh in (self._tiles(unit) if any(layer is m for m in unit.layers) else ()):
+            for lin, xh, dyh in (self._tiles(unit, [layer]) if any(layer is m for m in unit.layers) else ()):
                 if lin is layer:
                     with torch.no_grad():
                         R = -(-lin.out_features // lin.block_size)
@@ -355,14 +389,15 @@ class DynamicSupport:
         moved, skipped = 0, []
         with torch.no_grad():
             for unit, count in zip(self.units, counts.tolist()):
+                wanted = [lin for lin in unit.layers if self.moved_per_block(lin, t) > 0]
                 if count == 0:
-                    skipped.append(unit.name)
+                    skipped += [unit.layer_names[unit.layers.index(lin)] for lin in wanted]
                     continue
-                for (lin, xh, dyh), name in zip(self._tiles(unit), unit.layer_names):
+                for lin, xh, dyh in self._tiles(unit, wanted):
+                    name = unit.layer_names[unit.layers.index(lin)]
                     n = self.moved_per_block(lin, t)
-                    if n == 0:
-                        continue
                     grown = self._choose(lin, xh, dyh, n, group)
+                    del xh, dyh  # before the generator builds the next layer's tiles
                     if grown is None:
                         skipped.append(name)
                         warnings.warn(f"DynamicSupport: step {t}: the gradient of {name} is not finite; its support "
@@ -393,7 +428,7 @@ class DynamicSupport:
                 dist.all_reduce(g, group=group)
             finite = finite and bool(torch.isfinite(g).all())
             score = g.abs_().scatter_(1, index[i * C:(i + 1) * C], -1.0)  # kept positions are never chosen
-            grown[i * C:(i + 1) * C] = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :n]
+            grown[i * C:(i + 1) * C] = _largest(score, n) if finite else 0
         return grown if finite else None
 
     def _swap(self, lin: RBELinear, n: int, grown: torch.Tensor) -> None:
@@ -408,6 +443,7 @@ class DynamicSupport:
         src = torch.cat([survivors, survivors.new_full(grown.shape, -1)], dim=1)
         order = torch.argsort(pos, dim=1)
         new_index, src = pos.gather(1, order), src.gather(1, order)
+        lin.index = new_index.to(lin.index.dtype)  # validated (sorted, unique, in range) before anything moves
         fresh, src = src < 0, src.clamp(min=0)
 
         def move(t: torch.Tensor) -> None:
@@ -420,4 +456,3 @@ class DynamicSupport:
         for key in next(keys for cls, keys in _STATE_KEYS.items() if isinstance(self.optimizer, cls)):
             if isinstance(state.get(key), torch.Tensor):  # absent before the first step; None without momentum
                 move(state[key])
-        lin.index = new_index.to(lin.index.dtype)
