@@ -2,7 +2,8 @@
 k = 300, float32), 1024 tokens, Adam, one thread. Steps alternate (every=2): an ordinary step,
 then a captured step (hooks armed) followed by the update (ds.step()); medians of each, with the
 update split into its parts (recompute + transform-domain tiles, block-row gradients + choice,
-swap). Peak memory of the update beside that of a training step (docs/DESIGN.md, section 8).
+swap). Peak memory of the update beside that of a training step (docs/DESIGN.md, section 9;
+docs/benchmarks.md).
 
     PYTHONPATH=python OMP_NUM_THREADS=1 .venv/bin/python bench/bench_dynamic.py
 """

@@ -64,7 +64,8 @@ class Block(nn.Module):
 
 
 # ------------------------------------------------------------------ the gradient G
-CASES = ["ffn", "ffn_checkpoint", "linear", "torch_checkpoint", "torch_checkpoint_reentrant", "two_microbatches"]
+CASES = ["ffn", "ffn_checkpoint", "linear", "torch_checkpoint", "torch_checkpoint_reentrant", "two_microbatches",
+         "ffn_strided", "linear_strided"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -72,7 +73,7 @@ CASES = ["ffn", "ffn_checkpoint", "linear", "torch_checkpoint", "torch_checkpoin
 def test_gradient_at_kept_positions_is_coeffs_grad(case, dtype):
     """G (from the transform-domain tiles) at the kept positions equals the kernels' coeffs.grad;
     a capture made twice (recomputed forwards) or missed (a micro-batch) would double or miss it."""
-    if case == "linear":
+    if case.startswith("linear"):
         model = make_linear(19, 27, block_size=8, k=9, dtype=dtype)  # bias, edge blocks both ways
         inp = 19
     else:
@@ -86,6 +87,10 @@ def test_gradient_at_kept_positions_is_coeffs_grad(case, dtype):
     batches = 2 if case == "two_microbatches" else 1
     for _ in range(batches):
         x = torch.randn(2, 5, inp, generator=g, dtype=dtype).requires_grad_(case == "torch_checkpoint_reentrant")
+        if case.endswith("strided"):  # a non-contiguous input, and an expanded (stride 0) output gradient
+            x = torch.randn(inp, 2, 5, generator=g, dtype=dtype).permute(1, 2, 0)
+            model(x).sum().backward()
+            continue
         y = model(x)
         (y * torch.randn(y.shape, generator=g, dtype=dtype)).sum().backward()
     opt.step()  # G is the step's gradient: an FFN's inner activations are recomputed with the forward's weights

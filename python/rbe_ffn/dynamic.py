@@ -33,9 +33,10 @@ forward), chunk by chunk.
 Capture: module hooks record the input (at forward) and the output gradient (when it arrives in
 backward) only on steps whose update is due: ``step()`` arms them for the next step's forward
 and backward and removes them after the update. A record is made when the output gradient
-arrives, so a forward that is recomputed (torch.utils.checkpoint, either kind) or never
-backpropagated records nothing; micro-batches accumulated into one step are all recorded (G is
-their sum, like the accumulated ``coeffs.grad``).
+arrives, so each real backward is recorded once (also under torch.utils.checkpoint, either kind,
+whose extra forward gets no gradient) and a forward never backpropagated records nothing;
+micro-batches accumulated into one step are all recorded (G is their sum, like the accumulated
+``coeffs.grad``).
 
 Distributed (torch.distributed initialized, more than one process): each block-row's G is
 all-reduced (summed) before the choice, so every rank scores the same global gradient; the
@@ -73,7 +74,7 @@ def _dct_tiles(a: torch.Tensor, features: int, b: int, psi: torch.Tensor) -> tor
     """a [T, features] -> [T, S*b]: the DCT (a_s Psi^T) of each zero-padded b-wide segment s."""
     s = -(-features // b)
     a = F.pad(a, (0, s * b - features))
-    return (a.view(a.shape[0], s, b) @ psi.T).reshape(a.shape[0], s * b)
+    return (a.reshape(a.shape[0], s, b) @ psi.T).reshape(a.shape[0], s * b)
 
 
 def _row_gradient(xh: torch.Tensor, dyh: torch.Tensor, i: int, b: int) -> torch.Tensor:
