@@ -355,6 +355,9 @@ def test_bad_arguments_raise():
         ffn(torch.randn(4, 12, dtype=torch.float64))  # no gradient: nothing recorded
     with pytest.raises(RuntimeError, match="no output gradient of any RBE layer was recorded"):
         ds.step()
+    assert ds.armed and ds.steps == 1  # the next step is captured as usual
+    ffn(torch.randn(4, 12, dtype=torch.float64)).sum().backward()
+    assert ds.step()["moved"] > 0
 
 
 def test_non_finite_gradient_leaves_the_layer_unchanged():

@@ -178,8 +178,8 @@ class DynamicSupport:
             raise ValueError(f"every must be a positive int (steps between updates), got {every!r}")
         if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or isinstance(fraction, torch.Tensor)
                 or not (math.isfinite(fraction) and 0 < fraction <= 1)):
-            raise ValueError(f"fraction must be a number in (0, 1] (share of each block's kept coefficients "
-                             f"moved at the first update), got {fraction!r}")
+            raise ValueError(f"fraction must be a number in (0, 1] (the largest share of each block's kept "
+                             f"coefficients moved at an update), got {fraction!r}")
         if until is not None and (isinstance(until, bool) or not isinstance(until, numbers.Integral) or until < 1):
             raise ValueError(f"until must be None or a positive int (the step from which nothing moves), got {until!r}")
         if schedule not in SCHEDULES:
@@ -228,8 +228,9 @@ class DynamicSupport:
         return min(n, layer.block_size ** 2 - layer.k)
 
     def _due(self, step: int) -> bool:
-        return not self._removed and step % self.every == 0 and any(self.moved_per_block(lin, step) > 0
-                                              for u in self.units for lin in u.layers)
+        if self._removed or step % self.every:
+            return False
+        return any(self.moved_per_block(lin, step) > 0 for u in self.units for lin in u.layers)
 
     @property
     def steps(self) -> int:
@@ -370,9 +371,10 @@ class DynamicSupport:
         otherwise None."""
         self._step += 1
         t = self._step
-        info = self._update(t) if self._due(t) else None
-        self._arm(self._due(t + 1))
-        return info
+        try:
+            return self._update(t) if self._due(t) else None
+        finally:
+            self._arm(self._due(t + 1))  # records of this step dropped; the next step captured if due
 
     def _update(self, t: int) -> dict:
         import torch.distributed as dist
@@ -383,7 +385,6 @@ class DynamicSupport:
         if group is not None:
             dist.all_reduce(counts, group=group)
         if int(counts.sum()) == 0:
-            self._arm(False)
             raise RuntimeError(f"DynamicSupport.step(): step {t} is an update step but no output gradient of any "
                                f"RBE layer was recorded: call step() once per training step, after the step's "
                                f"backward and optimizer.step()")
