@@ -13,6 +13,7 @@ from .checkpoint import load_safetensors, save_safetensors
 from .codec import CompressedWeight, compress, decompress
 from .convert import ConversionReport, Distill, replace_mlp
 from .distributed import ddp_ignore_index
+from .dynamic import DynamicSupport
 from .functional import canonical_activation, rbe_feed_forward, rbe_linear
 from .modules import RBEFeedForward, RBELinear, seeded_positions
 from .storage import storage_report, storage_state_dict
@@ -21,7 +22,7 @@ __all__ = [
     "CompressedWeight", "compress", "decompress", "RBELinear", "RBEFeedForward",
     "rbe_linear", "rbe_feed_forward", "canonical_activation", "get_plan",
     "save_safetensors", "load_safetensors", "ddp_ignore_index",
-    "replace_mlp", "ConversionReport", "Distill", "cpu_isa",
+    "replace_mlp", "ConversionReport", "Distill", "DynamicSupport", "cpu_isa",
     "seeded_positions", "storage_report", "storage_state_dict",
 ]
 __version__ = "0.1.0"
