@@ -69,15 +69,18 @@ CASES = ["ffn", "ffn_checkpoint", "linear", "torch_checkpoint", "torch_checkpoin
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + ["ffn_scaled", "linear_scaled"])
 def test_gradient_at_kept_positions_is_coeffs_grad(case, dtype):
     """G (from the transform-domain tiles) at the kept positions equals the kernels' coeffs.grad;
-    a capture made twice (recomputed forwards) or missed (a micro-batch) would double or miss it."""
+    a capture made twice (recomputed forwards) or missed (a micro-batch) would double or miss it.
+    G is the format numbers' gradient: a "scaled" layer's coeffs.grad is it times the scale."""
+    par = "scaled" if case.endswith("scaled") else "plain"
     if case.startswith("linear"):
-        model = make_linear(19, 27, block_size=8, k=9, dtype=dtype)  # bias, edge blocks both ways
+        model = make_linear(19, 27, block_size=8, k=9, dtype=dtype, parametrization=par)  # edge blocks both ways
         inp = 19
     else:
-        ffn = make_ffn(11, 37, "gelu", 8, 7, dtype, random_bias=True, checkpoint=case == "ffn_checkpoint")
+        ffn = make_ffn(11, 37, "gelu", 8, 7, dtype, random_bias=True, checkpoint=case == "ffn_checkpoint",
+                       parametrization=par)
         model = Wrapped(ffn, case.endswith("reentrant")) if case.startswith("torch_checkpoint") else ffn
         inp = 11
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -97,7 +100,7 @@ def test_gradient_at_kept_positions_is_coeffs_grad(case, dtype):
     for lin in rbe_layers(model):
         G = ds.dct_gradient(lin)
         assert G.shape == (lin.coeffs.shape[0], lin.block_size ** 2)
-        assert rel(G.gather(1, lin.index.long()), lin.coeffs.grad) < TOL[dtype], case
+        assert rel(G.gather(1, lin.index.long()) * lin._coeff_scale, lin.coeffs.grad) < TOL[dtype], case
         assert G[~kept_mask(lin)].abs().max() > 0  # the non-kept positions are scored too
 
 

@@ -116,7 +116,10 @@ class _Unit:
         ts = [t for lin in self.layers for t in (lin.basis, lin.coeffs, lin.index, lin.bias)]
         version = tuple(None if t is None else t._version for t in ts)
         if self._copy is None or self._copy[0] != version:
-            self._copy = (version, [None if t is None else t.detach().clone() for t in ts])
+            with torch.no_grad():  # the format numbers (parameters x their scales), as the forward used them
+                copies = [t.clone() if t is not None else None
+                          for lin in self.layers for t in (*lin.numbers(), lin.index, lin.bias)]
+            self._copy = (version, copies)
         return self._copy[1]
 
 
