@@ -273,10 +273,12 @@ def parametrization_scales(block_size: int, k: int, parametrization: str) -> tup
     b * b entries. A coefficient's image (a DCT basis image) has norm 1, so its scale is
     b / sqrt(k + 8); the pattern images Phi_j have norms of tens (b for the constant one), so
     the pattern's scale is that divided by their RMS norm, b sqrt(E / 8) (E = sum_j ||Phi_j||^2 / b^2).
-    Both are rounded to the nearest power of two (exact conversions). Measured at 128 -> 512, b=32, k=120 (docs/studies/equal_params.md): with "plain", one Adam step
-    of the pattern numbers moves the weight's spectral norm 12x what a dense step does and one of the
-    coefficients 0.32x; training a small LM with the two scales found by a learning-rate sweep
-    (pattern x0.1, coefficients x3, close to this rule's x0.115 and x2.83) beat "plain" clearly.
+    Both are rounded up to a power of two (exact conversions). Measured at 128 -> 512, b=32, k=120
+    (docs/studies/equal_params.md): with "plain", one Adam step of the pattern numbers moves the
+    weight's spectral norm 12x what a dense step does and one of the coefficients 0.32x. In a
+    learning-rate sweep on a small LM (600 steps; pattern x0 to x1, coefficients x1 to x6) the
+    best multipliers were about x0.1 for the pattern and x4 for the coefficients (x2 and x3 worse,
+    x6 about as good), next to this rule's x0.115 and x2.83, rounded up: x0.125 and x4.
     Under Adam the scales act as per-parameter learning-rate multipliers (the state_dict holds the
     format numbers either way, so checkpoints do not depend on the parametrization)."""
     if parametrization not in PARAMETRIZATIONS:
@@ -285,9 +287,9 @@ def parametrization_scales(block_size: int, k: int, parametrization: str) -> tup
         return 1.0, 1.0
     coeff = block_size / math.sqrt(k + 8)
     pattern = coeff / (block_size * math.sqrt(_pattern_energy(block_size) / 8.0))
-    # rounded to powers of two: then parameters <-> format numbers (state_dict, from_compressed)
+    # rounded up to powers of two: then parameters <-> format numbers (state_dict, from_compressed)
     # are exact both ways, and a checkpoint round trip is bitwise
-    return 2.0 ** round(math.log2(pattern)), 2.0 ** round(math.log2(coeff))
+    return 2.0 ** math.ceil(math.log2(pattern) - 1e-9), 2.0 ** math.ceil(math.log2(coeff) - 1e-9)
 
 
 def _check_ffn_args(activation, bias, block_size, k, checkpoint, memory_limit_mb) -> tuple:
