@@ -149,3 +149,19 @@ def test_converted_layers_stay_plain_and_exact():
     assert torch.equal(scaled.numbers()[1], cw.coeffs) and torch.equal(scaled.dense_weight(), lin.dense_weight())
     ffn = rbe_ffn.RBEFeedForward.from_linears(nn.Linear(16, 40), nn.Linear(40, 16), block_size=8, k=10)
     assert ffn.fc1.parametrization == ffn.fc2.parametrization == "plain"
+
+
+def test_set_parametrization_is_exact_and_keeps_the_parameters():
+    scaled, plain = _pair(CASES[1], block_size=8, k=6)
+    params = list(scaled.parameters())
+    x = torch.randn(4, 20, dtype=torch.float64)
+    y = scaled(x)
+    scaled.set_parametrization("plain")
+    assert all(a is b for a, b in zip(params, scaled.parameters()))
+    assert scaled.fc1.parametrization == "plain" and torch.equal(scaled.fc1.coeffs, plain.fc1.coeffs)
+    assert torch.equal(scaled(x), y)
+    scaled.set_parametrization("scaled")
+    assert torch.equal(scaled(x), y) and scaled.fc2._coeff_scale == 4.0
+    with pytest.raises(ValueError, match="parametrization must be one of"):
+        scaled.set_parametrization("v2")
+    assert scaled.fc1.parametrization == scaled.fc2.parametrization == "scaled"

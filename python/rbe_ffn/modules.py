@@ -713,6 +713,19 @@ class RBELinear(nn.Module):
             coeffs = coeffs * self._coeff_scale
         return basis, coeffs
 
+    def set_parametrization(self, parametrization: str) -> None:
+        """Switch between "scaled" and "plain" in place, the format numbers unchanged (exactly:
+        the scales are powers of two). E.g. "plain" after training, for inference: the forward
+        then skips multiplying the parameters by their scales (one pass over the compressed
+        weights per call). The parameters stay the same tensors (optimizers and DDP keep them),
+        but an optimizer's state for them (Adam's moments) is in the old units: switch between
+        training runs, not inside one."""
+        ps, cs = parametrization_scales(self.block_size, self.k, parametrization)
+        with torch.no_grad():
+            self.basis.mul_(self._pattern_scale / ps)
+            self.coeffs.mul_(self._coeff_scale / cs)
+        self.parametrization, self._pattern_scale, self._coeff_scale = parametrization, ps, cs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("RBELinear", x, self.basis)
         x, out_dtype = cpu_half_input(x, self.basis.dtype)
@@ -819,6 +832,12 @@ class RBEFeedForward(nn.Module):
             return None, None
         s = _check_seed(index_seed, limit=_SEED_LIMIT // 2)
         return 2 * s, 2 * s + 1
+
+    def set_parametrization(self, parametrization: str) -> None:
+        """fc1.set_parametrization and fc2.set_parametrization (see RBELinear's)."""
+        parametrization_scales(self.block_size, self.fc1.k, parametrization)  # checked before either changes
+        self.fc1.set_parametrization(parametrization)
+        self.fc2.set_parametrization(parametrization)
 
     def use_seeded_index(self, seed: int) -> None:
         """fc1.use_seeded_index(2 * seed) and fc2.use_seeded_index(2 * seed + 1) (see RBELinear's)."""
