@@ -131,6 +131,9 @@ def parse_args(argv=None):
     ap.add_argument("--dyn-every", type=int, default=50, help="rbe-dyn: steps between support updates")
     ap.add_argument("--dyn-fraction", type=float, default=0.3, help="rbe-dyn: initial fraction dropped/regrown")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clip-units", choices=("parameters", "format"), default="parameters",
+                    help="gradient clipping at norm 1 of the parameters' gradients (clip_grad_norm_) or of the "
+                         "format numbers' (RBE gradients divided by their scales)")
     ap.add_argument("--out", default=os.path.join("examples", "out", "study"))
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 seeds, lengths 6,12")
     if ap.parse_known_args(argv)[0].quick:
@@ -156,10 +159,11 @@ def make_arms(args, names):
                                                     index_seed=next(_SEEDS)),
         "rbe": lambda: rbe_ffn.RBEFeedForward(d, d_ff, "gelu", block_size=b, k=k, index_seed=next(_SEEDS)),
         "rbe-dyn": lambda: rbe_ffn.RBEFeedForward(d, d_ff, "gelu", block_size=b, k=k, index_seed=next(_SEEDS)),
+        "rbe-gen": lambda: rbe_ffn.RBEFeedForward(d, d_ff, "gelu", block_size=b, k=k),  # positions from torch's RNG
     }
     desc = {"dense": f"nn.Linear {d}->{d_ff}, GELU, back", "narrow": f"nn.Linear {d}->{f}, GELU, back",
             "lowrank": f"rank {r} factors of {d}x{d_ff} and back", "rbe-plain": f"b={b} k={k}, plain",
-            "rbe": f"b={b} k={k}", "rbe-dyn": f"b={b} k={k} + DynamicSupport"}
+            "rbe": f"b={b} k={k}", "rbe-dyn": f"b={b} k={k} + DynamicSupport", "rbe-gen": f"b={b} k={k}, unseeded"}
     for a in names:  # exploration arms "rbe@p<mult>c<mult>": v1 layers, the pattern's / coefficients' lr scaled
         base, _, m = a.partition("*")
         if m and base in makers:
@@ -172,6 +176,21 @@ def make_arms(args, names):
     if unknown:
         raise SystemExit(f"unknown arms {unknown}; known: {list(makers)}")
     return {a: makers[a] for a in names}, desc
+
+
+@torch.no_grad()
+def clip_in_format_units(model: nn.Module, max_norm: float) -> None:
+    """clip_grad_norm_ with the norm of the format numbers' gradients (an RBE parameter's gradient
+    divided by its scale) instead of the parameters'."""
+    scale = {}
+    for mod in model.modules():
+        if isinstance(mod, rbe_ffn.RBELinear):
+            scale[id(mod.basis)], scale[id(mod.coeffs)] = mod._pattern_scale, mod._coeff_scale
+    ps = [p for p in model.parameters() if p.grad is not None]
+    total = math.sqrt(sum((p.grad.double() / scale.get(id(p), 1.0)).square().sum().item() for p in ps))
+    if total > max_norm:
+        for p in ps:
+            p.grad.mul_(max_norm / (total + 1e-6))
 
 
 def lr_mults(arm: str) -> tuple[float, float]:
@@ -252,7 +271,10 @@ def train_group(args, makers, length, seed, train, val, writer):
             loss = F.cross_entropy(m(x).flatten(0, 1), y.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            if args.clip_units == "format":
+                clip_in_format_units(m, 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
             if a in dyn:
                 dyn[a].step()
