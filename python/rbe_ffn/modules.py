@@ -10,7 +10,8 @@ from torch import nn
 
 from ._ops import get_plan, ops
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
-from .functional import _restore, canonical_activation, chunk_tokens_for, cpu_half_input, intermediate_bytes_per_token
+from .functional import (_restore, canonical_activation, chunk_tokens_for, cpu_half_input, intermediate_bytes_per_token,
+                         keep_pre)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -544,7 +545,7 @@ class RBEFeedForward(nn.Module):
                                "never gathers them: apply fully_shard to the RBEFeedForward, not to its fc1/fc2")
         x, out_dtype = cpu_half_input(x, f1.basis.dtype)
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
-                       self.d_model, self.d_ff, self.activation, chunk, not self.checkpoint)
+                       self.d_model, self.d_ff, self.activation, chunk, keep_pre(self.checkpoint))
         y = _restore(y, out_dtype)
         if not torch.compiler.is_compiling():
             tokens = x.numel() // max(self.d_model, 1)
