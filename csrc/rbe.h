@@ -199,6 +199,42 @@ void rbe_rows_forward_f64(double* y, double* pre, double* Xnext, const double* X
                           const rbe_plan_f64* P, const double* bias, int act, double* scratch, long T, long p0,
                           long p1);
 
+/* ---- few tokens (T <= RBE_FEW_MAX): the forward vectorized along features ----
+ * A tile of 64 (or 16) token lanes wastes most of its work on one token, so a call with few
+ * tokens keeps its transforms token-minor with stride T instead: Xf[(j*(b+nf) + m)*T + t]
+ * (segment j, transform row m, token t), every buffer followed by RBE_FEW_SLACK elements that
+ * vector loads may read past its end (the kernels set them; their values never reach a result).
+ * The analysis and synthesis are matrix-vector products along the feature rows of one token,
+ * over At = A transposed ([b, b+nf], rbe_few_at); the sparse product walks each block's sorted
+ * coefficients, one output row run at a time, over all T tokens at once. Each token's
+ * arithmetic is the same for any T <= RBE_FEW_MAX (a token's results do not depend on the
+ * others), and the work items are segments or block rows, so results do not depend on how
+ * the caller splits them between threads. */
+#define RBE_FEW_MAX 8
+#define RBE_FEW_SLACK 16
+/* elements of a few-token transform of n features: ceil(n/b)*(b+nf)*T + RBE_FEW_SLACK */
+size_t rbe_few_size(int n, int b, int nf, long T);
+/* scratch of rbe_few_rows_forward per calling thread, in elements (any T <= RBE_FEW_MAX) */
+size_t rbe_few_scratch(int b, int nf);
+/* At[c*(b+nf) + m] = P->A[m*b + c]: the analysis rows transposed, [b, b+nf] */
+void rbe_few_at_f32(float* At, const rbe_plan_f32* P);
+void rbe_few_at_f64(double* At, const rbe_plan_f64* P);
+/* Segments j in [p0, p1): Xf[(j*(b+nf) + m)*T + t] = sum_c A[m][c] x[t][j*b + c] (zero past n);
+ * Xf: rbe_few_size(n, b, nf, T) elements (its slack is set by the call that has the last segment). */
+void rbe_few_analysis_f32(float* Xf, const float* x, const float* At, int b, int nf, long T, int n, long p0, long p1);
+void rbe_few_analysis_f64(double* Xf, const double* x, const double* At, int b, int nf, long T, int n, long p0,
+                          long p1);
+/* Block rows i in [p0, p1): the contract of rbe_rows_forward (y, pre, bias, act) for T <= RBE_FEW_MAX
+ * tokens, from Xf (the few-token analysis of x); Xnext (may be NULL) receives the few-token analysis
+ * of the activated output, [R segments] as rbe_few_analysis would lay it out (slack included).
+ * scratch: rbe_few_scratch(b, nf) elements. */
+void rbe_few_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                              const rbe_plan_f32* P, const float* At, const float* bias, int act, float* scratch,
+                              long T, long p0, long p1);
+void rbe_few_rows_forward_f64(double* y, double* pre, double* Xnext, const double* Xf, const rbe_weight_f64* W,
+                              const rbe_plan_f64* P, const double* At, const double* bias, int act, double* scratch,
+                              long T, long p0, long p1);
+
 /* Input gradient: for work items p = tile*C + j in [p0, p1),
  * DX = sum_i (transposed sparse product + transposed pattern of block (i, j)) over Gh,
  * dx[t][j*b + c] = sum_m A[m][c] DX[m][t].

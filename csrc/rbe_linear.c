@@ -21,6 +21,13 @@
 
 // transform rows + output tile + the fast DCT's work rows
 size_t rbe_rows_scratch(int b, int nf) { return (size_t)(4 * b + nf) * RBE_TILE; }
+size_t rbe_few_size(int n, int b, int nf, long T) {
+    return (size_t)((n + b - 1) / b) * (size_t)(b + nf) * (size_t)T + RBE_FEW_SLACK;
+}
+// yh [rows][RBE_FEW_MAX] + slack, one token's output segment [b], one analysed token [rows]
+size_t rbe_few_scratch(int b, int nf) {
+    return (size_t)(b + nf) * RBE_FEW_MAX + RBE_FEW_SLACK + (size_t)b + (size_t)(b + nf) + (size_t)b * RBE_FEW_MAX;
+}
 
 #define RBE_T float
 #define RBE_SFX(name) name##_f32
@@ -94,14 +101,18 @@ const rbe_x86_kernels_f32 rbe_x86_avx2 = {"avx2",
                                           rbe_cols_backward_f32_avx2,
                                           rbe_cols_backward_f32_avx2_blocks,
                                           rbe_params_backward_f32_avx2,
-                                          rbe_params_backward_f32_avx2_blocks};
+                                          rbe_params_backward_f32_avx2_blocks,
+                                          rbe_few_analysis_f32_avx2,
+                                          rbe_few_rows_forward_f32_avx2};
 const rbe_x86_kernels_f32 rbe_x86_avx512 = {"avx512",
                                             rbe_analysis_f32_avx512,
                                             rbe_rows_forward_f32_avx512,
                                             rbe_cols_backward_f32_avx512,
                                             rbe_cols_backward_f32_avx512_blocks,
                                             rbe_params_backward_f32_avx512,
-                                            rbe_params_backward_f32_avx512_blocks};
+                                            rbe_params_backward_f32_avx512_blocks,
+                                            rbe_few_analysis_f32_avx512,
+                                            rbe_few_rows_forward_f32_avx512};
 #endif
 
 static const rbe_x86_kernels_f32* x86(void) {
@@ -119,6 +130,20 @@ void rbe_analysis_f32(float* Xh, const float* x, const float* M, const rbe_plan_
     const rbe_x86_kernels_f32* k = x86();
     if (k) k->analysis(Xh, x, M, P, scratch, T, n, p0, p1);
     else rbe_analysis_f32_portable(Xh, x, M, P, scratch, T, n, p0, p1);
+}
+
+void rbe_few_analysis_f32(float* Xf, const float* x, const float* At, int b, int nf, long T, int n, long p0, long p1) {
+    const rbe_x86_kernels_f32* k = x86();
+    if (k) k->few_analysis(Xf, x, At, b, nf, T, n, p0, p1);
+    else rbe_few_analysis_f32_portable(Xf, x, At, b, nf, T, n, p0, p1);
+}
+
+void rbe_few_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                              const rbe_plan_f32* P, const float* At, const float* bias, int act, float* scratch,
+                              long T, long p0, long p1) {
+    const rbe_x86_kernels_f32* k = x86();
+    if (k) k->few_rows_forward(y, pre, Xnext, Xf, W, P, At, bias, act, scratch, T, p0, p1);
+    else rbe_few_rows_forward_f32_portable(y, pre, Xnext, Xf, W, P, At, bias, act, scratch, T, p0, p1);
 }
 
 void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,

@@ -237,4 +237,94 @@ void RBE_SFX(rbe_bias_backward)(RBE_T* dbias, const RBE_T* g, long T, int out, i
     }
 }
 
+// ---- few tokens (rbe.h): token-minor transforms with stride T, vectorized along features ----
+
+void RBE_SFX(rbe_few_at)(RBE_T* At, const RBE_PLAN* P) {
+    const int b = P->b, rows = b + P->nf;
+    for (int m = 0; m < rows; m++)
+        for (int c = 0; c < b; c++) At[(size_t)c * rows + m] = P->A[(size_t)m * b + c];
+}
+
+// out[r] = sum_p M[p*ldm + r] v[p*vs] for r < nout (p < nin, ascending): one token's matrix-vector
+// product along the feature rows (the analysis over At, the synthesis over S)
+static void RBE_SFX(few_matvec)(RBE_T* restrict out, const RBE_T* restrict M, int ldm, const RBE_T* restrict v,
+                                long vs, int nin, int nout) {
+    for (int r = 0; r < nout; r++) out[r] = 0;
+    for (int p = 0; p < nin; p++) {
+        const RBE_T a = v[(size_t)p * vs];
+        const RBE_T* mr = M + (size_t)p * ldm;
+        for (int r = 0; r < nout; r++) out[r] += a * mr[r];
+    }
+}
+
+// Xf[(m*T + t)] of one segment from the token-major features xs (token t at xs + t*ld, nc of them)
+static void RBE_SFX(few_analyse_seg)(RBE_T* restrict Xf, const RBE_T* restrict xs, long ld, int nc,
+                                     const RBE_T* restrict At, int rows, long T, RBE_T* restrict tmp) {
+    for (long t = 0; t < T; t++) {
+        RBE_SFX(few_matvec)(tmp, At, rows, xs + (size_t)t * ld, 1, nc, rows);
+        for (int m = 0; m < rows; m++) Xf[(size_t)m * T + t] = tmp[m];
+    }
+}
+
+void RBE_KSFX(rbe_few_analysis)(RBE_T* Xf, const RBE_T* x, const RBE_T* At, int b, int nf, long T, int n,
+                               long p0, long p1) {
+    const int rows = b + nf, nseg = (n + b - 1) / b;
+    RBE_T tmp[2 * 256 + RBE_NFIX];  // rows <= b + (b + RBE_NFIX) <= 516
+    for (long j = p0; j < p1; j++) {
+        const int nc = n - (int)j * b < b ? n - (int)j * b : b;
+        RBE_SFX(few_analyse_seg)(Xf + (size_t)j * rows * T, x + (size_t)j * b, n, nc, At, rows, T, tmp);
+        if (j == nseg - 1)
+            for (int e = 0; e < RBE_FEW_SLACK; e++) Xf[(size_t)nseg * rows * T + e] = 0;
+    }
+}
+
+void RBE_KSFX(rbe_few_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T* Xf, const RBE_WEIGHT* W,
+                                   const RBE_PLAN* P, const RBE_T* At, const RBE_T* bias, int act, RBE_T* scratch,
+                                   long T, long p0, long p1) {
+    const int out = W->out, b = W->b, k = W->k, nf = P->nf, wide = W->wide;
+    const int R = (out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    RBE_T* yh = scratch;                                           // [rows][T]
+    RBE_T* v = scratch + (size_t)rows * RBE_FEW_MAX + RBE_FEW_SLACK; // [b]: one token's output segment
+    RBE_T* tmp = v + b;                                       // [rows]
+    for (long i = p0; i < p1; i++) {
+        const int nr = out - (int)i * b < b ? out - (int)i * b : b;
+        for (size_t e = 0; e < (size_t)rows * T; e++) yh[e] = 0;
+        for (int j = 0; j < C; j++) {
+            const long blk = i * C + j;
+            const RBE_T* X = Xf + (size_t)j * rows * T;
+            const RBE_T* cf = W->coeffs + (size_t)blk * k;
+            for (int q = 0; q < k; q++) {
+                const long pos = blk * k + q;
+                const int idx = wide ? ((const int32_t*)W->index)[pos] : ((const int16_t*)W->index)[pos];
+                const int u = idx / b, c = idx - u * b;
+                for (long t = 0; t < T; t++) yh[(size_t)u * T + t] += cf[q] * X[(size_t)c * T + t];
+            }
+            const RBE_T* pk = W->basis + (size_t)blk * RBE_NPAT;
+            for (int q = 0; q < RBE_NTERMS; q++) {
+                const int* term = rbe_pattern_terms[q];
+                for (long t = 0; t < T; t++)
+                    yh[(size_t)(b + term[1]) * T + t] += pk[term[0]] * X[(size_t)(b + term[2]) * T + t];
+            }
+            for (int m = 0; m < nd; m++)
+                for (long t = 0; t < T; t++)
+                    yh[(size_t)(b + RBE_NFIX + m) * T + t] += pk[1] * X[(size_t)(b + RBE_NFIX + m) * T + t];
+        }
+        for (long t = 0; t < T; t++) {
+            RBE_SFX(few_matvec)(v, P->S, b, yh + t, T, rows, b);
+            for (int r = 0; r < nr; r++) v[r] += bias ? bias[i * b + r] : 0;
+            if (pre)
+                for (int r = 0; r < nr; r++) pre[(size_t)t * out + (size_t)i * b + r] = v[r];
+            if (act != RBE_ACT_NONE) RBE_SFX(rbe_act_forward)(v, v, nr, act);
+            if (y)
+                for (int r = 0; r < nr; r++) y[(size_t)t * out + (size_t)i * b + r] = v[r];
+            if (Xnext) {
+                RBE_SFX(few_matvec)(tmp, At, rows, v, 1, nr, rows);
+                for (int m = 0; m < rows; m++) Xnext[((size_t)i * rows + m) * T + t] = tmp[m];
+            }
+        }
+        if (Xnext && i == R - 1)
+            for (int e = 0; e < RBE_FEW_SLACK; e++) Xnext[(size_t)R * rows * T + e] = 0;
+    }
+}
+
 #undef TL

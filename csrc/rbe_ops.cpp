@@ -115,6 +115,25 @@ static void params_backward(double* db, double* dc, const double* Gh, const doub
                             const rbe_plan_f64* P, const rbe_sched_f32*, int acc, long T, long p0, long p1) {
     rbe_params_backward_f64(db, dc, Gh, Xh, W, P, acc, T, p0, p1);
 }
+static void few_at(float* At, const rbe_plan_f32* P) { rbe_few_at_f32(At, P); }
+static void few_at(double* At, const rbe_plan_f64* P) { rbe_few_at_f64(At, P); }
+static void few_analysis(float* Xf, const float* x, const float* At, int b, int nf, long T, int n, long p0, long p1) {
+    rbe_few_analysis_f32(Xf, x, At, b, nf, T, n, p0, p1);
+}
+static void few_analysis(double* Xf, const double* x, const double* At, int b, int nf, long T, int n, long p0,
+                         long p1) {
+    rbe_few_analysis_f64(Xf, x, At, b, nf, T, n, p0, p1);
+}
+static void few_rows_forward(float* y, float* pre, float* Xn, const float* Xf, const rbe_weight_f32* W,
+                             const rbe_plan_f32* P, const float* At, const float* bias, int act, float* s, long T,
+                             long p0, long p1) {
+    rbe_few_rows_forward_f32(y, pre, Xn, Xf, W, P, At, bias, act, s, T, p0, p1);
+}
+static void few_rows_forward(double* y, double* pre, double* Xn, const double* Xf, const rbe_weight_f64* W,
+                             const rbe_plan_f64* P, const double* At, const double* bias, int act, double* s, long T,
+                             long p0, long p1) {
+    rbe_few_rows_forward_f64(y, pre, Xn, Xf, W, P, At, bias, act, s, T, p0, p1);
+}
 static void bias_backward(float* d, const float* g, long T, int out, int acc, long o0, long o1) {
     rbe_bias_backward_f32(d, g, T, out, acc, o0, o1);
 }
@@ -307,6 +326,47 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
     });
 }
 
+// ---- few tokens: the forward vectorized along features (rbe.h), for calls of at most FEW_TOKENS ----
+// Below this many tokens a 16-lane tile wastes most of its work (callgrind, 768/3072, b = 64,
+// k = 300: see docs/DESIGN.md); the choice is made on the call's token count, never per chunk, so
+// a call's results do not depend on its chunking (a token's few-token results do not depend on T).
+static constexpr int64_t FEW_TOKENS = RBE_FEW_MAX;
+static bool few_tokens(int64_t Tn) { return Tn > 0 && Tn <= FEW_TOKENS; }
+
+// the analysis rows transposed, [b, b+nf] (rbe_few_at)
+template <typename T>
+static Tensor few_tables(const Plan& P, const at::TensorOptions& opt) {
+    Tensor At = at::empty({P.b, P.b + P.nf}, opt);
+    const auto cp = cplan<T>(P);
+    few_at(At.data_ptr<T>(), &cp);
+    return At;
+}
+
+// Xf = the few-token analysis of x [T, n]: rbe_few_size(n, b, nf, T) elements
+template <typename T>
+static Tensor few_analyse(const T* x, int64_t Tn, int64_t n, const Plan& P, const T* At,
+                          const at::TensorOptions& opt) {
+    Tensor Xf = at::empty({(int64_t)rbe_few_size((int)n, (int)P.b, (int)P.nf, (long)Tn)}, opt);
+    T* o = Xf.data_ptr<T>();
+    at::parallel_for(0, cdiv(n, P.b), 1, [&](int64_t p0, int64_t p1) {
+        few_analysis(o, x, At, (int)P.b, (int)P.nf, (long)Tn, (int)n, (long)p0, (long)p1);
+    });
+    return Xf;
+}
+
+// y (and pre) [T, out] = act(x W^T + bias) from Xf = few_analyse(x); Xnext: also the few-token
+// analysis of y (then y may be null), rbe_few_size(out, b, nf, T) elements
+template <typename T>
+static void few_linear_raw(T* y, T* pre, T* Xnext, const T* Xf, int64_t Tn, const Weight& W, const T* bias, int act,
+                           const Plan& P, const T* At) {
+    const auto cw = cweight<T>(W);
+    const auto cp = cplan<T>(P);
+    at::parallel_for(0, cdiv(W.out, P.b), 1, [&](int64_t p0, int64_t p1) {
+        std::vector<T> s(rbe_few_scratch((int)P.b, (int)P.nf));
+        few_rows_forward(y, pre, Xnext, Xf, &cw, &cp, At, bias, act, s.data(), (long)Tn, (long)p0, (long)p1);
+    });
+}
+
 // gradients of y = x W^T + bias given g = dL/dy [T, out]; null outputs are skipped.
 // Xh_in: x already analysed (then x is unused).
 template <typename T>
@@ -436,8 +496,16 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
     Tensor y = at::empty(with_last(x, out), x2.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_linear", [&] {
         const double m = check_range<scalar_t>(x2, P.b, "input");
-        linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x2.data_ptr<scalar_t>(), x2.size(0), W,
-                             ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options());
+        const int64_t Tn = x2.size(0);
+        if (few_tokens(Tn)) {
+            Tensor At = few_tables<scalar_t>(P, x2.options());
+            Tensor Xf = few_analyse<scalar_t>(x2.data_ptr<scalar_t>(), Tn, in, P, At.data_ptr<scalar_t>(), x2.options());
+            few_linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, nullptr, Xf.data_ptr<scalar_t>(), Tn, W,
+                                     ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, At.data_ptr<scalar_t>());
+        } else {
+            linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x2.data_ptr<scalar_t>(), Tn, W,
+                                 ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options());
+        }
         check_finite_results<scalar_t>({y}, m, {W.basis, W.coeffs, bc}, "the output");
     });
     return y;
@@ -494,6 +562,22 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn", [&] {
         using T = scalar_t;
         const double m = check_range<T>(a.x2, a.P.b, "input");
+        if (few_tokens(Tn)) {  // chunk by chunk as well (the memory limit), each token's bits unchanged
+            Tensor At = few_tables<T>(a.P, opt);
+            const T* at_ = At.data_ptr<T>();
+            for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
+                const int64_t n = std::min(a.chunk, Tn - t0);
+                Tensor Xf1 = few_analyse<T>(a.x2.data_ptr<T>() + t0 * d_model, n, d_model, a.P, at_, opt);
+                Tensor Xf2 = at::empty({(int64_t)rbe_few_size((int)d_ff, (int)a.P.b, (int)a.P.nf, (long)n)}, opt);
+                few_linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, Xf2.data_ptr<T>(),
+                                  Xf1.data_ptr<T>(), n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, at_);
+                few_linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, Xf2.data_ptr<T>(), n, a.W2,
+                                  ptr_or_null<T>(a.bias2), RBE_ACT_NONE, a.P, at_);
+            }
+            check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
+                                    "the output");
+            return;
+        }
         // fc1 writes the activated hidden tile straight into fc2's transform-domain input,
         // so the [T, d_ff] hidden activation never exists token-major
         Tensor Xh2 = hidden_analysis(std::min(a.chunk, Tn), d_ff, a.P, opt);

@@ -41,6 +41,11 @@ void rbe_rows_forward_f32_portable(float* y, float* pre, float* Xnext, const flo
                                    long p1);
 void rbe_cols_backward_f32_portable(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
                                     float* scratch, long T, long p0, long p1);
+void rbe_few_analysis_f32_portable(float* Xf, const float* x, const float* At, int b, int nf, long T, int n,
+                                   long p0, long p1);
+void rbe_few_rows_forward_f32_portable(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                                       const rbe_plan_f32* P, const float* At, const float* bias, int act,
+                                       float* scratch, long T, long p0, long p1);
 void rbe_params_backward_f32_portable(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                       const rbe_weight_f32* W, const rbe_plan_f32* P, int accumulate, long T,
                                       long p0, long p1);
@@ -49,6 +54,11 @@ void rbe_params_backward_f32_portable(float* dbasis, float* dcoeffs, const float
  * sched may be NULL in rows_forward (block by block); _blocks: without schedules, block by
  * block: cols on transposed blocks (any T), params for one tile (T <= RBE_TILE); the others
  * need the schedule. */
+void rbe_few_analysis_f32_avx2(float* Xf, const float* x, const float* At, int b, int nf, long T, int n,
+                               long p0, long p1);
+void rbe_few_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                                   const rbe_plan_f32* P, const float* At, const float* bias, int act,
+                                   float* scratch, long T, long p0, long p1);
 void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch, long T,
                            int n, long p0, long p1);
 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
@@ -64,6 +74,11 @@ void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh
 void rbe_params_backward_f32_avx2_blocks(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                          const rbe_weight_f32* W, const rbe_plan_f32* P, int accumulate, long T,
                                          long p0, long p1);
+void rbe_few_analysis_f32_avx512(float* Xf, const float* x, const float* At, int b, int nf, long T, int n,
+                               long p0, long p1);
+void rbe_few_rows_forward_f32_avx512(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                                   const rbe_plan_f32* P, const float* At, const float* bias, int act,
+                                   float* scratch, long T, long p0, long p1);
 void rbe_analysis_f32_avx512(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch,
                              long T, int n, long p0, long p1);
 void rbe_rows_forward_f32_avx512(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
@@ -96,6 +111,9 @@ typedef struct {
                             const rbe_sched_f32*, int, long, long, long);
     void (*params_backward_blocks)(float*, float*, const float*, const float*, const rbe_weight_f32*,
                                    const rbe_plan_f32*, int, long, long, long);
+    void (*few_analysis)(float*, const float*, const float*, int, int, long, int, long, long);
+    void (*few_rows_forward)(float*, float*, float*, const float*, const rbe_weight_f32*, const rbe_plan_f32*,
+                             const float*, const float*, int, float*, long, long, long);
 } rbe_x86_kernels_f32;
 #ifdef RBE_X86_KERNELS
 extern const rbe_x86_kernels_f32 rbe_x86_avx2, rbe_x86_avx512;

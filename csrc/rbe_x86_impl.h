@@ -26,6 +26,7 @@
  * reductions over lanes included: the extra lanes add exact zeros at the end of each chain).
  */
 #include <immintrin.h>
+#include <string.h>
 
 #define TL RBE_TILE
 #ifndef RBE_PREFETCH
@@ -476,3 +477,166 @@ XT void XSFX(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, const float
     }
 }
 
+
+// ---- few tokens (rbe.h): token-minor transforms with stride T, vectorized along features ----
+// Every output element is one chain of fused multiply-adds from zero, in the same order at any
+// vector width (the scalar tails use the same fma), so these give the same bits with AVX2 and
+// AVX-512, and a token's results do not depend on T.
+
+// out[r] = sum_p M[p*ldm + r] v[p*vs] for r < nout (p < nin, ascending)
+XT static void few_matvec(float* restrict out, const float* restrict M, int ldm, const float* restrict v, long vs,
+                          int nin, int nout) {
+    int r = 0;
+    for (; r + 4 * VW <= nout; r += 4 * VW) {
+        VF a0 = VZERO(), a1 = a0, a2 = a0, a3 = a0;
+        for (int p = 0; p < nin; p++) {
+            const VF w = VSET1(v[(size_t)p * vs]);
+            const float* m = M + (size_t)p * ldm + r;
+            a0 = VFMA(VLOAD(m), w, a0), a1 = VFMA(VLOAD(m + VW), w, a1);
+            a2 = VFMA(VLOAD(m + 2 * VW), w, a2), a3 = VFMA(VLOAD(m + 3 * VW), w, a3);
+        }
+        VSTORE(out + r, a0), VSTORE(out + r + VW, a1), VSTORE(out + r + 2 * VW, a2), VSTORE(out + r + 3 * VW, a3);
+    }
+    for (; r + VW <= nout; r += VW) {
+        VF a0 = VZERO();
+        for (int p = 0; p < nin; p++) a0 = VFMA(VLOAD(M + (size_t)p * ldm + r), VSET1(v[(size_t)p * vs]), a0);
+        VSTORE(out + r, a0);
+    }
+    for (; r < nout; r++) {
+        float a = 0;
+        for (int p = 0; p < nin; p++) a = __builtin_fmaf(M[(size_t)p * ldm + r], v[(size_t)p * vs], a);
+        out[r] = a;
+    }
+}
+
+XT void XSFX(rbe_few_analysis_f32)(float* Xf, const float* x, const float* At, int b, int nf, long T, int n, long p0,
+                                   long p1) {
+    const int rows = b + nf, nseg = (n + b - 1) / b;
+    float tmp[2 * 256 + RBE_NFIX];  // rows <= 2b + RBE_NFIX
+    for (long j = p0; j < p1; j++) {
+        const int nc = n - (int)j * b < b ? n - (int)j * b : b;
+        float* Xj = Xf + (size_t)j * rows * T;
+        for (long t = 0; t < T; t++) {
+            few_matvec(tmp, At, rows, x + (size_t)t * n + (size_t)j * b, 1, nc, rows);
+            for (int m = 0; m < rows; m++) Xj[(size_t)m * T + t] = tmp[m];
+        }
+        if (j == nseg - 1)
+            for (int e = 0; e < RBE_FEW_SLACK; e++) Xf[(size_t)nseg * rows * T + e] = 0;
+    }
+}
+
+// The sparse product of one block over the few-token transform X (stride T) into yh (stride ys):
+// each output row's run of coefficients accumulates in one register. One token: scalar; 2..8
+// tokens: 8 lanes (the lanes past T read neighbouring values or the slack, and land in the
+// padding of yh's stride-8 rows).
+// The sparse product of blocks over the few-token transform (stride T) into yh (row stride ys:
+// 1 for one token, else RBE_FEW_MAX): yh[u] = fma(c, X[v], yh[u]) in coefficient order, with no
+// branch on the row runs (their lengths are random: a branch per run mispredicts). One token:
+// scalar; 2..8 tokens: 8 lanes (the lanes past T read neighbouring values or the slack and land
+// in the padding of yh's rows). Two blocks at a time into two accumulators (y0, y1), so that the
+// store-to-load chains of the two streams overlap; `pow2`: b is a power of two (shifts).
+XT static INLINE_ALWAYS void few_term(float* restrict y, const float* restrict X, float c, long idx, int b, int sh,
+                                      long T, int pow2) {
+    static const uint64_t one = 1;
+    long u, v;
+    if (pow2) u = idx >> sh, v = idx & (b - 1);
+    else u = (long)(((uint64_t)idx * ((one << 40) / (uint64_t)b + 1)) >> 40), v = idx - u * b;  // idx / b, idx < 2^24
+    if (T == 1) {
+        y[u] = __builtin_fmaf(c, X[v], y[u]);
+    } else {
+        float* o = y + u * RBE_FEW_MAX;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_loadu_ps(X + v * T), _mm256_loadu_ps(o)));
+    }
+}
+
+XT static INLINE_ALWAYS void few_sparse_w(float* restrict y0, float* restrict y1, const float* restrict X0,
+                                          const float* restrict X1, const float* restrict c0,
+                                          const float* restrict c1, const void* index, long base0, long base1, int k,
+                                          int b, int sh, long T, int wide, int pow2) {
+    const int16_t *a16 = (const int16_t*)index + base0, *b16 = (const int16_t*)index + base1;
+    const int32_t *a32 = (const int32_t*)index + base0, *b32 = (const int32_t*)index + base1;
+    if (!y1) {
+        for (long q = 0; q < k; q++) few_term(y0, X0, c0[q], wide ? a32[q] : a16[q], b, sh, T, pow2);
+        return;
+    }
+    for (long q = 0; q < k; q++) {
+        few_term(y0, X0, c0[q], wide ? a32[q] : a16[q], b, sh, T, pow2);
+        few_term(y1, X1, c1[q], wide ? b32[q] : b16[q], b, sh, T, pow2);
+    }
+}
+
+// blocks base0 (into y0, over X0) and base1 (into y1, over X1; y1 NULL: none); the constants
+// of the inner loop (tokens, index width, power of two) as separate instantiations
+XT static void few_sparse(float* restrict y0, float* restrict y1, const float* restrict X0, const float* restrict X1,
+                          const float* restrict c0, const float* restrict c1, const void* index, int wide, long base0,
+                          long base1, int k, int b, long T) {
+    int sh = 0;
+    while ((1 << sh) < b) sh++;
+    const int pow2 = (1 << sh) == b;
+#define RBE_FEW_SPARSE(T_, W_, P_) few_sparse_w(y0, y1, X0, X1, c0, c1, index, base0, base1, k, b, sh, T_, W_, P_)
+    if (T == 1) {
+        if (pow2) wide ? RBE_FEW_SPARSE(1, 1, 1) : RBE_FEW_SPARSE(1, 0, 1);
+        else wide ? RBE_FEW_SPARSE(1, 1, 0) : RBE_FEW_SPARSE(1, 0, 0);
+    } else {
+        if (pow2) wide ? RBE_FEW_SPARSE(T, 1, 1) : RBE_FEW_SPARSE(T, 0, 1);
+        else wide ? RBE_FEW_SPARSE(T, 1, 0) : RBE_FEW_SPARSE(T, 0, 0);
+    }
+#undef RBE_FEW_SPARSE
+}
+
+// Y[g] += p E[f] for one term: Y stride ys (1 or 8), E stride T
+XT static inline void few_axpy(float* restrict Y, float p, const float* restrict E, long T) {
+    if (T == 1) *Y = __builtin_fmaf(p, *E, *Y);
+    else _mm256_storeu_ps(Y, _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(E), _mm256_loadu_ps(Y)));
+}
+
+XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                                       const rbe_plan_f32* P, const float* At, const float* bias, int act,
+                                       float* scratch, long T, long p0, long p1) {
+    const int out = W->out, b = W->b, k = W->k, nf = P->nf;
+    const int R = (out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const long ys = T == 1 ? 1 : RBE_FEW_MAX;  // yh's row stride: lanes past T are padding
+    float* yh = scratch;                                             // [rows][ys]
+    float* v = scratch + (size_t)rows * RBE_FEW_MAX + RBE_FEW_SLACK;  // [b]
+    float* tmp = v + b;                                              // [rows]
+    float* y1 = tmp + rows;
+    for (long i = p0; i < p1; i++) {
+        const int nr = out - (int)i * b < b ? out - (int)i * b : b;
+        for (size_t e = 0; e < (size_t)rows * ys; e++) yh[e] = 0;
+        // the sparse products, blocks j and j+1 into yh and y1, then y1 added (every token alike)
+        for (size_t e = 0; e < (size_t)b * ys; e++) y1[e] = 0;
+        for (int j = 0; j < C; j += 2) {
+            const long blk = i * C + j;
+            const int two = j + 1 < C;
+            few_sparse(yh, two ? y1 : NULL, Xf + (size_t)j * rows * T, Xf + (size_t)(j + two) * rows * T,
+                       W->coeffs + (size_t)blk * k, W->coeffs + (size_t)(blk + two) * k, W->index, W->wide, blk * k,
+                       (blk + two) * k, k, b, T);
+        }
+        for (size_t e = 0; e < (size_t)b * ys; e++) yh[e] += y1[e];
+        for (int j = 0; j < C; j++) {  // the pattern terms
+            const long blk = i * C + j;
+            const float* X = Xf + (size_t)j * rows * T;
+            const float* pk = W->basis + (size_t)blk * RBE_NPAT;
+            for (int q = 0; q < RBE_NTERMS; q++) {
+                const int* term = rbe_pattern_terms[q];
+                few_axpy(yh + (size_t)(b + term[1]) * ys, pk[term[0]], X + (size_t)(b + term[2]) * T, T);
+            }
+            for (int m = RBE_NFIX; m < RBE_NFIX + nd; m++)
+                few_axpy(yh + (size_t)(b + m) * ys, pk[1], X + (size_t)(b + m) * T, T);
+        }
+        for (long t = 0; t < T; t++) {
+            few_matvec(v, P->S, b, yh + t, ys, rows, b);
+            if (bias)
+                for (int r = 0; r < nr; r++) v[r] += bias[i * b + r];
+            if (pre) memcpy(pre + (size_t)t * out + (size_t)i * b, v, sizeof(float) * nr);
+            if (act != RBE_ACT_NONE) rbe_act_forward_f32(v, v, nr, act);
+            if (y) memcpy(y + (size_t)t * out + (size_t)i * b, v, sizeof(float) * nr);
+            if (Xnext) {
+                few_matvec(tmp, At, rows, v, 1, nr, rows);
+                for (int m = 0; m < rows; m++) Xnext[((size_t)i * rows + m) * T + t] = tmp[m];
+            }
+        }
+        if (Xnext && i == R - 1)
+            for (int e = 0; e < RBE_FEW_SLACK; e++) Xnext[(size_t)R * rows * T + e] = 0;
+    }
+}

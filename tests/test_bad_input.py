@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import rbe_ffn
 
 import ffn_reference as R
-from conftest import ACTS, make_ffn, make_small_ffn
+from conftest import ACTS, make_ffn, make_linear, make_small_ffn
 
 ops = torch.ops.rbe_ffn
 
@@ -397,3 +397,22 @@ def test_nan_in_parameters_propagates():
     y = m(x)
     assert torch.equal(torch.isnan(y), torch.isnan(R.module_ffn(m, x)))
     assert torch.isnan(y).any()
+
+
+def test_corrupted_index_first_position_over_threads():
+    """The index copy and its check run over ranges of blocks in torch's thread pool: with bad
+    positions in several ranges (at 2 threads the first half and the second), the error names
+    the first, at any thread count."""
+    lin = make_linear(512, 512, block_size=16, k=200, seed=3)  # 1024 blocks: several ranges
+    with torch.no_grad():
+        lin.index[900, 5] = lin.index[900, 4]
+        lin.index[700, 7] = -1
+        lin.index[300, 3] = lin.index[300, 2]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with pytest.raises(IndexError, match="index is corrupted at block 300, slot 3"):
+                lin(torch.randn(2, 512))
+    finally:
+        torch.set_num_threads(threads)

@@ -65,6 +65,8 @@ def reload():
 threads = [threading.Thread(target=work, args=(lin, 512, 200, False)),
            threading.Thread(target=work, args=(lin, 512, 70, True)),
            threading.Thread(target=work, args=(ffn, 128, 100, True)),
+           threading.Thread(target=work, args=(lin, 512, 3, False)),  # few tokens (csrc/rbe.h)
+           threading.Thread(target=work, args=(ffn, 128, 5, True)),
            threading.Thread(target=reload)]
 for t in threads:
     t.start()

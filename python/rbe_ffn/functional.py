@@ -98,6 +98,13 @@ def chunk_tokens_for(memory_limit_mb, d_model: int, d_ff: int, block_size: int, 
     return max(n, 1)
 
 
+def keep_pre(checkpoint: bool) -> bool:
+    """Whether the feed-forward operator keeps the [T, d_ff] pre-activation for backward: the
+    standard (not checkpointed) block does, unless grad is disabled (no_grad, inference_mode),
+    where no backward can follow and writing it cost about 8% of a 64-token forward."""
+    return not checkpoint and torch.is_grad_enabled()
+
+
 def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, activation: str = "gelu",
                      checkpoint: bool = False, chunk_tokens: int = 0):
     """act(x W1^T + b1) W2^T + b2 with W1 [d_ff, d_model], W2 [d_model, d_ff] compressed.
@@ -110,5 +117,5 @@ def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, acti
     x, out_dtype = cpu_half_input(x, fc1[0].dtype)
     plan = get_plan(block_size, x.dtype, x.device)
     y, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
-                   int(chunk_tokens), not checkpoint)
+                   int(chunk_tokens), keep_pre(checkpoint))
     return _restore(y, out_dtype)

@@ -12,7 +12,8 @@ from torch import nn
 
 from ._ops import get_plan, ops
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
-from .functional import _restore, canonical_activation, chunk_tokens_for, cpu_half_input, intermediate_bytes_per_token
+from .functional import (_restore, canonical_activation, chunk_tokens_for, cpu_half_input, intermediate_bytes_per_token,
+                         keep_pre)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -896,13 +897,23 @@ class RBEFeedForward(nn.Module):
     def estimated_flops(self, tokens: int) -> int:
         """2 x multiply-adds of one forward over `tokens` tokens (transforms, sparse products, pattern),
         counting the DCTs in matrix form: an upper bound, as the AVX2 kernels use a fast DCT."""
-        b, nf = self.block_size, self.fc1.plan.shape[1] - self.block_size
-        total = 0
+        return self._per_token_costs(self.fc1.plan.shape[1] - self.block_size, 0)[0] * tokens
+
+    def _per_token_costs(self, nf: int, itemsize: int) -> tuple[int, int]:
+        """(estimated FLOPs, intermediate bytes) per token, kept per (nf, itemsize) (the shapes, block
+        size and k are fixed at construction): the forward's statistics cost as much Python as a
+        one-token call's other bookkeeping."""
+        key = (nf, itemsize)
+        memo = self.__dict__.get("_cost_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        b, flops = self.block_size, 0
         for lin in (self.fc1, self.fc2):
             R, C = -(-lin.out_features // b), -(-lin.in_features // b)
-            per_tok = C * b * (b + nf) + R * C * (lin.k + 8 + nf) + R * b * (b + nf)
-            total += 2 * per_tok * tokens
-        return total
+            flops += 2 * (C * b * (b + nf) + R * C * (lin.k + 8 + nf) + R * b * (b + nf))
+        costs = (flops, intermediate_bytes_per_token(self.d_model, self.d_ff, b, nf, itemsize) if itemsize else 0)
+        self.__dict__["_cost_memo"] = (key, costs)
+        return costs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("RBEFeedForward", x, self.fc1.basis)
@@ -915,17 +926,16 @@ class RBEFeedForward(nn.Module):
         x, out_dtype = cpu_half_input(x, f1.basis.dtype)
         (b1, c1), (b2, c2) = f1.numbers(), f2.numbers()
         y, _ = ops.ffn(x, f1.plan, b1, c1, f1.index, f1.bias, b2, c2, f2.index, f2.bias,
-                       self.d_model, self.d_ff, self.activation, chunk, not self.checkpoint)
+                       self.d_model, self.d_ff, self.activation, chunk, keep_pre(self.checkpoint))
         y = _restore(y, out_dtype)
         if not torch.compiler.is_compiling():
             tokens = x.numel() // max(self.d_model, 1)
-            nf = f1.plan.shape[1] - self.block_size
             n = min(chunk, tokens) if chunk else tokens
             tile = -(-n // 64) * 64
-            per = intermediate_bytes_per_token(self.d_model, self.d_ff, self.block_size, nf, x.element_size())
+            flops, per = self._per_token_costs(f1.plan.shape[1] - self.block_size, x.element_size())
             peak = per * tile  # bound for a forward + backward; a forward alone uses less
             self.stats["calls"] += 1
-            self.stats["flops"] += self.estimated_flops(tokens)
+            self.stats["flops"] += flops * tokens
             self.stats["peak_intermediate_bytes"] = max(self.stats["peak_intermediate_bytes"], peak)
         return y
 

@@ -972,6 +972,164 @@ static void test_linear(void) {
     linear_case(3, 130, 70, 65, 64, 300, 0);
 }
 
+/* ---------------------------------------------------------------- few tokens vs the references */
+
+// variant 0: float64; 1: float32 portable; 2: the x86 kernels g_x86 directly; 3: the entry points
+static void few_analysis_t(int variant, void* Xf, const void* x, const void* At, int b, int nf, long T, int n,
+                           long p0, long p1) {
+    if (variant == 0) rbe_few_analysis_f64(Xf, x, At, b, nf, T, n, p0, p1);
+    else if (variant == 1) rbe_few_analysis_f32_portable(Xf, x, At, b, nf, T, n, p0, p1);
+#ifdef RBE_X86_KERNELS
+    else if (variant == 2) g_x86->few_analysis(Xf, x, At, b, nf, T, n, p0, p1);
+#endif
+    else rbe_few_analysis_f32(Xf, x, At, b, nf, T, n, p0, p1);
+}
+static void few_rows_t(int variant, void* y, void* pre, void* Xn, const void* Xf, const void* plan, const void* At,
+                       const void* basis, const void* coeffs, const void* ix, int wide, const void* bias, int act,
+                       void* s, long T, int out, int in, int b, int nf, int k, long p0, long p1) {
+    const rbe_weight_f32 W32 = w32(basis, coeffs, ix, wide, out, in, b, k);
+    const rbe_weight_f64 W64 = w64(basis, coeffs, ix, wide, out, in, b, k);
+    const rbe_plan_f32 P32 = rbe_plan_view_f32(plan, b, nf);
+    const rbe_plan_f64 P64 = rbe_plan_view_f64(plan, b, nf);
+    if (variant == 0) rbe_few_rows_forward_f64(y, pre, Xn, Xf, &W64, &P64, At, bias, act, s, T, p0, p1);
+    else if (variant == 1) rbe_few_rows_forward_f32_portable(y, pre, Xn, Xf, &W32, &P32, At, bias, act, s, T, p0, p1);
+#ifdef RBE_X86_KERNELS
+    else if (variant == 2) g_x86->few_rows_forward(y, pre, Xn, Xf, &W32, &P32, At, bias, act, s, T, p0, p1);
+#endif
+    else rbe_few_rows_forward_f32(y, pre, Xn, Xf, &W32, &P32, At, bias, act, s, T, p0, p1);
+}
+
+// The few-token forward (rbe.h) against the naive reference: every activation, bias on and off,
+// pre; split work ranges give the same bytes; Xnext is the few-token analysis of y; each token's
+// results are those of a call with that token alone (bitwise); the slack is set; AVX-512 gives
+// the AVX2 bits.
+static void few_case(int variant, long T, int out, int in, int b, int k, int wide) {
+    const int f32 = variant > 0;
+    g_portable = 0;
+    const int R = cdiv(out, b), C = cdiv(in, b);
+    const long nblk = (long)R * C;
+    const size_t es = esize(f32), bb = (size_t)b * b;
+    const double tol = f32 ? 1e-4 : 1e-10;
+    char tag[128];
+    snprintf(tag, sizeof tag, "few %s T=%ld out=%d in=%d b=%d k=%d wide=%d",
+             variant == 0 ? "f64" : variant == 1 ? "f32 portable" : variant == 2 ? g_x86->name : "f32 dispatch", T,
+             out, in, b, k, wide);
+    double* pland = xmalloc(sizeof(double) * 3 * (2 * b + 4) * b);
+    double* pwork = xmalloc(sizeof(double) * (3 * bb + b));
+    const int nf = rbe_plan_build(pland, pwork, b, f32 ? 1e-9 : 1e-15);
+    const int rows = b + nf;
+    void* plan = to_t(pland, 3 * (size_t)rows * b, f32);
+    void* At = xmalloc((size_t)b * rows * es);
+    if (f32) {
+        const rbe_plan_f32 P = rbe_plan_view_f32(plan, b, nf);
+        rbe_few_at_f32(At, &P);
+    } else {
+        const rbe_plan_f64 P = rbe_plan_view_f64(plan, b, nf);
+        rbe_few_at_f64(At, &P);
+    }
+    double* tabs = codec_tables(b);
+    double* tmp = xmalloc(sizeof(double) * ((size_t)T * (out > in ? out : in) + nblk * (8 + k) + out + 8));
+    fill_normal(tmp, nblk * 8);
+    void* basis = to_t(tmp, nblk * 8, f32);
+    fill_normal(tmp, nblk * k);
+    void* coeffs = to_t(tmp, nblk * k, f32);
+    void* ix = random_index(nblk, k, b, wide);
+    fill_normal(tmp, (size_t)T * in);
+    void* x = to_t(tmp, (size_t)T * in, f32);
+    fill_normal(tmp, out);
+    void* bias = to_t(tmp, out, f32);
+    const size_t nx = rbe_few_size(in, b, nf, T), ny = rbe_few_size(out, b, nf, T);
+    void* Xf = xmalloc(nx * es);
+    void* Xf2 = xmalloc(nx * es);
+    void* Xn = xmalloc(ny * es);
+    void* Xy = xmalloc(ny * es);
+    void* scratch = xmalloc(rbe_few_scratch(b, nf) * es);
+    double* rwork = xmalloc(sizeof(double) * (size_t)out * in);
+    void *y = xmalloc((size_t)T * out * es), *pre = xmalloc((size_t)T * out * es);
+    void *y2 = xmalloc((size_t)T * out * es), *yr = xmalloc((size_t)T * out * es), *prer = xmalloc((size_t)T * out * es);
+    memset(Xf, 0x7f, nx * es);  // garbage in the slack: the analysis must set it
+    few_analysis_t(variant, Xf, x, At, b, nf, T, in, 0, C);
+    int slack0 = 1;
+    for (size_t e = nx - RBE_FEW_SLACK; e < nx; e++) slack0 &= f32 ? ((float*)Xf)[e] == 0 : ((double*)Xf)[e] == 0;
+    CHECK(slack0, "%s: the analysis left its slack unset", tag);
+    few_analysis_t(variant, Xf2, x, At, b, nf, T, in, C / 2, C);  // split segments: the same bytes
+    few_analysis_t(variant, Xf2, x, At, b, nf, T, in, 0, C / 2);
+    CHECK(!memcmp(Xf, Xf2, nx * es), "%s: split analysis differs", tag);
+    for (int act = RBE_ACT_NONE; act <= RBE_ACT_SILU; act++) {
+        const void* bs = act % 2 ? bias : NULL;
+        few_rows_t(variant, y, pre, NULL, Xf, plan, At, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k,
+                   0, R);
+        fwd_ref_t(f32, yr, prer, x, basis, coeffs, ix, wide, bs, act, tabs, rwork, T, out, in, b, k);
+        double ey = rel_err(y, yr, (size_t)T * out, f32), ep = rel_err(pre, prer, (size_t)T * out, f32);
+        CHECK(ey < tol, "%s act=%d: forward off by %.3e", tag, act, ey);
+        CHECK(ep < tol, "%s act=%d: pre-activation off by %.3e", tag, act, ep);
+        few_rows_t(variant, y2, NULL, NULL, Xf, plan, At, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf,
+                   k, R / 2, R);
+        few_rows_t(variant, y2, NULL, NULL, Xf, plan, At, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf,
+                   k, 0, R / 2);
+        CHECK(!memcmp(y, y2, (size_t)T * out * es), "%s act=%d: split / pre=NULL forward differs", tag, act);
+        memset(Xn, 0x7f, ny * es);
+        few_rows_t(variant, NULL, NULL, Xn, Xf, plan, At, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf,
+                   k, 0, R);
+        few_analysis_t(variant, Xy, y, At, b, nf, T, out, 0, R);
+        CHECK(!memcmp(Xn, Xy, ny * es), "%s act=%d: Xnext is not the analysis of y", tag, act);
+    }
+    // token t alone gives token t's bytes (gelu, bias)
+    {
+        void* x1 = xmalloc((size_t)in * es);
+        void* y1 = xmalloc((size_t)out * es);
+        void* X1 = xmalloc(rbe_few_size(in, b, nf, 1) * es);
+        few_rows_t(variant, y, NULL, NULL, Xf, plan, At, basis, coeffs, ix, wide, bias, RBE_ACT_GELU, scratch, T, out,
+                   in, b, nf, k, 0, R);
+        int same = 1;
+        for (long t = 0; t < T; t++) {
+            memcpy(x1, (char*)x + (size_t)t * in * es, (size_t)in * es);
+            few_analysis_t(variant, X1, x1, At, b, nf, 1, in, 0, C);
+            few_rows_t(variant, y1, NULL, NULL, X1, plan, At, basis, coeffs, ix, wide, bias, RBE_ACT_GELU, scratch, 1,
+                       out, in, b, nf, k, 0, R);
+            same &= !memcmp(y1, (char*)y + (size_t)t * out * es, (size_t)out * es);
+        }
+        CHECK(same, "%s: a token's results depend on the other tokens", tag);
+#ifdef RBE_X86_KERNELS
+        if (variant == 2 && g_x86 == &rbe_x86_avx512 && rbe_cpu_has_avx2()) {
+            g_x86 = &rbe_x86_avx2;
+            few_analysis_t(2, Xf2, x, At, b, nf, T, in, 0, C);
+            few_rows_t(2, y2, NULL, NULL, Xf2, plan, At, basis, coeffs, ix, wide, bias, RBE_ACT_GELU, scratch, T, out,
+                       in, b, nf, k, 0, R);
+            g_x86 = &rbe_x86_avx512;
+            CHECK(!memcmp(y, y2, (size_t)T * out * es), "%s: avx512 vs avx2: forward differs", tag);
+        }
+#endif
+        free(x1), free(y1), free(X1);
+    }
+    free(pland), free(pwork), free(plan), free(At), free(tabs), free(tmp), free(basis), free(coeffs), free(ix);
+    free(x), free(bias), free(Xf), free(Xf2), free(Xn), free(Xy), free(scratch), free(rwork), free(y), free(pre);
+    free(y2), free(yr), free(prer);
+}
+
+static void few_cases(int variant) {
+    for (long T = 1; T <= RBE_FEW_MAX; T++) few_case(variant, T, 70, 65, 64, 300, 0);  // b = 64, edge blocks
+    few_case(variant, 1, 37, 10, 8, 5, 0);
+    few_case(variant, 3, 9, 6, 4, 16, 1);       // b = 4, every coefficient, int32 index
+    few_case(variant, 2, 8, 8, 8, 0, 0);        // k = 0: pattern only
+    few_case(variant, 5, 40, 100, 48, 30, 0);   // b = 48
+    few_case(variant, 8, 200, 130, 32, 90, 0);  // many block rows, matvec remainders
+    few_case(variant, 1, 20, 260, 256, 50, 1);  // b = 256, int32 index
+    few_case(variant, 7, 20, 260, 256, 50, 1);
+}
+
+static void test_few(void) {
+    few_cases(0);
+    few_cases(1);
+#ifdef RBE_X86_KERNELS
+    if (rbe_cpu_has_avx2()) g_x86 = &rbe_x86_avx2, few_cases(2);
+    if (rbe_cpu_has_avx512()) g_x86 = &rbe_x86_avx512, few_cases(2);
+    g_x86 = NULL;
+#endif
+    few_case(3, 1, 70, 65, 64, 300, 0);  // the entry points
+    few_case(3, 6, 70, 65, 64, 300, 0);
+}
+
 /* ---------------------------------------------------------------- activations */
 
 static int same_bits_f64(double a, double b) { return !memcmp(&a, &b, sizeof a); }
@@ -1205,6 +1363,7 @@ int main(void) {
     test_codec_roundtrip();
     test_codec_selection();
     test_linear();
+    test_few();
     test_activations();
     test_concurrent_index_writes();
     printf("%ld passed, %ld failed\n", n_pass, n_fail);
