@@ -12,8 +12,9 @@ data-aware + layer-wise + whole-model ``distill_model`` (cosine of the token sta
 only). Metric: cosine between the original's and the converted model's sentence embeddings (mean pooling
 over tokens, then L2-normalised, as the model card) on the held-out sentences: mean and 5th percentile.
 
-    OMP_NUM_THREADS=1 .venv/bin/python examples/convert_minilm.py                 # about 35 min
+    OMP_NUM_THREADS=1 .venv/bin/python examples/convert_minilm.py                 # about 40 min
     OMP_NUM_THREADS=1 .venv/bin/python examples/convert_minilm.py --ks 378 --distill-seconds 60
+    OMP_NUM_THREADS=1 .venv/bin/python examples/convert_minilm.py --ks 1000,2000 --distill-steps 0
 """
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ def main(argv=None):
                     "and the layer-wise Distill (run one at a time: no padding tokens)")
     ap.add_argument("--layer-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32, help="sentences per whole-model distillation step")
-    ap.add_argument("--distill-steps", type=int, default=1000)
+    ap.add_argument("--distill-steps", type=int, default=1000, help="0: no whole-model distillation")
     ap.add_argument("--distill-seconds", type=float, default=540, help="wall-time budget per whole-model run")
     ap.add_argument("--lr", type=float, default=5e-4, help="whole-model distillation Adam lr")
     ap.add_argument("--threads", type=int, default=1)
@@ -245,6 +246,8 @@ def main(argv=None):
         errs = ", ".join(f"{l.output_error_before:.3f}->{l.output_error_after:.3f}" for l in rep)
         record("RBE data-aware + layer-wise", k, bpw, m, time.time() - t, f"block errors {errs}")
 
+        if args.distill_steps == 0:
+            continue
         t = time.time()
         d = rbe_ffn.distill_model(m, teacher, distill_batches, objective="cosine", outputs=token_states,
                                   holdout=distill_held, steps=args.distill_steps, lr=args.lr, eval_every=25, patience=4,

@@ -193,7 +193,8 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches, *, objective=
     holdout: a fraction in (0, 1) of the batches (whole batches, chosen with ``seed``; at least one
         held out, one trained on) or an iterable of held-out batches of its own. The held-out
         objective (the mean over held-out batches, weighted by their rows) chooses the parameters
-        kept and early stopping.
+        kept and early stopping. The teacher's outputs on them are computed once and kept (memory:
+        one output per held-out batch; the training batches' are recomputed every step).
     steps: at most this many optimizer steps (Adam, ``lr``). eval_every: steps between held-out
         evaluations (None: steps // 20, at least 1); the last step is always evaluated.
     patience: None (no early stopping), or stop after this many evaluations in a row without a new
