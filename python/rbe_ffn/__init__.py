@@ -5,6 +5,7 @@ run in a compressed RBE form (pattern + sparse DCT residual per block).
     cw = rbe_ffn.compress(weight, block_size=64, k=300)   # CompressedWeight
     ffn = rbe_ffn.RBEFeedForward(768, 3072, activation="gelu", checkpoint=True)
     report = rbe_ffn.replace_mlp(model, block_size=64, k=300)   # convert a model's MLPs
+    rbe_ffn.distill_model(model, original, batches)              # then match the original's outputs
 """
 from . import _ops
 from . import _C  # the extension, loaded by _ops once torch is (it links torch's libraries)
@@ -12,6 +13,7 @@ from ._ops import get_plan
 from .checkpoint import load_safetensors, save_safetensors
 from .codec import CompressedWeight, compress, decompress
 from .convert import ConversionReport, Distill, replace_mlp
+from .distill import DistillReport, distill_model
 from .distributed import ddp_ignore_index
 from .dynamic import DynamicSupport
 from .functional import canonical_activation, rbe_feed_forward, rbe_linear
@@ -22,7 +24,7 @@ __all__ = [
     "CompressedWeight", "compress", "decompress", "RBELinear", "RBEFeedForward",
     "rbe_linear", "rbe_feed_forward", "canonical_activation", "get_plan",
     "save_safetensors", "load_safetensors", "ddp_ignore_index",
-    "replace_mlp", "ConversionReport", "Distill", "DynamicSupport", "cpu_isa",
+    "replace_mlp", "ConversionReport", "Distill", "distill_model", "DistillReport", "DynamicSupport", "cpu_isa",
     "seeded_positions", "storage_report", "storage_state_dict",
 ]
 __version__ = "0.1.0"

@@ -681,6 +681,21 @@ def _skipped(paths, skip) -> bool:
 
 
 # ------------------------------------------------------------------ distillation
+def run_model(model, batch, what: str = "batch"):
+    """Run ``model`` on one batch as the conversion and distillation APIs take it: a tensor
+    (``model(x)``), a tuple/list (``model(*x)``), a dict of keyword arguments (``model(**x)``), or a
+    callable ``f(model)`` that runs it. Returns what the model (or the callable) returns."""
+    if callable(batch) and not isinstance(batch, nn.Module):
+        return batch(model)
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    raise TypeError(f"{what} must be a tensor, tuple, list, dict or callable, got {type(batch).__name__}")
+
+
 def _capture_inputs(model, blocks, inputs):
     """Run the original model on `inputs` and record each block's input (flattened to [N, d_model])."""
     seen = {b.path: [] for b in blocks}
@@ -700,17 +715,7 @@ def _capture_inputs(model, blocks, inputs):
             handles.append(b.capture.register_forward_pre_hook(hook_for(b.path), with_kwargs=True))
         model.eval()
         with torch.no_grad():
-            if callable(inputs) and not isinstance(inputs, nn.Module):
-                inputs(model)
-            elif isinstance(inputs, torch.Tensor):
-                model(inputs)
-            elif isinstance(inputs, (tuple, list)):
-                model(*inputs)
-            elif isinstance(inputs, dict):
-                model(**inputs)
-            else:
-                raise TypeError(f"distill inputs must be a tensor, tuple, list, dict or callable, "
-                                f"got {type(inputs).__name__}")
+            run_model(model, inputs, "distill inputs")
     finally:
         for h in handles:
             h.remove()
