@@ -427,6 +427,10 @@ def test_ddp_ranks_choose_the_same_positions(tmp_path, one_thread):
         assert torch.equal(idx, ref["index"][n]), n
     for n, p in r0["params"].items():
         assert torch.equal(r1["params"][n], p), n
-        assert (p - ref["params"][n]).abs().max() < 1e-5, n
+        # to rounding: the two ranks' all-reduced half sums and one process's whole-batch sum
+        # differ in the last bits, and Adam divides by the root of the second moment, which is
+        # tiny on entries whose gradient nearly cancels (max 2.7e-4 here at lr 1e-2 after 4
+        # steps with the scaled parametrization; the positions above are equal exactly)
+        assert (p - ref["params"][n]).abs().max() < 1e-3, n
         for k, v in r0["state"][n].items():
             assert torch.equal(r1["state"][n][k], v), (n, k)
