@@ -66,7 +66,9 @@ def parse_args(argv=None):
     ap.add_argument("--layer-steps", type=int, default=300, help="layer-wise Distill steps per block")
     ap.add_argument("--distill-steps", type=int, default=3000, help="whole-model steps at most (0: none)")
     ap.add_argument("--distill-seconds", type=float, default=420, help="wall-time budget per whole-model run")
-    ap.add_argument("--distill-lr", type=float, default=1e-3)
+    ap.add_argument("--distill-lr", default="1e-3",
+                    help="whole-model Adam lr; a comma-separated list runs one distill_model stage per lr, each "
+                         "from the previous stage's result with the same step and time budget (a step schedule)")
     ap.add_argument("--holdout-batches", type=int, default=8, help="distill_model's held-out training batches")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=os.path.join("examples", "out", "char_lm_dense.pt"),
@@ -238,12 +240,15 @@ def main(argv=None):
                                                         for l in rep))
         if args.distill_steps == 0:
             continue
-        t = time.time()
-        d = rbe_ffn.distill_model(m, teacher, distill_train, objective="kl", holdout=distill_held,
-                                  steps=args.distill_steps, lr=args.distill_lr, eval_every=25, patience=6,
-                                  max_seconds=args.distill_seconds, progress=False, seed=args.seed)
-        record("RBE data-aware + layer-wise + whole-model", k, bpw, m, time.time() - t, tokens=f"{d.tokens:,}",
-               extra=f"{d.steps} steps (best {d.best_step}, {d.stopped}); held-out KL {d.before:.4f}->{d.after:.4f}")
+        t, tokens = time.time(), 0
+        for stage, lr in enumerate(float(x) for x in args.distill_lr.split(",")):
+            d = rbe_ffn.distill_model(m, teacher, distill_train, objective="kl", holdout=distill_held,
+                                      steps=args.distill_steps, lr=lr, eval_every=25, patience=6,
+                                      max_seconds=args.distill_seconds, progress=False, seed=args.seed + stage)
+            tokens += d.tokens
+            record("RBE data-aware + layer-wise + whole-model" + (f" (stage {stage + 1}, lr {lr:g})" if stage else ""),
+                   k, bpw, m, time.time() - t, tokens=f"{tokens:,}",
+                   extra=f"{d.steps} steps (best {d.best_step}, {d.stopped}); held-out KL {d.before:.4f}->{d.after:.4f}")
 
     print(f"\ntotal {time.time() - t_start:.0f} s; dense model: {args.steps} steps, {train_seconds:.0f} s of training\n")
     lines = ["| method | k | bytes/weight (x smaller than fp32) | val loss (nats/byte) | perplexity | "
