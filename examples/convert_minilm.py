@@ -35,10 +35,8 @@ import torch.nn.functional as F
 
 import rbe_ffn
 
-NF4_LEVELS = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                           -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                           0.07958029955625534, 0.16093020141124725, 0.24611230731010437, 0.33791524171829224,
-                           0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quant_peers import int8_rowwise, nf4  # noqa: E402  (the peers, one definition for every study)
 
 STDLIB = ["abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "cmath", "codecs",
           "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses",
@@ -140,21 +138,6 @@ def cosines(model, batches, ref):
 
 
 # ------------------------------------------------------------------ peers (fake-quantized weights)
-def int8_rowwise(w):
-    """Symmetric int8 with one float32 absmax scale per row: (n + 4 rows) bytes."""
-    scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-    return (w / scale).round().clamp(-127, 127) * scale, w.numel() + 4 * w.shape[0]
-
-
-def nf4(w, block=64):
-    """NF4 (QLoRA's 16 levels) over blocks of 64 consecutive weights, one float32 absmax per block:
-    (n / 2 + 4 n / 64) bytes."""
-    flat = w.reshape(-1, block)
-    absmax = flat.abs().amax(1, keepdim=True).clamp_min(1e-12)
-    q = NF4_LEVELS[((flat / absmax).unsqueeze(-1) - NF4_LEVELS).abs().argmin(-1)]
-    return (q * absmax).reshape(w.shape), w.numel() // 2 + 4 * flat.shape[0]
-
-
 def quantized(model, fn):
     m = copy.deepcopy(model)
     nbytes = n = 0

@@ -18,8 +18,7 @@ relative Frobenius error ||W - W'||_F / ||W||_F for
     rounding the pattern and residual values to float16 and decoding;
   * int8 with one absmax scale per output row (float32 scale);
   * NF4-style 4-bit: blocks of 64 consecutive weights, one float32 absmax scale
-    per block, the 16 NormalFloat levels computed here from normal quantiles
-    (the construction of QLoRA / bitsandbytes' create_normal_map).
+    per block, the 16 NormalFloat levels of QLoRA / bitsandbytes (examples/quant_peers.py).
 
 The last column is the relative error of an FFN's output, gelu(x W1^T) W2^T on
 256 random N(0, 1) tokens, when both W1 [3072, 768] and W2 [768, 3072] (of the
@@ -38,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -45,6 +45,9 @@ import torch
 import torch.nn.functional as F
 
 import rbe_ffn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quant_peers import NF4_LEVELS, int8_rowwise, nf4  # noqa: E402
 
 OUT, IN = 768, 3072
 BLOCK = 64
@@ -87,32 +90,7 @@ def rel_err(w: torch.Tensor, w2: torch.Tensor) -> float:
 
 # ---- comparison quantizers ---------------------------------------------------------------------
 
-def int8_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Symmetric int8, one float32 absmax scale per output row. Returns (dequantized, bytes)."""
-    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127.0
-    q = torch.round(w / scale).clamp(-127, 127)
-    return q * scale, w.numel() * 1 + w.shape[0] * 4
-
-
-def nf4_levels() -> torch.Tensor:
-    """The 16 NormalFloat-4 levels: 8 positive and 7 negative normal quantiles plus an exact 0,
-    normalised to [-1, 1] (QLoRA's asymmetric construction, offset 0.9677083)."""
-    offset = 0.9677083
-    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
-    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
-    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
-    return (v / v.abs().max()).float()
-
-
-def nf4_blockwise(w: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, int]:
-    """NF4: blocks of `block` consecutive weights (row-major), float32 absmax per block,
-    each weight -> the nearest of the 16 levels. Returns (dequantized, bytes)."""
-    levels = nf4_levels()
-    flat = w.reshape(-1, block)
-    absmax = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-    idx = (flat / absmax).unsqueeze(-1).sub(levels).abs().argmin(dim=-1)
-    deq = levels[idx] * absmax
-    return deq.reshape(w.shape), w.numel() // 2 + flat.shape[0] * 4
+# int8_rowwise, nf4 and NF4_LEVELS come from examples/quant_peers.py (one definition for every study)
 
 
 # ---- RBE ---------------------------------------------------------------------------------------
@@ -168,7 +146,7 @@ def main() -> int:
             rows.append((kind, "RBE b=64, fp16 values", k, nbytes16, None, rel_err(w2, dec16_2),
                          rel_err(y_ref, ffn_dense(x, dec16_1, dec16_2))))
 
-        for name, quant in (("int8, per-row absmax", int8_rowwise), ("NF4, blocks of 64, fp32 absmax", nf4_blockwise)):
+        for name, quant in (("int8, per-row absmax", int8_rowwise), ("NF4, blocks of 64, fp32 absmax", nf4)):
             deq2, nbytes = quant(w2)
             deq1, _ = quant(w1)
             rows.append((kind, name, None, nbytes, None, rel_err(w2, deq2), rel_err(y_ref, ffn_dense(x, deq1, deq2))))
@@ -188,7 +166,7 @@ def main() -> int:
         lines.append(
             f"| {kind} | {method} | {'' if k is None else k} | {bpw:.3f} ({8 * bpw:.2f}) | {n * 4 / nbytes:.1f}x "
             f"| {'-' if reported is None else f'{reported:.4f}'} | {measured:.4f} | {ffn_err:.4f} |")
-    lv = ", ".join(f"{v:.4f}" for v in nf4_levels().tolist())
+    lv = ", ".join(f"{v:.4f}" for v in NF4_LEVELS.tolist())
     lines += [
         "",
         "Notes:",
