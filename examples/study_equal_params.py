@@ -114,7 +114,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--arms", default=",".join(ALL_ARMS))
-    ap.add_argument("--lengths", default="300,900", help="training lengths (steps), comma-separated")
+    ap.add_argument("--lengths", default="600,1200", help="training lengths (steps), comma-separated")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--d-model", type=int, default=128)
