@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quant_peers import int8_rowwise, nf4  # noqa: E402  (the peers, one definition for every study)
+from quant_peers import PEERS, quantized  # noqa: E402  (the peers, one definition for every study)
 from train_char_lm import CharLM, dense_ffn, load_corpus  # noqa: E402  (the same model and corpus)
 
 import rbe_ffn  # noqa: E402
@@ -151,18 +151,6 @@ def train_dense(args, train, vwin, out_csv):
     return model.eval(), curve
 
 
-def quantized(model, fn):
-    """A copy of `model` with every FFN weight matrix fake-quantized by fn; returns it and bytes/weight."""
-    m = copy.deepcopy(model)
-    nbytes = n = 0
-    with torch.no_grad():
-        for blk in m.blocks:
-            for lin in (blk.ffn[0], blk.ffn[2]):
-                q, b = fn(lin.weight)
-                lin.weight.copy_(q)
-                nbytes, n = nbytes + b, n + q.numel()
-    return m, nbytes / n
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -211,9 +199,10 @@ def main(argv=None):
               f"({100 * (math.exp(loss - base) - 1):+.2f}%)  {seconds:6.1f} s  {extra}", flush=True)
 
     record("original (float32)", "-", 4.0, teacher, 0.0)
-    for name, fn in (("int8 per-row absmax", int8_rowwise), ("NF4 (blocks of 64, fp32 absmax)", nf4)):
+    ffn_linears = lambda m: [lin for blk in m.blocks for lin in (blk.ffn[0], blk.ffn[2])]
+    for name, fn in PEERS:
         t = time.time()
-        m, bpw = quantized(teacher, fn)
+        m, bpw = quantized(teacher, fn, ffn_linears)
         record(name, "-", bpw, m, time.time() - t)
 
     b = args.block_size

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import rbe_ffn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quant_peers import int8_rowwise, nf4  # noqa: E402  (the peers, one definition for every study)
+from quant_peers import PEERS, quantized  # noqa: E402  (the peers, one definition for every study)
 
 STDLIB = ["abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "cmath", "codecs",
           "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses",
@@ -138,17 +138,6 @@ def cosines(model, batches, ref):
 
 
 # ------------------------------------------------------------------ peers (fake-quantized weights)
-def quantized(model, fn):
-    m = copy.deepcopy(model)
-    nbytes = n = 0
-    with torch.no_grad():
-        for layer in m.encoder.layer:
-            for lin in (layer.intermediate.dense, layer.output.dense):
-                q, b = fn(lin.weight)
-                lin.weight.copy_(q)
-                nbytes, n = nbytes + b, n + q.numel()
-    return m, nbytes / n
-
 
 # ------------------------------------------------------------------ main
 def main(argv=None):
@@ -205,9 +194,10 @@ def main(argv=None):
               f"min {worst:.4f}  {seconds:7.1f} s  {extra}", flush=True)
 
     record("original (float32)", "-", 4.0, teacher, 0.0)
-    for name, fn in (("int8 per-row absmax", int8_rowwise), ("NF4 (blocks of 64, fp32 absmax)", nf4)):
+    ffn_linears = lambda m: [lin for layer in m.encoder.layer for lin in (layer.intermediate.dense, layer.output.dense)]
+    for name, fn in PEERS:
         t = time.time()
-        m, bpw = quantized(teacher, fn)
+        m, bpw = quantized(teacher, fn, ffn_linears)
         record(name, "-", bpw, m, time.time() - t)
 
     for k in ks:

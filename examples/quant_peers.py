@@ -7,6 +7,8 @@ every study.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 # QLoRA's NormalFloat-4 levels as bitsandbytes tabulates them (8 positive and 7 negative normal quantiles
@@ -32,3 +34,20 @@ def nf4(w, block=64):
     absmax = flat.abs().amax(1, keepdim=True).clamp_min(1e-12)
     q = NF4_LEVELS.to(w.dtype)[((flat / absmax).unsqueeze(-1) - NF4_LEVELS.to(w.dtype)).abs().argmin(-1)]
     return (q * absmax).reshape(w.shape), w.numel() // 2 + 4 * flat.shape[0]
+
+
+PEERS = (("int8 per-row absmax", int8_rowwise), ("NF4 (blocks of 64, fp32 absmax)", nf4))
+"""(name, quantizer) of every peer, in the order the studies report them."""
+
+
+def quantized(model, fn, linears):
+    """A copy of ``model`` whose weight matrices ``linears(copy)`` (an iterable of nn.Linear) are
+    fake-quantized by ``fn``; returns (the copy, bytes per weight of those matrices)."""
+    m = copy.deepcopy(model)
+    nbytes = n = 0
+    with torch.no_grad():
+        for lin in linears(m):
+            q, b = fn(lin.weight)
+            lin.weight.copy_(q)
+            nbytes, n = nbytes + b, n + q.numel()
+    return m, nbytes / n

@@ -167,3 +167,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class Block(torch.nn.Module):
+    """A residual block around a plain Sequential MLP (what replace_mlp converts)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(mlp[0].in_features)
+        self.mlp = mlp
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))

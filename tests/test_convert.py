@@ -18,6 +18,8 @@ import rbe_ffn
 from rbe_ffn.convert import (ConvertedLayer, LeftAlone, RBEBertIntermediate, RBEBertOutput, RBEGPT2MLP,
                              _capture_inputs, _scan)
 
+from conftest import Block
+
 transformers = pytest.importorskip("transformers", reason="transformers (the hf extra) is not installed")
 transformers.logging.set_verbosity_error()
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -71,17 +73,6 @@ def bert(d=40, f=72, layers=2, act="gelu", dtype=torch.float64, seed=0):
                      vocab_size=VOCAB, max_position_embeddings=32, hidden_act=act)
     return boost_mlps(BertModel(cfg).to(dtype).eval(), seed)
 
-
-class Block(nn.Module):
-    """A residual block around a plain Sequential MLP."""
-
-    def __init__(self, mlp):
-        super().__init__()
-        self.norm = nn.LayerNorm(mlp[0].in_features)
-        self.mlp = mlp
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
 
 
 def seq_model(d=13, f=37, act=None, dtype=torch.float64, seed=0):

@@ -15,7 +15,7 @@ import rbe_ffn
 from rbe_ffn.calibrate import _blocks, dct_matrix
 from rbe_ffn.modules import index_problem
 
-from conftest import make_ffn, make_linear, seeded
+from conftest import Block, make_ffn, make_linear, seeded
 from distributed_helpers import WORLD, init_process_group, run_world
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
@@ -50,17 +50,6 @@ class Wrapped(nn.Module):
     def forward(self, x):
         return torch_checkpoint(self.ffn, x, use_reentrant=self.reentrant)
 
-
-class Block(nn.Module):
-    """A residual block around a plain Sequential MLP (what replace_mlp converts)."""
-
-    def __init__(self, mlp):
-        super().__init__()
-        self.norm = nn.LayerNorm(mlp[0].in_features)
-        self.mlp = mlp
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
 
 
 # ------------------------------------------------------------------ the gradient G
