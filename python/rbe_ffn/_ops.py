@@ -254,7 +254,7 @@ _register_autograd("linear", _linear_backward, _linear_setup)
 # ---------------------------------------------------------------- feed-forward
 @torch.library.register_fake("rbe_ffn::ffn")
 def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
-              d_model, d_ff, activation, chunk_tokens, keep_pre):
+              d_model, d_ff, activation, chunk_tokens, keep_pre, coeff_scale1=1.0, coeff_scale2=1.0):
     _one_device("ffn", x=x, plan=plan, basis1=basis1, coeffs1=coeffs1, index1=index1, bias1=bias1,
                 basis2=basis2, coeffs2=coeffs2, index2=index2, bias2=bias2)
     torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
@@ -264,7 +264,7 @@ def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, 
 
 @torch.library.register_fake("rbe_ffn::ffn_backward")
 def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2,
-                       d_model, d_ff, activation, chunk_tokens, output_mask):
+                       d_model, d_ff, activation, chunk_tokens, output_mask, coeff_scale1=1.0, coeff_scale2=1.0):
     _one_device("ffn_backward", grad=grad, x=x, pre=pre, plan=plan, basis1=basis1, coeffs1=coeffs1,
                 index1=index1, bias1=bias1, basis2=basis2, coeffs2=coeffs2, index2=index2)
     shapes = [x.shape, basis1.shape, coeffs1.shape, (d_ff,), basis2.shape, coeffs2.shape, (d_model,)]
@@ -273,11 +273,12 @@ def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis
 
 def _ffn_setup(ctx, inputs, output):
     (x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
-     d_model, d_ff, activation, chunk_tokens, keep_pre) = inputs
+     d_model, d_ff, activation, chunk_tokens, keep_pre, *scales) = inputs
     _, pre = output
     # checkpointed (keep_pre=False): pre is an empty tensor, so only x is saved
     ctx.save_for_backward(x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2)
     ctx.args = (d_model, d_ff, activation, chunk_tokens)
+    ctx.scales = tuple(scales)  # coeff_scale1, coeff_scale2 when given
     ctx.mark_non_differentiable(pre)
     # pre never receives a gradient: without this autograd would materialize a
     # zero [T, d_ff] tensor for it in every backward (a second copy of pre).
@@ -286,15 +287,16 @@ def _ffn_setup(ctx, inputs, output):
 
 def _ffn_backward(ctx, grad, _grad_pre):
     x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2 = ctx.saved_tensors
+    n_inputs = 15 + len(ctx.scales)
     if grad is None:  # possible once grads are not materialized; y took no part in the loss
-        return (None,) * 15
+        return (None,) * n_inputs
     need = ctx.needs_input_grad
     # inputs: x plan basis1 coeffs1 index1 bias1 basis2 coeffs2 index2 bias2 ...
     mask = [need[0], need[2], need[3], need[5], need[6], need[7], need[9]]
     grads = ops.ffn_backward(grad.contiguous(), x, pre, plan, basis1, coeffs1, index1, bias1,
-                             basis2, coeffs2, index2, *ctx.args, mask)
+                             basis2, coeffs2, index2, *ctx.args, mask, *ctx.scales)
     dx, db1, dc1, dbias1, db2, dc2, dbias2 = (g if on else None for g, on in zip(grads, mask))
-    return dx, None, db1, dc1, None, dbias1, db2, dc2, None, dbias2, None, None, None, None, None
+    return (dx, None, db1, dc1, None, dbias1, db2, dc2, None, dbias2) + (None,) * (n_inputs - 10)
 
 
 _register_autograd("ffn", _ffn_backward, _ffn_setup)
