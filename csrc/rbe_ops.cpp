@@ -288,20 +288,26 @@ static const Sched& cols_sched(SchedCache* c, Sched& own, const Weight& W, const
 // schedules are cached across chunks when there are several chunks of several tiles each
 static bool cache_scheds(int64_t Tn, int64_t chunk) { return chunk < Tn && chunk > RBE_TILE; }
 
-// The coefficient rows of a transform-domain input times s: X holds `groups` blocks of b + nf rows of
-// `width` lanes (a tile's segments: width RBE_TILE; the few-token analysis: width T), of which the
-// first b are DCT coefficients. The sparse products then read coefficients c and give what
-// coefficients c * s give (the same bits when s is a power of two), so a weight with a coefficient
-// scale (FFNArgs) needs no scaled copy of its coefficients. Scaling the analysed output gradient
-// the same way gives both the input gradient of c * s and the gradient of c itself.
+// A transform-domain input with its rows scaled: X holds `groups` blocks of b + nf rows of `width`
+// lanes (a tile's segments: width RBE_TILE; the few-token analysis: width T), the first b of them
+// DCT coefficients (times s.coeff) and the rest pattern projections (times s.pattern). The kernels
+// then read the parameters and give what the parameters times their scales give (the same bits
+// when the scales are powers of two), so a scaled weight needs no scaled copy of its numbers.
+// Scaling the analysed output gradient the same way gives both the input gradient of the scaled
+// numbers and the gradients of the parameters themselves.
 template <typename T>
-static void scale_coeff_rows(T* X, int64_t groups, const Plan& P, int64_t width, double s) {
-    if (s == 1.0) return;
+static void scale_rows(T* X, int64_t groups, const Plan& P, int64_t width, const Scales& s) {
+    if (s.none()) return;
     const int64_t rows = P.b + P.nf;
-    const T st = (T)s;
-    at::parallel_for(0, groups, std::max<int64_t>(1, (1 << 14) / (P.b * width)), [&](int64_t g0, int64_t g1) {
-        for (int64_t g = g0; g < g1; g++)
-            for (int64_t e = g * rows * width; e < (g * rows + P.b) * width; e++) X[e] *= st;
+    const T sc = (T)s.coeff, sp = (T)s.pattern;
+    at::parallel_for(0, groups, std::max<int64_t>(1, (1 << 14) / (rows * width)), [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; g++) {
+            T* x = X + g * rows * width;
+            if (sc != T(1))
+                for (int64_t e = 0; e < P.b * width; e++) x[e] *= sc;
+            if (sp != T(1))
+                for (int64_t e = P.b * width; e < rows * width; e++) x[e] *= sp;
+        }
     });
 }
 
@@ -323,17 +329,17 @@ static Tensor analyse(const T* x, int64_t Tn, int64_t n, const Plan& P, int whic
 
 // y (and pre) [T, out] = act(x W^T + bias). Xh_in: x already analysed (then x is unused; its
 // coefficient rows already scaled by the caller); Xnext: also write the analysis of y for a next
-// layer (then y may be null). See rbe.h. The coefficients are W.coeffs * scale (scale_coeff_rows).
+// layer (then y may be null). See rbe.h. The weight's numbers are W's times `scale` (scale_rows).
 template <typename T>
 static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, const T* bias, int act, const Plan& P,
                        const at::TensorOptions& opt, const T* Xh_in = nullptr, T* Xnext = nullptr,
-                       SchedCache* cache = nullptr, double scale = 1.0) {
+                       SchedCache* cache = nullptr, const Scales& scale = {}) {
     if (Tn == 0) return;
-    TORCH_INTERNAL_ASSERT(!Xh_in || scale == 1.0, "linear_raw: scale an analysed input before the call");
+    TORCH_INTERNAL_ASSERT(!Xh_in || scale.none(), "linear_raw: scale an analysed input before the call");
     Tensor Xh;
     if (!Xh_in) {
         Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
-        scale_coeff_rows(Xh.data_ptr<T>(), cdiv(Tn, RBE_TILE) * cdiv(W.in, P.b), P, RBE_TILE, scale);
+        scale_rows(Xh.data_ptr<T>(), cdiv(Tn, RBE_TILE) * cdiv(W.in, P.b), P, RBE_TILE, scale);
     }
     const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
     const int64_t R = cdiv(W.out, P.b), ntiles = cdiv(Tn, RBE_TILE);
@@ -394,7 +400,7 @@ static void few_linear_raw(T* y, T* pre, T* Xnext, const T* Xf, int64_t Tn, cons
 template <typename T>
 static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accumulate, const T* g, const T* x,
                                 int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt,
-                                const T* Xh_in = nullptr, SchedCache* cache = nullptr, double scale = 1.0) {
+                                const T* Xh_in = nullptr, SchedCache* cache = nullptr, const Scales& scale = {}) {
     if (Tn == 0) return;
     const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), ntiles = cdiv(Tn, RBE_TILE);
     if (dbias)
@@ -405,8 +411,8 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
     const auto cw = cweight<T>(W);
     const auto cp = cplan<T>(P);
     Tensor Gh = analyse<T>(g, Tn, W.out, P, 1, opt);
-    // coefficients W.coeffs * scale: dx from the scaled Gh, and dcoeffs (of W.coeffs) = scaled Gh . Xh
-    scale_coeff_rows(Gh.data_ptr<T>(), ntiles * R, P, RBE_TILE, scale);
+    // numbers W's times `scale`: dx from the scaled Gh, and the gradients of W's own numbers = scaled Gh . Xh
+    scale_rows(Gh.data_ptr<T>(), ntiles * R, P, RBE_TILE, scale);
     if (dx) {
         // the transposed product runs over coefficients grouped by column: a schedule (AVX2, several
         // tiles of tokens) or each block's coefficients re-sorted by column (one tile: building the
@@ -576,9 +582,11 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
                                    const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
                                    const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
                                    int64_t d_model, int64_t d_ff, std::string activation, int64_t chunk_tokens,
-                                   bool keep_pre, double coeff_scale1, double coeff_scale2) {
+                                   bool keep_pre, double coeff_scale1, double coeff_scale2, double pattern_scale1,
+                                   double pattern_scale2) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2, d_model, d_ff,
-                          activation, chunk_tokens, coeff_scale1, coeff_scale2);
+                          activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
+                          check_scales(coeff_scale2, pattern_scale2, "fc2"));
     const int64_t Tn = a.x2.size(0);
     auto opt = a.x2.options();
     Tensor y = at::empty(x.sizes(), opt);  // [T, d_model] in x's shape: a base tensor, not a view
@@ -593,10 +601,10 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
                 const int64_t n = std::min(a.chunk, Tn - t0);
                 Tensor Xf1 = few_analyse<T>(a.x2.data_ptr<T>() + t0 * d_model, n, d_model, a.P, at_, opt);
                 Tensor Xf2 = at::empty({(int64_t)rbe_few_size((int)d_ff, (int)a.P.b, (int)a.P.nf, (long)n)}, opt);
-                scale_coeff_rows(Xf1.data_ptr<T>(), cdiv(d_model, a.P.b), a.P, n, a.scale1);
+                scale_rows(Xf1.data_ptr<T>(), cdiv(d_model, a.P.b), a.P, n, a.scales1);
                 few_linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, Xf2.data_ptr<T>(),
                                   Xf1.data_ptr<T>(), n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, at_);
-                scale_coeff_rows(Xf2.data_ptr<T>(), cdiv(d_ff, a.P.b), a.P, n, a.scale2);
+                scale_rows(Xf2.data_ptr<T>(), cdiv(d_ff, a.P.b), a.P, n, a.scales2);
                 few_linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, Xf2.data_ptr<T>(), n, a.W2,
                                   ptr_or_null<T>(a.bias2), RBE_ACT_NONE, a.P, at_);
             }
@@ -613,8 +621,8 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
             const int64_t n = std::min(a.chunk, Tn - t0);
             linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, a.x2.data_ptr<T>() + t0 * d_model,
                           n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt, nullptr, Xh2.data_ptr<T>(),
-                          cached ? &s1 : nullptr, a.scale1);
-            scale_coeff_rows(Xh2.data_ptr<T>(), cdiv(n, RBE_TILE) * cdiv(d_ff, a.P.b), a.P, RBE_TILE, a.scale2);
+                          cached ? &s1 : nullptr, a.scales1);
+            scale_rows(Xh2.data_ptr<T>(), cdiv(n, RBE_TILE) * cdiv(d_ff, a.P.b), a.P, RBE_TILE, a.scales2);
             linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, n, a.W2, ptr_or_null<T>(a.bias2),
                           RBE_ACT_NONE, a.P, opt, Xh2.data_ptr<T>(), nullptr, cached ? &s2 : nullptr);
         }
@@ -628,9 +636,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     const Tensor& grad, const Tensor& x, const Tensor& pre, const Tensor& plan, const Tensor& basis1,
     const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
     const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff, std::string activation,
-    int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2) {
+    int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2, double pattern_scale1,
+    double pattern_scale2) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, c10::nullopt, d_model,
-                          d_ff, activation, chunk_tokens, coeff_scale1, coeff_scale2);
+                          d_ff, activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
+                          check_scales(coeff_scale2, pattern_scale2, "fc2"));
     Tensor g2 = as_tokens(grad, d_model, "grad");
     const int64_t Tn = a.x2.size(0);
     TORCH_CHECK_VALUE(g2.size(0) == Tn && grad.scalar_type() == x.scalar_type(),
@@ -676,13 +686,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             } else {
                 Xh2 = hidden_analysis(n, d_ff, a.P, opt);
                 linear_raw<T>(nullptr, hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt,
-                              nullptr, Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scale1);
+                              nullptr, Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scales1);
                 h = hpre.data_ptr<T>();
             }
             linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, mask[4] ? db2.data_ptr<T>() : nullptr,
                                    mask[5] ? dc2.data_ptr<T>() : nullptr, mask[6] ? dbias2.data_ptr<T>() : nullptr, acc,
                                    g2.data_ptr<T>() + t0 * d_model, saved ? hid.data_ptr<T>() : nullptr, n, a.W2, a.P,
-                                   opt, saved ? nullptr : Xh2.data_ptr<T>(), cached ? &s2 : nullptr, a.scale2);
+                                   opt, saved ? nullptr : Xh2.data_ptr<T>(), cached ? &s2 : nullptr, a.scales2);
             Xh2.reset();  // so the chunk's peak is h, dh and one transform-domain copy (the memory limit's budget)
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
@@ -692,7 +702,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() + t0 * d_model : nullptr,
                                    mask[1] ? db1.data_ptr<T>() : nullptr, mask[2] ? dc1.data_ptr<T>() : nullptr,
                                    mask[3] ? dbias1.data_ptr<T>() : nullptr, acc, dhp, xc, n, a.W1, a.P, opt, nullptr,
-                                   cached ? &s1 : nullptr, a.scale1);
+                                   cached ? &s1 : nullptr, a.scales1);
         }
         const double m = std::isfinite(mg) ? mx : mg;
         check_finite_results<T>({dx, db1, dc1, dbias1, db2, dc2, dbias2}, m,
@@ -744,10 +754,12 @@ TORCH_LIBRARY(rbe_ffn, m) {
           "int in_features, int out_features, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
     m.def("ffn(Tensor x, Tensor plan, Tensor basis1, Tensor coeffs1, Tensor index1, Tensor? bias1, Tensor basis2, "
           "Tensor coeffs2, Tensor index2, Tensor? bias2, int d_model, int d_ff, str activation, int chunk_tokens, "
-          "bool keep_pre, float coeff_scale1=1., float coeff_scale2=1.) -> (Tensor, Tensor)");
+          "bool keep_pre, float coeff_scale1=1., float coeff_scale2=1., float pattern_scale1=1., "
+          "float pattern_scale2=1.) -> (Tensor, Tensor)");
     m.def("ffn_backward(Tensor grad, Tensor x, Tensor pre, Tensor plan, Tensor basis1, Tensor coeffs1, "
           "Tensor index1, Tensor? bias1, Tensor basis2, Tensor coeffs2, Tensor index2, int d_model, int d_ff, "
-          "str activation, int chunk_tokens, bool[7] output_mask, float coeff_scale1=1., float coeff_scale2=1.) -> "
+          "str activation, int chunk_tokens, bool[7] output_mask, float coeff_scale1=1., float coeff_scale2=1., "
+          "float pattern_scale1=1., float pattern_scale2=1.) -> "
           "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("activation(Tensor x, str activation) -> Tensor");
     m.def("activation_backward(Tensor grad, Tensor x, str activation) -> Tensor");

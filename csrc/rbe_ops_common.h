@@ -148,6 +148,30 @@ inline std::vector<int64_t> with_last(const Tensor& x, int64_t n) {
 }
 
 
+// The scales of a weight's numbers: its coefficients are coeffs * coeff, its pattern numbers
+// basis * pattern (the "scaled" parametrization hands the operators its parameters and these)
+struct Scales {
+    double coeff = 1.0, pattern = 1.0;
+    bool none() const { return coeff == 1.0 && pattern == 1.0; }
+};
+
+inline Scales check_scales(double coeff, double pattern, const char* layer) {
+    for (double v : {coeff, pattern})
+        TORCH_CHECK_VALUE(std::isfinite(v) && v != 0.0, "rbe_ffn: the scales of ", layer,
+                          " (coeff_scale, pattern_scale) must be finite and non-zero, got ", coeff, ", ", pattern);
+    return Scales{coeff, pattern};
+}
+
+// W with its numbers multiplied by their scales (new tensors; W itself when there are none), for
+// kernels that read the numbers as they are (the CUDA path)
+inline Weight scaled_weight(const Weight& W, const Scales& s) {
+    if (s.none()) return W;
+    Weight out = W;
+    if (s.coeff != 1.0) out.coeffs = W.coeffs.mul(s.coeff);
+    if (s.pattern != 1.0) out.basis = W.basis.mul(s.pattern);
+    return out;
+}
+
 // the arguments of the feed-forward operators, checked
 struct FFNArgs {
     Tensor x2;
@@ -156,28 +180,14 @@ struct FFNArgs {
     c10::optional<Tensor> bias1, bias2;
     int act;
     int64_t chunk;
-    double scale1, scale2;  // the coefficients are W1.coeffs * scale1, W2.coeffs * scale2
+    Scales scales1, scales2;
 };
-
-inline double check_coeff_scale(double s, const char* name) {
-    TORCH_CHECK_VALUE(std::isfinite(s) && s != 0.0, "rbe_ffn: ", name, " must be finite and non-zero, got ", s);
-    return s;
-}
-
-// W with its coefficients multiplied by s (a new tensor; W itself when s == 1): for the kernels
-// that read the coefficients as they are (everything but the few-token forward)
-inline Weight scaled_coeffs(const Weight& W, double s) {
-    if (s == 1.0) return W;
-    Weight out = W;
-    out.coeffs = W.coeffs.mul(s);
-    return out;
-}
 
 inline FFNArgs check_ffn(const Tensor& x, const Tensor& plan, const Tensor& basis1, const Tensor& coeffs1,
                          const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
                          const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
                          int64_t d_model, int64_t d_ff, const std::string& activation, int64_t chunk_tokens,
-                         double coeff_scale1 = 1.0, double coeff_scale2 = 1.0, bool half_ok = false) {
+                         const Scales& scales1 = {}, const Scales& scales2 = {}, bool half_ok = false) {
     Tensor x2 = as_tokens(x, d_model, "input", half_ok);
     Plan P = check_plan(plan, x.scalar_type(), x.device());
     Weight W1 = check_weight("fc1", basis1, coeffs1, index1, d_ff, d_model, P.b, x.scalar_type(), x.device());
@@ -190,8 +200,8 @@ inline FFNArgs check_ffn(const Tensor& x, const Tensor& plan, const Tensor& basi
     auto cont = [](const c10::optional<Tensor>& b) {
         return b.has_value() ? c10::optional<Tensor>(b->contiguous()) : c10::nullopt;
     };
-    const double s1 = check_coeff_scale(coeff_scale1, "coeff_scale1"), s2 = check_coeff_scale(coeff_scale2, "coeff_scale2");
-    return FFNArgs{x2, P, W1, W2, cont(bias1), cont(bias2), act_code(activation), std::max<int64_t>(chunk, 1), s1, s2};
+    return FFNArgs{x2, P, W1, W2, cont(bias1), cont(bias2), act_code(activation), std::max<int64_t>(chunk, 1),
+                   scales1, scales2};
 }
 
 // psi [b*b], the pattern images [8*b*b] and their pseudo-inverse [8*b*b] (double), for the codec

@@ -264,12 +264,14 @@ std::tuple<Tensor, Tensor> ffn_cuda(const Tensor& x, const Tensor& plan, const T
                                     const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
                                     const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
                                     int64_t d_model, int64_t d_ff, std::string activation, int64_t chunk_tokens,
-                                    bool keep_pre, double coeff_scale1, double coeff_scale2) {
+                                    bool keep_pre, double coeff_scale1, double coeff_scale2, double pattern_scale1,
+                                    double pattern_scale2) {
     const OpScope scope(x);
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2, d_model, d_ff,
-                          activation, chunk_tokens, coeff_scale1, coeff_scale2, true);
+                          activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
+                          check_scales(coeff_scale2, pattern_scale2, "fc2"), true);
     check_indexes({{"fc1", &a.W1}, {"fc2", &a.W2}});
-    a.W1 = scaled_coeffs(a.W1, a.scale1), a.W2 = scaled_coeffs(a.W2, a.scale2);
+    a.W1 = scaled_weight(a.W1, a.scales1), a.W2 = scaled_weight(a.W2, a.scales2);
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Tables T = tables(a.P.b, ct, x.device());
     const Tensor wd1 = decode_dense(a.W1, T, ct), wd2 = decode_dense(a.W2, T, ct);
@@ -294,10 +296,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     const Tensor& grad, const Tensor& x, const Tensor& pre, const Tensor& plan, const Tensor& basis1,
     const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
     const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff, std::string activation,
-    int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2) {
+    int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2, double pattern_scale1,
+    double pattern_scale2) {
     const OpScope scope(x);
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, c10::nullopt, d_model,
-                          d_ff, activation, chunk_tokens, coeff_scale1, coeff_scale2, true);
+                          d_ff, activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
+                          check_scales(coeff_scale2, pattern_scale2, "fc2"), true);
     Tensor g2 = as_tokens(grad, d_model, "grad", true);
     const int64_t Tn = a.x2.size(0);
     TORCH_CHECK_VALUE(g2.size(0) == Tn && grad.scalar_type() == x.scalar_type() && grad.device() == x.device(),
@@ -311,7 +315,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                           ", expected ", Tn, " of ", x.scalar_type(), " on the input's device");
     }
     check_indexes({{"fc1", &a.W1}, {"fc2", &a.W2}});
-    a.W1 = scaled_coeffs(a.W1, a.scale1), a.W2 = scaled_coeffs(a.W2, a.scale2);
+    a.W1 = scaled_weight(a.W1, a.scales1), a.W2 = scaled_weight(a.W2, a.scales2);
     const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
     const Tables T = tables(a.P.b, ct, x.device());
     auto opt = a.x2.options(), copt = opt.dtype(ct);
@@ -354,9 +358,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     Tensor db1 = empty0(opt), dc1 = empty0(opt), db2 = empty0(opt), dc2 = empty0(opt);
     if (dw1_on) project(mask[1] ? &db1 : nullptr, mask[2] ? &dc1 : nullptr, dw1, a.W1, T);
     if (dw2_on) project(mask[4] ? &db2 : nullptr, mask[5] ? &dc2 : nullptr, dw2, a.W2, T);
-    // the gradients of the coefficients passed in: the scale times those of c * scale
-    if (mask[2] && a.scale1 != 1.0) dc1.mul_(a.scale1);
-    if (mask[5] && a.scale2 != 1.0) dc2.mul_(a.scale2);
+    // the gradients of the numbers passed in: their scales times those of the scaled numbers
+    if (mask[1] && a.scales1.pattern != 1.0) db1.mul_(a.scales1.pattern);
+    if (mask[2] && a.scales1.coeff != 1.0) dc1.mul_(a.scales1.coeff);
+    if (mask[4] && a.scales2.pattern != 1.0) db2.mul_(a.scales2.pattern);
+    if (mask[5] && a.scales2.coeff != 1.0) dc2.mul_(a.scales2.coeff);
     if (mask[3]) dbias1 = dbias1.to(dt);
     if (mask[6]) dbias2 = dbias2.to(dt);
     return {dx, db1, dc1, dbias1, db2, dc2, dbias2};

@@ -144,58 +144,65 @@ def test_opcheck_ffn_backward(keep_pre, chunk):
                                     d(f2.basis), d(f2.coeffs), f2.index, 10, 37, "gelu_tanh", chunk, mask))
 
 
+SCALES = (4.0, 0.5, 0.125, 2.0)  # coeff_scale1, coeff_scale2, pattern_scale1, pattern_scale2
+
+
 @pytest.mark.parametrize("keep_pre", [True, False])
-def test_opcheck_ffn_coeff_scales(keep_pre):
+def test_opcheck_ffn_scales(keep_pre):
     m = make_ffn(10, 37, "gelu", dtype=torch.float64)
     d = lambda t: t.detach()  # noqa: E731
     for tokens in (3, 20):  # the few-token forward and the tile path
         x = torch.randn(tokens, 10, dtype=torch.float64, requires_grad=True)
-        assert_opcheck(ops.ffn, ffn_args(m, x, 0, keep_pre) + (4.0, 0.125))
+        assert_opcheck(ops.ffn, ffn_args(m, x, 0, keep_pre) + SCALES)
         with torch.no_grad():
-            y, pre = ops.ffn(*ffn_args(m, x, 0, keep_pre), 4.0, 0.125)
+            y, pre = ops.ffn(*ffn_args(m, x, 0, keep_pre), *SCALES)
         f1, f2 = m.fc1, m.fc2
         assert_opcheck(ops.ffn_backward, (torch.randn_like(y), d(x), pre, f1.plan, d(f1.basis), d(f1.coeffs),
                                           f1.index, d(f1.bias), d(f2.basis), d(f2.coeffs), f2.index, 10, 37, "gelu",
-                                          0, [True] * 7, 4.0, 0.125))
+                                          0, [True] * 7, *SCALES))
 
 
 @pytest.mark.parametrize("tokens,chunk", [(1, 0), (5, 0), (8, 3), (70, 0), (200, 64), (300, 128)])
 @pytest.mark.parametrize("keep_pre", [True, False], ids=["standard", "checkpointed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_coeff_scales_are_the_coefficients_times_the_scales(tokens, chunk, keep_pre, dtype):
-    """ffn(..., coeffs, scale) is ffn(..., coeffs * scale): bitwise for powers of two, in every
-    path (the few-token forward folds the scale into its transformed input, the others scale a
-    copy); the gradient of the coefficients passed in is the scale times theirs, bitwise too."""
+def test_scales_are_the_numbers_times_the_scales(tokens, chunk, keep_pre, dtype):
+    """ffn(..., basis, coeffs, scales) is ffn(..., basis * pattern_scale, coeffs * coeff_scale):
+    bitwise for powers of two, in every path (the operator scales its transformed input and output
+    gradient, never the numbers); the gradients of the numbers passed in are their scales times
+    those of the scaled numbers, bitwise too."""
     m = make_ffn(24, 50, "gelu", dtype=dtype, random_bias=True, seed=31)
     f1, f2 = m.fc1, m.fc2
     x = torch.randn(tokens, 24, dtype=dtype, generator=torch.Generator().manual_seed(tokens))
-    s1, s2 = 4.0, 0.125
+    cs1, cs2, ps1, ps2 = SCALES
 
-    def run(c1, c2, *scales):
-        args = (x, f1.plan, f1.basis.detach(), c1, f1.index, f1.bias.detach(), f2.basis.detach(), c2, f2.index,
-                f2.bias.detach(), 24, 50, "gelu", chunk, keep_pre)
+    def run(b1, c1, b2, c2, *scales):
+        args = (x, f1.plan, b1, c1, f1.index, f1.bias.detach(), b2, c2, f2.index, f2.bias.detach(), 24, 50, "gelu",
+                chunk, keep_pre)
         y, pre = ops.ffn(*args, *scales)
         gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
-        grads = ops.ffn_backward(gy, x, pre, f1.plan, f1.basis.detach(), c1, f1.index, f1.bias.detach(),
-                                 f2.basis.detach(), c2, f2.index, 24, 50, "gelu", chunk, [True] * 7, *scales)
+        grads = ops.ffn_backward(gy, x, pre, f1.plan, b1, c1, f1.index, f1.bias.detach(), b2, c2, f2.index, 24, 50,
+                                 "gelu", chunk, [True] * 7, *scales)
         return y, grads
 
-    c1, c2 = f1.coeffs.detach(), f2.coeffs.detach()
-    y, g = run(c1, c2, s1, s2)
-    y_ref, g_ref = run(c1 * s1, c2 * s2)
+    b1, c1, b2, c2 = (t.detach() for t in (f1.basis, f1.coeffs, f2.basis, f2.coeffs))
+    y, g = run(b1, c1, b2, c2, *SCALES)
+    y_ref, g_ref = run(b1 * ps1, c1 * cs1, b2 * ps2, c2 * cs2)
     assert torch.equal(y, y_ref)
-    for i, (a, b) in enumerate(zip(g, g_ref)):
-        scale = {2: s1, 5: s2}.get(i, 1.0)
+    for i, (a, b) in enumerate(zip(g, g_ref)):  # dx db1 dc1 dbias1 db2 dc2 dbias2
+        scale = {1: ps1, 2: cs1, 4: ps2, 5: cs2}.get(i, 1.0)
         assert torch.equal(a, b * scale), i
-    # any other finite scale is the same function up to rounding
-    check_close(run(c1, c2, 3.0, 1.0)[0], run(c1 * 3.0, c2)[0], 1e-6 if dtype == torch.float32 else 1e-14, "scale 3")
+    # any other finite scales are the same function up to rounding
+    check_close(run(b1, c1, b2, c2, 3.0, 1.0, 1.0, 0.3)[0], run(b1, c1 * 3.0, b2 * 0.3, c2)[0],
+                1e-6 if dtype == torch.float32 else 1e-14, "scales 3 and 0.3")
 
 
 @pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
-def test_coeff_scale_must_be_finite_and_nonzero(bad):
+def test_scales_must_be_finite_and_nonzero(bad):
     m = make_ffn(10, 37, "gelu")
-    with pytest.raises(ValueError, match="coeff_scale2 must be finite and non-zero"):
+    with pytest.raises(ValueError, match=r"the scales of fc2 \(coeff_scale, pattern_scale\) must be finite"):
         ops.ffn(*ffn_args(m, torch.randn(3, 10)), 1.0, bad)
+    with pytest.raises(ValueError, match=r"the scales of fc1 \(coeff_scale, pattern_scale\) must be finite"):
+        ops.ffn(*ffn_args(m, torch.randn(3, 10)), 1.0, 1.0, bad, 1.0)
 
 
 @pytest.mark.parametrize("activation", ACTS + ["none"])

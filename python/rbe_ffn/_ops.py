@@ -254,7 +254,8 @@ _register_autograd("linear", _linear_backward, _linear_setup)
 # ---------------------------------------------------------------- feed-forward
 @torch.library.register_fake("rbe_ffn::ffn")
 def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
-              d_model, d_ff, activation, chunk_tokens, keep_pre, coeff_scale1=1.0, coeff_scale2=1.0):
+              d_model, d_ff, activation, chunk_tokens, keep_pre, coeff_scale1=1.0, coeff_scale2=1.0,
+              pattern_scale1=1.0, pattern_scale2=1.0):
     _one_device("ffn", x=x, plan=plan, basis1=basis1, coeffs1=coeffs1, index1=index1, bias1=bias1,
                 basis2=basis2, coeffs2=coeffs2, index2=index2, bias2=bias2)
     torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
@@ -264,7 +265,8 @@ def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, 
 
 @torch.library.register_fake("rbe_ffn::ffn_backward")
 def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2,
-                       d_model, d_ff, activation, chunk_tokens, output_mask, coeff_scale1=1.0, coeff_scale2=1.0):
+                       d_model, d_ff, activation, chunk_tokens, output_mask, coeff_scale1=1.0, coeff_scale2=1.0,
+                       pattern_scale1=1.0, pattern_scale2=1.0):
     _one_device("ffn_backward", grad=grad, x=x, pre=pre, plan=plan, basis1=basis1, coeffs1=coeffs1,
                 index1=index1, bias1=bias1, basis2=basis2, coeffs2=coeffs2, index2=index2)
     shapes = [x.shape, basis1.shape, coeffs1.shape, (d_ff,), basis2.shape, coeffs2.shape, (d_model,)]
@@ -278,7 +280,7 @@ def _ffn_setup(ctx, inputs, output):
     # checkpointed (keep_pre=False): pre is an empty tensor, so only x is saved
     ctx.save_for_backward(x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2)
     ctx.args = (d_model, d_ff, activation, chunk_tokens)
-    ctx.scales = tuple(scales)  # coeff_scale1, coeff_scale2 when given
+    ctx.scales = tuple(scales)  # coeff_scale1, coeff_scale2, pattern_scale1, pattern_scale2 (those given)
     ctx.mark_non_differentiable(pre)
     # pre never receives a gradient: without this autograd would materialize a
     # zero [T, d_ff] tensor for it in every backward (a second copy of pre).

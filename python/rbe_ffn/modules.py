@@ -714,14 +714,6 @@ class RBELinear(nn.Module):
             coeffs = coeffs * self._coeff_scale
         return basis, coeffs
 
-    def operator_numbers(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(pattern numbers, coeffs, coefficient scale) as the operators take them: the pattern
-        numbers as in numbers() (8 per block: cheap), the coefficient parameter itself and its
-        scale, which the operator applies (the few-token forward folds it into the transformed
-        input instead of multiplying every coefficient on every call; the same bits)."""
-        basis = self.basis * self._pattern_scale if self._pattern_scale != 1.0 else self.basis
-        return basis, self.coeffs, self._coeff_scale
-
     def set_parametrization(self, parametrization: str) -> None:
         """Switch between "scaled" and "plain" in place, the format numbers unchanged (exactly:
         the scales are powers of two). E.g. "plain" after training, for inference: the forward
@@ -932,9 +924,11 @@ class RBEFeedForward(nn.Module):
                                "one fused operator on both layers' weights and never calls fc1/fc2, so FSDP "
                                "never gathers them: apply fully_shard to the RBEFeedForward, not to its fc1/fc2")
         x, out_dtype = cpu_half_input(x, f1.basis.dtype)
-        (b1, c1, s1), (b2, c2, s2) = f1.operator_numbers(), f2.operator_numbers()
-        y, _ = ops.ffn(x, f1.plan, b1, c1, f1.index, f1.bias, b2, c2, f2.index, f2.bias,
-                       self.d_model, self.d_ff, self.activation, chunk, keep_pre(self.checkpoint), s1, s2)
+        # the parameters and their scales: the operator applies the scales to its transformed
+        # input (and output gradient), never to the numbers (docs/DESIGN.md, Parametrization)
+        y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
+                       self.d_model, self.d_ff, self.activation, chunk, keep_pre(self.checkpoint),
+                       f1._coeff_scale, f2._coeff_scale, f1._pattern_scale, f2._pattern_scale)
         y = _restore(y, out_dtype)
         if not torch.compiler.is_compiling():
             tokens = x.numel() // max(self.d_model, 1)
