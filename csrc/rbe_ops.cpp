@@ -515,10 +515,12 @@ static T* ptr_or_null(const c10::optional<Tensor>& t) {
 
 // ---- operators: linear ----
 Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, const Tensor& coeffs, const Tensor& index,
-                  const c10::optional<Tensor>& bias, int64_t in, int64_t out) {
+                  const c10::optional<Tensor>& bias, int64_t in, int64_t out, double coeff_scale,
+                  double pattern_scale) {
     Tensor x2 = as_tokens(x, in, "input");
     Plan P = check_plan(plan, x.scalar_type(), x.device());
     Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
+    const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_bias(bias, out, x.scalar_type(), x.device(), "bias");
     c10::optional<Tensor> bc = bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt;
     // y is allocated in the input's leading shape (contiguous: the kernels write it as [T, out]),
@@ -530,11 +532,12 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
         if (few_tokens(Tn)) {
             Tensor At = few_tables<scalar_t>(P, x2.options());
             Tensor Xf = few_analyse<scalar_t>(x2.data_ptr<scalar_t>(), Tn, in, P, At.data_ptr<scalar_t>(), x2.options());
+            scale_rows(Xf.data_ptr<scalar_t>(), cdiv(in, P.b), P, Tn, sc);
             few_linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, nullptr, Xf.data_ptr<scalar_t>(), Tn, W,
                                      ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, At.data_ptr<scalar_t>());
         } else {
             linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x2.data_ptr<scalar_t>(), Tn, W,
-                                 ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options());
+                                 ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options(), nullptr, nullptr, nullptr, sc);
         }
         check_finite_results<scalar_t>({y}, m, {W.basis, W.coeffs, bc}, "the output");
     });
@@ -544,13 +547,15 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& plan,
                                                                const Tensor& basis, const Tensor& coeffs,
                                                                const Tensor& index, int64_t in, int64_t out,
-                                                               std::array<bool, 4> mask) {
+                                                               std::array<bool, 4> mask, double coeff_scale,
+                                                               double pattern_scale) {
     Tensor x2 = as_tokens(x, in, "input");
     Tensor g2 = as_tokens(grad, out, "grad");
     TORCH_CHECK_VALUE(g2.size(0) == x2.size(0) && grad.scalar_type() == x.scalar_type(),
                       "rbe_ffn: grad must match the input's tokens and dtype");
     Plan P = check_plan(plan, x.scalar_type(), x.device());
     Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
+    const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     auto opt = x2.options();
     Tensor dx = mask[0] ? at::empty(x.sizes(), opt) : at::empty({0}, opt);
     Tensor db = mask[1] ? at::empty(W.basis.sizes(), opt) : at::empty({0}, opt);
@@ -565,7 +570,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& gra
         const double mg = check_range<T>(g2, P.b, "grad", true), mx = check_range<T>(x2, P.b, "input");
         linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() : nullptr, mask[1] ? db.data_ptr<T>() : nullptr,
                                mask[2] ? dc.data_ptr<T>() : nullptr, mask[3] ? dbias.data_ptr<T>() : nullptr, 0,
-                               g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt);
+                               g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt, nullptr, nullptr, sc);
         const double m = std::isfinite(mg) ? mx : mg;
         check_finite_results<T>({dx, db, dc, dbias}, m, {W.basis, W.coeffs}, "the gradient");
     });
@@ -749,9 +754,10 @@ TORCH_LIBRARY(rbe_ffn, m) {
     m.def("encode(Tensor weight, int block_size, int k) -> (Tensor, Tensor, Tensor, Tensor)");
     m.def("decode(Tensor basis, Tensor coeffs, Tensor index, int out_features, int in_features, int block_size) -> Tensor");
     m.def("linear(Tensor x, Tensor plan, Tensor basis, Tensor coeffs, Tensor index, Tensor? bias, "
-          "int in_features, int out_features) -> Tensor");
+          "int in_features, int out_features, float coeff_scale=1., float pattern_scale=1.) -> Tensor");
     m.def("linear_backward(Tensor grad, Tensor x, Tensor plan, Tensor basis, Tensor coeffs, Tensor index, "
-          "int in_features, int out_features, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+          "int in_features, int out_features, bool[4] output_mask, float coeff_scale=1., float pattern_scale=1.) -> "
+          "(Tensor, Tensor, Tensor, Tensor)");
     m.def("ffn(Tensor x, Tensor plan, Tensor basis1, Tensor coeffs1, Tensor index1, Tensor? bias1, Tensor basis2, "
           "Tensor coeffs2, Tensor index2, Tensor? bias2, int d_model, int d_ff, str activation, int chunk_tokens, "
           "bool keep_pre, float coeff_scale1=1., float coeff_scale2=1., float pattern_scale1=1., "

@@ -219,13 +219,16 @@ Tensor decode_cuda(const Tensor& basis, const Tensor& coeffs, const Tensor& inde
 
 // ---- linear ----
 Tensor linear_cuda(const Tensor& x, const Tensor& plan, const Tensor& basis, const Tensor& coeffs, const Tensor& index,
-                   const c10::optional<Tensor>& bias, int64_t in, int64_t out) {
+                   const c10::optional<Tensor>& bias, int64_t in, int64_t out, double coeff_scale,
+                   double pattern_scale) {
     const OpScope scope(x);
     Tensor x2 = as_tokens(x, in, "input", true);
     Plan P = check_plan(plan, x.scalar_type(), x.device());
     Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
+    const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_bias(bias, out, x.scalar_type(), x.device(), "bias");
     check_indexes({{"linear", &W}});
+    W = scaled_weight(W, sc);
     const at::ScalarType ct = compute_type(x.scalar_type());
     Tensor wd = decode_dense(W, tables(P.b, ct, x.device()), ct);
     Tensor y = at::empty(with_last(x, out), x2.options());  // returned as a base tensor, not a view
@@ -237,7 +240,8 @@ Tensor linear_cuda(const Tensor& x, const Tensor& plan, const Tensor& basis, con
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& plan,
                                                                 const Tensor& basis, const Tensor& coeffs,
                                                                 const Tensor& index, int64_t in, int64_t out,
-                                                                std::array<bool, 4> mask) {
+                                                                std::array<bool, 4> mask, double coeff_scale,
+                                                                double pattern_scale) {
     const OpScope scope(x);
     Tensor x2 = as_tokens(x, in, "input", true);
     Tensor g2 = as_tokens(grad, out, "grad", true);
@@ -245,7 +249,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& gr
                       "rbe_ffn: grad must match the input's tokens, dtype and device");
     Plan P = check_plan(plan, x.scalar_type(), x.device());
     Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
+    const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_indexes({{"linear", &W}});
+    W = scaled_weight(W, sc);
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Tables T = tables(P.b, ct, x.device());
     auto opt = x2.options();
@@ -256,6 +262,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& gr
         project(mask[1] ? &db : nullptr, mask[2] ? &dc : nullptr, dw, W, T);
     }
     if (mask[3]) dbias = at::sum(g2, {0}, false, ct).to(x.scalar_type());
+    if (mask[1] && sc.pattern != 1.0) db.mul_(sc.pattern);  // the gradients of the parameters passed in
+    if (mask[2] && sc.coeff != 1.0) dc.mul_(sc.coeff);
     return {dx, db, dc, dbias};
 }
 

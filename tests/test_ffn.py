@@ -196,6 +196,31 @@ def test_scales_are_the_numbers_times_the_scales(tokens, chunk, keep_pre, dtype)
                 1e-6 if dtype == torch.float32 else 1e-14, "scales 3 and 0.3")
 
 
+@pytest.mark.parametrize("tokens", [1, 5, 70, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_scales_are_the_numbers_times_the_scales(tokens, dtype):
+    """The same for the linear operator (RBELinear): forward and every gradient, bitwise."""
+    lin = make_ffn(24, 50, "gelu", dtype=dtype, random_bias=True, seed=37).fc1
+    x = torch.randn(tokens, 24, dtype=dtype, generator=torch.Generator().manual_seed(tokens))
+    gy = torch.randn(tokens, 50, dtype=dtype, generator=torch.Generator().manual_seed(6))
+    b, c, bias = lin.basis.detach(), lin.coeffs.detach(), lin.bias.detach()
+    cs, ps = 0.25, 8.0
+
+    def run(basis, coeffs, *scales):
+        y = ops.linear(x, lin.plan, basis, coeffs, lin.index, bias, 24, 50, *scales)
+        return y, ops.linear_backward(gy, x, lin.plan, basis, coeffs, lin.index, 24, 50, [True] * 4, *scales)
+
+    y, g = run(b, c, cs, ps)
+    y_ref, g_ref = run(b * ps, c * cs)
+    assert torch.equal(y, y_ref)
+    for i, (a, r) in enumerate(zip(g, g_ref)):  # dx dbasis dcoeffs dbias
+        assert torch.equal(a, r * {1: ps, 2: cs}.get(i, 1.0)), i
+    assert_opcheck(ops.linear, (x.requires_grad_(), lin.plan, lin.basis, lin.coeffs, lin.index, lin.bias, 24, 50,
+                                cs, ps))
+    with pytest.raises(ValueError, match="the scales of the linear layer"):
+        ops.linear(x, lin.plan, b, c, lin.index, bias, 24, 50, float("nan"))
+
+
 @pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
 def test_scales_must_be_finite_and_nonzero(bad):
     m = make_ffn(10, 37, "gelu")

@@ -716,9 +716,8 @@ class RBELinear(nn.Module):
 
     def set_parametrization(self, parametrization: str) -> None:
         """Switch between "scaled" and "plain" in place, the format numbers unchanged (exactly:
-        the scales are powers of two). E.g. "plain" after training, for inference: the forward
-        then skips multiplying the parameters by their scales (one pass over the compressed
-        weights per call). The parameters stay the same tensors (optimizers and DDP keep them),
+        the scales are powers of two; the forward's results are the same bits either way, and so
+        is its speed). The parameters stay the same tensors (optimizers and DDP keep them),
         but an optimizer's state for them (Adam's moments) is in the old units: switch between
         training runs, not inside one."""
         ps, cs = parametrization_scales(self.block_size, self.k, parametrization)
@@ -730,9 +729,9 @@ class RBELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("RBELinear", x, self.basis)
         x, out_dtype = cpu_half_input(x, self.basis.dtype)
-        basis, coeffs = self.numbers()
-        return _restore(ops.linear(x, self.plan, basis, coeffs, self.index, self.bias,
-                                   self.in_features, self.out_features), out_dtype)
+        # the parameters and their scales: the operator scales its transformed input instead
+        return _restore(ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias, self.in_features,
+                                   self.out_features, self._coeff_scale, self._pattern_scale), out_dtype)
 
     def compressed(self) -> CompressedWeight:
         """The format's numbers (see numbers()) as a CompressedWeight."""
