@@ -41,12 +41,16 @@ pytest: $(BUILT)
 
 # C kernels alone, no torch, under AddressSanitizer and UndefinedBehaviorSanitizer
 CTEST_FLAGS := -std=c11 -O1 -g -pthread -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -Icsrc
+# glibc's vector math library, as the extension links it (setup.py): the C tests then check the
+# vectorized float activations too, not only their scalar fallback
+CTEST_MVEC := $(shell printf 'int main(void){return 0;}\n' | $(CC) -x c - -lmvec -o /dev/null 2>/dev/null && \
+                echo -Wl,--no-as-needed -lmvec -Wl,--as-needed)
 ctest: tests/c/bin/test_kernels
 	ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_kernels
 
 tests/c/bin/test_kernels: tests/c/test_kernels.c $(wildcard csrc/*.c csrc/*.h)
 	mkdir -p tests/c/bin
-	$(CC) $(CTEST_FLAGS) -o $@ tests/c/test_kernels.c $(wildcard csrc/*.c) -lm
+	$(CC) $(CTEST_FLAGS) -o $@ tests/c/test_kernels.c $(wildcard csrc/*.c) -lm $(CTEST_MVEC)
 
 # By hand (not part of make test: ~1 min): the extension built with AddressSanitizer into
 # build/asan, and tests/test_threads.py's stress (forward/backward in three threads while a

@@ -146,6 +146,10 @@ void rbe_act_forward_f64(double* y, const double* x, long n, int act);
 /* dx = dy * act'(x), elementwise */
 void rbe_act_backward_f32(float* dx, const float* dy, const float* x, long n, int act);
 void rbe_act_backward_f64(double* dx, const double* dy, const double* x, long n, int act);
+/* y = act(x) and g = act'(x) at once (y may be x; g not): bitwise what forward and backward with
+ * dy = 1 give; the backward of a standard block needs both, and they share erfc / exp */
+void rbe_act_forward_grad_f32(float* y, float* g, const float* x, long n, int act);
+void rbe_act_forward_grad_f64(double* y, double* g, const double* x, long n, int act);
 /* rbe_act_value / rbe_act_grad of rbe_math.h rounded once (the vectorized paths must agree) */
 float rbe_act_scalar_f32(float x, int act);
 double rbe_act_scalar_f64(double x, int act);

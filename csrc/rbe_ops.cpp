@@ -148,6 +148,17 @@ static void act_backward(float* dx, const float* dy, const float* x, long n, int
 static void act_backward(double* dx, const double* dy, const double* x, long n, int act) {
     rbe_act_backward_f64(dx, dy, x, n, act);
 }
+static void act_forward_grad(float* y, float* g, const float* x, long n, int act) {
+    rbe_act_forward_grad_f32(y, g, x, n, act);
+}
+static void act_forward_grad(double* y, double* g, const double* x, long n, int act) {
+    rbe_act_forward_grad_f64(y, g, x, n, act);
+}
+// the activations whose value and derivative share work (rbe_act_forward_grad); relu's backward
+// also must pass +0 where x <= 0 even for an infinite dy, which dy * act'(x) would turn into NaN
+static bool fused_act_grad(int act) {
+    return act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU;
+}
 static double max_abs(const float* x, long n) { return rbe_max_abs_f32(x, n); }
 static double max_abs(const double* x, long n) { return rbe_max_abs_f64(x, n); }
 
@@ -670,10 +681,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         const int64_t cn = std::min(a.chunk, Tn);
         // standard: a = act(h) from the saved h; checkpointed: h recomputed, and a only in the
         // transform domain (fc1 writes fc2's analysed input directly)
+        const bool need1 = mask[0] || mask[1] || mask[2] || mask[3];
+        // standard, with fc1's gradients wanted: act'(h) computed with act(h) (one erfc, not two),
+        // kept in dact (the third [chunk, d_ff] buffer the chunk budget counts: hpre is not used)
+        const bool fused = saved && need1 && fused_act_grad(a.act);
         Tensor hid = saved ? at::empty({cn, d_ff}, opt) : Tensor();
         Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);
+        Tensor dact = fused ? at::empty({cn, d_ff}, opt) : Tensor();
         Tensor dh = at::empty({cn, d_ff}, opt);
-        const bool need1 = mask[0] || mask[1] || mask[2] || mask[3];
         const bool cached = cache_scheds(Tn, a.chunk);
         SchedCache s1{mask[1] || mask[2]}, s2{mask[4] || mask[5]};
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
@@ -685,8 +700,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             if (saved) {
                 h = pre2.data_ptr<T>() + t0 * d_ff;
                 T* hp = hid.data_ptr<T>();
+                T* gp = fused ? dact.data_ptr<T>() : nullptr;
                 at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-                    act_forward(hp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
+                    const long len = (long)((r1 - r0) * d_ff);
+                    if (fused) act_forward_grad(hp + r0 * d_ff, gp + r0 * d_ff, h + r0 * d_ff, len, a.act);
+                    else act_forward(hp + r0 * d_ff, h + r0 * d_ff, len, a.act);
                 });
             } else {
                 Xh2 = hidden_analysis(n, d_ff, a.P, opt);
@@ -702,7 +720,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
             at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-                act_backward(dhp + r0 * d_ff, dhp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
+                if (fused) {  // dh * act'(h): what act_backward computes, with act'(h) already at hand
+                    const T* gp = dact.data_ptr<T>();
+                    for (int64_t i = r0 * d_ff; i < r1 * d_ff; i++) dhp[i] *= gp[i];
+                } else {
+                    act_backward(dhp + r0 * d_ff, dhp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
+                }
             });
             linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() + t0 * d_model : nullptr,
                                    mask[1] ? db1.data_ptr<T>() : nullptr, mask[2] ? dc1.data_ptr<T>() : nullptr,
