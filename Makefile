@@ -33,7 +33,7 @@ $(VENV)/.rbe_ffn_installed: $(VENV)/.deps pyproject.toml setup.py
 # editable build compiles everything in a temporary folder, this one only what changed (build/,
 # which the wheel test of tests/test_packaging.py reuses too)
 $(BUILT): $(VENV)/.rbe_ffn_installed $(SRC)
-	$(PY) setup.py -q build_clib build_ext --inplace
+	$(PY) setup.py -q build_clib --force build_ext --inplace
 	touch $@
 
 pytest: $(BUILT)

@@ -195,7 +195,10 @@ void rbe_analysis_f64(double* Xh, const double* x, const double* M, const rbe_pl
  * own analysis; lanes past T are unspecified).
  * y, pre: [T, out], Xh: [ntiles, C, b+nf, TILE], bias: [out] or NULL.
  * sched (float only; may be NULL): the x86 kernels' schedule (transpose = 0); without
- * one they work block by block (cheaper for a single tile of tokens). */
+ * one they work block by block (cheaper for a single tile of tokens).
+ * act | RBE_ACT_PRE_GRAD: pre receives act'(the value before the activation) instead, computed
+ * with the activation (rbe_act_forward_grad): what a checkpointed backward needs of it. */
+#define RBE_ACT_PRE_GRAD 0x100
 void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                           const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
                           float* scratch, long T, long p0, long p1);

@@ -108,6 +108,8 @@ void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T*
                                long p1) {
     const int out = W->out, b = W->b, k = W->k, nf = P->nf;
     const int R = (out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const int pre_grad = pre && (act & RBE_ACT_PRE_GRAD);
+    act &= ~RBE_ACT_PRE_GRAD;
     RBE_T* yh = scratch;                     // [rows, TL]
     RBE_T* yt = scratch + (size_t)rows * TL; // [b, TL]
     for (long p = p0; p < p1; p++) {
@@ -128,10 +130,13 @@ void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T*
             RBE_T bv = bias ? bias[i * b + r] : 0;
             for (int t = 0; t < TL; t++) yt[(size_t)r * TL + t] += bv;
         }
+        // pre_grad: act and act' at once, act' into yh (free after the synthesis)
+        if (pre_grad) RBE_SFX(rbe_act_forward_grad)(yt, yh, yt, (long)nr * TL, act);
         if (pre)
             for (int t = 0; t < nt; t++)
-                for (int r = 0; r < nr; r++) pre[(size_t)(t0 + t) * out + (size_t)i * b + r] = yt[(size_t)r * TL + t];
-        if (act != RBE_ACT_NONE) RBE_SFX(rbe_act_forward)(yt, yt, (long)nr * TL, act);
+                for (int r = 0; r < nr; r++)
+                    pre[(size_t)(t0 + t) * out + (size_t)i * b + r] = (pre_grad ? yh : yt)[(size_t)r * TL + t];
+        if (act != RBE_ACT_NONE && !pre_grad) RBE_SFX(rbe_act_forward)(yt, yt, (long)nr * TL, act);
         if (y)
             for (int t = 0; t < nt; t++)
                 for (int r = 0; r < nr; r++) y[(size_t)(t0 + t) * out + (size_t)i * b + r] = yt[(size_t)r * TL + t];

@@ -682,12 +682,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         // standard: a = act(h) from the saved h; checkpointed: h recomputed, and a only in the
         // transform domain (fc1 writes fc2's analysed input directly)
         const bool need1 = mask[0] || mask[1] || mask[2] || mask[3];
-        // standard, with fc1's gradients wanted: act'(h) computed with act(h) (one erfc, not two),
-        // kept in dact (the third [chunk, d_ff] buffer the chunk budget counts: hpre is not used)
-        const bool fused = saved && need1 && fused_act_grad(a.act);
+        // with fc1's gradients wanted, act'(h) is computed with act(h) (one erfc, not two): standard,
+        // into dact (the third [chunk, d_ff] buffer the chunk budget counts: hpre is not used);
+        // checkpointed, by the recompute into hpre, in place of h (RBE_ACT_PRE_GRAD: h itself is
+        // needed for nothing else)
+        const bool fused = need1 && fused_act_grad(a.act);
         Tensor hid = saved ? at::empty({cn, d_ff}, opt) : Tensor();
         Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);
-        Tensor dact = fused ? at::empty({cn, d_ff}, opt) : Tensor();
+        Tensor dact = fused && saved ? at::empty({cn, d_ff}, opt) : Tensor();
         Tensor dh = at::empty({cn, d_ff}, opt);
         const bool cached = cache_scheds(Tn, a.chunk);
         SchedCache s1{mask[1] || mask[2]}, s2{mask[4] || mask[5]};
@@ -700,7 +702,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             if (saved) {
                 h = pre2.data_ptr<T>() + t0 * d_ff;
                 T* hp = hid.data_ptr<T>();
-                T* gp = fused ? dact.data_ptr<T>() : nullptr;
+                T* gp = fused ? dact.data_ptr<T>() : nullptr;  // (saved here)
                 at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
                     const long len = (long)((r1 - r0) * d_ff);
                     if (fused) act_forward_grad(hp + r0 * d_ff, gp + r0 * d_ff, h + r0 * d_ff, len, a.act);
@@ -708,8 +710,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                 });
             } else {
                 Xh2 = hidden_analysis(n, d_ff, a.P, opt);
-                linear_raw<T>(nullptr, hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt,
-                              nullptr, Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scales1);
+                linear_raw<T>(nullptr, hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1),
+                              fused ? a.act | RBE_ACT_PRE_GRAD : a.act, a.P, opt, nullptr, Xh2.data_ptr<T>(),
+                              cached ? &s1 : nullptr, a.scales1);
                 h = hpre.data_ptr<T>();
             }
             linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, mask[4] ? db2.data_ptr<T>() : nullptr,
@@ -721,7 +724,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             T* dhp = dh.data_ptr<T>();
             at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
                 if (fused) {  // dh * act'(h): what act_backward computes, with act'(h) already at hand
-                    const T* gp = dact.data_ptr<T>();
+                    const T* gp = saved ? dact.data_ptr<T>() : hpre.data_ptr<T>();
                     for (int64_t i = r0 * d_ff; i < r1 * d_ff; i++) dhp[i] *= gp[i];
                 } else {
                     act_backward(dhp + r0 * d_ff, dhp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);

@@ -296,6 +296,8 @@ XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const flo
     const float* basis = W->basis;
     const int32_t* sstart = sched ? sched->start : NULL;
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const int pre_grad = pre && (act & RBE_ACT_PRE_GRAD);
+    act &= ~RBE_ACT_PRE_GRAD;
     float* yh = scratch;
     float* yt = scratch + (size_t)rows * TL;
     for (long p = p0; p < p1; p++) {
@@ -328,10 +330,18 @@ XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const flo
                 for (int t = 0; t < nl; t += VW)
                     VSTORE(yt + (size_t)r * TL + t, VADD(bv, VLOAD(yt + (size_t)r * TL + t)));
             }
-        if (pre) store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
-        if (act != RBE_ACT_NONE && nl == TL) rbe_act_forward_f32(yt, yt, (long)nr * TL, act);  // whole tile
-        else if (act != RBE_ACT_NONE)
-            for (int r = 0; r < nr; r++) rbe_act_forward_f32(yt + (size_t)r * TL, yt + (size_t)r * TL, nl, act);
+        if (pre_grad) {  // act and act' at once, act' into yh (free after the synthesis), then to pre
+            if (nl == TL) rbe_act_forward_grad_f32(yt, yh, yt, (long)nr * TL, act);
+            else
+                for (int r = 0; r < nr; r++)
+                    rbe_act_forward_grad_f32(yt + (size_t)r * TL, yh + (size_t)r * TL, yt + (size_t)r * TL, nl, act);
+            store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yh, nr, nt);
+        } else {
+            if (pre) store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
+            if (act != RBE_ACT_NONE && nl == TL) rbe_act_forward_f32(yt, yt, (long)nr * TL, act);  // whole tile
+            else if (act != RBE_ACT_NONE)
+                for (int r = 0; r < nr; r++) rbe_act_forward_f32(yt + (size_t)r * TL, yt + (size_t)r * TL, nl, act);
+        }
         if (y) store_tile_t(y + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
         if (Xnext) {  // the next layer's analysis of this (activated) tile; rows past nr are padding
             for (int e = nr * TL; e < b * TL; e += VW) VSTORE(yt + e, VZERO());

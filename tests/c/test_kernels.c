@@ -799,6 +799,35 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         rows_t(f32, rsc, y2, NULL, NULL, Xh, plan, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, mid, items);
         rows_t(f32, rsc, y2, NULL, NULL, Xh, plan, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k, 0, mid);
         CHECK(!memcmp(y, y2, (size_t)T * out * es), "%s act=%d: split / pre=NULL forward differs", tag, act);
+        // RBE_ACT_PRE_GRAD: the same y, and pre = act'(the pre-activation above), bitwise
+        {
+            void* g = xmalloc((size_t)T * out * es);
+            void* gr = xmalloc((size_t)T * out * es);
+            void* ones = xmalloc((size_t)T * out * es);
+            for (size_t e = 0; e < (size_t)T * out; e++) {
+                if (f32) ((float*)ones)[e] = 1.0f;
+                else ((double*)ones)[e] = 1.0;
+            }
+            rows_t(f32, rsc, y2, g, NULL, Xh, plan, basis, coeffs, ix, wide, bs, act | RBE_ACT_PRE_GRAD, scratch, T,
+                   out, in, b, nf, k, 0, items);
+            if (f32) rbe_act_backward_f32(gr, ones, pre, (long)T * out, act);
+            else rbe_act_backward_f64(gr, ones, pre, (long)T * out, act);
+            CHECK(!memcmp(y, y2, (size_t)T * out * es), "%s act=%d: forward with RBE_ACT_PRE_GRAD differs", tag, act);
+            CHECK(!memcmp(g, gr, (size_t)T * out * es), "%s act=%d: RBE_ACT_PRE_GRAD pre is not act'(pre)", tag, act);
+            // and with Xnext instead of y (the checkpointed backward's recompute): the same Xnext
+            const size_t nxn = (size_t)ntiles * R * rows * RBE_TILE;
+            void* Xa = xmalloc(nxn * es);
+            void* Xb = xmalloc(nxn * es);
+            memset(Xa, 0, nxn * es), memset(Xb, 0, nxn * es);
+            rows_t(f32, rsc, NULL, NULL, Xa, Xh, plan, basis, coeffs, ix, wide, bs, act, scratch, T, out, in, b, nf, k,
+                   0, items);
+            rows_t(f32, rsc, NULL, g, Xb, Xh, plan, basis, coeffs, ix, wide, bs, act | RBE_ACT_PRE_GRAD, scratch, T,
+                   out, in, b, nf, k, 0, items);
+            CHECK(!memcmp(Xa, Xb, nxn * es), "%s act=%d: Xnext with RBE_ACT_PRE_GRAD differs", tag, act);
+            CHECK(!memcmp(g, gr, (size_t)T * out * es), "%s act=%d: RBE_ACT_PRE_GRAD pre (with Xnext) differs", tag, act);
+            free(Xa), free(Xb);
+            free(g), free(gr), free(ones);
+        }
         // Xnext (y = NULL): the next layer's analysis of the activated output, as if y were analysed
         void* Xn = xmalloc((size_t)ntiles * R * rows * RBE_TILE * es);
         void* Xy = xmalloc((size_t)ntiles * R * rows * RBE_TILE * es);
