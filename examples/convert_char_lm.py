@@ -19,6 +19,10 @@ training, calibration or distillation step): loss in nats/byte and perplexity ex
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/convert_char_lm.py                  # about 18 min on one core
     OMP_NUM_THREADS=1 .venv/bin/python examples/convert_char_lm.py --quick          # a smoke run, seconds
+    # the second round's recipe (4.00x: float16 coefficients, every parameter trained, scaled, cosine decay)
+    OMP_NUM_THREADS=1 .venv/bin/python examples/convert_char_lm.py --ks 248 --values-dtype float16 \
+        --parametrization scaled --train all --schedule cosine --distill-lr 2e-3 --patience 0 \
+        --distill-steps 11000 --distill-seconds 2400
 """
 from __future__ import annotations
 
