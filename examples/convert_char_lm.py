@@ -19,12 +19,17 @@ training, calibration or distillation step): loss in nats/byte and perplexity ex
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/convert_char_lm.py                  # about 18 min on one core
     OMP_NUM_THREADS=1 .venv/bin/python examples/convert_char_lm.py --quick          # a smoke run, seconds
+    # the second round's recipe (4.00x: float16 coefficients, every parameter trained, scaled, cosine decay)
+    OMP_NUM_THREADS=1 .venv/bin/python examples/convert_char_lm.py --ks 248 --values-dtype float16 \
+        --parametrization scaled --train all --schedule cosine --distill-lr 2e-3 --patience 0 \
+        --distill-steps 11000 --distill-seconds 2400
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import csv
+import io
 import math
 import os
 import platform
@@ -70,6 +75,20 @@ def parse_args(argv=None):
                     help="whole-model Adam lr; a comma-separated list runs one distill_model stage per lr, each "
                          "from the previous stage's result with the same step and time budget (a step schedule)")
     ap.add_argument("--holdout-batches", type=int, default=8, help="distill_model's held-out training batches")
+    ap.add_argument("--patience", type=int, default=6, help="distill_model's patience in evaluations (0: none)")
+    ap.add_argument("--train", choices=("rbe", "all"), default="rbe",
+                    help="distill_model trains the RBE parameters only, or every parameter (attention, "
+                         "embeddings, norms too; their size unchanged)")
+    ap.add_argument("--parametrization", choices=("plain", "scaled"), default="plain",
+                    help="the converted layers' parametrization during whole-model distillation")
+    ap.add_argument("--schedule", choices=rbe_ffn.distill.SCHEDULES, default="constant",
+                    help="distill_model's lr over --distill-steps (linear/cosine decay towards 0)")
+    ap.add_argument("--warmup", type=int, default=0, help="distill_model's linear warm-up steps")
+    ap.add_argument("--values-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                    help="coefficients stored at this width (rbe_ffn.storage_state_dict); every RBE model is "
+                         "evaluated as loaded back from that storage, and its bytes/weight are storage_report's")
+    ap.add_argument("--runs-csv", default=os.path.join("examples", "out", "convert_char_lm_runs.csv"),
+                    help="every row of every run is appended here with the run's recipe")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=os.path.join("examples", "out", "char_lm_dense.pt"),
                     help="state_dict of the dense model: loaded when its configuration matches, else trained")
@@ -83,6 +102,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.d_model % args.heads or args.steps < 1:
         ap.error("need --d-model divisible by --heads and --steps >= 1")
+    if args.patience < 0 or args.warmup < 0:
+        ap.error("need --patience >= 0 and --warmup >= 0")
     return args
 
 
@@ -104,6 +125,24 @@ def windows_at(data, n, ctx, seed):
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(data) - ctx - 1, (n,), generator=g)
     return data[starts[:, None] + torch.arange(ctx + 1)]
+
+
+def stored(model, values_dtype):
+    """`model` as loaded back from the checkpoint rbe_ffn.storage_state_dict(values_dtype) writes (the
+    coefficients rounded to their stored width), through torch.save / torch.load."""
+    buf = io.BytesIO()
+    torch.save(rbe_ffn.storage_state_dict(model, values_dtype), buf)
+    buf.seek(0)
+    back = copy.deepcopy(model)
+    back.load_state_dict(torch.load(buf))
+    return back
+
+
+def rbe_bytes_per_weight(model, values_dtype) -> float:
+    """Checkpoint bytes of the RBE weights (storage_report: pattern numbers, coefficients at their
+    stored width, int16 positions) per weight they stand for."""
+    weights = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, rbe_ffn.RBELinear))
+    return rbe_ffn.storage_report(model, values_dtype=values_dtype)["bytes"] / weights
 
 
 def train_dense(args, train, vwin, out_csv):
@@ -191,10 +230,30 @@ def main(argv=None):
 
     rows = []
     base = lm_loss(teacher, vwin)
+    vdtype = getattr(torch, args.values_dtype)
+    recipe = (f"values {args.values_dtype}; whole-model: {args.parametrization}, train={args.train}, lr "
+              f"{args.distill_lr} {args.schedule} warmup {args.warmup}, {args.distill_steps} steps / "
+              f"{args.distill_seconds:g} s, patience {args.patience}")
+    print("recipe: " + recipe, flush=True)
+    # the non-default choices, named in the table's method column
+    stored_as = "" if args.values_dtype == "float32" else f", coeffs {args.values_dtype}"
+    how = [x for x, default in ((args.parametrization, "plain"), (f"train={args.train}", "train=rbe"),
+                                (args.schedule, "constant")) if x != default]
+    how = f" ({', '.join(how)})" if how else ""
+    new_csv = not os.path.exists(args.runs_csv)
+    runs = open(args.runs_csv, "a", newline="")
+    log = csv.writer(runs)
+    if new_csv:
+        log.writerow(["date", "recipe", "method", "k", "bytes_per_weight", "val_loss", "ppl", "ppl_vs_original",
+                      "tokens", "seconds", "notes"])
 
     def record(name, k, bpw, model, seconds, tokens="", extra=""):
-        loss = lm_loss(model, vwin)
+        loss = lm_loss(stored(model, vdtype) if k != "-" else model, vwin)
         rows.append((name, k, bpw, loss, math.exp(loss), math.exp(loss) / math.exp(base) - 1, tokens, seconds, extra))
+        log.writerow([time.strftime("%Y-%m-%d %H:%M"), recipe, name, k, f"{bpw:.4f}", f"{loss:.5f}",
+                      f"{math.exp(loss):.4f}", f"{100 * (math.exp(loss - base) - 1):+.2f}%", tokens,
+                      f"{seconds:.0f}", extra])
+        runs.flush()
         print(f"{name:44s} k={k!s:>4} {bpw:.3f} B/weight ({4 / bpw:.2f}x)  val {loss:.4f}  ppl {math.exp(loss):.4f} "
               f"({100 * (math.exp(loss - base) - 1):+.2f}%)  {seconds:6.1f} s  {extra}", flush=True)
 
@@ -207,24 +266,24 @@ def main(argv=None):
 
     b = args.block_size
     for k in [int(x) for x in args.ks.split(",")]:
-        bpw = (8 * 4 + k * (4 + 2)) / (b * b)
         t = time.time()
         m = copy.deepcopy(teacher)
         rep = rbe_ffn.replace_mlp(m, block_size=b, k=k)
-        record("RBE plain", k, bpw, m, time.time() - t,
+        bpw = rbe_bytes_per_weight(m, vdtype)
+        record("RBE plain" + stored_as, k, bpw, m, time.time() - t,
                extra="weight err " + ", ".join(f"{l.error_fc1:.3f}/{l.error_fc2:.3f}" for l in rep))
 
         t = time.time()
         m = copy.deepcopy(teacher)
         rep = rbe_ffn.replace_mlp(m, block_size=b, k=k, calibration=calib)
-        record("RBE data-aware", k, bpw, m, time.time() - t, tokens=f"{calib.numel():,} calib",
+        record("RBE data-aware" + stored_as, k, bpw, m, time.time() - t, tokens=f"{calib.numel():,} calib",
                extra="block err plain->data " + ", ".join(f"{l.block_error_plain:.3f}->{l.block_error:.3f}" for l in rep))
 
         t = time.time()
         m = copy.deepcopy(teacher)
         rep = rbe_ffn.replace_mlp(m, block_size=b, k=k, calibration=calib,
                                   distill=rbe_ffn.Distill(calib, steps=args.layer_steps, lr=1e-3, progress=False))
-        record("RBE data-aware + layer-wise", k, bpw, m, time.time() - t, tokens=f"{calib.numel():,} calib",
+        record("RBE data-aware + layer-wise" + stored_as, k, bpw, m, time.time() - t, tokens=f"{calib.numel():,} calib",
                extra="held-out block err " + ", ".join(f"{l.output_error_before:.3f}->{l.output_error_after:.3f}"
                                                         for l in rep))
         if args.distill_steps == 0:
@@ -232,10 +291,13 @@ def main(argv=None):
         t, tokens = time.time(), 0
         for stage, lr in enumerate(float(x) for x in args.distill_lr.split(",")):
             d = rbe_ffn.distill_model(m, teacher, distill_train, objective="kl", holdout=distill_held,
-                                      steps=args.distill_steps, lr=lr, eval_every=25, patience=6,
+                                      steps=args.distill_steps, lr=lr, eval_every=25,
+                                      patience=args.patience or None, train=args.train, schedule=args.schedule,
+                                      warmup=args.warmup, parametrization=args.parametrization,
                                       max_seconds=args.distill_seconds, progress=False, seed=args.seed + stage)
             tokens += d.tokens
-            record("RBE data-aware + layer-wise + whole-model" + (f" (stage {stage + 1}, lr {lr:g})" if stage else ""),
+            record("RBE data-aware + layer-wise + whole-model" + how + stored_as
+                   + (f" (stage {stage + 1}, lr {lr:g})" if stage else ""),
                    k, bpw, m, time.time() - t, tokens=f"{tokens:,}",
                    extra=f"{d.steps} steps (best {d.best_step}, {d.stopped}); held-out KL {d.before:.4f}->{d.after:.4f}")
 
@@ -247,6 +309,7 @@ def main(argv=None):
                      f"{tok} | {sec:.0f} | {extra} |")
     table = "\n".join(lines)
     print(table)
+    runs.close()
     with open(os.path.join(args.out, "convert_char_lm_summary.md"), "w") as f:
         f.write(table + "\n")
     return rows

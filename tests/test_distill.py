@@ -197,6 +197,56 @@ def test_max_seconds_stops():
     assert rep.after <= rep.before
 
 
+# ----------------------------------------------------------------- learning-rate schedule, parametrization
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedule_sets_each_steps_lr(schedule, monkeypatch):
+    """The lr Adam steps with: 2 warm-up steps (lr/2, lr), then 8 steps constant, or decaying from lr
+    towards 0 (linear: 1 - j/8, cosine: (1 + cos(pi j/8))/2, j = 0..7), never 0."""
+    seen = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    teacher = seq_model()
+    rep = rbe_ffn.distill_model(converted(teacher, k=10), teacher, floats(6), objective="mse", steps=10, lr=0.02,
+                                schedule=schedule, warmup=2, progress=False)
+    tail = {"constant": [1.0] * 8, "linear": [1 - j / 8 for j in range(8)],
+            "cosine": [(1 + torch.cos(torch.tensor(torch.pi * j / 8)).item()) / 2 for j in range(8)]}[schedule]
+    assert rep.steps == 10
+    assert seen == pytest.approx([0.01, 0.02] + [0.02 * f for f in tail], rel=1e-6)
+    assert min(seen) > 0
+
+
+def test_parametrization_switched_for_the_run_and_back():
+    """parametrization="scaled" trains a converted ("plain") student in the scaled units and gives it back
+    "plain"; the format numbers are unchanged by the switch itself (steps=0: bitwise), and the units change
+    what Adam does (a different result from the same steps)."""
+    teacher = seq_model()
+    student = converted(teacher, k=10)
+    layers = [m for m in student.modules() if isinstance(m, rbe_ffn.RBELinear)]
+    assert layers and {m.parametrization for m in layers} == {"plain"}
+    start = state(student)
+    rbe_ffn.distill_model(student, teacher, floats(6), objective="mse", steps=0, parametrization="scaled",
+                          progress=False)
+    assert_same_state(start, state(student))
+    seen = []
+
+    def mse(s, t):
+        seen.append({m.parametrization for m in layers})
+        return F.mse_loss(s, t)
+
+    plain = copy.deepcopy(student)
+    rep = rbe_ffn.distill_model(student, teacher, floats(6), objective=mse, steps=20, lr=3e-3,
+                                parametrization="scaled", progress=False)
+    ref = rbe_ffn.distill_model(plain, teacher, floats(6), objective="mse", steps=20, lr=3e-3, progress=False)
+    assert seen and all(s == {"scaled"} for s in seen)
+    assert {m.parametrization for m in layers} == {"plain"}
+    assert rep.after < rep.before and rep.after != pytest.approx(ref.after, rel=1e-3)
+
+
 # ----------------------------------------------------------------- the teacher, the student's settings
 def test_teacher_untouched_inference_mode_and_checkpoint_during():
     teacher = gpt2()
@@ -241,6 +291,10 @@ def _bad_cases():
         (dict(patience=0), ValueError, "patience must be a positive int"),
         (dict(max_seconds=0), ValueError, "max_seconds"),
         (dict(train="some"), ValueError, "train must be 'rbe'"),
+        (dict(schedule="step"), ValueError, "schedule must be one of"),
+        (dict(warmup=-1), ValueError, "warmup must be a non-negative int"),
+        (dict(warmup=3), ValueError, r"warmup \(3 steps\) is longer than steps \(2\)"),
+        (dict(parametrization="wide"), ValueError, "parametrization must be None or one of"),
         (dict(holdout=1.5), ValueError, "holdout must be a fraction"),
         (dict(holdout=None), TypeError, "holdout must be a fraction"),
         (dict(holdout=[]), ValueError, "held-out iterable is empty"),

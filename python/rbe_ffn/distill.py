@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convert import run_model
-from .modules import RBEFeedForward, RBELinear
+from .modules import PARAMETRIZATIONS, RBEFeedForward, RBELinear
 
-__all__ = ["distill_model", "DistillReport", "OBJECTIVES"]
+__all__ = ["distill_model", "DistillReport", "OBJECTIVES", "SCHEDULES"]
 
 OBJECTIVES = ("kl", "mse", "cosine")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -120,6 +121,19 @@ def _pick(out, objective: str) -> torch.Tensor:
                     f"{type(out).__name__}); give outputs=lambda model, batch: <tensor>")
 
 
+def lr_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
+    """The learning rate of optimizer step ``step`` (1 to ``steps``) as a fraction of the peak: a linear
+    warm-up from 1/warmup to 1 over the first ``warmup`` steps, then ``schedule`` over the rest:
+    "constant" 1, "linear" or "cosine" from 1 down towards 0 (the last step gets a small positive
+    rate, 1/(steps - warmup) for "linear"; nothing is spent on a step at lr 0)."""
+    if step <= warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    t = (step - warmup - 1) / (steps - warmup)
+    return 1.0 - t if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 # ------------------------------------------------------------------ batches
 def _tokens(batch) -> int | None:
     """Input tokens in a batch: the attention mask's sum where a dict has one, else the element count
@@ -176,6 +190,7 @@ def _positive_number(name, v, allow_none=False):
 def distill_model(student: nn.Module, teacher: nn.Module, batches, *, objective="kl", outputs=None,
                   temperature: float = 1.0, holdout=0.2, steps: int = 100, lr: float = 1e-4,
                   eval_every: int | None = None, patience: int | None = None, train: str = "rbe",
+                  schedule: str = "constant", warmup: int = 0, parametrization: str | None = None,
                   max_seconds: float | None = None, progress: bool = True, seed: int = 0) -> DistillReport:
     """Train ``student`` (a converted model) in place to match ``teacher`` (the original) on ``batches``.
 
@@ -195,13 +210,22 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches, *, objective=
         objective (the mean over held-out batches, weighted by their rows) chooses the parameters
         kept and early stopping. The teacher's outputs on them are computed once and kept (memory:
         one output per held-out batch; the training batches' are recomputed every step).
-    steps: at most this many optimizer steps (Adam, ``lr``). eval_every: steps between held-out
-        evaluations (None: steps // 20, at least 1); the last step is always evaluated.
+    steps: at most this many optimizer steps (Adam, peak learning rate ``lr``). eval_every: steps
+        between held-out evaluations (None: steps // 20, at least 1); the last step is always evaluated.
+    schedule: the learning rate over the steps after ``warmup`` linear warm-up steps (0: none):
+        ``"constant"``, or ``"linear"`` / ``"cosine"`` decay towards 0 at ``steps`` (see lr_factor).
+        A decay is planned over ``steps``: a run cut short by ``patience`` or ``max_seconds`` ends
+        before its rate is low, so with a decay set ``steps`` to what the time allows.
     patience: None (no early stopping), or stop after this many evaluations in a row without a new
         best. max_seconds: None, or stop after the step that passes this much wall time.
     train: ``"rbe"`` trains the compressed parameters only (every parameter of the student's
         RBEFeedForward / RBELinear modules: basis, coeffs, biases), ``"all"`` every floating-point
         parameter of the student.
+    parametrization: None (the layers as they are), or ``"scaled"`` / ``"plain"``: every RBELinear of
+        the student is switched to it for the run and back afterwards (``set_parametrization``: the
+        format numbers unchanged, exactly). Under Adam it sets the pattern numbers' and the
+        coefficients' learning rates apart (see parametrization_scales); converted layers are
+        "plain".
     progress: a tqdm bar (the training loss and the best held-out objective).
 
     Returns a :class:`DistillReport`. The student keeps the best parameters seen on the held-out
@@ -240,6 +264,14 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches, *, objective=
     _positive_int("patience", patience, allow_none=True)
     _positive_int("seed", seed, minimum=0)
     _positive_number("max_seconds", max_seconds, allow_none=True)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"distill_model: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    _positive_int("warmup", warmup, minimum=0)
+    if warmup > steps:
+        raise ValueError(f"distill_model: warmup ({warmup} steps) is longer than steps ({steps})")
+    if parametrization is not None and parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"distill_model: parametrization must be None or one of {PARAMETRIZATIONS}, "
+                         f"got {parametrization!r}")
     if train not in ("rbe", "all"):
         raise ValueError(f"distill_model: train must be 'rbe' (the compressed parameters) or 'all', got {train!r}")
     if not isinstance(progress, bool):
@@ -286,6 +318,7 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches, *, objective=
     modes = {m: m.training for m in list(student.modules()) + list(teacher.modules())}
     ckpt = {m: m.checkpoint for m in student.modules() if isinstance(m, RBEFeedForward)}
     grads = {p: p.requires_grad for p in student.parameters()}
+    layouts = {m: m.parametrization for m in student.modules() if isinstance(m, RBELinear)}
     trained = {id(p) for p in params}
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, desc="distill_model", disable=not progress)
@@ -294,6 +327,9 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches, *, objective=
         teacher.eval()
         for m in ckpt:
             m.checkpoint = True
+        if parametrization is not None:
+            for m in layouts:
+                m.set_parametrization(parametrization)
         for p in student.parameters():
             p.requires_grad_(id(p) in trained)
 
@@ -341,6 +377,8 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches, *, objective=
             if not order:
                 order = torch.randperm(len(data), generator=g).tolist()
             batch = data[order.pop()]
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(step, steps, schedule, warmup)
             t = target(batch)
             loss, s = loss_of(batch, t)
             opt.zero_grad(set_to_none=True)
@@ -383,6 +421,9 @@ def distill_model(student: nn.Module, teacher: nn.Module, batches, *, objective=
                 p.grad = None
         for m, c in ckpt.items():
             m.checkpoint = c
+        if parametrization is not None:
+            for m, layout in layouts.items():
+                m.set_parametrization(layout)
         for m, t in modes.items():
             m.training = t
         for m in student.modules():
