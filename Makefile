@@ -36,8 +36,12 @@ $(BUILT): $(VENV)/.rbe_ffn_installed $(SRC)
 	$(PY) setup.py -q build_clib --force build_ext --inplace
 	touch $@
 
+# One intra-op thread unless the caller sets OMP_NUM_THREADS: the shapes are small, and on a machine
+# where another process holds a core every parallel region waits for the displaced thread
+# (docs/benchmarks.md, "A busy core": the suite took 20 minutes instead of 3 that way). The tests of
+# thread-count independence set 1 and 2 threads themselves.
 pytest: $(BUILT)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q tests
 
 # C kernels alone, no torch, under AddressSanitizer and UndefinedBehaviorSanitizer
 CTEST_FLAGS := -std=c11 -O1 -g -pthread -fsanitize=address,undefined -fno-sanitize-recover=all -Wall -Wextra -Icsrc
