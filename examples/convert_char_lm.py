@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import io
 import math
 import os
 import platform
@@ -42,6 +41,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quant_peers import PEERS, quantized  # noqa: E402  (the peers, one definition for every study)
 from train_char_lm import CharLM, dense_ffn, load_corpus  # noqa: E402  (the same model and corpus)
+from convert_recipe import (add_recipe_args, check_recipe_args, rbe_bytes_per_weight,  # noqa: E402
+                            recipe_labels, stored)
 
 import rbe_ffn  # noqa: E402
 
@@ -75,18 +76,7 @@ def parse_args(argv=None):
                     help="whole-model Adam lr; a comma-separated list runs one distill_model stage per lr, each "
                          "from the previous stage's result with the same step and time budget (a step schedule)")
     ap.add_argument("--holdout-batches", type=int, default=8, help="distill_model's held-out training batches")
-    ap.add_argument("--patience", type=int, default=6, help="distill_model's patience in evaluations (0: none)")
-    ap.add_argument("--train", choices=("rbe", "all"), default="rbe",
-                    help="distill_model trains the RBE parameters only, or every parameter (attention, "
-                         "embeddings, norms too; their size unchanged)")
-    ap.add_argument("--parametrization", choices=("plain", "scaled"), default="plain",
-                    help="the converted layers' parametrization during whole-model distillation")
-    ap.add_argument("--schedule", choices=rbe_ffn.distill.SCHEDULES, default="constant",
-                    help="distill_model's lr over --distill-steps (linear/cosine decay towards 0)")
-    ap.add_argument("--warmup", type=int, default=0, help="distill_model's linear warm-up steps")
-    ap.add_argument("--values-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                    help="coefficients stored at this width (rbe_ffn.storage_state_dict); every RBE model is "
-                         "evaluated as loaded back from that storage, and its bytes/weight are storage_report's")
+    add_recipe_args(ap, patience=6)
     ap.add_argument("--runs-csv", default=os.path.join("examples", "out", "convert_char_lm_runs.csv"),
                     help="every row of every run is appended here with the run's recipe")
     ap.add_argument("--threads", type=int, default=1)
@@ -102,8 +92,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.d_model % args.heads or args.steps < 1:
         ap.error("need --d-model divisible by --heads and --steps >= 1")
-    if args.patience < 0 or args.warmup < 0:
-        ap.error("need --patience >= 0 and --warmup >= 0")
+    check_recipe_args(ap, args)
     return args
 
 
@@ -125,24 +114,6 @@ def windows_at(data, n, ctx, seed):
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(data) - ctx - 1, (n,), generator=g)
     return data[starts[:, None] + torch.arange(ctx + 1)]
-
-
-def stored(model, values_dtype):
-    """`model` as loaded back from the checkpoint rbe_ffn.storage_state_dict(values_dtype) writes (the
-    coefficients rounded to their stored width), through torch.save / torch.load."""
-    buf = io.BytesIO()
-    torch.save(rbe_ffn.storage_state_dict(model, values_dtype), buf)
-    buf.seek(0)
-    back = copy.deepcopy(model)
-    back.load_state_dict(torch.load(buf))
-    return back
-
-
-def rbe_bytes_per_weight(model, values_dtype) -> float:
-    """Checkpoint bytes of the RBE weights (storage_report: pattern numbers, coefficients at their
-    stored width, int16 positions) per weight they stand for."""
-    weights = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, rbe_ffn.RBELinear))
-    return rbe_ffn.storage_report(model, values_dtype=values_dtype)["bytes"] / weights
 
 
 def train_dense(args, train, vwin, out_csv):
@@ -236,10 +207,7 @@ def main(argv=None):
               f"{args.distill_seconds:g} s, patience {args.patience}")
     print("recipe: " + recipe, flush=True)
     # the non-default choices, named in the table's method column
-    stored_as = "" if args.values_dtype == "float32" else f", coeffs {args.values_dtype}"
-    how = [x for x, default in ((args.parametrization, "plain"), (f"train={args.train}", "train=rbe"),
-                                (args.schedule, "constant")) if x != default]
-    how = f" ({', '.join(how)})" if how else ""
+    stored_as, how = recipe_labels(args)
     new_csv = not os.path.exists(args.runs_csv)
     runs = open(args.runs_csv, "a", newline="")
     log = csv.writer(runs)

@@ -15,6 +15,10 @@ over tokens, then L2-normalised, as the model card) on the held-out sentences: m
     OMP_NUM_THREADS=1 .venv/bin/python examples/convert_minilm.py                 # about 40 min
     OMP_NUM_THREADS=1 .venv/bin/python examples/convert_minilm.py --ks 378 --distill-seconds 60
     OMP_NUM_THREADS=1 .venv/bin/python examples/convert_minilm.py --ks 1000,2000 --distill-steps 0
+    # the recipe of convert_char_lm.py's second round at 4.0x (float16 coefficients: k = 1016 at b = 64)
+    OMP_NUM_THREADS=1 .venv/bin/python examples/convert_minilm.py --ks 1016 --values-dtype float16 \
+        --parametrization scaled --train all --schedule cosine --lr 1e-3 --patience 0 \
+        --distill-steps STEPS --distill-seconds 1800
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ import rbe_ffn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quant_peers import PEERS, quantized  # noqa: E402  (the peers, one definition for every study)
+from convert_recipe import (add_recipe_args, check_recipe_args, rbe_bytes_per_weight,  # noqa: E402
+                            recipe_labels, stored)
 
 STDLIB = ["abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "cmath", "codecs",
           "collections", "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses",
@@ -153,8 +159,10 @@ def main(argv=None):
     ap.add_argument("--distill-steps", type=int, default=1000, help="0: no whole-model distillation")
     ap.add_argument("--distill-seconds", type=float, default=540, help="wall-time budget per whole-model run")
     ap.add_argument("--lr", type=float, default=5e-4, help="whole-model distillation Adam lr")
+    add_recipe_args(ap, patience=4)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    check_recipe_args(ap, args)
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
     b = args.block_size
@@ -186,9 +194,15 @@ def main(argv=None):
     distill_held, distill_batches = distill_batches[:4], distill_batches[4:]
 
     rows = []
+    vdtype = getattr(torch, args.values_dtype)
+    stored_as, how = recipe_labels(args)
+    print(f"recipe: values {args.values_dtype}; whole-model: {args.parametrization}, train={args.train}, lr "
+          f"{args.lr:g} {args.schedule} warmup {args.warmup}, {args.distill_steps} steps / "
+          f"{args.distill_seconds:g} s, patience {args.patience}", flush=True)
 
     def record(name, k, bpw, model, seconds, extra=""):
-        mean, p5, worst = cosines(model, held_batches, ref)
+        # an RBE model is evaluated as loaded back from its checkpoint (coefficients at their stored width)
+        mean, p5, worst = cosines(stored(model, vdtype) if k != "-" else model, held_batches, ref)
         rows.append((name, k, bpw, mean, p5, worst, seconds, extra))
         print(f"{name:44s} k={k!s:>4} {bpw:.3f} B/weight ({4 / bpw:.2f}x)  cos mean {mean:.4f}  p5 {p5:.4f}  "
               f"min {worst:.4f}  {seconds:7.1f} s  {extra}", flush=True)
@@ -201,31 +215,33 @@ def main(argv=None):
         record(name, "-", bpw, m, time.time() - t)
 
     for k in ks:
-        bpw = (8 * 4 + k * (4 + 2)) / (b * b)
         t = time.time()
         m = copy.deepcopy(teacher)
         rep = rbe_ffn.replace_mlp(m, block_size=b, k=k)
-        record("RBE plain", k, bpw, m, time.time() - t, f"weight err {rep[0].error_fc1:.3f}/{rep[0].error_fc2:.3f}")
+        bpw = rbe_bytes_per_weight(m, vdtype)
+        record("RBE plain" + stored_as, k, bpw, m, time.time() - t, f"weight err {rep[0].error_fc1:.3f}/{rep[0].error_fc2:.3f}")
 
         t = time.time()
         m = copy.deepcopy(teacher)
         rep = rbe_ffn.replace_mlp(m, block_size=b, k=k, calibration=run_calib)
-        record("RBE data-aware", k, bpw, m, time.time() - t, f"{calib_tokens} calibration tokens")
+        record("RBE data-aware" + stored_as, k, bpw, m, time.time() - t, f"{calib_tokens} calibration tokens")
 
         t = time.time()
         m = copy.deepcopy(teacher)
         rep = rbe_ffn.replace_mlp(m, block_size=b, k=k, calibration=run_calib,
                                   distill=rbe_ffn.Distill(run_calib, steps=args.layer_steps, lr=1e-3, progress=False))
         errs = ", ".join(f"{l.output_error_before:.3f}->{l.output_error_after:.3f}" for l in rep)
-        record("RBE data-aware + layer-wise", k, bpw, m, time.time() - t, f"block errors {errs}")
+        record("RBE data-aware + layer-wise" + stored_as, k, bpw, m, time.time() - t, f"block errors {errs}")
 
         if args.distill_steps == 0:
             continue
         t = time.time()
         d = rbe_ffn.distill_model(m, teacher, distill_batches, objective="cosine", outputs=token_states,
-                                  holdout=distill_held, steps=args.distill_steps, lr=args.lr, eval_every=25, patience=4,
+                                  holdout=distill_held, steps=args.distill_steps, lr=args.lr, eval_every=25,
+                                  patience=args.patience or None, train=args.train, schedule=args.schedule,
+                                  warmup=args.warmup, parametrization=args.parametrization,
                                   max_seconds=args.distill_seconds, progress=False, seed=args.seed)
-        record("RBE data-aware + layer-wise + whole-model", k, bpw, m, time.time() - t,
+        record("RBE data-aware + layer-wise + whole-model" + how + stored_as, k, bpw, m, time.time() - t,
                f"{d.tokens:,} tokens, {d.steps} steps (best {d.best_step}, {d.stopped}), "
                f"token 1-cos {d.before:.4f}->{d.after:.4f}")
 

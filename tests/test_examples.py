@@ -1,11 +1,14 @@
 """Smoke test of examples/train_char_lm.py: its main function, in-process, with tiny settings
 (2 layers, d_model 64, 3 steps, 0.1 MB of corpus). Checks the CSV, PNG and summary are written,
-the losses are finite, and checkpoint=True saves less for backward than checkpoint=False."""
+the losses are finite, and checkpoint=True saves less for backward than checkpoint=False. And the
+helpers the conversion studies share (examples/convert_recipe.py)."""
+import argparse
 import csv
 import importlib.util
 import math
 import os
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,3 +76,37 @@ def test_profiler_helper_prints_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "done\n" and out.stderr == "", (out.stdout, out.stderr)
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("convert_recipe", os.path.join(ROOT, "examples", "convert_recipe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_convert_recipe_stored_width_and_bytes():
+    """examples/convert_recipe.py (shared by the conversion studies): a model is evaluated as loaded back
+    at the stored width (coefficients rounded to float16, nothing else changed), and its bytes per weight
+    are storage_report's: at b = 64 and float16 coefficients k = 1016 is exactly 1 B (4x smaller than
+    float32); at float32 they are the studies' (32 + 6k) / 4096."""
+    import rbe_ffn
+    rec = load_recipe()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(rbe_ffn.RBELinear.from_compressed(rbe_ffn.compress(torch.randn(64, 128), 64, 1016)))
+    assert rec.rbe_bytes_per_weight(model, torch.float16) == 1.0
+    assert rec.rbe_bytes_per_weight(model, torch.float32) == (32 + 6 * 1016) / 4096
+    back = rec.stored(model, torch.float16)
+    c, cb = model[0].coeffs, back[0].coeffs
+    assert cb.dtype == c.dtype and not torch.equal(cb, c)
+    torch.testing.assert_close(cb, c.half().to(c.dtype), rtol=0, atol=0)
+    assert torch.equal(back[0].basis, model[0].basis) and torch.equal(back[0].index, model[0].index)
+    assert torch.equal(rec.stored(model, torch.float32)[0].coeffs, c)
+
+    ap = argparse.ArgumentParser()
+    rec.add_recipe_args(ap, patience=4)
+    assert rec.recipe_labels(ap.parse_args([])) == ("", "")
+    args = ap.parse_args("--values-dtype float16 --train all --parametrization scaled --schedule cosine".split())
+    assert rec.recipe_labels(args) == (", coeffs float16", " (scaled, train=all, cosine)")
+    with pytest.raises(SystemExit):
+        rec.check_recipe_args(ap, ap.parse_args(["--warmup", "-1"]))
