@@ -50,84 +50,65 @@ static int vec_act_ok(int act) {
     }
 }
 
-AVX2 static __m256d act4(__m256d x, int act) {
-    const __m256d half = _mm256_set1_pd(0.5), one = _mm256_set1_pd(1.0);
+// The transcendental an activation's value and derivative share: gelu erfc(-x / sqrt 2); gelu_tanh
+// and silu the sigmoid's denominator 1 + exp(.). value4 / grad4 finish each from it, so act4,
+// act_grad4 and act_and_grad4 run the same double operations (the same bits); not relu.
+AVX2 static __m256d shared4(__m256d x, int act) {
+    const __m256d one = _mm256_set1_pd(1.0);
     switch (act) {
-    case RBE_ACT_GELU:
-        return _mm256_mul_pd(_mm256_mul_pd(half, x), _ZGVdN4v_erfc(_mm256_mul_pd(x, _mm256_set1_pd(-RBE_SQRT1_2))));
+    case RBE_ACT_GELU: return _ZGVdN4v_erfc(_mm256_mul_pd(x, _mm256_set1_pd(-RBE_SQRT1_2)));
     case RBE_ACT_GELU_TANH: {
-        __m256d x3 = _mm256_mul_pd(_mm256_mul_pd(x, x), x);
         __m256d u2 = _mm256_mul_pd(_mm256_set1_pd(-2.0 * RBE_SQRT_2_OVER_PI),
-                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(RBE_GELU_TANH_C), x3)));
-        return _mm256_div_pd(x, _mm256_add_pd(one, _ZGVdN4v_exp(u2)));
+                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(RBE_GELU_TANH_C),
+                                                                  _mm256_mul_pd(_mm256_mul_pd(x, x), x))));
+        return _mm256_add_pd(one, _ZGVdN4v_exp(u2));
     }
-    case RBE_ACT_SILU:
-        return _mm256_div_pd(x, _mm256_add_pd(one, _ZGVdN4v_exp(_mm256_sub_pd(_mm256_setzero_pd(), x))));
-    default: {  // relu: x if x > 0 or x is NaN, else +0
-        __m256d keep = _mm256_or_pd(_mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_GT_OQ), _mm256_cmp_pd(x, x, _CMP_UNORD_Q));
-        return _mm256_and_pd(keep, x);
-    }
+    default: return _mm256_add_pd(one, _ZGVdN4v_exp(_mm256_sub_pd(_mm256_setzero_pd(), x)));  // silu
     }
 }
 
-AVX2 static __m256d act_grad4(__m256d x, int act) {
-    const __m256d half = _mm256_set1_pd(0.5), one = _mm256_set1_pd(1.0);
+AVX2 static __m256d value4(__m256d x, __m256d sh, int act) {
+    if (act == RBE_ACT_GELU) return _mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(0.5), x), sh);
+    return _mm256_div_pd(x, sh);  // gelu_tanh, silu: x * sigmoid
+}
+
+AVX2 static __m256d grad4(__m256d x, __m256d sh, int act) {
+    const __m256d one = _mm256_set1_pd(1.0);
     switch (act) {
     case RBE_ACT_GELU: {
-        __m256d cdf = _mm256_mul_pd(half, _ZGVdN4v_erfc(_mm256_mul_pd(x, _mm256_set1_pd(-RBE_SQRT1_2))));
+        __m256d cdf = _mm256_mul_pd(_mm256_set1_pd(0.5), sh);
         __m256d pdf = _ZGVdN4v_exp(_mm256_mul_pd(_mm256_set1_pd(-0.5), _mm256_mul_pd(x, x)));
         return _mm256_add_pd(cdf, _mm256_mul_pd(_mm256_mul_pd(x, _mm256_set1_pd(RBE_INV_SQRT_2PI)), pdf));
     }
     case RBE_ACT_GELU_TANH: {
         __m256d x2 = _mm256_mul_pd(x, x);
-        __m256d u2 = _mm256_mul_pd(_mm256_set1_pd(-2.0 * RBE_SQRT_2_OVER_PI),
-                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(RBE_GELU_TANH_C), _mm256_mul_pd(x2, x))));
-        __m256d s = _mm256_div_pd(one, _mm256_add_pd(one, _ZGVdN4v_exp(u2)));
+        __m256d s = _mm256_div_pd(one, sh);
         __m256d d = _mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(2.0), x), _mm256_mul_pd(s, _mm256_sub_pd(one, s))),
                                   _mm256_mul_pd(_mm256_set1_pd(RBE_SQRT_2_OVER_PI),
                                                 _mm256_add_pd(one, _mm256_mul_pd(_mm256_set1_pd(3.0 * RBE_GELU_TANH_C), x2))));
         return _mm256_add_pd(s, d);
     }
     default: {  // silu
-        __m256d s = _mm256_div_pd(one, _mm256_add_pd(one, _ZGVdN4v_exp(_mm256_sub_pd(_mm256_setzero_pd(), x))));
+        __m256d s = _mm256_div_pd(one, sh);
         return _mm256_mul_pd(s, _mm256_add_pd(one, _mm256_mul_pd(x, _mm256_sub_pd(one, s))));
     }
     }
 }
 
-// act4 and act_grad4 at once, sharing their erfc / exp (the same double operations as the two, so
-// the same bits): y = act(x), g = act'(x); gelu, gelu_tanh and silu only
+AVX2 static __m256d act4(__m256d x, int act) {
+    if (act != RBE_ACT_RELU) return value4(x, shared4(x, act), act);
+    // relu: x if x > 0 or x is NaN, else +0
+    __m256d keep = _mm256_or_pd(_mm256_cmp_pd(x, _mm256_setzero_pd(), _CMP_GT_OQ), _mm256_cmp_pd(x, x, _CMP_UNORD_Q));
+    return _mm256_and_pd(keep, x);
+}
+
+AVX2 static __m256d act_grad4(__m256d x, int act) { return grad4(x, shared4(x, act), act); }  // not relu
+
+// y = act(x), g = act'(x) with one shared4: gelu, gelu_tanh and silu only
 AVX2 static void act_and_grad4(__m256d x, int act, __m256d* y, __m256d* g) {
-    const __m256d half = _mm256_set1_pd(0.5), one = _mm256_set1_pd(1.0);
-    switch (act) {
-    case RBE_ACT_GELU: {
-        __m256d e = _ZGVdN4v_erfc(_mm256_mul_pd(x, _mm256_set1_pd(-RBE_SQRT1_2)));
-        *y = _mm256_mul_pd(_mm256_mul_pd(half, x), e);
-        __m256d pdf = _ZGVdN4v_exp(_mm256_mul_pd(_mm256_set1_pd(-0.5), _mm256_mul_pd(x, x)));
-        *g = _mm256_add_pd(_mm256_mul_pd(half, e), _mm256_mul_pd(_mm256_mul_pd(x, _mm256_set1_pd(RBE_INV_SQRT_2PI)), pdf));
-        return;
-    }
-    case RBE_ACT_GELU_TANH: {
-        __m256d x2 = _mm256_mul_pd(x, x);
-        __m256d u2 = _mm256_mul_pd(_mm256_set1_pd(-2.0 * RBE_SQRT_2_OVER_PI),
-                                   _mm256_add_pd(x, _mm256_mul_pd(_mm256_set1_pd(RBE_GELU_TANH_C), _mm256_mul_pd(x2, x))));
-        __m256d den = _mm256_add_pd(one, _ZGVdN4v_exp(u2));
-        *y = _mm256_div_pd(x, den);
-        __m256d s = _mm256_div_pd(one, den);
-        __m256d d = _mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(2.0), x), _mm256_mul_pd(s, _mm256_sub_pd(one, s))),
-                                  _mm256_mul_pd(_mm256_set1_pd(RBE_SQRT_2_OVER_PI),
-                                                _mm256_add_pd(one, _mm256_mul_pd(_mm256_set1_pd(3.0 * RBE_GELU_TANH_C), x2))));
-        *g = _mm256_add_pd(s, d);
-        return;
-    }
-    default: {  // silu
-        __m256d den = _mm256_add_pd(one, _ZGVdN4v_exp(_mm256_sub_pd(_mm256_setzero_pd(), x)));
-        *y = _mm256_div_pd(x, den);
-        __m256d s = _mm256_div_pd(one, den);
-        *g = _mm256_mul_pd(s, _mm256_add_pd(one, _mm256_mul_pd(x, _mm256_sub_pd(one, s))));
-        return;
-    }
-    }
+    const __m256d sh = shared4(x, act);
+    *y = value4(x, sh, act);
+    *g = grad4(x, sh, act);
 }
 
 AVX2 static long act_forward_grad_avx2(float* y, float* g, const float* x, long n, int act) {
