@@ -41,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quant_peers import PEERS, quantized  # noqa: E402  (the peers, one definition for every study)
 from train_char_lm import CharLM, dense_ffn, load_corpus  # noqa: E402  (the same model and corpus)
+from study_equal_params import add_model_args  # noqa: E402  (the training study's configuration)
 from convert_recipe import (add_recipe_args, check_recipe_args, rbe_bytes_per_weight,  # noqa: E402
                             recipe_labels, stored)
 
@@ -52,16 +53,9 @@ CONFIG_KEYS = ("layers", "d_model", "heads", "ctx", "batch", "lr", "weight_decay
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--ctx", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
+    add_model_args(ap)  # the training study's model, optimizer and corpus
     ap.add_argument("--steps", type=int, default=4000, help="training steps of the dense model")
     ap.add_argument("--eval-every", type=int, default=250, help="validation evaluations during training")
-    ap.add_argument("--corpus-mb", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-windows", type=int, default=1024,
                     help="fixed validation windows of ctx bytes every model is evaluated on")

@@ -110,12 +110,8 @@ def t_quantile_975(df: int) -> float:
     return table.get(df, 1.96 + 2.5 / df)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--arms", default=",".join(ALL_ARMS))
-    ap.add_argument("--lengths", default="600,1200", help="training lengths (steps), comma-separated")
-    ap.add_argument("--seeds", type=int, default=3)
+def add_model_args(ap) -> None:
+    """The model, optimizer and corpus of the study (examples/convert_char_lm.py trains and converts the same)."""
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
@@ -123,9 +119,18 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--corpus-mb", type=float, default=8.0)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--arms", default=",".join(ALL_ARMS))
+    ap.add_argument("--lengths", default="600,1200", help="training lengths (steps), comma-separated")
+    ap.add_argument("--seeds", type=int, default=3)
+    add_model_args(ap)
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--shrink", type=float, default=8.0, help="dense FFN weight parameters / each small arm's")
-    ap.add_argument("--corpus-mb", type=float, default=8.0)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-windows", type=int, default=256)
     ap.add_argument("--dyn-every", type=int, default=50, help="rbe-dyn: steps between support updates")
