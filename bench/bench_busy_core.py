@@ -1,4 +1,4 @@
-"""Training step of RBE and dense FFNs when another process keeps one core busy (the machine
+"""Training step of RBE and dense FFNs (float32 and under bf16 autocast) when another process keeps one core busy (the machine
 shared, a data loader, ...): each block at 1 and 2 threads, with and without a competing process
 that spins on one core, interleaved, medians (docs/benchmarks.md, "A busy core").
 
@@ -33,8 +33,12 @@ def main():
             "dense": torch.nn.Sequential(torch.nn.Linear(768, 3072), torch.nn.GELU(), torch.nn.Linear(3072, 768))}
     x = torch.randn(args.tokens, 768, requires_grad=True)
 
-    def step(m):
-        m(x).sum().backward()
+    arms["dense_bf16"] = arms["dense"]  # the same module under torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def step(m, bf16=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = m(x)
+        y.float().sum().backward()
 
     print("| competing spinner | threads | " + " | ".join(f"{a} ms" for a in arms) + " |")
     print("|---|---|" + "---|" * len(arms))
@@ -48,12 +52,12 @@ def main():
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 times = {a: [] for a in arms}
-                for m in arms.values():
-                    step(m)
+                for a, m in arms.items():
+                    step(m, a == "dense_bf16")
                 for r in range(args.reps):
                     for a, m in arms.items():
                         t0 = time.perf_counter()
-                        step(m)
+                        step(m, a == "dense_bf16")
                         times[a].append(time.perf_counter() - t0)
                 med = " | ".join(f"{statistics.median(times[a]) * 1e3:.1f}" for a in arms)
                 print(f"| {'yes' if busy else 'no'} | {threads} | {med} |", flush=True)
