@@ -219,6 +219,8 @@ void rbe_rows_forward_f64(double* y, double* pre, double* Xnext, const double* X
  * the caller splits them between threads. */
 #define RBE_FEW_MAX 8
 #define RBE_FEW_SLACK 16
+/* blocks whose sparse products the x86 few-token forward interleaves, each into its own accumulator */
+#define RBE_FEW_STREAMS 4
 /* elements of a few-token transform of n features: ceil(n/b)*(b+nf)*T + RBE_FEW_SLACK */
 size_t rbe_few_size(int n, int b, int nf, long T);
 /* scratch of rbe_few_rows_forward per calling thread, in elements (any T <= RBE_FEW_MAX) */

@@ -24,9 +24,9 @@ long rbe_index_check(const void* index, int wide, long nblocks, int k, int b) {
 // 1 when every row of index [nblocks, k] is strictly increasing in [0, lim): branch-free over a
 // row, so the compiler vectorizes it (the rows are sorted, so the range check is first and last),
 // once per instruction set, chosen when the library loads (it runs on every CPU call: at one token
-// it was a tenth of a 768/3072 feed-forward call with SSE2's 8 lanes; AVX2 has 16)
+// it was a tenth of a 768/3072 feed-forward call with SSE2's 8 lanes; AVX2 has 16, AVX-512 32)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RBE_ISA_CLONES __attribute__((target_clones("avx2", "default")))
+#define RBE_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define RBE_ISA_CLONES
 #endif

@@ -26,7 +26,7 @@ size_t rbe_few_size(int n, int b, int nf, long T) {
 }
 // yh [rows][RBE_FEW_MAX] + slack, one token's output segment [b], one analysed token [rows]
 size_t rbe_few_scratch(int b, int nf) {
-    return (size_t)(b + nf) * RBE_FEW_MAX + RBE_FEW_SLACK + (size_t)b + (size_t)(b + nf) + (size_t)b * RBE_FEW_MAX;
+    return (size_t)(b + nf) * RBE_FEW_MAX * RBE_FEW_STREAMS + RBE_FEW_SLACK + (size_t)b + (size_t)(b + nf);
 }
 
 #define RBE_T float

@@ -535,16 +535,13 @@ XT void XSFX(rbe_few_analysis_f32)(float* Xf, const float* x, const float* At, i
     }
 }
 
-// The sparse product of one block over the few-token transform X (stride T) into yh (stride ys):
-// each output row's run of coefficients accumulates in one register. One token: scalar; 2..8
-// tokens: 8 lanes (the lanes past T read neighbouring values or the slack, and land in the
-// padding of yh's stride-8 rows).
 // The sparse product of blocks over the few-token transform (stride T) into yh (row stride ys:
 // 1 for one token, else RBE_FEW_MAX): yh[u] = fma(c, X[v], yh[u]) in coefficient order, with no
 // branch on the row runs (their lengths are random: a branch per run mispredicts). One token:
 // scalar; 2..8 tokens: 8 lanes (the lanes past T read neighbouring values or the slack and land
-// in the padding of yh's rows). Two blocks at a time into two accumulators (y0, y1), so that the
-// store-to-load chains of the two streams overlap; `pow2`: b is a power of two (shifts).
+// in the padding of yh's rows). RBE_FEW_STREAMS consecutive blocks at a time, each into its own
+// accumulator, so that the store-to-load chains of the streams overlap; `pow2`: b is a power of
+// two (shifts).
 XT static INLINE_ALWAYS void few_term(float* restrict y, const float* restrict X, float c, long idx, int b, int sh,
                                       long T, int pow2) {
     static const uint64_t one = 1;
@@ -559,38 +556,40 @@ XT static INLINE_ALWAYS void few_term(float* restrict y, const float* restrict X
     }
 }
 
-XT static INLINE_ALWAYS void few_sparse_w(float* restrict y0, float* restrict y1, const float* restrict X0,
-                                          const float* restrict X1, const float* restrict c0,
-                                          const float* restrict c1, const void* index, long base0, long base1, int k,
+// ns blocks (1 or RBE_FEW_STREAMS): block s has coefficients c + s k, index from base + s k, source
+// X + s xs and accumulator y + s yst
+XT static INLINE_ALWAYS void few_sparse_w(float* restrict y, long yst, const float* restrict X, long xs,
+                                          const float* restrict c, const void* index, long base, int ns, int k,
                                           int b, int sh, long T, int wide, int pow2) {
-    const int16_t *a16 = (const int16_t*)index + base0, *b16 = (const int16_t*)index + base1;
-    const int32_t *a32 = (const int32_t*)index + base0, *b32 = (const int32_t*)index + base1;
-    if (!y1) {
-        for (long q = 0; q < k; q++) few_term(y0, X0, c0[q], wide ? a32[q] : a16[q], b, sh, T, pow2);
-        return;
-    }
-    for (long q = 0; q < k; q++) {
-        few_term(y0, X0, c0[q], wide ? a32[q] : a16[q], b, sh, T, pow2);
-        few_term(y1, X1, c1[q], wide ? b32[q] : b16[q], b, sh, T, pow2);
-    }
+    const int16_t* i16 = (const int16_t*)index + base;
+    const int32_t* i32 = (const int32_t*)index + base;
+    for (long q = 0; q < k; q++)
+        for (int s = 0; s < ns; s++)
+            few_term(y + s * yst, X + s * xs, c[s * k + q], wide ? i32[s * k + q] : i16[s * k + q], b, sh, T, pow2);
 }
 
-// blocks base0 (into y0, over X0) and base1 (into y1, over X1; y1 NULL: none); the constants
-// of the inner loop (tokens, index width, power of two) as separate instantiations
-XT static void few_sparse(float* restrict y0, float* restrict y1, const float* restrict X0, const float* restrict X1,
-                          const float* restrict c0, const float* restrict c1, const void* index, int wide, long base0,
-                          long base1, int k, int b, long T) {
+// the constants of the inner loop (streams, tokens, index width, power of two) as separate
+// instantiations
+XT static void few_sparse(float* restrict y, long yst, const float* restrict X, long xs, const float* restrict c,
+                          const void* index, int wide, long base, int ns, int k, int b, long T) {
     int sh = 0;
     while ((1 << sh) < b) sh++;
     const int pow2 = (1 << sh) == b;
-#define RBE_FEW_SPARSE(T_, W_, P_) few_sparse_w(y0, y1, X0, X1, c0, c1, index, base0, base1, k, b, sh, T_, W_, P_)
-    if (T == 1) {
-        if (pow2) wide ? RBE_FEW_SPARSE(1, 1, 1) : RBE_FEW_SPARSE(1, 0, 1);
-        else wide ? RBE_FEW_SPARSE(1, 1, 0) : RBE_FEW_SPARSE(1, 0, 0);
-    } else {
-        if (pow2) wide ? RBE_FEW_SPARSE(T, 1, 1) : RBE_FEW_SPARSE(T, 0, 1);
-        else wide ? RBE_FEW_SPARSE(T, 1, 0) : RBE_FEW_SPARSE(T, 0, 0);
+#define RBE_FEW_SPARSE(N_, T_, W_, P_) few_sparse_w(y, yst, X, xs, c, index, base, N_, k, b, sh, T_, W_, P_)
+#define RBE_FEW_SPARSE_N(N_)                                                    \
+    if (T == 1) {                                                               \
+        if (pow2) wide ? RBE_FEW_SPARSE(N_, 1, 1, 1) : RBE_FEW_SPARSE(N_, 1, 0, 1); \
+        else wide ? RBE_FEW_SPARSE(N_, 1, 1, 0) : RBE_FEW_SPARSE(N_, 1, 0, 0);      \
+    } else {                                                                    \
+        if (pow2) wide ? RBE_FEW_SPARSE(N_, T, 1, 1) : RBE_FEW_SPARSE(N_, T, 0, 1); \
+        else wide ? RBE_FEW_SPARSE(N_, T, 1, 0) : RBE_FEW_SPARSE(N_, T, 0, 0);      \
     }
+    if (ns == RBE_FEW_STREAMS) {
+        RBE_FEW_SPARSE_N(RBE_FEW_STREAMS)
+    } else {
+        RBE_FEW_SPARSE_N(1)
+    }
+#undef RBE_FEW_SPARSE_N
 #undef RBE_FEW_SPARSE
 }
 
@@ -606,23 +605,28 @@ XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const
     const int out = W->out, b = W->b, k = W->k, nf = P->nf;
     const int R = (out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     const long ys = T == 1 ? 1 : RBE_FEW_MAX;  // yh's row stride: lanes past T are padding
-    float* yh = scratch;                                             // [rows][ys]
-    float* v = scratch + (size_t)rows * RBE_FEW_MAX + RBE_FEW_SLACK;  // [b]
-    float* tmp = v + b;                                              // [rows]
-    float* y1 = tmp + rows;
+    const long yst = (long)rows * RBE_FEW_MAX;
+    float* yh = scratch;  // [rows][ys], then the other streams' accumulators y1 = yh + yst, ...
+    float* y1 = yh + yst;
+    float* v = scratch + (size_t)yst * RBE_FEW_STREAMS + RBE_FEW_SLACK;  // [b]
+    float* tmp = v + b;                                                  // [rows]
     for (long i = p0; i < p1; i++) {
         const int nr = out - (int)i * b < b ? out - (int)i * b : b;
         for (size_t e = 0; e < (size_t)rows * ys; e++) yh[e] = 0;
-        // the sparse products, blocks j and j+1 into yh and y1, then y1 added (every token alike)
-        for (size_t e = 0; e < (size_t)b * ys; e++) y1[e] = 0;
-        for (int j = 0; j < C; j += 2) {
-            const long blk = i * C + j;
-            const int two = j + 1 < C;
-            few_sparse(yh, two ? y1 : NULL, Xf + (size_t)j * rows * T, Xf + (size_t)(j + two) * rows * T,
-                       W->coeffs + (size_t)blk * k, W->coeffs + (size_t)(blk + two) * k, W->index, W->wide, blk * k,
-                       (blk + two) * k, k, b, T);
-        }
-        for (size_t e = 0; e < (size_t)b * ys; e++) yh[e] += y1[e];
+        // the sparse products: blocks j..j+3 into yh, y1, y2, y3 (the last C % 4 blocks into yh),
+        // then added in a fixed order (every token alike)
+        const int ns = RBE_FEW_STREAMS;
+        for (int s = 1; s < ns; s++)
+            for (size_t e = 0; e < (size_t)b * ys; e++) yh[s * yst + e] = 0;
+        int js = 0;
+        for (; js + ns <= C; js += ns)
+            few_sparse(yh, yst, Xf + (size_t)js * rows * T, (long)rows * T, W->coeffs + (size_t)(i * C + js) * k,
+                       W->index, W->wide, (i * C + js) * k, ns, k, b, T);
+        for (; js < C; js++)
+            few_sparse(yh, 0, Xf + (size_t)js * rows * T, 0, W->coeffs + (size_t)(i * C + js) * k, W->index, W->wide,
+                       (i * C + js) * k, 1, k, b, T);
+        _Static_assert(RBE_FEW_STREAMS == 4, "the sum below adds four accumulators");
+        for (size_t e = 0; e < (size_t)b * ys; e++) yh[e] += (y1[e] + y1[yst + e]) + y1[2 * yst + e];
         for (int j = 0; j < C; j++) {  // the pattern terms
             const long blk = i * C + j;
             const float* X = Xf + (size_t)j * rows * T;

@@ -1145,6 +1145,9 @@ static void few_cases(int variant) {
     few_case(variant, 8, 200, 130, 32, 90, 0);  // many block rows, matvec remainders
     few_case(variant, 1, 20, 260, 256, 50, 1);  // b = 256, int32 index
     few_case(variant, 7, 20, 260, 256, 50, 1);
+    few_case(variant, 1, 40, 300, 32, 60, 0);   // ten block columns: streams of RBE_FEW_STREAMS, then a tail
+    few_case(variant, 6, 40, 300, 32, 60, 0);
+    few_case(variant, 1, 40, 250, 48, 30, 1);   // b = 48, six block columns, int32 index
 }
 
 static void test_few(void) {
