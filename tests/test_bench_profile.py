@@ -1,0 +1,47 @@
+"""bench/profile_ffn.py: the multiply-add counts it reports, against counts written out by hand,
+and its workload run briefly in a subprocess (no speed assertions)."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import rbe_ffn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "profile_ffn.py")
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("profile_ffn", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_macs_by_hand():
+    p = load()
+    # b = 8: the fast DCT recursion 8 -> 4 -> 2: 4^2 + 2^2 + 2^2 = 24 multiply-adds; a segment adds
+    # nf * b = 3 * 8 = 24 for the pattern projections: 48 per segment and token
+    # 16 -> 40, b = 8: fc1 has R = 5 block rows, C = 2 block columns, 10 blocks of k = 6
+    m = p.macs_per_token(16, 40, 8, 6, 3)
+    seg, sparse = 48, 10 * 6
+    small, large = 2 * seg, 5 * seg
+    assert m["rbe_forward"] == 2 * (small + sparse + large)
+    # backward: g, x and fc2's input analysed, two syntheses, fc1's output gradient analysed; two
+    # column products and two parameter-dot passes
+    assert m["rbe_step"] == m["rbe_forward"] + (4 * sparse + 3 * small + 3 * large)
+    assert m["dense_forward"] == 2 * 16 * 40 and m["dense_step"] == 3 * 2 * 16 * 40
+    # odd block sizes have no even/odd split: the matrix DCT
+    assert p.macs_per_token(5, 5, 5, 1, 0)["rbe_forward"] == 2 * (25 + 1 + 25)
+
+
+def test_workload_runs(tmp_path):
+    env = dict(os.environ)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rbe_ffn.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    for mode in ("forward", "step"):
+        res = subprocess.run([sys.executable, SCRIPT, "--mode", mode, "--d-model", "64", "--d-ff", "128",
+                              "--tokens", "16", "--k", "20", "--seconds", "0.2"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "timed loop starts" in res.stdout and "calls," in res.stdout, res.stdout
