@@ -222,15 +222,21 @@ def rel_errors(arms, x):
     return out
 
 
-def measure(arms, x, mode, reps, warmup):
+def measure(arms, x, mode, reps, warmup, warm=0):
+    """Per arm, one time per timed round: of its single call (warm=0: the arm runs after the others,
+    so its weights come from L3 or memory, as a model's layers do when they exceed the cache), or
+    the mean of `warm` calls in a row after one untimed call (the arm's weights cached)."""
     live = [a for a in arms if a.status == "ok" and (a.train or mode == "forward")]
     times = {a.name: [] for a in live}
     for rnd in range(warmup + reps):
         s = rnd % len(live)
         for a in live[s:] + live[:s]:  # every arm once per round, the first one rotating
+            if warm:
+                a.run(x, mode)
             t0 = time.perf_counter()
-            a.run(x, mode)
-            dt = time.perf_counter() - t0
+            for _ in range(max(warm, 1)):
+                a.run(x, mode)
+            dt = (time.perf_counter() - t0) / max(warm, 1)
             if rnd >= warmup:
                 times[a.name].append(dt)
     return times
@@ -258,6 +264,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="768/3072, tokens 1 and 1024")
     ap.add_argument("--smoke", action="store_true", help="64/128, tokens 1 and 16, 1 rep, no warmup (tests)")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts, e.g. 1,64")
+    ap.add_argument("--warm", type=int, default=0,
+                    help="time the mean of this many calls in a row per arm and round, after an untimed one "
+                         "(the arm's weights in cache); 0: one call, after the other arms ran")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--k", type=int, default=300)
     ap.add_argument("--out", default=None, help="write the markdown here")
@@ -282,6 +291,9 @@ def main(argv=None):
         f"RBE b={args.block_size} k={args.k}; medians over {reps} interleaved rounds "
         f"({small_reps} at <= 64 tokens, {big_reps} at >= 4096), after {warmup} warm-up rounds "
         f"({min(warmup, 1)} at >= 4096)",
+        "each arm timed once per round, after the other arms ran (caches cold for its weights)" if not args.warm
+        else f"each arm timed as the mean of {args.warm} calls in a row per round, after an untimed one "
+             f"(its weights in cache)",
     ]
     print("\n".join(head), flush=True)
     load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -297,7 +309,7 @@ def main(argv=None):
             n, w = ((big_reps, min(warmup, 1)) if tokens >= 4096 else (small_reps, warmup) if tokens <= 64
                     else (reps, warmup))
             for mode in MODES:
-                times = measure(arms, x, mode, n, w)
+                times = measure(arms, x, mode, n, w, args.warm)
                 for a in arms:
                     err, ref = errs.get(a.name, ("", ""))
                     base = dict(d_model=d_model, d_ff=d_ff, tokens=tokens, mode=mode, arm=a.name,

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {"dense", "dense_bf16", "int8_dyn", "lowrank", "narrow", "rbe", "rbe_ckpt", "rbe_bf16"}
 
 
-def run_smoke(tmp_path):
+def run_smoke(tmp_path, *extra):
     env = dict(os.environ)
     # the subprocess imports the same rbe_ffn as this test (a worktree's python/, not an
     # editable install's)
@@ -22,7 +22,7 @@ def run_smoke(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
     out, csv_path = tmp_path / "peers.md", tmp_path / "peers.csv"
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_peers.py"), "--smoke", "--threads", "1",
-                          "--out", str(out), "--csv", str(csv_path)],
+                          "--out", str(out), "--csv", str(csv_path), *extra],
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     with open(csv_path, newline="") as f:
@@ -32,6 +32,7 @@ def run_smoke(tmp_path):
 def test_bench_peers_smoke(tmp_path):
     rows, md, stdout = run_smoke(tmp_path)
     assert "get_cpu_capability()=" in stdout and "avx2" in stdout
+    assert "once per round, after the other arms ran" in md
 
     # every (tokens, mode, arm) has a row; int8 has no training step, everything else is timed
     for tokens in ("1", "16"):
@@ -82,3 +83,14 @@ def test_bench_peers_smoke(tmp_path):
     # the markdown: the arms table, the time table with ratios, the spread table
     for s in ("### Arms", "| 64/128 | 16 | step |", "fastest non-RBE", "### Spread over rounds"):
         assert s in md
+
+
+def test_bench_peers_warm(tmp_path):
+    # --warm N: every arm still timed once per round (the mean of its N calls in a row), and the
+    # table says which order it measured
+    rows, md, _ = run_smoke(tmp_path, "--warm", "2")
+    assert "mean of 2 calls in a row" in md
+    for tokens in ("1", "16"):
+        got = {r["arm"] for r in rows if r["tokens"] == tokens and r["mode"] == "forward" and r["status"] == "ok"}
+        assert got == ARMS, (tokens, got)
+        assert all(float(r["ms"]) > 0 for r in rows if r["tokens"] == tokens and r["status"] == "ok")
