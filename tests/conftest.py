@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 
 import pytest
@@ -123,6 +124,17 @@ def ffn_args(m, x, chunk=0, keep_pre=True, bias=True):
     f1, f2 = m.fc1, m.fc2
     return (x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias if bias else None, f2.basis, f2.coeffs, f2.index,
             f2.bias if bias else None, m.d_model, m.d_ff, m.activation, chunk, keep_pre)
+
+
+# ----------------------------------------------------------------- subprocesses
+def same_package_env() -> dict:
+    """os.environ with PYTHONPATH led by the directory of the rbe_ffn these tests import, so that a
+    script run in a subprocess imports the same package (a worktree's python/, not an editable
+    install's)."""
+    env = dict(os.environ)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rbe_ffn.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
 
 
 # ----------------------------------------------------------------- assertions

@@ -9,17 +9,14 @@ import subprocess
 import sys
 
 import rbe_ffn
+from conftest import same_package_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {"dense", "dense_bf16", "int8_dyn", "lowrank", "narrow", "rbe", "rbe_ckpt", "rbe_bf16"}
 
 
 def run_smoke(tmp_path, *extra):
-    env = dict(os.environ)
-    # the subprocess imports the same rbe_ffn as this test (a worktree's python/, not an
-    # editable install's)
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rbe_ffn.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    env = same_package_env()
     out, csv_path = tmp_path / "peers.md", tmp_path / "peers.csv"
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_peers.py"), "--smoke", "--threads", "1",
                           "--out", str(out), "--csv", str(csv_path), *extra],

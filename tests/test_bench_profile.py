@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-import rbe_ffn
+from conftest import same_package_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "profile_ffn.py")
@@ -36,9 +36,7 @@ def test_macs_by_hand():
 
 
 def test_workload_runs(tmp_path):
-    env = dict(os.environ)
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(rbe_ffn.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in [env.get("PYTHONPATH")] if p])
+    env = same_package_env()
     for mode in ("forward", "step"):
         res = subprocess.run([sys.executable, SCRIPT, "--mode", mode, "--d-model", "64", "--d-ff", "128",
                               "--tokens", "16", "--k", "20", "--seconds", "0.2"],
