@@ -24,7 +24,8 @@ size_t rbe_rows_scratch(int b, int nf) { return (size_t)(4 * b + nf) * RBE_TILE;
 size_t rbe_few_size(int n, int b, int nf, long T) {
     return (size_t)((n + b - 1) / b) * (size_t)(b + nf) * (size_t)T + RBE_FEW_SLACK;
 }
-// yh [rows][RBE_FEW_MAX] + slack, one token's output segment [b], one analysed token [rows]
+// RBE_FEW_STREAMS accumulators [rows][RBE_FEW_MAX] (the portable kernel uses the first) + slack, one
+// token's output segment [b], one analysed token [rows]
 size_t rbe_few_scratch(int b, int nf) {
     return (size_t)(b + nf) * RBE_FEW_MAX * RBE_FEW_STREAMS + RBE_FEW_SLACK + (size_t)b + (size_t)(b + nf);
 }

@@ -613,8 +613,8 @@ XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const
     for (long i = p0; i < p1; i++) {
         const int nr = out - (int)i * b < b ? out - (int)i * b : b;
         for (size_t e = 0; e < (size_t)rows * ys; e++) yh[e] = 0;
-        // the sparse products: blocks j..j+3 into yh, y1, y2, y3 (the last C % 4 blocks into yh),
-        // then added in a fixed order (every token alike)
+        // the sparse products: each group of ns blocks into yh and the ns - 1 other accumulators
+        // (the last C % ns blocks into yh), then those added to yh in a fixed order (every token alike)
         const int ns = RBE_FEW_STREAMS;
         for (int s = 1; s < ns; s++)
             for (size_t e = 0; e < (size_t)b * ys; e++) yh[s * yst + e] = 0;
@@ -625,8 +625,11 @@ XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const
         for (; js < C; js++)
             few_sparse(yh, 0, Xf + (size_t)js * rows * T, 0, W->coeffs + (size_t)(i * C + js) * k, W->index, W->wide,
                        (i * C + js) * k, 1, k, b, T);
-        _Static_assert(RBE_FEW_STREAMS == 4, "the sum below adds four accumulators");
-        for (size_t e = 0; e < (size_t)b * ys; e++) yh[e] += (y1[e] + y1[yst + e]) + y1[2 * yst + e];
+        for (size_t e = 0; e < (size_t)b * ys; e++) {
+            float a = y1[e];
+            for (int s = 2; s < ns; s++) a += yh[s * yst + e];
+            yh[e] += a;
+        }
         for (int j = 0; j < C; j++) {  // the pattern terms
             const long blk = i * C + j;
             const float* X = Xf + (size_t)j * rows * T;
