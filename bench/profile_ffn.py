@@ -27,7 +27,8 @@ FAMILIES = (
      r"rbe_few_analysis|rbe_few_at"),
     ("activation (double-precision erfc / exp and its passes)", r"erfc|_exp_|act_forward|act_backward|act_and"),
     ("schedules (regrouping the coefficients per call)", r"rbe_schedule|rbe_transpose_blocks|sched"),
-    ("index snapshot and checks, scales, scans", r"index_ok|rbe_index|memmove|memcpy|scale_rows|max_abs|nonfinite"),
+    ("index snapshot and check, other copies, scales, scans",
+     r"index_ok|rbe_index|memmove|memcpy|scale_rows|max_abs|nonfinite"),
 )
 OTHER = "Python, torch and the rest"
 
@@ -98,7 +99,8 @@ def main() -> None:
     m = rbe_ffn.RBEFeedForward(a.d_model, a.d_ff, "gelu", block_size=a.block_size, k=a.k, checkpoint=a.checkpoint)
     nf = m.fc1.plan.shape[1] - a.block_size
     macs = macs_per_token(a.d_model, a.d_ff, a.block_size, a.k, nf)
-    print(f"multiply-adds per token ({a.d_model}/{a.d_ff}, b={a.block_size}, k={a.k}, nf={nf}): "
+    print(f"multiply-adds per token ({a.d_model}/{a.d_ff}, b={a.block_size}, k={a.k}, nf={nf}; the step with "
+          f"the standard backward{', which --checkpoint exceeds: it also recomputes fc1' if a.checkpoint else ''}): "
           + ", ".join(f"{key} {v:,}" for key, v in macs.items())
           + f"; dense / RBE: forward {macs['dense_forward'] / macs['rbe_forward']:.2f}x, "
             f"step {macs['dense_step'] / macs['rbe_step']:.2f}x")
