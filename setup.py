@@ -29,7 +29,7 @@ link_libs = ["rbe_kernels"]
 link_args = ["-fopenmp"]
 if ctypes.util.find_library("mvec"):  # weak references alone would be dropped by --as-needed
     link_args += ["-Wl,--no-as-needed", "-lmvec", "-Wl,--as-needed"]
-ext_sources = ["csrc/rbe_ops.cpp"]
+ext_sources = ["csrc/rbe_ops.cpp", "csrc/rbe_dct_path.cpp"]
 ext_cls = cpp_extension.CppExtension
 extra = {"cxx": CXX_FLAGS}
 

@@ -14,17 +14,27 @@
 #include <vector>
 
 #include "rbe.h"
+#include "rbe_dct_path.h"
 #include "rbe_ops_common.h"
 
 // The Python extension module: importing it loads the operators. Its one method, cpu_isa(),
 // names the float32 CPU kernels in use (rbe.h: "avx512", "avx2" or "portable").
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(rbe_cpu_isa()); }
 
+static PyObject* set_dct_path(PyObject*, PyObject* on) {
+    const int v = PyObject_IsTrue(on);
+    if (v < 0) return nullptr;
+    return PyBool_FromLong(rbe::set_dct_path(v != 0));
+}
+
 extern "C" PyObject* PyInit__C(void) {
     static PyMethodDef methods[] = {
         {"cpu_isa", cpu_isa, METH_NOARGS,
          "The instruction set of the float32 CPU kernels: 'avx512', 'avx2' or 'portable' (the best the CPU "
          "has, capped by the environment variable RBE_FFN_ISA, read once)."},
+        {"set_dct_path", set_dct_path, METH_O,
+         "Route the linear and feed-forward operators of every device through the DCT-domain dense path "
+         "(csrc/rbe_dct_path.h) when true; returns the previous setting."},
         {nullptr, nullptr, 0, nullptr}};
     static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "rbe_ffn operators", -1, methods};
     return PyModule_Create(&def);
@@ -540,7 +550,9 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_linear", [&] {
         const double m = check_range<scalar_t>(x2, P.b, "input");
         const int64_t Tn = x2.size(0);
-        if (few_tokens(Tn)) {
+        if (dct_path_enabled()) {
+            y = dct_linear(x, x2, W, sc, bc);
+        } else if (few_tokens(Tn)) {
             Tensor At = few_tables<scalar_t>(P, x2.options());
             Tensor Xf = few_analyse<scalar_t>(x2.data_ptr<scalar_t>(), Tn, in, P, At.data_ptr<scalar_t>(), x2.options());
             scale_rows(Xf.data_ptr<scalar_t>(), cdiv(in, P.b), P, Tn, sc);
@@ -579,7 +591,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& gra
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_linear_backward", [&] {
         using T = scalar_t;
         const double mg = check_range<T>(g2, P.b, "grad", true), mx = check_range<T>(x2, P.b, "input");
-        linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() : nullptr, mask[1] ? db.data_ptr<T>() : nullptr,
+        if (dct_path_enabled())
+            std::tie(dx, db, dc, dbias) = dct_linear_backward(x, x2, g2, W, sc, mask);
+        else
+            linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() : nullptr, mask[1] ? db.data_ptr<T>() : nullptr,
                                mask[2] ? dc.data_ptr<T>() : nullptr, mask[3] ? dbias.data_ptr<T>() : nullptr, 0,
                                g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt, nullptr, nullptr, sc);
         const double m = std::isfinite(mg) ? mx : mg;
@@ -610,6 +625,12 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn", [&] {
         using T = scalar_t;
         const double m = check_range<T>(a.x2, a.P.b, "input");
+        if (dct_path_enabled()) {
+            std::tie(y, pre) = dct_ffn(x, a, keep_pre);
+            check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
+                                    "the output");
+            return;
+        }
         if (few_tokens(Tn)) {  // chunk by chunk as well (the memory limit), each token's bits unchanged
             Tensor At = few_tables<T>(a.P, opt);
             const T* at_ = At.data_ptr<T>();
@@ -678,6 +699,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn_backward", [&] {
         using T = scalar_t;
         const double mg = check_range<T>(g2, a.P.b, "grad", true), mx = check_range<T>(a.x2, a.P.b, "input");
+        if (dct_path_enabled()) {
+            std::tie(dx, db1, dc1, dbias1, db2, dc2, dbias2) = dct_ffn_backward(x, g2, pre2, a, mask);
+            const double m = std::isfinite(mg) ? mx : mg;
+            check_finite_results<T>({dx, db1, dc1, dbias1, db2, dc2, dbias2}, m,
+                                    {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs}, "the gradient");
+            return;
+        }
         const int64_t cn = std::min(a.chunk, Tn);
         // standard: a = act(h) from the saved h; checkpointed: h recomputed, and a only in the
         // transform domain (fc1 writes fc2's analysed input directly)

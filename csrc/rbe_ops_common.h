@@ -30,6 +30,17 @@ inline int act_code(const std::string& name) {
     TORCH_CHECK_VALUE(false, "rbe_ffn: unknown activation '", name, "' (expected gelu, gelu_tanh, relu, silu or none)");
 }
 
+// the name act_code reads as `code` (the operators' `activation` argument)
+inline const char* act_name(int code) {
+    switch (code) {
+    case RBE_ACT_GELU: return "gelu";
+    case RBE_ACT_GELU_TANH: return "gelu_tanh";
+    case RBE_ACT_RELU: return "relu";
+    case RBE_ACT_SILU: return "silu";
+    default: return "none";
+    }
+}
+
 // float32/float64 everywhere; float16/bfloat16 as well where half_ok (the CUDA operators)
 inline void check_float(const Tensor& t, const char* name, bool half_ok = false) {
     const at::ScalarType s = t.scalar_type();

@@ -7,6 +7,9 @@ run in a compressed RBE form (pattern + sparse DCT residual per block).
     report = rbe_ffn.replace_mlp(model, block_size=64, k=300)   # convert a model's MLPs
     rbe_ffn.distill_model(model, original, batches)              # then match the original's outputs
 """
+import contextlib
+import os
+
 from . import _ops
 from . import _C  # the extension, loaded by _ops once torch is (it links torch's libraries)
 from ._ops import get_plan
@@ -25,6 +28,7 @@ __all__ = [
     "rbe_linear", "rbe_feed_forward", "canonical_activation", "get_plan",
     "save_safetensors", "load_safetensors", "ddp_ignore_index",
     "replace_mlp", "ConversionReport", "Distill", "distill_model", "DistillReport", "DynamicSupport", "cpu_isa",
+    "dct_path",
     "seeded_positions", "storage_report", "storage_state_dict",
 ]
 __version__ = "0.1.0"
@@ -37,3 +41,25 @@ def cpu_isa() -> str:
     names), which the kernels read once, at their first call: set it before the process starts
     (or at least before the first CPU forward) to compare paths, e.g. ``RBE_FFN_ISA=avx2``."""
     return _C.cpu_isa()
+
+
+@contextlib.contextmanager
+def dct_path(enabled: bool = True):
+    """Within this block, route the linear and feed-forward operators of every device through
+    the DCT-domain dense path (``docs/DESIGN.md`` section 5.1): each weight densified as its
+    transform-domain matrix and multiplied with the device's matrix products, between
+    per-segment transforms of the activations. Same results as the default paths to rounding.
+
+    On CUDA this is the many-token path in preparation; it has not run on a GPU yet, so the
+    decode path stays the default. On CPU the transform-domain kernels are faster; the switch
+    exists there so that the same code is tested. Process-wide (every thread), not per
+    thread; the environment variable ``RBE_FFN_DCT_PATH=1`` turns it on at import."""
+    previous = _C.set_dct_path(enabled)
+    try:
+        yield
+    finally:
+        _C.set_dct_path(previous)
+
+
+if os.environ.get("RBE_FFN_DCT_PATH") == "1":
+    _C.set_dct_path(True)

@@ -1,0 +1,295 @@
+// rbe_dct_path.cpp - the DCT-domain dense path (rbe_dct_path.h): ATen products only, any device.
+#include "rbe_dct_path.h"
+
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace rbe {
+
+namespace {
+
+std::atomic<bool> g_dct_path{false};
+
+// ---- the tables of a block size, per (b, dtype, device), built once ----
+// psi [b, b] (DCT rows) in the products' dtype; phihat [8, b*b] = Psi Phi_k Psi^T in the
+// compute type (float64 for float64, else float32). Built in double on the host and copied
+// once: a call inside a CUDA-graph capture finds them ready (the first call must come before).
+struct Tables {
+    Tensor psi, phihat;
+};
+
+at::ScalarType compute_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+const Tables& tables(int64_t b, at::ScalarType dt, at::Device dev) {
+    static std::mutex mu;
+    static std::map<std::tuple<int64_t, int, int, int>, Tables> cache;
+    const auto key = std::make_tuple(b, (int)dt, (int)dev.type(), (int)dev.index());
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+    const int64_t bb = b * b;
+    std::vector<double> host(9 * bb);
+    rbe_dct_matrix(host.data(), (int)b);
+    rbe_pattern_images(host.data() + bb, (int)b);
+    Tensor all = at::from_blob(host.data(), {9, b, b}, at::kDouble).clone();  // owns its memory: .to() below may be a no-op
+    Tensor psi = all[0];
+    Tensor phihat = at::matmul(psi, at::matmul(all.narrow(0, 1, RBE_NPAT), psi.t())).reshape({RBE_NPAT, bb});
+    Tables t{psi.to(dev, dt).contiguous(), phihat.to(dev, compute_type(dt)).contiguous()};
+    return cache.emplace(key, std::move(t)).first->second;
+}
+
+// Where each kept coefficient sits in the densified [R*b, C*b] matrix, and whether its index
+// value is a position at all: [nblk, k] int64 positions (invalid ones sent to 0) and a mask.
+std::pair<Tensor, Tensor> dense_positions(const Weight& W) {
+    const int64_t nblk = W.basis.size(0), C = cdiv(W.in, W.b), b = W.b;
+    Tensor idx = W.index.to(at::kLong);
+    Tensor valid = at::logical_and(idx.ge(0), idx.lt(b * b));
+    Tensor p = at::arange(nblk, idx.options()).unsqueeze(1);
+    Tensor u = at::floor_divide(idx, b), v = at::remainder(idx, b);
+    Tensor pos = (at::floor_divide(p, C) * b + u) * (C * b) + at::remainder(p, C) * b + v;
+    return {at::where(valid, pos, at::zeros_like(pos)), valid};
+}
+
+// Chat laid out as one dense [R*b, C*b] matrix in dtype dt (the pattern part and the scattered
+// coefficients summed in the compute type, then rounded once)
+Tensor densify(const Weight& W, const Tables& T, at::ScalarType dt) {
+    const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), b = W.b;
+    const at::ScalarType ct = T.phihat.scalar_type();
+    Tensor big = at::mm(W.basis.to(ct), T.phihat)  // [R*C, b*b]: sum_k p_k Phihat_k per block
+                     .view({R, C, b, b})
+                     .permute({0, 2, 1, 3})
+                     .contiguous()
+                     .view({R * b * C * b});
+    if (W.k > 0) {
+        auto [pos, valid] = dense_positions(W);
+        Tensor vals = at::where(valid, W.coeffs.to(ct), at::zeros({}, W.coeffs.options().dtype(ct)));
+        big.scatter_add_(0, pos.view({-1}), vals.view({-1}));  // valid positions are distinct
+    }
+    return big.view({R * b, C * b}).to(dt);
+}
+
+// A dense [R*b, C*b] gradient dChat (compute type) on the stored numbers: dbasis [nblk, 8] and
+// dcoeffs [nblk, k] in the parameters' dtype, each only if asked for
+void project(Tensor* dbasis, Tensor* dcoeffs, const Tensor& dchat, const Weight& W, const Tables& T) {
+    const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), b = W.b;
+    const at::ScalarType pt = W.basis.scalar_type();
+    if (dbasis) {
+        Tensor blocks = dchat.view({R, b, C, b}).permute({0, 2, 1, 3}).reshape({R * C, b * b});
+        *dbasis = at::mm(blocks, T.phihat.t()).to(pt);
+    }
+    if (dcoeffs) {
+        if (W.k == 0) {
+            *dcoeffs = at::zeros(W.coeffs.sizes(), W.coeffs.options());
+            return;
+        }
+        auto [pos, valid] = dense_positions(W);
+        Tensor vals = dchat.reshape({-1}).take(pos);
+        *dcoeffs = at::where(valid, vals, at::zeros_like(vals)).to(pt);
+    }
+}
+
+// x2 [n, width] zero-padded to nseg*b features, each b-long segment transformed: [n, nseg*b]
+Tensor seg_dct(const Tensor& x2, int64_t nseg, const Tensor& psi) {
+    const int64_t n = x2.size(0), b = psi.size(0), pad = nseg * b - x2.size(1);
+    Tensor xp = pad > 0 ? at::constant_pad_nd(x2, {0, pad}) : x2;
+    return at::mm(xp.reshape({n * nseg, b}), psi.t()).view({n, nseg * b});
+}
+
+// out [n, width] = the first `width` features of the inverse per-segment transform of
+// yh [n, nseg*b], plus bias (out may be a view into a larger tensor)
+void seg_idct_out(Tensor& out, const Tensor& yh, const Tensor& psi, const c10::optional<Tensor>& bias) {
+    const int64_t n = yh.size(0), b = psi.size(0), width = out.size(1), full = yh.size(1);
+    if (width == full && out.is_contiguous()) {
+        Tensor flat = out.view({n * (full / b), b});
+        at::mm_out(flat, yh.reshape({n * (full / b), b}), psi);
+    } else {
+        out.copy_(at::mm(yh.reshape({n * (full / b), b}), psi).view({n, full}).narrow(1, 0, width));
+    }
+    if (bias.has_value()) out.add_(*bias);
+}
+
+// acc (compute type) += a^T b; half inputs multiply in their dtype (float32 accumulation inside
+// the product, the result rounded to that dtype, as a dense module's weight gradient is)
+void add_at_b(Tensor& acc, const Tensor& a, const Tensor& b) {
+    if (a.scalar_type() == acc.scalar_type())
+        acc.addmm_(a.t(), b);
+    else
+        acc.add_(at::mm(a.t(), b));
+}
+
+Tensor activation(const Tensor& x, int64_t act) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("rbe_ffn::activation", "")
+                               .typed<Tensor(const Tensor&, std::string)>();
+    return op.call(x, act_name((int)act));
+}
+
+Tensor activation_backward(const Tensor& g, const Tensor& x, int64_t act) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("rbe_ffn::activation_backward", "")
+                               .typed<Tensor(const Tensor&, const Tensor&, std::string)>();
+    return op.call(g, x, act_name((int)act));
+}
+
+Tensor empty0(const at::TensorOptions& opt) { return at::empty({0}, opt); }
+
+// Entered by every function below: the products are the kernel's own arithmetic, so neither
+// autograd (the operators' derivatives are registered separately) nor autocast (which would turn
+// float32 products into bfloat16 ones) may see them.
+struct Scope {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    c10::impl::ExcludeDispatchKeyGuard no_autocast{
+        c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA})};
+};
+
+// the gradients of the numbers passed in from those of the scaled numbers (empty ones: not asked for)
+void unscale(Tensor& dbasis, Tensor& dcoeffs, const Scales& sc) {
+    if (dbasis.numel() > 0 && sc.pattern != 1.0) dbasis.mul_(sc.pattern);
+    if (dcoeffs.numel() > 0 && sc.coeff != 1.0) dcoeffs.mul_(sc.coeff);
+}
+
+// the arguments with each weight's numbers multiplied by their scales (scales then 1)
+FFNArgs scaled(const FFNArgs& a) {
+    FFNArgs s = a;
+    s.W1 = scaled_weight(a.W1, a.scales1), s.W2 = scaled_weight(a.W2, a.scales2);
+    return s;
+}
+
+}  // namespace
+
+bool dct_path_enabled() { return g_dct_path.load(std::memory_order_relaxed); }
+bool set_dct_path(bool on) { return g_dct_path.exchange(on); }
+
+// ---- linear ----
+Tensor dct_linear(const Tensor& x, const Tensor& x2, const Weight& Win, const Scales& sc,
+                  const c10::optional<Tensor>& bias) {
+    const Scope scope;
+    const Weight W = scaled_weight(Win, sc);
+    const Tables& T = tables(W.b, x.scalar_type(), x.device());
+    const int64_t n = x2.size(0);
+    Tensor y = at::empty(with_last(x, W.out), x2.options());  // a base tensor, not a view
+    if (n == 0) return y;
+    Tensor yh = at::mm(seg_dct(x2, cdiv(W.in, W.b), T.psi), densify(W, T, x.scalar_type()).t());
+    Tensor y2 = y.view({n, W.out});
+    seg_idct_out(y2, yh, T.psi, bias);
+    return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dct_linear_backward(const Tensor& x, const Tensor& x2, const Tensor& g2,
+                                                               const Weight& Win, const Scales& sc,
+                                                               std::array<bool, 4> mask) {
+    const Scope scope;
+    const Weight W = scaled_weight(Win, sc);
+    const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
+    const Tables& T = tables(W.b, dt, x.device());
+    const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), n = x2.size(0);
+    auto opt = x2.options();
+    Tensor dx = empty0(opt), db = empty0(opt), dc = empty0(opt), dbias = empty0(opt);
+    Tensor gh = seg_dct(g2, R, T.psi);
+    if (mask[0]) {
+        dx = at::empty(x.sizes(), opt);
+        if (n > 0) {
+            Tensor dx2 = dx.view({n, W.in});
+            seg_idct_out(dx2, at::mm(gh, densify(W, T, dt)), T.psi, c10::nullopt);
+        }
+    }
+    if (mask[1] || mask[2]) {
+        Tensor dchat = at::zeros({R * W.b, C * W.b}, opt.dtype(ct));
+        add_at_b(dchat, gh, seg_dct(x2, C, T.psi));
+        project(mask[1] ? &db : nullptr, mask[2] ? &dc : nullptr, dchat, W, T);
+        unscale(db, dc, sc);
+    }
+    if (mask[3]) dbias = at::sum(g2, {0}, false, ct).to(dt);
+    return {dx, db, dc, dbias};
+}
+
+// ---- the feed-forward block ----
+std::tuple<Tensor, Tensor> dct_ffn(const Tensor& x, const FFNArgs& args, bool keep_pre) {
+    const Scope scope;
+    const FFNArgs a = scaled(args);
+    const at::ScalarType dt = x.scalar_type();
+    const Tables& T = tables(a.P.b, dt, x.device());
+    const int64_t d_model = a.W1.in, d_ff = a.W1.out, Tn = a.x2.size(0), b = a.P.b;
+    auto opt = a.x2.options();
+    Tensor y = at::empty(x.sizes(), opt);  // a base tensor, not a view
+    Tensor pre = keep_pre ? at::empty(with_last(x, d_ff), opt) : empty0(opt);
+    if (Tn == 0) return {y, pre};
+    const Tensor big1 = densify(a.W1, T, dt), big2 = densify(a.W2, T, dt);
+    Tensor y2 = y.view({Tn, d_model});
+    for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
+        const int64_t n = std::min(a.chunk, Tn - t0);
+        Tensor h = keep_pre ? pre.view({Tn, d_ff}).narrow(0, t0, n) : at::empty({n, d_ff}, opt);
+        seg_idct_out(h, at::mm(seg_dct(a.x2.narrow(0, t0, n), cdiv(d_model, b), T.psi), big1.t()), T.psi, a.bias1);
+        Tensor hid = activation(h, a.act);
+        Tensor yc = y2.narrow(0, t0, n);
+        seg_idct_out(yc, at::mm(seg_dct(hid, cdiv(d_ff, b), T.psi), big2.t()), T.psi, a.bias2);
+    }
+    return {y, pre};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dct_ffn_backward(const Tensor& x, const Tensor& g2,
+                                                                                    const Tensor& pre2,
+                                                                                    const FFNArgs& args,
+                                                                                    std::array<bool, 7> mask) {
+    const Scope scope;
+    const FFNArgs a = scaled(args);
+    const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
+    const Tables& T = tables(a.P.b, dt, x.device());
+    const int64_t d_model = a.W1.in, d_ff = a.W1.out, Tn = a.x2.size(0), b = a.P.b;
+    const int64_t Cm = cdiv(d_model, b), Cf = cdiv(d_ff, b);  // segments of d_model and of d_ff
+    auto opt = a.x2.options(), copt = opt.dtype(ct);
+    const bool saved = pre2.defined();
+    const bool need1 = mask[0] || mask[1] || mask[2] || mask[3];
+    const bool dw1_on = mask[1] || mask[2], dw2_on = mask[4] || mask[5];
+    const Tensor big1 = !saved || mask[0] ? densify(a.W1, T, dt) : Tensor();
+    const Tensor big2 = need1 ? densify(a.W2, T, dt) : Tensor();
+    // the gradients of the two densified matrices over the whole call, projected once at the end
+    Tensor dchat1 = dw1_on ? at::zeros({Cf * b, Cm * b}, copt) : Tensor();
+    Tensor dchat2 = dw2_on ? at::zeros({Cm * b, Cf * b}, copt) : Tensor();
+    Tensor dbias1 = mask[3] ? at::zeros({d_ff}, copt) : empty0(opt);
+    Tensor dbias2 = mask[6] ? at::zeros({d_model}, copt) : empty0(opt);
+    Tensor dx = mask[0] ? at::empty(x.sizes(), opt) : empty0(opt);
+    for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
+        const int64_t n = std::min(a.chunk, Tn - t0);
+        const Tensor xc = a.x2.narrow(0, t0, n), gc = g2.narrow(0, t0, n);
+        Tensor xh;  // fc1's transformed input, when the recompute or dW1 needs it
+        if (!saved || dw1_on) xh = seg_dct(xc, Cm, T.psi);
+        Tensor h;  // standard: the saved pre-activation; checkpointed: recomputed
+        if (saved) {
+            h = pre2.narrow(0, t0, n);
+        } else {
+            h = at::empty({n, d_ff}, opt);
+            seg_idct_out(h, at::mm(xh, big1.t()), T.psi, a.bias1);
+        }
+        const Tensor gh = seg_dct(gc, Cm, T.psi);
+        if (dw2_on) add_at_b(dchat2, gh, seg_dct(activation(h, a.act), Cf, T.psi));
+        if (mask[6]) dbias2.add_(at::sum(gc, {0}, false, ct));
+        if (!need1) continue;
+        Tensor dh = at::empty({n, d_ff}, opt);
+        seg_idct_out(dh, at::mm(gh, big2), T.psi, c10::nullopt);
+        dh = activation_backward(dh, h, a.act);
+        const Tensor dhh = seg_dct(dh, Cf, T.psi);
+        if (dw1_on) add_at_b(dchat1, dhh, xh);
+        if (mask[3]) dbias1.add_(at::sum(dh, {0}, false, ct));
+        if (mask[0]) {
+            Tensor dxc = dx.view({Tn, d_model}).narrow(0, t0, n);
+            seg_idct_out(dxc, at::mm(dhh, big1), T.psi, c10::nullopt);
+        }
+    }
+    Tensor db1 = empty0(opt), dc1 = empty0(opt), db2 = empty0(opt), dc2 = empty0(opt);
+    if (dw1_on) project(mask[1] ? &db1 : nullptr, mask[2] ? &dc1 : nullptr, dchat1, a.W1, T);
+    if (dw2_on) project(mask[4] ? &db2 : nullptr, mask[5] ? &dc2 : nullptr, dchat2, a.W2, T);
+    unscale(db1, dc1, a.scales1);
+    unscale(db2, dc2, a.scales2);
+    if (mask[3]) dbias1 = dbias1.to(dt);
+    if (mask[6]) dbias2 = dbias2.to(dt);
+    return {dx, db1, dc1, dbias1, db2, dc2, dbias2};
+}
+
+}  // namespace rbe

@@ -1,0 +1,48 @@
+// rbe_dct_path.h - the DCT-domain dense path of the linear and feed-forward operators: the
+// many-token GPU path of docs/DESIGN.md section 5.1, written with ATen products only so that the
+// same code runs, and is tested, on CPU tensors.
+//
+// Block (i, j) of W is Psi^T Chat_ij Psi with Chat_ij = (the kept coefficients) + sum_k
+// p_ijk Phihat_k and Phihat_k = Psi Phi_k Psi^T. With every b-long segment of the input
+// transformed (xhat_j = Psi x_j), y_i = Psi^T sum_j Chat_ij xhat_j: one dense product with Chat
+// laid out as an [R*b, C*b] matrix ("densified"), between two per-segment transforms that cost
+// about b/out of it. Backward: dChat = ghat^T xhat is the product a dense layer runs for dW;
+// the coefficient gradients are dChat gathered at the index, the pattern ones <dChat_ij, Phihat_k>.
+//
+// The callers check every argument first (csrc/rbe_ops_common.h) and, on CUDA, validate the
+// index; the functions here take the checked structs. Whatever the index holds, nothing is
+// read or written out of bounds: positions outside [0, b*b) are sent to element 0 with the
+// value 0 (and gather 0).
+#pragma once
+
+#include <array>
+#include <tuple>
+
+#include "rbe_ops_common.h"
+
+namespace rbe {
+
+// The process-wide switch (rbe_ffn._C.set_dct_path): when on, the linear and feed-forward
+// operators of every device take this path. Off by default: the CPU has its own kernels and the
+// CUDA default stays the decode path until this one has been measured and checked on a GPU.
+bool dct_path_enabled();
+bool set_dct_path(bool on);  // returns the previous setting
+
+// W holds the numbers passed in, sc their scales (the operators' coeff_scale, pattern_scale);
+// the parameter gradients returned are those of the numbers passed in
+Tensor dct_linear(const Tensor& x, const Tensor& x2, const Weight& W, const Scales& sc,
+                  const c10::optional<Tensor>& bias);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dct_linear_backward(const Tensor& x, const Tensor& x2, const Tensor& g2,
+                                                               const Weight& W, const Scales& sc,
+                                                               std::array<bool, 4> mask);
+
+std::tuple<Tensor, Tensor> dct_ffn(const Tensor& x, const FFNArgs& a, bool keep_pre);
+
+// pre2: the saved pre-activation [T, d_ff] (undefined: checkpointed, recomputed per chunk)
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dct_ffn_backward(const Tensor& x, const Tensor& g2,
+                                                                                    const Tensor& pre2,
+                                                                                    const FFNArgs& a,
+                                                                                    std::array<bool, 7> mask);
+
+}  // namespace rbe
