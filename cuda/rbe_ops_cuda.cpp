@@ -18,10 +18,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <utility>
 #include <vector>
 
 #include "rbe_cuda.h"
+#include "rbe_dct_path.h"
 #include "rbe_ops_common.h"
 
 namespace rbe {
@@ -57,8 +59,59 @@ Tables tables(int64_t b, at::ScalarType ct, at::Device dev) {
     return t;
 }
 
-// The index values of the weights, checked on the device: one synchronisation for all of them.
-void check_indexes(const std::vector<std::pair<const char*, const Weight*>>& ws) {
+// ---- index validation, once per version of an index tensor ----
+// An index tensor is checked on the device when it is new or has been written since its last
+// check (its version counter, which every in-place torch operation bumps): a call on unchanged
+// weights does not synchronise with the host, so it can be captured in a CUDA graph. Writes that
+// bypass the counter (through .data or a raw pointer) are not seen; the kernels stay memory-safe
+// whatever the index holds (positions outside the block are skipped), the result is then wrong.
+struct Validated {
+    c10::weak_intrusive_ptr<c10::TensorImpl> impl;  // keeps the address from being reused while listed
+    int64_t version;
+    const void* data;
+    int64_t numel, b;
+};
+std::mutex g_validated_mu;
+std::vector<Validated> g_validated;  // the most recent first, at most kValidated
+constexpr size_t kValidated = 256;
+
+bool validated(const Tensor& index, int64_t b) {
+    std::lock_guard<std::mutex> lock(g_validated_mu);
+    for (const Validated& v : g_validated) {
+        if (v.impl._unsafe_get_target() != index.unsafeGetTensorImpl() || v.impl.expired()) continue;
+        if (v.version == index._version() && v.data == index.data_ptr() && v.numel == index.numel() && v.b == b)
+            return true;
+    }
+    return false;
+}
+
+void remember(const Tensor& index, int64_t b) {
+    std::lock_guard<std::mutex> lock(g_validated_mu);
+    auto same = [&](const Validated& v) { return v.impl._unsafe_get_target() == index.unsafeGetTensorImpl(); };
+    g_validated.erase(std::remove_if(g_validated.begin(), g_validated.end(),
+                                     [&](const Validated& v) { return same(v) || v.impl.expired(); }),
+                      g_validated.end());
+    if (g_validated.size() >= kValidated) g_validated.pop_back();
+    g_validated.insert(g_validated.begin(), Validated{c10::weak_intrusive_ptr<c10::TensorImpl>(index.getIntrusivePtr()),
+                                                      index._version(), index.data_ptr(), index.numel(), b});
+}
+
+bool capturing() {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    check_launch(cudaStreamIsCapturing(stream(), &st), "stream capture query");
+    return st != cudaStreamCaptureStatusNone;
+}
+
+// The index values of the weights not validated at their current version, checked on the
+// device: one synchronisation for all of them, none when every one is known.
+void check_indexes(const std::vector<std::pair<const char*, const Weight*>>& all) {
+    std::vector<std::pair<const char*, const Weight*>> ws;
+    for (const auto& w : all)
+        if (w.second->k > 0 && !validated(w.second->index, w.second->b)) ws.push_back(w);
+    if (ws.empty()) return;
+    TORCH_CHECK(!capturing(), "rbe_ffn: ", ws[0].first, ": an index tensor not validated yet (new, or written since "
+                "its last use) inside a CUDA-graph capture: run one call on these weights before capturing "
+                "(the warm-up torch.cuda.graphs and torch.compile do)");
     Tensor bad = at::empty({(int64_t)ws.size()}, ws[0].second->index.options().dtype(at::kLong));
     for (size_t i = 0; i < ws.size(); i++) {
         const Weight& W = *ws[i].second;
@@ -75,6 +128,7 @@ void check_indexes(const std::vector<std::pair<const char*, const Weight*>>& ws)
                           pos % W.k, ": positions must be strictly increasing within a block and lie in [0, ",
                           W.b * W.b, ")");
     }
+    for (const auto& w : ws) remember(w.second->index, w.second->b);
 }
 
 // W's dense [out, in] matrix in its parameters' dtype (built in the compute type ct)
@@ -228,6 +282,7 @@ Tensor linear_cuda(const Tensor& x, const Tensor& plan, const Tensor& basis, con
     const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_bias(bias, out, x.scalar_type(), x.device(), "bias");
     check_indexes({{"linear", &W}});
+    if (dct_path_enabled()) return dct_linear(x, x2, W, sc, bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt);
     W = scaled_weight(W, sc);
     const at::ScalarType ct = compute_type(x.scalar_type());
     Tensor wd = decode_dense(W, tables(P.b, ct, x.device()), ct);
@@ -251,6 +306,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& gr
     Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
     const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_indexes({{"linear", &W}});
+    if (dct_path_enabled()) return dct_linear_backward(x, x2, g2, W, sc, mask);
     W = scaled_weight(W, sc);
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Tables T = tables(P.b, ct, x.device());
@@ -279,6 +335,7 @@ std::tuple<Tensor, Tensor> ffn_cuda(const Tensor& x, const Tensor& plan, const T
                           activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"), true);
     check_indexes({{"fc1", &a.W1}, {"fc2", &a.W2}});
+    if (dct_path_enabled()) return dct_ffn(x, a, keep_pre);
     a.W1 = scaled_weight(a.W1, a.scales1), a.W2 = scaled_weight(a.W2, a.scales2);
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Tables T = tables(a.P.b, ct, x.device());
@@ -323,6 +380,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                           ", expected ", Tn, " of ", x.scalar_type(), " on the input's device");
     }
     check_indexes({{"fc1", &a.W1}, {"fc2", &a.W2}});
+    if (dct_path_enabled()) return dct_ffn_backward(x, g2, saved ? pre2 : Tensor(), a, mask);
     a.W1 = scaled_weight(a.W1, a.scales1), a.W2 = scaled_weight(a.W2, a.scales2);
     const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
     const Tables T = tables(a.P.b, ct, x.device());

@@ -8,9 +8,13 @@ device-parametrized tests of test_vectors_ffn.py, test_ffn.py, test_compile.py,
 test_ffn_memory.py and test_bad_input.py (the `device` fixture in conftest.py); they run
 on CUDA where a CUDA device is present.
 
+Both GPU paths are tested: "decode" (the default) and "dct" (the DCT-domain dense path,
+rbe_ffn.dct_path(), csrc/rbe_dct_path.cpp), through the `path` parameter.
+
 Skipped (with the reason shown) where no CUDA device is present; where one is present the
 extension must have been built with its CUDA kernels, else test_cuda_kernels_registered fails.
 """
+import contextlib
 import copy
 import math
 
@@ -28,6 +32,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 ops = torch.ops.rbe_ffn
 OPS = ["encode", "decode", "linear", "linear_backward", "ffn", "ffn_backward", "activation", "activation_backward"]
+PATHS = ["decode", "dct"]
+
+
+def on_path(path):
+    """The CUDA operators' path for the block: the default decode path, or the DCT-domain one"""
+    return rbe_ffn.dct_path() if path == "dct" else contextlib.nullcontext()
 
 
 def test_cuda_kernels_registered():
@@ -45,7 +55,8 @@ SHAPES = [(50, 130, 16, 37), (24, 40, 8, 64), (10, 37, 8, 5), (70, 33, 4, 3)]
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("tokens", [1, 100])
-def test_ffn_matches_cpu(shape, activation, checkpoint, dtype, tokens):
+@pytest.mark.parametrize("path", PATHS)
+def test_ffn_matches_cpu(shape, activation, checkpoint, dtype, tokens, path):
     d_model, d_ff, b, k = shape
     m = make_ffn(d_model, d_ff, activation, b, k, dtype=dtype, seed=tokens, checkpoint=checkpoint, random_bias=True)
     mc = copy.deepcopy(m).cuda()
@@ -53,7 +64,8 @@ def test_ffn_matches_cpu(shape, activation, checkpoint, dtype, tokens):
     x = torch.randn(tokens, d_model, generator=g, dtype=dtype)
     dy = torch.randn(tokens, d_model, generator=g, dtype=dtype)
     y, grads = R.grads_of(m, x, params_of(m), dy)
-    yc, gradsc = R.grads_of(mc, x.cuda(), params_of(mc), dy.cuda())
+    with on_path(path):
+        yc, gradsc = R.grads_of(mc, x.cuda(), params_of(mc), dy.cuda())
     assert yc.is_cuda and yc.dtype == dtype
     check_close(yc, y, TOL[dtype], "y")
     for name, a, b_ in zip(("x",) + R.PARAM_NAMES, gradsc, grads):
@@ -65,7 +77,8 @@ def test_ffn_matches_cpu(shape, activation, checkpoint, dtype, tokens):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(13, 21, 8, 5), (37, 10, 8, 64), (7, 5, 130, 10), (300, 200, 64, 300)],
                          ids=["13x21_b8", "37x10_b8_kfull", "7x5_b130_int32", "300x200_b64"])
-def test_linear_matches_cpu(shape, bias, dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_matches_cpu(shape, bias, dtype, path):
     out, inp, b, k = shape
     lin = rbe_ffn.RBELinear(inp, out, bias=bias, block_size=b, k=k, dtype=dtype,
                             generator=torch.Generator().manual_seed(2))
@@ -76,7 +89,8 @@ def test_linear_matches_cpu(shape, bias, dtype):
     dy = torch.randn(3, 5, out, dtype=dtype)
     names = ["basis", "coeffs"] + (["bias"] if bias else [])
     y, grads = R.grads_of(lin, x, [lin.get_parameter(n) for n in names], dy)
-    yc, gradsc = R.grads_of(lc, x.cuda(), [lc.get_parameter(n) for n in names], dy.cuda())
+    with on_path(path):
+        yc, gradsc = R.grads_of(lc, x.cuda(), [lc.get_parameter(n) for n in names], dy.cuda())
     check_close(yc, y, TOL[dtype], "y")
     for name, a, b_ in zip(["x"] + names, gradsc, grads):
         check_close(a, b_, TOL[dtype], f"d/d{name}")
@@ -161,7 +175,8 @@ def forward_and_input_grad(model, x, dy):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("mode", ["cast", "autocast"])
-def test_half_error_within_twice_dense(dtype, mode):
+@pytest.mark.parametrize("path", PATHS)
+def test_half_error_within_twice_dense(dtype, mode, path):
     m = make_ffn(256, 1024, "gelu", 64, 300, seed=11, random_bias=True).cuda()
     dense = dense_twin(m)
     x = torch.randn(4, 64, 256, device="cuda")
@@ -171,12 +186,14 @@ def test_half_error_within_twice_dense(dtype, mode):
     assert R.rel_err(y_rbe32, y_ref) < 1e-5  # the two float32 models are the same function
     if mode == "cast":
         md, dd = copy.deepcopy(m).to(dtype), copy.deepcopy(dense).to(dtype)
-        y_r, gx_r = forward_and_input_grad(md, x.to(dtype), dy)
+        with on_path(path):
+            y_r, gx_r = forward_and_input_grad(md, x.to(dtype), dy)
         y_d, gx_d = forward_and_input_grad(dd, x.to(dtype), dy)
         assert md.fc1.coeffs.dtype == dtype
     else:
         with torch.autocast("cuda", dtype=dtype):
-            y_r, gx_r = forward_and_input_grad(m, x, dy)
+            with on_path(path):
+                y_r, gx_r = forward_and_input_grad(m, x, dy)
             y_d, gx_d = forward_and_input_grad(dense, x, dy)
             assert m(x).dtype == dtype
     e_r, e_d = R.rel_err(y_r, y_ref), R.rel_err(y_d, y_ref)
@@ -187,7 +204,8 @@ def test_half_error_within_twice_dense(dtype, mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_half_parameter_grads(dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_half_parameter_grads(dtype, path):
     """Parameter gradients in half precision against float32 ones, no worse than 2x the dense
     module's own half-precision weight-gradient error (float32 master weights, autocast)."""
     m = make_ffn(128, 512, "silu", 32, 200, seed=12, random_bias=True).cuda()
@@ -202,7 +220,9 @@ def test_half_parameter_grads(dtype):
     rn, dn = ["fc1.coeffs", "fc2.coeffs", "fc1.basis"], ["0.weight", "2.weight"]
     r32, d32 = grads(m, rn), grads(dense, dn)
     with torch.autocast("cuda", dtype=dtype):
-        r16, d16 = grads(m, rn), grads(dense, dn)
+        with on_path(path):
+            r16 = grads(m, rn)
+        d16 = grads(dense, dn)
     for a in r16:
         assert a.dtype == torch.float32  # master weights stay float32
     worst_dense = max(R.rel_err(a, b) for a, b in zip(d16, d32))
@@ -250,3 +270,99 @@ def test_bad_input_cuda():
     with pytest.raises((TypeError, ValueError), match="dtype"):
         lin.cuda()(torch.randn(3, 16, device="cuda", dtype=torch.float64))
     torch.cuda.synchronize()  # nothing asynchronous went wrong either
+
+
+# ----------------------------------------------------------------- no host synchronisation; CUDA graphs
+@contextlib.contextmanager
+def syncs_are_errors():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def step(m, x, dy):
+    """forward and backward of sum(m(x) * dy)"""
+    (m(x) * dy).sum().backward()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_unchanged_weights_do_not_synchronise(path):
+    """The index is validated once per version: after a first call, forward and backward on the
+    same weights run without a host synchronisation; an in-place write to the index makes the
+    next call validate it again (which synchronises)."""
+    m = make_ffn(64, 256, "gelu", 16, 40, seed=13, random_bias=True).cuda()
+    x = torch.randn(32, 64, device="cuda", requires_grad=True)
+    dy = torch.randn(32, 64, device="cuda")
+    with on_path(path):
+        step(m, x, dy)
+        torch.cuda.synchronize()
+        with syncs_are_errors():
+            step(m, x, dy)
+        with torch.no_grad():
+            m.fc1.index.copy_(m.fc1.index.clone())  # same values, new version
+        with syncs_are_errors(), pytest.raises(RuntimeError, match="synchroniz"):
+            m(x)
+        m(x)  # validated again, outside the check
+        with syncs_are_errors():
+            m(x)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("path", PATHS)
+def test_training_step_captured_in_a_cuda_graph(path, checkpoint):
+    """A forward and a training step (forward, backward) captured in CUDA graphs and replayed on
+    new inputs give what eager calls give on those inputs."""
+    m = make_ffn(64, 256, "silu", 16, 40, seed=14, random_bias=True, checkpoint=checkpoint).cuda()
+    params = params_of(m)
+    sx = torch.randn(32, 64, device="cuda", requires_grad=True)
+    sdy = torch.randn(32, 64, device="cuda")
+    with on_path(path):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (validates the indexes) on a side stream, as torch's docs do
+            for _ in range(2):
+                m.zero_grad(set_to_none=True)
+                sx.grad = None
+                step(m, sx, sdy)
+        torch.cuda.current_stream().wait_stream(side)
+        fwd = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(fwd):
+            sy = m(sx)
+        m.zero_grad(set_to_none=True)
+        sx.grad = None
+        train = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(train):
+            step(m, sx, sdy)
+        for seed in (1, 2):
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            x = torch.randn(32, 64, device="cuda", generator=g)
+            dy = torch.randn(32, 64, device="cuda", generator=g)
+            with torch.no_grad():
+                sx.copy_(x)
+                sdy.copy_(dy)
+            fwd.replay()
+            train.replay()
+            got = [sy.clone(), sx.grad.clone()] + [p.grad.clone() for p in params]
+            xe = x.clone().requires_grad_()
+            want_params = R.grads_of(m, xe, params, dy)
+            want = [want_params[0]] + list(want_params[1])
+            for a, b in zip(got, want):
+                check_close(a, b, 1e-6, f"replay {seed}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_index_written_behind_the_version_counter_stays_memory_safe(path):
+    """Writes through .data bypass the version counter, so the index is not validated again: the
+    result is then wrong, but nothing is read or written out of bounds (run under
+    compute-sanitizer by bench/gpu_check.sh)."""
+    m = make_ffn(64, 256, "gelu", 16, 40, seed=15, random_bias=True).cuda()
+    x = torch.randn(8, 64, device="cuda", requires_grad=True)
+    with on_path(path):
+        step(m, x, torch.ones(8, 64, device="cuda"))
+        m.fc1.index.data[0] = 30000  # outside [0, 256), the version unchanged
+        m.fc2.index.data[1] = -7
+        step(m, x, torch.ones(8, 64, device="cuda"))
+        torch.cuda.synchronize()
+    assert torch.isfinite(x.grad).all()
