@@ -1,7 +1,11 @@
-"""GPU benchmark: dense nn.Sequential(Linear, GELU, Linear) against RBEFeedForward on CUDA.
+"""GPU benchmark: dense nn.Sequential(Linear, GELU, Linear) against RBEFeedForward on CUDA, on
+both of RBE's GPU paths: "decode" (the default) and "dct" (the DCT-domain dense path,
+rbe_ffn.dct_path()).
 
-Both run in the same process, interleaved (dense, RBE, dense, RBE, ...), timed with CUDA
-events; we report medians and the ratio dense time / RBE time (> 1: RBE is faster).
+All arms run in the same process, interleaved (dense, decode, dct, dense, ...), timed with CUDA
+events, with L2 flushed before every timed call (a write of a buffer larger than L2), so that no
+arm's weights are served from L2 when another's are not; we report medians and the ratio
+dense time / RBE time (> 1: RBE is faster).
 Modes: forward (no grad), backward alone (the forward that builds the graph is not timed),
 full training step (forward + backward). The input requires grad, so every backward also
 computes dL/dx. Peak memory: the most memory a training step allocates above what it
@@ -10,10 +14,12 @@ started with (torch.cuda.max_memory_allocated), for the dense module and for RBE
 
     python bench/bench_cuda.py                      # the README table (float32 and bfloat16)
     python bench/bench_cuda.py --quick              # 768/3072 only
+    python bench/bench_cuda.py --csv out.csv        # also one row per (dtype, shape, tokens, mode, arm)
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import statistics
 
@@ -23,7 +29,9 @@ from torch import nn
 import rbe_ffn
 
 SHAPES = [(768, 3072), (1024, 4096), (4096, 11008)]
-TOKENS = [1, 64, 1024, 4096, 16384]
+TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+ARMS = ("dense", "decode", "dct")
+_FLUSH = {}
 
 
 def dense_ffn(d_model, d_ff):
@@ -61,9 +69,23 @@ def runner(model, x, mode):
     return run
 
 
-def timed(run):
+def flush_l2():
+    """Overwrite L2 (a 512 MiB write, several times any GPU's L2)"""
+    buf = _FLUSH.get("buf")
+    if buf is None:
+        buf = _FLUSH["buf"] = torch.empty(2**27, device="cuda", dtype=torch.float32)
+    buf.zero_()
+
+
+def on_path(arm):
+    return rbe_ffn.dct_path(arm == "dct")
+
+
+def timed(run, arm):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    run(start, end)
+    flush_l2()
+    with on_path(arm):
+        run(start, end)
     end.synchronize()
     return start.elapsed_time(end)
 
@@ -83,19 +105,18 @@ def bench(dense, rbe, tokens, reps, warmup):
     x = torch.randn(tokens, dense[0].in_features, device="cuda", dtype=dense[0].weight.dtype, requires_grad=True)
     row = {}
     for mode in ("forward", "backward", "step"):
-        runs = {"dense": runner(dense, x, mode), "rbe": runner(rbe, x, mode)}
+        runs = {arm: runner(dense if arm == "dense" else rbe, x, mode) for arm in ARMS}
         times = {n: [] for n in runs}
         for i in range(warmup + reps):
             for name, run in runs.items():
-                t = timed(run)
+                t = timed(run, name)
                 if i >= warmup:
                     times[name].append(t)
         row[mode] = {n: statistics.median(v) for n, v in times.items()}
-    row["mem_dense"] = peak_step_mib(dense, x)
-    row["mem_rbe"] = peak_step_mib(rbe, x)
-    rbe.checkpoint = True
-    row["mem_rbe_ckpt"] = peak_step_mib(rbe, x)
-    rbe.checkpoint = False
+    row["mem"] = {"dense": peak_step_mib(dense, x)}
+    for arm in ARMS[1:]:
+        with on_path(arm):
+            row["mem"][arm] = peak_step_mib(rbe, x)
     return row
 
 
@@ -107,17 +128,23 @@ def main():
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--csv", default=None, help="also write one row per (dtype, shape, tokens, mode, arm) here")
     args = ap.parse_args()
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    rows = []
     shapes = SHAPES[:1] if args.quick else SHAPES
     name = torch.cuda.get_device_name()
     lines = [f"GPU: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
              f"{datetime.date.today().isoformat()}; b={args.block_size}, k={args.k}; "
-             f"median of {args.reps} interleaved runs (CUDA events); ratio = dense time / RBE time; "
+             f"median of {args.reps} interleaved runs (CUDA events, L2 flushed before each); "
+             f"ratio = dense time / RBE time (decode path, dct path); "
              f"TF32 matmul: {torch.backends.cuda.matmul.allow_tf32}", "",
-             "| dtype | d_model x d_ff | tokens | fwd dense ms | fwd RBE ms | fwd ratio | bwd dense ms | bwd RBE ms "
-             "| bwd ratio | step dense ms | step RBE ms | step ratio | step peak MiB dense / RBE / RBE ckpt |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dtype | d_model x d_ff | tokens | fwd dense ms | fwd ratio decode / dct | bwd dense ms "
+             "| bwd ratio decode / dct | step dense ms | step ratio decode / dct "
+             "| step peak MiB dense / decode / dct |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for dt in args.dtypes.split(","):
         dtype = getattr(torch, dt)
@@ -126,13 +153,16 @@ def main():
             dense = dense_ffn(d_model, d_ff).to("cuda", dtype)
             rbe = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=args.block_size, k=args.k,
                                          device="cuda").to(dtype)
-            for tokens in TOKENS:
+            for tokens in tokens_list:
                 r = bench(dense, rbe, tokens, args.reps, args.warmup)
                 cells = [dt, f"{d_model} x {d_ff}", str(tokens)]
                 for mode in ("forward", "backward", "step"):
-                    d, q = r[mode]["dense"], r[mode]["rbe"]
-                    cells += [f"{d:.3f}", f"{q:.3f}", f"{d / q:.2f}x"]
-                cells.append(f"{r['mem_dense']:.0f} / {r['mem_rbe']:.0f} / {r['mem_rbe_ckpt']:.0f}")
+                    d = r[mode]["dense"]
+                    cells += [f"{d:.3f}", " / ".join(f"{d / r[mode][a]:.2f}x" for a in ARMS[1:])]
+                    rows += [dict(dtype=dt, d_model=d_model, d_ff=d_ff, tokens=tokens, mode=mode, arm=a,
+                                  median_ms=round(r[mode][a], 4), peak_step_mib=round(r["mem"][a], 1))
+                             for a in ARMS]
+                cells.append(" / ".join(f"{r['mem'][a]:.0f}" for a in ARMS))
                 line = "| " + " | ".join(cells) + " |"
                 lines.append(line)
                 print(line, flush=True)
@@ -141,6 +171,11 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
 
 
 if __name__ == "__main__":

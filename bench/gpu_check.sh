@@ -35,7 +35,7 @@ for stage in $STAGES; do
       >"$OUT/sanitize.log" 2>&1
     rc=$?; tail -n 25 "$OUT/sanitize.log" ;;
   bench)
-    timeout ${BENCH_TIMEOUT:-240} $PY bench/bench_cuda.py --out "$OUT/cuda.md" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+    timeout ${BENCH_TIMEOUT:-300} $PY bench/bench_cuda.py --out "$OUT/cuda.md" --csv "$OUT/cuda.csv" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
     rc=$?; cat "$OUT/bench.log" ;;
   *) echo "unknown stage $stage"; rc=2 ;;
   esac
