@@ -1,6 +1,7 @@
 """GPU benchmark: dense nn.Sequential(Linear, GELU, Linear) against RBEFeedForward on CUDA, on
-both of RBE's GPU paths: "decode" (the default) and "dct" (the DCT-domain dense path,
-rbe_ffn.dct_path()).
+RBE's GPU paths: "decode" (the default), "dct" (the DCT-domain dense path, rbe_ffn.dct_path())
+and "few" (the DCT-domain path with the forward on the few-token sparse kernel; timed up to
+FEW_MAX tokens, its backward is the dct one).
 
 All arms run in the same process, interleaved (dense, decode, dct, dense, ...), timed with CUDA
 events, with L2 flushed before every timed call (a write of a buffer larger than L2), so that no
@@ -30,7 +31,8 @@ import rbe_ffn
 
 SHAPES = [(768, 3072), (1024, 4096), (4096, 11008)]
 TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
-ARMS = ("dense", "decode", "dct")
+ARMS = ("dense", "decode", "dct", "few")
+FEW_MAX = 256
 _FLUSH = {}
 
 
@@ -78,7 +80,7 @@ def flush_l2():
 
 
 def on_path(arm):
-    return rbe_ffn.dct_path(arm == "dct")
+    return rbe_ffn.dct_path(arm in ("dct", "few"), few_tokens=FEW_MAX if arm == "few" else 0)
 
 
 def timed(run, arm):
@@ -105,7 +107,8 @@ def bench(dense, rbe, tokens, reps, warmup):
     x = torch.randn(tokens, dense[0].in_features, device="cuda", dtype=dense[0].weight.dtype, requires_grad=True)
     row = {}
     for mode in ("forward", "backward", "step"):
-        runs = {arm: runner(dense if arm == "dense" else rbe, x, mode) for arm in ARMS}
+        arms = [a for a in ARMS if a != "few" or tokens <= FEW_MAX]
+        runs = {arm: runner(dense if arm == "dense" else rbe, x, mode) for arm in arms}
         times = {n: [] for n in runs}
         for i in range(warmup + reps):
             for name, run in runs.items():
@@ -114,7 +117,7 @@ def bench(dense, rbe, tokens, reps, warmup):
                     times[name].append(t)
         row[mode] = {n: statistics.median(v) for n, v in times.items()}
     row["mem"] = {"dense": peak_step_mib(dense, x)}
-    for arm in ARMS[1:]:
+    for arm in arms[1:]:
         with on_path(arm):
             row["mem"][arm] = peak_step_mib(rbe, x)
     return row
@@ -139,11 +142,12 @@ def main():
     lines = [f"GPU: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
              f"{datetime.date.today().isoformat()}; b={args.block_size}, k={args.k}; "
              f"median of {args.reps} interleaved runs (CUDA events, L2 flushed before each); "
-             f"ratio = dense time / RBE time (decode path, dct path); "
+             f"ratio = dense time / RBE time (decode path / dct path / few-token path, up to {FEW_MAX} "
+             f"tokens); "
              f"TF32 matmul: {torch.backends.cuda.matmul.allow_tf32}", "",
-             "| dtype | d_model x d_ff | tokens | fwd dense ms | fwd ratio decode / dct | bwd dense ms "
-             "| bwd ratio decode / dct | step dense ms | step ratio decode / dct "
-             "| step peak MiB dense / decode / dct |",
+             "| dtype | d_model x d_ff | tokens | fwd dense ms | fwd ratio decode / dct / few | bwd dense ms "
+             "| bwd ratio decode / dct / few | step dense ms | step ratio decode / dct / few "
+             "| step peak MiB dense / decode / dct / few |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for dt in args.dtypes.split(","):
@@ -158,11 +162,12 @@ def main():
                 cells = [dt, f"{d_model} x {d_ff}", str(tokens)]
                 for mode in ("forward", "backward", "step"):
                     d = r[mode]["dense"]
-                    cells += [f"{d:.3f}", " / ".join(f"{d / r[mode][a]:.2f}x" for a in ARMS[1:])]
+                    cells += [f"{d:.3f}", " / ".join(f"{d / r[mode][a]:.2f}x" if a in r[mode] else "-"
+                                                     for a in ARMS[1:])]
                     rows += [dict(dtype=dt, d_model=d_model, d_ff=d_ff, tokens=tokens, mode=mode, arm=a,
                                   median_ms=round(r[mode][a], 4), peak_step_mib=round(r["mem"][a], 1))
-                             for a in ARMS]
-                cells.append(" / ".join(f"{r['mem'][a]:.0f}" for a in ARMS))
+                             for a in ARMS if a in r[mode]]
+                cells.append(" / ".join(f"{r['mem'][a]:.0f}" if a in r["mem"] else "-" for a in ARMS))
                 line = "| " + " | ".join(cells) + " |"
                 lines.append(line)
                 print(line, flush=True)

@@ -1,6 +1,8 @@
 // rbe_dct_path.cpp - the DCT-domain dense path (rbe_dct_path.h): ATen products only, any device.
 #include "rbe_dct_path.h"
 
+#include "rbe_variants.h"  // the pattern's rank-1 terms
+
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -15,6 +17,8 @@ namespace rbe {
 namespace {
 
 std::atomic<bool> g_dct_path{false};
+std::atomic<int64_t> g_few_tokens{0};
+std::atomic<FewRowsFn> g_few_rows_cuda{nullptr};
 
 // ---- the tables of a block size, per (b, dtype, device), built once ----
 // psi [b, b] (DCT rows) in the products' dtype; phihat [8, b*b] = Psi Phi_k Psi^T in the
@@ -137,6 +141,87 @@ Tensor activation_backward(const Tensor& g, const Tensor& x, int64_t act) {
     return op.call(g, x, act_name((int)act));
 }
 
+// ---- the few-token sparse product ----
+// The plan's rows (csrc/rbe.h): analysis A = [psi; f_0..f_{nf-1}] and synthesis S = [psi; g_0..],
+// [b+nf, b] each, and the pattern's terms as a [8, nf, nf] tensor: Phi_k = sum_{g,f}
+// terms[k][g][f] g_g f_f^T. All in the compute type; built once per (b, dtype, device) from the
+// double plan (eigenvalue tolerance 1e-15 for float64, 1e-9 else, as the operators' plans).
+struct FewTables {
+    Tensor A, S, terms;
+    int64_t nf;
+};
+
+const FewTables& few_tables(int64_t b, at::ScalarType ct, at::Device dev) {
+    static std::mutex mu;
+    static std::map<std::tuple<int64_t, int, int, int>, FewTables> cache;
+    const auto key = std::make_tuple(b, (int)ct, (int)dev.type(), (int)dev.index());
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+    std::vector<double> plan(3 * (2 * b + 4) * b), work(3 * b * b + b);
+    const int64_t nf = rbe_plan_build(plan.data(), work.data(), (int)b, ct == at::kDouble ? 1e-15 : 1e-9);
+    const int64_t rows = b + nf;
+    Tensor host = at::from_blob(plan.data(), {2, rows, b}, at::kDouble).clone();  // A, S (the DCT tables unused)
+    Tensor terms = at::zeros({RBE_NPAT, nf, nf}, at::kDouble);
+    auto t = terms.accessor<double, 3>();
+    for (int q = 0; q < RBE_NTERMS; q++) t[rbe_pattern_terms[q][0]][rbe_pattern_terms[q][1]][rbe_pattern_terms[q][2]] = 1;
+    for (int64_t m = RBE_NFIX; m < nf; m++) t[1][m][m] = 1;  // the d term, weighted by p_1
+    auto opt = at::TensorOptions().dtype(ct).device(dev);
+    FewTables f{host[0].to(opt).contiguous(), host[1].to(opt).contiguous(), terms.to(opt), nf};
+    return cache.emplace(key, std::move(f)).first->second;
+}
+
+// The coefficient part, written by the pure-ATen model (every device): out [T, R, b] (compute
+// type) = sum over the kept coefficients of block (i, j) of c * xa[v][t] at row u, where
+// xa: [C, b+nf, T] is the transformed input, segment-major and token-minor.
+void few_rows_model(Tensor& out, const Tensor& xa, const Weight& W) {
+    const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), b = W.b, rows = xa.size(1), T = xa.size(2);
+    out.zero_();
+    if (W.k == 0) return;
+    Tensor idx = W.index.to(at::kLong);
+    Tensor valid = at::logical_and(idx.ge(0), idx.lt(b * b));
+    idx = at::where(valid, idx, at::zeros_like(idx));
+    Tensor p = at::arange(R * C, idx.options()).unsqueeze(1);
+    Tensor dst = at::floor_divide(p, C) * b + at::floor_divide(idx, b);         // i*b + u
+    Tensor src = at::remainder(p, C) * rows + at::remainder(idx, b);             // j*rows + v
+    Tensor c = at::where(valid, W.coeffs.to(xa.scalar_type()), at::zeros({}, xa.options()));
+    Tensor vals = xa.reshape({C * rows, T}).index_select(0, src.view({-1})) * c.view({-1, 1});  // [nnz, T]
+    Tensor acc = at::zeros({R * b, T}, xa.options());
+    acc.index_add_(0, dst.view({-1}), vals);
+    out.copy_(acc.view({R, b, T}).permute({2, 0, 1}));
+}
+
+// out [n, out_features] (a view) = x2 W^T (+ bias) for a few tokens, in the compute type
+void few_linear_out(Tensor& out, const Tensor& x2, const Weight& W, const c10::optional<Tensor>& bias) {
+    const at::ScalarType ct = compute_type(x2.scalar_type());
+    const FewTables& F = few_tables(W.b, ct, x2.device());
+    const int64_t n = x2.size(0), R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), b = W.b, nf = F.nf, rows = b + nf;
+    const Tensor xc = x2.to(ct);
+    const int64_t pad = C * b - W.in;
+    Tensor xa = at::mm((pad > 0 ? at::constant_pad_nd(xc, {0, pad}) : xc).reshape({n * C, b}), F.A.t())
+                    .view({n, C, rows});
+    Tensor yh = at::empty({n, R, rows}, xc.options());
+    Tensor yc = yh.narrow(2, 0, b);
+    Tensor xa_t = xa.permute({1, 2, 0}).contiguous();  // [C, rows, n]
+    FewRowsFn cuda = g_few_rows_cuda.load();
+    if (x2.is_cuda() && cuda) {
+        cuda(yc, xa_t, W);
+    } else {
+        few_rows_model(yc, xa_t, W);
+    }
+    // the pattern: yh[t][i][b+g] = sum_{j,k,f} basis[i,j][k] terms[k][g][f] xa[t][j][b+f]
+    Tensor w = at::einsum("kgf,tjf->jktg", {F.terms, xa.narrow(2, b, nf)}).reshape({C * RBE_NPAT, n * nf});
+    Tensor z = at::mm(W.basis.to(ct).view({R, C * RBE_NPAT}), w).view({R, n, nf}).permute({1, 0, 2});
+    yh.narrow(2, b, nf).copy_(z);
+    Tensor y = at::mm(yh.view({n * R, rows}), F.S).view({n, R * b}).narrow(1, 0, W.out);
+    if (bias.has_value())
+        out.copy_(y + bias->to(ct));
+    else
+        out.copy_(y);
+}
+
+bool few(int64_t n) { return n > 0 && n <= g_few_tokens.load(std::memory_order_relaxed); }
+
 Tensor empty0(const at::TensorOptions& opt) { return at::empty({0}, opt); }
 
 // Entered by every function below: the products are the kernel's own arithmetic, so neither
@@ -165,6 +250,8 @@ FFNArgs scaled(const FFNArgs& a) {
 
 bool dct_path_enabled() { return g_dct_path.load(std::memory_order_relaxed); }
 bool set_dct_path(bool on) { return g_dct_path.exchange(on); }
+int64_t set_dct_few_tokens(int64_t n) { return g_few_tokens.exchange(std::max<int64_t>(n, 0)); }
+void set_few_rows_cuda(FewRowsFn fn) { g_few_rows_cuda.store(fn); }
 
 // ---- linear ----
 Tensor dct_linear(const Tensor& x, const Tensor& x2, const Weight& Win, const Scales& sc,
@@ -175,6 +262,11 @@ Tensor dct_linear(const Tensor& x, const Tensor& x2, const Weight& Win, const Sc
     const int64_t n = x2.size(0);
     Tensor y = at::empty(with_last(x, W.out), x2.options());  // a base tensor, not a view
     if (n == 0) return y;
+    if (few(n)) {
+        Tensor y2 = y.view({n, W.out});
+        few_linear_out(y2, x2, W, bias);
+        return y;
+    }
     Tensor yh = at::mm(seg_dct(x2, cdiv(W.in, W.b), T.psi), densify(W, T, x.scalar_type()).t());
     Tensor y2 = y.view({n, W.out});
     seg_idct_out(y2, yh, T.psi, bias);
@@ -220,8 +312,14 @@ std::tuple<Tensor, Tensor> dct_ffn(const Tensor& x, const FFNArgs& args, bool ke
     Tensor y = at::empty(x.sizes(), opt);  // a base tensor, not a view
     Tensor pre = keep_pre ? at::empty(with_last(x, d_ff), opt) : empty0(opt);
     if (Tn == 0) return {y, pre};
-    const Tensor big1 = densify(a.W1, T, dt), big2 = densify(a.W2, T, dt);
     Tensor y2 = y.view({Tn, d_model});
+    if (few(Tn)) {  // the whole call at once (a few tokens are far below any chunk's memory)
+        Tensor h = keep_pre ? pre.view({Tn, d_ff}) : at::empty({Tn, d_ff}, opt);
+        few_linear_out(h, a.x2, a.W1, a.bias1);
+        few_linear_out(y2, activation(h, a.act), a.W2, a.bias2);
+        return {y, pre};
+    }
+    const Tensor big1 = densify(a.W1, T, dt), big2 = densify(a.W2, T, dt);
     for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
         const int64_t n = std::min(a.chunk, Tn - t0);
         Tensor h = keep_pre ? pre.view({Tn, d_ff}).narrow(0, t0, n) : at::empty({n, d_ff}, opt);

@@ -1,6 +1,7 @@
-// rbe_dct_path.h - the DCT-domain dense path of the linear and feed-forward operators: the
-// many-token GPU path of docs/DESIGN.md section 5.1, written with ATen products only so that the
-// same code runs, and is tested, on CPU tensors.
+// rbe_dct_path.h - the DCT-domain paths of the linear and feed-forward operators (docs/DESIGN.md
+// section 5.1): the GPU paths in preparation, a dense product for many tokens and a sparse one for
+// few, written with ATen operations (but for the few-token coefficient product, which a device may
+// replace with its kernel) so that the same code runs, and is tested, on CPU tensors.
 //
 // Block (i, j) of W is Psi^T Chat_ij Psi with Chat_ij = (the kept coefficients) + sum_k
 // p_ijk Phihat_k and Phihat_k = Psi Phi_k Psi^T. With every b-long segment of the input
@@ -27,6 +28,18 @@ namespace rbe {
 // CUDA default stays the decode path until this one has been measured and checked on a GPU.
 bool dct_path_enabled();
 bool set_dct_path(bool on);  // returns the previous setting
+
+// Forward calls of at most n tokens (n = 0: none, the default) take the few-token sparse product
+// instead of the densified one: the input transformed with the plan's analysis rows (DCT and
+// pattern projections), each block's kept coefficients applied to it (no dense tensor of any
+// kind), the pattern from its rank-1 terms, then the synthesis rows. Returns the previous n.
+int64_t set_dct_few_tokens(int64_t n);
+
+// The few-token coefficient product on one device: out [T, R, b] (a view, compute type) from
+// xa [C, b+nf, T] (contiguous, compute type) and W's coefficients and index. The pure-ATen model
+// serves every device unless a device registers a kernel (CUDA: cuda/rbe_ops_cuda.cpp).
+using FewRowsFn = void (*)(at::Tensor& out, const at::Tensor& xa, const Weight& W);
+void set_few_rows_cuda(FewRowsFn fn);
 
 // W holds the numbers passed in, sc their scales (the operators' coeff_scale, pattern_scale);
 // the parameter gradients returned are those of the numbers passed in

@@ -21,6 +21,12 @@
 // names the float32 CPU kernels in use (rbe.h: "avx512", "avx2" or "portable").
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(rbe_cpu_isa()); }
 
+static PyObject* set_dct_few_tokens(PyObject*, PyObject* n) {
+    const long long v = PyLong_AsLongLong(n);
+    if (v == -1 && PyErr_Occurred()) return nullptr;
+    return PyLong_FromLongLong(rbe::set_dct_few_tokens(v));
+}
+
 static PyObject* set_dct_path(PyObject*, PyObject* on) {
     const int v = PyObject_IsTrue(on);
     if (v < 0) return nullptr;
@@ -35,6 +41,9 @@ extern "C" PyObject* PyInit__C(void) {
         {"set_dct_path", set_dct_path, METH_O,
          "Route the linear and feed-forward operators of every device through the DCT-domain dense path "
          "(csrc/rbe_dct_path.h) when true; returns the previous setting."},
+        {"set_dct_few_tokens", set_dct_few_tokens, METH_O,
+         "On the DCT-domain path, forward calls of at most n tokens take the few-token sparse product "
+         "(0: none); returns the previous n."},
         {nullptr, nullptr, 0, nullptr}};
     static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "rbe_ffn operators", -1, methods};
     return PyModule_Create(&def);

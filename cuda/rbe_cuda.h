@@ -9,7 +9,8 @@
  * nothing dense is saved for backward. The kernels here are the parts around the
  * products: the tables of a block size, index validation, coefficient scatter
  * and gather, block <-> matrix layout (with the pattern added while writing),
- * the activations, and the encoder's per-block error.
+ * the activations, and the encoder's per-block error; and the few-token coefficient product of
+ * the opt-in DCT-domain path (csrc/rbe_dct_path.h).
  *
  * Conventions are those of csrc/rbe.h: W [out, in], R = ceil(out/b) block rows,
  * C = ceil(in/b) block columns, block (i, j) is p = i*C + j; a block-major
@@ -71,6 +72,16 @@ cudaError_t rbe_cuda_act_forward(void* y, const void* x, long long n, int act, i
 /* dx = dy * act'(x) (relu: 0 where x <= 0, else dy), computed in double; dx may alias dy */
 cudaError_t rbe_cuda_act_backward(void* dx, const void* dy, const void* x, long long n, int act, int dt,
                                   cudaStream_t s);
+
+/* The few-token coefficient product of the DCT-domain path (csrc/rbe_dct_path.h):
+ * out[s][t][i][u] = sum over blocks (i, j) with j in split s's range [C*s/nsplit, C*(s+1)/nsplit)
+ * and their kept coefficients (u, v, c) of c * xa[(j*rows + v)*T + t]; the caller sums the
+ * nsplit partial results. out: [nsplit, T, R, b] and xa: [C, rows, T] of the compute type ct
+ * (F32/F64); coeffs: [R*C, k] of type vt; index: [R*C, k]. Positions outside [0, b*b) are skipped.
+ * 1 <= T <= RBE_CUDA_FEW_MAX, 1 <= nsplit <= C. */
+#define RBE_CUDA_FEW_MAX 16
+cudaError_t rbe_cuda_few_rows(void* out, const void* xa, int ct, const void* coeffs, int vt, const void* index,
+                              int wide, int R, int C, int k, int b, int rows, int T, int nsplit, cudaStream_t s);
 
 #ifdef __cplusplus
 }

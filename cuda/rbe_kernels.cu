@@ -147,6 +147,33 @@ __global__ void act_forward_kernel(T* y, const T* x, long long n, int act) {
         st(y, i, rbe_act_value(ld(x, i), act));
 }
 
+// out: [nsplit, T, R, b]; xa: [C, rows, T]; coeffs/index: [R*C, k]. One thread block per (block
+// row i, split s): the blocks (i, j), j in split s's range, are contiguous in coeffs and index;
+// consecutive threads take consecutive coefficients (coalesced), accumulating into the block
+// row's [b, T] sums in shared memory.
+template <typename Cc, typename V>
+__global__ void few_rows_kernel(Cc* out, const Cc* xa, const V* coeffs, const void* index, int wide, int R, int C, int k,
+                                int b, int rows, int T, int nsplit) {
+    extern __shared__ unsigned char smem[];
+    Cc* acc = reinterpret_cast<Cc*>(smem);  // [b][T]
+    const int i = blockIdx.x / nsplit, s = blockIdx.x % nsplit;
+    const int j0 = (int)((long long)C * s / nsplit), j1 = (int)((long long)C * (s + 1) / nsplit);
+    for (int e = threadIdx.x; e < b * T; e += blockDim.x) acc[e] = 0;
+    __syncthreads();
+    const long long bb = (long long)b * b, n = (long long)(j1 - j0) * k, base = ((long long)i * C + j0) * k;
+    for (long long e = threadIdx.x; e < n; e += blockDim.x) {
+        const long long pos = ld_index(index, wide, base + e);
+        if (pos < 0 || pos >= bb) continue;  // never read or write outside, whatever the index holds
+        const int u = (int)(pos / b), v = (int)(pos % b), j = j0 + (int)(e / k);
+        const Cc c = (Cc)ld(coeffs, base + e);
+        const Cc* src = xa + ((long long)j * rows + v) * T;
+        for (int t = 0; t < T; t++) atomicAdd(&acc[u * T + t], c * src[t]);
+    }
+    __syncthreads();
+    Cc* dst = out + ((long long)s * T * R + i) * b;  // out[s][t][i][u] = dst[t*R*b + u]
+    for (int e = threadIdx.x; e < b * T; e += blockDim.x) dst[(long long)(e % T) * R * b + e / T] = acc[e];
+}
+
 template <typename T>
 __global__ void act_backward_kernel(T* dx, const T* dy, const T* x, long long n, int act) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
@@ -254,5 +281,20 @@ extern "C" cudaError_t rbe_cuda_act_backward(void* dx, const void* dy, const voi
     if (n == 0) return cudaSuccess;
     RBE_DISPATCH_ANY(dt, T, act_backward_kernel<T><<<grid_for(n), kThreads, 0, s>>>((T*)dx, (const T*)dy, (const T*)x, n,
                                                                                     act))
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t rbe_cuda_few_rows(void* out, const void* xa, int ct, const void* coeffs, int vt,
+                                         const void* index, int wide, int R, int C, int k, int b, int rows, int T,
+                                         int nsplit, cudaStream_t s) {
+    if (T < 1 || T > RBE_CUDA_FEW_MAX || nsplit < 1 || nsplit > C || b < 1 || b > 256 || rows < b)
+        return cudaErrorInvalidValue;
+    const long long blocks = (long long)R * nsplit;
+    if (blocks == 0) return cudaSuccess;
+    if (blocks > 0x7FFFFFFFLL) return cudaErrorInvalidValue;
+    const size_t shared = (size_t)b * T * elem_size(ct);
+    RBE_DISPATCH_COMPUTE(ct, Cc, RBE_DISPATCH_ANY(vt, V, few_rows_kernel<Cc, V><<<(unsigned)blocks, kThreads, shared, s>>>(
+                                                        (Cc*)out, (const Cc*)xa, (const V*)coeffs, index, wide, R, C,
+                                                        k, b, rows, T, nsplit)))
     return cudaGetLastError();
 }

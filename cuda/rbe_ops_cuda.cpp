@@ -201,6 +201,37 @@ void act_backward(Tensor& dx, const Tensor& dy, const Tensor& x, int act) {
 
 Tensor empty0(const at::TensorOptions& opt) { return at::empty({0}, opt); }
 
+// The few-token coefficient product of the DCT-domain path on CUDA (csrc/rbe_dct_path.h's
+// FewRowsFn): out [T, R, b] from xa [C, rows, T], in groups of at most RBE_CUDA_FEW_MAX tokens,
+// each block row's columns split so that there are about two thread blocks per SM.
+void few_rows_cuda(Tensor& out, const Tensor& xa, const Weight& W) {
+    const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), rows = xa.size(1), T = xa.size(2);
+    TORCH_INTERNAL_ASSERT(xa.is_contiguous() && xa.size(0) == C && out.size(0) == T && out.size(1) == R &&
+                          out.size(2) == W.b);
+    if (W.k == 0) {
+        out.zero_();
+        return;
+    }
+    int sms = 0;
+    check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, xa.device().index()),
+                 "multiprocessor count");
+    const int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(C, cdiv(2 * (int64_t)std::max(sms, 1), R)));
+    for (int64_t t0 = 0; t0 < T; t0 += RBE_CUDA_FEW_MAX) {
+        const int64_t n = std::min<int64_t>(RBE_CUDA_FEW_MAX, T - t0);
+        const Tensor src = n == T ? xa : xa.narrow(2, t0, n).contiguous();
+        Tensor part = at::empty({nsplit, n, R, W.b}, xa.options());
+        check_launch(rbe_cuda_few_rows(part.data_ptr(), src.data_ptr(), cuda_dtype(xa.scalar_type()),
+                                       W.coeffs.data_ptr(), cuda_dtype(W.coeffs.scalar_type()), W.index.data_ptr(),
+                                       W.wide, (int)R, (int)C, (int)W.k, (int)W.b, (int)rows, (int)n, (int)nsplit,
+                                       stream()),
+                     "few-token rows");
+        out.narrow(0, t0, n).copy_(nsplit == 1 ? part[0] : part.sum(0));
+    }
+}
+
+// registers the kernel with the DCT-domain path when the library is loaded
+const bool few_rows_registered = (set_few_rows_cuda(&few_rows_cuda), true);
+
 // Entered by every operator: the current device is the input's, and autocast stays out of the
 // products inside (the autograd engine runs backward with the forward's autocast state, which
 // would turn the float32 decode products into bfloat16 ones behind the kernels' backs).

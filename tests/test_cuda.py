@@ -8,8 +8,9 @@ device-parametrized tests of test_vectors_ffn.py, test_ffn.py, test_compile.py,
 test_ffn_memory.py and test_bad_input.py (the `device` fixture in conftest.py); they run
 on CUDA where a CUDA device is present.
 
-Both GPU paths are tested: "decode" (the default) and "dct" (the DCT-domain dense path,
-rbe_ffn.dct_path(), csrc/rbe_dct_path.cpp), through the `path` parameter.
+Every GPU path is tested, through the `path` parameter: "decode" (the default), "dct" (the
+DCT-domain dense path, rbe_ffn.dct_path(), csrc/rbe_dct_path.cpp) and "few" (the same with every
+forward of at most 128 tokens on the few-token sparse kernel, rbe_cuda_few_rows).
 
 Skipped (with the reason shown) where no CUDA device is present; where one is present the
 extension must have been built with its CUDA kernels, else test_cuda_kernels_registered fails.
@@ -32,12 +33,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 ops = torch.ops.rbe_ffn
 OPS = ["encode", "decode", "linear", "linear_backward", "ffn", "ffn_backward", "activation", "activation_backward"]
-PATHS = ["decode", "dct"]
+PATHS = ["decode", "dct", "few"]
 
 
 def on_path(path):
-    """The CUDA operators' path for the block: the default decode path, or the DCT-domain one"""
-    return rbe_ffn.dct_path() if path == "dct" else contextlib.nullcontext()
+    """The CUDA operators' path for the block: the default decode path, or a DCT-domain one"""
+    if path == "decode":
+        return contextlib.nullcontext()
+    return rbe_ffn.dct_path(few_tokens=128 if path == "few" else 0)
 
 
 def test_cuda_kernels_registered():

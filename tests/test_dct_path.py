@@ -1,7 +1,10 @@
-"""The DCT-domain dense path (csrc/rbe_dct_path.cpp, docs/DESIGN.md section 5.1): the many-token
-GPU path in preparation, written with ATen products only, so the very code CUDA would run is run
-here on CPU tensors, against the pure-PyTorch reference (ffn_reference.py) and the default path.
-tests/test_cuda.py runs the same comparisons on a GPU."""
+"""The DCT-domain paths (csrc/rbe_dct_path.cpp, docs/DESIGN.md section 5.1): the GPU paths in
+preparation, written with ATen operations only, so the very code CUDA would run is run here on
+CPU tensors, against the pure-PyTorch reference (ffn_reference.py) and the default path. The
+`dct` fixture runs each test twice: every forward densified (few_tokens=0), and every forward of
+these small token counts through the few-token sparse product (few_tokens=64; on CPU its
+coefficient product is the ATen model the CUDA kernel is compared with). tests/test_cuda.py runs
+the same comparisons on a GPU."""
 from __future__ import annotations
 
 import subprocess
@@ -22,10 +25,10 @@ SHAPES = [(96, 200, 16, 40), (10, 37, 8, 5), (64, 96, 32, 1024), (40, 72, 8, 0)]
 SHAPE_IDS = ["96x200_b16", "10x37_b8", "64x96_b32_kfull", "40x72_b8_k0"]
 
 
-@pytest.fixture
-def dct():
-    with rbe_ffn.dct_path():
-        yield
+@pytest.fixture(params=[0, 64], ids=["dense", "few"])
+def dct(request):
+    with rbe_ffn.dct_path(few_tokens=request.param):
+        yield request.param
 
 
 def grads(fn, x, params, dy):
@@ -158,18 +161,41 @@ def test_opcheck(dct):
 
 def test_switch_is_scoped_and_nested():
     assert rbe_ffn._C.set_dct_path(False) is False  # off by default
-    with rbe_ffn.dct_path():
+    assert rbe_ffn._C.set_dct_few_tokens(0) == 0
+    with rbe_ffn.dct_path(few_tokens=16):
         assert rbe_ffn._C.set_dct_path(True) is True
+        assert rbe_ffn._C.set_dct_few_tokens(16) == 16
         with rbe_ffn.dct_path(False):
             assert rbe_ffn._C.set_dct_path(False) is False
+            assert rbe_ffn._C.set_dct_few_tokens(0) == 0
         assert rbe_ffn._C.set_dct_path(True) is True
+        assert rbe_ffn._C.set_dct_few_tokens(16) == 16
     assert rbe_ffn._C.set_dct_path(False) is False
+    assert rbe_ffn._C.set_dct_few_tokens(0) == 0
+    for bad in (-1, 2.0, True, None):
+        with pytest.raises(ValueError, match="few_tokens must be an int >= 0"):
+            with rbe_ffn.dct_path(few_tokens=bad):
+                pass
 
 
-def test_environment_variable_turns_it_on():
-    code = "import rbe_ffn; print(rbe_ffn._C.set_dct_path(False))"
-    for value, want in (("1", "True"), ("0", "False")):
-        env = dict(same_package_env(), RBE_FFN_DCT_PATH=value)
+def test_few_tokens_threshold_splits_by_call():
+    """A call of n tokens takes the sparse product when n <= few_tokens: its output then differs
+    from the densified one in the last bits, and equals it to rounding."""
+    m = make_ffn(96, 200, "gelu", block_size=16, k=40, seed=11, random_bias=True)
+    x = torch.randn(8, 96)
+    with torch.no_grad(), rbe_ffn.dct_path():
+        dense = m(x)
+    for few, sparse in ((7, False), (8, True)):
+        with torch.no_grad(), rbe_ffn.dct_path(few_tokens=few):
+            y = m(x)
+        assert R.rel_err(y, dense) < TOL[torch.float32]
+        assert torch.equal(y, dense) is not sparse, few
+
+
+def test_environment_variables_turn_it_on():
+    code = "import rbe_ffn; print(rbe_ffn._C.set_dct_path(False), rbe_ffn._C.set_dct_few_tokens(0))"
+    for value, want in (("1", "True 12"), ("0", "False 0")):
+        env = dict(same_package_env(), RBE_FFN_DCT_PATH=value, RBE_FFN_DCT_FEW_TOKENS="12")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == want
 

@@ -44,22 +44,30 @@ def cpu_isa() -> str:
 
 
 @contextlib.contextmanager
-def dct_path(enabled: bool = True):
+def dct_path(enabled: bool = True, few_tokens: int = 0):
     """Within this block, route the linear and feed-forward operators of every device through
-    the DCT-domain dense path (``docs/DESIGN.md`` section 5.1): each weight densified as its
+    the DCT-domain paths (``docs/DESIGN.md`` section 5.1): each weight densified as its
     transform-domain matrix and multiplied with the device's matrix products, between
-    per-segment transforms of the activations. Same results as the default paths to rounding.
+    per-segment transforms of the activations; forward calls of at most ``few_tokens`` tokens
+    take the few-token sparse product instead (no dense tensor of any kind). Same results as the
+    default paths to rounding.
 
-    On CUDA this is the many-token path in preparation; it has not run on a GPU yet, so the
-    decode path stays the default. On CPU the transform-domain kernels are faster; the switch
-    exists there so that the same code is tested. Process-wide (every thread), not per
-    thread; the environment variable ``RBE_FFN_DCT_PATH=1`` turns it on at import."""
-    previous = _C.set_dct_path(enabled)
+    On CUDA these are the paths in preparation for the GPU; they have not run on a GPU yet, so
+    the decode path stays the default, and the token count below which the sparse product wins
+    is not measured (hence 0, never, unless given). On CPU the transform-domain kernels are
+    faster; the switch exists there so that the same code is tested. Process-wide (every
+    thread), not per thread; the environment variables ``RBE_FFN_DCT_PATH=1`` and
+    ``RBE_FFN_DCT_FEW_TOKENS=n`` set both at import."""
+    if isinstance(few_tokens, bool) or not isinstance(few_tokens, int) or few_tokens < 0:
+        raise ValueError(f"rbe_ffn.dct_path: few_tokens must be an int >= 0, got {few_tokens!r}")
+    previous = _C.set_dct_path(enabled), _C.set_dct_few_tokens(few_tokens)
     try:
         yield
     finally:
-        _C.set_dct_path(previous)
+        _C.set_dct_path(previous[0])
+        _C.set_dct_few_tokens(previous[1])
 
 
 if os.environ.get("RBE_FFN_DCT_PATH") == "1":
     _C.set_dct_path(True)
+    _C.set_dct_few_tokens(int(os.environ.get("RBE_FFN_DCT_FEW_TOKENS", "0")))
