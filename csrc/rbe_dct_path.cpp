@@ -21,11 +21,12 @@ std::atomic<int64_t> g_few_tokens{0};
 std::atomic<FewRowsFn> g_few_rows_cuda{nullptr};
 
 // ---- the tables of a block size, per (b, dtype, device), built once ----
-// psi [b, b] (DCT rows) in the products' dtype; phihat [8, b*b] = Psi Phi_k Psi^T in the
-// compute type (float64 for float64, else float32). Built in double on the host and copied
+// psi [b, b] (DCT rows) in the products' dtype; phihat = Psi Phi_k Psi^T in the compute type
+// (float64 for float64, else float32), held as [b(u), 8, b(v)] (for the densify product) and
+// as [b(u), b(v), 8] (for the pattern gradient). Built in double on the host and copied
 // once: a call inside a CUDA-graph capture finds them ready (the first call must come before).
 struct Tables {
-    Tensor psi, phihat;
+    Tensor psi, phihat_ukv, phihat_uvk;
 };
 
 at::ScalarType compute_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
@@ -43,8 +44,8 @@ const Tables& tables(int64_t b, at::ScalarType dt, at::Device dev) {
     rbe_pattern_images(host.data() + bb, (int)b);
     Tensor all = at::from_blob(host.data(), {9, b, b}, at::kDouble).clone();  // owns its memory: .to() below may be a no-op
     Tensor psi = all[0];
-    Tensor phihat = at::matmul(psi, at::matmul(all.narrow(0, 1, RBE_NPAT), psi.t())).reshape({RBE_NPAT, bb});
-    Tables t{psi.to(dev, dt).contiguous(), phihat.to(dev, compute_type(dt)).contiguous()};
+    Tensor phihat = at::matmul(psi, at::matmul(all.narrow(0, 1, RBE_NPAT), psi.t())).to(dev, compute_type(dt));
+    Tables t{psi.to(dev, dt).contiguous(), phihat.permute({1, 0, 2}).contiguous(), phihat.permute({1, 2, 0}).contiguous()};
     return cache.emplace(key, std::move(t)).first->second;
 }
 
@@ -64,12 +65,10 @@ std::pair<Tensor, Tensor> dense_positions(const Weight& W) {
 // coefficients summed in the compute type, then rounded once)
 Tensor densify(const Weight& W, const Tables& T, at::ScalarType dt) {
     const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), b = W.b;
-    const at::ScalarType ct = T.phihat.scalar_type();
-    Tensor big = at::mm(W.basis.to(ct), T.phihat)  // [R*C, b*b]: sum_k p_k Phihat_k per block
-                     .view({R, C, b, b})
-                     .permute({0, 2, 1, 3})
-                     .contiguous()
-                     .view({R * b * C * b});
+    const at::ScalarType ct = T.phihat_ukv.scalar_type();
+    // the pattern part written once, in place: row u of block row i is basis_i [C, 8] times
+    // Phihat[:, u, :] [8, b], a batched product whose output is the [R, b, C, b] layout itself
+    Tensor big = at::matmul(W.basis.to(ct).view({R, 1, C, RBE_NPAT}), T.phihat_ukv.unsqueeze(0)).view({R * b * C * b});
     if (W.k > 0) {
         auto [pos, valid] = dense_positions(W);
         Tensor vals = at::where(valid, W.coeffs.to(ct), at::zeros({}, W.coeffs.options().dtype(ct)));
@@ -83,9 +82,8 @@ Tensor densify(const Weight& W, const Tables& T, at::ScalarType dt) {
 void project(Tensor* dbasis, Tensor* dcoeffs, const Tensor& dchat, const Weight& W, const Tables& T) {
     const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), b = W.b;
     const at::ScalarType pt = W.basis.scalar_type();
-    if (dbasis) {
-        Tensor blocks = dchat.view({R, b, C, b}).permute({0, 2, 1, 3}).reshape({R * C, b * b});
-        *dbasis = at::mm(blocks, T.phihat.t()).to(pt);
+    if (dbasis) {  // per (i, u): dChat row u of block row i [C, b] times Phihat[:, u, :]^T [b, 8], summed over u
+        *dbasis = at::matmul(dchat.view({R, b, C, b}), T.phihat_uvk.unsqueeze(0)).sum(1).view({R * C, RBE_NPAT}).to(pt);
     }
     if (dcoeffs) {
         if (W.k == 0) {
