@@ -5,6 +5,7 @@
 
 #include "rbe.h"
 #include "rbe_cuda.h"
+#include "rbe_few_rows.h"
 
 namespace {
 
@@ -147,31 +148,29 @@ __global__ void act_forward_kernel(T* y, const T* x, long long n, int act) {
         st(y, i, rbe_act_value(ld(x, i), act));
 }
 
-// out: [nsplit, T, R, b]; xa: [C, rows, T]; coeffs/index: [R*C, k]. One thread block per (block
-// row i, split s): the blocks (i, j), j in split s's range, are contiguous in coeffs and index;
-// consecutive threads take consecutive coefficients (coalesced), accumulating into the block
-// row's [b, T] sums in shared memory.
+// the few-token coefficient product (rbe_few_rows.h holds its body, shared with a host test)
+template <typename Cc, typename V>
+struct LoadCoeff {
+    __device__ Cc operator()(const V* p, long long i) const { return (Cc)ld(p, i); }
+};
+
+template <typename Cc>
+struct SharedAdd {
+    __device__ void operator()(Cc* p, Cc v) const { atomicAdd(p, v); }
+};
+
 template <typename Cc, typename V>
 __global__ void few_rows_kernel(Cc* out, const Cc* xa, const V* coeffs, const void* index, int wide, int R, int C, int k,
                                 int b, int rows, int T, int nsplit) {
     extern __shared__ unsigned char smem[];
     Cc* acc = reinterpret_cast<Cc*>(smem);  // [b][T]
-    const int i = blockIdx.x / nsplit, s = blockIdx.x % nsplit;
-    const int j0 = (int)((long long)C * s / nsplit), j1 = (int)((long long)C * (s + 1) / nsplit);
+    const rbe_few::Part p = rbe_few::part_of(blockIdx.x, C, nsplit);
     for (int e = threadIdx.x; e < b * T; e += blockDim.x) acc[e] = 0;
     __syncthreads();
-    const long long bb = (long long)b * b, n = (long long)(j1 - j0) * k, base = ((long long)i * C + j0) * k;
-    for (long long e = threadIdx.x; e < n; e += blockDim.x) {
-        const long long pos = ld_index(index, wide, base + e);
-        if (pos < 0 || pos >= bb) continue;  // never read or write outside, whatever the index holds
-        const int u = (int)(pos / b), v = (int)(pos % b), j = j0 + (int)(e / k);
-        const Cc c = (Cc)ld(coeffs, base + e);
-        const Cc* src = xa + ((long long)j * rows + v) * T;
-        for (int t = 0; t < T; t++) atomicAdd(&acc[u * T + t], c * src[t]);
-    }
+    rbe_few::accumulate(acc, xa, coeffs, index, wide, p, C, k, b, rows, T, threadIdx.x, blockDim.x,
+                        LoadCoeff<Cc, V>(), SharedAdd<Cc>());
     __syncthreads();
-    Cc* dst = out + ((long long)s * T * R + i) * b;  // out[s][t][i][u] = dst[t*R*b + u]
-    for (int e = threadIdx.x; e < b * T; e += blockDim.x) dst[(long long)(e % T) * R * b + e / T] = acc[e];
+    rbe_few::store(out, acc, p, R, b, T, threadIdx.x, blockDim.x);
 }
 
 template <typename T>
