@@ -1,4 +1,4 @@
-// rbe_dct_path.cpp - the DCT-domain dense path (rbe_dct_path.h): ATen products only, any device.
+// rbe_dct_path.cpp - the DCT-domain paths (rbe_dct_path.h): dense for many tokens, sparse for few; any device.
 #include "rbe_dct_path.h"
 
 #include "rbe_variants.h"  // the pattern's rank-1 terms
@@ -237,7 +237,7 @@ void unscale(Tensor& dbasis, Tensor& dcoeffs, const Scales& sc) {
     if (dcoeffs.numel() > 0 && sc.coeff != 1.0) dcoeffs.mul_(sc.coeff);
 }
 
-// the arguments with each weight's numbers multiplied by their scales (scales then 1)
+// the arguments with each weight's numbers multiplied by their scales (the scales kept: unscale reads them)
 FFNArgs scaled(const FFNArgs& a) {
     FFNArgs s = a;
     s.W1 = scaled_weight(a.W1, a.scales1), s.W2 = scaled_weight(a.W2, a.scales2);
