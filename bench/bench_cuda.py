@@ -3,8 +3,8 @@ RBE's GPU paths: "decode" (the default), "dct" (the DCT-domain dense path, rbe_f
 and "few" (the DCT-domain path with the forward on the few-token sparse kernel; timed up to
 FEW_MAX tokens, its backward is the dct one).
 
-All arms run in the same process, interleaved (dense, decode, dct, dense, ...), timed with CUDA
-events, with L2 flushed before every timed call (a write of a buffer larger than L2), so that no
+All arms run in the same process, interleaved (dense, decode, dct, few, dense, ...), timed with
+CUDA events, with L2 flushed right before every timed part (a write of a buffer larger than L2), so that no
 arm's weights are served from L2 when another's are not; we report medians and the ratio
 dense time / RBE time (> 1: RBE is faster).
 Modes: forward (no grad), backward alone (the forward that builds the graph is not timed),
@@ -51,6 +51,7 @@ def runner(model, x, mode):
     if mode == "forward":
         def run(start, end):
             with torch.no_grad():
+                flush_l2()
                 start.record()
                 model(x)
                 end.record()
@@ -59,12 +60,14 @@ def runner(model, x, mode):
             zero()
             y = model(x)
             g = torch.ones_like(y)
+            flush_l2()  # after the untimed forward, which read the weights
             start.record()
             y.backward(g)
             end.record()
     else:
         def run(start, end):
             zero()
+            flush_l2()
             start.record()
             model(x).float().sum().backward()
             end.record()
@@ -85,7 +88,6 @@ def on_path(arm):
 
 def timed(run, arm):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    flush_l2()
     with on_path(arm):
         run(start, end)
     end.synchronize()

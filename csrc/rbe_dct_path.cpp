@@ -21,32 +21,41 @@ std::atomic<int64_t> g_few_tokens{0};
 std::atomic<FewRowsFn> g_few_rows_cuda{nullptr};
 
 // ---- the tables of a block size, per (b, dtype, device), built once ----
-// psi [b, b] (DCT rows) in the products' dtype; phihat = Psi Phi_k Psi^T in the compute type
-// (float64 for float64, else float32), held as [b(u), 8, b(v)] (for the densify product) and
-// as [b(u), b(v), 8] (for the pattern gradient). Built in double on the host and copied
-// once: a call inside a CUDA-graph capture finds them ready (the first call must come before).
+// psi [b, b] (DCT rows) and phihat = Psi Phi_k Psi^T in the compute type (float64 for float64,
+// else float32), phihat held as [b(u), 8, b(v)] (for the densify product) and
+// as [b(u), b(v), 8] (for the pattern gradient). Built in double on the host, laid out there and
+// copied once, synchronously (so another stream never sees them half-written): a call inside a
+// CUDA-graph capture must find them ready (dct_tables_ready; the first call must come before).
 struct Tables {
     Tensor psi, phihat_ukv, phihat_uvk;
 };
 
 at::ScalarType compute_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
+using TableKey = std::tuple<int64_t, int, int, int>;
+
+TableKey table_key(int64_t b, at::ScalarType dt, at::Device dev) {
+    return std::make_tuple(b, (int)dt, (int)dev.type(), (int)dev.index());
+}
+
+std::mutex g_tables_mu;
+std::map<TableKey, Tables> g_tables;
+
 const Tables& tables(int64_t b, at::ScalarType dt, at::Device dev) {
-    static std::mutex mu;
-    static std::map<std::tuple<int64_t, int, int, int>, Tables> cache;
-    const auto key = std::make_tuple(b, (int)dt, (int)dev.type(), (int)dev.index());
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
+    std::lock_guard<std::mutex> lock(g_tables_mu);
+    const TableKey key = table_key(b, dt, dev);
+    auto it = g_tables.find(key);
+    if (it != g_tables.end()) return it->second;
     const int64_t bb = b * b;
     std::vector<double> host(9 * bb);
     rbe_dct_matrix(host.data(), (int)b);
     rbe_pattern_images(host.data() + bb, (int)b);
     Tensor all = at::from_blob(host.data(), {9, b, b}, at::kDouble).clone();  // owns its memory: .to() below may be a no-op
     Tensor psi = all[0];
-    Tensor phihat = at::matmul(psi, at::matmul(all.narrow(0, 1, RBE_NPAT), psi.t())).to(dev, compute_type(dt));
-    Tables t{psi.to(dev, dt).contiguous(), phihat.permute({1, 0, 2}).contiguous(), phihat.permute({1, 2, 0}).contiguous()};
-    return cache.emplace(key, std::move(t)).first->second;
+    Tensor phihat = at::matmul(psi, at::matmul(all.narrow(0, 1, RBE_NPAT), psi.t()));
+    auto on = [&](const Tensor& host_table, at::ScalarType type) { return host_table.contiguous().to(dev, type); };
+    Tables t{on(psi, compute_type(dt)), on(phihat.permute({1, 0, 2}), compute_type(dt)), on(phihat.permute({1, 2, 0}), compute_type(dt))};
+    return g_tables.emplace(key, std::move(t)).first->second;
 }
 
 // Where each kept coefficient sits in the densified [R*b, C*b] matrix, and whether its index
@@ -77,13 +86,16 @@ Tensor densify(const Weight& W, const Tables& T, at::ScalarType dt) {
     return big.view({R * b, C * b}).to(dt);
 }
 
-// A dense [R*b, C*b] gradient dChat (compute type) on the stored numbers: dbasis [nblk, 8] and
-// dcoeffs [nblk, k] in the parameters' dtype, each only if asked for
-void project(Tensor* dbasis, Tensor* dcoeffs, const Tensor& dchat, const Weight& W, const Tables& T) {
+// A dense [R*b, C*b] gradient dChat (compute type) on the stored numbers, times their scales (the
+// gradients of the numbers passed in), rounded once to the parameters' dtype: dbasis [nblk, 8]
+// and dcoeffs [nblk, k], each only if asked for
+void project(Tensor* dbasis, Tensor* dcoeffs, const Tensor& dchat, const Weight& W, const Tables& T,
+             const Scales& sc) {
     const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), b = W.b;
     const at::ScalarType pt = W.basis.scalar_type();
     if (dbasis) {  // per (i, u): dChat row u of block row i [C, b] times Phihat[:, u, :]^T [b, 8], summed over u
-        *dbasis = at::matmul(dchat.view({R, b, C, b}), T.phihat_uvk.unsqueeze(0)).sum(1).view({R * C, RBE_NPAT}).to(pt);
+        Tensor g = at::matmul(dchat.view({R, b, C, b}), T.phihat_uvk.unsqueeze(0)).sum(1).view({R * C, RBE_NPAT});
+        *dbasis = (sc.pattern != 1.0 ? g.mul(sc.pattern) : g).to(pt);
     }
     if (dcoeffs) {
         if (W.k == 0) {
@@ -92,37 +104,53 @@ void project(Tensor* dbasis, Tensor* dcoeffs, const Tensor& dchat, const Weight&
         }
         auto [pos, valid] = dense_positions(W);
         Tensor vals = dchat.reshape({-1}).take(pos);
-        *dcoeffs = at::where(valid, vals, at::zeros_like(vals)).to(pt);
+        Tensor g = at::where(valid, vals, at::zeros_like(vals));
+        *dcoeffs = (sc.coeff != 1.0 ? g.mul(sc.coeff) : g).to(pt);
     }
 }
 
-// x2 [n, width] zero-padded to nseg*b features, each b-long segment transformed: [n, nseg*b]
+// Half inputs (CUDA only): the transforms run in float32 and their results are rounded once to
+// the input dtype for the main products, which run on the tensor cores with float32 output; the
+// inverse transform and the bias are added in float32 and rounded once. (Rounding after every
+// product instead made the error 2.0-2.6x the dense module's own in an emulation, against
+// 1.6-1.8x this way: docs/DESIGN.md section 5.1.)
+
+// x2 [n, width] zero-padded to nseg*b features, each b-long segment transformed in the compute
+// type (psi's): [n, nseg*b] in x2's dtype
 Tensor seg_dct(const Tensor& x2, int64_t nseg, const Tensor& psi) {
     const int64_t n = x2.size(0), b = psi.size(0), pad = nseg * b - x2.size(1);
-    Tensor xp = pad > 0 ? at::constant_pad_nd(x2, {0, pad}) : x2;
-    return at::mm(xp.reshape({n * nseg, b}), psi.t()).view({n, nseg * b});
+    const Tensor xc = x2.to(psi.scalar_type());
+    Tensor xp = pad > 0 ? at::constant_pad_nd(xc, {0, pad}) : xc;
+    return at::mm(xp.reshape({n * nseg, b}), psi.t()).view({n, nseg * b}).to(x2.scalar_type());
 }
 
-// out [n, width] = the first `width` features of the inverse per-segment transform of
-// yh [n, nseg*b], plus bias (out may be a view into a larger tensor)
+// a b in the compute type: half operands give a float32 product (float32 accumulation)
+Tensor mm_ct(const Tensor& a, const Tensor& b) {
+    const at::ScalarType ct = compute_type(a.scalar_type());
+    return a.scalar_type() == ct ? at::mm(a, b) : at::mm(a, b, ct);
+}
+
+// out [n, width] (any floating dtype; may be a view into a larger tensor) = the first `width`
+// features of the inverse per-segment transform of yh [n, nseg*b] (compute type), plus bias,
+// computed in the compute type and rounded once
 void seg_idct_out(Tensor& out, const Tensor& yh, const Tensor& psi, const c10::optional<Tensor>& bias) {
     const int64_t n = yh.size(0), b = psi.size(0), width = out.size(1), full = yh.size(1);
-    if (width == full && out.is_contiguous()) {
+    if (width == full && out.is_contiguous() && out.scalar_type() == yh.scalar_type()) {
         Tensor flat = out.view({n * (full / b), b});
         at::mm_out(flat, yh.reshape({n * (full / b), b}), psi);
-    } else {
-        out.copy_(at::mm(yh.reshape({n * (full / b), b}), psi).view({n, full}).narrow(1, 0, width));
+        if (bias.has_value()) out.add_(*bias);
+        return;
     }
-    if (bias.has_value()) out.add_(*bias);
+    Tensor r = at::mm(yh.reshape({n * (full / b), b}), psi).view({n, full}).narrow(1, 0, width);
+    out.copy_(bias.has_value() ? r + bias->to(r.scalar_type()) : r);
 }
 
-// acc (compute type) += a^T b; half inputs multiply in their dtype (float32 accumulation inside
-// the product, the result rounded to that dtype, as a dense module's weight gradient is)
+// acc (compute type) += a^T b (half operands: a float32 product)
 void add_at_b(Tensor& acc, const Tensor& a, const Tensor& b) {
     if (a.scalar_type() == acc.scalar_type())
         acc.addmm_(a.t(), b);
     else
-        acc.add_(at::mm(a.t(), b));
+        acc.add_(mm_ct(a.t(), b));
 }
 
 Tensor activation(const Tensor& x, int64_t act) {
@@ -149,13 +177,14 @@ struct FewTables {
     int64_t nf;
 };
 
+std::mutex g_few_tables_mu;
+std::map<TableKey, FewTables> g_few_tables;
+
 const FewTables& few_tables(int64_t b, at::ScalarType ct, at::Device dev) {
-    static std::mutex mu;
-    static std::map<std::tuple<int64_t, int, int, int>, FewTables> cache;
-    const auto key = std::make_tuple(b, (int)ct, (int)dev.type(), (int)dev.index());
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
+    std::lock_guard<std::mutex> lock(g_few_tables_mu);
+    const TableKey key = table_key(b, ct, dev);
+    auto it = g_few_tables.find(key);
+    if (it != g_few_tables.end()) return it->second;
     std::vector<double> plan(3 * (2 * b + 4) * b), work(3 * b * b + b);
     const int64_t nf = rbe_plan_build(plan.data(), work.data(), (int)b, ct == at::kDouble ? 1e-15 : 1e-9);
     const int64_t rows = b + nf;
@@ -165,8 +194,8 @@ const FewTables& few_tables(int64_t b, at::ScalarType ct, at::Device dev) {
     for (int q = 0; q < RBE_NTERMS; q++) t[rbe_pattern_terms[q][0]][rbe_pattern_terms[q][1]][rbe_pattern_terms[q][2]] = 1;
     for (int64_t m = RBE_NFIX; m < nf; m++) t[1][m][m] = 1;  // the d term, weighted by p_1
     auto opt = at::TensorOptions().dtype(ct).device(dev);
-    FewTables f{host[0].to(opt).contiguous(), host[1].to(opt).contiguous(), terms.to(opt), nf};
-    return cache.emplace(key, std::move(f)).first->second;
+    FewTables f{host[0].contiguous().to(opt), host[1].contiguous().to(opt), terms.to(opt), nf};
+    return g_few_tables.emplace(key, std::move(f)).first->second;
 }
 
 // The coefficient part, written by the pure-ATen model (every device): out [T, R, b] (compute
@@ -231,13 +260,7 @@ struct Scope {
         c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA})};
 };
 
-// the gradients of the numbers passed in from those of the scaled numbers (empty ones: not asked for)
-void unscale(Tensor& dbasis, Tensor& dcoeffs, const Scales& sc) {
-    if (dbasis.numel() > 0 && sc.pattern != 1.0) dbasis.mul_(sc.pattern);
-    if (dcoeffs.numel() > 0 && sc.coeff != 1.0) dcoeffs.mul_(sc.coeff);
-}
-
-// the arguments with each weight's numbers multiplied by their scales (the scales kept: unscale reads them)
+// the arguments with each weight's numbers multiplied by their scales (the scales kept: project reads them)
 FFNArgs scaled(const FFNArgs& a) {
     FFNArgs s = a;
     s.W1 = scaled_weight(a.W1, a.scales1), s.W2 = scaled_weight(a.W2, a.scales2);
@@ -245,6 +268,24 @@ FFNArgs scaled(const FFNArgs& a) {
 }
 
 }  // namespace
+
+bool dct_tables_ready(int64_t b, at::ScalarType dt, at::Device dev) {
+    bool dense, few;
+    {
+        std::lock_guard<std::mutex> lock(g_tables_mu);
+        dense = g_tables.count(table_key(b, dt, dev)) > 0;
+    }
+    {
+        std::lock_guard<std::mutex> lock(g_few_tables_mu);
+        few = g_few_tables.count(table_key(b, compute_type(dt), dev)) > 0;
+    }
+    return dense && few;
+}
+
+void dct_prepare_tables(int64_t b, at::ScalarType dt, at::Device dev) {
+    tables(b, dt, dev);
+    few_tables(b, compute_type(dt), dev);
+}
 
 bool dct_path_enabled() { return g_dct_path.load(std::memory_order_relaxed); }
 bool set_dct_path(bool on) { return g_dct_path.exchange(on); }
@@ -265,7 +306,7 @@ Tensor dct_linear(const Tensor& x, const Tensor& x2, const Weight& Win, const Sc
         few_linear_out(y2, x2, W, bias);
         return y;
     }
-    Tensor yh = at::mm(seg_dct(x2, cdiv(W.in, W.b), T.psi), densify(W, T, x.scalar_type()).t());
+    Tensor yh = mm_ct(seg_dct(x2, cdiv(W.in, W.b), T.psi), densify(W, T, x.scalar_type()).t());
     Tensor y2 = y.view({n, W.out});
     seg_idct_out(y2, yh, T.psi, bias);
     return y;
@@ -286,14 +327,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dct_linear_backward(const Tensor& x, 
         dx = at::empty(x.sizes(), opt);
         if (n > 0) {
             Tensor dx2 = dx.view({n, W.in});
-            seg_idct_out(dx2, at::mm(gh, densify(W, T, dt)), T.psi, c10::nullopt);
+            seg_idct_out(dx2, mm_ct(gh, densify(W, T, dt)), T.psi, c10::nullopt);
         }
     }
     if (mask[1] || mask[2]) {
         Tensor dchat = at::zeros({R * W.b, C * W.b}, opt.dtype(ct));
         add_at_b(dchat, gh, seg_dct(x2, C, T.psi));
-        project(mask[1] ? &db : nullptr, mask[2] ? &dc : nullptr, dchat, W, T);
-        unscale(db, dc, sc);
+        project(mask[1] ? &db : nullptr, mask[2] ? &dc : nullptr, dchat, W, T, sc);
     }
     if (mask[3]) dbias = at::sum(g2, {0}, false, ct).to(dt);
     return {dx, db, dc, dbias};
@@ -321,10 +361,10 @@ std::tuple<Tensor, Tensor> dct_ffn(const Tensor& x, const FFNArgs& args, bool ke
     for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
         const int64_t n = std::min(a.chunk, Tn - t0);
         Tensor h = keep_pre ? pre.view({Tn, d_ff}).narrow(0, t0, n) : at::empty({n, d_ff}, opt);
-        seg_idct_out(h, at::mm(seg_dct(a.x2.narrow(0, t0, n), cdiv(d_model, b), T.psi), big1.t()), T.psi, a.bias1);
+        seg_idct_out(h, mm_ct(seg_dct(a.x2.narrow(0, t0, n), cdiv(d_model, b), T.psi), big1.t()), T.psi, a.bias1);
         Tensor hid = activation(h, a.act);
         Tensor yc = y2.narrow(0, t0, n);
-        seg_idct_out(yc, at::mm(seg_dct(hid, cdiv(d_ff, b), T.psi), big2.t()), T.psi, a.bias2);
+        seg_idct_out(yc, mm_ct(seg_dct(hid, cdiv(d_ff, b), T.psi), big2.t()), T.psi, a.bias2);
     }
     return {y, pre};
 }
@@ -361,28 +401,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dct_ffn_backw
             h = pre2.narrow(0, t0, n);
         } else {
             h = at::empty({n, d_ff}, opt);
-            seg_idct_out(h, at::mm(xh, big1.t()), T.psi, a.bias1);
+            seg_idct_out(h, mm_ct(xh, big1.t()), T.psi, a.bias1);
         }
         const Tensor gh = seg_dct(gc, Cm, T.psi);
         if (dw2_on) add_at_b(dchat2, gh, seg_dct(activation(h, a.act), Cf, T.psi));
         if (mask[6]) dbias2.add_(at::sum(gc, {0}, false, ct));
         if (!need1) continue;
         Tensor dh = at::empty({n, d_ff}, opt);
-        seg_idct_out(dh, at::mm(gh, big2), T.psi, c10::nullopt);
+        seg_idct_out(dh, mm_ct(gh, big2), T.psi, c10::nullopt);
         dh = activation_backward(dh, h, a.act);
         const Tensor dhh = seg_dct(dh, Cf, T.psi);
         if (dw1_on) add_at_b(dchat1, dhh, xh);
         if (mask[3]) dbias1.add_(at::sum(dh, {0}, false, ct));
         if (mask[0]) {
             Tensor dxc = dx.view({Tn, d_model}).narrow(0, t0, n);
-            seg_idct_out(dxc, at::mm(dhh, big1), T.psi, c10::nullopt);
+            seg_idct_out(dxc, mm_ct(dhh, big1), T.psi, c10::nullopt);
         }
     }
     Tensor db1 = empty0(opt), dc1 = empty0(opt), db2 = empty0(opt), dc2 = empty0(opt);
-    if (dw1_on) project(mask[1] ? &db1 : nullptr, mask[2] ? &dc1 : nullptr, dchat1, a.W1, T);
-    if (dw2_on) project(mask[4] ? &db2 : nullptr, mask[5] ? &dc2 : nullptr, dchat2, a.W2, T);
-    unscale(db1, dc1, a.scales1);
-    unscale(db2, dc2, a.scales2);
+    if (dw1_on) project(mask[1] ? &db1 : nullptr, mask[2] ? &dc1 : nullptr, dchat1, a.W1, T, a.scales1);
+    if (dw2_on) project(mask[4] ? &db2 : nullptr, mask[5] ? &dc2 : nullptr, dchat2, a.W2, T, a.scales2);
     if (mask[3]) dbias1 = dbias1.to(dt);
     if (mask[6]) dbias2 = dbias2.to(dt);
     return {dx, db1, dc1, dbias1, db2, dc2, dbias2};

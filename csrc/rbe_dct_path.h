@@ -35,6 +35,12 @@ bool set_dct_path(bool on);  // returns the previous setting
 // kind), the pattern from its rank-1 terms, then the synthesis rows. Returns the previous n.
 int64_t set_dct_few_tokens(int64_t n);
 
+// The tables of a block size for inputs of dtype dt on dev (built at their first use, with a
+// synchronous host-to-device copy, which a CUDA-graph capture forbids): whether they exist, and
+// building them.
+bool dct_tables_ready(int64_t b, at::ScalarType dt, at::Device dev);
+void dct_prepare_tables(int64_t b, at::ScalarType dt, at::Device dev);
+
 // The few-token coefficient product on one device: out [T, R, b] (a view, compute type) from
 // xa [C, b+nf, T] (contiguous, compute type) and W's coefficients and index. The pure-ATen model
 // serves every device unless a device registers a kernel (CUDA: cuda/rbe_ops_cuda.cpp).

@@ -18,6 +18,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <map>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -60,40 +62,47 @@ Tables tables(int64_t b, at::ScalarType ct, at::Device dev) {
 }
 
 // ---- index validation, once per version of an index tensor ----
-// An index tensor is checked on the device when it is new or has been written since its last
-// check (its version counter, which every in-place torch operation bumps): a call on unchanged
-// weights does not synchronise with the host, so it can be captured in a CUDA graph. Writes that
-// bypass the counter (through .data or a raw pointer) are not seen; the kernels stay memory-safe
-// whatever the index holds (positions outside the block are skipped), the result is then wrong.
+// An index is checked on the device when it is new or has been written since its last check
+// (its version counter, which every in-place torch operation bumps and which views share): a call
+// on unchanged weights does not synchronise with the host, so it can be captured in a CUDA graph.
+// Entries are keyed on the memory (storage, first element, size), not on the tensor object: a
+// module hands the operators a fresh view of its index buffer at every call. Writes that bypass
+// the counter (through .data or a raw pointer) are not seen; the kernels stay memory-safe whatever
+// the index holds (positions outside the block are skipped), the result is then wrong. Inference
+// tensors have no version counter: they are checked at every call.
 struct Validated {
-    c10::weak_intrusive_ptr<c10::TensorImpl> impl;  // keeps the address from being reused while listed
-    int64_t version;
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // expired once freed (its memory may then be reused)
     const void* data;
-    int64_t numel, b;
+    int64_t numel, b, version;
+    int wide;
 };
 std::mutex g_validated_mu;
-std::vector<Validated> g_validated;  // the most recent first, at most kValidated
-constexpr size_t kValidated = 256;
+std::vector<Validated> g_validated;  // one entry per live index memory; expired ones pruned on insert
 
-bool validated(const Tensor& index, int64_t b) {
+// the index's version, or -1 for an inference tensor (none)
+int64_t version_of(const Tensor& index) { return index.is_inference() ? -1 : index._version(); }
+
+bool same_memory(const Validated& v, const Weight& W) {
+    return !v.storage.expired() && v.storage._unsafe_get_target() == W.index.storage().unsafeGetStorageImpl() &&
+           v.data == W.index.data_ptr() && v.numel == W.index.numel() && v.wide == W.wide && v.b == W.b;
+}
+
+bool validated(const Weight& W, int64_t version) {
+    if (version < 0) return false;
     std::lock_guard<std::mutex> lock(g_validated_mu);
-    for (const Validated& v : g_validated) {
-        if (v.impl._unsafe_get_target() != index.unsafeGetTensorImpl() || v.impl.expired()) continue;
-        if (v.version == index._version() && v.data == index.data_ptr() && v.numel == index.numel() && v.b == b)
-            return true;
-    }
+    for (const Validated& v : g_validated)
+        if (same_memory(v, W)) return v.version == version;
     return false;
 }
 
-void remember(const Tensor& index, int64_t b) {
+void remember(const Weight& W, int64_t version) {
+    if (version < 0) return;
     std::lock_guard<std::mutex> lock(g_validated_mu);
-    auto same = [&](const Validated& v) { return v.impl._unsafe_get_target() == index.unsafeGetTensorImpl(); };
     g_validated.erase(std::remove_if(g_validated.begin(), g_validated.end(),
-                                     [&](const Validated& v) { return same(v) || v.impl.expired(); }),
+                                     [&](const Validated& v) { return v.storage.expired() || same_memory(v, W); }),
                       g_validated.end());
-    if (g_validated.size() >= kValidated) g_validated.pop_back();
-    g_validated.insert(g_validated.begin(), Validated{c10::weak_intrusive_ptr<c10::TensorImpl>(index.getIntrusivePtr()),
-                                                      index._version(), index.data_ptr(), index.numel(), b});
+    g_validated.push_back(
+        Validated{W.index.storage().getWeakStorageImpl(), W.index.data_ptr(), W.index.numel(), W.b, version, W.wide});
 }
 
 bool capturing() {
@@ -102,16 +111,33 @@ bool capturing() {
     return st != cudaStreamCaptureStatusNone;
 }
 
+// Whether the DCT-domain path takes this call; its tables are built first, never inside a capture.
+bool use_dct_path(const Tensor& x, int64_t b) {
+    if (!dct_path_enabled()) return false;
+    if (!dct_tables_ready(b, x.scalar_type(), x.device())) {
+        TORCH_CHECK(!capturing(), "rbe_ffn: the DCT-domain path's tables for block size ", b, " and ", x.scalar_type(),
+                    " are built at their first call, which cannot be inside a CUDA-graph capture: run one call "
+                    "before capturing");
+        dct_prepare_tables(b, x.scalar_type(), x.device());
+    }
+    return true;
+}
+
 // The index values of the weights not validated at their current version, checked on the
-// device: one synchronisation for all of them, none when every one is known.
+// device: one synchronisation for all of them, none when every one is known. The versions are
+// read before the check, so a write racing with it leaves the index to be checked again.
 void check_indexes(const std::vector<std::pair<const char*, const Weight*>>& all) {
     std::vector<std::pair<const char*, const Weight*>> ws;
-    for (const auto& w : all)
-        if (w.second->k > 0 && !validated(w.second->index, w.second->b)) ws.push_back(w);
+    std::vector<int64_t> versions;
+    for (const auto& w : all) {
+        const int64_t version = version_of(w.second->index);
+        if (w.second->k > 0 && !validated(*w.second, version)) ws.push_back(w), versions.push_back(version);
+    }
     if (ws.empty()) return;
-    TORCH_CHECK(!capturing(), "rbe_ffn: ", ws[0].first, ": an index tensor not validated yet (new, or written since "
-                "its last use) inside a CUDA-graph capture: run one call on these weights before capturing "
-                "(the warm-up torch.cuda.graphs and torch.compile do)");
+    TORCH_CHECK(!capturing(), "rbe_ffn: ", ws[0].first, ": an index not validated yet (new, written since its last "
+                "use, or an inference tensor, which has no version counter) inside a CUDA-graph capture: run one "
+                "call on these weights before capturing (the warm-up torch.cuda.graphs and torch.compile do), "
+                "outside torch.inference_mode (torch.no_grad() is fine)");
     Tensor bad = at::empty({(int64_t)ws.size()}, ws[0].second->index.options().dtype(at::kLong));
     for (size_t i = 0; i < ws.size(); i++) {
         const Weight& W = *ws[i].second;
@@ -128,7 +154,7 @@ void check_indexes(const std::vector<std::pair<const char*, const Weight*>>& all
                           pos % W.k, ": positions must be strictly increasing within a block and lie in [0, ",
                           W.b * W.b, ")");
     }
-    for (const auto& w : ws) remember(w.second->index, w.second->b);
+    for (size_t i = 0; i < ws.size(); i++) remember(*ws[i].second, versions[i]);
 }
 
 // W's dense [out, in] matrix in its parameters' dtype (built in the compute type ct)
@@ -201,6 +227,18 @@ void act_backward(Tensor& dx, const Tensor& dy, const Tensor& x, int act) {
 
 Tensor empty0(const at::TensorOptions& opt) { return at::empty({0}, opt); }
 
+// the number of SMs of a device, asked once
+int multiprocessors(int device) {
+    static std::mutex mu;
+    static std::map<int, int> known;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = known.find(device);
+    if (it != known.end()) return it->second;
+    int n = 0;
+    check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device), "multiprocessor count");
+    return known[device] = n;
+}
+
 // The few-token coefficient product of the DCT-domain path on CUDA (csrc/rbe_dct_path.h's
 // FewRowsFn): out [T, R, b] from xa [C, rows, T], in groups of at most RBE_CUDA_FEW_MAX tokens,
 // each block row's columns split so that there are about two thread blocks per SM.
@@ -212,9 +250,9 @@ void few_rows_cuda(Tensor& out, const Tensor& xa, const Weight& W) {
         out.zero_();
         return;
     }
-    int sms = 0;
-    check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, xa.device().index()),
-                 "multiprocessor count");
+    // shared-memory atomics: the order of each sum, and so its last bits, varies between runs
+    at::globalContext().alertNotDeterministic("rbe_ffn: the few-token CUDA kernel (rbe_ffn.dct_path(few_tokens=...))");
+    const int sms = multiprocessors(xa.device().index());
     const int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(C, cdiv(2 * (int64_t)std::max(sms, 1), R)));
     for (int64_t t0 = 0; t0 < T; t0 += RBE_CUDA_FEW_MAX) {
         const int64_t n = std::min<int64_t>(RBE_CUDA_FEW_MAX, T - t0);
@@ -313,7 +351,7 @@ Tensor linear_cuda(const Tensor& x, const Tensor& plan, const Tensor& basis, con
     const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_bias(bias, out, x.scalar_type(), x.device(), "bias");
     check_indexes({{"linear", &W}});
-    if (dct_path_enabled()) return dct_linear(x, x2, W, sc, bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt);
+    if (use_dct_path(x, P.b)) return dct_linear(x, x2, W, sc, bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt);
     W = scaled_weight(W, sc);
     const at::ScalarType ct = compute_type(x.scalar_type());
     Tensor wd = decode_dense(W, tables(P.b, ct, x.device()), ct);
@@ -337,7 +375,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& gr
     Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
     const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_indexes({{"linear", &W}});
-    if (dct_path_enabled()) return dct_linear_backward(x, x2, g2, W, sc, mask);
+    if (use_dct_path(x, P.b)) return dct_linear_backward(x, x2, g2, W, sc, mask);
     W = scaled_weight(W, sc);
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Tables T = tables(P.b, ct, x.device());
@@ -366,7 +404,7 @@ std::tuple<Tensor, Tensor> ffn_cuda(const Tensor& x, const Tensor& plan, const T
                           activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"), true);
     check_indexes({{"fc1", &a.W1}, {"fc2", &a.W2}});
-    if (dct_path_enabled()) return dct_ffn(x, a, keep_pre);
+    if (use_dct_path(x, a.P.b)) return dct_ffn(x, a, keep_pre);
     a.W1 = scaled_weight(a.W1, a.scales1), a.W2 = scaled_weight(a.W2, a.scales2);
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Tables T = tables(a.P.b, ct, x.device());
@@ -411,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                           ", expected ", Tn, " of ", x.scalar_type(), " on the input's device");
     }
     check_indexes({{"fc1", &a.W1}, {"fc2", &a.W2}});
-    if (dct_path_enabled()) return dct_ffn_backward(x, g2, saved ? pre2 : Tensor(), a, mask);
+    if (use_dct_path(x, a.P.b)) return dct_ffn_backward(x, g2, saved ? pre2 : Tensor(), a, mask);
     a.W1 = scaled_weight(a.W1, a.scales1), a.W2 = scaled_weight(a.W2, a.scales2);
     const at::ScalarType dt = x.scalar_type(), ct = compute_type(dt);
     const Tables T = tables(a.P.b, ct, x.device());
