@@ -38,14 +38,26 @@ TableKey table_key(int64_t b, at::ScalarType dt, at::Device dev) {
     return std::make_tuple(b, (int)dt, (int)dev.type(), (int)dev.index());
 }
 
-std::mutex g_tables_mu;
-std::map<TableKey, Tables> g_tables;
+// A table cache: the entry of key, built by build() the first time (entries are never removed, so
+// the references handed out stay valid)
+template <typename V>
+struct TableCache {
+    std::mutex mu;
+    std::map<TableKey, V> entries;
 
-const Tables& tables(int64_t b, at::ScalarType dt, at::Device dev) {
-    std::lock_guard<std::mutex> lock(g_tables_mu);
-    const TableKey key = table_key(b, dt, dev);
-    auto it = g_tables.find(key);
-    if (it != g_tables.end()) return it->second;
+    template <typename Build>
+    const V& get(const TableKey& key, Build build) {
+        std::lock_guard<std::mutex> lock(mu);
+        auto it = entries.find(key);
+        return it != entries.end() ? it->second : entries.emplace(key, build()).first->second;
+    }
+    bool has(const TableKey& key) {
+        std::lock_guard<std::mutex> lock(mu);
+        return entries.count(key) > 0;
+    }
+};
+
+Tables build_tables(int64_t b, at::ScalarType dt, at::Device dev) {
     const int64_t bb = b * b;
     std::vector<double> host(9 * bb);
     rbe_dct_matrix(host.data(), (int)b);
@@ -54,8 +66,14 @@ const Tables& tables(int64_t b, at::ScalarType dt, at::Device dev) {
     Tensor psi = all[0];
     Tensor phihat = at::matmul(psi, at::matmul(all.narrow(0, 1, RBE_NPAT), psi.t()));
     auto on = [&](const Tensor& host_table, at::ScalarType type) { return host_table.contiguous().to(dev, type); };
-    Tables t{on(psi, compute_type(dt)), on(phihat.permute({1, 0, 2}), compute_type(dt)), on(phihat.permute({1, 2, 0}), compute_type(dt))};
-    return g_tables.emplace(key, std::move(t)).first->second;
+    const at::ScalarType ct = compute_type(dt);
+    return Tables{on(psi, ct), on(phihat.permute({1, 0, 2}), ct), on(phihat.permute({1, 2, 0}), ct)};
+}
+
+TableCache<Tables> g_tables;
+
+const Tables& tables(int64_t b, at::ScalarType dt, at::Device dev) {
+    return g_tables.get(table_key(b, dt, dev), [&] { return build_tables(b, dt, dev); });
 }
 
 // Where each kept coefficient sits in the densified [R*b, C*b] matrix, and whether its index
@@ -177,14 +195,7 @@ struct FewTables {
     int64_t nf;
 };
 
-std::mutex g_few_tables_mu;
-std::map<TableKey, FewTables> g_few_tables;
-
-const FewTables& few_tables(int64_t b, at::ScalarType ct, at::Device dev) {
-    std::lock_guard<std::mutex> lock(g_few_tables_mu);
-    const TableKey key = table_key(b, ct, dev);
-    auto it = g_few_tables.find(key);
-    if (it != g_few_tables.end()) return it->second;
+FewTables build_few_tables(int64_t b, at::ScalarType ct, at::Device dev) {
     std::vector<double> plan(3 * (2 * b + 4) * b), work(3 * b * b + b);
     const int64_t nf = rbe_plan_build(plan.data(), work.data(), (int)b, ct == at::kDouble ? 1e-15 : 1e-9);
     const int64_t rows = b + nf;
@@ -194,8 +205,13 @@ const FewTables& few_tables(int64_t b, at::ScalarType ct, at::Device dev) {
     for (int q = 0; q < RBE_NTERMS; q++) t[rbe_pattern_terms[q][0]][rbe_pattern_terms[q][1]][rbe_pattern_terms[q][2]] = 1;
     for (int64_t m = RBE_NFIX; m < nf; m++) t[1][m][m] = 1;  // the d term, weighted by p_1
     auto opt = at::TensorOptions().dtype(ct).device(dev);
-    FewTables f{host[0].contiguous().to(opt), host[1].contiguous().to(opt), terms.to(opt), nf};
-    return g_few_tables.emplace(key, std::move(f)).first->second;
+    return FewTables{host[0].contiguous().to(opt), host[1].contiguous().to(opt), terms.to(opt), nf};
+}
+
+TableCache<FewTables> g_few_tables;
+
+const FewTables& few_tables(int64_t b, at::ScalarType ct, at::Device dev) {
+    return g_few_tables.get(table_key(b, ct, dev), [&] { return build_few_tables(b, ct, dev); });
 }
 
 // The coefficient part, written by the pure-ATen model (every device): out [T, R, b] (compute
@@ -270,16 +286,7 @@ FFNArgs scaled(const FFNArgs& a) {
 }  // namespace
 
 bool dct_tables_ready(int64_t b, at::ScalarType dt, at::Device dev) {
-    bool dense, few;
-    {
-        std::lock_guard<std::mutex> lock(g_tables_mu);
-        dense = g_tables.count(table_key(b, dt, dev)) > 0;
-    }
-    {
-        std::lock_guard<std::mutex> lock(g_few_tables_mu);
-        few = g_few_tables.count(table_key(b, compute_type(dt), dev)) > 0;
-    }
-    return dense && few;
+    return g_tables.has(table_key(b, dt, dev)) && g_few_tables.has(table_key(b, compute_type(dt), dev));
 }
 
 void dct_prepare_tables(int64_t b, at::ScalarType dt, at::Device dev) {
