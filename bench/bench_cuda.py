@@ -16,6 +16,7 @@ started with (torch.cuda.max_memory_allocated), for the dense module and for RBE
     python bench/bench_cuda.py                      # the README table (float32 and bfloat16)
     python bench/bench_cuda.py --quick              # 768/3072 only
     python bench/bench_cuda.py --csv out.csv        # also one row per (dtype, shape, tokens, mode, arm)
+    python bench/bench_cuda.py --smoke              # CPU dry run of this script (tests; no meaningful times)
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import argparse
 import csv
 import datetime
 import statistics
+import time
 
 import torch
 from torch import nn
@@ -34,6 +36,20 @@ TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 ARMS = ("dense", "decode", "dct", "few")
 FEW_MAX = 256
 _FLUSH = {}
+DEVICE = "cuda"  # "cpu" for --smoke: the same code paths, wall-clock timing, no memory statistics
+
+
+class WallEvent:
+    """torch.cuda.Event's interface over the wall clock (the CPU dry run)"""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
 
 
 def dense_ffn(d_model, d_ff):
@@ -78,7 +94,7 @@ def flush_l2():
     """Overwrite L2 (a 512 MiB write, several times any GPU's L2)"""
     buf = _FLUSH.get("buf")
     if buf is None:
-        buf = _FLUSH["buf"] = torch.empty(2**27, device="cuda", dtype=torch.float32)
+        buf = _FLUSH["buf"] = torch.empty(2**27 if DEVICE == "cuda" else 2**10, device=DEVICE, dtype=torch.float32)
     buf.zero_()
 
 
@@ -87,7 +103,10 @@ def on_path(arm):
 
 
 def timed(run, arm):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if DEVICE == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    else:
+        start, end = WallEvent(), WallEvent()
     with on_path(arm):
         run(start, end)
     end.synchronize()
@@ -95,6 +114,8 @@ def timed(run, arm):
 
 
 def peak_step_mib(model, x):
+    if DEVICE != "cuda":
+        return float("nan")
     for p in model.parameters():
         p.grad = None
     torch.cuda.synchronize()
@@ -106,7 +127,7 @@ def peak_step_mib(model, x):
 
 
 def bench(dense, rbe, tokens, reps, warmup):
-    x = torch.randn(tokens, dense[0].in_features, device="cuda", dtype=dense[0].weight.dtype, requires_grad=True)
+    x = torch.randn(tokens, dense[0].in_features, device=DEVICE, dtype=dense[0].weight.dtype, requires_grad=True)
     row = {}
     for mode in ("forward", "backward", "step"):
         arms = [a for a in ARMS if a != "few" or tokens <= FEW_MAX]
@@ -136,11 +157,17 @@ def main():
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--csv", default=None, help="also write one row per (dtype, shape, tokens, mode, arm) here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU dry run (tests): 64/128 at b=16, k=40, float32, tokens 1 and 16, one rep")
     args = ap.parse_args()
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+        args.dtypes, args.tokens, args.reps, args.warmup, args.block_size, args.k = "float32", "1,16", 1, 0, 16, 40
     tokens_list = [int(t) for t in args.tokens.split(",")]
     rows = []
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    name = torch.cuda.get_device_name()
+    shapes = [(64, 128)] if args.smoke else SHAPES[:1] if args.quick else SHAPES
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "none (CPU dry run)"
     lines = [f"GPU: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
              f"{datetime.date.today().isoformat()}; b={args.block_size}, k={args.k}; "
              f"median of {args.reps} interleaved runs (CUDA events, L2 flushed before each); "
@@ -156,9 +183,9 @@ def main():
         dtype = getattr(torch, dt)
         for d_model, d_ff in shapes:
             torch.manual_seed(0)
-            dense = dense_ffn(d_model, d_ff).to("cuda", dtype)
+            dense = dense_ffn(d_model, d_ff).to(DEVICE, dtype)
             rbe = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=args.block_size, k=args.k,
-                                         device="cuda").to(dtype)
+                                         device=DEVICE).to(dtype)
             for tokens in tokens_list:
                 r = bench(dense, rbe, tokens, args.reps, args.warmup)
                 cells = [dt, f"{d_model} x {d_ff}", str(tokens)]
@@ -174,7 +201,8 @@ def main():
                 lines.append(line)
                 print(line, flush=True)
             del dense, rbe
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
