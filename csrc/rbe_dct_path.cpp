@@ -6,6 +6,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/version.h>
 
 #include <atomic>
 #include <map>
@@ -57,7 +58,7 @@ struct TableCache {
     }
 };
 
-Tables build_tables(int64_t b, at::ScalarType dt, at::Device dev) {
+Tables build_tables(int64_t b, at::ScalarType ct, at::Device dev) {
     const int64_t bb = b * b;
     std::vector<double> host(9 * bb);
     rbe_dct_matrix(host.data(), (int)b);
@@ -66,14 +67,15 @@ Tables build_tables(int64_t b, at::ScalarType dt, at::Device dev) {
     Tensor psi = all[0];
     Tensor phihat = at::matmul(psi, at::matmul(all.narrow(0, 1, RBE_NPAT), psi.t()));
     auto on = [&](const Tensor& host_table, at::ScalarType type) { return host_table.contiguous().to(dev, type); };
-    const at::ScalarType ct = compute_type(dt);
     return Tables{on(psi, ct), on(phihat.permute({1, 0, 2}), ct), on(phihat.permute({1, 2, 0}), ct)};
 }
 
 TableCache<Tables> g_tables;
 
+// (one entry per compute type: float32, float16 and bfloat16 inputs share theirs)
 const Tables& tables(int64_t b, at::ScalarType dt, at::Device dev) {
-    return g_tables.get(table_key(b, dt, dev), [&] { return build_tables(b, dt, dev); });
+    const at::ScalarType ct = compute_type(dt);
+    return g_tables.get(table_key(b, ct, dev), [&] { return build_tables(b, ct, dev); });
 }
 
 // Where each kept coefficient sits in the densified [R*b, C*b] matrix, and whether its index
@@ -142,10 +144,16 @@ Tensor seg_dct(const Tensor& x2, int64_t nseg, const Tensor& psi) {
     return at::mm(xp.reshape({n * nseg, b}), psi.t()).view({n, nseg * b}).to(x2.scalar_type());
 }
 
-// a b in the compute type: half operands give a float32 product (float32 accumulation)
+// a b in the compute type: half operands give a float32 product (float32 accumulation; mm with
+// out_dtype, torch >= 2.8; before, the operands are widened and the product runs in float32)
 Tensor mm_ct(const Tensor& a, const Tensor& b) {
     const at::ScalarType ct = compute_type(a.scalar_type());
-    return a.scalar_type() == ct ? at::mm(a, b) : at::mm(a, b, ct);
+    if (a.scalar_type() == ct) return at::mm(a, b);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+    return at::mm(a, b, ct);
+#else
+    return at::mm(a.to(ct), b.to(ct));
+#endif
 }
 
 // out [n, width] (any floating dtype; may be a view into a larger tensor) = the first `width`
@@ -286,7 +294,8 @@ FFNArgs scaled(const FFNArgs& a) {
 }  // namespace
 
 bool dct_tables_ready(int64_t b, at::ScalarType dt, at::Device dev) {
-    return g_tables.has(table_key(b, dt, dev)) && g_few_tables.has(table_key(b, compute_type(dt), dev));
+    const at::ScalarType ct = compute_type(dt);
+    return g_tables.has(table_key(b, ct, dev)) && g_few_tables.has(table_key(b, ct, dev));
 }
 
 void dct_prepare_tables(int64_t b, at::ScalarType dt, at::Device dev) {

@@ -73,7 +73,7 @@ Tables tables(int64_t b, at::ScalarType ct, at::Device dev) {
 struct Validated {
     c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // expired once freed (its memory may then be reused)
     const void* data;
-    int64_t numel, b, version;
+    int64_t numel, k, b, version;
     int wide;
 };
 std::mutex g_validated_mu;
@@ -84,7 +84,7 @@ int64_t version_of(const Tensor& index) { return index.is_inference() ? -1 : ind
 
 bool same_memory(const Validated& v, const Weight& W) {
     return !v.storage.expired() && v.storage._unsafe_get_target() == W.index.storage().unsafeGetStorageImpl() &&
-           v.data == W.index.data_ptr() && v.numel == W.index.numel() && v.wide == W.wide && v.b == W.b;
+           v.data == W.index.data_ptr() && v.numel == W.index.numel() && v.k == W.k && v.wide == W.wide && v.b == W.b;
 }
 
 bool validated(const Weight& W, int64_t version) {
@@ -102,7 +102,7 @@ void remember(const Weight& W, int64_t version) {
                                      [&](const Validated& v) { return v.storage.expired() || same_memory(v, W); }),
                       g_validated.end());
     g_validated.push_back(
-        Validated{W.index.storage().getWeakStorageImpl(), W.index.data_ptr(), W.index.numel(), W.b, version, W.wide});
+        Validated{W.index.storage().getWeakStorageImpl(), W.index.data_ptr(), W.index.numel(), W.k, W.b, version, W.wide});
 }
 
 bool capturing() {
@@ -134,10 +134,10 @@ void check_indexes(const std::vector<std::pair<const char*, const Weight*>>& all
         if (w.second->k > 0 && !validated(*w.second, version)) ws.push_back(w), versions.push_back(version);
     }
     if (ws.empty()) return;
-    TORCH_CHECK(!capturing(), "rbe_ffn: ", ws[0].first, ": an index not validated yet (new, written since its last "
-                "use, or an inference tensor, which has no version counter) inside a CUDA-graph capture: run one "
-                "call on these weights before capturing (the warm-up torch.cuda.graphs and torch.compile do), "
-                "outside torch.inference_mode (torch.no_grad() is fine)");
+    TORCH_CHECK(!capturing(), "rbe_ffn: ", ws[0].first, ": an index not validated yet inside a CUDA-graph capture: "
+                "run one call on these weights before capturing (the warm-up torch.cuda.graphs and torch.compile "
+                "do). An index is validated again when it is new or written since its last use, and at every "
+                "call when it is an inference tensor (no version counter) or not contiguous (copied per call)");
     Tensor bad = at::empty({(int64_t)ws.size()}, ws[0].second->index.options().dtype(at::kLong));
     for (size_t i = 0; i < ws.size(); i++) {
         const Weight& W = *ws[i].second;

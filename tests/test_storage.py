@@ -151,6 +151,21 @@ def test_in_place_write_drops_seed():
     assert lin.index_seed is None and "index" in lin.state_dict()
 
 
+def test_writes_inside_inference_mode_drop_seed():
+    """Inside torch.inference_mode the index view still carries the buffer's version counter, so a
+    write through it (or the setter) is seen: the seed is dropped, the positions are saved."""
+    lin = rbe_ffn.RBELinear(10, 12, block_size=8, k=5, index_seed=11)
+    with torch.inference_mode():
+        assert not lin.index.is_inference()
+        lin.index[0] = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int16)
+    assert lin.index_seed is None and "index" in lin.state_dict()
+    other = rbe_ffn.RBELinear(10, 12, block_size=8, k=5, generator=seeded(3))
+    lin2 = rbe_ffn.RBELinear(10, 12, block_size=8, k=5, index_seed=11)
+    with torch.inference_mode():
+        lin2.index = other.index
+    assert lin2.index_seed is None and torch.equal(lin2.state_dict()["index"], other.index)
+
+
 def test_setter_and_explicit_load_drop_seed():
     a = rbe_ffn.RBELinear(10, 12, block_size=8, k=5, index_seed=11)
     b = rbe_ffn.RBELinear(10, 12, block_size=8, k=5, generator=seeded(2))  # explicit positions

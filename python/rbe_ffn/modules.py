@@ -429,7 +429,14 @@ class RBELinear(nn.Module):
     def index(self) -> torch.Tensor:
         """The fixed positions [R*C, k] (int16, or int32 for block_size > 128): a view of the
         ``index_bytes`` buffer (writes through it change the layer)."""
-        return _bytes_as(self.index_bytes, index_dtype(self.block_size))
+        store = self.index_bytes
+        if torch.is_inference_mode_enabled() and not store.is_inference():
+            # a view made inside inference mode would be an inference tensor, without the
+            # buffer's version counter: writes through it would go unseen (by the seed check and
+            # the CUDA operators' index validation), and every CUDA call would validate again
+            with torch.inference_mode(False):
+                return _bytes_as(store, index_dtype(self.block_size))
+        return _bytes_as(store, index_dtype(self.block_size))
 
     @index.setter
     def index(self, value: torch.Tensor) -> None:
