@@ -1,6 +1,6 @@
 # rbe_ffn: the two commands of the README, and what they need.
 #   make example   set up (venv, torch 2.13.0 CPU, build) and run the main example (examples/train_char_lm.py)
-#   make test      set up, then C kernel tests under ASan/UBSan (and a CUDA kernel's body on the CPU),
+#   make test      set up, then C kernel tests under ASan/UBSan (and CUDA kernels' bodies on the CPU),
 #                  CUDA compile check, pytest
 # The venv gets the package as an editable install (pip install --no-build-isolation -e .), its
 # dependencies from pyproject.toml; rebuilt when a C/C++/CUDA source or a build file changes.
@@ -50,18 +50,19 @@ CTEST_FLAGS := -std=c11 -O1 -g -pthread -fsanitize=address,undefined -fno-saniti
 # vectorized float activations too, not only their scalar fallback
 CTEST_MVEC := $(shell printf 'int main(void){return 0;}\n' | $(CC) -x c - -lmvec -o /dev/null 2>/dev/null && \
                 echo -Wl,--no-as-needed -lmvec -Wl,--as-needed)
-ctest: tests/c/bin/test_kernels tests/c/bin/test_few_rows
+ctest: tests/c/bin/test_kernels tests/c/bin/test_few_rows tests/c/bin/test_densify
 	ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_kernels
 	ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_few_rows
+	ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_densify
 
 tests/c/bin/test_kernels: tests/c/test_kernels.c $(wildcard csrc/*.c csrc/*.h)
 	mkdir -p tests/c/bin
 	$(CC) $(CTEST_FLAGS) -o $@ tests/c/test_kernels.c $(wildcard csrc/*.c) -lm $(CTEST_MVEC)
 
-# the body of a CUDA kernel, run on the CPU thread by thread (cuda/rbe_few_rows.h), same sanitizers
-tests/c/bin/test_few_rows: tests/c/test_few_rows.cpp cuda/rbe_few_rows.h csrc/rbe_math.h
+# the bodies of CUDA kernels, run on the CPU thread by thread (cuda/rbe_*.h), same sanitizers
+tests/c/bin/test_%: tests/c/test_%.cpp cuda/rbe_%.h csrc/rbe_math.h
 	mkdir -p tests/c/bin
-	$(CXX) $(subst -std=c11,-std=c++17,$(CTEST_FLAGS)) -Icuda -o $@ tests/c/test_few_rows.cpp
+	$(CXX) $(subst -std=c11,-std=c++17,$(CTEST_FLAGS)) -Icuda -o $@ $<
 
 # By hand (not part of make test: ~1 min): the extension built with AddressSanitizer into
 # build/asan, and tests/test_threads.py's stress (forward/backward in three threads while a

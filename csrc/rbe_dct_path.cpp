@@ -20,15 +20,17 @@ namespace {
 std::atomic<bool> g_dct_path{false};
 std::atomic<int64_t> g_few_tokens{0};
 std::atomic<FewRowsFn> g_few_rows_cuda{nullptr};
+std::atomic<DensifyFn> g_densify_cuda{nullptr};
 
 // ---- the tables of a block size, per (b, dtype, device), built once ----
 // psi [b, b] (DCT rows) and phihat = Psi Phi_k Psi^T in the compute type (float64 for float64,
-// else float32), phihat held as [b(u), 8, b(v)] (for the densify product) and
+// else float32), phihat held as [8, b*b] (the CUDA densify kernel), as [b(u), 8, b(v)] (the
+// densify product) and
 // as [b(u), b(v), 8] (for the pattern gradient). Built in double on the host, laid out there and
 // copied once, synchronously (so another stream never sees them half-written): a call inside a
 // CUDA-graph capture must find them ready (dct_tables_ready; the first call must come before).
 struct Tables {
-    Tensor psi, phihat_ukv, phihat_uvk;
+    Tensor psi, phihat_k, phihat_ukv, phihat_uvk;
 };
 
 at::ScalarType compute_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
@@ -67,7 +69,8 @@ Tables build_tables(int64_t b, at::ScalarType ct, at::Device dev) {
     Tensor psi = all[0];
     Tensor phihat = at::matmul(psi, at::matmul(all.narrow(0, 1, RBE_NPAT), psi.t()));
     auto on = [&](const Tensor& host_table, at::ScalarType type) { return host_table.contiguous().to(dev, type); };
-    return Tables{on(psi, ct), on(phihat.permute({1, 0, 2}), ct), on(phihat.permute({1, 2, 0}), ct)};
+    return Tables{on(psi, ct), on(phihat.reshape({RBE_NPAT, bb}), ct), on(phihat.permute({1, 0, 2}), ct),
+                  on(phihat.permute({1, 2, 0}), ct)};
 }
 
 TableCache<Tables> g_tables;
@@ -93,6 +96,11 @@ std::pair<Tensor, Tensor> dense_positions(const Weight& W) {
 // Chat laid out as one dense [R*b, C*b] matrix in dtype dt (the pattern part and the scattered
 // coefficients summed in the compute type, then rounded once)
 Tensor densify(const Weight& W, const Tables& T, at::ScalarType dt) {
+    const DensifyFn kernel = g_densify_cuda.load();
+    if (W.basis.is_cuda() && kernel && W.basis.scalar_type() == dt) {  // one pass, written once in dt
+        Tensor big = kernel(W, T.phihat_k);
+        if (big.defined()) return big;
+    }
     const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), b = W.b;
     const at::ScalarType ct = T.phihat_ukv.scalar_type();
     // the pattern part written once, in place: row u of block row i is basis_i [C, 8] times
@@ -307,6 +315,7 @@ bool dct_path_enabled() { return g_dct_path.load(std::memory_order_relaxed); }
 bool set_dct_path(bool on) { return g_dct_path.exchange(on); }
 int64_t set_dct_few_tokens(int64_t n) { return g_few_tokens.exchange(std::max<int64_t>(n, 0)); }
 void set_few_rows_cuda(FewRowsFn fn) { g_few_rows_cuda.store(fn); }
+void set_densify_cuda(DensifyFn fn) { g_densify_cuda.store(fn); }
 
 // ---- linear ----
 Tensor dct_linear(const Tensor& x, const Tensor& x2, const Weight& Win, const Scales& sc,

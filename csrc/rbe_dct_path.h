@@ -47,6 +47,11 @@ void dct_prepare_tables(int64_t b, at::ScalarType dt, at::Device dev);
 using FewRowsFn = void (*)(at::Tensor& out, const at::Tensor& xa, const Weight& W);
 void set_few_rows_cuda(FewRowsFn fn);
 
+// Chat of W densified [R*b, C*b] in W's dtype by a device's kernel, from phihat [8, b*b] (compute
+// type); an undefined tensor when the kernel cannot take this block size (then ATen does it).
+using DensifyFn = at::Tensor (*)(const Weight& W, const at::Tensor& phihat);
+void set_densify_cuda(DensifyFn fn);
+
 // W holds the numbers passed in, sc their scales (the operators' coeff_scale, pattern_scale);
 // the parameter gradients returned are those of the numbers passed in
 Tensor dct_linear(const Tensor& x, const Tensor& x2, const Weight& W, const Scales& sc,

@@ -83,6 +83,17 @@ cudaError_t rbe_cuda_act_backward(void* dx, const void* dy, const void* x, long 
 cudaError_t rbe_cuda_few_rows(void* out, const void* xa, int ct, const void* coeffs, int vt, const void* index,
                               int wide, int R, int C, int k, int b, int rows, int T, int nsplit, cudaStream_t s);
 
+/* Chat of the DCT-domain dense path, laid out as one dense [R*b, C*b] matrix of the parameters'
+ * type vt (csrc/rbe_dct_path.h): block (i, j) = sum_k basis[p][k] phihat[k] plus the kept
+ * coefficients at their positions (outside [0, b*b): skipped), summed in the compute type ct
+ * (F32/F64) and rounded once. One thread block per block p = i*C + j (body: rbe_densify.h).
+ * phihat: [8, b*b] of type ct; basis [R*C, 8] and coeffs [R*C, k] of type vt; index [R*C, k].
+ * Needs b*b*sizeof(ct) <= RBE_CUDA_DENSIFY_SHARED (float32 up to b = 110, float64 up to b = 78;
+ * the callers take another way beyond). */
+#define RBE_CUDA_DENSIFY_SHARED (48 * 1024)
+cudaError_t rbe_cuda_densify(void* big, int vt, const void* phihat, int ct, const void* basis, const void* coeffs,
+                             const void* index, int wide, int R, int C, int k, int b, cudaStream_t s);
+
 #ifdef __cplusplus
 }
 #endif

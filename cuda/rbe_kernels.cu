@@ -5,6 +5,7 @@
 
 #include "rbe.h"
 #include "rbe_cuda.h"
+#include "rbe_densify.h"
 #include "rbe_few_rows.h"
 
 namespace {
@@ -159,6 +160,26 @@ struct SharedAdd {
     __device__ void operator()(Cc* p, Cc v) const { atomicAdd(p, v); }
 };
 
+// Chat of one block per thread block, written once in the parameters' dtype (rbe_densify.h)
+template <typename V, typename Cc>
+struct StoreRounded {
+    __device__ void operator()(V* p, Cc v) const { st(p, 0, (double)v); }
+};
+
+template <typename Cc, typename V>
+__global__ void densify_kernel(V* big, const Cc* phihat, const V* basis, const V* coeffs, const void* index, int wide,
+                               int C, int k, int b) {
+    extern __shared__ unsigned char smem[];
+    Cc* acc = reinterpret_cast<Cc*>(smem);  // [b*b]
+    const long long p = blockIdx.x;
+    rbe_densify::pattern(acc, phihat, basis, p, b, threadIdx.x, blockDim.x, LoadCoeff<Cc, V>());
+    __syncthreads();
+    rbe_densify::coefficients(acc, coeffs, index, wide, p, k, b, threadIdx.x, blockDim.x, LoadCoeff<Cc, V>(),
+                              SharedAdd<Cc>());
+    __syncthreads();
+    rbe_densify::write(big, acc, p, C, b, threadIdx.x, blockDim.x, StoreRounded<V, Cc>());
+}
+
 template <typename Cc, typename V>
 __global__ void few_rows_kernel(Cc* out, const Cc* xa, const V* coeffs, const void* index, int wide, int R, int C, int k,
                                 int b, int rows, int T, int nsplit) {
@@ -295,5 +316,19 @@ extern "C" cudaError_t rbe_cuda_few_rows(void* out, const void* xa, int ct, cons
     RBE_DISPATCH_COMPUTE(ct, Cc, RBE_DISPATCH_ANY(vt, V, few_rows_kernel<Cc, V><<<(unsigned)blocks, kThreads, shared, s>>>(
                                                         (Cc*)out, (const Cc*)xa, (const V*)coeffs, index, wide, R, C,
                                                         k, b, rows, T, nsplit)))
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t rbe_cuda_densify(void* big, int vt, const void* phihat, int ct, const void* basis,
+                                        const void* coeffs, const void* index, int wide, int R, int C, int k, int b,
+                                        cudaStream_t s) {
+    const size_t shared = (size_t)b * b * elem_size(ct);
+    if (b < 1 || b > 256 || k < 0 || k > b * b || shared > RBE_CUDA_DENSIFY_SHARED) return cudaErrorInvalidValue;
+    const long long blocks = (long long)R * C;
+    if (blocks == 0) return cudaSuccess;
+    if (blocks > 0x7FFFFFFFLL) return cudaErrorInvalidValue;
+    RBE_DISPATCH_COMPUTE(ct, Cc, RBE_DISPATCH_ANY(vt, V, densify_kernel<Cc, V><<<(unsigned)blocks, kThreads, shared, s>>>(
+                                                       (V*)big, (const Cc*)phihat, (const V*)basis, (const V*)coeffs,
+                                                       index, wide, C, k, b)))
     return cudaGetLastError();
 }

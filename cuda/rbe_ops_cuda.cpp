@@ -267,8 +267,21 @@ void few_rows_cuda(Tensor& out, const Tensor& xa, const Weight& W) {
     }
 }
 
-// registers the kernel with the DCT-domain path when the library is loaded
-const bool few_rows_registered = (set_few_rows_cuda(&few_rows_cuda), true);
+// Chat densified in one pass by rbe_cuda_densify (csrc/rbe_dct_path.h's DensifyFn), when the block
+// fits its shared memory
+Tensor densify_cuda(const Weight& W, const Tensor& phihat) {
+    if ((size_t)W.b * W.b * phihat.element_size() > RBE_CUDA_DENSIFY_SHARED) return Tensor();
+    const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b);
+    Tensor big = at::empty({R * W.b, C * W.b}, W.basis.options());
+    check_launch(rbe_cuda_densify(big.data_ptr(), cuda_dtype(big.scalar_type()), phihat.data_ptr(),
+                                  cuda_dtype(phihat.scalar_type()), W.basis.data_ptr(), W.coeffs.data_ptr(),
+                                  W.index.data_ptr(), W.wide, (int)R, (int)C, (int)W.k, (int)W.b, stream()),
+                 "densify");
+    return big;
+}
+
+// registers the kernels with the DCT-domain path when the library is loaded
+const bool dct_kernels_registered = (set_few_rows_cuda(&few_rows_cuda), set_densify_cuda(&densify_cuda), true);
 
 // Entered by every operator: the current device is the input's, and autocast stays out of the
 // products inside (the autograd engine runs backward with the forward's autocast state, which
