@@ -430,10 +430,11 @@ class RBELinear(nn.Module):
         """The fixed positions [R*C, k] (int16, or int32 for block_size > 128): a view of the
         ``index_bytes`` buffer (writes through it change the layer)."""
         store = self.index_bytes
-        if torch.is_inference_mode_enabled() and not store.is_inference():
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and not store.is_inference():
             # a view made inside inference mode would be an inference tensor, without the
             # buffer's version counter: writes through it would go unseen (by the seed check and
-            # the CUDA operators' index validation), and every CUDA call would validate again
+            # the CUDA operators' index validation), and every CUDA call would validate again. (torch.compile
+            # supports neither inference-mode query; compiled code takes the plain view.)
             with torch.inference_mode(False):
                 return _bytes_as(store, index_dtype(self.block_size))
         return _bytes_as(store, index_dtype(self.block_size))
