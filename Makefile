@@ -60,7 +60,7 @@ tests/c/bin/test_kernels: tests/c/test_kernels.c $(wildcard csrc/*.c csrc/*.h)
 	$(CC) $(CTEST_FLAGS) -o $@ tests/c/test_kernels.c $(wildcard csrc/*.c) -lm $(CTEST_MVEC)
 
 # the bodies of CUDA kernels, run on the CPU thread by thread (cuda/rbe_*.h), same sanitizers
-tests/c/bin/test_%: tests/c/test_%.cpp cuda/rbe_%.h csrc/rbe_math.h
+tests/c/bin/test_%: tests/c/test_%.cpp cuda/rbe_%.h tests/c/kernel_body_test.h csrc/rbe_math.h
 	mkdir -p tests/c/bin
 	$(CXX) $(subst -std=c11,-std=c++17,$(CTEST_FLAGS)) -Icuda -o $@ $<
 

@@ -2,24 +2,16 @@
 // thread and phase by phase as a thread block would, for every thread block of the grid, against a
 // naive layout of Chat. Integer-valued data, so every sum is exact. Built and run by `make ctest`
 // under ASan/UBSan (exact-size buffers: any access past them is reported).
-#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
 
+#include "kernel_body_test.h"
 #include "rbe_densify.h"
 
 namespace {
 
 int failures = 0;
-
-struct Load {
-    double operator()(const double* p, long long i) const { return p[i]; }
-};
-
-struct Add {
-    void operator()(double* p, double v) const { *p += v; }
-};
 
 struct Store {
     void operator()(float* p, double v) const { *p = (float)v; }
@@ -28,25 +20,9 @@ struct Store {
 template <typename I>
 void run_case(std::mt19937& rng, int R, int C, int b, int k, int nthreads, bool corrupt) {
     const int nblk = R * C, bb = b * b;
-    std::uniform_int_distribution<int> small(-3, 3);
-    std::vector<double> phihat((size_t)RBE_NPAT * bb), basis((size_t)nblk * RBE_NPAT), coeffs((size_t)nblk * k);
-    for (double& v : phihat) v = small(rng);
-    for (double& v : basis) v = small(rng);
-    for (double& v : coeffs) v = small(rng);
-    std::vector<I> index((size_t)nblk * k);
-    std::vector<int> all(bb);
-    for (int q = 0; q < bb; q++) all[q] = q;
-    for (int p = 0; p < nblk; p++) {
-        std::shuffle(all.begin(), all.end(), rng);
-        std::vector<int> pick(all.begin(), all.begin() + k);
-        std::sort(pick.begin(), pick.end());
-        for (int q = 0; q < k; q++) index[(size_t)p * k + q] = (I)pick[q];
-    }
-    if (corrupt && k > 0) {
-        index[0] = (I)-5;
-        index[index.size() - 1] = (I)bb;
-        index[index.size() / 2] = (I)32767;
-    }
+    const std::vector<double> phihat = small_ints(rng, (size_t)RBE_NPAT * bb),
+                              basis = small_ints(rng, (size_t)nblk * RBE_NPAT), coeffs = small_ints(rng, (size_t)nblk * k);
+    const std::vector<I> index = random_index<I>(rng, nblk, k, b, corrupt);  // bad values skipped below too
     const size_t rows = (size_t)R * b, cols = (size_t)C * b;
     std::vector<double> want(rows * cols, 0.0);
     for (int p = 0; p < nblk; p++) {

@@ -2,49 +2,23 @@
 // by thread and phase by phase as a thread block would, for every thread block of the grid, against
 // a naive sum. Integer-valued data, so every sum is exact whatever its order. Built and run by
 // `make ctest` under ASan/UBSan (exact-size buffers: any read or write past them is reported).
-#include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <random>
 #include <vector>
 
+#include "kernel_body_test.h"
 #include "rbe_few_rows.h"
 
 namespace {
 
 int failures = 0;
 
-struct Load {
-    template <typename V>
-    double operator()(const V* p, long long i) const { return (double)p[i]; }
-};
-
-struct Add {
-    void operator()(double* p, double v) const { *p += v; }
-};
-
 // one case: sizes, how many threads per block, int16 or int32 index, some positions out of range
 template <typename I>
 void run_case(std::mt19937& rng, int R, int C, int b, int k, int nf, int T, int nsplit, int nthreads, bool corrupt) {
     const int rows = b + nf, nblk = R * C;
-    std::uniform_int_distribution<int> small(-3, 3);
-    std::vector<double> xa((size_t)C * rows * T), coeffs((size_t)nblk * k);
-    for (double& v : xa) v = small(rng);
-    for (double& v : coeffs) v = small(rng);
-    std::vector<I> index((size_t)nblk * k);
-    std::vector<int> all(b * b);
-    for (int q = 0; q < b * b; q++) all[q] = q;
-    for (int p = 0; p < nblk; p++) {  // k distinct sorted positions per block
-        std::shuffle(all.begin(), all.end(), rng);
-        std::vector<int> pick(all.begin(), all.begin() + k);
-        std::sort(pick.begin(), pick.end());
-        for (int q = 0; q < k; q++) index[(size_t)p * k + q] = (I)pick[q];
-    }
-    if (corrupt && k > 0) {  // values a corrupted index may hold: skipped by the kernel and the sum below
-        index[0] = (I)-1;
-        index[index.size() - 1] = (I)(b * b);
-        index[index.size() / 2] = (I)32767;
-    }
+    const std::vector<double> xa = small_ints(rng, (size_t)C * rows * T), coeffs = small_ints(rng, (size_t)nblk * k);
+    const std::vector<I> index = random_index<I>(rng, nblk, k, b, corrupt);  // bad values skipped below too
     // the naive sum: want[t][i][u]
     std::vector<double> want((size_t)T * R * b, 0.0);
     for (int p = 0; p < nblk; p++) {
