@@ -25,8 +25,7 @@ std::atomic<DensifyFn> g_densify_cuda{nullptr};
 // ---- the tables of a block size, per (b, dtype, device), built once ----
 // psi [b, b] (DCT rows) and phihat = Psi Phi_k Psi^T in the compute type (float64 for float64,
 // else float32), phihat held as [8, b*b] (the CUDA densify kernel), as [b(u), 8, b(v)] (the
-// densify product) and
-// as [b(u), b(v), 8] (for the pattern gradient). Built in double on the host, laid out there and
+// densify product) and as [b(u), b(v), 8] (the pattern gradient). Built in double on the host, laid out there and
 // copied once, synchronously (so another stream never sees them half-written): a call inside a
 // CUDA-graph capture must find them ready (dct_tables_ready; the first call must come before).
 struct Tables {
@@ -65,7 +64,8 @@ Tables build_tables(int64_t b, at::ScalarType ct, at::Device dev) {
     std::vector<double> host(9 * bb);
     rbe_dct_matrix(host.data(), (int)b);
     rbe_pattern_images(host.data() + bb, (int)b);
-    Tensor all = at::from_blob(host.data(), {9, b, b}, at::kDouble).clone();  // owns its memory: .to() below may be a no-op
+    // a copy that owns its memory: .to() below may be a no-op
+    Tensor all = at::from_blob(host.data(), {9, b, b}, at::kDouble).clone();
     Tensor psi = all[0];
     Tensor phihat = at::matmul(psi, at::matmul(all.narrow(0, 1, RBE_NPAT), psi.t()));
     auto on = [&](const Tensor& host_table, at::ScalarType type) { return host_table.contiguous().to(dev, type); };
@@ -81,16 +81,27 @@ const Tables& tables(int64_t b, at::ScalarType dt, at::Device dev) {
     return g_tables.get(table_key(b, ct, dev), [&] { return build_tables(b, ct, dev); });
 }
 
-// Where each kept coefficient sits in the densified [R*b, C*b] matrix, and whether its index
-// value is a position at all: [nblk, k] int64 positions (invalid ones sent to 0) and a mask.
-std::pair<Tensor, Tensor> dense_positions(const Weight& W) {
-    const int64_t nblk = W.basis.size(0), C = cdiv(W.in, W.b), b = W.b;
+// Where each kept coefficient sits, [nblk, k] int64 each: its weight row i*b + u, its block column
+// j and its column v within the block, and whether its index value is a position at all (the
+// others are sent to position 0: row i*b, column 0 of block (i, j))
+struct CoeffCoords {
+    Tensor row, j, v, valid;
+};
+
+CoeffCoords coeff_coords(const Weight& W) {
+    const int64_t C = cdiv(W.in, W.b), b = W.b;
     Tensor idx = W.index.to(at::kLong);
     Tensor valid = at::logical_and(idx.ge(0), idx.lt(b * b));
-    Tensor p = at::arange(nblk, idx.options()).unsqueeze(1);
-    Tensor u = at::floor_divide(idx, b), v = at::remainder(idx, b);
-    Tensor pos = (at::floor_divide(p, C) * b + u) * (C * b) + at::remainder(p, C) * b + v;
-    return {at::where(valid, pos, at::zeros_like(pos)), valid};
+    idx = at::where(valid, idx, at::zeros_like(idx));
+    Tensor p = at::arange(W.basis.size(0), idx.options()).unsqueeze(1);
+    return {at::floor_divide(p, C) * b + at::floor_divide(idx, b), at::remainder(p, C), at::remainder(idx, b), valid};
+}
+
+// the flat positions of the coefficients in the densified [R*b, C*b] matrix, and their mask
+std::pair<Tensor, Tensor> dense_positions(const Weight& W) {
+    const CoeffCoords cc = coeff_coords(W);
+    const int64_t cols = cdiv(W.in, W.b) * W.b;
+    return {cc.row * cols + cc.j * W.b + cc.v, cc.valid};
 }
 
 // Chat laid out as one dense [R*b, C*b] matrix in dtype dt (the pattern part and the scattered
@@ -218,7 +229,7 @@ FewTables build_few_tables(int64_t b, at::ScalarType ct, at::Device dev) {
     Tensor host = at::from_blob(plan.data(), {2, rows, b}, at::kDouble).clone();  // A, S (the DCT tables unused)
     Tensor terms = at::zeros({RBE_NPAT, nf, nf}, at::kDouble);
     auto t = terms.accessor<double, 3>();
-    for (int q = 0; q < RBE_NTERMS; q++) t[rbe_pattern_terms[q][0]][rbe_pattern_terms[q][1]][rbe_pattern_terms[q][2]] = 1;
+    for (const auto& term : rbe_pattern_terms) t[term[0]][term[1]][term[2]] = 1;
     for (int64_t m = RBE_NFIX; m < nf; m++) t[1][m][m] = 1;  // the d term, weighted by p_1
     auto opt = at::TensorOptions().dtype(ct).device(dev);
     return FewTables{host[0].contiguous().to(opt), host[1].contiguous().to(opt), terms.to(opt), nf};
@@ -237,16 +248,12 @@ void few_rows_model(Tensor& out, const Tensor& xa, const Weight& W) {
     const int64_t R = cdiv(W.out, W.b), C = cdiv(W.in, W.b), b = W.b, rows = xa.size(1), T = xa.size(2);
     out.zero_();
     if (W.k == 0) return;
-    Tensor idx = W.index.to(at::kLong);
-    Tensor valid = at::logical_and(idx.ge(0), idx.lt(b * b));
-    idx = at::where(valid, idx, at::zeros_like(idx));
-    Tensor p = at::arange(R * C, idx.options()).unsqueeze(1);
-    Tensor dst = at::floor_divide(p, C) * b + at::floor_divide(idx, b);         // i*b + u
-    Tensor src = at::remainder(p, C) * rows + at::remainder(idx, b);             // j*rows + v
-    Tensor c = at::where(valid, W.coeffs.to(xa.scalar_type()), at::zeros({}, xa.options()));
+    const CoeffCoords cc = coeff_coords(W);
+    Tensor src = cc.j * rows + cc.v;  // the coefficient's row of xa
+    Tensor c = at::where(cc.valid, W.coeffs.to(xa.scalar_type()), at::zeros({}, xa.options()));
     Tensor vals = xa.reshape({C * rows, T}).index_select(0, src.view({-1})) * c.view({-1, 1});  // [nnz, T]
     Tensor acc = at::zeros({R * b, T}, xa.options());
-    acc.index_add_(0, dst.view({-1}), vals);
+    acc.index_add_(0, cc.row.view({-1}), vals);
     out.copy_(acc.view({R, b, T}).permute({2, 0, 1}));
 }
 

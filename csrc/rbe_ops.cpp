@@ -39,7 +39,7 @@ extern "C" PyObject* PyInit__C(void) {
          "The instruction set of the float32 CPU kernels: 'avx512', 'avx2' or 'portable' (the best the CPU "
          "has, capped by the environment variable RBE_FFN_ISA, read once)."},
         {"set_dct_path", set_dct_path, METH_O,
-         "Route the linear and feed-forward operators of every device through the DCT-domain dense path "
+         "Route the linear and feed-forward operators of every device through the DCT-domain paths "
          "(csrc/rbe_dct_path.h) when true; returns the previous setting."},
         {"set_dct_few_tokens", set_dct_few_tokens, METH_O,
          "On the DCT-domain path, forward calls of at most n tokens take the few-token sparse product "
@@ -600,12 +600,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& gra
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_linear_backward", [&] {
         using T = scalar_t;
         const double mg = check_range<T>(g2, P.b, "grad", true), mx = check_range<T>(x2, P.b, "input");
-        if (dct_path_enabled())
+        if (dct_path_enabled()) {
             std::tie(dx, db, dc, dbias) = dct_linear_backward(x, x2, g2, W, sc, mask);
-        else
+        } else {
             linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() : nullptr, mask[1] ? db.data_ptr<T>() : nullptr,
-                               mask[2] ? dc.data_ptr<T>() : nullptr, mask[3] ? dbias.data_ptr<T>() : nullptr, 0,
-                               g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt, nullptr, nullptr, sc);
+                                   mask[2] ? dc.data_ptr<T>() : nullptr, mask[3] ? dbias.data_ptr<T>() : nullptr,
+                                   0, g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt, nullptr, nullptr,
+                                   sc);
+        }
         const double m = std::isfinite(mg) ? mx : mg;
         check_finite_results<T>({dx, db, dc, dbias}, m, {W.basis, W.coeffs}, "the gradient");
     });

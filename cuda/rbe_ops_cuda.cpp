@@ -84,7 +84,8 @@ int64_t version_of(const Tensor& index) { return index.is_inference() ? -1 : ind
 
 bool same_memory(const Validated& v, const Weight& W) {
     return !v.storage.expired() && v.storage._unsafe_get_target() == W.index.storage().unsafeGetStorageImpl() &&
-           v.data == W.index.data_ptr() && v.numel == W.index.numel() && v.k == W.k && v.wide == W.wide && v.b == W.b;
+           v.data == W.index.data_ptr() && v.numel == W.index.numel() && v.k == W.k && v.wide == W.wide &&
+           v.b == W.b;
 }
 
 bool validated(const Weight& W, int64_t version) {
@@ -101,8 +102,8 @@ void remember(const Weight& W, int64_t version) {
     g_validated.erase(std::remove_if(g_validated.begin(), g_validated.end(),
                                      [&](const Validated& v) { return v.storage.expired() || same_memory(v, W); }),
                       g_validated.end());
-    g_validated.push_back(
-        Validated{W.index.storage().getWeakStorageImpl(), W.index.data_ptr(), W.index.numel(), W.k, W.b, version, W.wide});
+    g_validated.push_back(Validated{W.index.storage().getWeakStorageImpl(), W.index.data_ptr(), W.index.numel(), W.k,
+                                    W.b, version, W.wide});
 }
 
 bool capturing() {
@@ -251,7 +252,8 @@ void few_rows_cuda(Tensor& out, const Tensor& xa, const Weight& W) {
         return;
     }
     // shared-memory atomics: the order of each sum, and so its last bits, varies between runs
-    at::globalContext().alertNotDeterministic("rbe_ffn: the few-token CUDA kernel (rbe_ffn.dct_path(few_tokens=...))");
+    at::globalContext().alertNotDeterministic(
+        "rbe_ffn: the few-token CUDA kernel (rbe_ffn.dct_path(few_tokens=...))");
     const int sms = multiprocessors(xa.device().index());
     const int64_t nsplit = std::max<int64_t>(1, std::min<int64_t>(C, cdiv(2 * (int64_t)std::max(sms, 1), R)));
     for (int64_t t0 = 0; t0 < T; t0 += RBE_CUDA_FEW_MAX) {
@@ -364,7 +366,7 @@ Tensor linear_cuda(const Tensor& x, const Tensor& plan, const Tensor& basis, con
     const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_bias(bias, out, x.scalar_type(), x.device(), "bias");
     check_indexes({{"linear", &W}});
-    if (use_dct_path(x, P.b)) return dct_linear(x, x2, W, sc, bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt);
+    if (use_dct_path(x, P.b)) return dct_linear(x, x2, W, sc, bias);
     W = scaled_weight(W, sc);
     const at::ScalarType ct = compute_type(x.scalar_type());
     Tensor wd = decode_dense(W, tables(P.b, ct, x.device()), ct);
