@@ -1,17 +1,18 @@
-"""GPU benchmark: dense nn.Sequential(Linear, GELU, Linear) against RBEFeedForward on CUDA, on
-RBE's GPU paths: "decode" (the default), "dct" (the DCT-domain dense path, rbe_ffn.dct_path())
-and "few" (the DCT-domain path with the forward on the few-token sparse kernel; timed up to
-FEW_MAX tokens, its backward is the dct one).
+"""GPU benchmark: RBEFeedForward on CUDA against what a GPU user would run instead, in the same
+dtype (float32 and bfloat16 runs): the dense nn.Sequential(Linear, GELU, Linear), and "narrow",
+a dense FFN whose d_ff' spends RBE's weight parameter count (bench_peers.matched_sizes). RBE on
+each of its GPU paths: "decode" (the default), "dct" (the DCT-domain dense path,
+rbe_ffn.dct_path()) and "few" (the DCT-domain path with the forward on the few-token sparse
+kernel; timed up to FEW_MAX tokens, its backward is the dct one).
 
-All arms run in the same process, interleaved (dense, decode, dct, few, dense, ...), timed with
-CUDA events, with L2 flushed right before every timed part (a write of a buffer larger than L2), so that no
-arm's weights are served from L2 when another's are not; we report medians and the ratio
-dense time / RBE time (> 1: RBE is faster).
-Modes: forward (no grad), backward alone (the forward that builds the graph is not timed),
-full training step (forward + backward). The input requires grad, so every backward also
-computes dL/dx. Peak memory: the most memory a training step allocates above what it
-started with (torch.cuda.max_memory_allocated), for the dense module and for RBE
-(standard and checkpointed).
+All arms run in the same process, interleaved (dense, narrow, decode, dct, few, dense, ...),
+timed with CUDA events, with L2 flushed right before every timed part (a write of a buffer larger
+than L2), so that no arm's weights are served from L2 when another's are not; we report medians
+and the ratio dense time / arm time (> 1: faster than dense; RBE is worth its format where its
+ratio beats narrow's). Modes: forward (no grad), backward alone (the forward that builds the
+graph is not timed), full training step (forward + backward). The input requires grad, so every
+backward also computes dL/dx. Peak memory: the most memory a training step allocates above what
+it started with (torch.cuda.max_memory_allocated), per arm.
 
     python bench/bench_cuda.py                      # the README table (float32 and bfloat16)
     python bench/bench_cuda.py --quick              # 768/3072 only
@@ -27,13 +28,14 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
 import rbe_ffn
+from bench_peers import dense_ffn, matched_sizes, rbe_weight_params  # bench/ is this script's path
 
 SHAPES = [(768, 3072), (1024, 4096), (4096, 11008)]
 TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
-ARMS = ("dense", "decode", "dct", "few")
+ARMS = ("dense", "narrow", "decode", "dct", "few")
+RBE_PATHS = ("decode", "dct", "few")
 FEW_MAX = 256
 _FLUSH = {}
 DEVICE = "cuda"  # "cpu" for --smoke: the same code paths, wall-clock timing, no memory statistics
@@ -50,10 +52,6 @@ class WallEvent:
 
     def elapsed_time(self, end):
         return (end.t - self.t) * 1e3
-
-
-def dense_ffn(d_model, d_ff):
-    return nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
 
 def runner(model, x, mode):
@@ -99,6 +97,7 @@ def flush_l2():
 
 
 def on_path(arm):
+    """the operators' path for an arm (the dense arms do not call them)"""
     return rbe_ffn.dct_path(arm in ("dct", "few"), few_tokens=FEW_MAX if arm == "few" else 0)
 
 
@@ -126,12 +125,14 @@ def peak_step_mib(model, x):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench(dense, rbe, tokens, reps, warmup):
+def bench(models, tokens, reps, warmup):
+    """models: arm -> module; the medians per mode and arm, and each arm's step peak memory"""
+    dense = models["dense"]
     x = torch.randn(tokens, dense[0].in_features, device=DEVICE, dtype=dense[0].weight.dtype, requires_grad=True)
+    arms = [a for a in ARMS if a != "few" or tokens <= FEW_MAX]
     row = {}
     for mode in ("forward", "backward", "step"):
-        arms = [a for a in ARMS if a != "few" or tokens <= FEW_MAX]
-        runs = {arm: runner(dense if arm == "dense" else rbe, x, mode) for arm in arms}
+        runs = {arm: runner(models[arm], x, mode) for arm in arms}
         times = {n: [] for n in runs}
         for i in range(warmup + reps):
             for name, run in runs.items():
@@ -139,10 +140,10 @@ def bench(dense, rbe, tokens, reps, warmup):
                 if i >= warmup:
                     times[name].append(t)
         row[mode] = {n: statistics.median(v) for n, v in times.items()}
-    row["mem"] = {"dense": peak_step_mib(dense, x)}
-    for arm in arms[1:]:
+    row["mem"] = {}
+    for arm in arms:
         with on_path(arm):
-            row["mem"][arm] = peak_step_mib(rbe, x)
+            row["mem"][arm] = peak_step_mib(models[arm], x)
     return row
 
 
@@ -171,24 +172,26 @@ def main():
     lines = [f"GPU: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
              f"{datetime.date.today().isoformat()}; b={args.block_size}, k={args.k}; "
              f"median of {args.reps} interleaved runs (CUDA events, L2 flushed before each); "
-             f"ratio = dense time / RBE time (decode path / dct path / few-token path, up to {FEW_MAX} "
-             f"tokens); "
+             f"ratio = dense time / arm time (narrow: dense with RBE's weight parameter count; RBE's decode "
+             f"path / dct path / few-token path, up to {FEW_MAX} tokens); "
              f"TF32 matmul: {torch.backends.cuda.matmul.allow_tf32}", "",
-             "| dtype | d_model x d_ff | tokens | fwd dense ms | fwd ratio decode / dct / few | bwd dense ms "
-             "| bwd ratio decode / dct / few | step dense ms | step ratio decode / dct / few "
-             "| step peak MiB dense / decode / dct / few |",
+             "| dtype | d_model x d_ff (narrow d_ff') | tokens | fwd dense ms | fwd ratio narrow / decode / dct / few "
+             "| bwd dense ms | bwd ratio narrow / decode / dct / few | step dense ms "
+             "| step ratio narrow / decode / dct / few | step peak MiB dense / narrow / decode / dct / few |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for dt in args.dtypes.split(","):
         dtype = getattr(torch, dt)
         for d_model, d_ff in shapes:
             torch.manual_seed(0)
-            dense = dense_ffn(d_model, d_ff).to(DEVICE, dtype)
             rbe = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=args.block_size, k=args.k,
                                          device=DEVICE).to(dtype)
+            f_narrow = matched_sizes(d_model, d_ff, rbe_weight_params(rbe))[1]
+            models = {"dense": dense_ffn(d_model, d_ff).to(DEVICE, dtype),
+                      "narrow": dense_ffn(d_model, f_narrow).to(DEVICE, dtype), **{p: rbe for p in RBE_PATHS}}
             for tokens in tokens_list:
-                r = bench(dense, rbe, tokens, args.reps, args.warmup)
-                cells = [dt, f"{d_model} x {d_ff}", str(tokens)]
+                r = bench(models, tokens, args.reps, args.warmup)
+                cells = [dt, f"{d_model} x {d_ff} ({f_narrow})", str(tokens)]
                 for mode in ("forward", "backward", "step"):
                     d = r[mode]["dense"]
                     cells += [f"{d:.3f}", " / ".join(f"{d / r[mode][a]:.2f}x" if a in r[mode] else "-"
@@ -200,7 +203,7 @@ def main():
                 line = "| " + " | ".join(cells) + " |"
                 lines.append(line)
                 print(line, flush=True)
-            del dense, rbe
+            del models, rbe
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
     if args.out:
