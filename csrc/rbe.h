@@ -140,6 +140,11 @@ void rbe_decode_f64(double* w, const rbe_weight_f64* W, const double* tabs, doub
 
 /* ---- activations ---- */
 
+/* act | RBE_ACT_F32 (gelu, gelu_tanh, silu; float32 functions only, ignored by the double ones):
+ * evaluated in float32 (rbe_act_f32.h: about 1e-6 relative, the same bits at every vector
+ * width) instead of in double rounded once; what a bfloat16 computation asks for. Every kernel
+ * that takes `act` passes the flag on to these functions. */
+#define RBE_ACT_F32 0x200
 /* y = act(x), elementwise, n values */
 void rbe_act_forward_f32(float* y, const float* x, long n, int act);
 void rbe_act_forward_f64(double* y, const double* x, long n, int act);

@@ -9,17 +9,75 @@
 #include "rbe_variants.h"
 
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
-double rbe_act_scalar_f64(double x, int act) { return rbe_act_value(x, act); }
-double rbe_act_grad_scalar_f64(double x, int act) { return rbe_act_grad(x, act); }
-float rbe_act_scalar_f32(float x, int act) { return (float)rbe_act_value((double)x, act); }
-float rbe_act_grad_scalar_f32(float x, int act) { return (float)rbe_act_grad((double)x, act); }
+/* ---- float32 evaluation (RBE_ACT_F32): rbe_act_f32.h at 1, 8 and 16 lanes ---- */
+#define AT
+#define ASFX(name) name##_1
+#define F float
+#define M int
+#define F1(c) (c)
+#define ADD(a, b) ((a) + (b))
+#define SUB(a, b) ((a) - (b))
+#define MUL(a, b) ((a) * (b))
+#define DIV(a, b) ((a) / (b))
+#define FMA(a, b, c) fmaf(a, b, c)
+#define ABS(a) fabsf(a)
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#define LT(a, b) ((a) < (b))
+#define SEL(m, a, b) ((m) ? (a) : (b))
+static inline float pow2_1(float n) {
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+#define POW2(n) pow2_1(n)
+#include "rbe_act_f32.h"
+#undef AT
+#undef ASFX
+#undef F
+#undef M
+#undef F1
+#undef ADD
+#undef SUB
+#undef MUL
+#undef DIV
+#undef FMA
+#undef ABS
+#undef MIN
+#undef MAX
+#undef LT
+#undef SEL
+#undef POW2
+
+// the activations rbe_act_f32.h evaluates (relu and none are exact in float anyway)
+static int f32_act(int act) { return act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU; }
+
+double rbe_act_scalar_f64(double x, int act) { return rbe_act_value(x, act & ~RBE_ACT_F32); }
+double rbe_act_grad_scalar_f64(double x, int act) { return rbe_act_grad(x, act & ~RBE_ACT_F32); }
+float rbe_act_scalar_f32(float x, int act) {
+    if ((act & RBE_ACT_F32) && f32_act(act & ~RBE_ACT_F32)) return act_f32_1(x, act & ~RBE_ACT_F32);
+    return (float)rbe_act_value((double)x, act & ~RBE_ACT_F32);
+}
+float rbe_act_grad_scalar_f32(float x, int act) {
+    if ((act & RBE_ACT_F32) && f32_act(act & ~RBE_ACT_F32)) {
+        float y, g;
+        act_grad_f32_1(x, act & ~RBE_ACT_F32, &y, &g);
+        return g;
+    }
+    return (float)rbe_act_grad((double)x, act & ~RBE_ACT_F32);
+}
 
 void rbe_act_forward_f64(double* y, const double* x, long n, int act) {
+    act &= ~RBE_ACT_F32;
     for (long i = 0; i < n; i++) y[i] = rbe_act_value(x[i], act);
 }
 
 void rbe_act_backward_f64(double* dx, const double* dy, const double* x, long n, int act) {
+    act &= ~RBE_ACT_F32;
     if (act == RBE_ACT_RELU) {  // dy * 0 would turn an infinite dy into NaN; torch passes 0
         for (long i = 0; i < n; i++) dx[i] = x[i] <= 0.0 ? 0.0 : dy[i];
         return;
@@ -136,9 +194,141 @@ AVX2 static long act_backward_avx2(float* dx, const float* dy, const float* x, l
     }
     return i;
 }
+
+// rbe_act_f32.h at 8 lanes (AVX2 + FMA) and 16 lanes (AVX-512)
+#define AT AVX2
+#define ASFX(name) name##_8
+#define F __m256
+#define M __m256
+#define F1(c) _mm256_set1_ps(c)
+#define ADD(a, b) _mm256_add_ps(a, b)
+#define SUB(a, b) _mm256_sub_ps(a, b)
+#define MUL(a, b) _mm256_mul_ps(a, b)
+#define DIV(a, b) _mm256_div_ps(a, b)
+#define FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define ABS(a) _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)))
+#define MIN(a, b) _mm256_min_ps(a, b) /* a < b ? a : b */
+#define MAX(a, b) _mm256_max_ps(a, b) /* a > b ? a : b */
+#define LT(a, b) _mm256_cmp_ps(a, b, _CMP_LT_OQ)
+#define SEL(m, a, b) _mm256_blendv_ps(b, a, m)
+#define POW2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#include "rbe_act_f32.h"
+#undef AT
+#undef ASFX
+#undef F
+#undef M
+#undef F1
+#undef ADD
+#undef SUB
+#undef MUL
+#undef DIV
+#undef FMA
+#undef ABS
+#undef MIN
+#undef MAX
+#undef LT
+#undef SEL
+#undef POW2
+
+#define AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define AT AVX512
+#define ASFX(name) name##_16
+#define F __m512
+#define M __mmask16
+#define F1(c) _mm512_set1_ps(c)
+#define ADD(a, b) _mm512_add_ps(a, b)
+#define SUB(a, b) _mm512_sub_ps(a, b)
+#define MUL(a, b) _mm512_mul_ps(a, b)
+#define DIV(a, b) _mm512_div_ps(a, b)
+#define FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define ABS(a) _mm512_abs_ps(a)
+#define MIN(a, b) _mm512_min_ps(a, b) /* a < b ? a : b */
+#define MAX(a, b) _mm512_max_ps(a, b) /* a > b ? a : b */
+#define LT(a, b) _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ)
+#define SEL(m, a, b) _mm512_mask_blend_ps(m, b, a)
+#define POW2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#include "rbe_act_f32.h"
+#undef AT
+#undef ASFX
+#undef F
+#undef M
+#undef F1
+#undef ADD
+#undef SUB
+#undef MUL
+#undef DIV
+#undef FMA
+#undef ABS
+#undef MIN
+#undef MAX
+#undef LT
+#undef SEL
+#undef POW2
+
+// y = act(x) (y may be x), and g = act'(x) when g is not NULL; dy: multiply g by it (the backward).
+// Whole vectors of the widest width the chosen kernels allow; returns how many values were done.
+AVX2 static long f32_arrays_8(float* y, float* g, const float* dy, const float* x, long n, int act) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        if (!g) {
+            _mm256_storeu_ps(y + i, act_f32_8(v, act));
+            continue;
+        }
+        __m256 yv, gv;
+        act_grad_f32_8(v, act, &yv, &gv);
+        if (y) _mm256_storeu_ps(y + i, yv);
+        _mm256_storeu_ps(g + i, dy ? _mm256_mul_ps(_mm256_loadu_ps(dy + i), gv) : gv);
+    }
+    return i;
+}
+
+AVX512 static long f32_arrays_16(float* y, float* g, const float* dy, const float* x, long n, int act) {
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        if (!g) {
+            _mm512_storeu_ps(y + i, act_f32_16(v, act));
+            continue;
+        }
+        __m512 yv, gv;
+        act_grad_f32_16(v, act, &yv, &gv);
+        if (y) _mm512_storeu_ps(y + i, yv);
+        _mm512_storeu_ps(g + i, dy ? _mm512_mul_ps(_mm512_loadu_ps(dy + i), gv) : gv);
+    }
+    return i;
+}
 #endif
 
+/* RBE_ACT_F32: y = act(x) (y may be x); g (if not NULL) = act'(x), times dy if dy is not NULL.
+ * The widest vectors the chosen kernels allow, then one lane at a time: the same bits. */
+static void f32_arrays(float* y, float* g, const float* dy, const float* x, long n, int act) {
+    long i = 0;
+#ifdef RBE_VEC_ACT
+    const int isa = rbe_cpu_isa_level();
+    if (isa >= RBE_ISA_AVX512) i = f32_arrays_16(y, g, dy, x, n, act);
+    else if (isa >= RBE_ISA_AVX2) i = f32_arrays_8(y, g, dy, x, n, act);
+#endif
+    for (; i < n; i++) {
+        if (!g) {
+            y[i] = act_f32_1(x[i], act);
+            continue;
+        }
+        float yv, gv;
+        act_grad_f32_1(x[i], act, &yv, &gv);
+        if (y) y[i] = yv;
+        g[i] = dy ? dy[i] * gv : gv;
+    }
+}
+
 void rbe_act_forward_f32(float* y, const float* x, long n, int act) {
+    if (act & RBE_ACT_F32) {
+        act &= ~RBE_ACT_F32;
+        if (f32_act(act)) {
+            f32_arrays(y, NULL, NULL, x, n, act);
+            return;
+        }
+    }
     long i = 0;
 #ifdef RBE_VEC_ACT
     if (act != RBE_ACT_NONE && vec_act_ok(act)) i = act_forward_avx2(y, x, n, act);
@@ -147,6 +337,13 @@ void rbe_act_forward_f32(float* y, const float* x, long n, int act) {
 }
 
 void rbe_act_backward_f32(float* dx, const float* dy, const float* x, long n, int act) {
+    if (act & RBE_ACT_F32) {
+        act &= ~RBE_ACT_F32;
+        if (f32_act(act)) {
+            f32_arrays(NULL, dx, dy, x, n, act);
+            return;
+        }
+    }
     if (act == RBE_ACT_RELU) {
         for (long i = 0; i < n; i++) dx[i] = x[i] <= 0.0f ? 0.0f : dy[i];
         return;
@@ -162,6 +359,13 @@ void rbe_act_backward_f32(float* dx, const float* dy, const float* x, long n, in
  * dy = 1 give, bitwise, for about the cost of the backward alone (gelu: one erfc per value instead
  * of two). relu and none: the two separate passes (nothing to share). */
 void rbe_act_forward_grad_f32(float* y, float* g, const float* x, long n, int act) {
+    if (act & RBE_ACT_F32) {
+        act &= ~RBE_ACT_F32;
+        if (f32_act(act)) {
+            f32_arrays(y, g, NULL, x, n, act);
+            return;
+        }
+    }
     long i = 0;
 #ifdef RBE_VEC_ACT
     if ((act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU) && vec_act_ok(act))
@@ -175,6 +379,7 @@ void rbe_act_forward_grad_f32(float* y, float* g, const float* x, long n, int ac
 }
 
 void rbe_act_forward_grad_f64(double* y, double* g, const double* x, long n, int act) {
+    act &= ~RBE_ACT_F32;
     for (long i = 0; i < n; i++) {
         const double v = x[i];
         y[i] = rbe_act_value(v, act);

@@ -175,7 +175,16 @@ static void act_forward_grad(double* y, double* g, const double* x, long n, int 
 }
 // the activations whose value and derivative share work (rbe_act_forward_grad); relu's backward
 // also must pass +0 where x <= 0 even for an infinite dy, which dy * act'(x) would turn into NaN
+// the activation code the kernels get: with RBE_ACT_F32 (evaluated in float32) when the caller
+// asks for it (f32_activation: the result is rounded to a 16-bit type anyway) and the layer is
+// float32; double layers and relu / none are exact either way
+static int with_f32_activation(int act, bool f32_activation, at::ScalarType dtype) {
+    const bool evaluated = act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU;
+    return f32_activation && dtype == at::kFloat && evaluated ? act | RBE_ACT_F32 : act;
+}
+
 static bool fused_act_grad(int act) {
+    act &= ~RBE_ACT_F32;
     return act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU;
 }
 static double max_abs(const float* x, long n) { return rbe_max_abs_f32(x, n); }
@@ -625,7 +634,7 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
                                    const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
                                    int64_t d_model, int64_t d_ff, std::string activation, int64_t chunk_tokens,
                                    bool keep_pre, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-                                   double pattern_scale2) {
+                                   double pattern_scale2, bool f32_activation) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2, d_model, d_ff,
                           activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"));
@@ -642,6 +651,7 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
                                     "the output");
             return;
         }
+        a.act = with_f32_activation(a.act, f32_activation, x.scalar_type());
         if (few_tokens(Tn)) {  // chunk by chunk as well (the memory limit), each token's bits unchanged
             Tensor At = few_tables<T>(a.P, opt);
             const T* at_ = At.data_ptr<T>();
@@ -685,7 +695,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
     const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff, std::string activation,
     int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-    double pattern_scale2) {
+    double pattern_scale2, bool f32_activation) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, c10::nullopt, d_model,
                           d_ff, activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"));
@@ -717,6 +727,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                                     {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs}, "the gradient");
             return;
         }
+        a.act = with_f32_activation(a.act, f32_activation, x.scalar_type());
         const int64_t cn = std::min(a.chunk, Tn);
         // standard: a = act(h) from the saved h; checkpointed: h recomputed, and a only in the
         // transform domain (fc1 writes fc2's analysed input directly)
@@ -826,11 +837,11 @@ TORCH_LIBRARY(rbe_ffn, m) {
     m.def("ffn(Tensor x, Tensor plan, Tensor basis1, Tensor coeffs1, Tensor index1, Tensor? bias1, Tensor basis2, "
           "Tensor coeffs2, Tensor index2, Tensor? bias2, int d_model, int d_ff, str activation, int chunk_tokens, "
           "bool keep_pre, float coeff_scale1=1., float coeff_scale2=1., float pattern_scale1=1., "
-          "float pattern_scale2=1.) -> (Tensor, Tensor)");
+          "float pattern_scale2=1., bool f32_activation=False) -> (Tensor, Tensor)");
     m.def("ffn_backward(Tensor grad, Tensor x, Tensor pre, Tensor plan, Tensor basis1, Tensor coeffs1, "
           "Tensor index1, Tensor? bias1, Tensor basis2, Tensor coeffs2, Tensor index2, int d_model, int d_ff, "
           "str activation, int chunk_tokens, bool[7] output_mask, float coeff_scale1=1., float coeff_scale2=1., "
-          "float pattern_scale1=1., float pattern_scale2=1.) -> "
+          "float pattern_scale1=1., float pattern_scale2=1., bool f32_activation=False) -> "
           "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("activation(Tensor x, str activation) -> Tensor");
     m.def("activation_backward(Tensor grad, Tensor x, str activation) -> Tensor");

@@ -98,3 +98,80 @@ def test_float64_layer_under_autocast_stays_float64():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
     assert y.dtype == torch.float64 and torch.equal(y, m(x))
+
+
+# ---- the activation evaluated in float32 when the result is 16-bit (f32_activation) ----
+class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the f32_activation argument of every rbe_ffn.ffn / ffn_backward call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        if name in ("rbe_ffn::ffn", "rbe_ffn::ffn_backward"):
+            pos = [a.name for a in func._schema.arguments].index("f32_activation")
+            self.seen.setdefault(name, []).append(bool(kwargs.get("f32_activation", args[pos] if len(args) > pos
+                                                                  else False)))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_16bit_results_evaluate_the_activation_in_float32(checkpoint):
+    m = make(checkpoint=checkpoint)
+    x = torch.randn(6, 64)
+
+    def calls(fn):
+        with _Calls() as rec:
+            fn().float().sum().backward()
+        return rec.seen
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = calls(lambda: m(x))
+    plain_bf16 = calls(lambda: m(x.bfloat16().requires_grad_()))
+    functional = calls(lambda: rbe_ffn.rbe_feed_forward(x.bfloat16().requires_grad_(),
+                                                        (*m.fc1.numbers(), m.fc1.index, m.fc1.bias),
+                                                        (*m.fc2.numbers(), m.fc2.index, m.fc2.bias), 64, 160, 16))
+    float32 = calls(lambda: m(x))
+    want = {"rbe_ffn::ffn": [True], "rbe_ffn::ffn_backward": [True]}
+    assert under_autocast == want and plain_bf16 == want and functional == want
+    assert float32 == {"rbe_ffn::ffn": [False], "rbe_ffn::ffn_backward": [False]}
+
+
+def _op_args(m, x, keep_pre):
+    f1, f2 = m.fc1, m.fc2
+    return (x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
+            m.d_model, m.d_ff, m.activation, 0, keep_pre)
+
+
+@pytest.mark.parametrize("tokens", [3, 150])  # the few-token kernels, and tiles with schedules
+@pytest.mark.parametrize("activation", ACTS)
+def test_f32_activation_is_float32_close_and_changes_only_what_it_should(activation, tokens):
+    from rbe_ffn._ops import ops
+    m = make(activation)
+    x = torch.randn(tokens, 64)
+    g = torch.randn(tokens, 64)
+    mask = [True] * 7
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        mm = m.to(dtype)
+        for keep_pre in (True, False):
+            args = _op_args(mm, x.to(dtype), keep_pre)
+            for flag in (False, True):
+                y, pre = ops.ffn(*args, f32_activation=flag)
+                grads = ops.ffn_backward(g.to(dtype), args[0], pre, *args[1:9], *args[10:14], mask,
+                                         f32_activation=flag)
+                results[dtype, keep_pre, flag] = (y, *grads)
+    for keep_pre in (True, False):
+        exact, fast = results[torch.float32, keep_pre, False], results[torch.float32, keep_pre, True]
+        for a, b in zip(exact, fast):  # the activation's float32 error is about 1e-6 relative
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5 * a.abs().max().item())
+        if activation == "relu":  # exact in float32 anyway: the flag changes nothing
+            assert all(torch.equal(a, b) for a, b in zip(exact, fast))
+        else:  # the flag reaches the kernels, forward and backward
+            assert not torch.equal(exact[0], fast[0]) and not torch.equal(exact[1], fast[1])
+        # float64 layers ignore it
+        assert all(torch.equal(a, b) for a, b in zip(results[torch.float64, keep_pre, False],
+                                                     results[torch.float64, keep_pre, True]))

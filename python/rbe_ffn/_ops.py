@@ -258,7 +258,7 @@ _register_autograd("linear", _linear_backward, _linear_setup)
 @torch.library.register_fake("rbe_ffn::ffn")
 def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
               d_model, d_ff, activation, chunk_tokens, keep_pre, coeff_scale1=1.0, coeff_scale2=1.0,
-              pattern_scale1=1.0, pattern_scale2=1.0):
+              pattern_scale1=1.0, pattern_scale2=1.0, f32_activation=False):
     _one_device("ffn", x=x, plan=plan, basis1=basis1, coeffs1=coeffs1, index1=index1, bias1=bias1,
                 basis2=basis2, coeffs2=coeffs2, index2=index2, bias2=bias2)
     torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
@@ -269,7 +269,7 @@ def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, 
 @torch.library.register_fake("rbe_ffn::ffn_backward")
 def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2,
                        d_model, d_ff, activation, chunk_tokens, output_mask, coeff_scale1=1.0, coeff_scale2=1.0,
-                       pattern_scale1=1.0, pattern_scale2=1.0):
+                       pattern_scale1=1.0, pattern_scale2=1.0, f32_activation=False):
     _one_device("ffn_backward", grad=grad, x=x, pre=pre, plan=plan, basis1=basis1, coeffs1=coeffs1,
                 index1=index1, bias1=bias1, basis2=basis2, coeffs2=coeffs2, index2=index2)
     shapes = [x.shape, basis1.shape, coeffs1.shape, (d_ff,), basis2.shape, coeffs2.shape, (d_model,)]
@@ -278,12 +278,14 @@ def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis
 
 def _ffn_setup(ctx, inputs, output):
     (x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
-     d_model, d_ff, activation, chunk_tokens, keep_pre, *scales) = inputs
+     d_model, d_ff, activation, chunk_tokens, keep_pre, *rest) = inputs
     _, pre = output
     # checkpointed (keep_pre=False): pre is an empty tensor, so only x is saved
     ctx.save_for_backward(x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2)
     ctx.args = (d_model, d_ff, activation, chunk_tokens)
-    ctx.scales = tuple(scales)  # coeff_scale1, coeff_scale2, pattern_scale1, pattern_scale2 (those given)
+    # coeff_scale1, coeff_scale2, pattern_scale1, pattern_scale2, f32_activation (those given): the
+    # backward evaluates the activation's derivative as the forward evaluated the activation
+    ctx.rest = tuple(rest)
     ctx.mark_non_differentiable(pre)
     # pre never receives a gradient: without this autograd would materialize a
     # zero [T, d_ff] tensor for it in every backward (a second copy of pre).
@@ -292,14 +294,14 @@ def _ffn_setup(ctx, inputs, output):
 
 def _ffn_backward(ctx, grad, _grad_pre):
     x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2 = ctx.saved_tensors
-    n_inputs = 15 + len(ctx.scales)
+    n_inputs = 15 + len(ctx.rest)
     if grad is None:  # possible once grads are not materialized; y took no part in the loss
         return (None,) * n_inputs
     need = ctx.needs_input_grad
     # inputs: x plan basis1 coeffs1 index1 bias1 basis2 coeffs2 index2 bias2 ...
     mask = [need[0], need[2], need[3], need[5], need[6], need[7], need[9]]
     grads = ops.ffn_backward(grad.contiguous(), x, pre, plan, basis1, coeffs1, index1, bias1,
-                             basis2, coeffs2, index2, *ctx.args, mask, *ctx.scales)
+                             basis2, coeffs2, index2, *ctx.args, mask, *ctx.rest)
     dx, db1, dc1, dbias1, db2, dc2, dbias2 = (g if on else None for g, on in zip(grads, mask))
     return (dx, None, db1, dc1, None, dbias1, db2, dc2, None, dbias2) + (None,) * (n_inputs - 10)
 
@@ -359,22 +361,29 @@ def _autocast_cuda(op):
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _autocast_cpu(op):
+def _autocast_cpu(op, f32_at=None):
     """The AutocastCPU kernel of a forward operator: under torch.autocast("cpu"), the CPU kernels
     compute in the layer's own dtype (float32 or float64: the plan's, argument 1), a float16 or
     bfloat16 input is cast up to it, and the output (the first result) is cast to the autocast
     dtype, as nn.Linear's output is under autocast, so a converted block hands the next layer the
     dtype a dense one would. A float64 layer stays float64, as autocast leaves float64 alone.
     Parameters and their gradients stay in the layer's dtype; autograd carries the gradient
-    back through the casts."""
+    back through the casts. f32_at: the position in ``rest`` of the op's f32_activation
+    argument (ffn), set when a float32 layer's output goes to a 16-bit dtype."""
 
-    def kernel(x, plan, *rest):
+    def kernel(x, plan, *rest, **kwargs):
         out_dtype = torch.get_autocast_dtype("cpu")
         compute = plan.dtype
         if x.dtype in HALF and compute in (torch.float32, torch.float64):
             x = x.to(compute)
+        if f32_at is not None and compute == torch.float32 and out_dtype in HALF:
+            # the output is rounded to 16 bits: the activation may be evaluated in float32
+            if len(rest) > f32_at:
+                rest = rest[:f32_at] + (True,) + rest[f32_at + 1:]
+            else:
+                kwargs["f32_activation"] = True
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
-            out = op(x, plan, *rest)
+            out = op(x, plan, *rest, **kwargs)
         if compute != torch.float32 or out_dtype == torch.float32:
             return out
         if isinstance(out, tuple):  # ffn: (y, pre); pre stays internal, in the compute dtype
@@ -387,4 +396,5 @@ def _autocast_cpu(op):
 _autocast_lib = torch.library.Library("rbe_ffn", "IMPL")
 for _name in ("linear", "ffn"):
     _autocast_lib.impl(_name, _autocast_cuda(getattr(ops, _name).default), "AutocastCUDA")
-    _autocast_lib.impl(_name, _autocast_cpu(getattr(ops, _name).default), "AutocastCPU")
+    _autocast_lib.impl(_name, _autocast_cpu(getattr(ops, _name).default, 17 if _name == "ffn" else None),
+                       "AutocastCPU")

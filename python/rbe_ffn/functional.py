@@ -41,7 +41,9 @@ def cpu_half_input(x, dtype: torch.dtype):
     """A float16/bfloat16 input on the CPU to a layer of dtype float32/float64 (typically from
     torch.autocast("cpu", dtype=torch.bfloat16), which makes the layer before this one return
     bfloat16): the CPU kernels compute in the layer's dtype. Returns (the input to compute with,
-    the dtype to give the output back in, or None when nothing is cast)."""
+    the dtype to give the output back in, or None when nothing is cast). The feed-forward
+    operators then evaluate the activation in float32 (``f32_activation``): the result is
+    rounded to 16 bits anyway."""
     if (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
             and dtype in (torch.float32, torch.float64)):
         return x.to(dtype), x.dtype
@@ -117,5 +119,5 @@ def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, acti
     x, out_dtype = cpu_half_input(x, fc1[0].dtype)
     plan = get_plan(block_size, x.dtype, x.device)
     y, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
-                   int(chunk_tokens), keep_pre(checkpoint))
+                   int(chunk_tokens), keep_pre(checkpoint), f32_activation=out_dtype is not None)
     return _restore(y, out_dtype)

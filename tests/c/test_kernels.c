@@ -1269,6 +1269,70 @@ static void test_activations(void) {
         CHECK(!bad_bf, "%s: f32 array backward != scalar derivative (%d values)", names[act], bad_bf);
         CHECK(!bad_dy, "%s: backward with general dy (%d values)", names[act], bad_dy);
     }
+    // RBE_ACT_F32: evaluated in float32 (rbe_act_f32.h). The arrays (the widest vectors the chosen
+    // kernels allow) give the bits of the one-lane scalar, in forward, forward_grad and backward;
+    // values within ~1e-6 of the double definitions; special and huge inputs give exactly what the
+    // double definitions give; relu and none ignore the flag.
+    {
+        const int ns = 8001, nt = nb + ns + 1000;
+        float* xs = xmalloc(sizeof(float) * nt);
+        float* ys = xmalloc(sizeof(float) * nt);
+        float* gs = xmalloc(sizeof(float) * nt);
+        float* ds = xmalloc(sizeof(float) * nt);
+        for (int i = 0; i < nb; i++) xs[i] = (float)base[i];
+        for (int i = 0; i < ns; i++) xs[nb + i] = -20.0f + 0.005f * (float)i;  // a sweep of [-20, 20]
+        uint32_t st = 12345;
+        for (int i = nb + ns; i < nt; i++) {  // and values near 0, where most pre-activations are
+            st = st * 1664525u + 1013904223u;
+            xs[i] = ((float)(st >> 8) / 16777216.0f - 0.5f) * 8.0f;
+        }
+        for (int act = RBE_ACT_NONE; act <= RBE_ACT_SILU; act++) {
+            const int fa = act | RBE_ACT_F32;
+            int bad_w = 0, bad_s = 0;
+            double err_y = 0, err_tail = 0, err_g = 0;
+            rbe_act_forward_f32(ys, xs, nt, fa);
+            rbe_act_forward_grad_f32(ds, gs, xs, nt, fa);
+            for (int i = 0; i < nt; i++) {
+                const float y1 = rbe_act_scalar_f32(xs[i], fa), g1 = rbe_act_grad_scalar_f32(xs[i], fa);
+                if ((!same_bits_f32(ys[i], y1) || !same_bits_f32(ds[i], y1) || !same_bits_f32(gs[i], g1)) &&
+                    bad_w++ < 3)
+                    printf("  %s f32 x=%.9g: arrays %.9g %.9g %.9g, one lane %.9g %.9g\n", names[act], xs[i], ys[i],
+                           ds[i], gs[i], y1, g1);
+                const double ye = rbe_act_scalar_f64(xs[i], act), ge = rbe_act_grad_scalar_f64(xs[i], act);
+                if (!isfinite(xs[i]) || fabsf(xs[i]) >= 1e6f || act == RBE_ACT_NONE || act == RBE_ACT_RELU) {
+                    // exactly the float32 value of the double definition
+                    if ((!same_bits_f32(ys[i], (float)ye) || !same_bits_f32(gs[i], (float)ge)) && bad_s++ < 3)
+                        printf("  %s f32 special x=%.9g: %.9g %.9g, want %.9g %.9g\n", names[act], xs[i], ys[i],
+                               gs[i], (float)ye, (float)ge);
+                    continue;
+                }
+                const double rel = fabs(ye) > 0 ? fabs(ys[i] - ye) / fabs(ye) : fabs(ys[i]);
+                if (fabs(ye) >= 1e-6) err_y = fmax(err_y, rel);
+                else if (fabs(ye) >= 1e-30) err_tail = fmax(err_tail, rel);
+                err_g = fmax(err_g, fabs(gs[i] - ge));
+            }
+            // backward: dx = dy * act'(x), with the one-lane derivative
+            for (int i = 0; i < nt; i++) ds[i] = (i % 7 == 3) ? -2.5f : 0.5f + 0.125f * (float)(i % 13);
+            rbe_act_backward_f32(gs, ds, xs, nt, fa);
+            int bad_b = 0;
+            for (int i = 0; i < nt; i++)
+                bad_b += !same_bits_f32(gs[i], act == RBE_ACT_RELU ? (xs[i] <= 0.0f ? 0.0f : ds[i])
+                                                                   : ds[i] * rbe_act_grad_scalar_f32(xs[i], fa));
+            CHECK(!bad_w, "%s: float32 evaluation, arrays differ from one lane (%d values)", names[act], bad_w);
+            CHECK(!bad_s, "%s: float32 evaluation of special inputs (%d values)", names[act], bad_s);
+            CHECK(!bad_b, "%s: float32 evaluation, backward != dy * derivative (%d values)", names[act], bad_b);
+            // measured on this sweep: values of magnitude 1e-6 and more within 4e-7 relative, the tail
+            // down to 1e-30 within 9e-6 (gelu_tanh: the rounding of its exponent, about 1e-7 |2u|; gelu
+            // and silu 3.4e-7), derivatives within 2e-7 absolute (they are at most 1.13)
+            CHECK(err_y <= 2e-6 && err_tail <= 2e-5 && err_g <= 4e-7,
+                  "%s: float32 evaluation off the definition: rel %.3g, tail %.3g, abs grad %.3g", names[act], err_y,
+                  err_tail, err_g);
+            if (act != RBE_ACT_NONE && act != RBE_ACT_RELU)
+                printf("  float32 %s: max rel error %.3g (tail %.3g), derivative abs %.3g\n", names[act], err_y,
+                       err_tail, err_g);
+        }
+        free(xs), free(ys), free(gs), free(ds);
+    }
     // the scalar definitions themselves at a few known points (DESIGN.md section 4)
     CHECK(fabs(rbe_act_scalar_f64(1.0, RBE_ACT_GELU) - 0.8413447460685429) < 1e-15, "gelu(1)");
     CHECK(fabs(rbe_act_scalar_f64(-1.0, RBE_ACT_GELU) + 0.15865525393145707) < 1e-15, "gelu(-1)");
