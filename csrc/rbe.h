@@ -278,6 +278,17 @@ void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, con
 void rbe_params_backward_f64(double* dbasis, double* dcoeffs, const double* Gh, const double* Xh,
                              const rbe_weight_f64* W, const rbe_plan_f64* P, int accumulate, long T, long p0,
                              long p1);
+/* The same (float32, with a schedule) with the coefficients' dot products on bfloat16 operands:
+ * Gb, Xb are Gh, Xh rounded to bfloat16 by rbe_to_bf16 (same layouts); the sums are float32 and
+ * dbasis still comes from Gh, Xh. AVX-512 BF16 instructions (vdpbf16ps: half the bytes, half the
+ * instructions per coefficient): only when rbe_bf16_dots_available(), i.e. the CPU has them and
+ * the AVX-512 kernels are chosen. What a bfloat16 computation asks for (the rounding is
+ * bfloat16's, about 4e-3 relative per operand). */
+int rbe_bf16_dots_available(void);
+void rbe_to_bf16(uint16_t* out, const float* in, long n); /* round to nearest even */
+void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const uint16_t* Gb,
+                              const uint16_t* Xb, const rbe_weight_f32* W, const rbe_plan_f32* P,
+                              const rbe_sched_f32* sched, int accumulate, long T, long p0, long p1);
 
 /* dbias[o] (+)= sum_t g[t][o] for o in [o0, o1); accumulate != 0 adds to dbias. g: [T, out] */
 void rbe_bias_backward_f32(float* dbias, const float* g, long T, int out, int accumulate, long o0, long o1);
@@ -297,6 +308,7 @@ const char* rbe_cpu_isa(void); /* their name: "avx512", "avx2" or "portable" */
 /* 1 when the CPU (and OS) has the instructions, whatever RBE_FFN_ISA says */
 int rbe_cpu_has_avx2(void);
 int rbe_cpu_has_avx512(void);
+int rbe_cpu_has_avx512bf16(void); /* and AVX-512 BF16 */
 
 /* ---- naive references (decode, then dense arithmetic in double) ---- */
 

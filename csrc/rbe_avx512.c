@@ -5,9 +5,11 @@
  * half the loads and multiply-adds per coefficient, and a 16-lane tile (at most 16 tokens)
  * is a single register. This file holds what is particular to the width: gemm_tile's
  * register blocking, the lane sum and the parameter gradient's reductions (four entries
- * share one). Every lane runs the same chain of fused multiply-adds as in the AVX2 kernels,
- * so the products (forward, input gradient) give the same bits; the lane sums of the
- * parameter gradient are associated differently (within float rounding).
+ * share one), and that gradient's dot products on bfloat16 copies of the tiles (AVX-512 BF16,
+ * rbe_params_backward_bf16, for 16-bit results). Every lane runs the same chain of fused
+ * multiply-adds as in the AVX2 kernels, so the products (forward, input gradient) give the same
+ * bits; the lane sums of the parameter gradient are associated differently (within float
+ * rounding).
  *
  * Compiled with per-function target attributes, so the file builds everywhere;
  * rbe_linear.c picks these at run time when the CPU has AVX-512 F/VL/DQ/BW (and AVX2 + FMA),
@@ -31,6 +33,7 @@
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VSET1(x) _mm512_set1_ps(x)
 #define VBCAST(p) _mm512_set1_ps(*(p))
+#define XBF16_DOTS __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")))
 #include "rbe_x86_impl.h"
 
 int rbe_cpu_has_avx512(void) {
@@ -125,6 +128,84 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
     else coeff_grads_w(sacc, g, Xt, soff, e, e1, 1);
 }
 
+// ---- the parameter gradient's dot products on bfloat16 rows (AVX-512 BF16) ----
+// vdpbf16ps adds the products of 32 bfloat16 pairs into 16 float32 lanes (two per lane): a
+// 64-token row is two instructions on 128 bytes instead of four multiply-adds on 256. Which two
+// tokens share a lane does not matter: g and the rows are laid out alike.
+#define BF16 XBF16_DOTS
+
+// 32 bfloat16 of a row (nv = 2 per row: whole tiles), or its first 16 and zeros (nv = 1: tiles of
+// at most 16 tokens, whose lanes past 16 are zero anyway)
+BF16 static INLINE_ALWAYS __m512bh bf16_row(const uint16_t* p, int v, int nv) {
+    return (__m512bh)(nv == 2 ? _mm512_loadu_si512(p + 32 * v) : _mm512_maskz_loadu_epi16(0xFFFF, p));
+}
+
+BF16 static INLINE_ALWAYS void coeff_grads_bf16_w(float* restrict sacc, const uint16_t* restrict g,
+                                                 const uint16_t* restrict Xt, const int32_t* restrict soff, int e,
+                                                 int e1, int nv) {
+    __m512bh gv[2];
+    for (int v = 0; v < nv; v++) gv[v] = bf16_row(g, v, nv);
+    for (; e + 4 <= e1; e += 4) {
+        __m512 s[4];
+        for (int q = 0; q < 4; q++) {
+            if (nv == 2) {  // whole tiles: rows come from L2/L3 in schedule order
+                const int ea = e + q + RBE_PREFETCH < e1 ? e + q + RBE_PREFETCH : e + q;
+                const char* pa = (const char*)(Xt + soff[ea]);
+                _mm_prefetch(pa, _MM_HINT_T0);
+                _mm_prefetch(pa + 64, _MM_HINT_T0);
+            }
+            const uint16_t* x = Xt + soff[e + q];
+            s[q] = _mm512_dpbf16_ps(_mm512_setzero_ps(), gv[0], bf16_row(x, 0, nv));
+            if (nv == 2) s[q] = _mm512_dpbf16_ps(s[q], gv[1], bf16_row(x, 1, nv));
+        }
+        _mm_storeu_ps(sacc + e, _mm_add_ps(_mm_loadu_ps(sacc + e), hsum4(s[0], s[1], s[2], s[3])));
+    }
+    for (; e < e1; e++) {
+        const uint16_t* x = Xt + soff[e];
+        __m512 s = _mm512_dpbf16_ps(_mm512_setzero_ps(), gv[0], bf16_row(x, 0, nv));
+        if (nv == 2) s = _mm512_dpbf16_ps(s, gv[1], bf16_row(x, 1, nv));
+        sacc[e] += hsum(s);
+    }
+}
+
+BF16 static void coeff_grads_bf16(float* restrict sacc, const uint16_t* restrict g, const uint16_t* restrict Xt,
+                                  const int32_t* restrict soff, int e, int e1, int nl) {
+    if (nl == TL) coeff_grads_bf16_w(sacc, g, Xt, soff, e, e1, 2);
+    else coeff_grads_bf16_w(sacc, g, Xt, soff, e, e1, 1);
+}
+
+int rbe_cpu_has_avx512bf16(void) {
+    __builtin_cpu_init();
+    return rbe_cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+
+int rbe_bf16_dots_available(void) { return rbe_cpu_isa_level() == RBE_ISA_AVX512 && rbe_cpu_has_avx512bf16(); }
+
+// round to nearest even, as vcvtne2ps2bf16 does (NaN stays NaN; denormals become zero there)
+BF16 void rbe_to_bf16(uint16_t* out, const float* in, long n) {
+    long i = 0;
+    for (; i + 32 <= n; i += 32)
+        _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i)));
+    for (; i < n; i++) {
+        const __m128bh h = _mm_cvtneps_pbh(_mm_set_ss(in[i]));
+        memcpy(out + i, &h, sizeof(uint16_t));
+    }
+}
+
+XT void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const uint16_t* Gb,
+                                 const uint16_t* Xb, const rbe_weight_f32* W, const rbe_plan_f32* P,
+                                 const rbe_sched_f32* sched, int accumulate, long T, long p0, long p1) {
+    params_sched(dbasis, dcoeffs, Gh, Xh, Gb, Xb, W, P, sched, accumulate, T, p0, p1);
+}
+
 #else
 int rbe_cpu_has_avx512(void) { return 0; }
+int rbe_cpu_has_avx512bf16(void) { return 0; }
+int rbe_bf16_dots_available(void) { return 0; }
+void rbe_to_bf16(uint16_t* out, const float* in, long n) { (void)out, (void)in, (void)n; }
+void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const uint16_t* Gb,
+                              const uint16_t* Xb, const rbe_weight_f32* W, const rbe_plan_f32* P,
+                              const rbe_sched_f32* sched, int accumulate, long T, long p0, long p1) {
+    rbe_params_backward_f32(dbasis, dcoeffs, Gh, Xh, W, P, sched, accumulate, T, p0, p1);
+}
 #endif

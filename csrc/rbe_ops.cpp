@@ -11,15 +11,20 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "rbe.h"
 #include "rbe_dct_path.h"
 #include "rbe_ops_common.h"
 
-// The Python extension module: importing it loads the operators. Its one method, cpu_isa(),
-// names the float32 CPU kernels in use (rbe.h: "avx512", "avx2" or "portable").
+// The Python extension module: importing it loads the operators. cpu_isa() names the float32 CPU
+// kernels in use (rbe.h: "avx512", "avx2" or "portable"), bf16_dots() says whether they have
+// the bfloat16 dot products.
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(rbe_cpu_isa()); }
+
+// whether bfloat16 results get the parameter gradient's bfloat16 dot products (rbe.h)
+static PyObject* bf16_dots(PyObject*, PyObject*) { return PyBool_FromLong(rbe_bf16_dots_available()); }
 
 static PyObject* set_dct_few_tokens(PyObject*, PyObject* n) {
     const long long v = PyLong_AsLongLong(n);
@@ -38,6 +43,9 @@ extern "C" PyObject* PyInit__C(void) {
         {"cpu_isa", cpu_isa, METH_NOARGS,
          "The instruction set of the float32 CPU kernels: 'avx512', 'avx2' or 'portable' (the best the CPU "
          "has, capped by the environment variable RBE_FFN_ISA, read once)."},
+        {"bf16_dots", bf16_dots, METH_NOARGS,
+         "Whether the feed-forward backward's bf16_dots runs (AVX-512 BF16 present and the AVX-512 kernels "
+         "chosen)."},
         {"set_dct_path", set_dct_path, METH_O,
          "Route the linear and feed-forward operators of every device through the DCT-domain paths "
          "(csrc/rbe_dct_path.h) when true; returns the previous setting."},
@@ -436,10 +444,22 @@ static void few_linear_raw(T* y, T* pre, T* Xnext, const T* Xf, int64_t Tn, cons
 
 // gradients of y = x W^T + bias given g = dL/dy [T, out]; null outputs are skipped.
 // Xh_in: x already analysed (then x is unused).
+// n floats rounded to bfloat16 (rbe_to_bf16), for the parameter gradient's bfloat16 dot products
+static Tensor bf16_copy(const float* p, int64_t n, const at::TensorOptions& opt) {
+    Tensor out = at::empty({n}, opt.dtype(at::kBFloat16));
+    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    at::parallel_for(0, n, 1 << 15, [&](int64_t a, int64_t b) { rbe_to_bf16(o + a, p + a, (long)(b - a)); });
+    return out;
+}
+static const uint16_t* bf16_bits(const Tensor& t) {
+    return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
 template <typename T>
 static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accumulate, const T* g, const T* x,
                                 int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt,
-                                const T* Xh_in = nullptr, SchedCache* cache = nullptr, const Scales& scale = {}) {
+                                const T* Xh_in = nullptr, SchedCache* cache = nullptr, const Scales& scale = {},
+                                bool bf16_dots = false) {
     if (Tn == 0) return;
     const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), ntiles = cdiv(Tn, RBE_TILE);
     if (dbias)
@@ -484,6 +504,17 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
         Sched own;
         const Sched& sc = rows_sched<T>(cache, own, W, P, ntiles, true);
+        if constexpr (std::is_same_v<T, float>) {
+            if (bf16_dots && dcoeffs && sc.on && rbe_bf16_dots_available()) {  // dot products on bfloat16 copies
+                const Tensor Gb = bf16_copy(Gh.data_ptr<float>(), Gh.numel(), opt);
+                const Tensor Xb = bf16_copy(X, ntiles * C * (P.b + P.nf) * RBE_TILE, opt);
+                at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {
+                    rbe_params_backward_bf16(dbasis, dcoeffs, Gh.data_ptr<float>(), X, bf16_bits(Gb), bf16_bits(Xb),
+                                             &cw, &cp, sc.get(), accumulate, (long)Tn, (long)p0, (long)p1);
+                });
+                return;
+            }
+        }
         at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {  // block rows
             params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), X, &cw, &cp, sc.get(), accumulate, (long)Tn, (long)p0,
                             (long)p1);
@@ -634,7 +665,7 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
                                    const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
                                    int64_t d_model, int64_t d_ff, std::string activation, int64_t chunk_tokens,
                                    bool keep_pre, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-                                   double pattern_scale2, bool f32_activation) {
+                                   double pattern_scale2, bool f32_activation, bool bf16_dots) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2, d_model, d_ff,
                           activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"));
@@ -695,7 +726,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
     const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff, std::string activation,
     int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-    double pattern_scale2, bool f32_activation) {
+    double pattern_scale2, bool f32_activation, bool bf16_dots) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, c10::nullopt, d_model,
                           d_ff, activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"));
@@ -768,7 +799,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, mask[4] ? db2.data_ptr<T>() : nullptr,
                                    mask[5] ? dc2.data_ptr<T>() : nullptr, mask[6] ? dbias2.data_ptr<T>() : nullptr, acc,
                                    g2.data_ptr<T>() + t0 * d_model, saved ? hid.data_ptr<T>() : nullptr, n, a.W2, a.P,
-                                   opt, saved ? nullptr : Xh2.data_ptr<T>(), cached ? &s2 : nullptr, a.scales2);
+                                   opt, saved ? nullptr : Xh2.data_ptr<T>(), cached ? &s2 : nullptr, a.scales2,
+                                   bf16_dots);
             Xh2.reset();  // so the chunk's peak is h, dh and one transform-domain copy (the memory limit's budget)
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
@@ -783,7 +815,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() + t0 * d_model : nullptr,
                                    mask[1] ? db1.data_ptr<T>() : nullptr, mask[2] ? dc1.data_ptr<T>() : nullptr,
                                    mask[3] ? dbias1.data_ptr<T>() : nullptr, acc, dhp, xc, n, a.W1, a.P, opt, nullptr,
-                                   cached ? &s1 : nullptr, a.scales1);
+                                   cached ? &s1 : nullptr, a.scales1, bf16_dots);
         }
         const double m = std::isfinite(mg) ? mx : mg;
         check_finite_results<T>({dx, db1, dc1, dbias1, db2, dc2, dbias2}, m,
@@ -837,11 +869,11 @@ TORCH_LIBRARY(rbe_ffn, m) {
     m.def("ffn(Tensor x, Tensor plan, Tensor basis1, Tensor coeffs1, Tensor index1, Tensor? bias1, Tensor basis2, "
           "Tensor coeffs2, Tensor index2, Tensor? bias2, int d_model, int d_ff, str activation, int chunk_tokens, "
           "bool keep_pre, float coeff_scale1=1., float coeff_scale2=1., float pattern_scale1=1., "
-          "float pattern_scale2=1., bool f32_activation=False) -> (Tensor, Tensor)");
+          "float pattern_scale2=1., bool f32_activation=False, bool bf16_dots=False) -> (Tensor, Tensor)");
     m.def("ffn_backward(Tensor grad, Tensor x, Tensor pre, Tensor plan, Tensor basis1, Tensor coeffs1, "
           "Tensor index1, Tensor? bias1, Tensor basis2, Tensor coeffs2, Tensor index2, int d_model, int d_ff, "
           "str activation, int chunk_tokens, bool[7] output_mask, float coeff_scale1=1., float coeff_scale2=1., "
-          "float pattern_scale1=1., float pattern_scale2=1., bool f32_activation=False) -> "
+          "float pattern_scale1=1., float pattern_scale2=1., bool f32_activation=False, bool bf16_dots=False) -> "
           "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("activation(Tensor x, str activation) -> Tensor");
     m.def("activation_backward(Tensor grad, Tensor x, str activation) -> Tensor");

@@ -8,7 +8,8 @@
  *   VF, VW          the vector type and its float lanes (8 or 16; 16 divides every lane count)
  *   VZERO() VLOAD(p) VSTORE(p, v) VADD(a, b) VSUB(a, b) VMUL(a, b) VFMA(a, b, c) = a*b + c
  *   VSET1(x) VBCAST(p) (= VSET1(*p), from memory)
- * and, after it, the three primitives declared below, where the register blocking differs:
+ * and, after it, the three primitives declared below, where the register blocking differs
+ * (and coeff_grads_bf16 when it defines XBF16_DOTS, the target attribute of that one):
  *   gemm_tile       out[i][t] (+)= sum_p L[i*li + p*lp] Rm[p][t] over a tile (the pattern
  *                   projections and the dense parts of the fast DCT are all this one product);
  *   hsum(v)         the sum of a vector's lanes;
@@ -47,6 +48,14 @@ XT static inline float hsum(VF v);
 // sacc[e] += sum over nl lanes of g[t] * Xt[off[e] + t], for e in [e0, e1)
 XT static void coeff_grads(float* restrict sacc, const float* restrict g, const float* restrict Xt,
                            const int32_t* restrict off, int e0, int e1, int nl);
+
+#ifdef XBF16_DOTS
+// the same on bfloat16 rows (g and Xt rounded to bfloat16, float32 sums): XBF16_DOTS is its target
+// attribute (the instructions need AVX-512 BF16, which params_sched's own target lacks)
+XBF16_DOTS static void coeff_grads_bf16(float* restrict sacc, const uint16_t* restrict g,
+                                        const uint16_t* restrict Xt, const int32_t* restrict off, int e0, int e1,
+                                        int nl);
+#endif
 
 // Lanes a tile of nt tokens is computed on: a tile of at most 16 tokens (a few tokens at a time,
 // as in generation) takes 16 lanes, a quarter of the work; lanes past nt hold what zero-padded
@@ -446,9 +455,15 @@ XT void XSFX_BLOCKS(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, cons
     }
 }
 
-XT void XSFX(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
-                                      const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
-                                      int accumulate, long T, long p0, long p1) {
+// The scheduled parameter gradient. Gb, Xb (both or neither): Gh and Xh rounded to bfloat16, in
+// their layouts; with them the coefficients' dot products run on those (coeff_grads_bf16, which
+// the including file defines when XBF16_DOTS is set; only its entry point passes them).
+XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const uint16_t* Gb,
+                            const uint16_t* Xb, const rbe_weight_f32* W, const rbe_plan_f32* P,
+                            const rbe_sched_f32* sched, int accumulate, long T, long p0, long p1) {
+#ifndef XBF16_DOTS
+    (void)Gb, (void)Xb;  // no bfloat16 dot products at this width: its entry point passes NULL
+#endif
     const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
     const int32_t *sstart = sched->start, *soff = sched->off, *spos = sched->pos;
     float* sacc = sched->acc;
@@ -470,8 +485,17 @@ XT void XSFX(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, const float
             const float* G = Gh + ((size_t)tile * R + i) * rows * TL;
             if (dcoeffs) {
                 const int32_t* st = sstart + (size_t)i * (b + 1);
-                for (int u = 0; u < b; u++)
-                    if (st[u] < st[u + 1]) coeff_grads(sacc, G + (size_t)u * TL, Xt, soff, st[u], st[u + 1], nl);
+                for (int u = 0; u < b; u++) {
+                    if (st[u] == st[u + 1]) continue;
+#ifdef XBF16_DOTS
+                    if (Gb) {
+                        coeff_grads_bf16(sacc, Gb + ((size_t)tile * R + i) * rows * TL + (size_t)u * TL,
+                                         Xb + (size_t)tile * C * rows * TL, soff, st[u], st[u + 1], nl);
+                        continue;
+                    }
+#endif
+                    coeff_grads(sacc, G + (size_t)u * TL, Xt, soff, st[u], st[u + 1], nl);
+                }
             }
             if (dbasis)
                 for (int j = 0; j < C; j++)
@@ -485,6 +509,12 @@ XT void XSFX(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, const float
         else
             for (long e = e0; e < e1; e++) dcoeffs[spos[e]] = sacc[e];
     }
+}
+
+XT void XSFX(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
+                                      const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                                      int accumulate, long T, long p0, long p1) {
+    params_sched(dbasis, dcoeffs, Gh, Xh, NULL, NULL, W, P, sched, accumulate, T, p0, p1);
 }
 
 

@@ -102,7 +102,7 @@ def test_float64_layer_under_autocast_stays_float64():
 
 # ---- the activation evaluated in float32 when the result is 16-bit (f32_activation) ----
 class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the f32_activation argument of every rbe_ffn.ffn / ffn_backward call."""
+    """Records the (f32_activation, bf16_dots) arguments of every rbe_ffn.ffn / ffn_backward call."""
 
     def __init__(self):
         super().__init__()
@@ -112,9 +112,10 @@ class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
         kwargs = kwargs or {}
         name = func._schema.name
         if name in ("rbe_ffn::ffn", "rbe_ffn::ffn_backward"):
-            pos = [a.name for a in func._schema.arguments].index("f32_activation")
-            self.seen.setdefault(name, []).append(bool(kwargs.get("f32_activation", args[pos] if len(args) > pos
-                                                                  else False)))
+            names = [a.name for a in func._schema.arguments]
+            flags = tuple(bool(kwargs.get(f, args[names.index(f)] if len(args) > names.index(f) else False))
+                          for f in ("f32_activation", "bf16_dots"))
+            self.seen.setdefault(name, []).append(flags)
         return func(*args, **kwargs)
 
 
@@ -134,10 +135,13 @@ def test_16bit_results_evaluate_the_activation_in_float32(checkpoint):
     functional = calls(lambda: rbe_ffn.rbe_feed_forward(x.bfloat16().requires_grad_(),
                                                         (*m.fc1.numbers(), m.fc1.index, m.fc1.bias),
                                                         (*m.fc2.numbers(), m.fc2.index, m.fc2.bias), 64, 160, 16))
+    plain_fp16 = calls(lambda: m(x.half().requires_grad_()))
     float32 = calls(lambda: m(x))
-    want = {"rbe_ffn::ffn": [True], "rbe_ffn::ffn_backward": [True]}
+    want = {"rbe_ffn::ffn": [(True, True)], "rbe_ffn::ffn_backward": [(True, True)]}
     assert under_autocast == want and plain_bf16 == want and functional == want
-    assert float32 == {"rbe_ffn::ffn": [False], "rbe_ffn::ffn_backward": [False]}
+    # float16 keeps float32 dot products (bfloat16 operands would be coarser than the result)
+    assert plain_fp16 == {"rbe_ffn::ffn": [(True, False)], "rbe_ffn::ffn_backward": [(True, False)]}
+    assert float32 == {"rbe_ffn::ffn": [(False, False)], "rbe_ffn::ffn_backward": [(False, False)]}
 
 
 def _op_args(m, x, keep_pre):
@@ -175,3 +179,37 @@ def test_f32_activation_is_float32_close_and_changes_only_what_it_should(activat
         # float64 layers ignore it
         assert all(torch.equal(a, b) for a, b in zip(results[torch.float64, keep_pre, False],
                                                      results[torch.float64, keep_pre, True]))
+
+
+@pytest.mark.parametrize("tokens", [40, 150])  # one tile (no schedule: float32 dots), three tiles
+def test_bf16_dots_change_only_the_coefficient_gradients(tokens):
+    """bf16_dots: the coefficients' gradients from bfloat16 operands (AVX-512 BF16 CPUs, scheduled
+    calls); everything else the same bits. Their error against float32 is no worse than 2x the
+    dense module's own weight-gradient error under bf16 autocast (the C tests check the sums
+    against the rounded operands exactly)."""
+    from rbe_ffn import _C
+    from rbe_ffn._ops import ops
+    m = make()
+    x, g = torch.randn(tokens, 64), torch.randn(tokens, 64)
+    args = _op_args(m, x, True)
+    y, pre = ops.ffn(*args)
+    exact, fast = (ops.ffn_backward(g, x, pre, *args[1:9], *args[10:14], [True] * 7, bf16_dots=flag)
+                   for flag in (False, True))
+    coeffs = (2, 5)  # dcoeffs1, dcoeffs2
+    for i, (a, b) in enumerate(zip(exact, fast)):
+        if i not in coeffs:
+            assert torch.equal(a, b)
+    if not (_C.bf16_dots() and tokens > 64):  # not on this CPU, or a single tile: float32 dot products
+        assert all(torch.equal(exact[i], fast[i]) for i in coeffs)
+        return
+    dense = dense_twin(m)
+    h = x.clone().requires_grad_()
+    dense(h).backward(g)
+    g32 = [dense[0].weight.grad.clone(), dense[2].weight.grad.clone()]
+    dense.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dense(h)
+    out.float().backward(g)
+    err_dense = max(rel(dense[0].weight.grad, g32[0]), rel(dense[2].weight.grad, g32[1]))
+    err_rbe = max(rel(fast[i], exact[i]) for i in coeffs)
+    assert 0 < err_rbe <= 2 * err_dense, (err_rbe, err_dense)

@@ -42,8 +42,9 @@ def cpu_half_input(x, dtype: torch.dtype):
     torch.autocast("cpu", dtype=torch.bfloat16), which makes the layer before this one return
     bfloat16): the CPU kernels compute in the layer's dtype. Returns (the input to compute with,
     the dtype to give the output back in, or None when nothing is cast). The feed-forward
-    operators then evaluate the activation in float32 (``f32_activation``): the result is
-    rounded to 16 bits anyway."""
+    operators then evaluate the activation in float32 (``f32_activation``) and, for bfloat16,
+    run the parameter gradient's dot products on bfloat16 operands where the CPU has AVX-512
+    BF16 (``bf16_dots``): the result is rounded to 16 bits anyway."""
     if (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
             and dtype in (torch.float32, torch.float64)):
         return x.to(dtype), x.dtype
@@ -119,5 +120,6 @@ def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, acti
     x, out_dtype = cpu_half_input(x, fc1[0].dtype)
     plan = get_plan(block_size, x.dtype, x.device)
     y, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
-                   int(chunk_tokens), keep_pre(checkpoint), f32_activation=out_dtype is not None)
+                   int(chunk_tokens), keep_pre(checkpoint), f32_activation=out_dtype is not None,
+                   bf16_dots=out_dtype == torch.bfloat16)
     return _restore(y, out_dtype)

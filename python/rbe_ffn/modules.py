@@ -936,7 +936,7 @@ class RBEFeedForward(nn.Module):
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
                        self.d_model, self.d_ff, self.activation, chunk, keep_pre(self.checkpoint),
                        f1._coeff_scale, f2._coeff_scale, f1._pattern_scale, f2._pattern_scale,
-                       out_dtype is not None)
+                       out_dtype is not None, out_dtype == torch.bfloat16)
         y = _restore(y, out_dtype)
         if not torch.compiler.is_compiling():
             tokens = x.numel() // max(self.d_model, 1)

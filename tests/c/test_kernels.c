@@ -714,6 +714,73 @@ static double rel_err(const void* got, const void* ref, size_t n, int f32) {
     return e;
 }
 
+/* The parameter gradient with bfloat16 dot products (rbe_params_backward_bf16), where the CPU has
+ * AVX-512 BF16: rbe_to_bf16 rounds to nearest even (against a scalar rounding of the bits);
+ * dcoeffs are the sums, in double, of the products of the rounded operands, to float32 summation
+ * accuracy (float32 operands would be off by bfloat16's rounding, ~1e-3); dbasis is the float32
+ * kernel's, bit for bit; accumulate = 1 adds. db32, dc32: the float32 kernel's gradients. */
+static float bf16_value(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static void bf16_dots_case(const char* tag, const rbe_sched_f32* sc, const float* db32, const float* dc32,
+                           const float* Gh, const float* Xh, const void* ix, int wide, long T, int out, int in, int b,
+                           int nf, int k) {
+    static int reported;
+    if (!rbe_bf16_dots_available()) {
+        if (!reported++) printf("  (bfloat16 dot products: not on this CPU, not tested)\n");
+        return;
+    }
+    const int R = cdiv(out, b), C = cdiv(in, b), rows = b + nf;
+    const long nblk = (long)R * C, ntiles = (T + RBE_TILE - 1) / RBE_TILE;
+    const size_t ng = (size_t)ntiles * R * rows * RBE_TILE, nx = (size_t)ntiles * C * rows * RBE_TILE;
+    uint16_t* Gb = xmalloc(sizeof(uint16_t) * ng);
+    uint16_t* Xb = xmalloc(sizeof(uint16_t) * nx);
+    rbe_to_bf16(Gb, Gh, (long)ng);
+    rbe_to_bf16(Xb, Xh, (long)nx);
+    int bad_round = 0;
+    for (size_t i = 0; i < ng + nx; i++) {
+        const float v = i < ng ? Gh[i] : Xh[i - ng];
+        uint32_t u;
+        memcpy(&u, &v, sizeof u);
+        const uint16_t want = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        bad_round += (i < ng ? Gb[i] : Xb[i - ng]) != want;
+    }
+    CHECK(!bad_round, "%s: rbe_to_bf16 differs from rounding to nearest even in %d values", tag, bad_round);
+    float* db = xmalloc(sizeof(float) * nblk * 8);
+    float* dc = xmalloc(sizeof(float) * nblk * k);
+    double* ref = xmalloc(sizeof(double) * nblk * k);
+    const rbe_weight_f32 W = w32(NULL, NULL, ix, wide, out, in, b, k);
+    const rbe_plan_f32 P = {NULL, NULL, NULL, b, nf};
+    rbe_params_backward_bf16(db, dc, Gh, Xh, Gb, Xb, &W, &P, sc, 0, T, 0, R);
+    for (long blk = 0; blk < nblk; blk++)
+        for (int q = 0; q < k; q++) {
+            const long i = blk / C, j = blk % C;
+            const int idx = wide ? ((const int32_t*)ix)[blk * k + q] : ((const int16_t*)ix)[blk * k + q];
+            double sum = 0;
+            for (long tile = 0; tile < ntiles; tile++)
+                for (int t = 0; t < RBE_TILE; t++)
+                    sum += (double)bf16_value(Gb[((tile * R + i) * rows + idx / b) * RBE_TILE + t]) *
+                           bf16_value(Xb[((tile * C + j) * rows + idx % b) * RBE_TILE + t]);
+            ref[blk * k + q] = sum;
+        }
+    double* got = xmalloc(sizeof(double) * nblk * k);
+    from_t(got, dc, nblk * k, 1);
+    const double e = max_diff(got, ref, nblk * k) / fmax(1.0, max_abs(ref, nblk * k));
+    CHECK(e < 2e-6, "%s: bfloat16 dot products off the sums of the rounded operands by %.3e", tag, e);
+    CHECK(!memcmp(db, db32, sizeof(float) * nblk * 8), "%s: bfloat16 dot products changed dbasis", tag);
+    const double e32 = rel_err(dc, dc32, nblk * k, 1);
+    CHECK(e32 < 3e-2, "%s: bfloat16 dot products off the float32 ones by %.3e", tag, e32);
+    rbe_params_backward_bf16(NULL, dc, Gh, Xh, Gb, Xb, &W, &P, sc, 1, T, 0, R);  // accumulate: twice the sums
+    for (long e2 = 0; e2 < nblk * k; e2++) ref[e2] *= 2;
+    from_t(got, dc, nblk * k, 1);
+    const double ea = max_diff(got, ref, nblk * k) / fmax(1.0, max_abs(ref, nblk * k));
+    CHECK(ea < 4e-6, "%s: bfloat16 dot products, accumulate: off by %.3e", tag, ea);
+    free(Gb), free(Xb), free(db), free(dc), free(ref), free(got);
+}
+
 // mode 0: float64; 1: float32, the portable kernels; 2: float32 without schedules (the x86 kernels'
 // block-by-block paths); 3: with the run-grouped schedules. Modes 2 and 3 call the x86 kernels
 // g_x86 directly, or (g_x86 NULL) the dispatching entry points.
@@ -868,6 +935,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     CHECK(edb < tol, "%s: dbasis off by %.3e", tag, edb);
     CHECK(edc < tol, "%s: dcoeffs off by %.3e", tag, edc);
     CHECK(edbias < tol, "%s: dbias off by %.3e", tag, edbias);
+    if (mode == 3 && rsc) bf16_dots_case(tag, rsc, db, dc, Gh, Xh, ix, wide, T, out, in, b, nf, k);
 
     // accumulate = 1 adds to what is there (twice the gradient), NULL outputs are skipped, ranges split
     params_t(f32, rsc, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, 0, R / 2);  // block rows
