@@ -141,9 +141,10 @@ void rbe_decode_f64(double* w, const rbe_weight_f64* W, const double* tabs, doub
 /* ---- activations ---- */
 
 /* act | RBE_ACT_F32 (gelu, gelu_tanh, silu; float32 functions only, ignored by the double ones):
- * evaluated in float32 (rbe_act_f32.h: about 1e-6 relative, the same bits at every vector
- * width) instead of in double rounded once; what a bfloat16 computation asks for. Every kernel
- * that takes `act` passes the flag on to these functions. */
+ * evaluated in float32 (rbe_act_f32.h: within 1e-6 relative for values of 1e-6 and more, 2e-6
+ * for gelu_tanh; the same bits at every vector width) instead of in double rounded once; what a
+ * 16-bit result asks for. The float32 kernels that take `act` pass the flag on to these
+ * functions; the naive references ignore it (they evaluate the definitions). */
 #define RBE_ACT_F32 0x200
 /* y = act(x), elementwise, n values */
 void rbe_act_forward_f32(float* y, const float* x, long n, int act);
@@ -279,16 +280,19 @@ void rbe_params_backward_f64(double* dbasis, double* dcoeffs, const double* Gh, 
                              const rbe_weight_f64* W, const rbe_plan_f64* P, int accumulate, long T, long p0,
                              long p1);
 /* The same (float32, with a schedule) with the coefficients' dot products on bfloat16 operands:
- * Gb, Xb are Gh, Xh rounded to bfloat16 by rbe_to_bf16 (same layouts); the sums are float32 and
- * dbasis still comes from Gh, Xh. AVX-512 BF16 instructions (vdpbf16ps: half the bytes, half the
- * instructions per coefficient): only when rbe_bf16_dots_available(), i.e. the CPU has them and
- * the AVX-512 kernels are chosen. What a bfloat16 computation asks for (the rounding is
+ * per tile, the DCT rows of Xh and of each block row's Gh are rounded to bfloat16 (rbe_to_bf16)
+ * into scratch (rbe_params_bf16_scratch(W, nf) elements per thread); the sums are float32 and
+ * dbasis comes from Gh, Xh as before. AVX-512 BF16 instructions (vdpbf16ps: half the bytes,
+ * half the instructions per coefficient): only when rbe_bf16_dots_available(), i.e. the CPU
+ * has them, the AVX-512 kernels are chosen and the compiler knew them (GCC 10, clang 9);
+ * elsewhere it is rbe_params_backward_f32. What a bfloat16 result asks for (the rounding is
  * bfloat16's, about 4e-3 relative per operand). */
 int rbe_bf16_dots_available(void);
+size_t rbe_params_bf16_scratch(const rbe_weight_f32* W, int nf);
 void rbe_to_bf16(uint16_t* out, const float* in, long n); /* round to nearest even */
-void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const uint16_t* Gb,
-                              const uint16_t* Xb, const rbe_weight_f32* W, const rbe_plan_f32* P,
-                              const rbe_sched_f32* sched, int accumulate, long T, long p0, long p1);
+void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, uint16_t* scratch,
+                              const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                              int accumulate, long T, long p0, long p1);
 
 /* dbias[o] (+)= sum_t g[t][o] for o in [o0, o1); accumulate != 0 adds to dbias. g: [T, out] */
 void rbe_bias_backward_f32(float* dbias, const float* g, long T, int out, int accumulate, long o0, long o1);
@@ -308,7 +312,7 @@ const char* rbe_cpu_isa(void); /* their name: "avx512", "avx2" or "portable" */
 /* 1 when the CPU (and OS) has the instructions, whatever RBE_FFN_ISA says */
 int rbe_cpu_has_avx2(void);
 int rbe_cpu_has_avx512(void);
-int rbe_cpu_has_avx512bf16(void); /* and AVX-512 BF16 */
+int rbe_cpu_has_avx512bf16(void); /* and AVX-512 BF16 (0 if the compiler did not know it) */
 
 /* ---- naive references (decode, then dense arithmetic in double) ---- */
 

@@ -36,22 +36,6 @@ static inline float pow2_1(float n) {
 }
 #define POW2(n) pow2_1(n)
 #include "rbe_act_f32.h"
-#undef AT
-#undef ASFX
-#undef F
-#undef M
-#undef F1
-#undef ADD
-#undef SUB
-#undef MUL
-#undef DIV
-#undef FMA
-#undef ABS
-#undef MIN
-#undef MAX
-#undef LT
-#undef SEL
-#undef POW2
 
 // the activations rbe_act_f32.h evaluates (relu and none are exact in float anyway)
 static int f32_act(int act) { return act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU; }
@@ -213,22 +197,6 @@ AVX2 static long act_backward_avx2(float* dx, const float* dy, const float* x, l
 #define SEL(m, a, b) _mm256_blendv_ps(b, a, m)
 #define POW2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #include "rbe_act_f32.h"
-#undef AT
-#undef ASFX
-#undef F
-#undef M
-#undef F1
-#undef ADD
-#undef SUB
-#undef MUL
-#undef DIV
-#undef FMA
-#undef ABS
-#undef MIN
-#undef MAX
-#undef LT
-#undef SEL
-#undef POW2
 
 #define AVX512 __attribute__((target("avx512f,avx2,fma")))
 #define AT AVX512
@@ -248,22 +216,6 @@ AVX2 static long act_backward_avx2(float* dx, const float* dy, const float* x, l
 #define SEL(m, a, b) _mm512_mask_blend_ps(m, b, a)
 #define POW2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #include "rbe_act_f32.h"
-#undef AT
-#undef ASFX
-#undef F
-#undef M
-#undef F1
-#undef ADD
-#undef SUB
-#undef MUL
-#undef DIV
-#undef FMA
-#undef ABS
-#undef MIN
-#undef MAX
-#undef LT
-#undef SEL
-#undef POW2
 
 // y = act(x) (y may be x), and g = act'(x) when g is not NULL; dy: multiply g by it (the backward).
 // Whole vectors of the widest width the chosen kernels allow; returns how many values were done.
@@ -300,14 +252,13 @@ AVX512 static long f32_arrays_16(float* y, float* g, const float* dy, const floa
 }
 #endif
 
-/* RBE_ACT_F32: y = act(x) (y may be x); g (if not NULL) = act'(x), times dy if dy is not NULL.
- * The widest vectors the chosen kernels allow, then one lane at a time: the same bits. */
-static void f32_arrays(float* y, float* g, const float* dy, const float* x, long n, int act) {
+/* RBE_ACT_F32 (rbe_variants.h): vectors of `lanes` (16: AVX-512, 8: AVX2, 1), then one lane at a
+ * time for the tail */
+void rbe_act_f32_lanes(float* y, float* g, const float* dy, const float* x, long n, int act, int lanes) {
     long i = 0;
 #ifdef RBE_VEC_ACT
-    const int isa = rbe_cpu_isa_level();
-    if (isa >= RBE_ISA_AVX512) i = f32_arrays_16(y, g, dy, x, n, act);
-    else if (isa >= RBE_ISA_AVX2) i = f32_arrays_8(y, g, dy, x, n, act);
+    if (lanes == 16) i = f32_arrays_16(y, g, dy, x, n, act);
+    else if (lanes == 8) i = f32_arrays_8(y, g, dy, x, n, act);
 #endif
     for (; i < n; i++) {
         if (!g) {
@@ -319,6 +270,13 @@ static void f32_arrays(float* y, float* g, const float* dy, const float* x, long
         if (y) y[i] = yv;
         g[i] = dy ? dy[i] * gv : gv;
     }
+}
+
+/* RBE_ACT_F32: y = act(x) (y may be x); g (if not NULL) = act'(x), times dy if dy is not NULL.
+ * The widest vectors the chosen kernels allow: the same bits at every width. */
+static void f32_arrays(float* y, float* g, const float* dy, const float* x, long n, int act) {
+    const int isa = rbe_cpu_isa_level();
+    rbe_act_f32_lanes(y, g, dy, x, n, act, isa >= RBE_ISA_AVX512 ? 16 : isa >= RBE_ISA_AVX2 ? 8 : 1);
 }
 
 void rbe_act_forward_f32(float* y, const float* x, long n, int act) {

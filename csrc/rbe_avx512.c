@@ -33,7 +33,9 @@
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VSET1(x) _mm512_set1_ps(x)
 #define VBCAST(p) _mm512_set1_ps(*(p))
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
 #define XBF16_DOTS __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")))
+#endif /* older compilers know no AVX-512 BF16: float32 dot products only */
 #include "rbe_x86_impl.h"
 
 int rbe_cpu_has_avx512(void) {
@@ -129,6 +131,7 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
 }
 
 // ---- the parameter gradient's dot products on bfloat16 rows (AVX-512 BF16) ----
+#ifdef XBF16_DOTS
 // vdpbf16ps adds the products of 32 bfloat16 pairs into 16 float32 lanes (two per lane): a
 // 64-token row is two instructions on 128 bytes instead of four multiply-adds on 256. Which two
 // tokens share a lane does not matter: g and the rows are laid out alike.
@@ -179,8 +182,6 @@ int rbe_cpu_has_avx512bf16(void) {
     return rbe_cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
 }
 
-int rbe_bf16_dots_available(void) { return rbe_cpu_isa_level() == RBE_ISA_AVX512 && rbe_cpu_has_avx512bf16(); }
-
 // round to nearest even, as vcvtne2ps2bf16 does (NaN stays NaN; denormals become zero there)
 BF16 void rbe_to_bf16(uint16_t* out, const float* in, long n) {
     long i = 0;
@@ -192,20 +193,41 @@ BF16 void rbe_to_bf16(uint16_t* out, const float* in, long n) {
     }
 }
 
-XT void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const uint16_t* Gb,
-                                 const uint16_t* Xb, const rbe_weight_f32* W, const rbe_plan_f32* P,
-                                 const rbe_sched_f32* sched, int accumulate, long T, long p0, long p1) {
-    params_sched(dbasis, dcoeffs, Gh, Xh, Gb, Xb, W, P, sched, accumulate, T, p0, p1);
+XT void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, uint16_t* scratch,
+                                 const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                                 int accumulate, long T, long p0, long p1) {
+    params_sched(dbasis, dcoeffs, Gh, Xh, scratch, W, P, sched, accumulate, T, p0, p1);
 }
+#else
+int rbe_cpu_has_avx512bf16(void) { return 0; }
+#endif
 
 #else
 int rbe_cpu_has_avx512(void) { return 0; }
 int rbe_cpu_has_avx512bf16(void) { return 0; }
-int rbe_bf16_dots_available(void) { return 0; }
-void rbe_to_bf16(uint16_t* out, const float* in, long n) { (void)out, (void)in, (void)n; }
-void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const uint16_t* Gb,
-                              const uint16_t* Xb, const rbe_weight_f32* W, const rbe_plan_f32* P,
-                              const rbe_sched_f32* sched, int accumulate, long T, long p0, long p1) {
+#endif
+
+#if !defined(RBE_X86_KERNELS) || !defined(XBF16_DOTS)
+// no AVX-512 BF16 in this build: rbe_bf16_dots_available() is 0, so the operators never call
+// these; they still do what rbe.h says (round to nearest even; float32 dot products)
+void rbe_to_bf16(uint16_t* out, const float* in, long n) {
+    for (long i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, in + i, sizeof u);
+        out[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)((u >> 16) | 0x40u)
+                                                 : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, uint16_t* scratch,
+                              const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                              int accumulate, long T, long p0, long p1) {
+    (void)scratch;
     rbe_params_backward_f32(dbasis, dcoeffs, Gh, Xh, W, P, sched, accumulate, T, p0, p1);
 }
 #endif
+
+int rbe_bf16_dots_available(void) { return rbe_cpu_isa_level() == RBE_ISA_AVX512 && rbe_cpu_has_avx512bf16(); }
+
+size_t rbe_params_bf16_scratch(const rbe_weight_f32* W, int nf) {
+    return ((size_t)((W->in + W->b - 1) / W->b) * (W->b + nf) + (size_t)W->b) * RBE_TILE;
+}

@@ -183,17 +183,17 @@ static void act_forward_grad(double* y, double* g, const double* x, long n, int 
 }
 // the activations whose value and derivative share work (rbe_act_forward_grad); relu's backward
 // also must pass +0 where x <= 0 even for an infinite dy, which dy * act'(x) would turn into NaN
-// the activation code the kernels get: with RBE_ACT_F32 (evaluated in float32) when the caller
-// asks for it (f32_activation: the result is rounded to a 16-bit type anyway) and the layer is
-// float32; double layers and relu / none are exact either way
-static int with_f32_activation(int act, bool f32_activation, at::ScalarType dtype) {
-    const bool evaluated = act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU;
-    return f32_activation && dtype == at::kFloat && evaluated ? act | RBE_ACT_F32 : act;
-}
-
 static bool fused_act_grad(int act) {
     act &= ~RBE_ACT_F32;
     return act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU;
+}
+
+// the activation code the kernels get: with RBE_ACT_F32 (evaluated in float32) when the caller
+// asks for it (f32_activation: the result is rounded to a 16-bit type anyway) and the layer is
+// float32; double layers and relu / none are exact either way (the ones fused_act_grad names
+// are the ones rbe_act_f32.h evaluates)
+static int with_f32_activation(int act, bool f32_activation, at::ScalarType dtype) {
+    return f32_activation && dtype == at::kFloat && fused_act_grad(act) ? act | RBE_ACT_F32 : act;
 }
 static double max_abs(const float* x, long n) { return rbe_max_abs_f32(x, n); }
 static double max_abs(const double* x, long n) { return rbe_max_abs_f64(x, n); }
@@ -444,17 +444,6 @@ static void few_linear_raw(T* y, T* pre, T* Xnext, const T* Xf, int64_t Tn, cons
 
 // gradients of y = x W^T + bias given g = dL/dy [T, out]; null outputs are skipped.
 // Xh_in: x already analysed (then x is unused).
-// n floats rounded to bfloat16 (rbe_to_bf16), for the parameter gradient's bfloat16 dot products
-static Tensor bf16_copy(const float* p, int64_t n, const at::TensorOptions& opt) {
-    Tensor out = at::empty({n}, opt.dtype(at::kBFloat16));
-    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-    at::parallel_for(0, n, 1 << 15, [&](int64_t a, int64_t b) { rbe_to_bf16(o + a, p + a, (long)(b - a)); });
-    return out;
-}
-static const uint16_t* bf16_bits(const Tensor& t) {
-    return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-}
-
 template <typename T>
 static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accumulate, const T* g, const T* x,
                                 int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt,
@@ -505,12 +494,11 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         Sched own;
         const Sched& sc = rows_sched<T>(cache, own, W, P, ntiles, true);
         if constexpr (std::is_same_v<T, float>) {
-            if (bf16_dots && dcoeffs && sc.on && rbe_bf16_dots_available()) {  // dot products on bfloat16 copies
-                const Tensor Gb = bf16_copy(Gh.data_ptr<float>(), Gh.numel(), opt);
-                const Tensor Xb = bf16_copy(X, ntiles * C * (P.b + P.nf) * RBE_TILE, opt);
+            if (bf16_dots && dcoeffs && sc.on && rbe_bf16_dots_available()) {  // on bfloat16 copies, per tile
                 at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {
-                    rbe_params_backward_bf16(dbasis, dcoeffs, Gh.data_ptr<float>(), X, bf16_bits(Gb), bf16_bits(Xb),
-                                             &cw, &cp, sc.get(), accumulate, (long)Tn, (long)p0, (long)p1);
+                    std::vector<uint16_t> s(rbe_params_bf16_scratch(&cw, (int)P.nf));
+                    rbe_params_backward_bf16(dbasis, dcoeffs, Gh.data_ptr<float>(), X, s.data(), &cw, &cp, sc.get(),
+                                             accumulate, (long)Tn, (long)p0, (long)p1);
                 });
                 return;
             }

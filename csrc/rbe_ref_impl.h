@@ -35,7 +35,7 @@ void RBE_SFX(rbe_linear_forward_ref)(RBE_T* y, RBE_T* pre, const RBE_T* x, const
             double s = bias ? (double)bias[o] : 0.0;
             for (int c = 0; c < in; c++) s += (double)x[(size_t)t * in + c] * w[(size_t)o * in + c];
             if (pre) pre[(size_t)t * out + o] = (RBE_T)s;
-            y[(size_t)t * out + o] = (RBE_T)rbe_act_value(s, act);
+            y[(size_t)t * out + o] = (RBE_T)rbe_act_value(s, act & ~RBE_ACT_F32);  // the exact definition
         }
 }
 

@@ -33,6 +33,11 @@ static const int rbe_pattern_terms[RBE_NTERMS][3] = {
     {7, 2, 2}, /* Phi_7 = cos(pi z) cos(pi z)^T */
 };
 
+/* The activations evaluated in float32 (RBE_ACT_F32, rbe_act_f32.h) at a given width: lanes 16
+ * (AVX-512: the caller checks rbe_cpu_has_avx512), 8 (AVX2 + FMA) or 1; y = act(x) (y may be x),
+ * g (if not NULL) = act'(x), times dy if dy is not NULL. The same bits at every width (tested). */
+void rbe_act_f32_lanes(float* y, float* g, const float* dy, const float* x, long n, int act, int lanes);
+
 /* portable float32 kernels (the double ones are rbe.h's _f64 entry points, same bodies) */
 void rbe_analysis_f32_portable(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch,
                                long T, int n, long p0, long p1);

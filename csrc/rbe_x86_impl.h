@@ -455,14 +455,16 @@ XT void XSFX_BLOCKS(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, cons
     }
 }
 
-// The scheduled parameter gradient. Gb, Xb (both or neither): Gh and Xh rounded to bfloat16, in
-// their layouts; with them the coefficients' dot products run on those (coeff_grads_bf16, which
-// the including file defines when XBF16_DOTS is set; only its entry point passes them).
-XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, const uint16_t* Gb,
-                            const uint16_t* Xb, const rbe_weight_f32* W, const rbe_plan_f32* P,
-                            const rbe_sched_f32* sched, int accumulate, long T, long p0, long p1) {
+// The scheduled parameter gradient. bf16 (NULL: float32 dot products): scratch of
+// rbe_params_bf16_scratch elements; each tile's DCT rows of Xh, then each block row's of Gh, are
+// rounded to bfloat16 into it and the coefficients' dot products run on those
+// (coeff_grads_bf16, which the including file defines when XBF16_DOTS is set; only its entry
+// point passes bf16).
+XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, uint16_t* bf16,
+                            const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                            int accumulate, long T, long p0, long p1) {
 #ifndef XBF16_DOTS
-    (void)Gb, (void)Xb;  // no bfloat16 dot products at this width: its entry point passes NULL
+    (void)bf16;  // no bfloat16 dot products at this width: its entry point passes NULL
 #endif
     const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
     const int32_t *sstart = sched->start, *soff = sched->off, *spos = sched->pos;
@@ -481,21 +483,26 @@ XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, cons
         // Gh's lanes past the tile's tokens are zero (analysis of zero-padded gradients), so a
         // tile of at most 16 tokens sums 16 lanes: the same sums, a quarter of the work
         const int nl = lanes(T - tile * TL < TL ? (int)(T - tile * TL) : TL);
+#ifdef XBF16_DOTS
+        uint16_t* Gb = bf16 + (size_t)C * rows * TL;  // [b][TL] after the tile's [C][rows][TL]
+        if (bf16 && dcoeffs)
+            for (int j = 0; j < C; j++)  // the DCT rows, where the schedule's offsets point
+                rbe_to_bf16(bf16 + (size_t)j * rows * TL, Xt + (size_t)j * rows * TL, (long)b * TL);
+#endif
         for (long i = p0; i < p1; i++) {
             const float* G = Gh + ((size_t)tile * R + i) * rows * TL;
             if (dcoeffs) {
                 const int32_t* st = sstart + (size_t)i * (b + 1);
-                for (int u = 0; u < b; u++) {
-                    if (st[u] == st[u + 1]) continue;
 #ifdef XBF16_DOTS
-                    if (Gb) {
-                        coeff_grads_bf16(sacc, Gb + ((size_t)tile * R + i) * rows * TL + (size_t)u * TL,
-                                         Xb + (size_t)tile * C * rows * TL, soff, st[u], st[u + 1], nl);
-                        continue;
-                    }
+                if (bf16) {
+                    rbe_to_bf16(Gb, G, (long)b * TL);
+                    for (int u = 0; u < b; u++)
+                        if (st[u] < st[u + 1])
+                            coeff_grads_bf16(sacc, Gb + (size_t)u * TL, bf16, soff, st[u], st[u + 1], nl);
+                } else
 #endif
-                    coeff_grads(sacc, G + (size_t)u * TL, Xt, soff, st[u], st[u + 1], nl);
-                }
+                    for (int u = 0; u < b; u++)
+                        if (st[u] < st[u + 1]) coeff_grads(sacc, G + (size_t)u * TL, Xt, soff, st[u], st[u + 1], nl);
             }
             if (dbasis)
                 for (int j = 0; j < C; j++)
@@ -514,7 +521,7 @@ XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, cons
 XT void XSFX(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                       const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                                       int accumulate, long T, long p0, long p1) {
-    params_sched(dbasis, dcoeffs, Gh, Xh, NULL, NULL, W, P, sched, accumulate, T, p0, p1);
+    params_sched(dbasis, dcoeffs, Gh, Xh, NULL, W, P, sched, accumulate, T, p0, p1);
 }
 
 
