@@ -75,7 +75,14 @@ def isa_line() -> str:
             isa = f"error: {type(e).__name__}"
     return (f"cpu: {model or platform.processor()}; flags: {' '.join(have)}; "
             f"torch.backends.cpu.get_cpu_capability()={cap}; "
-            f"rbe_ffn.cpu_isa()={isa if isa is not None else 'n/a (not in this build)'}")
+            f"rbe_ffn.cpu_isa()={isa if isa is not None else 'n/a (not in this build)'}; "
+            f"bfloat16 dot products (rbe_ffn._C.bf16_dots()): {_bf16_dots()}")
+
+
+def _bf16_dots():
+    """Whether RBE's bf16 arm gets the coefficient gradients' bfloat16 dot products here."""
+    fn = getattr(getattr(rbe_ffn, "_C", None), "bf16_dots", None)
+    return bool(fn()) if callable(fn) else False
 
 
 # ---------------------------------------------------------------- arms
@@ -194,7 +201,10 @@ def build_arms(d_model, d_ff, block_size, k):
         if y.dtype == torch.float32:
             a.note += " (autocast leaves the RBE ops in float32 on CPU)"
         else:
-            a.note += " (computed in float32: the input cast up, the output to the autocast dtype)"
+            dots = "bfloat16 dot products for the coefficient gradients" if _bf16_dots() else \
+                "no bfloat16 dot products on this CPU"
+            a.note += (" (computed in float32: the input cast up, the output to the autocast dtype; the "
+                       f"activation evaluated in float32, {dots})")
         try:
             with torch.no_grad(), a.ctx():
                 rbe(x.bfloat16())

@@ -15,17 +15,20 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import contextlib
 import time
 
 # kernel families, matched on perf's symbol names in this order (first match wins)
 FAMILIES = (
     ("sparse products (forward rows, input-gradient columns)",
      r"sparse_sched|sparse_block|rbe_rows_forward|rbe_cols_backward|rbe_few_rows_forward|few_term"),
-    ("parameter gradient", r"coeff_grads|rbe_params_backward|pattern_backward|rbe_bias_backward"),
+    ("parameter gradient", r"coeff_grads|rbe_params_backward|params_sched|pattern_backward|rbe_bias_backward|"
+     r"rbe_to_bf16"),
     ("transforms (fast DCT, pattern projections, tile transposes)",
      r"gemm_tile|dct2_tile|dct3_tile|analyse_tile|synthesise_tile|rbe_analysis|store_tile|load_tile|few_matvec|"
      r"rbe_few_analysis|rbe_few_at"),
-    ("activation (double-precision erfc / exp and its passes)", r"erfc|_exp_|act_forward|act_backward|act_and"),
+    ("activation (double-precision erfc / exp, or float32 with 16-bit results, and its passes)",
+     r"erfc|_exp_|act_forward|act_backward|act_and|act_f32|act_grad_f32|f32_arrays"),
     ("schedules (regrouping the coefficients per call)", r"rbe_schedule|rbe_transpose_blocks|sched"),
     ("index snapshot and check, other copies, scales, scans",
      r"index_ok|rbe_index|memmove|memcpy|scale_rows|max_abs|nonfinite"),
@@ -84,6 +87,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=300)
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--checkpoint", action="store_true")
+    ap.add_argument("--autocast", action="store_true",
+                    help="run under torch.autocast('cpu', dtype=torch.bfloat16) (16-bit results)")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the timed loop")
     ap.add_argument("--macs", action="store_true", help="print the multiply-adds per token and stop")
     ap.add_argument("--report", metavar="PERF_DATA", help="group a perf recording by kernel family and stop")
@@ -108,12 +113,16 @@ def main() -> None:
         return
     x = torch.randn(a.tokens, a.d_model, requires_grad=a.mode == "step")
 
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.autocast else contextlib.nullcontext
+
     def once():
         if a.mode == "forward":
-            with torch.no_grad():
+            with torch.no_grad(), ctx():
                 m(x)
         else:
-            m(x).sum().backward()
+            with ctx():
+                y = m(x)
+            y.float().sum().backward()
             for p in m.parameters():
                 p.grad = None
             x.grad = None
@@ -121,7 +130,7 @@ def main() -> None:
     for _ in range(3):
         once()
     print(f"timed loop starts ({a.mode}, {a.tokens} tokens, {torch.get_num_threads()} threads, "
-          f"isa {rbe_ffn.cpu_isa()})", flush=True)
+          f"isa {rbe_ffn.cpu_isa()}{', bf16 autocast' if a.autocast else ''})", flush=True)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < a.seconds:
         once()
