@@ -76,12 +76,12 @@ def isa_line() -> str:
     return (f"cpu: {model or platform.processor()}; flags: {' '.join(have)}; "
             f"torch.backends.cpu.get_cpu_capability()={cap}; "
             f"rbe_ffn.cpu_isa()={isa if isa is not None else 'n/a (not in this build)'}; "
-            f"bfloat16 dot products (rbe_ffn._C.bf16_dots()): {_bf16_dots()}")
+            f"bfloat16 sparse operands (rbe_ffn._C.bf16_sparse()): {_bf16_sparse()}")
 
 
-def _bf16_dots():
-    """Whether RBE's bf16 arm gets the coefficient gradients' bfloat16 dot products here."""
-    fn = getattr(getattr(rbe_ffn, "_C", None), "bf16_dots", None)
+def _bf16_sparse():
+    """Whether RBE's bf16 arm runs its sparse products and coefficient gradients on bfloat16 operands."""
+    fn = getattr(getattr(rbe_ffn, "_C", None), "bf16_sparse", None)
     return bool(fn()) if callable(fn) else False
 
 
@@ -201,8 +201,8 @@ def build_arms(d_model, d_ff, block_size, k):
         if y.dtype == torch.float32:
             a.note += " (autocast leaves the RBE ops in float32 on CPU)"
         else:
-            dots = "bfloat16 dot products for the coefficient gradients" if _bf16_dots() else \
-                "no bfloat16 dot products on this CPU"
+            dots = "the sparse products and coefficient gradients on bfloat16 operands" if _bf16_sparse() else \
+                "float32 sparse products (no AVX-512 BF16 here)"
             a.note += (" (computed in float32: the input cast up, the output to the autocast dtype; the "
                        f"activation evaluated in float32, {dots})")
         try:

@@ -1,8 +1,9 @@
 """Error of 16-bit results on the CPU against float32, RBE beside dense (issue #11, item 3).
 
 Under torch.autocast("cpu", dtype=torch.bfloat16) a float32 RBEFeedForward computes in float32,
-evaluates its activation in float32 and (AVX-512 BF16 CPUs) takes the coefficient gradients from
-bfloat16 dot products; dense nn.Linear layers compute their products on bfloat16 operands. For
+evaluates its activation in float32 and (AVX-512 BF16 CPUs) runs its sparse products and
+coefficient gradients on bfloat16 operands; dense nn.Linear layers compute their products on
+bfloat16 operands. For
 each, the relative error (norm of the difference / norm of the float32 result) of the output,
 the input gradient and the weight gradients against the same module in float32, on the same
 bfloat16 input and upstream gradient. RBE's target: no worse than 2x dense's.
@@ -60,7 +61,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     from rbe_ffn import _C
-    print(f"rbe_ffn.cpu_isa()={rbe_ffn.cpu_isa()}; bfloat16 dot products: {_C.bf16_dots()}; "
+    print(f"rbe_ffn.cpu_isa()={rbe_ffn.cpu_isa()}; bfloat16 sparse operands: {_C.bf16_sparse()}; "
           f"{args.d_model}/{args.d_ff}, {args.tokens} tokens, b={args.block_size}, k={args.k}")
     rows = {"rbe": [], "dense": []}
     for seed in range(args.seeds):

@@ -279,17 +279,24 @@ void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, con
 void rbe_params_backward_f64(double* dbasis, double* dcoeffs, const double* Gh, const double* Xh,
                              const rbe_weight_f64* W, const rbe_plan_f64* P, int accumulate, long T, long p0,
                              long p1);
-/* The same (float32, with a schedule) with the coefficients' dot products on bfloat16 operands:
- * per tile, the DCT rows of Xh and of each block row's Gh are rounded to bfloat16 (rbe_to_bf16)
- * into scratch (rbe_params_bf16_scratch(W, nf) elements per thread); the sums are float32 and
- * dbasis comes from Gh, Xh as before. AVX-512 BF16 instructions (vdpbf16ps: half the bytes,
- * half the instructions per coefficient): only when rbe_bf16_dots_available(), i.e. the CPU
- * has them, the AVX-512 kernels are chosen and the compiler knew them (GCC 10, clang 9);
- * elsewhere it is rbe_params_backward_f32. What a bfloat16 result asks for (the rounding is
- * bfloat16's, about 4e-3 relative per operand). */
-int rbe_bf16_dots_available(void);
-size_t rbe_params_bf16_scratch(const rbe_weight_f32* W, int nf);
+/* The scheduled float32 kernels (rows forward, columns backward, parameter gradient; sched
+ * required, whole tiles) with their sparse products and coefficient dot products on bfloat16
+ * operands: per tile, the DCT rows of the source tile are rounded to bfloat16 (rbe_to_bf16)
+ * into bf16 / scratch, rbe_bf16_scratch(segments, b, nf) elements per thread (segments: the
+ * source tile's, C = in / b for rows and parameters, R = out / b for columns), the values too;
+ * products in pairs with AVX-512 BF16 vdpbf16ps (half the bytes), sums in float32. Everything
+ * else (pattern terms, transforms, dbasis) as in the float32 kernels. Only when
+ * rbe_bf16_sparse_available(): the CPU has the instructions, the AVX-512 kernels are chosen and
+ * the compiler knew them (GCC 10, clang 9); elsewhere these are the float32 kernels. What a
+ * bfloat16 result asks for (each operand rounded by up to 2^-9 relative). */
+int rbe_bf16_sparse_available(void);
+size_t rbe_bf16_scratch(int segments, int b, int nf);
 void rbe_to_bf16(uint16_t* out, const float* in, long n); /* round to nearest even */
+void rbe_rows_forward_bf16(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                           const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                           float* scratch, uint16_t* bf16, long T, long p0, long p1);
+void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                            const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1);
 void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, uint16_t* scratch,
                               const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                               int accumulate, long T, long p0, long p1);

@@ -5,8 +5,8 @@
  * half the loads and multiply-adds per coefficient, and a 16-lane tile (at most 16 tokens)
  * is a single register. This file holds what is particular to the width: gemm_tile's
  * register blocking, the lane sum and the parameter gradient's reductions (four entries
- * share one), and that gradient's dot products on bfloat16 copies of the tiles (AVX-512 BF16,
- * rbe_params_backward_bf16, for 16-bit results). Every lane runs the same chain of fused
+ * share one), and the scheduled kernels on bfloat16 operands (AVX-512 BF16: sparse_sched_bf16,
+ * coeff_grads_bf16 and their entry points, for 16-bit results). Every lane runs the same chain of fused
  * multiply-adds as in the AVX2 kernels, so the products (forward, input gradient) give the same
  * bits; the lane sums of the parameter gradient are associated differently (within float
  * rounding).
@@ -34,8 +34,8 @@
 #define VSET1(x) _mm512_set1_ps(x)
 #define VBCAST(p) _mm512_set1_ps(*(p))
 #if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
-#define XBF16_DOTS __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")))
-#endif /* older compilers know no AVX-512 BF16: float32 dot products only */
+#define XBF16 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")))
+#endif /* older compilers know no AVX-512 BF16: float32 operands only */
 #include "rbe_x86_impl.h"
 
 int rbe_cpu_has_avx512(void) {
@@ -130,12 +130,12 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
     else coeff_grads_w(sacc, g, Xt, soff, e, e1, 1);
 }
 
-// ---- the parameter gradient's dot products on bfloat16 rows (AVX-512 BF16) ----
-#ifdef XBF16_DOTS
+// ---- the scheduled kernels on bfloat16 rows (AVX-512 BF16) ----
+#ifdef XBF16
 // vdpbf16ps adds the products of 32 bfloat16 pairs into 16 float32 lanes (two per lane): a
 // 64-token row is two instructions on 128 bytes instead of four multiply-adds on 256. Which two
 // tokens share a lane does not matter: g and the rows are laid out alike.
-#define BF16 XBF16_DOTS
+#define BF16 XBF16
 
 // 32 bfloat16 of a row (nv = 2 per row: whole tiles), or its first 16 and zeros (nv = 1: tiles of
 // at most 16 tokens, whose lanes past 16 are zero anyway)
@@ -177,6 +177,59 @@ BF16 static void coeff_grads_bf16(float* restrict sacc, const uint16_t* restrict
     else coeff_grads_bf16_w(sacc, g, Xt, soff, e, e1, 1);
 }
 
+// out[key][:] = sum over the key's entries of val[e] * src[off[e]][:] on whole tiles, the rows in
+// bfloat16 and the values rounded to bfloat16: two entries per vdpbf16ps, their rows interleaved
+// token by token (vpunpck[lh]wd), so each lane adds c1 x1[t] + c2 x2[t]; the unpacks leave the
+// tokens of each 32 in the order [0-3, 8-11, 16-19, 24-27 | 4-7, 12-15, 20-23, 28-31], put back
+// by two permutes per 32 tokens before the store.
+BF16 static void sparse_sched_bf16(float* restrict out, const uint16_t* restrict src, const int32_t* restrict start,
+                                   const int32_t* restrict off, const float* restrict val, int b) {
+    const __m512i back0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i back1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int key = 0; key < b; key++) {
+        __m512 a[4];
+        for (int v = 0; v < 4; v++) a[v] = _mm512_setzero_ps();
+        const int e1 = start[key + 1];
+        int e = start[key];
+        for (; e < e1; e += 2) {
+            const int two = e + 1 < e1;
+            const uint16_t* x1 = src + off[e];
+            const uint16_t* x2 = two ? src + off[e + 1] : NULL;
+            const int ea = e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e;
+            _mm_prefetch((const char*)(src + off[ea]), _MM_HINT_T0);
+            _mm_prefetch((const char*)(src + off[ea]) + 64, _MM_HINT_T0);
+            if (ea + 1 < e1) {
+                _mm_prefetch((const char*)(src + off[ea + 1]), _MM_HINT_T0);
+                _mm_prefetch((const char*)(src + off[ea + 1]) + 64, _MM_HINT_T0);
+            }
+            const __m128bh cp = _mm_cvtneps_pbh(_mm_setr_ps(val[e], two ? val[e + 1] : 0.0f, 0.0f, 0.0f));
+            const __m512bh c = (__m512bh)_mm512_set1_epi32(_mm_cvtsi128_si32((__m128i)cp));
+            for (int h = 0; h < 2; h++) {
+                const __m512i r1 = _mm512_loadu_si512(x1 + 32 * h);
+                const __m512i r2 = two ? _mm512_loadu_si512(x2 + 32 * h) : _mm512_setzero_si512();
+                a[2 * h] = _mm512_dpbf16_ps(a[2 * h], c, (__m512bh)_mm512_unpacklo_epi16(r1, r2));
+                a[2 * h + 1] = _mm512_dpbf16_ps(a[2 * h + 1], c, (__m512bh)_mm512_unpackhi_epi16(r1, r2));
+            }
+        }
+        float* o = out + (long)key * TL;
+        for (int h = 0; h < 2; h++) {
+            _mm512_storeu_ps(o + 32 * h, _mm512_permutex2var_ps(a[2 * h], back0, a[2 * h + 1]));
+            _mm512_storeu_ps(o + 32 * h + 16, _mm512_permutex2var_ps(a[2 * h], back1, a[2 * h + 1]));
+        }
+    }
+}
+
+XT void rbe_rows_forward_bf16(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                              const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                              float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+    rows_body(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, bf16, T, p0, p1);
+}
+
+XT void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                               const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+    cols_backward(dx, Gh, Wt, P, sched, scratch, bf16, T, p0, p1);
+}
+
 int rbe_cpu_has_avx512bf16(void) {
     __builtin_cpu_init();
     return rbe_cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
@@ -207,9 +260,9 @@ int rbe_cpu_has_avx512(void) { return 0; }
 int rbe_cpu_has_avx512bf16(void) { return 0; }
 #endif
 
-#if !defined(RBE_X86_KERNELS) || !defined(XBF16_DOTS)
-// no AVX-512 BF16 in this build: rbe_bf16_dots_available() is 0, so the operators never call
-// these; they still do what rbe.h says (round to nearest even; float32 dot products)
+#if !defined(RBE_X86_KERNELS) || !defined(XBF16)
+// no AVX-512 BF16 in this build: rbe_bf16_sparse_available() is 0, so the operators never call
+// these; they still do what rbe.h says (round to nearest even; the float32 kernels)
 void rbe_to_bf16(uint16_t* out, const float* in, long n) {
     for (long i = 0; i < n; i++) {
         uint32_t u;
@@ -224,10 +277,21 @@ void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, co
     (void)scratch;
     rbe_params_backward_f32(dbasis, dcoeffs, Gh, Xh, W, P, sched, accumulate, T, p0, p1);
 }
+void rbe_rows_forward_bf16(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                           const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                           float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+    (void)bf16;
+    rbe_rows_forward_f32(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, T, p0, p1);
+}
+void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                            const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+    (void)bf16;
+    rbe_cols_backward_f32(dx, Gh, Wt, P, sched, scratch, T, p0, p1);
+}
 #endif
 
-int rbe_bf16_dots_available(void) { return rbe_cpu_isa_level() == RBE_ISA_AVX512 && rbe_cpu_has_avx512bf16(); }
+int rbe_bf16_sparse_available(void) { return rbe_cpu_isa_level() == RBE_ISA_AVX512 && rbe_cpu_has_avx512bf16(); }
 
-size_t rbe_params_bf16_scratch(const rbe_weight_f32* W, int nf) {
-    return ((size_t)((W->in + W->b - 1) / W->b) * (W->b + nf) + (size_t)W->b) * RBE_TILE;
+size_t rbe_bf16_scratch(int segments, int b, int nf) {
+    return ((size_t)segments * (size_t)(b + nf) + (size_t)b) * RBE_TILE;
 }

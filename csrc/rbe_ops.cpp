@@ -19,12 +19,11 @@
 #include "rbe_ops_common.h"
 
 // The Python extension module: importing it loads the operators. cpu_isa() names the float32 CPU
-// kernels in use (rbe.h: "avx512", "avx2" or "portable"), bf16_dots() says whether they have
-// the bfloat16 dot products.
+// kernels in use (rbe.h: "avx512", "avx2" or "portable"), bf16_sparse() whether they run the
+// sparse products on bfloat16 operands when asked (bf16_sparse of ffn / ffn_backward).
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(rbe_cpu_isa()); }
 
-// whether bfloat16 results get the parameter gradient's bfloat16 dot products (rbe.h)
-static PyObject* bf16_dots(PyObject*, PyObject*) { return PyBool_FromLong(rbe_bf16_dots_available()); }
+static PyObject* bf16_sparse(PyObject*, PyObject*) { return PyBool_FromLong(rbe_bf16_sparse_available()); }
 
 static PyObject* set_dct_few_tokens(PyObject*, PyObject* n) {
     const long long v = PyLong_AsLongLong(n);
@@ -43,9 +42,9 @@ extern "C" PyObject* PyInit__C(void) {
         {"cpu_isa", cpu_isa, METH_NOARGS,
          "The instruction set of the float32 CPU kernels: 'avx512', 'avx2' or 'portable' (the best the CPU "
          "has, capped by the environment variable RBE_FFN_ISA, read once)."},
-        {"bf16_dots", bf16_dots, METH_NOARGS,
-         "Whether the feed-forward backward's bf16_dots runs (AVX-512 BF16 present and the AVX-512 kernels "
-         "chosen)."},
+        {"bf16_sparse", bf16_sparse, METH_NOARGS,
+         "Whether the feed-forward's bf16_sparse takes effect (AVX-512 BF16 present, the AVX-512 kernels "
+         "chosen, a compiler that knows them)."},
         {"set_dct_path", set_dct_path, METH_O,
          "Route the linear and feed-forward operators of every device through the DCT-domain paths "
          "(csrc/rbe_dct_path.h) when true; returns the previous setting."},
@@ -380,7 +379,7 @@ static Tensor analyse(const T* x, int64_t Tn, int64_t n, const Plan& P, int whic
 template <typename T>
 static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, const T* bias, int act, const Plan& P,
                        const at::TensorOptions& opt, const T* Xh_in = nullptr, T* Xnext = nullptr,
-                       SchedCache* cache = nullptr, const Scales& scale = {}) {
+                       SchedCache* cache = nullptr, const Scales& scale = {}, bool bf16_sparse = false) {
     if (Tn == 0) return;
     TORCH_INTERNAL_ASSERT(!Xh_in || scale.none(), "linear_raw: scale an analysed input before the call");
     Tensor Xh;
@@ -397,6 +396,14 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
     at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
         std::vector<T> s;
         scratch_for(s, P);
+        if constexpr (std::is_same_v<T, float>) {
+            if (bf16_sparse && sc.on && rbe_bf16_sparse_available()) {  // bfloat16 operands (rbe.h)
+                std::vector<uint16_t> b16(rbe_bf16_scratch((int)cdiv(W.in, P.b), (int)P.b, (int)P.nf));
+                rbe_rows_forward_bf16(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), b16.data(),
+                                      (long)Tn, (long)p0, (long)p1);
+                return;
+            }
+        }
         rows_forward(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), (long)Tn, (long)p0, (long)p1);
     });
 }
@@ -448,7 +455,7 @@ template <typename T>
 static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accumulate, const T* g, const T* x,
                                 int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt,
                                 const T* Xh_in = nullptr, SchedCache* cache = nullptr, const Scales& scale = {},
-                                bool bf16_dots = false) {
+                                bool bf16_sparse = false) {
     if (Tn == 0) return;
     const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), ntiles = cdiv(Tn, RBE_TILE);
     if (dbias)
@@ -484,6 +491,14 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
             std::vector<T> s;
             scratch_for(s, P);
+            if constexpr (std::is_same_v<T, float>) {
+                if (bf16_sparse && sc.on && rbe_bf16_sparse_available()) {  // bfloat16 operands (rbe.h)
+                    std::vector<uint16_t> b16(rbe_bf16_scratch((int)R, (int)P.b, (int)P.nf));
+                    rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), b16.data(),
+                                           (long)Tn, (long)p0, (long)p1);
+                    return;
+                }
+            }
             cols_backward(dx, Gh.data_ptr<T>(), &cwt, &cp, sc.get(), s.data(), (long)Tn, (long)p0, (long)p1);
         });
     }
@@ -494,9 +509,9 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         Sched own;
         const Sched& sc = rows_sched<T>(cache, own, W, P, ntiles, true);
         if constexpr (std::is_same_v<T, float>) {
-            if (bf16_dots && dcoeffs && sc.on && rbe_bf16_dots_available()) {  // on bfloat16 copies, per tile
+            if (bf16_sparse && dcoeffs && sc.on && rbe_bf16_sparse_available()) {  // bfloat16 operands (rbe.h)
                 at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {
-                    std::vector<uint16_t> s(rbe_params_bf16_scratch(&cw, (int)P.nf));
+                    std::vector<uint16_t> s(rbe_bf16_scratch((int)C, (int)P.b, (int)P.nf));
                     rbe_params_backward_bf16(dbasis, dcoeffs, Gh.data_ptr<float>(), X, s.data(), &cw, &cp, sc.get(),
                                              accumulate, (long)Tn, (long)p0, (long)p1);
                 });
@@ -653,7 +668,7 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
                                    const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
                                    int64_t d_model, int64_t d_ff, std::string activation, int64_t chunk_tokens,
                                    bool keep_pre, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-                                   double pattern_scale2, bool f32_activation, bool bf16_dots) {
+                                   double pattern_scale2, bool f32_activation, bool bf16_sparse) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2, d_model, d_ff,
                           activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"));
@@ -698,10 +713,11 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
             const int64_t n = std::min(a.chunk, Tn - t0);
             linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, a.x2.data_ptr<T>() + t0 * d_model,
                           n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt, nullptr, Xh2.data_ptr<T>(),
-                          cached ? &s1 : nullptr, a.scales1);
+                          cached ? &s1 : nullptr, a.scales1, bf16_sparse);
             scale_rows(Xh2.data_ptr<T>(), cdiv(n, RBE_TILE) * cdiv(d_ff, a.P.b), a.P, RBE_TILE, a.scales2);
             linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, n, a.W2, ptr_or_null<T>(a.bias2),
-                          RBE_ACT_NONE, a.P, opt, Xh2.data_ptr<T>(), nullptr, cached ? &s2 : nullptr);
+                          RBE_ACT_NONE, a.P, opt, Xh2.data_ptr<T>(), nullptr, cached ? &s2 : nullptr, {},
+                          bf16_sparse);
         }
         check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
                                 "the output");
@@ -714,7 +730,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
     const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff, std::string activation,
     int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-    double pattern_scale2, bool f32_activation, bool bf16_dots) {
+    double pattern_scale2, bool f32_activation, bool bf16_sparse) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, c10::nullopt, d_model,
                           d_ff, activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"));
@@ -781,14 +797,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                 Xh2 = hidden_analysis(n, d_ff, a.P, opt);
                 linear_raw<T>(nullptr, hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1),
                               fused ? a.act | RBE_ACT_PRE_GRAD : a.act, a.P, opt, nullptr, Xh2.data_ptr<T>(),
-                              cached ? &s1 : nullptr, a.scales1);
+                              cached ? &s1 : nullptr, a.scales1, bf16_sparse);
                 h = hpre.data_ptr<T>();
             }
             linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, mask[4] ? db2.data_ptr<T>() : nullptr,
                                    mask[5] ? dc2.data_ptr<T>() : nullptr, mask[6] ? dbias2.data_ptr<T>() : nullptr, acc,
                                    g2.data_ptr<T>() + t0 * d_model, saved ? hid.data_ptr<T>() : nullptr, n, a.W2, a.P,
                                    opt, saved ? nullptr : Xh2.data_ptr<T>(), cached ? &s2 : nullptr, a.scales2,
-                                   bf16_dots);
+                                   bf16_sparse);
             Xh2.reset();  // so the chunk's peak is h, dh and one transform-domain copy (the memory limit's budget)
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
@@ -803,7 +819,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() + t0 * d_model : nullptr,
                                    mask[1] ? db1.data_ptr<T>() : nullptr, mask[2] ? dc1.data_ptr<T>() : nullptr,
                                    mask[3] ? dbias1.data_ptr<T>() : nullptr, acc, dhp, xc, n, a.W1, a.P, opt, nullptr,
-                                   cached ? &s1 : nullptr, a.scales1, bf16_dots);
+                                   cached ? &s1 : nullptr, a.scales1, bf16_sparse);
         }
         const double m = std::isfinite(mg) ? mx : mg;
         check_finite_results<T>({dx, db1, dc1, dbias1, db2, dc2, dbias2}, m,
@@ -857,11 +873,11 @@ TORCH_LIBRARY(rbe_ffn, m) {
     m.def("ffn(Tensor x, Tensor plan, Tensor basis1, Tensor coeffs1, Tensor index1, Tensor? bias1, Tensor basis2, "
           "Tensor coeffs2, Tensor index2, Tensor? bias2, int d_model, int d_ff, str activation, int chunk_tokens, "
           "bool keep_pre, float coeff_scale1=1., float coeff_scale2=1., float pattern_scale1=1., "
-          "float pattern_scale2=1., bool f32_activation=False, bool bf16_dots=False) -> (Tensor, Tensor)");
+          "float pattern_scale2=1., bool f32_activation=False, bool bf16_sparse=False) -> (Tensor, Tensor)");
     m.def("ffn_backward(Tensor grad, Tensor x, Tensor pre, Tensor plan, Tensor basis1, Tensor coeffs1, "
           "Tensor index1, Tensor? bias1, Tensor basis2, Tensor coeffs2, Tensor index2, int d_model, int d_ff, "
           "str activation, int chunk_tokens, bool[7] output_mask, float coeff_scale1=1., float coeff_scale2=1., "
-          "float pattern_scale1=1., float pattern_scale2=1., bool f32_activation=False, bool bf16_dots=False) -> "
+          "float pattern_scale1=1., float pattern_scale2=1., bool f32_activation=False, bool bf16_sparse=False) -> "
           "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("activation(Tensor x, str activation) -> Tensor");
     m.def("activation_backward(Tensor grad, Tensor x, str activation) -> Tensor");

@@ -9,7 +9,7 @@
  *   VZERO() VLOAD(p) VSTORE(p, v) VADD(a, b) VSUB(a, b) VMUL(a, b) VFMA(a, b, c) = a*b + c
  *   VSET1(x) VBCAST(p) (= VSET1(*p), from memory)
  * and, after it, the three primitives declared below, where the register blocking differs
- * (and coeff_grads_bf16 when it defines XBF16_DOTS, the target attribute of that one):
+ * (and sparse_sched_bf16, coeff_grads_bf16 when it defines XBF16, their target attribute):
  *   gemm_tile       out[i][t] (+)= sum_p L[i*li + p*lp] Rm[p][t] over a tile (the pattern
  *                   projections and the dense parts of the fast DCT are all this one product);
  *   hsum(v)         the sum of a vector's lanes;
@@ -49,10 +49,20 @@ XT static inline float hsum(VF v);
 XT static void coeff_grads(float* restrict sacc, const float* restrict g, const float* restrict Xt,
                            const int32_t* restrict off, int e0, int e1, int nl);
 
-#ifdef XBF16_DOTS
-// the same on bfloat16 rows (g and Xt rounded to bfloat16, float32 sums): XBF16_DOTS is its target
+#ifdef XBF16
+// the DCT rows [0, b) of each of n segments of a tile ([n][rows][TL]) rounded to bfloat16 into out,
+// at the same offsets (where the schedules point; the pattern rows are not read there)
+static inline void to_bf16_rows(uint16_t* out, const float* tile, int n, int rows, int b) {
+    for (int j = 0; j < n; j++) rbe_to_bf16(out + (size_t)j * rows * TL, tile + (size_t)j * rows * TL, (long)b * TL);
+}
+// out[key][:] = sum over the key's entries of val[e] * src[off[e]][:] (whole tiles) with the rows
+// and the values rounded to bfloat16, the sums in float32
+XBF16 static void sparse_sched_bf16(float* restrict out, const uint16_t* restrict src,
+                                         const int32_t* restrict start, const int32_t* restrict off,
+                                         const float* restrict val, int b);
+// the same on bfloat16 rows (g and Xt rounded to bfloat16, float32 sums): XBF16 is its target
 // attribute (the instructions need AVX-512 BF16, which params_sched's own target lacks)
-XBF16_DOTS static void coeff_grads_bf16(float* restrict sacc, const uint16_t* restrict g,
+XBF16 static void coeff_grads_bf16(float* restrict sacc, const uint16_t* restrict g,
                                         const uint16_t* restrict Xt, const int32_t* restrict off, int e0, int e1,
                                         int nl);
 #endif
@@ -298,9 +308,14 @@ XT static void pattern_backward(float* restrict D, const float* restrict G, cons
     for (int m = 0; m < nd; m++) axpy_lanes(D + (size_t)(RBE_NFIX + m) * TL, pk[1], G + (size_t)(RBE_NFIX + m) * TL, nl);
 }
 
-XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
-                                   const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
-                                   float* scratch, long T, long p0, long p1) {
+XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                         const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                         float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+#ifndef XBF16
+    (void)bf16;
+#else
+    long bf16_tile = -1;
+#endif
     const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
     const float* basis = W->basis;
     const int32_t* sstart = sched ? sched->start : NULL;
@@ -318,6 +333,13 @@ XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const flo
         const int nl = sstart ? TL : lanes(nt);  // the scheduled product works on whole tiles
         const float* Xt = Xh + (size_t)tile * C * rows * TL;
         if (sstart) {
+#ifdef XBF16
+            if (bf16) {  // the scheduled product works on whole tiles
+                if (bf16_tile != tile) to_bf16_rows(bf16, Xt, C, rows, b);
+                bf16_tile = tile;
+                sparse_sched_bf16(yh, bf16, sstart + (size_t)i * (b + 1), sched->off, sched->val, b);
+            } else
+#endif
             sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), sched->off, sched->val, b);
             for (int e = b * TL; e < rows * TL; e += VW) VSTORE(yh + e, VZERO());
         } else {
@@ -360,11 +382,24 @@ XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const flo
     }
 }
 
+XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
+                                   const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
+                                   float* scratch, long T, long p0, long p1) {
+    rows_body(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, NULL, T, p0, p1);
+}
+
 // Input gradient. With a schedule (transpose = 1) the transposed product runs run by run; without
 // one (a single tile of tokens), block by block on each block's coefficients re-sorted by column
 // (Wt: rbe_transpose_blocks, index = v*b + u, int32).
+// bf16 (NULL: float32): scratch of rbe_bf16_scratch(R, b, nf) elements for the scheduled product on
+// bfloat16 rows (sparse_sched_bf16; only the including file that defines XBF16 passes it)
 XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
-                             const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
+                             const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+#ifndef XBF16
+    (void)bf16;
+#else
+    long bf16_tile = -1;
+#endif
     const int out = Wt->out, in = Wt->in, b = Wt->b, k = Wt->k, nf = P->nf;
     const float* basis = Wt->basis;
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
@@ -379,6 +414,13 @@ XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* W
         const int nl = lanes(nt);
         const float* Gt = Gh + (size_t)tile * R * rows * TL;
         if (sched) {
+#ifdef XBF16
+            if (bf16) {  // on whole tiles (a short tile's lanes past its tokens are zero)
+                if (bf16_tile != tile) to_bf16_rows(bf16, Gt, R, rows, b);
+                bf16_tile = tile;
+                sparse_sched_bf16(dh, bf16, sched->start + (size_t)j * (b + 1), sched->off, sched->val, b);
+            } else
+#endif
             (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, sched->start + (size_t)j * (b + 1), sched->off,
                                                        sched->val, b);
             for (int e = b * TL; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
@@ -400,12 +442,12 @@ XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* W
 
 XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt,
                                            const rbe_plan_f32* P, float* scratch, long T, long p0, long p1) {
-    cols_backward(dx, Gh, Wt, P, NULL, scratch, T, p0, p1);
+    cols_backward(dx, Gh, Wt, P, NULL, scratch, NULL, T, p0, p1);
 }
 
 XT void XSFX(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
                                     const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
-    cols_backward(dx, Gh, Wt, P, sched, scratch, T, p0, p1);
+    cols_backward(dx, Gh, Wt, P, sched, scratch, NULL, T, p0, p1);
 }
 
 // db[k] += the tile's contribution to dL/dbasis_k of one block, G[g] . E[f] over the pattern
@@ -456,14 +498,14 @@ XT void XSFX_BLOCKS(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, cons
 }
 
 // The scheduled parameter gradient. bf16 (NULL: float32 dot products): scratch of
-// rbe_params_bf16_scratch elements; each tile's DCT rows of Xh, then each block row's of Gh, are
+// rbe_bf16_scratch(C, b, nf) elements; each tile's DCT rows of Xh, then each block row's of Gh, are
 // rounded to bfloat16 into it and the coefficients' dot products run on those
-// (coeff_grads_bf16, which the including file defines when XBF16_DOTS is set; only its entry
+// (coeff_grads_bf16, which the including file defines when XBF16 is set; only its entry
 // point passes bf16).
 XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, uint16_t* bf16,
                             const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                             int accumulate, long T, long p0, long p1) {
-#ifndef XBF16_DOTS
+#ifndef XBF16
     (void)bf16;  // no bfloat16 dot products at this width: its entry point passes NULL
 #endif
     const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
@@ -483,17 +525,15 @@ XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, cons
         // Gh's lanes past the tile's tokens are zero (analysis of zero-padded gradients), so a
         // tile of at most 16 tokens sums 16 lanes: the same sums, a quarter of the work
         const int nl = lanes(T - tile * TL < TL ? (int)(T - tile * TL) : TL);
-#ifdef XBF16_DOTS
+#ifdef XBF16
         uint16_t* Gb = bf16 + (size_t)C * rows * TL;  // [b][TL] after the tile's [C][rows][TL]
-        if (bf16 && dcoeffs)
-            for (int j = 0; j < C; j++)  // the DCT rows, where the schedule's offsets point
-                rbe_to_bf16(bf16 + (size_t)j * rows * TL, Xt + (size_t)j * rows * TL, (long)b * TL);
+        if (bf16 && dcoeffs) to_bf16_rows(bf16, Xt, C, rows, b);
 #endif
         for (long i = p0; i < p1; i++) {
             const float* G = Gh + ((size_t)tile * R + i) * rows * TL;
             if (dcoeffs) {
                 const int32_t* st = sstart + (size_t)i * (b + 1);
-#ifdef XBF16_DOTS
+#ifdef XBF16
                 if (bf16) {
                     rbe_to_bf16(Gb, G, (long)b * TL);
                     for (int u = 0; u < b; u++)

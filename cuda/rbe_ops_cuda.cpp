@@ -414,7 +414,7 @@ std::tuple<Tensor, Tensor> ffn_cuda(const Tensor& x, const Tensor& plan, const T
                                     int64_t d_model, int64_t d_ff, std::string activation, int64_t chunk_tokens,
                                     bool keep_pre, double coeff_scale1, double coeff_scale2, double pattern_scale1,
                                     double pattern_scale2, bool /*f32_activation: the CUDA kernels evaluate in double*/,
-    bool /*bf16_dots: a CPU kernel*/) {
+    bool /*bf16_sparse: a CPU kernel*/) {
     const OpScope scope(x);
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2, d_model, d_ff,
                           activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
@@ -448,7 +448,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff, std::string activation,
     int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2, double pattern_scale1,
     double pattern_scale2, bool /*f32_activation: the CUDA kernels evaluate in double*/,
-    bool /*bf16_dots: a CPU kernel*/) {
+    bool /*bf16_sparse: a CPU kernel*/) {
     const OpScope scope(x);
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, c10::nullopt, d_model,
                           d_ff, activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),

@@ -102,7 +102,7 @@ def test_float64_layer_under_autocast_stays_float64():
 
 # ---- the activation evaluated in float32 when the result is 16-bit (f32_activation) ----
 class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the (f32_activation, bf16_dots) arguments of every rbe_ffn.ffn / ffn_backward call."""
+    """Records the (f32_activation, bf16_sparse) arguments of every rbe_ffn.ffn / ffn_backward call."""
 
     def __init__(self):
         super().__init__()
@@ -114,7 +114,7 @@ class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
         if name in ("rbe_ffn::ffn", "rbe_ffn::ffn_backward"):
             names = [a.name for a in func._schema.arguments]
             flags = tuple(bool(kwargs.get(f, args[names.index(f)] if len(args) > names.index(f) else False))
-                          for f in ("f32_activation", "bf16_dots"))
+                          for f in ("f32_activation", "bf16_sparse"))
             self.seen.setdefault(name, []).append(flags)
         return func(*args, **kwargs)
 
@@ -184,36 +184,27 @@ def test_f32_activation_is_float32_close_and_changes_only_what_it_should(activat
                                                      results[torch.float64, keep_pre, True]))
 
 
-# one tile (no schedule: float32 dots); three tiles, the last of 2 tokens (16 lanes); three full ones
+# one tile (no schedule: float32 operands); three tiles, the last of 2 tokens; three full ones
+@pytest.mark.parametrize("checkpoint", [False, True])
 @pytest.mark.parametrize("tokens", [40, 130, 192])
-def test_bf16_dots_change_only_the_coefficient_gradients(tokens):
-    """bf16_dots: the coefficients' gradients from bfloat16 operands (AVX-512 BF16 CPUs, scheduled
-    calls); everything else the same bits. Their error against float32 is no worse than 2x the
-    dense module's own weight-gradient error under bf16 autocast (the C tests check the sums
-    against the rounded operands exactly)."""
+def test_bf16_sparse_is_bfloat16_close(tokens, checkpoint):
+    """bf16_sparse: the sparse products and the coefficient gradients on bfloat16 operands (AVX-512
+    BF16 CPUs, calls of more than one tile). The forward and every gradient stay within bfloat16
+    rounding of the float32 ones (the C tests check the kernels against the rounded operands to
+    float32 accuracy; bench/bf16_error.py's test bounds the module's error by dense bf16's)."""
     from rbe_ffn import _C
     from rbe_ffn._ops import ops
     m = make()
     x, g = torch.randn(tokens, 64), torch.randn(tokens, 64)
-    args = _op_args(m, x, True)
-    y, pre = ops.ffn(*args)
-    exact, fast = (ops.ffn_backward(g, x, pre, *args[1:9], *args[10:14], [True] * 7, bf16_dots=flag)
-                   for flag in (False, True))
-    coeffs = (2, 5)  # dcoeffs1, dcoeffs2
-    for i, (a, b) in enumerate(zip(exact, fast)):
-        if i not in coeffs:
-            assert torch.equal(a, b)
-    if not (_C.bf16_dots() and tokens > 64):  # not on this CPU, or a single tile: float32 dot products
-        assert all(torch.equal(exact[i], fast[i]) for i in coeffs)
+    args = _op_args(m, x, not checkpoint)
+    res = {}
+    for flag in (False, True):
+        y, pre = ops.ffn(*args, bf16_sparse=flag)
+        res[flag] = (y, *ops.ffn_backward(g, x, pre, *args[1:9], *args[10:14], [True] * 7, bf16_sparse=flag))
+    if not (_C.bf16_sparse() and tokens > 64):  # not on this CPU, or a single tile: float32 operands
+        assert all(torch.equal(a, b) for a, b in zip(res[False], res[True]))
         return
-    dense = dense_twin(m)
-    h = x.clone().requires_grad_()
-    dense(h).backward(g)
-    g32 = [dense[0].weight.grad.clone(), dense[2].weight.grad.clone()]
-    dense.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = dense(h)
-    out.float().backward(g)
-    err_dense = max(rel(dense[0].weight.grad, g32[0]), rel(dense[2].weight.grad, g32[1]))
-    err_rbe = max(rel(fast[i], exact[i]) for i in coeffs)
-    assert 0 < err_rbe <= 2 * err_dense, (err_rbe, err_dense)
+    names = ["y", "dx", "dbasis1", "dcoeffs1", "dbias1", "dbasis2", "dcoeffs2", "dbias2"]
+    for name, a, b in zip(names, res[False], res[True]):
+        assert rel(b, a) < 2e-2, name
+    assert not torch.equal(res[False][0], res[True][0]) and not torch.equal(res[False][3], res[True][3])

@@ -258,7 +258,7 @@ _register_autograd("linear", _linear_backward, _linear_setup)
 @torch.library.register_fake("rbe_ffn::ffn")
 def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
               d_model, d_ff, activation, chunk_tokens, keep_pre, coeff_scale1=1.0, coeff_scale2=1.0,
-              pattern_scale1=1.0, pattern_scale2=1.0, f32_activation=False, bf16_dots=False):
+              pattern_scale1=1.0, pattern_scale2=1.0, f32_activation=False, bf16_sparse=False):
     _one_device("ffn", x=x, plan=plan, basis1=basis1, coeffs1=coeffs1, index1=index1, bias1=bias1,
                 basis2=basis2, coeffs2=coeffs2, index2=index2, bias2=bias2)
     torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
@@ -269,7 +269,7 @@ def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, 
 @torch.library.register_fake("rbe_ffn::ffn_backward")
 def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2,
                        d_model, d_ff, activation, chunk_tokens, output_mask, coeff_scale1=1.0, coeff_scale2=1.0,
-                       pattern_scale1=1.0, pattern_scale2=1.0, f32_activation=False, bf16_dots=False):
+                       pattern_scale1=1.0, pattern_scale2=1.0, f32_activation=False, bf16_sparse=False):
     _one_device("ffn_backward", grad=grad, x=x, pre=pre, plan=plan, basis1=basis1, coeffs1=coeffs1,
                 index1=index1, bias1=bias1, basis2=basis2, coeffs2=coeffs2, index2=index2)
     shapes = [x.shape, basis1.shape, coeffs1.shape, (d_ff,), basis2.shape, coeffs2.shape, (d_model,)]
@@ -283,9 +283,9 @@ def _ffn_setup(ctx, inputs, output):
     # checkpointed (keep_pre=False): pre is an empty tensor, so only x is saved
     ctx.save_for_backward(x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2)
     ctx.args = (d_model, d_ff, activation, chunk_tokens)
-    # coeff_scale1, coeff_scale2, pattern_scale1, pattern_scale2, f32_activation, bf16_dots (those
+    # coeff_scale1, coeff_scale2, pattern_scale1, pattern_scale2, f32_activation, bf16_sparse (those
     # given): the backward evaluates the activation's derivative as the forward evaluated the
-    # activation, and takes the forward's word for bfloat16 dot products
+    # activation, and takes the forward's word for bfloat16 sparse operands
     ctx.rest = tuple(rest)
     ctx.mark_non_differentiable(pre)
     # pre never receives a gradient: without this autograd would materialize a
@@ -370,9 +370,9 @@ def _autocast_cpu(op):
     dtype a dense one would. A float64 layer stays float64, as autocast leaves float64 alone.
     Parameters and their gradients stay in the layer's dtype; autograd carries the gradient
     back through the casts. A float32 layer whose output goes to a 16-bit dtype gets the op's
-    f32_activation (and, for bfloat16, bf16_dots) set, where the op has them (ffn)."""
+    f32_activation (and, for bfloat16, bf16_sparse) set, where the op has them (ffn)."""
     names = [a.name for a in op._schema.arguments]
-    flags = {n: names.index(n) for n in ("f32_activation", "bf16_dots") if n in names}
+    flags = {n: names.index(n) for n in ("f32_activation", "bf16_sparse") if n in names}
 
     def kernel(x, plan, *rest, **kwargs):
         out_dtype = torch.get_autocast_dtype("cpu")
@@ -381,9 +381,9 @@ def _autocast_cpu(op):
             x = x.to(compute)
         if compute == torch.float32:
             # the output is rounded to 16 bits: the activation may be evaluated in float32, and
-            # (bfloat16) the parameter gradient's dot products may run on bfloat16 operands
+            # (bfloat16) the sparse products and coefficient gradients may take bfloat16 operands
             for flag in (("f32_activation",) if out_dtype in HALF else ()) + \
-                    (("bf16_dots",) if out_dtype == torch.bfloat16 else ()):
+                    (("bf16_sparse",) if out_dtype == torch.bfloat16 else ()):
                 if flag not in flags:
                     continue
                 at = flags[flag] - 2  # its position in rest

@@ -43,8 +43,8 @@ def cpu_half_input(x, dtype: torch.dtype):
     bfloat16): the CPU kernels compute in the layer's dtype. Returns (the input to compute with,
     the dtype to give the output back in, or None when nothing is cast). The feed-forward
     operators then evaluate the activation in float32 (``f32_activation``) and, for bfloat16,
-    run the parameter gradient's dot products on bfloat16 operands where the CPU has AVX-512
-    BF16 (``bf16_dots``): the result is rounded to 16 bits anyway."""
+    run the sparse products and coefficient gradients on bfloat16 operands where the CPU has
+    AVX-512 BF16 (``bf16_sparse``): the result is rounded to 16 bits anyway."""
     if (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
             and dtype in (torch.float32, torch.float64)):
         return x.to(dtype), x.dtype
@@ -121,5 +121,5 @@ def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, acti
     plan = get_plan(block_size, x.dtype, x.device)
     y, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
                    int(chunk_tokens), keep_pre(checkpoint), f32_activation=out_dtype is not None,
-                   bf16_dots=out_dtype == torch.bfloat16)
+                   bf16_sparse=out_dtype == torch.bfloat16)
     return _restore(y, out_dtype)

@@ -729,7 +729,7 @@ static void bf16_dots_case(const char* tag, const rbe_sched_f32* sc, const float
                            const float* Gh, const float* Xh, const void* ix, int wide, long T, int out, int in, int b,
                            int nf, int k) {
     static int reported;
-    if (!rbe_bf16_dots_available()) {
+    if (!rbe_bf16_sparse_available()) {
         if (!reported++) printf("  (bfloat16 dot products: not on this CPU, not tested)\n");
         return;
     }
@@ -754,7 +754,7 @@ static void bf16_dots_case(const char* tag, const rbe_sched_f32* sc, const float
     double* ref = xmalloc(sizeof(double) * nblk * k);
     const rbe_weight_f32 W = w32(NULL, NULL, ix, wide, out, in, b, k);
     const rbe_plan_f32 P = {NULL, NULL, NULL, b, nf};
-    uint16_t* scr = xmalloc(sizeof(uint16_t) * rbe_params_bf16_scratch(&W, nf));  // exact size (ASan)
+    uint16_t* scr = xmalloc(sizeof(uint16_t) * rbe_bf16_scratch(C, b, nf));  // exact size (ASan)
     rbe_params_backward_bf16(db, dc, Gh, Xh, scr, &W, &P, sc, 0, T, 0, R / 2);  // two ranges of block rows
     rbe_params_backward_bf16(db, dc, Gh, Xh, scr, &W, &P, sc, 0, T, R / 2, R);
     for (long blk = 0; blk < nblk; blk++)
@@ -781,6 +781,59 @@ static void bf16_dots_case(const char* tag, const rbe_sched_f32* sc, const float
     const double ea = max_diff(got, ref, nblk * k) / fmax(1.0, max_abs(ref, nblk * k));
     CHECK(ea < 4e-6, "%s: bfloat16 dot products, accumulate: off by %.3e", tag, ea);
     free(Gb), free(Xb), free(scr), free(db), free(dc), free(ref), free(got);
+}
+
+/* The sparse products on bfloat16 operands (rbe_rows_forward_bf16, rbe_cols_backward_bf16):
+ * against the AVX-512 float32 kernels run on the same operands rounded to bfloat16 values (the
+ * DCT rows of the source tile, the schedule's values), to float32 summation accuracy; a wrong
+ * pairing or token order would be off by the size of the values. */
+static void round_bf16_rows(float* t, long tiles, int segs, int rows, int b) {  // the DCT rows, in place
+    for (long s = 0; s < tiles * segs; s++)
+        for (size_t e = 0; e < (size_t)b * RBE_TILE; e++) {
+            float* v = t + (size_t)s * rows * RBE_TILE + e;
+            uint16_t h;
+            rbe_to_bf16(&h, v, 1);
+            *v = bf16_value(h);
+        }
+}
+static void bf16_products_case(const char* tag, const rbe_sched_f32* rsc, const rbe_sched_f32* csc, const void* plan,
+                               const void* basis, const void* bias, const float* Gh, const float* Xh, long T, int out,
+                               int in, int b, int nf, int k) {
+    if (!rbe_bf16_sparse_available()) return;  // bf16_dots_case said so
+    const int R = cdiv(out, b), C = cdiv(in, b), rows = b + nf;
+    const long nblk = (long)R * C, ntiles = (T + RBE_TILE - 1) / RBE_TILE;
+    const size_t ng = (size_t)ntiles * R * rows * RBE_TILE, nx = (size_t)ntiles * C * rows * RBE_TILE;
+    float* Gr = xmalloc(sizeof(float) * ng);
+    float* Xr = xmalloc(sizeof(float) * nx);
+    memcpy(Gr, Gh, sizeof(float) * ng), memcpy(Xr, Xh, sizeof(float) * nx);
+    round_bf16_rows(Gr, ntiles, R, rows, b);
+    round_bf16_rows(Xr, ntiles, C, rows, b);
+    float* rv = xmalloc(sizeof(float) * nblk * k);
+    float* cv = xmalloc(sizeof(float) * nblk * k);
+    memcpy(rv, rsc->val, sizeof(float) * nblk * k), memcpy(cv, csc->val, sizeof(float) * nblk * k);
+    for (long e = 0; e < nblk * k; e++) {
+        uint16_t h;
+        rbe_to_bf16(&h, rv + e, 1), rv[e] = bf16_value(h);
+        rbe_to_bf16(&h, cv + e, 1), cv[e] = bf16_value(h);
+    }
+    rbe_sched_f32 rr = *rsc, cr = *csc;
+    rr.val = rv, cr.val = cv;
+    const rbe_plan_f32 P = rbe_plan_view_f32(plan, b, nf);
+    const rbe_weight_f32 W = w32(basis, NULL, NULL, 1, out, in, b, k);
+    float* s = xmalloc(sizeof(float) * rbe_rows_scratch(b, nf));
+    uint16_t* s16 = xmalloc(sizeof(uint16_t) * rbe_bf16_scratch(C > R ? C : R, b, nf));
+    float *y1 = xmalloc(sizeof(float) * T * out), *y2 = xmalloc(sizeof(float) * T * out);
+    float *p1 = xmalloc(sizeof(float) * T * out), *p2 = xmalloc(sizeof(float) * T * out);
+    rbe_x86_avx512.rows_forward(y1, p1, NULL, Xr, &W, &P, &rr, bias, RBE_ACT_GELU, s, T, 0, ntiles * R);
+    rbe_rows_forward_bf16(y2, p2, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, s16, T, 0, ntiles * R);
+    const double ey = rel_err(y2, y1, (size_t)T * out, 1), ep = rel_err(p2, p1, (size_t)T * out, 1);
+    CHECK(ey < 1e-5 && ep < 1e-5, "%s: bfloat16 rows forward off the rounded operands' by %.3e / %.3e", tag, ey, ep);
+    float *d1 = xmalloc(sizeof(float) * T * in), *d2 = xmalloc(sizeof(float) * T * in);
+    rbe_x86_avx512.cols_backward(d1, Gr, &W, &P, &cr, s, T, 0, ntiles * C);
+    rbe_cols_backward_bf16(d2, Gh, &W, &P, csc, s, s16, T, 0, ntiles * C);
+    const double ed = rel_err(d2, d1, (size_t)T * in, 1);
+    CHECK(ed < 1e-5, "%s: bfloat16 columns backward off the rounded operands' by %.3e", tag, ed);
+    free(Gr), free(Xr), free(rv), free(cv), free(s), free(s16), free(y1), free(y2), free(p1), free(p2), free(d1), free(d2);
 }
 
 // mode 0: float64; 1: float32, the portable kernels; 2: float32 without schedules (the x86 kernels'
@@ -937,7 +990,10 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     CHECK(edb < tol, "%s: dbasis off by %.3e", tag, edb);
     CHECK(edc < tol, "%s: dcoeffs off by %.3e", tag, edc);
     CHECK(edbias < tol, "%s: dbias off by %.3e", tag, edbias);
-    if (mode == 3 && rsc) bf16_dots_case(tag, rsc, db, dc, Gh, Xh, ix, wide, T, out, in, b, nf, k);
+    if (mode == 3 && rsc) {
+        bf16_dots_case(tag, rsc, db, dc, Gh, Xh, ix, wide, T, out, in, b, nf, k);
+        bf16_products_case(tag, rsc, csc, plan, basis, bias, Gh, Xh, T, out, in, b, nf, k);
+    }
 
     // accumulate = 1 adds to what is there (twice the gradient), NULL outputs are skipped, ranges split
     params_t(f32, rsc, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, 0, R / 2);  // block rows
