@@ -372,10 +372,12 @@ def tables(shapes, token_list, arm_info, results):
     out += ["", "The rel. errors (max |y - y_ref| / max |y_ref|, forward, per token count) are in the CSV.", ""]
 
     hdr = ["d_model/d_ff", "tokens", "mode", "dense ms"] + [f"{a} ms (÷dense)" for a in ARMS[1:]] + [
-        "fastest non-RBE", "RBE speedup", "RBE ckpt speedup", "fastest full-width non-RBE", "RBE speedup"]
+        "fastest non-RBE", "RBE speedup", "RBE ckpt speedup", "fastest full-width non-RBE", "RBE speedup",
+        "RBE bf16 speedup vs dense_bf16"]
     out += ["### Time per call (median ms; in brackets the time relative to dense fp32)", "",
             "Speedup = the fastest non-RBE arm's median / RBE's median (> 1: RBE is faster). Full-width: "
-            "dense, dense_bf16, int8_dyn (d_ff as RBE); lowrank and narrow have RBE's parameter count.", "",
+            "dense, dense_bf16, int8_dyn (d_ff as RBE); lowrank and narrow have RBE's parameter count. The "
+            "last column compares the two arms under the same bf16 autocast.", "",
             "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for d_model, d_ff in shapes:
         by_name = {a.name: a for a in arm_info[(d_model, d_ff)]}
@@ -397,6 +399,8 @@ def tables(shapes, token_list, arm_info, results):
                     best = min((a for a in pool if a in med), key=med.get)
                     cells.append(best)
                     cells += [f"{med[best] / med[r]:.2f}" if r in med else "n/a" for r in rbes]
+                both = "dense_bf16" in med and "rbe_bf16" in med
+                cells.append(f"{med['dense_bf16'] / med['rbe_bf16']:.2f}" if both else "n/a")
                 out.append("| " + " | ".join(cells) + " |")
 
     out += ["", "### Spread over rounds (ms)", "",

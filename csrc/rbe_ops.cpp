@@ -589,7 +589,7 @@ static T* ptr_or_null(const c10::optional<Tensor>& t) {
 // ---- operators: linear ----
 Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, const Tensor& coeffs, const Tensor& index,
                   const c10::optional<Tensor>& bias, int64_t in, int64_t out, double coeff_scale,
-                  double pattern_scale) {
+                  double pattern_scale, bool bf16_sparse) {
     Tensor x2 = as_tokens(x, in, "input");
     Plan P = check_plan(plan, x.scalar_type(), x.device());
     Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
@@ -612,7 +612,8 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
                                      ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, At.data_ptr<scalar_t>());
         } else {
             linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x2.data_ptr<scalar_t>(), Tn, W,
-                                 ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options(), nullptr, nullptr, nullptr, sc);
+                                 ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options(), nullptr, nullptr, nullptr, sc,
+                                 bf16_sparse);
         }
         check_finite_results<scalar_t>({y}, m, {W.basis, W.coeffs, bc}, "the output");
     });
@@ -623,7 +624,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& gra
                                                                const Tensor& basis, const Tensor& coeffs,
                                                                const Tensor& index, int64_t in, int64_t out,
                                                                std::array<bool, 4> mask, double coeff_scale,
-                                                               double pattern_scale) {
+                                                               double pattern_scale, bool bf16_sparse) {
     Tensor x2 = as_tokens(x, in, "input");
     Tensor g2 = as_tokens(grad, out, "grad");
     TORCH_CHECK_VALUE(g2.size(0) == x2.size(0) && grad.scalar_type() == x.scalar_type(),
@@ -649,7 +650,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& gra
             linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() : nullptr, mask[1] ? db.data_ptr<T>() : nullptr,
                                    mask[2] ? dc.data_ptr<T>() : nullptr, mask[3] ? dbias.data_ptr<T>() : nullptr,
                                    0, g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt, nullptr, nullptr,
-                                   sc);
+                                   sc, bf16_sparse);
         }
         const double m = std::isfinite(mg) ? mx : mg;
         check_finite_results<T>({dx, db, dc, dbias}, m, {W.basis, W.coeffs}, "the gradient");
@@ -866,10 +867,11 @@ TORCH_LIBRARY(rbe_ffn, m) {
     m.def("encode(Tensor weight, int block_size, int k) -> (Tensor, Tensor, Tensor, Tensor)");
     m.def("decode(Tensor basis, Tensor coeffs, Tensor index, int out_features, int in_features, int block_size) -> Tensor");
     m.def("linear(Tensor x, Tensor plan, Tensor basis, Tensor coeffs, Tensor index, Tensor? bias, "
-          "int in_features, int out_features, float coeff_scale=1., float pattern_scale=1.) -> Tensor");
+          "int in_features, int out_features, float coeff_scale=1., float pattern_scale=1., bool bf16_sparse=False) -> "
+          "Tensor");
     m.def("linear_backward(Tensor grad, Tensor x, Tensor plan, Tensor basis, Tensor coeffs, Tensor index, "
-          "int in_features, int out_features, bool[4] output_mask, float coeff_scale=1., float pattern_scale=1.) -> "
-          "(Tensor, Tensor, Tensor, Tensor)");
+          "int in_features, int out_features, bool[4] output_mask, float coeff_scale=1., float pattern_scale=1., "
+          "bool bf16_sparse=False) -> (Tensor, Tensor, Tensor, Tensor)");
     m.def("ffn(Tensor x, Tensor plan, Tensor basis1, Tensor coeffs1, Tensor index1, Tensor? bias1, Tensor basis2, "
           "Tensor coeffs2, Tensor index2, Tensor? bias2, int d_model, int d_ff, str activation, int chunk_tokens, "
           "bool keep_pre, float coeff_scale1=1., float coeff_scale2=1., float pattern_scale1=1., "

@@ -358,7 +358,7 @@ Tensor decode_cuda(const Tensor& basis, const Tensor& coeffs, const Tensor& inde
 // ---- linear ----
 Tensor linear_cuda(const Tensor& x, const Tensor& plan, const Tensor& basis, const Tensor& coeffs, const Tensor& index,
                    const c10::optional<Tensor>& bias, int64_t in, int64_t out, double coeff_scale,
-                   double pattern_scale) {
+                   double pattern_scale, bool /*bf16_sparse: a CPU kernel*/) {
     const OpScope scope(x);
     Tensor x2 = as_tokens(x, in, "input", true);
     Plan P = check_plan(plan, x.scalar_type(), x.device());
@@ -380,7 +380,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& gr
                                                                 const Tensor& basis, const Tensor& coeffs,
                                                                 const Tensor& index, int64_t in, int64_t out,
                                                                 std::array<bool, 4> mask, double coeff_scale,
-                                                                double pattern_scale) {
+                                                                double pattern_scale, bool /*bf16_sparse*/) {
     const OpScope scope(x);
     Tensor x2 = as_tokens(x, in, "input", true);
     Tensor g2 = as_tokens(grad, out, "grad", true);

@@ -5,6 +5,8 @@ is given back in the input's half dtype (under autocast: in the autocast dtype, 
 output is), parameters and their gradients stay float32. The error against float32 must be no
 worse than 2x the dense module's own bfloat16 error (issue #11).
 """
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -208,3 +210,45 @@ def test_bf16_sparse_is_bfloat16_close(tokens, checkpoint):
     for name, a, b in zip(names, res[False], res[True]):
         assert rel(b, a) < 2e-2, name
     assert not torch.equal(res[False][0], res[True][0]) and not torch.equal(res[False][3], res[True][3])
+
+
+@pytest.mark.parametrize("tokens", [40, 130])
+def test_linear_takes_bf16_sparse_too(tokens):
+    """RBELinear under bf16 autocast (or with a bfloat16 input) passes bf16_sparse to the linear
+    operators; its output and gradients stay within bfloat16 rounding of float32."""
+    from rbe_ffn import _C
+    from rbe_ffn._ops import ops
+    lin = make().fc1
+    x = torch.randn(tokens, 64)
+
+    class Seen(torch.utils._python_dispatch.TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.flags = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func._schema.name in ("rbe_ffn::linear", "rbe_ffn::linear_backward"):
+                pos = [a.name for a in func._schema.arguments].index("bf16_sparse")
+                self.flags.append(bool(kwargs.get("bf16_sparse", args[pos] if len(args) > pos else False)))
+            return func(*args, **kwargs)
+
+    for ctx, inp in ((lambda: torch.autocast("cpu", dtype=torch.bfloat16), x), (contextlib.nullcontext, x.bfloat16())):
+        with Seen() as seen:
+            with ctx():
+                y = lin(inp.clone().requires_grad_())
+            y.float().sum().backward()
+        assert seen.flags == [True, True]
+    with Seen() as seen:
+        lin(x.clone().requires_grad_()).sum().backward()
+    assert seen.flags == [False, False]
+    g = torch.randn(tokens, 160)
+    args = (x, lin.plan, lin.basis, lin.coeffs, lin.index, lin.bias, 64, 160)
+    res = {flag: (ops.linear(*args, bf16_sparse=flag),
+                  *ops.linear_backward(g, *args[:5], 64, 160, [True] * 4, bf16_sparse=flag)) for flag in (False, True)}
+    if not (_C.bf16_sparse() and tokens > 64):
+        assert all(torch.equal(a, b) for a, b in zip(res[False], res[True]))
+        return
+    for a, b in zip(res[False], res[True]):
+        assert rel(b, a) < 2e-2
+    assert not torch.equal(res[False][0], res[True][0])

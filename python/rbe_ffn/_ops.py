@@ -215,7 +215,8 @@ def _decode_fake(basis, coeffs, index, out_features, in_features, block_size):
 
 # ---------------------------------------------------------------- linear
 @torch.library.register_fake("rbe_ffn::linear")
-def _linear_fake(x, plan, basis, coeffs, index, bias, in_features, out_features, coeff_scale=1.0, pattern_scale=1.0):
+def _linear_fake(x, plan, basis, coeffs, index, bias, in_features, out_features, coeff_scale=1.0, pattern_scale=1.0,
+                 bf16_sparse=False):
     _one_device("linear", x=x, plan=plan, basis=basis, coeffs=coeffs, index=index, bias=bias)
     torch._check(x.shape[-1] == in_features, lambda: f"rbe_ffn: input must have last dimension {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
@@ -223,7 +224,7 @@ def _linear_fake(x, plan, basis, coeffs, index, bias, in_features, out_features,
 
 @torch.library.register_fake("rbe_ffn::linear_backward")
 def _linear_backward_fake(grad, x, plan, basis, coeffs, index, in_features, out_features, output_mask,
-                          coeff_scale=1.0, pattern_scale=1.0):
+                          coeff_scale=1.0, pattern_scale=1.0, bf16_sparse=False):
     _one_device("linear_backward", grad=grad, x=x, plan=plan, basis=basis, coeffs=coeffs, index=index)
     e = x.new_empty((0,))
     return (
@@ -235,20 +236,20 @@ def _linear_backward_fake(grad, x, plan, basis, coeffs, index, in_features, out_
 
 
 def _linear_setup(ctx, inputs, output):
-    x, plan, basis, coeffs, index, bias, in_features, out_features, *scales = inputs
+    x, plan, basis, coeffs, index, bias, in_features, out_features, *rest = inputs
     ctx.save_for_backward(x, plan, basis, coeffs, index)
     ctx.sizes = (in_features, out_features)
-    ctx.scales = tuple(scales)  # coeff_scale, pattern_scale (those given)
+    ctx.rest = tuple(rest)  # coeff_scale, pattern_scale, bf16_sparse (those given)
 
 
 def _linear_backward(ctx, grad):
     x, plan, basis, coeffs, index = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[2], need[3], need[5]]
-    dx, db, dc, dbias = ops.linear_backward(grad, x, plan, basis, coeffs, index, *ctx.sizes, mask, *ctx.scales)
+    dx, db, dc, dbias = ops.linear_backward(grad, x, plan, basis, coeffs, index, *ctx.sizes, mask, *ctx.rest)
     pick = lambda t, on: t if on else None  # noqa: E731
     return (pick(dx, mask[0]), None, pick(db, mask[1]), pick(dc, mask[2]), None, pick(dbias, mask[3]), None,
-            None) + (None,) * len(ctx.scales)
+            None) + (None,) * len(ctx.rest)
 
 
 _register_autograd("linear", _linear_backward, _linear_setup)
@@ -370,7 +371,7 @@ def _autocast_cpu(op):
     dtype a dense one would. A float64 layer stays float64, as autocast leaves float64 alone.
     Parameters and their gradients stay in the layer's dtype; autograd carries the gradient
     back through the casts. A float32 layer whose output goes to a 16-bit dtype gets the op's
-    f32_activation (and, for bfloat16, bf16_sparse) set, where the op has them (ffn)."""
+    f32_activation (ffn) and, for bfloat16, bf16_sparse (ffn, linear) set."""
     names = [a.name for a in op._schema.arguments]
     flags = {n: names.index(n) for n in ("f32_activation", "bf16_sparse") if n in names}
 

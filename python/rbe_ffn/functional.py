@@ -60,7 +60,8 @@ def rbe_linear(x, basis, coeffs, index, bias, in_features: int, out_features: in
     """y = x W^T + bias for a compressed W, computed in the transform domain. x: (*, in)."""
     x, out_dtype = cpu_half_input(x, basis.dtype)
     plan = get_plan(block_size, x.dtype, x.device)
-    return _restore(ops.linear(x, plan, basis, coeffs, index, bias, in_features, out_features), out_dtype)
+    return _restore(ops.linear(x, plan, basis, coeffs, index, bias, in_features, out_features,
+                               bf16_sparse=out_dtype == torch.bfloat16), out_dtype)
 
 
 def intermediate_bytes_per_token(d_model: int, d_ff: int, block_size: int, nf: int, itemsize: int) -> int:

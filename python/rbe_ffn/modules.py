@@ -739,7 +739,8 @@ class RBELinear(nn.Module):
         x, out_dtype = cpu_half_input(x, self.basis.dtype)
         # the parameters and their scales: the operator scales its transformed input instead
         return _restore(ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias, self.in_features,
-                                   self.out_features, self._coeff_scale, self._pattern_scale), out_dtype)
+                                   self.out_features, self._coeff_scale, self._pattern_scale,
+                                   out_dtype == torch.bfloat16), out_dtype)
 
     def compressed(self) -> CompressedWeight:
         """The format's numbers (see numbers()) as a CompressedWeight."""
