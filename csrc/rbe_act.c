@@ -28,6 +28,9 @@
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
 #define LT(a, b) ((a) < (b))
 #define SEL(m, a, b) ((m) ? (a) : (b))
+#define LANES 1
+#define LOAD(p) (*(p))
+#define STORE(p, v) (*(p) = (v))
 static inline float pow2_1(float n) {
     const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
     float v;
@@ -195,6 +198,9 @@ AVX2 static long act_backward_avx2(float* dx, const float* dy, const float* x, l
 #define MAX(a, b) _mm256_max_ps(a, b) /* a > b ? a : b */
 #define LT(a, b) _mm256_cmp_ps(a, b, _CMP_LT_OQ)
 #define SEL(m, a, b) _mm256_blendv_ps(b, a, m)
+#define LANES 8
+#define LOAD(p) _mm256_loadu_ps(p)
+#define STORE(p, v) _mm256_storeu_ps(p, v)
 #define POW2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #include "rbe_act_f32.h"
 
@@ -214,42 +220,12 @@ AVX2 static long act_backward_avx2(float* dx, const float* dy, const float* x, l
 #define MAX(a, b) _mm512_max_ps(a, b) /* a > b ? a : b */
 #define LT(a, b) _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ)
 #define SEL(m, a, b) _mm512_mask_blend_ps(m, b, a)
+#define LANES 16
+#define LOAD(p) _mm512_loadu_ps(p)
+#define STORE(p, v) _mm512_storeu_ps(p, v)
 #define POW2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #include "rbe_act_f32.h"
 
-// y = act(x) (y may be x), and g = act'(x) when g is not NULL; dy: multiply g by it (the backward).
-// Whole vectors of the widest width the chosen kernels allow; returns how many values were done.
-AVX2 static long f32_arrays_8(float* y, float* g, const float* dy, const float* x, long n, int act) {
-    long i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        if (!g) {
-            _mm256_storeu_ps(y + i, act_f32_8(v, act));
-            continue;
-        }
-        __m256 yv, gv;
-        act_grad_f32_8(v, act, &yv, &gv);
-        if (y) _mm256_storeu_ps(y + i, yv);
-        _mm256_storeu_ps(g + i, dy ? _mm256_mul_ps(_mm256_loadu_ps(dy + i), gv) : gv);
-    }
-    return i;
-}
-
-AVX512 static long f32_arrays_16(float* y, float* g, const float* dy, const float* x, long n, int act) {
-    long i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        if (!g) {
-            _mm512_storeu_ps(y + i, act_f32_16(v, act));
-            continue;
-        }
-        __m512 yv, gv;
-        act_grad_f32_16(v, act, &yv, &gv);
-        if (y) _mm512_storeu_ps(y + i, yv);
-        _mm512_storeu_ps(g + i, dy ? _mm512_mul_ps(_mm512_loadu_ps(dy + i), gv) : gv);
-    }
-    return i;
-}
 #endif
 
 /* RBE_ACT_F32 (rbe_variants.h): vectors of `lanes` (16: AVX-512, 8: AVX2, 1), then one lane at a
@@ -257,19 +233,10 @@ AVX512 static long f32_arrays_16(float* y, float* g, const float* dy, const floa
 void rbe_act_f32_lanes(float* y, float* g, const float* dy, const float* x, long n, int act, int lanes) {
     long i = 0;
 #ifdef RBE_VEC_ACT
-    if (lanes == 16) i = f32_arrays_16(y, g, dy, x, n, act);
-    else if (lanes == 8) i = f32_arrays_8(y, g, dy, x, n, act);
+    if (lanes == 16) i = arrays_16(y, g, dy, x, n, act);
+    else if (lanes == 8) i = arrays_8(y, g, dy, x, n, act);
 #endif
-    for (; i < n; i++) {
-        if (!g) {
-            y[i] = act_f32_1(x[i], act);
-            continue;
-        }
-        float yv, gv;
-        act_grad_f32_1(x[i], act, &yv, &gv);
-        if (y) y[i] = yv;
-        g[i] = dy ? dy[i] * gv : gv;
-    }
+    arrays_1(y ? y + i : NULL, g ? g + i : NULL, dy ? dy + i : NULL, x + i, n - i, act);
 }
 
 /* RBE_ACT_F32: y = act(x) (y may be x); g (if not NULL) = act'(x), times dy if dy is not NULL.

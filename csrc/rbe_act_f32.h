@@ -15,6 +15,7 @@
  *                          input still gives NaN, as the double definitions do)
  *   LT(a, b)               the mask a < b;  SEL(m, a, b) = m ? a : b
  *   POW2(n)                2^n for integral n in [-126, 127] held in a float lane
+ *   LANES, LOAD(p), STORE(p, v)   the width, an unaligned load and store of LANES floats
  * and this file undefines them all at its end.
  *
  * Accuracy (relative to the double definitions of rbe_math.h, measured by tests/c over
@@ -120,6 +121,27 @@ AT static inline void ASFX(act_grad_f32)(F x, int act, F* y, F* g) {
     *g = FMA(MUL(MUL(x, s), sc), poly, s);  // x s first: 2 x could overflow where s (1 - s) = 0
 }
 
+// y = act(x) (y may be x), and g = act'(x) when g is not NULL, times dy when dy is not NULL (the
+// backward); whole vectors only: returns how many values were done
+AT static long ASFX(arrays)(float* y, float* g, const float* dy, const float* x, long n, int act) {
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const F v = LOAD(x + i);
+        if (!g) {
+            STORE(y + i, ASFX(act_f32)(v, act));
+            continue;
+        }
+        F yv, gv;
+        ASFX(act_grad_f32)(v, act, &yv, &gv);
+        if (y) STORE(y + i, yv);
+        STORE(g + i, dy ? MUL(LOAD(dy + i), gv) : gv);
+    }
+    return i;
+}
+
+#undef LANES
+#undef LOAD
+#undef STORE
 #undef AT
 #undef ASFX
 #undef F

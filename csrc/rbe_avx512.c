@@ -132,9 +132,10 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
 
 // ---- the scheduled kernels on bfloat16 rows (AVX-512 BF16) ----
 #ifdef XBF16
-// vdpbf16ps adds the products of 32 bfloat16 pairs into 16 float32 lanes (two per lane): a
-// 64-token row is two instructions on 128 bytes instead of four multiply-adds on 256. Which two
-// tokens share a lane does not matter: g and the rows are laid out alike.
+// vdpbf16ps adds the products of 32 bfloat16 pairs into 16 float32 lanes (two per lane). In the
+// coefficient gradients a 64-token row is two instructions on 128 bytes instead of four
+// multiply-adds on 256, and which two tokens share a lane does not matter (g and the rows are laid
+// out alike); in the sparse products a lane pairs two entries of a run (sparse_sched_bf16).
 #define BF16 XBF16
 
 // 32 bfloat16 of a row (nv = 2 per row: whole tiles), or its first 16 and zeros (nv = 1: tiles of

@@ -20,7 +20,7 @@
 
 // The Python extension module: importing it loads the operators. cpu_isa() names the float32 CPU
 // kernels in use (rbe.h: "avx512", "avx2" or "portable"), bf16_sparse() whether they run the
-// sparse products on bfloat16 operands when asked (bf16_sparse of ffn / ffn_backward).
+// sparse products on bfloat16 operands when asked (bf16_sparse of ffn, linear and their backwards).
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(rbe_cpu_isa()); }
 
 static PyObject* bf16_sparse(PyObject*, PyObject*) { return PyBool_FromLong(rbe_bf16_sparse_available()); }
@@ -43,8 +43,8 @@ extern "C" PyObject* PyInit__C(void) {
          "The instruction set of the float32 CPU kernels: 'avx512', 'avx2' or 'portable' (the best the CPU "
          "has, capped by the environment variable RBE_FFN_ISA, read once)."},
         {"bf16_sparse", bf16_sparse, METH_NOARGS,
-         "Whether the feed-forward's bf16_sparse takes effect (AVX-512 BF16 present, the AVX-512 kernels "
-         "chosen, a compiler that knows them)."},
+         "Whether the bf16_sparse argument of ffn / linear takes effect (AVX-512 BF16 present, the AVX-512 "
+         "kernels chosen, a compiler that knows them)."},
         {"set_dct_path", set_dct_path, METH_O,
          "Route the linear and feed-forward operators of every device through the DCT-domain paths "
          "(csrc/rbe_dct_path.h) when true; returns the previous setting."},
@@ -373,9 +373,18 @@ static Tensor analyse(const T* x, int64_t Tn, int64_t n, const Plan& P, int whic
     return Xh;
 }
 
+// a thread's scratch for the kernels on bfloat16 operands (rbe.h), for a source tile of `segments`
+// segments: torch's allocator aligns it to 64 bytes, so each 128-byte row is two cache lines, and
+// leaves it unfilled (the kernels write before they read)
+static Tensor bf16_scratch(int64_t segments, const Plan& P) {
+    return at::empty({(int64_t)rbe_bf16_scratch((int)segments, (int)P.b, (int)P.nf)}, at::kShort);
+}
+static uint16_t* bits(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<int16_t>()); }
+
 // y (and pre) [T, out] = act(x W^T + bias). Xh_in: x already analysed (then x is unused; its
 // coefficient rows already scaled by the caller); Xnext: also write the analysis of y for a next
 // layer (then y may be null). See rbe.h. The weight's numbers are W's times `scale` (scale_rows).
+// bf16_sparse: the scheduled kernels on bfloat16 operands, where the CPU has them (rbe.h).
 template <typename T>
 static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, const T* bias, int act, const Plan& P,
                        const at::TensorOptions& opt, const T* Xh_in = nullptr, T* Xnext = nullptr,
@@ -398,8 +407,8 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
         scratch_for(s, P);
         if constexpr (std::is_same_v<T, float>) {
             if (bf16_sparse && sc.on && rbe_bf16_sparse_available()) {  // bfloat16 operands (rbe.h)
-                std::vector<uint16_t> b16(rbe_bf16_scratch((int)cdiv(W.in, P.b), (int)P.b, (int)P.nf));
-                rbe_rows_forward_bf16(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), b16.data(),
+                const Tensor b16 = bf16_scratch(cdiv(W.in, P.b), P);
+                rbe_rows_forward_bf16(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), bits(b16),
                                       (long)Tn, (long)p0, (long)p1);
                 return;
             }
@@ -493,8 +502,8 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
             scratch_for(s, P);
             if constexpr (std::is_same_v<T, float>) {
                 if (bf16_sparse && sc.on && rbe_bf16_sparse_available()) {  // bfloat16 operands (rbe.h)
-                    std::vector<uint16_t> b16(rbe_bf16_scratch((int)R, (int)P.b, (int)P.nf));
-                    rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), b16.data(),
+                    const Tensor b16 = bf16_scratch(R, P);
+                    rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), bits(b16),
                                            (long)Tn, (long)p0, (long)p1);
                     return;
                 }
@@ -511,8 +520,8 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         if constexpr (std::is_same_v<T, float>) {
             if (bf16_sparse && dcoeffs && sc.on && rbe_bf16_sparse_available()) {  // bfloat16 operands (rbe.h)
                 at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {
-                    std::vector<uint16_t> s(rbe_bf16_scratch((int)C, (int)P.b, (int)P.nf));
-                    rbe_params_backward_bf16(dbasis, dcoeffs, Gh.data_ptr<float>(), X, s.data(), &cw, &cp, sc.get(),
+                    const Tensor s = bf16_scratch(C, P);
+                    rbe_params_backward_bf16(dbasis, dcoeffs, Gh.data_ptr<float>(), X, bits(s), &cw, &cp, sc.get(),
                                              accumulate, (long)Tn, (long)p0, (long)p1);
                 });
                 return;

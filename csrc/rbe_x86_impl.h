@@ -60,8 +60,8 @@ static inline void to_bf16_rows(uint16_t* out, const float* tile, int n, int row
 XBF16 static void sparse_sched_bf16(float* restrict out, const uint16_t* restrict src,
                                          const int32_t* restrict start, const int32_t* restrict off,
                                          const float* restrict val, int b);
-// the same on bfloat16 rows (g and Xt rounded to bfloat16, float32 sums): XBF16 is its target
-// attribute (the instructions need AVX-512 BF16, which params_sched's own target lacks)
+// coeff_grads on bfloat16 rows (g and Xt rounded to bfloat16, float32 sums). XBF16 is the target
+// attribute of these two (the instructions need AVX-512 BF16, which the kernels' own target lacks)
 XBF16 static void coeff_grads_bf16(float* restrict sacc, const uint16_t* restrict g,
                                         const uint16_t* restrict Xt, const int32_t* restrict off, int e0, int e1,
                                         int nl);
@@ -334,7 +334,7 @@ XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, co
         const float* Xt = Xh + (size_t)tile * C * rows * TL;
         if (sstart) {
 #ifdef XBF16
-            if (bf16) {  // the scheduled product works on whole tiles
+            if (bf16) {
                 if (bf16_tile != tile) to_bf16_rows(bf16, Xt, C, rows, b);
                 bf16_tile = tile;
                 sparse_sched_bf16(yh, bf16, sstart + (size_t)i * (b + 1), sched->off, sched->val, b);
@@ -526,7 +526,7 @@ XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, cons
         // tile of at most 16 tokens sums 16 lanes: the same sums, a quarter of the work
         const int nl = lanes(T - tile * TL < TL ? (int)(T - tile * TL) : TL);
 #ifdef XBF16
-        uint16_t* Gb = bf16 + (size_t)C * rows * TL;  // [b][TL] after the tile's [C][rows][TL]
+        uint16_t* Gb = bf16 ? bf16 + (size_t)C * rows * TL : NULL;  // [b][TL] after the tile's [C][rows][TL]
         if (bf16 && dcoeffs) to_bf16_rows(bf16, Xt, C, rows, b);
 #endif
         for (long i = p0; i < p1; i++) {

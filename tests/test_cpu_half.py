@@ -104,19 +104,19 @@ def test_float64_layer_under_autocast_stays_float64():
 
 # ---- the activation evaluated in float32 when the result is 16-bit (f32_activation) ----
 class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the (f32_activation, bf16_sparse) arguments of every rbe_ffn.ffn / ffn_backward call."""
+    """Records the values of `flags` in every call of the operators `ops` (by name, op -> list)."""
 
-    def __init__(self):
+    def __init__(self, ops=("rbe_ffn::ffn", "rbe_ffn::ffn_backward"), flags=("f32_activation", "bf16_sparse")):
         super().__init__()
-        self.seen = {}
+        self.ops, self.flags, self.seen = ops, flags, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if name in ("rbe_ffn::ffn", "rbe_ffn::ffn_backward"):
+        if name in self.ops:
             names = [a.name for a in func._schema.arguments]
             flags = tuple(bool(kwargs.get(f, args[names.index(f)] if len(args) > names.index(f) else False))
-                          for f in ("f32_activation", "bf16_sparse"))
+                          for f in self.flags)
             self.seen.setdefault(name, []).append(flags)
         return func(*args, **kwargs)
 
@@ -143,7 +143,7 @@ def test_16bit_results_evaluate_the_activation_in_float32(checkpoint):
     float32 = calls(lambda: m(x))
     want = {"rbe_ffn::ffn": [(True, True)], "rbe_ffn::ffn_backward": [(True, True)]}
     assert under_autocast == want and plain_bf16 == want and functional == want
-    # float16 keeps float32 dot products (bfloat16 operands would be coarser than the result)
+    # float16 keeps float32 sparse operands (bfloat16 ones would be coarser than the result)
     fp16 = {"rbe_ffn::ffn": [(True, False)], "rbe_ffn::ffn_backward": [(True, False)]}
     assert plain_fp16 == fp16 and under_fp16_autocast == fp16
     assert float32 == {"rbe_ffn::ffn": [(False, False)], "rbe_ffn::ffn_backward": [(False, False)]}
@@ -210,6 +210,13 @@ def test_bf16_sparse_is_bfloat16_close(tokens, checkpoint):
     for name, a, b in zip(names, res[False], res[True]):
         assert rel(b, a) < 2e-2, name
     assert not torch.equal(res[False][0], res[True][0]) and not torch.equal(res[False][3], res[True][3])
+    if checkpoint:  # the recompute takes the flag as the forward did: the standard backward's results
+        std_args = _op_args(m, x, True)
+        y, pre = ops.ffn(*std_args, bf16_sparse=True)
+        std = (y, *ops.ffn_backward(g, x, pre, *std_args[1:9], *std_args[10:14], [True] * 7, bf16_sparse=True))
+        assert torch.equal(std[0], res[True][0])
+        for name, a, b in zip(names[1:], std[1:], res[True][1:]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("tokens", [40, 130])
@@ -221,27 +228,19 @@ def test_linear_takes_bf16_sparse_too(tokens):
     lin = make().fc1
     x = torch.randn(tokens, 64)
 
-    class Seen(torch.utils._python_dispatch.TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.flags = []
+    def seen():
+        return _Calls(("rbe_ffn::linear", "rbe_ffn::linear_backward"), ("bf16_sparse",))
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func._schema.name in ("rbe_ffn::linear", "rbe_ffn::linear_backward"):
-                pos = [a.name for a in func._schema.arguments].index("bf16_sparse")
-                self.flags.append(bool(kwargs.get("bf16_sparse", args[pos] if len(args) > pos else False)))
-            return func(*args, **kwargs)
-
+    want = {"rbe_ffn::linear": [(True,)], "rbe_ffn::linear_backward": [(True,)]}
     for ctx, inp in ((lambda: torch.autocast("cpu", dtype=torch.bfloat16), x), (contextlib.nullcontext, x.bfloat16())):
-        with Seen() as seen:
+        with seen() as rec:
             with ctx():
                 y = lin(inp.clone().requires_grad_())
             y.float().sum().backward()
-        assert seen.flags == [True, True]
-    with Seen() as seen:
+        assert rec.seen == want
+    with seen() as rec:
         lin(x.clone().requires_grad_()).sum().backward()
-    assert seen.flags == [False, False]
+    assert rec.seen == {"rbe_ffn::linear": [(False,)], "rbe_ffn::linear_backward": [(False,)]}
     g = torch.randn(tokens, 160)
     args = (x, lin.plan, lin.basis, lin.coeffs, lin.index, lin.bias, 64, 160)
     res = {flag: (ops.linear(*args, bf16_sparse=flag),
@@ -251,4 +250,5 @@ def test_linear_takes_bf16_sparse_too(tokens):
         return
     for a, b in zip(res[False], res[True]):
         assert rel(b, a) < 2e-2
-    assert not torch.equal(res[False][0], res[True][0])
+    # the forward rows, the input gradient's columns and the coefficient gradients all take it
+    assert not any(torch.equal(res[False][i], res[True][i]) for i in (0, 1, 3))

@@ -725,12 +725,12 @@ static float bf16_value(uint16_t h) {
     memcpy(&f, &u, sizeof f);
     return f;
 }
-static void bf16_dots_case(const char* tag, const rbe_sched_f32* sc, const float* db32, const float* dc32,
+static void bf16_grads_case(const char* tag, const rbe_sched_f32* sc, const float* db32, const float* dc32,
                            const float* Gh, const float* Xh, const void* ix, int wide, long T, int out, int in, int b,
                            int nf, int k) {
     static int reported;
     if (!rbe_bf16_sparse_available()) {
-        if (!reported++) printf("  (bfloat16 dot products: not on this CPU, not tested)\n");
+        if (!reported++) printf("  (bfloat16 operands: not on this CPU, not tested)\n");
         return;
     }
     const int R = cdiv(out, b), C = cdiv(in, b), rows = b + nf;
@@ -799,7 +799,7 @@ static void round_bf16_rows(float* t, long tiles, int segs, int rows, int b) {  
 static void bf16_products_case(const char* tag, const rbe_sched_f32* rsc, const rbe_sched_f32* csc, const void* plan,
                                const void* basis, const void* bias, const float* Gh, const float* Xh, long T, int out,
                                int in, int b, int nf, int k) {
-    if (!rbe_bf16_sparse_available()) return;  // bf16_dots_case said so
+    if (!rbe_bf16_sparse_available()) return;  // bf16_grads_case said so
     const int R = cdiv(out, b), C = cdiv(in, b), rows = b + nf;
     const long nblk = (long)R * C, ntiles = (T + RBE_TILE - 1) / RBE_TILE;
     const size_t ng = (size_t)ntiles * R * rows * RBE_TILE, nx = (size_t)ntiles * C * rows * RBE_TILE;
@@ -821,19 +821,29 @@ static void bf16_products_case(const char* tag, const rbe_sched_f32* rsc, const 
     const rbe_plan_f32 P = rbe_plan_view_f32(plan, b, nf);
     const rbe_weight_f32 W = w32(basis, NULL, NULL, 1, out, in, b, k);
     float* s = xmalloc(sizeof(float) * rbe_rows_scratch(b, nf));
-    uint16_t* s16 = xmalloc(sizeof(uint16_t) * rbe_bf16_scratch(C > R ? C : R, b, nf));
+    uint16_t* sr = xmalloc(sizeof(uint16_t) * rbe_bf16_scratch(C, b, nf));  // exact sizes (ASan)
+    uint16_t* sc = xmalloc(sizeof(uint16_t) * rbe_bf16_scratch(R, b, nf));
+    const long nr = ntiles * R, nc = ntiles * C;
     float *y1 = xmalloc(sizeof(float) * T * out), *y2 = xmalloc(sizeof(float) * T * out);
     float *p1 = xmalloc(sizeof(float) * T * out), *p2 = xmalloc(sizeof(float) * T * out);
-    rbe_x86_avx512.rows_forward(y1, p1, NULL, Xr, &W, &P, &rr, bias, RBE_ACT_GELU, s, T, 0, ntiles * R);
-    rbe_rows_forward_bf16(y2, p2, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, s16, T, 0, ntiles * R);
+    rbe_x86_avx512.rows_forward(y1, p1, NULL, Xr, &W, &P, &rr, bias, RBE_ACT_GELU, s, T, 0, nr);
+    rbe_rows_forward_bf16(y2, p2, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, T, 0, nr);
     const double ey = rel_err(y2, y1, (size_t)T * out, 1), ep = rel_err(p2, p1, (size_t)T * out, 1);
     CHECK(ey < 1e-5 && ep < 1e-5, "%s: bfloat16 rows forward off the rounded operands' by %.3e / %.3e", tag, ey, ep);
+    // ranges split inside a tile give the same bits (each range converts its own tiles)
+    rbe_rows_forward_bf16(y1, p1, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, T, nr / 2 + 1, nr);
+    rbe_rows_forward_bf16(y1, p1, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, T, 0, nr / 2 + 1);
+    CHECK(!memcmp(y1, y2, sizeof(float) * T * out), "%s: bfloat16 rows forward depends on the ranges", tag);
     float *d1 = xmalloc(sizeof(float) * T * in), *d2 = xmalloc(sizeof(float) * T * in);
-    rbe_x86_avx512.cols_backward(d1, Gr, &W, &P, &cr, s, T, 0, ntiles * C);
-    rbe_cols_backward_bf16(d2, Gh, &W, &P, csc, s, s16, T, 0, ntiles * C);
+    rbe_x86_avx512.cols_backward(d1, Gr, &W, &P, &cr, s, T, 0, nc);
+    rbe_cols_backward_bf16(d2, Gh, &W, &P, csc, s, sc, T, 0, nc);
     const double ed = rel_err(d2, d1, (size_t)T * in, 1);
     CHECK(ed < 1e-5, "%s: bfloat16 columns backward off the rounded operands' by %.3e", tag, ed);
-    free(Gr), free(Xr), free(rv), free(cv), free(s), free(s16), free(y1), free(y2), free(p1), free(p2), free(d1), free(d2);
+    rbe_cols_backward_bf16(d1, Gh, &W, &P, csc, s, sc, T, nc / 2 + 1, nc);
+    rbe_cols_backward_bf16(d1, Gh, &W, &P, csc, s, sc, T, 0, nc / 2 + 1);
+    CHECK(!memcmp(d1, d2, sizeof(float) * T * in), "%s: bfloat16 columns backward depends on the ranges", tag);
+    free(Gr), free(Xr), free(rv), free(cv), free(s), free(sr), free(sc), free(y1), free(y2), free(p1), free(p2);
+    free(d1), free(d2);
 }
 
 // mode 0: float64; 1: float32, the portable kernels; 2: float32 without schedules (the x86 kernels'
@@ -991,7 +1001,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     CHECK(edc < tol, "%s: dcoeffs off by %.3e", tag, edc);
     CHECK(edbias < tol, "%s: dbias off by %.3e", tag, edbias);
     if (mode == 3 && rsc) {
-        bf16_dots_case(tag, rsc, db, dc, Gh, Xh, ix, wide, T, out, in, b, nf, k);
+        bf16_grads_case(tag, rsc, db, dc, Gh, Xh, ix, wide, T, out, in, b, nf, k);
         bf16_products_case(tag, rsc, csc, plan, basis, bias, Gh, Xh, T, out, in, b, nf, k);
     }
 
