@@ -22,16 +22,15 @@ import time
 FAMILIES = (
     ("sparse products (forward rows, input-gradient columns)",
      r"sparse_sched|sparse_block|rbe_rows_forward|rbe_cols_backward|rbe_few_rows_forward|few_term"),
-    ("parameter gradient", r"coeff_grads|rbe_params_backward|params_sched|pattern_backward|rbe_bias_backward|"
-     r"rbe_to_bf16"),
+    ("parameter gradient", r"coeff_grads|rbe_params_backward|params_sched|pattern_backward|rbe_bias_backward"),
     ("transforms (fast DCT, pattern projections, tile transposes)",
      r"gemm_tile|dct2_tile|dct3_tile|analyse_tile|synthesise_tile|rbe_analysis|store_tile|load_tile|few_matvec|"
      r"rbe_few_analysis|rbe_few_at"),
     ("activation (double-precision erfc / exp, or float32 with 16-bit results, and its passes)",
-     r"erfc|_exp_|act_forward|act_backward|act_and|act_f32|act_grad_f32|f32_arrays"),
+     r"erfc|_exp_|act_forward|act_backward|act_and|act_f32|act_grad_f32|f32_arrays|\barrays_(1|8|16)\b"),
     ("schedules (regrouping the coefficients per call)", r"rbe_schedule|rbe_transpose_blocks|sched"),
-    ("index snapshot and check, other copies, scales, scans",
-     r"index_ok|rbe_index|memmove|memcpy|scale_rows|max_abs|nonfinite"),
+    ("index snapshot and check, other copies (bfloat16 roundings), scales, scans",
+     r"index_ok|rbe_index|memmove|memcpy|scale_rows|max_abs|nonfinite|rbe_to_bf16"),
 )
 OTHER = "Python, torch and the rest"
 
