@@ -380,6 +380,12 @@ static Tensor bf16_scratch(int64_t segments, const Plan& P) {
     return at::empty({(int64_t)rbe_bf16_scratch((int)segments, (int)P.b, (int)P.nf)}, at::kShort);
 }
 static uint16_t* bits(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<int16_t>()); }
+// whether a float32 call asked for bfloat16 operands (bf16_sparse) gets them: only the scheduled
+// kernels have them, and only where the CPU does (rbe.h)
+template <typename T>
+static bool bf16_operands(bool bf16_sparse, const Sched& sc) {
+    return std::is_same_v<T, float> && bf16_sparse && sc.on && rbe_bf16_sparse_available();
+}
 
 // y (and pre) [T, out] = act(x W^T + bias). Xh_in: x already analysed (then x is unused; its
 // coefficient rows already scaled by the caller); Xnext: also write the analysis of y for a next
@@ -406,7 +412,7 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
         std::vector<T> s;
         scratch_for(s, P);
         if constexpr (std::is_same_v<T, float>) {
-            if (bf16_sparse && sc.on && rbe_bf16_sparse_available()) {  // bfloat16 operands (rbe.h)
+            if (bf16_operands<T>(bf16_sparse, sc)) {
                 const Tensor b16 = bf16_scratch(cdiv(W.in, P.b), P);
                 rbe_rows_forward_bf16(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), bits(b16),
                                       (long)Tn, (long)p0, (long)p1);
@@ -501,7 +507,7 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
             std::vector<T> s;
             scratch_for(s, P);
             if constexpr (std::is_same_v<T, float>) {
-                if (bf16_sparse && sc.on && rbe_bf16_sparse_available()) {  // bfloat16 operands (rbe.h)
+                if (bf16_operands<T>(bf16_sparse, sc)) {
                     const Tensor b16 = bf16_scratch(R, P);
                     rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), bits(b16),
                                            (long)Tn, (long)p0, (long)p1);
@@ -518,7 +524,7 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         Sched own;
         const Sched& sc = rows_sched<T>(cache, own, W, P, ntiles, true);
         if constexpr (std::is_same_v<T, float>) {
-            if (bf16_sparse && dcoeffs && sc.on && rbe_bf16_sparse_available()) {  // bfloat16 operands (rbe.h)
+            if (dcoeffs && bf16_operands<T>(bf16_sparse, sc)) {
                 at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {
                     const Tensor s = bf16_scratch(C, P);
                     rbe_params_backward_bf16(dbasis, dcoeffs, Gh.data_ptr<float>(), X, bits(s), &cw, &cp, sc.get(),

@@ -60,6 +60,15 @@ static inline void to_bf16_rows(uint16_t* out, const float* tile, int n, int row
 XBF16 static void sparse_sched_bf16(float* restrict out, const uint16_t* restrict src,
                                          const int32_t* restrict start, const int32_t* restrict off,
                                          const float* restrict val, int b);
+// the same on a tile of n segments (src_tile, float32), rounded into bf16 scratch when the tile
+// differs from *done (the tile last rounded there; -1 at first)
+static inline void sparse_sched_tile_bf16(float* out, uint16_t* bf16, long* done, long tile, const float* src_tile,
+                                          int n, int rows, const int32_t* start, const rbe_sched_f32* sched,
+                                          int b) {
+    if (*done != tile) to_bf16_rows(bf16, src_tile, n, rows, b);
+    *done = tile;
+    sparse_sched_bf16(out, bf16, start, sched->off, sched->val, b);
+}
 // coeff_grads on bfloat16 rows (g and Xt rounded to bfloat16, float32 sums). XBF16 is the target
 // attribute of these two (the instructions need AVX-512 BF16, which the kernels' own target lacks)
 XBF16 static void coeff_grads_bf16(float* restrict sacc, const uint16_t* restrict g,
@@ -334,11 +343,10 @@ XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, co
         const float* Xt = Xh + (size_t)tile * C * rows * TL;
         if (sstart) {
 #ifdef XBF16
-            if (bf16) {
-                if (bf16_tile != tile) to_bf16_rows(bf16, Xt, C, rows, b);
-                bf16_tile = tile;
-                sparse_sched_bf16(yh, bf16, sstart + (size_t)i * (b + 1), sched->off, sched->val, b);
-            } else
+            if (bf16)
+                sparse_sched_tile_bf16(yh, bf16, &bf16_tile, tile, Xt, C, rows, sstart + (size_t)i * (b + 1), sched,
+                                       b);
+            else
 #endif
             sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), sched->off, sched->val, b);
             for (int e = b * TL; e < rows * TL; e += VW) VSTORE(yh + e, VZERO());
@@ -415,11 +423,10 @@ XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* W
         const float* Gt = Gh + (size_t)tile * R * rows * TL;
         if (sched) {
 #ifdef XBF16
-            if (bf16) {  // on whole tiles (a short tile's lanes past its tokens are zero)
-                if (bf16_tile != tile) to_bf16_rows(bf16, Gt, R, rows, b);
-                bf16_tile = tile;
-                sparse_sched_bf16(dh, bf16, sched->start + (size_t)j * (b + 1), sched->off, sched->val, b);
-            } else
+            if (bf16)  // on whole tiles (a short tile's lanes past its tokens are zero)
+                sparse_sched_tile_bf16(dh, bf16, &bf16_tile, tile, Gt, R, rows, sched->start + (size_t)j * (b + 1),
+                                       sched, b);
+            else
 #endif
             (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, sched->start + (size_t)j * (b + 1), sched->off,
                                                        sched->val, b);

@@ -669,7 +669,7 @@ def test_pre_activation_kept_only_with_grad(monkeypatch):
             op = getattr(ops, name)
             if name != "ffn":
                 return op
-            return lambda *args: asked.append(args[14]) or op(*args)  # keep_pre
+            return lambda *args, **kw: asked.append(args[14]) or op(*args, **kw)  # keep_pre
 
     monkeypatch.setattr(modules, "ops", Spy())
     m = make_ffn(24, 50, "gelu", seed=23)

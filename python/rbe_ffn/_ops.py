@@ -363,6 +363,13 @@ def _autocast_cuda(op):
 HALF = (torch.float16, torch.bfloat16)
 
 
+def sixteen_bit_flags(result_dtype) -> dict:
+    """What a float32 layer's operators may relax when their result is rounded to result_dtype
+    (None: not rounded): the activation in float32 for either 16-bit type, bfloat16 operands in
+    the sparse products for bfloat16 (docs/DESIGN.md section 4, 16-bit results on the CPU)."""
+    return {"f32_activation": result_dtype in HALF, "bf16_sparse": result_dtype == torch.bfloat16}
+
+
 def _autocast_cpu(op):
     """The AutocastCPU kernel of a forward operator: under torch.autocast("cpu"), the CPU kernels
     compute in the layer's own dtype (float32 or float64: the plan's, argument 1), a float16 or
@@ -380,12 +387,9 @@ def _autocast_cpu(op):
         compute = plan.dtype
         if x.dtype in HALF and compute in (torch.float32, torch.float64):
             x = x.to(compute)
-        if compute == torch.float32:
-            # the output is rounded to 16 bits: the activation may be evaluated in float32, and
-            # (bfloat16) the sparse products and coefficient gradients may take bfloat16 operands
-            for flag in (("f32_activation",) if out_dtype in HALF else ()) + \
-                    (("bf16_sparse",) if out_dtype == torch.bfloat16 else ()):
-                if flag not in flags:
+        if compute == torch.float32:  # the output is rounded to out_dtype
+            for flag, on in sixteen_bit_flags(out_dtype).items():
+                if not on or flag not in flags:
                     continue
                 at = flags[flag] - 2  # its position in rest
                 if len(rest) > at:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import RBE_TILE, get_plan, ops
+from ._ops import RBE_TILE, get_plan, ops, sixteen_bit_flags
 
 # Names accepted for the activation: PyTorch's, and the seed design's (DESIGN.md section 4).
 _ALIASES = {
@@ -61,7 +61,7 @@ def rbe_linear(x, basis, coeffs, index, bias, in_features: int, out_features: in
     x, out_dtype = cpu_half_input(x, basis.dtype)
     plan = get_plan(block_size, x.dtype, x.device)
     return _restore(ops.linear(x, plan, basis, coeffs, index, bias, in_features, out_features,
-                               bf16_sparse=out_dtype == torch.bfloat16), out_dtype)
+                               bf16_sparse=sixteen_bit_flags(out_dtype)["bf16_sparse"]), out_dtype)
 
 
 def intermediate_bytes_per_token(d_model: int, d_ff: int, block_size: int, nf: int, itemsize: int) -> int:
@@ -121,6 +121,5 @@ def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, acti
     x, out_dtype = cpu_half_input(x, fc1[0].dtype)
     plan = get_plan(block_size, x.dtype, x.device)
     y, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
-                   int(chunk_tokens), keep_pre(checkpoint), f32_activation=out_dtype is not None,
-                   bf16_sparse=out_dtype == torch.bfloat16)
+                   int(chunk_tokens), keep_pre(checkpoint), **sixteen_bit_flags(out_dtype))
     return _restore(y, out_dtype)

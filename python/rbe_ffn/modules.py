@@ -10,7 +10,7 @@ import sys
 import torch
 from torch import nn
 
-from ._ops import get_plan, ops
+from ._ops import get_plan, ops, sixteen_bit_flags
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
 from .functional import (_restore, canonical_activation, chunk_tokens_for, cpu_half_input, intermediate_bytes_per_token,
                          keep_pre)
@@ -740,7 +740,7 @@ class RBELinear(nn.Module):
         # the parameters and their scales: the operator scales its transformed input instead
         return _restore(ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias, self.in_features,
                                    self.out_features, self._coeff_scale, self._pattern_scale,
-                                   out_dtype == torch.bfloat16), out_dtype)
+                                   sixteen_bit_flags(out_dtype)["bf16_sparse"]), out_dtype)
 
     def compressed(self) -> CompressedWeight:
         """The format's numbers (see numbers()) as a CompressedWeight."""
@@ -937,7 +937,7 @@ class RBEFeedForward(nn.Module):
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
                        self.d_model, self.d_ff, self.activation, chunk, keep_pre(self.checkpoint),
                        f1._coeff_scale, f2._coeff_scale, f1._pattern_scale, f2._pattern_scale,
-                       out_dtype is not None, out_dtype == torch.bfloat16)
+                       **sixteen_bit_flags(out_dtype))
         y = _restore(y, out_dtype)
         if not torch.compiler.is_compiling():
             tokens = x.numel() // max(self.d_model, 1)

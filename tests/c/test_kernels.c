@@ -730,7 +730,8 @@ static void bf16_grads_case(const char* tag, const rbe_sched_f32* sc, const floa
                            int nf, int k) {
     static int reported;
     if (!rbe_bf16_sparse_available()) {
-        if (!reported++) printf("  (bfloat16 operands: not on this CPU, not tested)\n");
+        if (!reported++)
+            printf("  (bfloat16 operands: not available here (CPU, RBE_FFN_ISA or compiler), not tested)\n");
         return;
     }
     const int R = cdiv(out, b), C = cdiv(in, b), rows = b + nf;
@@ -787,14 +788,15 @@ static void bf16_grads_case(const char* tag, const rbe_sched_f32* sc, const floa
  * against the AVX-512 float32 kernels run on the same operands rounded to bfloat16 values (the
  * DCT rows of the source tile, the schedule's values), to float32 summation accuracy; a wrong
  * pairing or token order would be off by the size of the values. */
+static void round_bf16(float* v, size_t n) {  // to bfloat16 values, in place
+    for (size_t e = 0; e < n; e++) {
+        uint16_t h;
+        rbe_to_bf16(&h, v + e, 1);
+        v[e] = bf16_value(h);
+    }
+}
 static void round_bf16_rows(float* t, long tiles, int segs, int rows, int b) {  // the DCT rows, in place
-    for (long s = 0; s < tiles * segs; s++)
-        for (size_t e = 0; e < (size_t)b * RBE_TILE; e++) {
-            float* v = t + (size_t)s * rows * RBE_TILE + e;
-            uint16_t h;
-            rbe_to_bf16(&h, v, 1);
-            *v = bf16_value(h);
-        }
+    for (long s = 0; s < tiles * segs; s++) round_bf16(t + (size_t)s * rows * RBE_TILE, (size_t)b * RBE_TILE);
 }
 static void bf16_products_case(const char* tag, const rbe_sched_f32* rsc, const rbe_sched_f32* csc, const void* plan,
                                const void* basis, const void* bias, const float* Gh, const float* Xh, long T, int out,
@@ -811,11 +813,8 @@ static void bf16_products_case(const char* tag, const rbe_sched_f32* rsc, const 
     float* rv = xmalloc(sizeof(float) * nblk * k);
     float* cv = xmalloc(sizeof(float) * nblk * k);
     memcpy(rv, rsc->val, sizeof(float) * nblk * k), memcpy(cv, csc->val, sizeof(float) * nblk * k);
-    for (long e = 0; e < nblk * k; e++) {
-        uint16_t h;
-        rbe_to_bf16(&h, rv + e, 1), rv[e] = bf16_value(h);
-        rbe_to_bf16(&h, cv + e, 1), cv[e] = bf16_value(h);
-    }
+    round_bf16(rv, (size_t)nblk * k);
+    round_bf16(cv, (size_t)nblk * k);
     rbe_sched_f32 rr = *rsc, cr = *csc;
     rr.val = rv, cr.val = cv;
     const rbe_plan_f32 P = rbe_plan_view_f32(plan, b, nf);
