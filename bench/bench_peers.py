@@ -8,8 +8,10 @@ Arms (each a module (T, d_model) -> (T, d_model), GELU, fp32 input):
   lowrank        each Linear factored as Linear(in, r, bias=False) -> Linear(r, out), r chosen so
                  the weight parameter count matches RBE's (basis + coeffs of both layers)
   narrow         dense FFN with d_ff' chosen the same way
-  rbe            RBEFeedForward(d, f, "gelu", block_size=64, k=300)
-  rbe_ckpt       the same weights, checkpoint=True
+  rbe            RBEFeedForward(d, f, "gelu", block_size=64, k=300), rbe_ffn.pack_for_inference
+                 applied (forward calls of 1-3 tokens read packed coefficients, as int8_dyn reads
+                 its prepacked weights; the packs' bytes are in the notes)
+  rbe_ckpt       the same weights, checkpoint=True (packed alike)
   rbe_bf16       rbe under the same autocast as dense_bf16 (see the note it prints)
 
 All arms of one (shape, tokens, mode) run in the same process, interleaved (every arm once per
@@ -168,6 +170,9 @@ def build_arms(d_model, d_ff, block_size, k):
     rbe = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=block_size, k=k)
     rbe_ck = rbe_ffn.RBEFeedForward(d_model, d_ff, "gelu", block_size=block_size, k=k, checkpoint=True)
     rbe_ck.load_state_dict(rbe.state_dict())  # the same function as rbe
+    for m in (rbe, rbe_ck):
+        rbe_ffn.pack_for_inference(m)
+    packed = rbe.fc1.packed_nbytes + rbe.fc2.packed_nbytes  # 0 where the kernels are not AVX-512
     p_rbe = rbe_weight_params(rbe)
     r, f_narrow = matched_sizes(d_model, d_ff, p_rbe)
     lowrank, narrow = lowrank_ffn(d_model, d_ff, r), dense_ffn(d_model, f_narrow)
@@ -186,7 +191,8 @@ def build_arms(d_model, d_ff, block_size, k):
         Arm("narrow", narrow, params=linear_weight_params(narrow), nbytes=linear_weight_params(narrow) * fp32,
             note=f"d_ff'={f_narrow}, float32"),
         Arm("rbe", rbe, params=p_rbe, nbytes=rbe.weight_nbytes,
-            note=f"b={block_size}, k={k}; bytes = basis + coeffs (float32) + index ({rbe.fc1.index.dtype})"),
+            note=f"b={block_size}, k={k}; bytes = basis + coeffs (float32) + index ({rbe.fc1.index.dtype}); "
+                 f"pack_for_inference holds {packed} more bytes of packed coefficients (calls of 1-3 tokens)"),
         Arm("rbe_ckpt", rbe_ck, params=p_rbe, nbytes=rbe_ck.weight_nbytes, note="checkpoint=True"),
         Arm("rbe_bf16", rbe, autocast=True, params=p_rbe, nbytes=rbe.weight_nbytes),
     ]

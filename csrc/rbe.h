@@ -250,6 +250,51 @@ void rbe_few_rows_forward_f64(double* y, double* pre, double* Xnext, const doubl
                               const rbe_plan_f64* P, const double* At, const double* bias, int act, double* scratch,
                               long T, long p0, long p1);
 
+/* ---- one token from packed coefficients ----
+ * At one token the few-token product is a scalar chain per coefficient (a load, a multiply-add
+ * and a store each). Packed, a block's coefficients are regrouped for 16 output rows at once:
+ * the block's rows in groups of 16 (lanes), step d of a group holds the d-th coefficient of each
+ * of the group's rows that has one (a 16-bit lane mask); the values are stored compactly in step
+ * order, the columns lane by lane (16 bytes a step). The AVX-512 kernel keeps the block's source
+ * values in registers, picks them by column with two-source permutes, expands the step's values
+ * into its lanes and applies the step with one masked multiply-add: each output row receives its
+ * coefficients in the same order and into the same accumulator (of RBE_FEW_STREAMS) as in
+ * rbe_few_rows_forward, so the results are bitwise those of the x86 few-token kernels (AVX2 walks
+ * the same layout with scalar multiply-adds). b <= RBE_PACK_MAX_B. Built by rbe_pack_f32 from a
+ * validated index; the kernels check every offset they follow, so a corrupted pack gives an
+ * error, not a read out of bounds. */
+#define RBE_PACK_MAX_B 64
+#define RBE_PACK_LANES 16
+typedef struct {
+    int out, in, b, k;
+    long steps;            /* steps over all blocks */
+    const int32_t* first;  /* [R*C + 1] each block's first step (first[0] = 0, first[R*C] = steps) */
+    const uint8_t* nstep;  /* [R*C * groups] steps of each group of 16 rows, groups = ceil(b / 16) */
+    const uint16_t* mask;  /* [steps] the rows (lanes) each step holds */
+    const float* val;      /* [R*C * k] the coefficients in step order */
+    const uint8_t* col;    /* [steps * 16] their columns v, by step and lane (0 in empty lanes) */
+} rbe_packed_f32;
+/* the groups of 16 rows of a block */
+static inline int rbe_pack_groups(int b) { return (b + RBE_PACK_LANES - 1) / RBE_PACK_LANES; }
+/* steps of the packed layout of blocks [0, nblk) (index validated, b <= RBE_PACK_MAX_B); counts
+ * [b] ints of work */
+long rbe_pack_steps(const void* index, int wide, long nblk, int k, int b, int32_t* counts);
+/* Fill the packed layout (K's arrays: sizes as above, K->steps = rbe_pack_steps); work: 2b + 1 ints.
+ * The arrays are written through the pointers of *K (cast from const by the caller's buffers). */
+void rbe_pack_f32(int32_t* first, uint8_t* nstep, uint16_t* mask, float* val, uint8_t* col, const float* coeffs,
+                  const void* index, int wide, long nblk, int k, int b, int32_t* work);
+/* The inverse: coeffs and index (int32, flat u*b + v, ascending) of blocks [p0, p1) from a pack
+ * (the portable kernels' path, and the tests' round trip); returns -1 if the pack is corrupted
+ * (an offset past its arrays, or a block whose steps do not hold exactly k coefficients). */
+int rbe_unpack_f32(float* coeffs, int32_t* index, const rbe_packed_f32* K, long p0, long p1);
+/* Block rows i in [p0, p1) of rbe_few_rows_forward_f32 at T = 1 (y, pre, Xnext, bias, act alike),
+ * the sparse products from K (W: basis, out, in, b, k; its coeffs and index are not read).
+ * x86 kernels only (AVX-512, else AVX2; the caller unpacks for the portable ones). Returns 0, or
+ * -1 if K is corrupted (then the outputs are unspecified), -2 with the portable kernels. */
+int rbe_one_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                             const rbe_packed_f32* K, const rbe_plan_f32* P, const float* At, const float* bias,
+                             int act, float* scratch, long p0, long p1);
+
 /* Input gradient: for work items p = tile*C + j in [p0, p1),
  * DX = sum_i (transposed sparse product + transposed pattern of block (i, j)) over Gh,
  * dx[t][j*b + c] = sum_m A[m][c] DX[m][t].

@@ -109,6 +109,11 @@ XT static void gemm_tile(float* restrict out, long ldo, int acc, const float* re
 }
 
 
+// one_sparse (rbe_x86_impl.h): the scalar walk (8-lane vectors cannot pick from 64 source values)
+XT static int one_sparse(float* restrict yh, const float* restrict Xf, const rbe_packed_f32* K, int rows, long i) {
+    return one_sparse_scalar(yh, Xf, K, rows, i);
+}
+
 XT static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

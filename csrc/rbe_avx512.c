@@ -82,6 +82,86 @@ XT static void gemm_tile(float* restrict out, long ldo, int acc, const float* re
 
 XT static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// one_sparse (rbe_x86_impl.h): block (i, j)'s b source values in four registers (lanes past b
+// zero), each step's columns picked from them by two two-source permutes and a blend on bit 5,
+// its values expanded from their compact order into its lanes, one masked multiply-add per step
+// into the 16-row accumulator of the step's group. Every check of the scalar walk is made too
+// (offsets, lanes past b, columns past b), on masks.
+XT static INLINE_ALWAYS int one_block(__m512 acc[4], const float* restrict X, const rbe_packed_f32* K, long blk,
+                                      const __mmask16 valid[4]) {
+    const int b = K->b, k = K->k, G = rbe_pack_groups(b);
+    const __m512 x0 = _mm512_maskz_loadu_ps(valid[0], X), x1 = _mm512_maskz_loadu_ps(valid[1], X + 16);
+    const __m512 x2 = _mm512_maskz_loadu_ps(valid[2], X + 32), x3 = _mm512_maskz_loadu_ps(valid[3], X + 48);
+    const __m512i hi_bit = _mm512_set1_epi32(32);
+    // the block's steps and masks read once, into locals, and checked before the walk: the
+    // values the expand-loads take must add up to k (the walk itself then needs no checks)
+    const long begin = K->first[blk], end = K->first[blk + 1];
+    if (begin < 0 || end < begin || end > K->steps || end - begin > RBE_PACK_LANES * RBE_PACK_MAX_B) return -1;
+    int ns[4] = {0, 0, 0, 0}, total = 0;
+    for (int g = 0; g < G; g++) total += ns[g] = K->nstep[blk * G + g];
+    if (total != end - begin) return -1;
+    uint16_t masks[RBE_PACK_LANES * RBE_PACK_MAX_B];
+    long count = 0;
+    for (int s = 0; s < total; s++) count += __builtin_popcount(masks[s] = K->mask[begin + s]);
+    if (count != k) return -1;
+    const float* val = K->val + (size_t)blk * k;
+    const uint8_t* col = K->col + (size_t)begin * RBE_PACK_LANES;
+    __m512i vmax = _mm512_setzero_si512();  // the largest column taken, checked against b at the end
+    unsigned stray = 0;                     // lanes past b taken
+    long pos = 0;
+    const uint16_t* m = masks;
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; g++) {  // unrolled: acc[g] and valid[g] are registers
+        __m512 a = acc[g];
+        for (int d = 0; d < ns[g]; d++, m++, col += RBE_PACK_LANES) {
+            const __mmask16 mk = *m;
+            const __m512 cv = _mm512_maskz_expandloadu_ps(mk, val + pos);
+            pos += __builtin_popcount(mk);
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)col));
+            const __m512 lo = _mm512_permutex2var_ps(x0, v, x1), hi = _mm512_permutex2var_ps(x2, v, x3);
+            const __m512 xv = _mm512_mask_blend_ps(_mm512_test_epi32_mask(v, hi_bit), lo, hi);
+            a = _mm512_mask3_fmadd_ps(cv, xv, a, mk);
+            vmax = _mm512_mask_max_epu32(vmax, mk, vmax, v);
+            stray |= mk & (unsigned)~valid[g];
+        }
+        acc[g] = a;
+    }
+    return stray || _mm512_reduce_max_epu32(vmax) >= (unsigned)b ? -1 : 0;
+}
+
+#if RBE_FEW_STREAMS != 4
+#error "one_sparse keeps four streams' accumulators"
+#endif
+XT static int one_sparse(float* restrict yh, const float* restrict Xf, const rbe_packed_f32* K, int rows, long i) {
+    const int b = K->b, C = (K->in + b - 1) / b, ns = RBE_FEW_STREAMS;
+    __mmask16 valid[4];
+    for (int g = 0; g < 4; g++) {
+        const int n = b - 16 * g;
+        valid[g] = n >= 16 ? 0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1) : 0;
+    }
+    __m512 acc[RBE_FEW_STREAMS][4];
+    for (int s = 0; s < ns; s++)
+        for (int g = 0; g < 4; g++) acc[s][g] = _mm512_setzero_ps();
+    int bad = 0, j = 0;
+    const float* X = Xf;
+    for (; j + ns <= C; j += ns, X += (size_t)ns * rows) {  // stream s takes block j + s
+        bad |= one_block(acc[0], X, K, i * C + j, valid);
+        bad |= one_block(acc[1], X + rows, K, i * C + j + 1, valid);
+        bad |= one_block(acc[2], X + 2 * rows, K, i * C + j + 2, valid);
+        bad |= one_block(acc[3], X + 3 * rows, K, i * C + j + 3, valid);
+    }
+    for (; j < C; j++, X += rows) bad |= one_block(acc[0], X, K, i * C + j, valid);  // the last C % ns blocks
+    float a[RBE_FEW_STREAMS][4 * 16];
+    for (int s = 0; s < ns; s++)
+        for (int g = 0; g < 4; g++) _mm512_storeu_ps(a[s] + 16 * g, acc[s][g]);
+    for (int u = 0; u < b; u++) {
+        float t = a[1][u];
+        for (int s = 2; s < ns; s++) t += a[s][u];
+        yh[u] = a[0][u] + t;
+    }
+    return bad;
+}
+
 // the lane sums of four vectors: [sum a, sum b, sum c, sum d]
 XT static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     // fold 512 -> 256 bits pairwise: ab = [a0+a2, a1+a3, b0+b2, b1+b3] (128-bit quarters)

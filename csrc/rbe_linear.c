@@ -104,7 +104,8 @@ const rbe_x86_kernels_f32 rbe_x86_avx2 = {"avx2",
                                           rbe_params_backward_f32_avx2,
                                           rbe_params_backward_f32_avx2_blocks,
                                           rbe_few_analysis_f32_avx2,
-                                          rbe_few_rows_forward_f32_avx2};
+                                          rbe_few_rows_forward_f32_avx2,
+                                          rbe_one_rows_forward_f32_avx2};
 const rbe_x86_kernels_f32 rbe_x86_avx512 = {"avx512",
                                             rbe_analysis_f32_avx512,
                                             rbe_rows_forward_f32_avx512,
@@ -113,7 +114,8 @@ const rbe_x86_kernels_f32 rbe_x86_avx512 = {"avx512",
                                             rbe_params_backward_f32_avx512,
                                             rbe_params_backward_f32_avx512_blocks,
                                             rbe_few_analysis_f32_avx512,
-                                            rbe_few_rows_forward_f32_avx512};
+                                            rbe_few_rows_forward_f32_avx512,
+                                            rbe_one_rows_forward_f32_avx512};
 #endif
 
 static const rbe_x86_kernels_f32* x86(void) {
@@ -145,6 +147,13 @@ void rbe_few_rows_forward_f32(float* y, float* pre, float* Xnext, const float* X
     const rbe_x86_kernels_f32* k = x86();
     if (k) k->few_rows_forward(y, pre, Xnext, Xf, W, P, At, bias, act, scratch, T, p0, p1);
     else rbe_few_rows_forward_f32_portable(y, pre, Xnext, Xf, W, P, At, bias, act, scratch, T, p0, p1);
+}
+
+int rbe_one_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                             const rbe_packed_f32* K, const rbe_plan_f32* P, const float* At, const float* bias,
+                             int act, float* scratch, long p0, long p1) {
+    const rbe_x86_kernels_f32* k = x86();
+    return k ? k->one_rows_forward(y, pre, Xnext, Xf, W, K, P, At, bias, act, scratch, p0, p1) : -2;
 }
 
 void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,

@@ -875,6 +875,201 @@ Tensor activation_backward_cpu(const Tensor& grad, const Tensor& x, std::string 
     return dx;
 }
 
+// ---- one token from packed coefficients (rbe.h): the pack, and the operators that read it ----
+// A pack is one uint8 tensor: eight int64 (PACK_MAGIC, out, in, b, k, steps, 0, 0), then the
+// arrays of rbe_packed_f32 (first, nstep, mask, val, col), each on a 64-byte boundary.
+static constexpr int64_t PACK_MAGIC = 0x314b434150454252;  // "RBEPACK1", little-endian
+struct PackLayout {
+    int64_t first, nstep, mask, val, col, bytes;
+};
+static PackLayout pack_layout(int64_t nblk, int64_t b, int64_t k, int64_t steps) {
+    auto up = [](int64_t n) { return (n + 63) / 64 * 64; };
+    PackLayout L;
+    L.first = 64;
+    L.nstep = L.first + up(4 * (nblk + 1));
+    L.mask = L.nstep + up(nblk * rbe_pack_groups((int)b));
+    L.val = L.mask + up(2 * steps);
+    L.col = L.val + up(4 * nblk * k);
+    L.bytes = L.col + steps * RBE_PACK_LANES;
+    return L;
+}
+
+Tensor pack_coeffs_cpu(const Tensor& coeffs, const Tensor& index, int64_t out, int64_t in, int64_t b) {
+    check_block_size(b);
+    TORCH_CHECK_VALUE(b <= RBE_PACK_MAX_B, "rbe_ffn: pack_coeffs: block_size ", b, " is past the packed kernels' ",
+                      RBE_PACK_MAX_B);
+    TORCH_CHECK_VALUE(out > 0 && in > 0, "rbe_ffn: pack_coeffs: sizes must be positive, got out=", out, " in=", in);
+    TORCH_CHECK_TYPE(coeffs.scalar_type() == at::kFloat, "rbe_ffn: pack_coeffs: coeffs must be float32 (the packed "
+                     "kernels are float32), got ", coeffs.scalar_type());
+    TORCH_CHECK_TYPE(index.scalar_type() == at::kShort || index.scalar_type() == at::kInt,
+                     "rbe_ffn: pack_coeffs: index must be int16 or int32, got ", index.scalar_type());
+    const int64_t nblk = cdiv(out, b) * cdiv(in, b);
+    TORCH_CHECK_VALUE(coeffs.dim() == 2 && coeffs.size(0) == nblk && coeffs.size(1) <= b * b && index.sizes() ==
+                      coeffs.sizes(), "rbe_ffn: pack_coeffs: coeffs and index must be [", nblk, ", k] with k <= ",
+                      b * b, " for a ", out, "x", in, " weight at block_size ", b, ", got ", coeffs.sizes(), " and ",
+                      index.sizes());
+    const int64_t k = coeffs.size(1);
+    const bool wide = index.scalar_type() == at::kInt;
+    Tensor cf = coeffs.contiguous();
+    Tensor ix = k > 0 ? checked_index("pack_coeffs", index.contiguous(), nblk, k, b, wide) : index;
+    std::vector<int32_t> work(2 * b + 1);
+    const long steps = rbe_pack_steps(ix.data_ptr(), wide, (long)nblk, (int)k, (int)b, work.data());
+    const PackLayout L = pack_layout(nblk, b, k, steps);
+    Tensor blob = at::zeros({L.bytes}, coeffs.options().dtype(at::kByte));
+    uint8_t* p = blob.data_ptr<uint8_t>();
+    const int64_t head[8] = {PACK_MAGIC, out, in, b, k, (int64_t)steps, 0, 0};
+    memcpy(p, head, sizeof head);
+    rbe_pack_f32((int32_t*)(p + L.first), p + L.nstep, (uint16_t*)(p + L.mask), (float*)(p + L.val), p + L.col,
+                 cf.data_ptr<float>(), ix.data_ptr(), wide, (long)nblk, (int)k, (int)b, work.data());
+    return blob;
+}
+
+// The kernels' view of a pack for an out x in weight at block size b, its header and size checked
+// (its offsets the kernels check as they follow them). blob: made contiguous and 64-byte aligned.
+static rbe_packed_f32 packed_view(Tensor& blob, const char* name, int64_t out, int64_t in, int64_t b) {
+    TORCH_CHECK_TYPE(blob.scalar_type() == at::kByte && blob.dim() == 1, "rbe_ffn: ", name, " must be the uint8 "
+                     "tensor rbe_ffn.pack_coeffs makes, got ", blob.scalar_type(), " of shape ", blob.sizes());
+    TORCH_CHECK_VALUE(blob.device().is_cpu(), "rbe_ffn: ", name, " must be on the CPU");
+    if (!blob.is_contiguous() || reinterpret_cast<uintptr_t>(blob.data_ptr()) % 64) blob = blob.clone();
+    TORCH_CHECK_VALUE(blob.numel() >= 64, "rbe_ffn: ", name, " is not a pack (", blob.numel(), " bytes)");
+    int64_t h[8];
+    memcpy(h, blob.data_ptr(), sizeof h);
+    TORCH_CHECK_VALUE(h[0] == PACK_MAGIC, "rbe_ffn: ", name, " is not a pack made by rbe_ffn.pack_coeffs");
+    TORCH_CHECK_VALUE(h[1] == out && h[2] == in && h[3] == b, "rbe_ffn: ", name, " packs a ", h[1], "x", h[2],
+                      " weight at block_size ", h[3], ", not ", out, "x", in, " at ", b);
+    const int64_t nblk = cdiv(out, b) * cdiv(in, b), k = h[4], steps = h[5];
+    TORCH_CHECK_VALUE(k >= 0 && k <= b * b && steps >= 0 && steps <= nblk * rbe_pack_groups((int)b) * b &&
+                      blob.numel() == pack_layout(nblk, b, k, steps).bytes,
+                      "rbe_ffn: ", name, " is corrupted (its header or its size is wrong)");
+    const PackLayout L = pack_layout(nblk, b, k, steps);
+    const uint8_t* p = blob.data_ptr<uint8_t>();
+    return rbe_packed_f32{(int)out, (int)in, (int)b, (int)k, (long)steps, (const int32_t*)(p + L.first),
+                          p + L.nstep, (const uint16_t*)(p + L.mask), (const float*)(p + L.val), p + L.col};
+}
+
+// A weight read from a pack: its basis (checked), and the pack; on the portable kernels, its
+// coefficients and index undone from the pack (rbe_unpack_f32) for the few-token kernels.
+struct PackedWeight {
+    Tensor basis, blob, coeffs, index;
+    rbe_packed_f32 K;
+};
+static PackedWeight packed_weight(const char* name, const Tensor& pack, const Tensor& basis, int64_t out,
+                                  int64_t in, int64_t b) {
+    PackedWeight w{basis.contiguous(), pack, Tensor(), Tensor(), {}};
+    w.K = packed_view(w.blob, name, out, in, b);
+    const int64_t nblk = cdiv(out, b) * cdiv(in, b);
+    TORCH_CHECK_TYPE(basis.scalar_type() == at::kFloat && basis.device().is_cpu(), "rbe_ffn: ", name,
+                     ": basis must be a float32 CPU tensor, got ", basis.scalar_type(), " on ", basis.device());
+    TORCH_CHECK_VALUE(basis.dim() == 2 && basis.size(0) == nblk && basis.size(1) == RBE_NPAT, "rbe_ffn: ", name,
+                      ": basis must be [", nblk, ", 8], got ", basis.sizes());
+    if (rbe_cpu_isa_level() == RBE_ISA_PORTABLE) {
+        w.coeffs = at::empty({nblk, w.K.k}, basis.options());
+        w.index = at::empty({nblk, w.K.k}, basis.options().dtype(at::kInt));
+        const int rc = rbe_unpack_f32(w.coeffs.data_ptr<float>(), w.index.data_ptr<int32_t>(), &w.K, 0, (long)nblk);
+        TORCH_CHECK_VALUE(rc == 0, "rbe_ffn: ", name, " is corrupted");
+    }
+    return w;
+}
+
+// y (and Xnext) of one token from Xf (its one-token analysis), as few_linear_raw at T = 1
+static void packed_linear_raw(float* y, float* Xnext, const float* Xf, const PackedWeight& w, const float* bias,
+                              int act, const Plan& P, const float* At, const char* name) {
+    const int64_t out = w.K.out, b = w.K.b;
+    if (w.coeffs.defined()) {  // the portable kernels: the few-token forward of the undone weight
+        Weight W{w.basis, w.coeffs, w.index, out, w.K.in, b, w.K.k, 1};
+        few_linear_raw<float>(y, nullptr, Xnext, Xf, 1, W, bias, act, P, At);
+        return;
+    }
+    const rbe_weight_f32 cw{w.basis.data_ptr<float>(), nullptr, nullptr, 1, (int)out, w.K.in, (int)b, w.K.k};
+    const auto cp = cplan<float>(P);
+    std::atomic<int> bad{0};
+    at::parallel_for(0, cdiv(out, b), 1, [&](int64_t p0, int64_t p1) {
+        std::vector<float> s(rbe_few_scratch((int)b, (int)P.nf));
+        if (rbe_one_rows_forward_f32(y, nullptr, Xnext, Xf, &cw, &w.K, &cp, At, bias, act, s.data(), (long)p0,
+                                     (long)p1))
+            bad = 1;
+    });
+    TORCH_CHECK_VALUE(!bad, "rbe_ffn: ", name, " is corrupted (an offset past its arrays, or a block that does "
+                      "not hold its k coefficients)");
+}
+
+// Xf = the one-token analysis of x (n features) into a buffer of rbe_few_size(n, b, nf, 1) floats, on
+// the calling thread: a few microseconds, less than waking the pool costs
+static void packed_analyse(float* Xf, const float* x, int64_t n, const Plan& P, const float* At, const Scales& s) {
+    few_analysis(Xf, x, At, (int)P.b, (int)P.nf, 1, (int)n, 0, (long)cdiv(n, P.b));
+    scale_rows(Xf, cdiv(n, P.b), P, 1, s);
+}
+
+static Tensor packed_input(const Tensor& x, int64_t n, const Tensor& plan, Plan& P) {
+    TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, "rbe_ffn: the packed operators take float32 inputs, got ",
+                     x.scalar_type());
+    Tensor x2 = as_tokens(x, n, "input");
+    P = check_plan(plan, at::kFloat, x.device());
+    TORCH_CHECK_VALUE(x.device().is_cpu(), "rbe_ffn: the packed operators run on the CPU");
+    return x2;
+}
+
+Tensor linear_packed_cpu(const Tensor& x, const Tensor& plan, const Tensor& pack, const Tensor& basis,
+                         const c10::optional<Tensor>& bias, int64_t in, int64_t out, double coeff_scale,
+                         double pattern_scale) {
+    Plan P;
+    Tensor x2 = packed_input(x, in, plan, P);
+    const PackedWeight w = packed_weight("pack", pack, basis, out, in, P.b);
+    const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
+    check_bias(bias, out, at::kFloat, x.device(), "bias");
+    c10::optional<Tensor> bc = bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt;
+    Tensor y = at::empty(with_last(x, out), x2.options());
+    const double m = check_range<float>(x2, P.b, "input");
+    Tensor At = few_tables<float>(P, x2.options());
+    Tensor Xf = at::empty({(int64_t)rbe_few_size((int)in, (int)P.b, (int)P.nf, 1)}, x2.options());
+    for (int64_t t = 0; t < x2.size(0); t++) {
+        packed_analyse(Xf.data_ptr<float>(), x2.data_ptr<float>() + t * in, in, P, At.data_ptr<float>(), sc);
+        packed_linear_raw(y.data_ptr<float>() + t * out, nullptr, Xf.data_ptr<float>(), w, ptr_or_null<float>(bc),
+                          RBE_ACT_NONE, P, At.data_ptr<float>(), "pack");
+    }
+    Tensor vals = at::from_blob((void*)w.K.val, {(int64_t)w.K.k * basis.size(0)}, x2.options());
+    check_finite_results<float>({y}, m, {w.basis, vals, bc}, "the output");
+    return y;
+}
+
+Tensor ffn_packed_cpu(const Tensor& x, const Tensor& plan, const Tensor& pack1, const Tensor& basis1,
+                      const c10::optional<Tensor>& bias1, const Tensor& pack2, const Tensor& basis2,
+                      const c10::optional<Tensor>& bias2, int64_t d_model, int64_t d_ff, std::string activation,
+                      double coeff_scale1, double coeff_scale2, double pattern_scale1, double pattern_scale2,
+                      bool f32_activation) {
+    Plan P;
+    Tensor x2 = packed_input(x, d_model, plan, P);
+    const PackedWeight w1 = packed_weight("pack1", pack1, basis1, d_ff, d_model, P.b);
+    const PackedWeight w2 = packed_weight("pack2", pack2, basis2, d_model, d_ff, P.b);
+    const Scales s1 = check_scales(coeff_scale1, pattern_scale1, "fc1"), s2 = check_scales(coeff_scale2,
+                                                                                         pattern_scale2, "fc2");
+    check_bias(bias1, d_ff, at::kFloat, x.device(), "fc1.bias");
+    check_bias(bias2, d_model, at::kFloat, x.device(), "fc2.bias");
+    auto cont = [](const c10::optional<Tensor>& b) {
+        return b.has_value() ? c10::optional<Tensor>(b->contiguous()) : c10::nullopt;
+    };
+    const c10::optional<Tensor> b1 = cont(bias1), b2 = cont(bias2);
+    const int act = with_f32_activation(act_code(activation), f32_activation, at::kFloat);
+    Tensor y = at::empty(x.sizes(), x2.options());
+    const double m = check_range<float>(x2, P.b, "input");
+    Tensor At = few_tables<float>(P, x2.options());
+    const float* at_ = At.data_ptr<float>();
+    Tensor Xf1 = at::empty({(int64_t)rbe_few_size((int)d_model, (int)P.b, (int)P.nf, 1)}, x2.options());
+    Tensor Xf2 = at::empty({(int64_t)rbe_few_size((int)d_ff, (int)P.b, (int)P.nf, 1)}, x2.options());
+    for (int64_t t = 0; t < x2.size(0); t++) {  // token by token: each token's bits as the ffn operator's at T = 1
+        packed_analyse(Xf1.data_ptr<float>(), x2.data_ptr<float>() + t * d_model, d_model, P, at_, s1);
+        packed_linear_raw(nullptr, Xf2.data_ptr<float>(), Xf1.data_ptr<float>(), w1, ptr_or_null<float>(b1), act, P,
+                          at_, "pack1");
+        scale_rows(Xf2.data_ptr<float>(), cdiv(d_ff, P.b), P, 1, s2);
+        packed_linear_raw(y.data_ptr<float>() + t * d_model, nullptr, Xf2.data_ptr<float>(), w2,
+                          ptr_or_null<float>(b2), RBE_ACT_NONE, P, at_, "pack2");
+    }
+    Tensor v1 = at::from_blob((void*)w1.K.val, {(int64_t)w1.K.k * basis1.size(0)}, x2.options());
+    Tensor v2 = at::from_blob((void*)w2.K.val, {(int64_t)w2.K.k * basis2.size(0)}, x2.options());
+    check_finite_results<float>({y}, m, {w1.basis, v1, b1, w2.basis, v2, b2}, "the output");
+    return y;
+}
+
 }  // namespace rbe
 
 TORCH_LIBRARY(rbe_ffn, m) {
@@ -896,6 +1091,13 @@ TORCH_LIBRARY(rbe_ffn, m) {
           "str activation, int chunk_tokens, bool[7] output_mask, float coeff_scale1=1., float coeff_scale2=1., "
           "float pattern_scale1=1., float pattern_scale2=1., bool f32_activation=False, bool bf16_sparse=False) -> "
           "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+    m.def("pack_coeffs(Tensor coeffs, Tensor index, int out_features, int in_features, int block_size) -> Tensor");
+    m.def("linear_packed(Tensor x, Tensor plan, Tensor pack, Tensor basis, Tensor? bias, int in_features, "
+          "int out_features, float coeff_scale=1., float pattern_scale=1.) -> Tensor");
+    m.def("ffn_packed(Tensor x, Tensor plan, Tensor pack1, Tensor basis1, Tensor? bias1, Tensor pack2, "
+          "Tensor basis2, Tensor? bias2, int d_model, int d_ff, str activation, float coeff_scale1=1., "
+          "float coeff_scale2=1., float pattern_scale1=1., float pattern_scale2=1., bool f32_activation=False) -> "
+          "Tensor");
     m.def("activation(Tensor x, str activation) -> Tensor");
     m.def("activation_backward(Tensor grad, Tensor x, str activation) -> Tensor");
 }
@@ -909,6 +1111,9 @@ TORCH_LIBRARY_IMPL(rbe_ffn, CPU, m) {
     m.impl("linear_backward", &rbe::linear_backward_cpu);
     m.impl("ffn", &rbe::ffn_cpu);
     m.impl("ffn_backward", &rbe::ffn_backward_cpu);
+    m.impl("pack_coeffs", &rbe::pack_coeffs_cpu);
+    m.impl("linear_packed", &rbe::linear_packed_cpu);
+    m.impl("ffn_packed", &rbe::ffn_packed_cpu);
     m.impl("activation", &rbe::activation_cpu);
     m.impl("activation_backward", &rbe::activation_backward_cpu);
 }

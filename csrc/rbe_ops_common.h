@@ -63,6 +63,39 @@ struct Weight {
     int wide;
 };
 
+// The caller's index [nblk, k] (contiguous, int16 or int32: wide), on the CPU: a private copy of it,
+// validated as it is made. The kernels read this copy, never the caller's tensor: a thread that
+// rewrites the index during the call (load_state_dict) can tear the copy but cannot send a
+// kernel out of bounds. (CUDA validates on the device, on the same stream as the writes.)
+// The copy and its check run over ranges of blocks in torch's thread pool (at one token they
+// cost about a tenth of a 768/3072 feed-forward call); the first bad position is the smallest
+// over the ranges, as one sequential pass would report it.
+inline Tensor checked_index(const char* name, const Tensor& index, int64_t nblk, int64_t k, int64_t b, bool wide) {
+    Tensor snap = at::empty(index.sizes(), index.options());
+    const int64_t width = wide ? 4 : 2, grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(k, 1));
+    char* dst = static_cast<char*>(snap.data_ptr());
+    const char* src = static_cast<const char*>(index.data_ptr());
+    long bad = -1;
+    for (int attempt = 0; attempt < 3; attempt++) {  // a copy torn by a concurrent reload: copy again
+        std::atomic<long> first{-1};
+        at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+            const long off = (long)(b0 * k);
+            const long r = rbe_index_snapshot(dst + off * width, src + off * width, wide, (long)(b1 - b0), (int)k, (int)b);
+            if (r < 0) return;
+            long cur = first.load();
+            while ((cur < 0 || off + r < cur) && !first.compare_exchange_weak(cur, off + r)) {
+            }
+        });
+        bad = first.load();
+        if (bad < 0) break;
+    }
+    TORCH_CHECK_INDEX(bad < 0, "rbe_ffn: ", name, ": index is corrupted at block ", bad / std::max<int64_t>(k, 1),
+                      ", slot ", bad % std::max<int64_t>(k, 1),
+                      ": positions must be strictly increasing within a block and lie in [0, ", b * b,
+                      ") (or another thread kept rewriting it during the call)");
+    return snap;
+}
+
 inline Weight check_weight(const char* name, const Tensor& basis, const Tensor& coeffs, const Tensor& index,
                            int64_t out, int64_t in, int64_t b, at::ScalarType dtype, at::Device device) {
     check_block_size(b);
@@ -84,39 +117,7 @@ inline Weight check_weight(const char* name, const Tensor& basis, const Tensor& 
                       coeffs.sizes(), ", got ", index.sizes());
     Weight w{basis.contiguous(), coeffs.contiguous(), index.contiguous(), out, in, b, coeffs.size(1),
              index.scalar_type() == at::kInt};
-    if (w.k > 0 && w.index.device().is_cpu()) {
-        // The kernels read a private copy validated as it is made, never the caller's tensor: a
-        // thread that rewrites the index during the call (load_state_dict) can tear the copy but
-        // cannot send a kernel out of bounds. (CUDA validates on the device, on the same stream
-        // as the writes.)
-        // The copy and its check run over ranges of blocks in torch's thread pool (at one token they
-        // cost about a tenth of a 768/3072 feed-forward call); the first bad position is the
-        // smallest over the ranges, as one sequential pass would report it.
-        Tensor snap = at::empty(w.index.sizes(), w.index.options());
-        const int64_t width = w.wide ? 4 : 2, grain = std::max<int64_t>(1, (1 << 15) / w.k);
-        char* dst = static_cast<char*>(snap.data_ptr());
-        const char* src = static_cast<const char*>(w.index.data_ptr());
-        long bad = -1;
-        for (int attempt = 0; attempt < 3; attempt++) {  // a copy torn by a concurrent reload: copy again
-            std::atomic<long> first{-1};
-            at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
-                const long off = (long)(b0 * w.k);
-                const long r = rbe_index_snapshot(dst + off * width, src + off * width, w.wide, (long)(b1 - b0),
-                                                  (int)w.k, (int)b);
-                if (r < 0) return;
-                long cur = first.load();
-                while ((cur < 0 || off + r < cur) && !first.compare_exchange_weak(cur, off + r)) {
-                }
-            });
-            bad = first.load();
-            if (bad < 0) break;
-        }
-        TORCH_CHECK_INDEX(bad < 0, "rbe_ffn: ", name, ": index is corrupted at block ", bad / std::max<int64_t>(w.k, 1),
-                          ", slot ", bad % std::max<int64_t>(w.k, 1),
-                          ": positions must be strictly increasing within a block and lie in [0, ", b * b,
-                          ") (or another thread kept rewriting it during the call)");
-        w.index = snap;
-    }
+    if (w.k > 0 && w.index.device().is_cpu()) w.index = checked_index(name, w.index, nblk, w.k, b, w.wide);
     return w;
 }
 

@@ -64,6 +64,9 @@ void rbe_few_analysis_f32_avx2(float* Xf, const float* x, const float* At, int b
 void rbe_few_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
                                    const rbe_plan_f32* P, const float* At, const float* bias, int act,
                                    float* scratch, long T, long p0, long p1);
+int rbe_one_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                                  const rbe_packed_f32* K, const rbe_plan_f32* P, const float* At, const float* bias,
+                                  int act, float* scratch, long p0, long p1);
 void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch, long T,
                            int n, long p0, long p1);
 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
@@ -84,6 +87,9 @@ void rbe_few_analysis_f32_avx512(float* Xf, const float* x, const float* At, int
 void rbe_few_rows_forward_f32_avx512(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
                                    const rbe_plan_f32* P, const float* At, const float* bias, int act,
                                    float* scratch, long T, long p0, long p1);
+int rbe_one_rows_forward_f32_avx512(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                                  const rbe_packed_f32* K, const rbe_plan_f32* P, const float* At, const float* bias,
+                                  int act, float* scratch, long p0, long p1);
 void rbe_analysis_f32_avx512(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch,
                              long T, int n, long p0, long p1);
 void rbe_rows_forward_f32_avx512(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
@@ -119,6 +125,8 @@ typedef struct {
     void (*few_analysis)(float*, const float*, const float*, int, int, long, int, long, long);
     void (*few_rows_forward)(float*, float*, float*, const float*, const rbe_weight_f32*, const rbe_plan_f32*,
                              const float*, const float*, int, float*, long, long, long);
+    int (*one_rows_forward)(float*, float*, float*, const float*, const rbe_weight_f32*, const rbe_packed_f32*,
+                            const rbe_plan_f32*, const float*, const float*, int, float*, long, long);
 } rbe_x86_kernels_f32;
 #ifdef RBE_X86_KERNELS
 extern const rbe_x86_kernels_f32 rbe_x86_avx2, rbe_x86_avx512;

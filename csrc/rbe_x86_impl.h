@@ -683,11 +683,47 @@ XT static inline void few_axpy(float* restrict Y, float p, const float* restrict
     else _mm256_storeu_ps(Y, _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(E), _mm256_loadu_ps(Y)));
 }
 
+// After the sparse products of block row i (yh[0, b) set, the pattern rows zero): the pattern
+// terms, the synthesis, bias, pre, activation, y and Xnext, token by token. v: [b], tmp: [rows].
+XT static void few_rows_finish(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                               const rbe_plan_f32* P, const float* At, const float* bias, int act, float* yh,
+                               float* v, float* tmp, long T, long i) {
+    const int out = W->out, b = W->b, nf = P->nf;
+    const int R = (out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const int nr = out - (int)i * b < b ? out - (int)i * b : b;
+    const long ys = T == 1 ? 1 : RBE_FEW_MAX;  // yh's row stride: lanes past T are padding
+    for (int j = 0; j < C; j++) {  // the pattern terms
+        const long blk = i * C + j;
+        const float* X = Xf + (size_t)j * rows * T;
+        const float* pk = W->basis + (size_t)blk * RBE_NPAT;
+        for (int q = 0; q < RBE_NTERMS; q++) {
+            const int* term = rbe_pattern_terms[q];
+            few_axpy(yh + (size_t)(b + term[1]) * ys, pk[term[0]], X + (size_t)(b + term[2]) * T, T);
+        }
+        for (int m = RBE_NFIX; m < RBE_NFIX + nd; m++)
+            few_axpy(yh + (size_t)(b + m) * ys, pk[1], X + (size_t)(b + m) * T, T);
+    }
+    for (long t = 0; t < T; t++) {
+        few_matvec(v, P->S, b, yh + t, ys, rows, b);
+        if (bias)
+            for (int r = 0; r < nr; r++) v[r] += bias[i * b + r];
+        if (pre) memcpy(pre + (size_t)t * out + (size_t)i * b, v, sizeof(float) * nr);
+        if (act != RBE_ACT_NONE) rbe_act_forward_f32(v, v, nr, act);
+        if (y) memcpy(y + (size_t)t * out + (size_t)i * b, v, sizeof(float) * nr);
+        if (Xnext) {
+            few_matvec(tmp, At, rows, v, 1, nr, rows);
+            for (int m = 0; m < rows; m++) Xnext[((size_t)i * rows + m) * T + t] = tmp[m];
+        }
+    }
+    if (Xnext && i == R - 1)
+        for (int e = 0; e < RBE_FEW_SLACK; e++) Xnext[(size_t)R * rows * T + e] = 0;
+}
+
 XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
                                        const rbe_plan_f32* P, const float* At, const float* bias, int act,
                                        float* scratch, long T, long p0, long p1) {
-    const int out = W->out, b = W->b, k = W->k, nf = P->nf;
-    const int R = (out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const int b = W->b, k = W->k, nf = P->nf;
+    const int C = (W->in + b - 1) / b, rows = b + nf;
     const long ys = T == 1 ? 1 : RBE_FEW_MAX;  // yh's row stride: lanes past T are padding
     const long yst = (long)rows * RBE_FEW_MAX;
     float* yh = scratch;  // [rows][ys], then the other streams' accumulators y1 = yh + yst, ...
@@ -695,7 +731,6 @@ XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const
     float* v = scratch + (size_t)yst * RBE_FEW_STREAMS + RBE_FEW_SLACK;  // [b]
     float* tmp = v + b;                                                  // [rows]
     for (long i = p0; i < p1; i++) {
-        const int nr = out - (int)i * b < b ? out - (int)i * b : b;
         for (size_t e = 0; e < (size_t)rows * ys; e++) yh[e] = 0;
         // the sparse products: each group of ns blocks into yh and the ns - 1 other accumulators
         // (the last C % ns blocks into yh), then those added to yh in a fixed order (every token alike)
@@ -714,30 +749,71 @@ XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const
             for (int s = 2; s < ns; s++) a += yh[s * yst + e];
             yh[e] += a;
         }
-        for (int j = 0; j < C; j++) {  // the pattern terms
-            const long blk = i * C + j;
-            const float* X = Xf + (size_t)j * rows * T;
-            const float* pk = W->basis + (size_t)blk * RBE_NPAT;
-            for (int q = 0; q < RBE_NTERMS; q++) {
-                const int* term = rbe_pattern_terms[q];
-                few_axpy(yh + (size_t)(b + term[1]) * ys, pk[term[0]], X + (size_t)(b + term[2]) * T, T);
-            }
-            for (int m = RBE_NFIX; m < RBE_NFIX + nd; m++)
-                few_axpy(yh + (size_t)(b + m) * ys, pk[1], X + (size_t)(b + m) * T, T);
-        }
-        for (long t = 0; t < T; t++) {
-            few_matvec(v, P->S, b, yh + t, ys, rows, b);
-            if (bias)
-                for (int r = 0; r < nr; r++) v[r] += bias[i * b + r];
-            if (pre) memcpy(pre + (size_t)t * out + (size_t)i * b, v, sizeof(float) * nr);
-            if (act != RBE_ACT_NONE) rbe_act_forward_f32(v, v, nr, act);
-            if (y) memcpy(y + (size_t)t * out + (size_t)i * b, v, sizeof(float) * nr);
-            if (Xnext) {
-                few_matvec(tmp, At, rows, v, 1, nr, rows);
-                for (int m = 0; m < rows; m++) Xnext[((size_t)i * rows + m) * T + t] = tmp[m];
-            }
-        }
-        if (Xnext && i == R - 1)
-            for (int e = 0; e < RBE_FEW_SLACK; e++) Xnext[(size_t)R * rows * T + e] = 0;
+        few_rows_finish(y, pre, Xnext, Xf, W, P, At, bias, act, yh, v, tmp, T, i);
     }
+}
+
+// ---- one token from packed coefficients (rbe.h) ----
+// yh[0, b) = the sparse products of block row i at one token, streams and order as in
+// rbe_few_rows_forward (the including file defines it: AVX-512 vectors, AVX2 scalars); -1 if K is
+// corrupted. Xf: the one-token analysis (rbe_few_analysis at T = 1).
+XT static int one_sparse(float* restrict yh, const float* restrict Xf, const rbe_packed_f32* K, int rows, long i);
+
+// The step walk of one block of a pack, one coefficient at a time: the reference of one_sparse's
+// vector walk, and AVX2's. acc: the block's stream accumulator [b]. Returns -1 if corrupted.
+XT static INLINE_ALWAYS int one_block_scalar(float* restrict acc, const float* restrict X, const rbe_packed_f32* K,
+                                             long blk) {
+    const int b = K->b, k = K->k, G = rbe_pack_groups(b);
+    long step = K->first[blk], pos = 0;
+    const long end = K->first[blk + 1];
+    if (step < 0 || end > K->steps) return -1;
+    const float* val = K->val + (size_t)blk * k;
+    for (int g = 0; g < G; g++)
+        for (int d = 0, n = K->nstep[blk * G + g]; d < n; d++, step++) {
+            if (step >= end) return -1;
+            for (unsigned m = K->mask[step]; m; m &= m - 1) {
+                const int l = __builtin_ctz(m), u = g * RBE_PACK_LANES + l;
+                if (pos >= k || u >= b) return -1;
+                const int c = K->col[step * RBE_PACK_LANES + l];  // read once: checked as used
+                if (c >= b) return -1;
+                acc[u] = __builtin_fmaf(val[pos], X[c], acc[u]);
+                pos++;
+            }
+        }
+    return pos == k && step == end ? 0 : -1;
+}
+
+XT __attribute__((unused)) static int one_sparse_scalar(float* restrict yh, const float* restrict Xf,
+                                                        const rbe_packed_f32* K, int rows, long i) {
+    const int b = K->b, C = (K->in + b - 1) / b, ns = RBE_FEW_STREAMS;
+    float acc[RBE_FEW_STREAMS][RBE_PACK_MAX_B];
+    for (int s = 0; s < ns; s++)
+        for (int u = 0; u < b; u++) acc[s][u] = 0;
+    int bad = 0;
+    for (int j = 0; j < C; j++) {
+        const int s = j < C - C % ns ? j % ns : 0;  // the last C % ns blocks into the first stream
+        bad |= one_block_scalar(acc[s], Xf + (size_t)j * rows, K, i * C + j);
+    }
+    for (int u = 0; u < b; u++) {
+        float a = acc[1][u];
+        for (int s = 2; s < ns; s++) a += acc[s][u];
+        yh[u] = acc[0][u] + a;
+    }
+    return bad;
+}
+
+XT int XSFX(rbe_one_rows_forward_f32)(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
+                                      const rbe_packed_f32* K, const rbe_plan_f32* P, const float* At,
+                                      const float* bias, int act, float* scratch, long p0, long p1) {
+    const int b = W->b, rows = b + P->nf;
+    float* yh = scratch;  // [rows], as rbe_few_rows_forward lays out its scratch at T = 1
+    float* v = scratch + (size_t)rows * RBE_FEW_MAX * RBE_FEW_STREAMS + RBE_FEW_SLACK;  // [b]
+    float* tmp = v + b;                                                               // [rows]
+    int bad = 0;
+    for (long i = p0; i < p1; i++) {
+        for (int e = 0; e < rows; e++) yh[e] = 0;
+        bad |= one_sparse(yh, Xf, K, rows, i);
+        few_rows_finish(y, pre, Xnext, Xf, W, P, At, bias, act, yh, v, tmp, 1, i);
+    }
+    return bad;
 }

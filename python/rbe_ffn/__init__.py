@@ -20,7 +20,7 @@ from .distill import DistillReport, distill_model
 from .distributed import ddp_ignore_index
 from .dynamic import DynamicSupport
 from .functional import canonical_activation, rbe_feed_forward, rbe_linear
-from .modules import RBEFeedForward, RBELinear, seeded_positions
+from .modules import RBEFeedForward, RBELinear, pack_for_inference, seeded_positions
 from .storage import storage_report, storage_state_dict
 
 __all__ = [

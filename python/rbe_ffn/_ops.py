@@ -337,6 +337,59 @@ def _activation_bwd(ctx, grad):
 _register_autograd("activation", _activation_bwd, _activation_setup)
 
 
+# ---------------------------------------------------------------- packed coefficients (few tokens)
+# pack_coeffs regroups a float32 CPU weight's coefficients for one-token products; linear_packed
+# and ffn_packed compute token by token from such packs (each token's bits are those of linear and
+# ffn at one token; csrc/rbe.h). They are for inference: there is no backward, and a call that
+# autograd would have to record is refused. RBELinear and RBEFeedForward take them, once asked
+# (pack_for_inference), for calls of 1-3 tokens that record nothing (docs/DESIGN.md section 3.2).
+@torch.library.register_fake("rbe_ffn::pack_coeffs")
+def _pack_coeffs_fake(coeffs, index, out_features, in_features, block_size):
+    _one_device("pack_coeffs", coeffs=coeffs, index=index)
+    return coeffs.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("rbe_ffn::linear_packed")
+def _linear_packed_fake(x, plan, pack, basis, bias, in_features, out_features, coeff_scale=1.0, pattern_scale=1.0):
+    _one_device("linear_packed", x=x, plan=plan, pack=pack, basis=basis, bias=bias)
+    torch._check(x.shape[-1] == in_features, lambda: f"rbe_ffn: input must have last dimension {in_features}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("rbe_ffn::ffn_packed")
+def _ffn_packed_fake(x, plan, pack1, basis1, bias1, pack2, basis2, bias2, d_model, d_ff, activation,
+                     coeff_scale1=1.0, coeff_scale2=1.0, pattern_scale1=1.0, pattern_scale2=1.0,
+                     f32_activation=False):
+    _one_device("ffn_packed", x=x, plan=plan, pack1=pack1, basis1=basis1, bias1=bias1, pack2=pack2, basis2=basis2,
+                bias2=bias2)
+    torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
+    return x.new_empty(x.shape)
+
+
+_INFERENCE_ONLY = (
+    "rbe_ffn.{op} computes from packed coefficients for inference and has no backward; call it "
+    "under torch.no_grad() / torch.inference_mode(), or use rbe_ffn.{full} (RBELinear and "
+    "RBEFeedForward take {op} only for calls that autograd does not record)")
+
+
+def _register_inference_only(name: str, full: str) -> None:
+    """The Autograd kernel of an operator without a derivative: a call that autograd would record
+    (grad mode on and an input requiring grad, or a forward-mode tangent) raises instead of
+    returning a result whose gradient would silently be missing."""
+    op = getattr(ops, name).default
+
+    def kernel(keyset, *args):
+        if _has_tangent(args) or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+            raise RuntimeError(_INFERENCE_ONLY.format(op=name, full=full))
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _autograd_lib.impl(name, kernel, "Autograd", with_keyset=True)
+
+
+_register_inference_only("linear_packed", "linear")
+_register_inference_only("ffn_packed", "ffn")
+
+
 # ---------------------------------------------------------------- autocast (CUDA)
 def _autocast_cuda(op):
     """The AutocastCUDA kernel of a forward operator: under torch.autocast("cuda"), every
@@ -410,4 +463,5 @@ def _autocast_cpu(op):
 _autocast_lib = torch.library.Library("rbe_ffn", "IMPL")
 for _name in ("linear", "ffn"):
     _autocast_lib.impl(_name, _autocast_cuda(getattr(ops, _name).default), "AutocastCUDA")
+for _name in ("linear", "ffn", "linear_packed", "ffn_packed"):
     _autocast_lib.impl(_name, _autocast_cpu(getattr(ops, _name).default), "AutocastCPU")

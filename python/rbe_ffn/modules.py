@@ -10,6 +10,7 @@ import sys
 import torch
 from torch import nn
 
+from . import _C
 from ._ops import get_plan, ops, sixteen_bit_flags
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
 from .functional import (_restore, canonical_activation, chunk_tokens_for, cpu_half_input, intermediate_bytes_per_token,
@@ -67,6 +68,44 @@ def _check_input(name: str, x, weight: torch.Tensor) -> None:
     if isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64) and x.dtype != dtype:
         raise TypeError(f"{name}: input dtype {x.dtype} does not match the layer's dtype {dtype}; "
                         f"convert the input or the module (e.g. module.to({x.dtype}))")
+
+
+def _packed_call(x, *layers: "RBELinear") -> bool:
+    """Whether a call may take the packed operators (linear_packed, ffn_packed): the layers asked
+    for it (pack_for_inference), at most PACKED_TOKENS tokens (x: the first layer's input, a plain
+    float32 CPU tensor: not fake, not a DTensor), kernels chosen AVX-512 (elsewhere the packed
+    walk is no faster than the few-token one), nothing for autograd to record, no tracing and no
+    functorch transform (those keep the operators they know). The layers' side (float32 on the
+    CPU, block_size <= 64) is packed()'s to check. Cheap: it runs on every call."""
+    if not all(layer.use_packed for layer in layers):
+        return False
+    n = layers[0].in_features
+    if (type(x) is not torch.Tensor or x.dtype != torch.float32 or not x.is_cpu or not x.dim() or x.shape[-1] != n
+            or not 0 < x.numel() <= PACKED_TOKENS * n):
+        return False
+    if _kernels_isa() != "avx512" or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch.is_grad_enabled():
+        if x.requires_grad:
+            return False
+        for layer in layers:
+            if layer.basis.requires_grad or layer.coeffs.requires_grad or (layer.bias is not None
+                                                                          and layer.bias.requires_grad):
+                return False
+    return True
+
+
+@functools.cache
+def _kernels_isa() -> str:
+    """rbe_ffn.cpu_isa(), read once (the kernels read RBE_FFN_ISA once too)"""
+    return _C.cpu_isa()
+
+
+PACK_MAX_BLOCK = 64  # RBE_PACK_MAX_B of csrc/rbe.h
+# The packed operators compute token by token; the few-token kernels apply each coefficient to
+# all tokens at once. 768/3072, one process, interleaved (docs/DESIGN.md section 3.2): packed
+# 2.5-2.9x faster at 1 token, 1.8x at 2, 1.3x at 3, 0.9-1.1x at 4, 0.6x at 8.
+PACKED_TOKENS = 3
 
 
 def _check_memory_limit(memory_limit_mb):
@@ -325,6 +364,9 @@ class RBELinear(nn.Module):
     _index_seed: int | None = None
     _index_digest: int | None = None
     _index_checked: tuple | None = None
+    # whether calls of at most PACKED_TOKENS tokens that autograd does not record read packed
+    # coefficients (packed(); set by rbe_ffn.pack_for_inference)
+    use_packed: bool = False
     # the parametrization (see parametrization_scales): format numbers = parameters x these scales
     parametrization: str = "plain"
     _pattern_scale: float = 1.0
@@ -586,6 +628,7 @@ class RBELinear(nn.Module):
         super()._apply(fn, recurse)
         self._plan = get_plan(self.block_size, self.basis.dtype, self.basis.device)
         self._index_checked = None
+        self.release_packed()  # .to() may swap the parameters' data without a version change
         return self
 
     # load_state_dict checks the fixed positions before anything of this layer is copied in: a
@@ -734,9 +777,50 @@ class RBELinear(nn.Module):
             self.coeffs.mul_(self._coeff_scale / cs)
         self.parametrization, self._pattern_scale, self._coeff_scale = parametrization, ps, cs
 
+    def packed(self) -> torch.Tensor | None:
+        """The coefficients packed for calls of 1-3 tokens (``torch.ops.rbe_ffn.pack_coeffs``; about
+        the size of coeffs + index), made on first use and again after coeffs or the index change;
+        None where the packed operators do not apply (not float32 on the CPU, block_size > 64).
+        Changes are seen through the tensors' version counters (optimizer steps, copy_,
+        load_state_dict, DynamicSupport); writes that bypass them (through ``.data``, a NumPy
+        view) are not: call ``release_packed()`` after one. None for an inference tensor (no
+        version counter)."""
+        coeffs, store = self.coeffs, self.index_bytes
+        try:
+            key = (coeffs._version, store._version)
+        except RuntimeError:  # inference tensors keep no version counter
+            return None
+        memo = self.__dict__.get("_pack_memo")
+        if memo is not None and memo[0] is coeffs and memo[1] is store and memo[2] == key:
+            return memo[3]
+        if (coeffs.dtype != torch.float32 or not coeffs.is_cpu or self.block_size > PACK_MAX_BLOCK
+                or type(coeffs) is not nn.Parameter or _is_fake(coeffs) or _is_dtensor(coeffs)):
+            return None  # what the packed operators do not take
+        with torch.no_grad():
+            pack = ops.pack_coeffs(coeffs.detach(), self.index, self.out_features, self.in_features,
+                                   self.block_size)
+        self.__dict__["_pack_memo"] = (coeffs, store, key, pack)  # the tensors themselves: no id reuse
+        return pack
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed coefficients this layer holds now (0: none; see pack_for_inference)."""
+        memo = self.__dict__.get("_pack_memo")
+        return 0 if memo is None else memo[3].numel()
+
+    def release_packed(self) -> None:
+        """Drop the packed coefficients (packed()); the next packed call packs again."""
+        self.__dict__.pop("_pack_memo", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("RBELinear", x, self.basis)
         x, out_dtype = cpu_half_input(x, self.basis.dtype)
+        if _packed_call(x, self):
+            pack = self.packed()
+            if pack is not None:
+                return _restore(ops.linear_packed(x, self.plan, pack, self.basis, self.bias, self.in_features,
+                                                  self.out_features, self._coeff_scale, self._pattern_scale),
+                                out_dtype)
         # the parameters and their scales: the operator scales its transformed input instead
         return _restore(ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias, self.in_features,
                                    self.out_features, self._coeff_scale, self._pattern_scale,
@@ -925,13 +1009,21 @@ class RBEFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("RBEFeedForward", x, self.fc1.basis)
-        chunk = self.chunk_tokens()
         f1, f2 = self.fc1, self.fc2
         if _is_dtensor(f1.basis) or _is_dtensor(f2.basis):
             raise RuntimeError("RBEFeedForward: the weights of fc1/fc2 are sharded DTensors here. Its forward runs "
                                "one fused operator on both layers' weights and never calls fc1/fc2, so FSDP "
                                "never gathers them: apply fully_shard to the RBEFeedForward, not to its fc1/fc2")
         x, out_dtype = cpu_half_input(x, f1.basis.dtype)
+        packs = (f1.packed(), f2.packed()) if _packed_call(x, f1, f2) else (None, None)
+        if packs[0] is not None and packs[1] is not None:
+            y = ops.ffn_packed(x, f1.plan, packs[0], f1.basis, f1.bias, packs[1], f2.basis, f2.bias, self.d_model,
+                               self.d_ff, self.activation, f1._coeff_scale, f2._coeff_scale, f1._pattern_scale,
+                               f2._pattern_scale, sixteen_bit_flags(out_dtype)["f32_activation"])
+            y = _restore(y, out_dtype)
+            self._count(x, 0)
+            return y
+        chunk = self.chunk_tokens()
         # the parameters and their scales: the operator applies the scales to its transformed
         # input (and output gradient), never to the numbers (docs/DESIGN.md, Parametrization)
         y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
@@ -939,16 +1031,21 @@ class RBEFeedForward(nn.Module):
                        f1._coeff_scale, f2._coeff_scale, f1._pattern_scale, f2._pattern_scale,
                        **sixteen_bit_flags(out_dtype))
         y = _restore(y, out_dtype)
-        if not torch.compiler.is_compiling():
-            tokens = x.numel() // max(self.d_model, 1)
-            n = min(chunk, tokens) if chunk else tokens
-            tile = -(-n // 64) * 64
-            flops, per = self._per_token_costs(f1.plan.shape[1] - self.block_size, x.element_size())
-            peak = per * tile  # bound for a forward + backward; a forward alone uses less
-            self.stats["calls"] += 1
-            self.stats["flops"] += flops * tokens
-            self.stats["peak_intermediate_bytes"] = max(self.stats["peak_intermediate_bytes"], peak)
+        self._count(x, chunk)
         return y
+
+    def _count(self, x: torch.Tensor, chunk: int) -> None:
+        """stats of a call (not under torch.compile)"""
+        if torch.compiler.is_compiling():
+            return
+        tokens = x.numel() // max(self.d_model, 1)
+        n = min(chunk, tokens) if chunk else tokens
+        tile = -(-n // 64) * 64
+        flops, per = self._per_token_costs(self.fc1.plan.shape[1] - self.block_size, x.element_size())
+        peak = per * tile  # bound for a forward + backward; a forward alone uses less
+        self.stats["calls"] += 1
+        self.stats["flops"] += flops * tokens
+        self.stats["peak_intermediate_bytes"] = max(self.stats["peak_intermediate_bytes"], peak)
 
     @property
     def weight_nbytes(self) -> int:
@@ -968,3 +1065,27 @@ class RBEFeedForward(nn.Module):
         if self.memory_limit_mb is not None:
             s += f", memory_limit_mb={self.memory_limit_mb}"
         return s
+
+
+def pack_for_inference(module: nn.Module, enable: bool = True) -> nn.Module:
+    """Let every RBELinear in ``module`` (the fc1/fc2 of each RBEFeedForward included) compute
+    calls of 1-3 tokens that autograd does not record, as in generation, from packed
+    coefficients, with the same bits: at 768/3072 a one-token call 2.5-2.9x faster, three tokens
+    1.3x (docs/DESIGN.md section 3.2, docs/benchmarks.md). Each layer keeps a
+    pack about the size of its coeffs + index (``packed()``), made here for float32 CPU layers
+    and again whenever a tracked write changes coeffs or the index (optimizer steps, copy_,
+    load_state_dict). Like a quantized model's prepacked weights, a pack is a copy: after a write
+    that bypasses the version counters (through ``.data`` or a NumPy view) call this again.
+    Used on CPUs whose kernels are AVX-512 (``cpu_isa()``), at block_size <= 64; elsewhere the
+    layers compute as before. ``enable=False`` turns it off and drops the packs. Returns
+    ``module``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    for layer in module.modules():
+        if not isinstance(layer, RBELinear):
+            continue
+        layer.release_packed()
+        layer.use_packed = enable
+        if enable and _kernels_isa() == "avx512":
+            layer.packed()
+    return module

@@ -1297,6 +1297,128 @@ static void test_few(void) {
     few_case(3, 6, 70, 65, 64, 300, 0);
 }
 
+/* ---------------------------------------------------------------- one token from a pack */
+
+// the packed layout of a weight (rbe.h): its arrays, and the view the kernels take
+typedef struct {
+    int32_t* first;
+    uint8_t* nstep;
+    uint16_t* mask;
+    float* val;
+    uint8_t* col;
+    rbe_packed_f32 K;
+} pack_buf;
+
+static pack_buf pack_new(const float* coeffs, const void* ix, int wide, int out, int in, int b, int k) {
+    const long nblk = (long)cdiv(out, b) * cdiv(in, b);
+    int32_t* work = xmalloc(sizeof(int32_t) * (2 * b + 1));
+    const long steps = rbe_pack_steps(ix, wide, nblk, k, b, work);
+    pack_buf p = {xmalloc(sizeof(int32_t) * (nblk + 1)), xmalloc(nblk * rbe_pack_groups(b)),
+                  xmalloc(sizeof(uint16_t) * steps), xmalloc(sizeof(float) * nblk * k),
+                  xmalloc((size_t)steps * RBE_PACK_LANES), {0}};
+    rbe_pack_f32(p.first, p.nstep, p.mask, p.val, p.col, coeffs, ix, wide, nblk, k, b, work);
+    rbe_packed_f32 K = {out, in, b, k, steps, p.first, p.nstep, p.mask, p.val, p.col};
+    p.K = K;
+    free(work);
+    return p;
+}
+static void pack_free(pack_buf* p) { free(p->first), free(p->nstep), free(p->mask), free(p->val), free(p->col); }
+
+// A pack undoes to the weight's own coefficients and index; the one-token forward from it gives
+// the bytes of the x86 few-token forward at T = 1 (y, pre, Xnext; split block rows alike) with
+// each x86 kernel set, the AVX-512 one's vector walk included; a corrupted pack is reported.
+static void pack_case(int out, int in, int b, int k, int wide) {
+    const int R = cdiv(out, b), C = cdiv(in, b);
+    const long nblk = (long)R * C;
+    char tag[96];
+    snprintf(tag, sizeof tag, "pack out=%d in=%d b=%d k=%d wide=%d", out, in, b, k, wide);
+    double* pland = xmalloc(sizeof(double) * 3 * (2 * b + 4) * b);
+    double* pwork = xmalloc(sizeof(double) * (3 * (size_t)b * b + b));
+    const int nf = rbe_plan_build(pland, pwork, b, 1e-9), rows = b + nf;
+    float* plan = to_t(pland, 3 * (size_t)rows * b, 1);
+    const rbe_plan_f32 P = rbe_plan_view_f32(plan, b, nf);
+    float* At = xmalloc(sizeof(float) * b * rows);
+    rbe_few_at_f32(At, &P);
+    double* tmp = xmalloc(sizeof(double) * (nblk * (8 + k) + in + out + 8));
+    fill_normal(tmp, nblk * 8);
+    float* basis = to_t(tmp, nblk * 8, 1);
+    fill_normal(tmp, nblk * k);
+    float* coeffs = to_t(tmp, nblk * k, 1);
+    void* ix = random_index(nblk, k, b, wide);
+    fill_normal(tmp, in + out);
+    float* x = to_t(tmp, in, 1);
+    float* bias = to_t(tmp + in, out, 1);
+    pack_buf p = pack_new(coeffs, ix, wide, out, in, b, k);
+    // the round trip
+    float* c2 = xmalloc(sizeof(float) * nblk * k);
+    int32_t* i2 = xmalloc(sizeof(int32_t) * nblk * k);
+    int same = rbe_unpack_f32(c2, i2, &p.K, 0, nblk) == 0 && !memcmp(c2, coeffs, sizeof(float) * nblk * k);
+    for (long e = 0; e < nblk * k; e++) same &= i2[e] == (wide ? ((int32_t*)ix)[e] : ((int16_t*)ix)[e]);
+    CHECK(same, "%s: the pack does not undo to the weight", tag);
+#ifdef RBE_X86_KERNELS
+    const rbe_weight_f32 W = w32(basis, coeffs, ix, wide, out, in, b, k);
+    const size_t nx = rbe_few_size(in, b, nf, 1), ny = rbe_few_size(out, b, nf, 1);
+    float* Xf = xmalloc(sizeof(float) * nx);
+    float* scratch = xmalloc(sizeof(float) * rbe_few_scratch(b, nf));
+    float *y = xmalloc(sizeof(float) * out), *pre = xmalloc(sizeof(float) * out), *Xn = xmalloc(sizeof(float) * ny);
+    float *y2 = xmalloc(sizeof(float) * out), *pre2 = xmalloc(sizeof(float) * out), *Xn2 = xmalloc(sizeof(float) * ny);
+    rbe_few_analysis_f32_portable(Xf, x, At, b, nf, 1, in, 0, C);
+    const rbe_x86_kernels_f32* sets[2] = {rbe_cpu_has_avx2() ? &rbe_x86_avx2 : NULL,
+                                          rbe_cpu_has_avx512() ? &rbe_x86_avx512 : NULL};
+    for (int v = 0; v < 2; v++) {
+        const rbe_x86_kernels_f32* ks = sets[v];
+        if (!ks) continue;
+        const int act = RBE_ACT_GELU;
+        ks->few_rows_forward(y, pre, NULL, Xf, &W, &P, At, bias, act, scratch, 1, 0, R);
+        ks->few_rows_forward(NULL, NULL, Xn, Xf, &W, &P, At, bias, act, scratch, 1, 0, R);
+        memset(y2, 0x7f, sizeof(float) * out), memset(Xn2, 0x7f, sizeof(float) * ny);
+        int rc = ks->one_rows_forward(y2, pre2, NULL, Xf, &W, &p.K, &P, At, bias, act, scratch, R / 2, R);
+        rc |= ks->one_rows_forward(y2, pre2, NULL, Xf, &W, &p.K, &P, At, bias, act, scratch, 0, R / 2);
+        rc |= ks->one_rows_forward(NULL, NULL, Xn2, Xf, &W, &p.K, &P, At, bias, act, scratch, 0, R);
+        CHECK(rc == 0, "%s %s: a sound pack reported as corrupted", tag, ks->name);
+        CHECK(!memcmp(y, y2, sizeof(float) * out) && !memcmp(pre, pre2, sizeof(float) * out),
+              "%s %s: the packed forward differs from the few-token one", tag, ks->name);
+        CHECK(!memcmp(Xn, Xn2, sizeof(float) * ny), "%s %s: the packed Xnext differs", tag, ks->name);
+        if (k == 0) continue;
+        // corruptions: each must be reported by both walks and by the round trip
+        const long s0 = p.K.first[nblk - 1];
+        int reported = 1;
+        for (int c = 0; c < 4; c++) {
+            pack_buf q = p;
+            uint16_t* mask = xmalloc(sizeof(uint16_t) * (p.K.steps + 1));
+            int32_t* first = xmalloc(sizeof(int32_t) * (nblk + 1));
+            uint8_t* col = xmalloc((size_t)p.K.steps * RBE_PACK_LANES);
+            memcpy(mask, p.mask, sizeof(uint16_t) * p.K.steps), memcpy(first, p.first, sizeof(int32_t) * (nblk + 1));
+            memcpy(col, p.col, (size_t)p.K.steps * RBE_PACK_LANES);
+            if (c == 0) mask[s0] ^= (uint16_t)(mask[s0] & 1 ? 2 : 1);  // one coefficient too many or too few
+            if (c == 1) first[nblk] = (int32_t)p.K.steps + 1;          // past the steps
+            if (c == 2) col[s0 * RBE_PACK_LANES + __builtin_ctz(mask[s0])] = (uint8_t)b;  // a column past the block
+            if (c == 3) first[nblk - 1] = -1;
+            q.K.mask = mask, q.K.first = first, q.K.col = col;
+            reported &= ks->one_rows_forward(y2, NULL, NULL, Xf, &W, &q.K, &P, At, bias, act, scratch, R - 1, R) == -1;
+            reported &= rbe_unpack_f32(c2, i2, &q.K, nblk - 1, nblk) == -1;
+            free(mask), free(first), free(col);
+        }
+        CHECK(reported, "%s %s: a corrupted pack went unreported", tag, ks->name);
+    }
+    free(Xf), free(scratch), free(y), free(pre), free(Xn), free(y2), free(pre2), free(Xn2);
+#endif
+    pack_free(&p);
+    free(pland), free(pwork), free(plan), free(At), free(tmp), free(basis), free(coeffs), free(ix), free(x), free(bias);
+    free(c2), free(i2);
+}
+
+static void test_pack(void) {
+    pack_case(70, 65, 64, 300, 0);     // edge blocks
+    pack_case(200, 770, 64, 300, 0);   // twelve block columns: three groups of streams
+    pack_case(64, 64, 64, 4096, 1);    // every coefficient: 64 steps a group
+    pack_case(40, 300, 32, 60, 0);     // b = 32: ten block columns, streams then a tail
+    pack_case(40, 250, 48, 30, 1);     // b = 48: three groups, the last one short of lanes
+    pack_case(37, 10, 8, 5, 0);        // b = 8: one group of eight rows
+    pack_case(9, 6, 4, 16, 1);         // b = 4, every coefficient
+    pack_case(8, 8, 8, 0, 0);          // k = 0: pattern only
+}
+
 /* ---------------------------------------------------------------- activations */
 
 // the same bits, or both NaN: which NaN (sign, payload) an operation returns is not specified, and the
@@ -1628,6 +1750,7 @@ int main(void) {
     test_codec_selection();
     test_linear();
     test_few();
+    test_pack();
     test_activations();
     test_concurrent_index_writes();
     printf("%ld passed, %ld failed\n", n_pass, n_fail);
