@@ -52,6 +52,8 @@ CTEST_MVEC := $(shell printf 'int main(void){return 0;}\n' | $(CC) -x c - -lmvec
                 echo -Wl,--no-as-needed -lmvec -Wl,--as-needed)
 ctest: tests/c/bin/test_kernels tests/c/bin/test_few_rows tests/c/bin/test_densify
 	ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_kernels
+	# again with the entry points capped to the portable kernels (the dispatch a CPU without AVX2 takes)
+	RBE_FFN_ISA=portable ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_kernels
 	ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_few_rows
 	ASAN_OPTIONS=detect_leaks=1 ./tests/c/bin/test_densify
 

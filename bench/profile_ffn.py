@@ -21,7 +21,8 @@ import time
 # kernel families, matched on perf's symbol names in this order (first match wins)
 FAMILIES = (
     ("sparse products (forward rows, input-gradient columns)",
-     r"sparse_sched|sparse_block|rbe_rows_forward|rbe_cols_backward|rbe_few_rows_forward|few_term"),
+     r"sparse_sched|sparse_block|rbe_rows_forward|rbe_cols_backward|rbe_few_rows_forward|few_term|"
+     r"one_sparse|one_block|rbe_one_rows_forward"),
     ("parameter gradient", r"coeff_grads|rbe_params_backward|params_sched|pattern_backward|rbe_bias_backward"),
     ("transforms (fast DCT, pattern projections, tile transposes)",
      r"gemm_tile|dct2_tile|dct3_tile|analyse_tile|synthesise_tile|rbe_analysis|store_tile|load_tile|few_matvec|"
@@ -88,6 +89,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", action="store_true")
     ap.add_argument("--autocast", action="store_true",
                     help="run under torch.autocast('cpu', dtype=torch.bfloat16) (16-bit results)")
+    ap.add_argument("--packed", action="store_true",
+                    help="rbe_ffn.pack_for_inference first (forward calls of 1-3 tokens read packed coefficients)")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the timed loop")
     ap.add_argument("--macs", action="store_true", help="print the multiply-adds per token and stop")
     ap.add_argument("--report", metavar="PERF_DATA", help="group a perf recording by kernel family and stop")
@@ -101,6 +104,8 @@ def main() -> None:
     import rbe_ffn
 
     m = rbe_ffn.RBEFeedForward(a.d_model, a.d_ff, "gelu", block_size=a.block_size, k=a.k, checkpoint=a.checkpoint)
+    if a.packed:
+        rbe_ffn.pack_for_inference(m)
     nf = m.fc1.plan.shape[1] - a.block_size
     macs = macs_per_token(a.d_model, a.d_ff, a.block_size, a.k, nf)
     print(f"multiply-adds per token ({a.d_model}/{a.d_ff}, b={a.block_size}, k={a.k}, nf={nf}; the step with "
@@ -129,7 +134,8 @@ def main() -> None:
     for _ in range(3):
         once()
     print(f"timed loop starts ({a.mode}, {a.tokens} tokens, {torch.get_num_threads()} threads, "
-          f"isa {rbe_ffn.cpu_isa()}{', bf16 autocast' if a.autocast else ''})", flush=True)
+          f"isa {rbe_ffn.cpu_isa()}{', bf16 autocast' if a.autocast else ''}{', packed' if a.packed else ''})",
+          flush=True)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < a.seconds:
         once()

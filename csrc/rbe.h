@@ -276,16 +276,17 @@ typedef struct {
 } rbe_packed_f32;
 /* the groups of 16 rows of a block */
 static inline int rbe_pack_groups(int b) { return (b + RBE_PACK_LANES - 1) / RBE_PACK_LANES; }
-/* steps of the packed layout of blocks [0, nblk) (index validated, b <= RBE_PACK_MAX_B); counts
- * [b] ints of work */
-long rbe_pack_steps(const void* index, int wide, long nblk, int k, int b, int32_t* counts);
-/* Fill the packed layout (K's arrays: sizes as above, K->steps = rbe_pack_steps); work: 2b + 1 ints.
- * The arrays are written through the pointers of *K (cast from const by the caller's buffers). */
-void rbe_pack_f32(int32_t* first, uint8_t* nstep, uint16_t* mask, float* val, uint8_t* col, const float* coeffs,
-                  const void* index, int wide, long nblk, int k, int b, int32_t* work);
+/* steps of the packed layout of blocks [0, nblk) (index validated, b <= RBE_PACK_MAX_B);
+ * work: b ints */
+long rbe_pack_steps(int32_t* work, const void* index, int wide, long nblk, int k, int b);
+/* Fill the packed layout's arrays (sizes as in rbe_packed_f32, steps = rbe_pack_steps);
+ * work: 2b + 1 ints */
+void rbe_pack_f32(int32_t* first, uint8_t* nstep, uint16_t* mask, float* val, uint8_t* col, int32_t* work,
+                  const float* coeffs, const void* index, int wide, long nblk, int k, int b);
 /* The inverse: coeffs and index (int32, flat u*b + v, ascending) of blocks [p0, p1) from a pack
  * (the portable kernels' path, and the tests' round trip); returns -1 if the pack is corrupted
- * (an offset past its arrays, or a block whose steps do not hold exactly k coefficients). */
+ * (b past RBE_PACK_MAX_B, an offset past its arrays, a lane or column past b, or a block whose
+ * steps do not hold exactly k coefficients). */
 int rbe_unpack_f32(float* coeffs, int32_t* index, const rbe_packed_f32* K, long p0, long p1);
 /* Block rows i in [p0, p1) of rbe_few_rows_forward_f32 at T = 1 (y, pre, Xnext, bias, act alike),
  * the sparse products from K (W: basis, out, in, b, k; its coeffs and index are not read).
@@ -300,7 +301,8 @@ int rbe_one_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xf
  * dx[t][j*b + c] = sum_m A[m][c] DX[m][t].
  * dx: [T, in], Gh: [ntiles, R, b+nf, TILE] (g analysed with P->S).
  * Wt: the weight with each block's coefficients re-sorted by column (rbe_transpose_blocks:
- * index = v*b + u, int32, ascending); its coeffs/index are not read when sched is given.
+ * index = v*b + u, int32, ascending); its coeffs/index are not read when sched is given to the
+ * x86 kernels (rbe_cpu_isa_level() >= RBE_ISA_AVX2; the portable ones take no schedule).
  * sched (float only; may be NULL): the x86 kernels' schedule (transpose = 1). */
 void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
                            const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);

@@ -134,6 +134,7 @@ XT static INLINE_ALWAYS int one_block(__m512 acc[4], const float* restrict X, co
 #endif
 XT static int one_sparse(float* restrict yh, const float* restrict Xf, const rbe_packed_f32* K, int rows, long i) {
     const int b = K->b, C = (K->in + b - 1) / b, ns = RBE_FEW_STREAMS;
+    if (b < 1 || b > RBE_PACK_MAX_B) return -1;  // four registers of 16 rows, and a[][64] below
     __mmask16 valid[4];
     for (int g = 0; g < 4; g++) {
         const int n = b - 16 * g;
@@ -154,11 +155,7 @@ XT static int one_sparse(float* restrict yh, const float* restrict Xf, const rbe
     float a[RBE_FEW_STREAMS][4 * 16];
     for (int s = 0; s < ns; s++)
         for (int g = 0; g < 4; g++) _mm512_storeu_ps(a[s] + 16 * g, acc[s][g]);
-    for (int u = 0; u < b; u++) {
-        float t = a[1][u];
-        for (int s = 2; s < ns; s++) t += a[s][u];
-        yh[u] = a[0][u] + t;
-    }
+    for (int u = 0; u < b; u++) yh[u] = few_stream_sum(&a[0][u], 4 * 16);
     return bad;
 }
 

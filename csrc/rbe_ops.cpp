@@ -31,6 +31,10 @@ static PyObject* set_dct_few_tokens(PyObject*, PyObject* n) {
     return PyLong_FromLongLong(rbe::set_dct_few_tokens(v));
 }
 
+static PyObject* dct_path_enabled(PyObject*, PyObject*) { return PyBool_FromLong(rbe::dct_path_enabled()); }
+
+static PyObject* pack_max_block(PyObject*, PyObject*) { return PyLong_FromLong(RBE_PACK_MAX_B); }
+
 static PyObject* set_dct_path(PyObject*, PyObject* on) {
     const int v = PyObject_IsTrue(on);
     if (v < 0) return nullptr;
@@ -48,6 +52,10 @@ extern "C" PyObject* PyInit__C(void) {
         {"set_dct_path", set_dct_path, METH_O,
          "Route the linear and feed-forward operators of every device through the DCT-domain paths "
          "(csrc/rbe_dct_path.h) when true; returns the previous setting."},
+        {"dct_path_enabled", dct_path_enabled, METH_NOARGS,
+         "Whether the linear and feed-forward operators take the DCT-domain paths (set_dct_path)."},
+        {"pack_max_block", pack_max_block, METH_NOARGS,
+         "The largest block size the packed operators (pack_coeffs, linear_packed, ffn_packed) take."},
         {"set_dct_few_tokens", set_dct_few_tokens, METH_O,
          "On the DCT-domain path, forward calls of at most n tokens take the few-token sparse product "
          "(0: none); returns the previous n."},
@@ -894,11 +902,17 @@ static PackLayout pack_layout(int64_t nblk, int64_t b, int64_t k, int64_t steps)
     return L;
 }
 
+// sizes the packed kernels take (they index with int and int32)
+static void check_pack_sizes(const char* name, int64_t out, int64_t in) {
+    TORCH_CHECK_VALUE(out > 0 && in > 0 && out <= INT32_MAX && in <= INT32_MAX, "rbe_ffn: ", name,
+                      ": sizes must be in [1, 2^31), got out=", out, " in=", in);
+}
+
 Tensor pack_coeffs_cpu(const Tensor& coeffs, const Tensor& index, int64_t out, int64_t in, int64_t b) {
     check_block_size(b);
     TORCH_CHECK_VALUE(b <= RBE_PACK_MAX_B, "rbe_ffn: pack_coeffs: block_size ", b, " is past the packed kernels' ",
                       RBE_PACK_MAX_B);
-    TORCH_CHECK_VALUE(out > 0 && in > 0, "rbe_ffn: pack_coeffs: sizes must be positive, got out=", out, " in=", in);
+    check_pack_sizes("pack_coeffs", out, in);
     TORCH_CHECK_TYPE(coeffs.scalar_type() == at::kFloat, "rbe_ffn: pack_coeffs: coeffs must be float32 (the packed "
                      "kernels are float32), got ", coeffs.scalar_type());
     TORCH_CHECK_TYPE(index.scalar_type() == at::kShort || index.scalar_type() == at::kInt,
@@ -913,14 +927,16 @@ Tensor pack_coeffs_cpu(const Tensor& coeffs, const Tensor& index, int64_t out, i
     Tensor cf = coeffs.contiguous();
     Tensor ix = k > 0 ? checked_index("pack_coeffs", index.contiguous(), nblk, k, b, wide) : index;
     std::vector<int32_t> work(2 * b + 1);
-    const long steps = rbe_pack_steps(ix.data_ptr(), wide, (long)nblk, (int)k, (int)b, work.data());
+    const long steps = rbe_pack_steps(work.data(), ix.data_ptr(), wide, (long)nblk, (int)k, (int)b);
+    TORCH_CHECK_VALUE(steps <= INT32_MAX, "rbe_ffn: pack_coeffs: the weight is too large to pack (", steps,
+                      " steps)");
     const PackLayout L = pack_layout(nblk, b, k, steps);
     Tensor blob = at::zeros({L.bytes}, coeffs.options().dtype(at::kByte));
     uint8_t* p = blob.data_ptr<uint8_t>();
     const int64_t head[8] = {PACK_MAGIC, out, in, b, k, (int64_t)steps, 0, 0};
     memcpy(p, head, sizeof head);
     rbe_pack_f32((int32_t*)(p + L.first), p + L.nstep, (uint16_t*)(p + L.mask), (float*)(p + L.val), p + L.col,
-                 cf.data_ptr<float>(), ix.data_ptr(), wide, (long)nblk, (int)k, (int)b, work.data());
+                 work.data(), cf.data_ptr<float>(), ix.data_ptr(), wide, (long)nblk, (int)k, (int)b);
     return blob;
 }
 
@@ -935,10 +951,14 @@ static rbe_packed_f32 packed_view(Tensor& blob, const char* name, int64_t out, i
     int64_t h[8];
     memcpy(h, blob.data_ptr(), sizeof h);
     TORCH_CHECK_VALUE(h[0] == PACK_MAGIC, "rbe_ffn: ", name, " is not a pack made by rbe_ffn.pack_coeffs");
+    check_pack_sizes(name, out, in);
+    TORCH_CHECK_VALUE(b <= RBE_PACK_MAX_B, "rbe_ffn: ", name, ": block_size ", b, " is past the packed kernels' ",
+                      RBE_PACK_MAX_B);
     TORCH_CHECK_VALUE(h[1] == out && h[2] == in && h[3] == b, "rbe_ffn: ", name, " packs a ", h[1], "x", h[2],
                       " weight at block_size ", h[3], ", not ", out, "x", in, " at ", b);
     const int64_t nblk = cdiv(out, b) * cdiv(in, b), k = h[4], steps = h[5];
-    TORCH_CHECK_VALUE(k >= 0 && k <= b * b && steps >= 0 && steps <= nblk * rbe_pack_groups((int)b) * b &&
+    TORCH_CHECK_VALUE(k >= 0 && k <= b * b && steps >= 0 && steps <= INT32_MAX &&
+                      steps <= nblk * rbe_pack_groups((int)b) * b &&
                       blob.numel() == pack_layout(nblk, b, k, steps).bytes,
                       "rbe_ffn: ", name, " is corrupted (its header or its size is wrong)");
     const PackLayout L = pack_layout(nblk, b, k, steps);

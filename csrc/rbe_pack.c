@@ -24,7 +24,8 @@ static int group_steps(const int32_t* counts, int g, int b) {
     return n;
 }
 
-long rbe_pack_steps(const void* index, int wide, long nblk, int k, int b, int32_t* counts) {
+long rbe_pack_steps(int32_t* work, const void* index, int wide, long nblk, int k, int b) {
+    int32_t* counts = work;
     long steps = 0;
     for (long blk = 0; blk < nblk; blk++) {
         row_counts(counts, index, wide, blk, k, b);
@@ -33,8 +34,8 @@ long rbe_pack_steps(const void* index, int wide, long nblk, int k, int b, int32_
     return steps;
 }
 
-void rbe_pack_f32(int32_t* first, uint8_t* nstep, uint16_t* mask, float* val, uint8_t* col, const float* coeffs,
-                  const void* index, int wide, long nblk, int k, int b, int32_t* work) {
+void rbe_pack_f32(int32_t* first, uint8_t* nstep, uint16_t* mask, float* val, uint8_t* col, int32_t* work,
+                  const float* coeffs, const void* index, int wide, long nblk, int k, int b) {
     int32_t* counts = work;         // [b]
     int32_t* start = work + b;      // [b + 1]: row u's run is [start[u], start[u + 1])
     const int G = rbe_pack_groups(b);
@@ -69,6 +70,7 @@ void rbe_pack_f32(int32_t* first, uint8_t* nstep, uint16_t* mask, float* val, ui
 
 int rbe_unpack_f32(float* coeffs, int32_t* index, const rbe_packed_f32* K, long p0, long p1) {
     const int b = K->b, k = K->k, G = rbe_pack_groups(b);
+    if (b < 1 || b > RBE_PACK_MAX_B || k < 0) return -1;  // the row tables below hold RBE_PACK_MAX_B
     for (long blk = p0; blk < p1; blk++) {
         const long begin = K->first[blk], end = K->first[blk + 1];
         if (begin < 0 || end < begin || end > K->steps) return -1;

@@ -683,6 +683,15 @@ XT static inline void few_axpy(float* restrict Y, float p, const float* restrict
     else _mm256_storeu_ps(Y, _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(E), _mm256_loadu_ps(Y)));
 }
 
+// The streams' accumulators of one output added in a fixed order, a[0] + ((a[1] + a[2]) + a[3]) for
+// RBE_FEW_STREAMS = 4 (stream s at a + s * stride): the one definition the few-token kernel and both
+// packed walks use, so that their bits agree
+static inline float few_stream_sum(const float* a, long stride) {
+    float t = a[stride];
+    for (int s = 2; s < RBE_FEW_STREAMS; s++) t += a[s * stride];
+    return a[0] + t;
+}
+
 // After the sparse products of block row i (yh[0, b) set, the pattern rows zero): the pattern
 // terms, the synthesis, bias, pre, activation, y and Xnext, token by token. v: [b], tmp: [rows].
 XT static void few_rows_finish(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
@@ -727,7 +736,6 @@ XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const
     const long ys = T == 1 ? 1 : RBE_FEW_MAX;  // yh's row stride: lanes past T are padding
     const long yst = (long)rows * RBE_FEW_MAX;
     float* yh = scratch;  // [rows][ys], then the other streams' accumulators y1 = yh + yst, ...
-    float* y1 = yh + yst;
     float* v = scratch + (size_t)yst * RBE_FEW_STREAMS + RBE_FEW_SLACK;  // [b]
     float* tmp = v + b;                                                  // [rows]
     for (long i = p0; i < p1; i++) {
@@ -744,11 +752,7 @@ XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const
         for (; js < C; js++)
             few_sparse(yh, 0, Xf + (size_t)js * rows * T, 0, W->coeffs + (size_t)(i * C + js) * k, W->index, W->wide,
                        (i * C + js) * k, 1, k, b, T);
-        for (size_t e = 0; e < (size_t)b * ys; e++) {
-            float a = y1[e];
-            for (int s = 2; s < ns; s++) a += yh[s * yst + e];
-            yh[e] += a;
-        }
+        for (size_t e = 0; e < (size_t)b * ys; e++) yh[e] = few_stream_sum(yh + e, yst);
         few_rows_finish(y, pre, Xnext, Xf, W, P, At, bias, act, yh, v, tmp, T, i);
     }
 }
@@ -786,6 +790,7 @@ XT static INLINE_ALWAYS int one_block_scalar(float* restrict acc, const float* r
 XT __attribute__((unused)) static int one_sparse_scalar(float* restrict yh, const float* restrict Xf,
                                                         const rbe_packed_f32* K, int rows, long i) {
     const int b = K->b, C = (K->in + b - 1) / b, ns = RBE_FEW_STREAMS;
+    if (b < 1 || b > RBE_PACK_MAX_B) return -1;  // acc holds RBE_PACK_MAX_B rows
     float acc[RBE_FEW_STREAMS][RBE_PACK_MAX_B];
     for (int s = 0; s < ns; s++)
         for (int u = 0; u < b; u++) acc[s][u] = 0;
@@ -794,11 +799,7 @@ XT __attribute__((unused)) static int one_sparse_scalar(float* restrict yh, cons
         const int s = j < C - C % ns ? j % ns : 0;  // the last C % ns blocks into the first stream
         bad |= one_block_scalar(acc[s], Xf + (size_t)j * rows, K, i * C + j);
     }
-    for (int u = 0; u < b; u++) {
-        float a = acc[1][u];
-        for (int s = 2; s < ns; s++) a += acc[s][u];
-        yh[u] = acc[0][u] + a;
-    }
+    for (int u = 0; u < b; u++) yh[u] = few_stream_sum(&acc[0][u], RBE_PACK_MAX_B);
     return bad;
 }
 

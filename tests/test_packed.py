@@ -4,6 +4,8 @@ kernel set; the modules take them for calls of 1-3 tokens that record nothing (o
 pack_for_inference) and pack again after any tracked change; bad and corrupted packs raise;
 opcheck.
 """
+import copy
+import io
 import subprocess
 import sys
 
@@ -33,8 +35,8 @@ def ffn_ref(m, x):
                    f2._pattern_scale)[0]
 
 
-# (d_model, d_ff, block_size, k): b = 64 with edge blocks; twelve block columns (three groups
-# of the kernel's four streams); b = 32 with a tail of streams; b = 48 (three groups of 16 rows,
+# (d_model, d_ff, block_size, k): b = 64 with edge blocks; 13 block columns (three groups of
+# the kernel's four streams and a tail); b = 32 with a tail of streams; b = 48 (three groups of 16 rows,
 # the last one short); b = 8 (one group of 8 rows); k = 0 (pattern only); every coefficient
 SHAPES = [(100, 300, 64, 300), (130, 770, 64, 200), (40, 300, 32, 60), (100, 250, 48, 30), (10, 37, 8, 5),
           (16, 24, 8, 0), (64, 64, 16, 256)]
@@ -140,71 +142,90 @@ def uses_packed(m) -> bool:
     return all(lin.__dict__.get("_pack_memo") is not None for lin in layers)
 
 
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """The calls the modules make to the packed operators, counted (the operators themselves run)."""
+    calls = []
+    for name in ("ffn_packed", "linear_packed"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a),
+                            raising=False)
+    return calls
+
+
 @pytest.mark.skipif(not AVX512, reason="pack_for_inference packs where the kernels are AVX-512")
-def test_pack_for_inference_opts_in_and_out():
+def test_pack_for_inference_opts_in_and_out(packed_calls):
     """Nothing is packed unless asked; asked, float32 CPU layers at b <= 64 are packed at once
-    (others are left as they are); enable=False drops the packs."""
+    (others are left as they are and compute as before); enable=False drops the packs."""
     m = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=27)
     x = torch.randn(1, 100)
     with torch.no_grad():
         m(x)
-    assert not uses_packed(m)
+    assert not uses_packed(m) and not packed_calls
     model = torch.nn.Sequential(m, make_linear(130, 10, block_size=128, k=10, seed=28),
                                 make_ffn(10, 37, dtype=torch.float64, seed=29))
     assert rbe_ffn.pack_for_inference(model) is model
     assert uses_packed(m) and not uses_packed(model[1]) and not uses_packed(model[2])
     assert m.fc1.packed_nbytes == m.fc1.packed().numel() > 0 and model[1].packed_nbytes == 0
     assert all(lin.use_packed for lin in model.modules() if isinstance(lin, rbe_ffn.RBELinear))
-    with torch.no_grad():  # the others compute as before
+    with torch.no_grad():
         model[1](torch.randn(1, 130))
         model[2](torch.randn(1, 10, dtype=torch.float64))
+        assert not packed_calls
+        m(x)
+        assert packed_calls == ["ffn_packed"]
     rbe_ffn.pack_for_inference(model, enable=False)
     assert not any(lin.use_packed or "_pack_memo" in lin.__dict__ for lin in model.modules()
                    if isinstance(lin, rbe_ffn.RBELinear))
+    with torch.no_grad():
+        m(x)
+    assert packed_calls == ["ffn_packed"]
     with pytest.raises(TypeError, match="nn.Module"):
         rbe_ffn.pack_for_inference("model")
 
 
 @pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
-def test_modules_take_packed_for_one_token_without_grad(monkeypatch):
+def test_modules_take_packed_for_one_to_three_tokens_without_grad(packed_calls):
     m = rbe_ffn.pack_for_inference(make_ffn(100, 300, "gelu", block_size=64, k=300, seed=14, random_bias=True))
-    x = torch.randn(1, 100, generator=torch.Generator().manual_seed(15))
-    calls = []
-    real = ops.ffn_packed
-    monkeypatch.setattr(ops, "ffn_packed", lambda *a: calls.append(1) or real(*a), raising=False)
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(1, 100, generator=g)
     y_grad = m(x)  # recorded: the ffn operator
-    assert not calls
+    assert not packed_calls
     with torch.no_grad():
         y = m(x)
-    assert calls and torch.equal(y, y_grad.detach())
+    assert packed_calls and torch.equal(y, y_grad.detach())
     assert m.stats["calls"] == 2
     with torch.inference_mode():
         assert torch.equal(m(x), y)
-    calls.clear()
-    with torch.no_grad():  # three tokens: packed too; four: the few-token operator; the same bits per token
-        y3 = m(torch.cat([x, x, x]))
-        assert len(calls) == 1
-        y4 = m(torch.cat([x, x, x, x]))
-        assert len(calls) == 1
-    assert all(torch.equal(y3[t], y[0]) for t in range(3)) and all(torch.equal(y4[t], y[0]) for t in range(4))
+    for tokens, packed in ((2, True), (3, True), (4, False)):  # distinct tokens, a 3-D input
+        xs = torch.randn(1, tokens, 100, generator=g)
+        packed_calls.clear()
+        with torch.no_grad():
+            got = m(xs)
+        assert bool(packed_calls) == packed, tokens
+        assert got.shape == xs.shape and torch.equal(got[0], ffn_ref(m, xs[0])), tokens
     lin = rbe_ffn.pack_for_inference(make_linear(100, 70, block_size=64, k=300, seed=16))
     want = lin(x).detach()
+    packed_calls.clear()
     with torch.no_grad():
-        assert torch.equal(lin(x), want) and uses_packed(lin)
+        assert torch.equal(lin(x), want) and packed_calls == ["linear_packed"]
 
 
 @pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
-def test_modules_pack_again_after_changes():
-    """An optimizer step, load_state_dict, a new index, .to() and a replaced parameter each give
-    the next one-token call the new weights."""
+def test_modules_pack_again_after_changes(packed_calls):
+    """An optimizer step, load_state_dict (with and without assign), a new index, a round trip
+    through float64 with the values changed there, a replaced parameter, DynamicSupport's regrowth
+    and set_parametrization each give the next packed call the new weights; a write through .data
+    needs pack_for_inference again (documented)."""
     m = rbe_ffn.pack_for_inference(make_ffn(100, 300, "gelu", block_size=64, k=300, seed=17))
     other = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=18)
     x = torch.randn(1, 100, generator=torch.Generator().manual_seed(19))
 
     def check():
+        packed_calls.clear()
         with torch.no_grad():
             got = m(x)
-            assert uses_packed(m)
+            assert packed_calls == ["ffn_packed"]
             assert torch.equal(got, ffn_ref(m, x))
         return got
 
@@ -212,34 +233,90 @@ def test_modules_pack_again_after_changes():
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     m(torch.randn(4, 100)).sum().backward()
     opt.step()
-    y1 = check()
-    assert not torch.equal(y0, y1)
+    assert not torch.equal(y0, check())
     m.load_state_dict(other.state_dict())
     assert torch.equal(check(), ffn_ref(other, x))
+    m.load_state_dict(make_ffn(100, 300, "gelu", block_size=64, k=300, seed=30).state_dict(), assign=True)
+    check()
     with torch.no_grad():
         idx = m.fc1.index.clone()
         idx[0] = other.fc2.index[0]  # other sorted, valid positions
         m.fc1.index = idx
     check()
-    m.to(torch.float64).to(torch.float32)
+    m.to(torch.float64)
+    with torch.no_grad():
+        m.fc1.coeffs.mul_(1.5)
+    m.to(torch.float32)
     check()
     m.fc2.coeffs = torch.nn.Parameter(m.fc2.coeffs.detach() * 2)
+    check()
+    m.set_parametrization("scaled")
+    check()
+    ds = rbe_ffn.DynamicSupport(m, torch.optim.SGD(m.parameters(), lr=0.1), every=1, fraction=0.3, until=10)
+    m(torch.randn(4, 100)).sum().backward()
+    ds.step()
+    check()
+    with torch.no_grad():
+        m.fc1.coeffs.data.mul_(3)  # bypasses the version counters
+    rbe_ffn.pack_for_inference(m)
     check()
 
 
 @pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
-def test_modules_under_autocast_and_half_inputs():
+def test_copies_start_without_a_pack(packed_calls):
+    """A deep copy or a pickled module carries no pack: its own (fresh) version numbers could match
+    the original's, and then a copy trained after the original was packed would compute with the
+    original's old numbers."""
+    base = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=31)
+    a = rbe_ffn.pack_for_inference(copy.deepcopy(base))
+    opt = torch.optim.SGD(a.parameters(), lr=0.5)
+    a(torch.randn(4, 100)).sum().backward()
+    opt.step()
+    x = torch.randn(1, 100)
+    buf = io.BytesIO()
+    torch.save(a, buf)
+    buf.seek(0)
+    for b in (copy.deepcopy(a), torch.load(buf, weights_only=False)):
+        assert not uses_packed(b) and b.fc1.use_packed
+        packed_calls.clear()
+        with torch.no_grad():
+            got = b(x)
+        assert packed_calls == ["ffn_packed"] and torch.equal(got, ffn_ref(b, x))
+
+
+@pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
+def test_tracing_and_dct_path_keep_the_operators(packed_calls, monkeypatch):
+    """Inside rbe_ffn.dct_path() and while torch.jit traces (a trace would bake the packed branch
+    and its pack in as constants) the modules call the operators they always call."""
+    m = rbe_ffn.pack_for_inference(make_ffn(100, 300, "gelu", block_size=64, k=300, seed=32))
+    x = torch.randn(1, 100)
+    with torch.no_grad():
+        with rbe_ffn.dct_path():
+            m(x)
+        assert not packed_calls
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.jit, "is_tracing", lambda: True)
+            m(x)
+        assert not packed_calls
+        m(x)
+    assert packed_calls
+
+
+@pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
+def test_modules_under_autocast_and_half_inputs(packed_calls):
     m = rbe_ffn.pack_for_inference(make_ffn(100, 300, "gelu", block_size=64, k=300, seed=20))
     x = torch.randn(1, 100, generator=torch.Generator().manual_seed(21))
     for dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", dtype=dtype):
             want = m(x).detach()
+            packed_calls.clear()
             with torch.no_grad():
                 got = m(x)
-        assert got.dtype == dtype and torch.equal(got, want) and uses_packed(m)
+        assert got.dtype == dtype and torch.equal(got, want) and packed_calls
+        packed_calls.clear()
         with torch.no_grad():
             got = m(x.to(dtype))
-        assert got.dtype == dtype and torch.equal(got, m(x.to(dtype)).detach())
+        assert packed_calls and got.dtype == dtype and torch.equal(got, m(x.to(dtype)).detach())
 
 
 # ---------------------------------------------------------------- refusals
@@ -254,7 +331,7 @@ def test_recorded_calls_are_refused():
     import torch.autograd.forward_ad as fwAD
     with torch.no_grad(), fwAD.dual_level():
         dual = fwAD.make_dual(torch.randn(1, 10), torch.randn(1, 10))
-        with pytest.raises(RuntimeError, match="no backward"):
+        with pytest.raises(NotImplementedError, match="forward-mode"):
             ops.ffn_packed(*packed_args(m, dual))
 
 
@@ -284,11 +361,22 @@ def test_bad_packs_raise():
         with pytest.raises(ValueError, match="corrupted"):
             call(bad)
     bad = p1.clone()
-    masks = 64 + 4 * (m.fc1.coeffs.shape[0] + 1)
-    masks = -(-masks // 64) * 64 + -(-m.fc1.coeffs.shape[0] * 4 // 64) * 64  # header, first, nstep: 64-byte padded
-    bad[masks] ^= 1  # the first step gains or loses a coefficient
+    bad[mask_offset(m.fc1)] ^= 1  # the first step gains or loses a coefficient
     with pytest.raises(ValueError, match="corrupted"):
         call(bad)
+    assert torch.equal(call(torch.stack([p1, p1], 1)[:, 0]), call(p1))  # not contiguous: copied
+    bad = p1.clone()
+    bad[:64].view(torch.int64)[1] = -1  # the header's out
+    with pytest.raises(ValueError, match="packs a -1x100 weight"):
+        call(bad)
+    with torch.no_grad(), pytest.raises(ValueError, match="sizes must be"):
+        ops.linear_packed(x, m.fc1.plan, p1, m.fc1.basis, None, 100, -300)
+    # a pack claiming b = 128 for a b = 128 layer (the plan allows it): refused before any walk
+    lin = rbe_ffn.RBELinear(128, 128, block_size=128, k=0)
+    blob = torch.zeros(192, dtype=torch.uint8)
+    blob[:64] = torch.tensor([0x314B434150454252, 128, 128, 128, 0, 0, 0, 0], dtype=torch.int64).view(torch.uint8)
+    with torch.no_grad(), pytest.raises(ValueError, match="past the packed kernels"):
+        ops.linear_packed(torch.randn(1, 128), lin.plan, blob, lin.basis, lin.bias, 128, 128)
     shifted = torch.empty(p1.numel() + 1, dtype=torch.uint8)
     shifted[1:] = p1  # a view off the 64-byte boundary: copied, then the same result
     assert torch.equal(call(shifted[1:]), call(p1))
@@ -304,6 +392,28 @@ def test_bad_packs_raise():
     with pytest.raises(TypeError, match="float32"):
         with torch.no_grad():
             ops.ffn_packed(*([x.double()] + args[1:]))
+
+
+
+
+def mask_offset(lin):
+    """Where a pack's masks start: the header, first [nblk + 1] int32, nstep [nblk * groups], each
+    64-byte aligned (csrc/rbe_ops.cpp, pack_layout)."""
+    nblk, groups = lin.coeffs.shape[0], -(-lin.block_size // 16)
+    up = lambda n: -(-n // 64) * 64  # noqa: E731
+    return 64 + up(4 * (nblk + 1)) + up(nblk * groups)
+
+
+def test_stray_lane_is_corrupt():
+    """b = 8: a group of 8 rows; a mask bit for a ninth row is refused by every walk (the portable
+    and AVX2 ones: test_other_kernel_sets' corruption)."""
+    lin = make_linear(16, 24, block_size=8, k=5, seed=33)
+    p = pack(lin)
+    x = torch.randn(1, 16)
+    bad = p.clone()
+    bad[mask_offset(lin) + 1] |= 0x80  # lane 15 of the first step
+    with torch.no_grad(), pytest.raises(ValueError, match="corrupted"):
+        ops.linear_packed(x, lin.plan, bad, lin.basis, lin.bias, 16, 24)
 
 
 def test_opcheck():

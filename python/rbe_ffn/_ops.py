@@ -379,7 +379,9 @@ def _register_inference_only(name: str, full: str) -> None:
     op = getattr(ops, name).default
 
     def kernel(keyset, *args):
-        if _has_tangent(args) or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        if _has_tangent(args):
+            raise NotImplementedError(_FORWARD_MODE.format(op=name))
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             raise RuntimeError(_INFERENCE_ONLY.format(op=name, full=full))
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 

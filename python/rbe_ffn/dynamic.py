@@ -455,6 +455,7 @@ class DynamicSupport:
             t.copy_(t.gather(1, src).masked_fill_(fresh, 0))
 
         move(coeffs.data)
+        lin.release_packed()  # the write through .data bumps no version counter
         if coeffs.grad is not None:
             move(coeffs.grad)
         state = self.optimizer.state.get(coeffs, {})

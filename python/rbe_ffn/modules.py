@@ -75,15 +75,17 @@ def _packed_call(x, *layers: "RBELinear") -> bool:
     for it (pack_for_inference), at most PACKED_TOKENS tokens (x: the first layer's input, a plain
     float32 CPU tensor: not fake, not a DTensor), kernels chosen AVX-512 (elsewhere the packed
     walk is no faster than the few-token one), nothing for autograd to record, no tracing and no
-    functorch transform (those keep the operators they know). The layers' side (float32 on the
-    CPU, block_size <= 64) is packed()'s to check. Cheap: it runs on every call."""
+    functorch transform (those keep the operators they know), and not inside rbe_ffn.dct_path()
+    (which routes the operators that have one). The layers' side (float32 on the CPU,
+    block_size <= 64) is packed()'s to check. Cheap: it runs on every call."""
     if not all(layer.use_packed for layer in layers):
         return False
     n = layers[0].in_features
     if (type(x) is not torch.Tensor or x.dtype != torch.float32 or not x.is_cpu or not x.dim() or x.shape[-1] != n
             or not 0 < x.numel() <= PACKED_TOKENS * n):
         return False
-    if _kernels_isa() != "avx512" or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if (_kernels_isa() != "avx512" or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active() or _C.dct_path_enabled()):
         return False
     if torch.is_grad_enabled():
         if x.requires_grad:
@@ -101,10 +103,10 @@ def _kernels_isa() -> str:
     return _C.cpu_isa()
 
 
-PACK_MAX_BLOCK = 64  # RBE_PACK_MAX_B of csrc/rbe.h
+PACK_MAX_BLOCK = _C.pack_max_block()  # RBE_PACK_MAX_B of csrc/rbe.h
 # The packed operators compute token by token; the few-token kernels apply each coefficient to
 # all tokens at once. 768/3072, one process, interleaved (docs/DESIGN.md section 3.2): packed
-# 2.5-2.9x faster at 1 token, 1.8x at 2, 1.3x at 3, 0.9-1.1x at 4, 0.6x at 8.
+# 2.4-2.9x faster at 1 token, 1.8x at 2, 1.3x at 3, 0.9-1.1x at 4, 0.6x at 8.
 PACKED_TOKENS = 3
 
 
@@ -687,6 +689,7 @@ class RBELinear(nn.Module):
             if scale != 1.0 and isinstance(t, torch.Tensor) and t.is_floating_point():
                 own[prefix + name] = t / scale  # format numbers -> this layer's parameters
         n = len(missing_keys)
+        self.release_packed()  # assign=True may keep the tensors' identity and versions
         super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         missing_keys[n:] = [key if k == store else k for k in missing_keys[n:]]
         if new_seed is not None:  # claimed once the positions are found in place (checked lazily)
@@ -786,8 +789,8 @@ class RBELinear(nn.Module):
         view) are not: call ``release_packed()`` after one. None for an inference tensor (no
         version counter)."""
         coeffs, store = self.coeffs, self.index_bytes
-        try:
-            key = (coeffs._version, store._version)
+        try:  # the storage too: `.data =` (vector_to_parameters, .to()) swaps it and bumps no version
+            key = (coeffs._version, store._version, coeffs.data_ptr(), store.data_ptr())
         except RuntimeError:  # inference tensors keep no version counter
             return None
         memo = self.__dict__.get("_pack_memo")
@@ -811,6 +814,14 @@ class RBELinear(nn.Module):
     def release_packed(self) -> None:
         """Drop the packed coefficients (packed()); the next packed call packs again."""
         self.__dict__.pop("_pack_memo", None)
+
+    def __getstate__(self):
+        # copies (copy.deepcopy, pickling, torch.save of the module) start without a pack: theirs
+        # would carry this layer's version numbers, which a copy's fresh tensors can match again
+        state = super().__getstate__()
+        state = dict(state)
+        state.pop("_pack_memo", None)
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("RBELinear", x, self.basis)
@@ -1070,7 +1081,7 @@ class RBEFeedForward(nn.Module):
 def pack_for_inference(module: nn.Module, enable: bool = True) -> nn.Module:
     """Let every RBELinear in ``module`` (the fc1/fc2 of each RBEFeedForward included) compute
     calls of 1-3 tokens that autograd does not record, as in generation, from packed
-    coefficients, with the same bits: at 768/3072 a one-token call 2.5-2.9x faster, three tokens
+    coefficients, with the same bits: at 768/3072 a one-token call 2.4-2.9x faster, three tokens
     1.3x (docs/DESIGN.md section 3.2, docs/benchmarks.md). Each layer keeps a
     pack about the size of its coeffs + index (``packed()``), made here for float32 CPU layers
     and again whenever a tracked write changes coeffs or the index (optimizer steps, copy_,
