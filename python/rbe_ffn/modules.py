@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import _C
-from ._ops import get_plan, ops, sixteen_bit_flags
+from ._ops import HALF, get_plan, ops, sixteen_bit_flags
 from .codec import CompressedWeight, check_sizes, compress, decompress, index_dtype, num_blocks
 from .functional import (_restore, canonical_activation, chunk_tokens_for, cpu_half_input, intermediate_bytes_per_token,
                          keep_pre)
@@ -104,6 +104,8 @@ def _kernels_isa() -> str:
 
 
 PACK_MAX_BLOCK = _C.pack_max_block()  # RBE_PACK_MAX_B of csrc/rbe.h
+# the overloads themselves: calling an OpOverloadPacket resolves the overload in Python every call
+_PACKED_OPS = {"ffn": ops.ffn_packed.default, "linear": ops.linear_packed.default}
 # The packed operators compute token by token; the few-token kernels apply each coefficient to
 # all tokens at once. 768/3072, one process, interleaved (docs/DESIGN.md section 3.2): packed
 # 2.4-2.9x faster at 1 token, 1.8x at 2, 1.3x at 3, 0.9-1.1x at 4, 0.6x at 8.
@@ -788,7 +790,11 @@ class RBELinear(nn.Module):
         load_state_dict, DynamicSupport); writes that bypass them (through ``.data``, a NumPy
         view) are not: call ``release_packed()`` after one. None for an inference tensor (no
         version counter)."""
-        coeffs, store = self.coeffs, self.index_bytes
+        # the dicts, not the attributes (a module attribute is a lookup; packed() runs on every
+        # packed call); a parametrized coeffs (torch.nn.utils.parametrize) is not there: no pack
+        coeffs, store = self._parameters.get("coeffs"), self._buffers.get("index_bytes")
+        if coeffs is None or store is None:
+            return None
         try:  # the storage too: `.data =` (vector_to_parameters, .to()) swaps it and bumps no version
             key = (coeffs._version, store._version, coeffs.data_ptr(), store.data_ptr())
         except RuntimeError:  # inference tensors keep no version counter
@@ -829,7 +835,7 @@ class RBELinear(nn.Module):
         if _packed_call(x, self):
             pack = self.packed()
             if pack is not None:
-                return _restore(ops.linear_packed(x, self.plan, pack, self.basis, self.bias, self.in_features,
+                return _restore(_PACKED_OPS["linear"](x, self.plan, pack, self.basis, self.bias, self.in_features,
                                                   self.out_features, self._coeff_scale, self._pattern_scale),
                                 out_dtype)
         # the parameters and their scales: the operator scales its transformed input instead
@@ -1000,37 +1006,39 @@ class RBEFeedForward(nn.Module):
     def estimated_flops(self, tokens: int) -> int:
         """2 x multiply-adds of one forward over `tokens` tokens (transforms, sparse products, pattern),
         counting the DCTs in matrix form: an upper bound, as the AVX2 kernels use a fast DCT."""
-        return self._per_token_costs(self.fc1.plan.shape[1] - self.block_size, 0)[0] * tokens
+        return self._per_token_costs(0)[0] * tokens
 
-    def _per_token_costs(self, nf: int, itemsize: int) -> tuple[int, int]:
-        """(estimated FLOPs, intermediate bytes) per token, kept per (nf, itemsize) (the shapes, block
-        size and k are fixed at construction): the forward's statistics cost as much Python as a
-        one-token call's other bookkeeping."""
-        key = (nf, itemsize)
-        memo = self.__dict__.get("_cost_memo")
-        if memo is not None and memo[0] == key:
-            return memo[1]
+    def _per_token_costs(self, itemsize: int) -> tuple[int, int]:
+        """(estimated FLOPs, intermediate bytes) per token, kept per itemsize (the shapes, block size
+        and k are fixed at construction, and the plan's pattern rows nf follow the dtype): the
+        forward's statistics cost as much Python as a one-token call's other bookkeeping."""
+        memo = self.__dict__.setdefault("_cost_memo", {})
+        costs = memo.get(itemsize)
+        if costs is not None:
+            return costs
         b, flops = self.block_size, 0
+        nf = self.fc1.plan.shape[1] - b
         for lin in (self.fc1, self.fc2):
             R, C = -(-lin.out_features // b), -(-lin.in_features // b)
             flops += 2 * (C * b * (b + nf) + R * C * (lin.k + 8 + nf) + R * b * (b + nf))
         costs = (flops, intermediate_bytes_per_token(self.d_model, self.d_ff, b, nf, itemsize) if itemsize else 0)
-        self.__dict__["_cost_memo"] = (key, costs)
+        memo[itemsize] = costs
         return costs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input("RBEFeedForward", x, self.fc1.basis)
         f1, f2 = self.fc1, self.fc2
-        if _is_dtensor(f1.basis) or _is_dtensor(f2.basis):
+        basis1, basis2 = f1.basis, f2.basis  # (each module attribute is a lookup: fetched once)
+        _check_input("RBEFeedForward", x, basis1)
+        if _is_dtensor(basis1) or _is_dtensor(basis2):
             raise RuntimeError("RBEFeedForward: the weights of fc1/fc2 are sharded DTensors here. Its forward runs "
                                "one fused operator on both layers' weights and never calls fc1/fc2, so FSDP "
                                "never gathers them: apply fully_shard to the RBEFeedForward, not to its fc1/fc2")
-        x, out_dtype = cpu_half_input(x, f1.basis.dtype)
+        x, out_dtype = cpu_half_input(x, basis1.dtype)
         packs = (f1.packed(), f2.packed()) if _packed_call(x, f1, f2) else (None, None)
         if packs[0] is not None and packs[1] is not None:
-            y = ops.ffn_packed(x, f1.plan, packs[0], f1.basis, f1.bias, packs[1], f2.basis, f2.bias, self.d_model,
-                               self.d_ff, self.activation, f1._coeff_scale, f2._coeff_scale, f1._pattern_scale,
-                               f2._pattern_scale, sixteen_bit_flags(out_dtype)["f32_activation"])
+            y = _PACKED_OPS["ffn"](x, f1.plan, packs[0], basis1, f1.bias, packs[1], basis2, f2.bias, self.d_model,
+                                   self.d_ff, self.activation, f1._coeff_scale, f2._coeff_scale, f1._pattern_scale,
+                                   f2._pattern_scale, out_dtype in HALF)
             y = _restore(y, out_dtype)
             self._count(x, 0)
             return y
@@ -1052,7 +1060,7 @@ class RBEFeedForward(nn.Module):
         tokens = x.numel() // max(self.d_model, 1)
         n = min(chunk, tokens) if chunk else tokens
         tile = -(-n // 64) * 64
-        flops, per = self._per_token_costs(self.fc1.plan.shape[1] - self.block_size, x.element_size())
+        flops, per = self._per_token_costs(x.element_size())
         peak = per * tile  # bound for a forward + backward; a forward alone uses less
         self.stats["calls"] += 1
         self.stats["flops"] += flops * tokens
