@@ -152,10 +152,10 @@ XT static int one_sparse(float* restrict yh, const float* restrict Xf, const rbe
         bad |= one_block(acc[3], X + 3 * rows, K, i * C + j + 3, valid);
     }
     for (; j < C; j++, X += rows) bad |= one_block(acc[0], X, K, i * C + j, valid);  // the last C % ns blocks
-    float a[RBE_FEW_STREAMS][4 * 16];
+    float a[RBE_FEW_STREAMS * 4 * 16];  // stream s at a + s * 64
     for (int s = 0; s < ns; s++)
-        for (int g = 0; g < 4; g++) _mm512_storeu_ps(a[s] + 16 * g, acc[s][g]);
-    for (int u = 0; u < b; u++) yh[u] = few_stream_sum(&a[0][u], 4 * 16);
+        for (int g = 0; g < 4; g++) _mm512_storeu_ps(a + s * 64 + 16 * g, acc[s][g]);
+    for (int u = 0; u < b; u++) yh[u] = few_stream_sum(a + u, 4 * 16);
     return bad;
 }
 

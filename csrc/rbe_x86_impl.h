@@ -791,15 +791,15 @@ XT __attribute__((unused)) static int one_sparse_scalar(float* restrict yh, cons
                                                         const rbe_packed_f32* K, int rows, long i) {
     const int b = K->b, C = (K->in + b - 1) / b, ns = RBE_FEW_STREAMS;
     if (b < 1 || b > RBE_PACK_MAX_B) return -1;  // acc holds RBE_PACK_MAX_B rows
-    float acc[RBE_FEW_STREAMS][RBE_PACK_MAX_B];
+    float acc[RBE_FEW_STREAMS * RBE_PACK_MAX_B];  // stream s at acc + s * RBE_PACK_MAX_B
     for (int s = 0; s < ns; s++)
-        for (int u = 0; u < b; u++) acc[s][u] = 0;
+        for (int u = 0; u < b; u++) acc[s * RBE_PACK_MAX_B + u] = 0;
     int bad = 0;
     for (int j = 0; j < C; j++) {
         const int s = j < C - C % ns ? j % ns : 0;  // the last C % ns blocks into the first stream
-        bad |= one_block_scalar(acc[s], Xf + (size_t)j * rows, K, i * C + j);
+        bad |= one_block_scalar(acc + s * RBE_PACK_MAX_B, Xf + (size_t)j * rows, K, i * C + j);
     }
-    for (int u = 0; u < b; u++) yh[u] = few_stream_sum(&acc[0][u], RBE_PACK_MAX_B);
+    for (int u = 0; u < b; u++) yh[u] = few_stream_sum(acc + u, RBE_PACK_MAX_B);
     return bad;
 }
 

@@ -399,6 +399,14 @@ def test_stats_per_module():
     per_layer_macs = a.estimated_flops(1) / 2 / 2
     assert 0.4e6 < per_layer_macs < 0.55e6
     assert a.estimated_flops(10) == 10 * a.estimated_flops(1)
+    # the estimate follows the layer's dtype (float64's plan keeps more pattern rows)
+    c = rbe_ffn.RBEFeedForward(128, 256, block_size=64, k=30)
+    f32 = c.estimated_flops(1)
+    c.double()
+    assert c.estimated_flops(1) == rbe_ffn.RBEFeedForward(128, 256, block_size=64, k=30,
+                                                         dtype=torch.float64).estimated_flops(1) != f32
+    c(torch.randn(1, 128, dtype=torch.float64))
+    assert c.stats["flops"] == c.estimated_flops(1)
     # the peak only grows with the token count; a memory limit caps it
     peak = a.stats["peak_intermediate_bytes"]
     a(torch.randn(200, 768))

@@ -260,6 +260,12 @@ def test_modules_pack_again_after_changes(packed_calls):
         m.fc1.coeffs.data.mul_(3)  # bypasses the version counters
     rbe_ffn.pack_for_inference(m)
     check()
+    for _ in range(2):  # `.data = t` swaps the storage (no version change), twice in a row as well
+        m.fc1.coeffs.data = m.fc1.coeffs.detach() * 2
+        check()
+        m.fc1.coeffs.data = m.fc1.coeffs.detach() * 2
+        m.fc1.coeffs.data = m.fc1.coeffs.detach() * 0.5
+        check()
 
 
 @pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
@@ -411,7 +417,9 @@ def test_stray_lane_is_corrupt():
     p = pack(lin)
     x = torch.randn(1, 16)
     bad = p.clone()
-    bad[mask_offset(lin) + 1] |= 0x80  # lane 15 of the first step
+    masks = bad[mask_offset(lin):mask_offset(lin) + 2].view(torch.int16)
+    m0 = int(masks[0]) & 0xFFFF
+    masks[0] = ((m0 & (m0 - 1)) | 0x8000) - 0x10000  # a coefficient moved to lane 15: the count stays k
     with torch.no_grad(), pytest.raises(ValueError, match="corrupted"):
         ops.linear_packed(x, lin.plan, bad, lin.basis, lin.bias, 16, 24)
 

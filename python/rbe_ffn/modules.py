@@ -787,15 +787,16 @@ class RBELinear(nn.Module):
         the size of coeffs + index), made on first use and again after coeffs or the index change;
         None where the packed operators do not apply (not float32 on the CPU, block_size > 64).
         Changes are seen through the tensors' version counters (optimizer steps, copy_,
-        load_state_dict, DynamicSupport); writes that bypass them (through ``.data``, a NumPy
-        view) are not: call ``release_packed()`` after one. None for an inference tensor (no
-        version counter)."""
+        load_state_dict, DynamicSupport) and a storage swapped in by ``.data = t``; writes that
+        bypass them (through ``.data``, a NumPy view, an alias such as the vector a
+        vector_to_parameters call was given) are not: call ``release_packed()`` after one. None for
+        an inference tensor (no version counter)."""
         # the dicts, not the attributes (a module attribute is a lookup; packed() runs on every
         # packed call); a parametrized coeffs (torch.nn.utils.parametrize) is not there: no pack
         coeffs, store = self._parameters.get("coeffs"), self._buffers.get("index_bytes")
-        if coeffs is None or store is None:
-            return None
-        try:  # the storage too: `.data =` (vector_to_parameters, .to()) swaps it and bumps no version
+        if coeffs is None or store is None or getattr(type(self), "coeffs", None) is not None:
+            return None  # (a subclass's coeffs property: the parameter is not what forward reads)
+        try:  # the storage too: `.data = t` swaps it without a version change
             key = (coeffs._version, store._version, coeffs.data_ptr(), store.data_ptr())
         except RuntimeError:  # inference tensors keep no version counter
             return None
@@ -808,7 +809,10 @@ class RBELinear(nn.Module):
         with torch.no_grad():
             pack = ops.pack_coeffs(coeffs.detach(), self.index, self.out_features, self.in_features,
                                    self.block_size)
-        self.__dict__["_pack_memo"] = (coeffs, store, key, pack)  # the tensors themselves: no id reuse
+        # the tensors themselves (no id reuse) and their storages as packed, kept alive so that no
+        # later storage can take their addresses (two `.data =` swaps could otherwise come back to
+        # the packed address with the same versions)
+        self.__dict__["_pack_memo"] = (coeffs, store, key, pack, coeffs.detach(), store.detach())
         return pack
 
     @property
@@ -1006,14 +1010,15 @@ class RBEFeedForward(nn.Module):
     def estimated_flops(self, tokens: int) -> int:
         """2 x multiply-adds of one forward over `tokens` tokens (transforms, sparse products, pattern),
         counting the DCTs in matrix form: an upper bound, as the AVX2 kernels use a fast DCT."""
-        return self._per_token_costs(0)[0] * tokens
+        return self._per_token_costs(self.fc1.basis.dtype, 0)[0] * tokens
 
-    def _per_token_costs(self, itemsize: int) -> tuple[int, int]:
-        """(estimated FLOPs, intermediate bytes) per token, kept per itemsize (the shapes, block size
-        and k are fixed at construction, and the plan's pattern rows nf follow the dtype): the
-        forward's statistics cost as much Python as a one-token call's other bookkeeping."""
-        memo = self.__dict__.setdefault("_cost_memo", {})
-        costs = memo.get(itemsize)
+    def _per_token_costs(self, dtype: torch.dtype, itemsize: int) -> tuple[int, int]:
+        """(estimated FLOPs, intermediate bytes) per token, kept per (layer dtype, itemsize): the
+        shapes, block size and k are fixed at construction, and the plan's pattern rows nf follow
+        the dtype. The forward's statistics cost as much Python as a one-token call's other
+        bookkeeping."""
+        memo = self.__dict__.setdefault("_costs_by_dtype", {})
+        costs = memo.get((dtype, itemsize))
         if costs is not None:
             return costs
         b, flops = self.block_size, 0
@@ -1022,7 +1027,7 @@ class RBEFeedForward(nn.Module):
             R, C = -(-lin.out_features // b), -(-lin.in_features // b)
             flops += 2 * (C * b * (b + nf) + R * C * (lin.k + 8 + nf) + R * b * (b + nf))
         costs = (flops, intermediate_bytes_per_token(self.d_model, self.d_ff, b, nf, itemsize) if itemsize else 0)
-        memo[itemsize] = costs
+        memo[(dtype, itemsize)] = costs
         return costs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1040,7 +1045,7 @@ class RBEFeedForward(nn.Module):
                                    self.d_ff, self.activation, f1._coeff_scale, f2._coeff_scale, f1._pattern_scale,
                                    f2._pattern_scale, out_dtype in HALF)
             y = _restore(y, out_dtype)
-            self._count(x, 0)
+            self._count(x, 0, basis1.dtype)
             return y
         chunk = self.chunk_tokens()
         # the parameters and their scales: the operator applies the scales to its transformed
@@ -1050,17 +1055,17 @@ class RBEFeedForward(nn.Module):
                        f1._coeff_scale, f2._coeff_scale, f1._pattern_scale, f2._pattern_scale,
                        **sixteen_bit_flags(out_dtype))
         y = _restore(y, out_dtype)
-        self._count(x, chunk)
+        self._count(x, chunk, basis1.dtype)
         return y
 
-    def _count(self, x: torch.Tensor, chunk: int) -> None:
+    def _count(self, x: torch.Tensor, chunk: int, dtype: torch.dtype) -> None:
         """stats of a call (not under torch.compile)"""
         if torch.compiler.is_compiling():
             return
         tokens = x.numel() // max(self.d_model, 1)
         n = min(chunk, tokens) if chunk else tokens
         tile = -(-n // 64) * 64
-        flops, per = self._per_token_costs(x.element_size())
+        flops, per = self._per_token_costs(dtype, x.element_size())
         peak = per * tile  # bound for a forward + backward; a forward alone uses less
         self.stats["calls"] += 1
         self.stats["flops"] += flops * tokens
