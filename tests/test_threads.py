@@ -5,7 +5,8 @@ rewrites under a running matmul), and so is autograd's clean "modified by an inp
 error when a reload rewrites a tensor saved for backward (nn.Linear gives the same), and the
 operator's IndexError when every copy it took of the index was torn by the writer (the copy is
 validated, so a torn one is refused, never used); memory corruption is not, and neither is any
-other exception. The operators read a private,
+other exception. One block is packed for inference (its one-token calls read packs made again
+after every reload, from a validated copy of the index). The operators read a private,
 validated copy of each index (csrc/rbe_ops_common.h, rbe_index_snapshot), so whatever another
 thread writes into ``index`` during a call, the kernels stay in bounds.
 
@@ -27,9 +28,11 @@ seconds = float(sys.argv[1])
 torch.set_num_threads(1)
 lin = rbe_ffn.RBELinear(512, 512, block_size=64, k=300)
 ffn = rbe_ffn.RBEFeedForward(128, 384, block_size=32, k=100, checkpoint=True)
+# packed for inference: one-token calls without grad read packs, made again after each reload
+packed = rbe_ffn.pack_for_inference(rbe_ffn.RBEFeedForward(128, 384, block_size=32, k=100))
 # two valid states per module whose indexes differ everywhere
 states = []
-for m in (lin, ffn):
+for m in (lin, ffn, packed):
     a = {k: v.clone() for k, v in m.state_dict().items()}
     m.reset_parameters() if hasattr(m, "reset_parameters") else [l.reset_parameters() for l in (m.fc1, m.fc2)]
     b = {k: v.clone() for k, v in m.state_dict().items()}
@@ -37,11 +40,12 @@ for m in (lin, ffn):
 stop = time.monotonic() + seconds
 errors, counts = [], {"calls": 0, "loads": 0}
 
-def work(m, d_in, tokens, backward):
+def work(m, d_in, tokens, backward, grad=True):
     x = torch.randn(tokens, d_in, requires_grad=backward)
     while time.monotonic() < stop:
         try:
-            y = m(x)
+            with torch.set_grad_enabled(grad):
+                y = m(x)
             if backward:
                 y.sum().backward()
             counts["calls"] += 1
@@ -67,6 +71,7 @@ threads = [threading.Thread(target=work, args=(lin, 512, 200, False)),
            threading.Thread(target=work, args=(ffn, 128, 100, True)),
            threading.Thread(target=work, args=(lin, 512, 3, False)),  # few tokens (csrc/rbe.h)
            threading.Thread(target=work, args=(ffn, 128, 5, True)),
+           threading.Thread(target=work, args=(packed, 128, 1, False, False)),  # packed (no grad)
            threading.Thread(target=reload)]
 for t in threads:
     t.start()
