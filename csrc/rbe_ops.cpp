@@ -618,7 +618,7 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
     Weight W = check_weight("linear", basis, coeffs, index, out, in, P.b, x.scalar_type(), x.device());
     const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_bias(bias, out, x.scalar_type(), x.device(), "bias");
-    c10::optional<Tensor> bc = bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt;
+    const c10::optional<Tensor> bc = contiguous_or_none(bias);
     // y is allocated in the input's leading shape (contiguous: the kernels write it as [T, out]),
     // so the operator returns a base tensor, not a view (FSDP2 warns about views)
     Tensor y = at::empty(with_last(x, out), x2.options());
@@ -902,17 +902,18 @@ static PackLayout pack_layout(int64_t nblk, int64_t b, int64_t k, int64_t steps)
     return L;
 }
 
-// sizes the packed kernels take (they index with int and int32)
-static void check_pack_sizes(const char* name, int64_t out, int64_t in) {
+// the shapes the packed kernels take: b up to RBE_PACK_MAX_B (their row tables), sizes they index
+// with int and int32
+static void check_pack_shape(const char* name, int64_t out, int64_t in, int64_t b) {
+    check_block_size(b);
+    TORCH_CHECK_VALUE(b <= RBE_PACK_MAX_B, "rbe_ffn: ", name, ": block_size ", b, " is past the packed kernels' ",
+                      RBE_PACK_MAX_B);
     TORCH_CHECK_VALUE(out > 0 && in > 0 && out <= INT32_MAX && in <= INT32_MAX, "rbe_ffn: ", name,
                       ": sizes must be in [1, 2^31), got out=", out, " in=", in);
 }
 
 Tensor pack_coeffs_cpu(const Tensor& coeffs, const Tensor& index, int64_t out, int64_t in, int64_t b) {
-    check_block_size(b);
-    TORCH_CHECK_VALUE(b <= RBE_PACK_MAX_B, "rbe_ffn: pack_coeffs: block_size ", b, " is past the packed kernels' ",
-                      RBE_PACK_MAX_B);
-    check_pack_sizes("pack_coeffs", out, in);
+    check_pack_shape("pack_coeffs", out, in, b);
     TORCH_CHECK_TYPE(coeffs.scalar_type() == at::kFloat, "rbe_ffn: pack_coeffs: coeffs must be float32 (the packed "
                      "kernels are float32), got ", coeffs.scalar_type());
     TORCH_CHECK_TYPE(index.scalar_type() == at::kShort || index.scalar_type() == at::kInt,
@@ -951,17 +952,16 @@ static rbe_packed_f32 packed_view(Tensor& blob, const char* name, int64_t out, i
     int64_t h[8];
     memcpy(h, blob.data_ptr(), sizeof h);
     TORCH_CHECK_VALUE(h[0] == PACK_MAGIC, "rbe_ffn: ", name, " is not a pack made by rbe_ffn.pack_coeffs");
-    check_pack_sizes(name, out, in);
-    TORCH_CHECK_VALUE(b <= RBE_PACK_MAX_B, "rbe_ffn: ", name, ": block_size ", b, " is past the packed kernels' ",
-                      RBE_PACK_MAX_B);
+    check_pack_shape(name, out, in, b);
     TORCH_CHECK_VALUE(h[1] == out && h[2] == in && h[3] == b, "rbe_ffn: ", name, " packs a ", h[1], "x", h[2],
                       " weight at block_size ", h[3], ", not ", out, "x", in, " at ", b);
     const int64_t nblk = cdiv(out, b) * cdiv(in, b), k = h[4], steps = h[5];
     TORCH_CHECK_VALUE(k >= 0 && k <= b * b && steps >= 0 && steps <= INT32_MAX &&
-                      steps <= nblk * rbe_pack_groups((int)b) * b &&
-                      blob.numel() == pack_layout(nblk, b, k, steps).bytes,
-                      "rbe_ffn: ", name, " is corrupted (its header or its size is wrong)");
+                      steps <= nblk * rbe_pack_groups((int)b) * b, "rbe_ffn: ", name,
+                      " is corrupted (its header is wrong)");
     const PackLayout L = pack_layout(nblk, b, k, steps);
+    TORCH_CHECK_VALUE(blob.numel() == L.bytes, "rbe_ffn: ", name, " is corrupted (", blob.numel(),
+                      " bytes where its header says ", L.bytes, ")");
     const uint8_t* p = blob.data_ptr<uint8_t>();
     return rbe_packed_f32{(int)out, (int)in, (int)b, (int)k, (long)steps, (const int32_t*)(p + L.first),
                           p + L.nstep, (const uint16_t*)(p + L.mask), (const float*)(p + L.val), p + L.col};
@@ -972,6 +972,8 @@ static rbe_packed_f32 packed_view(Tensor& blob, const char* name, int64_t out, i
 struct PackedWeight {
     Tensor basis, blob, coeffs, index;
     rbe_packed_f32 K;
+    // the packed coefficient values as a tensor (a view into blob), for check_finite_results
+    Tensor values() const { return at::from_blob((void*)K.val, {basis.size(0) * K.k}, basis.options()); }
 };
 static PackedWeight packed_weight(const char* name, const Tensor& pack, const Tensor& basis, int64_t out,
                                   int64_t in, int64_t b) {
@@ -1037,7 +1039,7 @@ Tensor linear_packed_cpu(const Tensor& x, const Tensor& plan, const Tensor& pack
     const PackedWeight w = packed_weight("pack", pack, basis, out, in, P.b);
     const Scales sc = check_scales(coeff_scale, pattern_scale, "the linear layer");
     check_bias(bias, out, at::kFloat, x.device(), "bias");
-    c10::optional<Tensor> bc = bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : c10::nullopt;
+    const c10::optional<Tensor> bc = contiguous_or_none(bias);
     Tensor y = at::empty(with_last(x, out), x2.options());
     const double m = check_range<float>(x2, P.b, "input");
     Tensor At = few_tables<float>(P, x2.options());
@@ -1047,8 +1049,7 @@ Tensor linear_packed_cpu(const Tensor& x, const Tensor& plan, const Tensor& pack
         packed_linear_raw(y.data_ptr<float>() + t * out, nullptr, Xf.data_ptr<float>(), w, ptr_or_null<float>(bc),
                           RBE_ACT_NONE, P, At.data_ptr<float>(), "pack");
     }
-    Tensor vals = at::from_blob((void*)w.K.val, {(int64_t)w.K.k * basis.size(0)}, x2.options());
-    check_finite_results<float>({y}, m, {w.basis, vals, bc}, "the output");
+    check_finite_results<float>({y}, m, {w.basis, w.values(), bc}, "the output");
     return y;
 }
 
@@ -1065,10 +1066,7 @@ Tensor ffn_packed_cpu(const Tensor& x, const Tensor& plan, const Tensor& pack1, 
                                                                                          pattern_scale2, "fc2");
     check_bias(bias1, d_ff, at::kFloat, x.device(), "fc1.bias");
     check_bias(bias2, d_model, at::kFloat, x.device(), "fc2.bias");
-    auto cont = [](const c10::optional<Tensor>& b) {
-        return b.has_value() ? c10::optional<Tensor>(b->contiguous()) : c10::nullopt;
-    };
-    const c10::optional<Tensor> b1 = cont(bias1), b2 = cont(bias2);
+    const c10::optional<Tensor> b1 = contiguous_or_none(bias1), b2 = contiguous_or_none(bias2);
     const int act = with_f32_activation(act_code(activation), f32_activation, at::kFloat);
     Tensor y = at::empty(x.sizes(), x2.options());
     const double m = check_range<float>(x2, P.b, "input");
@@ -1084,9 +1082,7 @@ Tensor ffn_packed_cpu(const Tensor& x, const Tensor& plan, const Tensor& pack1, 
         packed_linear_raw(y.data_ptr<float>() + t * d_model, nullptr, Xf2.data_ptr<float>(), w2,
                           ptr_or_null<float>(b2), RBE_ACT_NONE, P, at_, "pack2");
     }
-    Tensor v1 = at::from_blob((void*)w1.K.val, {(int64_t)w1.K.k * basis1.size(0)}, x2.options());
-    Tensor v2 = at::from_blob((void*)w2.K.val, {(int64_t)w2.K.k * basis2.size(0)}, x2.options());
-    check_finite_results<float>({y}, m, {w1.basis, v1, b1, w2.basis, v2, b2}, "the output");
+    check_finite_results<float>({y}, m, {w1.basis, w1.values(), b1, w2.basis, w2.values(), b2}, "the output");
     return y;
 }
 

@@ -121,6 +121,11 @@ inline Weight check_weight(const char* name, const Tensor& basis, const Tensor& 
     return w;
 }
 
+// an optional tensor (a bias) made contiguous, or none
+inline c10::optional<Tensor> contiguous_or_none(const c10::optional<Tensor>& t) {
+    return t.has_value() ? c10::optional<Tensor>(t->contiguous()) : c10::nullopt;
+}
+
 inline void check_bias(const c10::optional<Tensor>& bias, int64_t out, at::ScalarType dtype, at::Device device,
                        const char* name) {
     if (!bias.has_value()) return;
@@ -209,10 +214,7 @@ inline FFNArgs check_ffn(const Tensor& x, const Tensor& plan, const Tensor& basi
     TORCH_CHECK_VALUE(chunk_tokens >= 0, "rbe_ffn: chunk_tokens must be >= 0 (0: no chunking), got ", chunk_tokens);
     const int64_t Tn = x2.size(0);
     const int64_t chunk = chunk_tokens > 0 ? std::min(chunk_tokens, Tn) : Tn;
-    auto cont = [](const c10::optional<Tensor>& b) {
-        return b.has_value() ? c10::optional<Tensor>(b->contiguous()) : c10::nullopt;
-    };
-    return FFNArgs{x2, P, W1, W2, cont(bias1), cont(bias2), act_code(activation), std::max<int64_t>(chunk, 1),
+    return FFNArgs{x2, P, W1, W2, contiguous_or_none(bias1), contiguous_or_none(bias2), act_code(activation), std::max<int64_t>(chunk, 1),
                    scales1, scales2};
 }
 

@@ -454,8 +454,7 @@ class DynamicSupport:
         def move(t: torch.Tensor) -> None:
             t.copy_(t.gather(1, src).masked_fill_(fresh, 0))
 
-        move(coeffs.data)
-        lin.release_packed()  # the write through .data bumps no version counter
+        move(coeffs.detach())  # in place, through the version counter (a pack, autograd's saved-tensor check see it)
         if coeffs.grad is not None:
             move(coeffs.grad)
         state = self.optimizer.state.get(coeffs, {})

@@ -691,7 +691,6 @@ class RBELinear(nn.Module):
             if scale != 1.0 and isinstance(t, torch.Tensor) and t.is_floating_point():
                 own[prefix + name] = t / scale  # format numbers -> this layer's parameters
         n = len(missing_keys)
-        self.release_packed()  # assign=True may keep the tensors' identity and versions
         super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         missing_keys[n:] = [key if k == store else k for k in missing_keys[n:]]
         if new_seed is not None:  # claimed once the positions are found in place (checked lazily)
@@ -1039,9 +1038,10 @@ class RBEFeedForward(nn.Module):
                                "one fused operator on both layers' weights and never calls fc1/fc2, so FSDP "
                                "never gathers them: apply fully_shard to the RBEFeedForward, not to its fc1/fc2")
         x, out_dtype = cpu_half_input(x, basis1.dtype)
-        packs = (f1.packed(), f2.packed()) if _packed_call(x, f1, f2) else (None, None)
-        if packs[0] is not None and packs[1] is not None:
-            y = _PACKED_OPS["ffn"](x, f1.plan, packs[0], basis1, f1.bias, packs[1], basis2, f2.bias, self.d_model,
+        pack1 = f1.packed() if _packed_call(x, f1, f2) else None
+        pack2 = f2.packed() if pack1 is not None else None  # (no pack of fc2 without one of fc1)
+        if pack2 is not None:
+            y = _PACKED_OPS["ffn"](x, f1.plan, pack1, basis1, f1.bias, pack2, basis2, f2.bias, self.d_model,
                                    self.d_ff, self.activation, f1._coeff_scale, f2._coeff_scale, f1._pattern_scale,
                                    f2._pattern_scale, out_dtype in HALF)
             y = _restore(y, out_dtype)
@@ -1094,8 +1094,10 @@ class RBEFeedForward(nn.Module):
 def pack_for_inference(module: nn.Module, enable: bool = True) -> nn.Module:
     """Let every RBELinear in ``module`` (the fc1/fc2 of each RBEFeedForward included) compute
     calls of 1-3 tokens that autograd does not record, as in generation, from packed
-    coefficients, with the same bits: at 768/3072 a one-token call 2.4-2.9x faster, three tokens
-    1.3x (docs/DESIGN.md section 3.2, docs/benchmarks.md). Each layer keeps a
+    coefficients, with the same bits: at 768/3072 a one-token call 2.4-2.9x faster than without
+    packs, three tokens 1.3x; against int8 dynamic quantization one token is then 1.4-2.2x faster
+    when the weights come from memory and about even when they are cached (docs/DESIGN.md section
+    3.2, docs/benchmarks.md). Each layer keeps a
     pack about the size of its coeffs + index (``packed()``), made here for float32 CPU layers
     and again whenever a tracked write changes coeffs or the index (optimizer steps, copy_,
     load_state_dict). Like a quantized model's prepacked weights, a pack is a copy: after a write
