@@ -42,7 +42,9 @@ def macs_per_token(d_model: int, d_ff: int, b: int, k: int, nf: int) -> dict:
     def fast_dct(n: int) -> int:  # the even/odd recursion of csrc/rbe_x86_impl.h dct2_tile/dct3_tile
         return n * n if n % 2 or n <= 2 else fast_dct(n // 2) + (n // 2) ** 2
 
-    seg = fast_dct(b) + nf * b  # one segment's analysis (or synthesis) of one token
+    # one segment's analysis (or synthesis) of one token: the pattern rows are mirror-symmetric, so
+    # for an even b they take the b/2 half sums the DCT's first split forms anyway
+    seg = fast_dct(b) + nf * (b // 2 if b % 2 == 0 else b)
     R1, C1 = -(-d_ff // b), -(-d_model // b)
     sparse = R1 * C1 * k  # per layer: both layers have R * C = R1 * C1 blocks
     small, large = C1 * seg, R1 * seg  # transforms over d_model / d_ff

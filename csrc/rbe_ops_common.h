@@ -141,6 +141,18 @@ struct Plan {
     int64_t b, nf;
 };
 
+// rows [b, b+nf) of the plan's analysis and synthesis slabs satisfy v[n] == v[b-1-n] exactly
+template <typename T>
+bool pattern_rows_mirrored(const T* plan, int64_t b, int64_t nf) {
+    for (int64_t slab = 0; slab < 2; slab++)
+        for (int64_t r = b; r < b + nf; r++) {
+            const T* v = plan + (slab * (b + nf) + r) * b;
+            for (int64_t n = 0; n < b / 2; n++)
+                if (!(v[n] == v[b - 1 - n])) return false;
+        }
+    return true;
+}
+
 inline Plan check_plan(const Tensor& plan, at::ScalarType dtype, at::Device device) {
     TORCH_CHECK_VALUE(plan.dim() == 3 && plan.size(0) == 3, "rbe_ffn: plan must be [3, b+nf, b], got ", plan.sizes());
     const int64_t b = plan.size(2), nf = plan.size(1) - b;
@@ -148,7 +160,15 @@ inline Plan check_plan(const Tensor& plan, at::ScalarType dtype, at::Device devi
     TORCH_CHECK_VALUE(nf >= RBE_NFIX && nf <= RBE_NFIX + b, "rbe_ffn: plan has a bad number of pattern rows ", nf);
     TORCH_CHECK_TYPE(plan.scalar_type() == dtype, "rbe_ffn: plan must have the input's dtype ", dtype);
     TORCH_CHECK_VALUE(plan.device() == device, "rbe_ffn: plan must be on the input's device");
-    return Plan{plan.contiguous(), b, nf};
+    Tensor pc = plan.contiguous();
+    if (pc.is_cpu() && (dtype == at::kFloat || dtype == at::kDouble)) {
+        bool mirrored = false;
+        AT_DISPATCH_FLOATING_TYPES(dtype, "rbe_plan_mirrored", [&] { mirrored = pattern_rows_mirrored(pc.data_ptr<scalar_t>(), b, nf); });
+        TORCH_CHECK_VALUE(mirrored, "rbe_ffn: the plan's pattern rows (analysis and synthesis rows b..b+nf) must be "
+                          "mirror-symmetric, v[n] = v[b-1-n], as the plans rbe_ffn builds are (the CPU kernels "
+                          "rely on it); this plan was not built by rbe_ffn or has been changed");
+    }
+    return Plan{pc, b, nf};
 }
 
 inline Tensor as_tokens(const Tensor& x, int64_t n, const char* what, bool half_ok = false) {

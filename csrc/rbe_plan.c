@@ -120,6 +120,11 @@ static void fast_dct_tables(double* tab, int b) {
         for (int n = 0; n < N; n++) tab[u * N + n] = (u == 0 ? sqrt(1.0 / b) : s) * cos(RBE_PI * (n + 0.5) * u / N);
 }
 
+// v[n] and v[b-1-n] both set to their mean
+static void mirror_mean(double* v, int b) {
+    for (int n = 0; n < b / 2; n++) v[n] = v[b - 1 - n] = 0.5 * (v[n] + v[b - 1 - n]);
+}
+
 // plan: [3, b+nf, b]; work: 3*b*b + b
 int rbe_plan_build(double* plan, double* work, int b, double tol) {
     double* dmat = work;              // [b, b]
@@ -164,6 +169,15 @@ int rbe_plan_build(double* plan, double* work, int b, double tol) {
         }
         vals[best] = NAN;  // taken
         row++;
+    }
+    // The pattern's vectors are mirror-symmetric, v[n] = v[b-1-n]: z_{b-1-n} = -z_n, and D's
+    // columns c and b-1-c are equal, so its eigenvectors of nonzero eigenvalue are symmetric.
+    // The computed ones are so only to rounding (an eigenvector near the cut can carry some of
+    // D's antisymmetric null space); the x86 tile kernels rely on it exactly (rbe_x86_impl.h:
+    // they project the half sums x[n] + x[b-1-n]), so each mirrored pair takes its mean.
+    for (int r = b; r < rows; r++) {
+        mirror_mean(A + (size_t)r * b, b);
+        mirror_mean(S + (size_t)r * b, b);
     }
     double* F = S + (size_t)rows * b;
     memset(F, 0, sizeof(double) * rows * b);

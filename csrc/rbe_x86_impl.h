@@ -86,7 +86,8 @@ static inline int lanes(int nt) { return nt <= 16 ? 16 : TL; }
  * the odd ones a dense (N/2)^2 product with d[n] = x[n] - x[N-1-n]; recursion while N
  * is even and > 2, then a dense N0 x N0 product. About b^2/3 multiply-adds instead of b^2,
  * all of them in gemm_tile; the scale factors are folded into the tables.
- * dct2: out rows ldo apart <- in [N][TL];  work: 2N rows of TL. */
+ * dct2: out rows ldo apart <- in [N][TL];  work: 2N rows of TL (for N even and > 2 the half
+ * sums a are left in its first N/2 rows). */
 XT static void dct2_tile(float* restrict out, long ldo, const float* restrict in, int N, const float* tab,
                          float* restrict work, int nl) {
     if (N % 2 || N <= 2) {
@@ -109,28 +110,43 @@ XT static void dct2_tile(float* restrict out, long ldo, const float* restrict in
     dct2_tile(out, 2 * ldo, a, h, tab + (long)h * h, work + 2L * h * TL, nl);
 }
 
-// dct3 (the transpose): out [N][TL] <- in rows ldi apart
+// dct3 (the transpose): out [N][TL] <- in rows ldi apart. For N even and > 2 in two halves:
+// dct3_halves leaves a (the inverse of the even rows) and d (of the odd ones) in work's first N
+// rows, and dct3_join writes out[n] = a[n] + d[n], out[N-1-n] = a[n] - d[n]
+XT static void dct3_tile(float* restrict out, const float* restrict in, long ldi, int N, const float* tab,
+                         float* restrict work, int nl);
+XT static void dct3_halves(const float* restrict in, long ldi, int N, const float* tab, float* restrict work, int nl) {
+    const int h = N / 2;
+    dct3_tile(work, in, 2 * ldi, h, tab + (long)h * h, work + 2L * h * TL, nl);
+    gemm_tile(work + (long)h * TL, TL, 0, tab, 1, h, in + ldi, 2 * ldi, h, h, nl);
+}
+XT static void dct3_join(float* restrict out, const float* restrict work, int N, int nl) {
+    const int h = N / 2;
+    for (int n = 0; n < h; n++) {
+        float* y0 = out + (long)n * TL;
+        float* y1 = out + (long)(N - 1 - n) * TL;
+        for (int t = 0; t < nl; t += VW) {
+            VF u = VLOAD(work + (long)n * TL + t), v = VLOAD(work + (long)(h + n) * TL + t);
+            VSTORE(y0 + t, VADD(u, v));
+            VSTORE(y1 + t, VSUB(u, v));
+        }
+    }
+}
 XT static void dct3_tile(float* restrict out, const float* restrict in, long ldi, int N, const float* tab,
                          float* restrict work, int nl) {
     if (N % 2 || N <= 2) {
         gemm_tile(out, TL, 0, tab, 1, N, in, ldi, N, N, nl);
         return;
     }
-    const int h = N / 2;
-    float* a = work;
-    float* d = work + (long)h * TL;
-    dct3_tile(a, in, 2 * ldi, h, tab + (long)h * h, work + 2L * h * TL, nl);
-    gemm_tile(d, TL, 0, tab, 1, h, in + ldi, 2 * ldi, h, h, nl);
-    for (int n = 0; n < h; n++) {
-        float* y0 = out + (long)n * TL;
-        float* y1 = out + (long)(N - 1 - n) * TL;
-        for (int t = 0; t < nl; t += VW) {
-            VF u = VLOAD(a + (long)n * TL + t), v = VLOAD(d + (long)n * TL + t);
-            VSTORE(y0 + t, VADD(u, v));
-            VSTORE(y1 + t, VSUB(u, v));
-        }
-    }
+    dct3_halves(in, ldi, N, tab, work, nl);
+    dct3_join(out, work, N, nl);
 }
+
+/* The pattern's vectors are mirror-symmetric, f[n] = f[b-1-n] (rbe_plan_build makes them so
+ * exactly; check_plan refuses a plan that is not), so for an even b a pattern projection is
+ * f[:b/2] . (x[n] + x[b-1-n]) over the half sums the DCT's first split computes anyway, and a
+ * pattern synthesis adds to the even half a before the last butterfly: b/2 multiply-adds per
+ * vector instead of b, the same sum in exact arithmetic. */
 
 // Xh rows [0, b) = DCT of xt, rows [b, b+nf) = pattern projections P xt; xt: [b][TL]
 // (lanes [nl, TL) of Xh are set to zero: what zero-padded tokens would give, so every reader of a
@@ -138,7 +154,10 @@ XT static void dct3_tile(float* restrict out, const float* restrict in, long ldi
 XT static void analyse_tile(float* restrict Xh, const float* restrict xt, const float* M, const float* dct, int b,
                             int nf, float* restrict work, int nl) {
     dct2_tile(Xh, TL, xt, b, dct, work, nl);
-    gemm_tile(Xh + (long)b * TL, TL, 0, M + (long)b * b, b, 1, xt, TL, nf, b, nl);
+    if (b % 2 == 0)  // dct2_tile left the half sums a in work's first b/2 rows (b >= 4)
+        gemm_tile(Xh + (long)b * TL, TL, 0, M + (long)b * b, b, 1, work, TL, nf, b / 2, nl);
+    else
+        gemm_tile(Xh + (long)b * TL, TL, 0, M + (long)b * b, b, 1, xt, TL, nf, b, nl);
     if (nl < TL)
         for (int m = 0; m < b + nf; m++)
             for (int t = nl; t < TL; t += VW) VSTORE(Xh + (long)m * TL + t, VZERO());
@@ -147,8 +166,14 @@ XT static void analyse_tile(float* restrict Xh, const float* restrict xt, const 
 // out [b][TL] = Psi^T H[0, b) + P^T H[b, b+nf)  (H: [b+nf][TL], M = [Psi; P])
 XT static void synthesise_tile(float* restrict out, const float* restrict H, const float* M, const float* dct, int b,
                                int nf, float* restrict work, int nl) {
-    dct3_tile(out, H, TL, b, dct, work, nl);
-    gemm_tile(out, TL, 1, M + (long)b * b, 1, b, H + (long)b * TL, TL, b, nf, nl);
+    if (b % 2) {
+        dct3_tile(out, H, TL, b, dct, work, nl);
+        gemm_tile(out, TL, 1, M + (long)b * b, 1, b, H + (long)b * TL, TL, b, nf, nl);
+        return;
+    }
+    dct3_halves(H, TL, b, dct, work, nl);
+    gemm_tile(work, TL, 1, M + (long)b * b, 1, b, H + (long)b * TL, TL, b / 2, nf, nl);  // into a
+    dct3_join(out, work, b, nl);
 }
 
 // The two sparse products below hold one output row in nv = nl / VW registers (a whole tile of

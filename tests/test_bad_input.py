@@ -289,6 +289,23 @@ def test_bad_operator_arguments():
                          f2.coeffs, f2.index, 10, 37, "gelu", 0, [True] * 7)
 
 
+def test_plan_with_asymmetric_pattern_rows():
+    # the CPU kernels project the half sums x[n] + x[b-1-n] on the pattern rows, which the plans
+    # rbe_ffn builds make mirror-symmetric; a plan that is not is refused, in either dtype
+    for dtype in (torch.float32, torch.float64):
+        m = make_small_ffn().to(dtype)
+        f1, f2 = m.fc1, m.fc2
+        x = torch.randn(3, 10, dtype=dtype)
+        for slab in (0, 1):
+            plan = f1.plan.clone()
+            plan[slab, 8 + 5, 0] += 1e-3  # a pattern row (b = 8)
+            with pytest.raises(ValueError, match="mirror-symmetric"):
+                ops.linear(x, plan, f1.basis, f1.coeffs, f1.index, f1.bias, 10, 37)
+            with pytest.raises(ValueError, match="mirror-symmetric"), torch.no_grad():
+                ops.ffn(x, plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias, 10,
+                        37, "gelu", 0, True)
+
+
 # ----------------------------------------------------------------- no tokens
 @pytest.mark.parametrize("variant", ["standard", "checkpoint", "chunked"])
 @pytest.mark.parametrize("shape", [(0, 10), (2, 0, 10), (0, 3, 10)])

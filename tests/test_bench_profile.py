@@ -21,10 +21,11 @@ def load():
 def test_macs_by_hand():
     p = load()
     # b = 8: the fast DCT recursion 8 -> 4 -> 2: 4^2 + 2^2 + 2^2 = 24 multiply-adds; a segment adds
-    # nf * b = 3 * 8 = 24 for the pattern projections: 48 per segment and token
+    # nf * b/2 = 3 * 4 = 12 for the pattern projections (mirror-symmetric rows on the half sums):
+    # 36 per segment and token
     # 16 -> 40, b = 8: fc1 has R = 5 block rows, C = 2 block columns, 10 blocks of k = 6
     m = p.macs_per_token(16, 40, 8, 6, 3)
-    seg, sparse = 48, 10 * 6
+    seg, sparse = 36, 10 * 6
     small, large = 2 * seg, 5 * seg
     assert m["rbe_forward"] == 2 * (small + sparse + large)
     # backward: g, x and fc2's input analysed, two syntheses, fc1's output gradient analysed; two

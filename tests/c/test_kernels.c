@@ -339,8 +339,18 @@ static void test_jacobi(void) {
     }
 }
 
+// rows [b, rows) of both slabs mirror-symmetric, exactly (the x86 tile kernels rely on it)
+static int pattern_mirrored(const double* plan, int b, int nf) {
+    for (int r = b; r < 2 * (b + nf); r++) {
+        if (r >= b + nf && r < b + nf + b) continue;  // the synthesis slab's DCT rows
+        for (int n = 0; n < b / 2; n++)
+            if (plan[(size_t)r * b + n] != plan[(size_t)r * b + b - 1 - n]) return 0;
+    }
+    return 1;
+}
+
 static void test_plan(void) {
-    const int bs[] = {8, 64};
+    const int bs[] = {8, 9, 64};
     for (size_t t = 0; t < sizeof bs / sizeof bs[0]; t++) {
         int b = bs[t];
         size_t bb = (size_t)b * b;
@@ -376,6 +386,7 @@ static void test_plan(void) {
         CHECK(e_psi < 1e-15, "b=%d: plan's DCT rows off by %.3e", b, e_psi);
         CHECK(e_fix < 1e-15, "b=%d: plan's separable rows off by %.3e", b, e_fix);
         CHECK(e_d < 1e-12, "b=%d: d-pattern from the plan off by %.3e (nf=%d)", b, e_d, nf);
+        CHECK(pattern_mirrored(plan, b, nf), "b=%d: pattern rows not mirror-symmetric", b);
         // a looser tolerance keeps fewer (or as many) rows, still a good approximation
         int nf9 = rbe_plan_build(plan, work, b, 1e-9);
         CHECK(nf9 >= RBE_NFIX + 1 && nf9 <= nf, "b=%d: nf at 1e-9 = %d vs %d at 1e-15", b, nf9, nf);
@@ -391,6 +402,7 @@ static void test_plan(void) {
                 e_d = fmax(e_d, fabs(s - sqrt(x * x + y * y)));
             }
         CHECK(e_d < 1e-7, "b=%d: d-pattern at tol 1e-9 off by %.3e", b, e_d);
+        CHECK(pattern_mirrored(plan, b, nf9), "b=%d: pattern rows at tol 1e-9 not mirror-symmetric", b);
         free(plan);
         free(work);
     }
@@ -1108,6 +1120,7 @@ static void linear_cases(int mode) {
     linear_case(mode, 17, 70, 65, 64, 300, 0);   // 17: a full-width tile again
     linear_case(mode, 80, 40, 100, 48, 30, 0);   // a full tile, then a 16-lane one
     linear_case(mode, 7, 200, 130, 32, 90, 0);   // many rows per block in gemm_tile's remainders
+    linear_case(mode, 70, 23, 19, 9, 12, 0);     // b = 9: odd, the pattern rows project whole vectors
 }
 
 // Every float32 variant this CPU has, each called directly (the portable and AVX2 kernels stay
