@@ -309,6 +309,15 @@ void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* Wt,
 void rbe_cols_backward_f64(double* dx, const double* Gh, const rbe_weight_f64* Wt, const rbe_plan_f64* P,
                            double* scratch, long T, long p0, long p1);
 
+/* The input gradient of rbe_cols_backward_f32 and the coefficient gradient of
+ * rbe_params_backward_f32 (dcoeffs, the same sums) in one pass: block columns j in [p0, p1),
+ * each over all tiles; Xh as for rbe_params_backward_f32. sched: the transposed schedule with
+ * pos and acc (transpose = 1). x86 kernels only: returns 0, or -2 with the portable ones (then
+ * nothing is written). */
+int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const float* Gh, const float* Xh, const rbe_weight_f32* Wt,
+                                 const rbe_plan_f32* P, const rbe_sched_f32* sched, int accumulate, float* scratch,
+                                 long T, long p0, long p1);
+
 /* Blocks [p0, p1) of W re-sorted by column: index_t = v*b + u (ascending), coeffs_t the
  * matching values; both [R*C, k]. work: b + 1 ints. */
 void rbe_transpose_blocks_f32(float* coeffs_t, int32_t* index_t, int32_t* work, const rbe_weight_f32* W, long p0,
@@ -319,7 +328,8 @@ void rbe_transpose_blocks_f64(double* coeffs_t, int32_t* index_t, int32_t* work,
 /* Parameter gradients of block rows [p0, p1) (blocks i*C + j), summed over all tokens:
  * dcoeffs[ij][q] = sum_t Gh_i[u][t] Xh_j[v][t], dbasis[ij][k] from the pattern rows.
  * Either output may be NULL; accumulate != 0 adds to what they hold.
- * sched (float only; may be NULL): the schedule with pos and acc (transpose = 0). */
+ * sched (float only; may be NULL): the schedule with pos and acc (transpose = 0); not read
+ * when dcoeffs is NULL. */
 void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                              const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                              int accumulate, long T, long p0, long p1);

@@ -101,6 +101,7 @@ const rbe_x86_kernels_f32 rbe_x86_avx2 = {"avx2",
                                           rbe_rows_forward_f32_avx2,
                                           rbe_cols_backward_f32_avx2,
                                           rbe_cols_backward_f32_avx2_blocks,
+                                          rbe_cols_coeffs_backward_f32_avx2,
                                           rbe_params_backward_f32_avx2,
                                           rbe_params_backward_f32_avx2_blocks,
                                           rbe_few_analysis_f32_avx2,
@@ -111,6 +112,7 @@ const rbe_x86_kernels_f32 rbe_x86_avx512 = {"avx512",
                                             rbe_rows_forward_f32_avx512,
                                             rbe_cols_backward_f32_avx512,
                                             rbe_cols_backward_f32_avx512_blocks,
+                                            rbe_cols_coeffs_backward_f32_avx512,
                                             rbe_params_backward_f32_avx512,
                                             rbe_params_backward_f32_avx512_blocks,
                                             rbe_few_analysis_f32_avx512,
@@ -172,11 +174,21 @@ void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* Wt,
     else rbe_cols_backward_f32_portable(dx, Gh, Wt, P, scratch, T, p0, p1);
 }
 
+int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const float* Gh, const float* Xh, const rbe_weight_f32* Wt,
+                                 const rbe_plan_f32* P, const rbe_sched_f32* sched, int accumulate, float* scratch,
+                                 long T, long p0, long p1) {
+    const rbe_x86_kernels_f32* k = x86();
+    if (!k) return -2;
+    k->cols_coeffs_backward(dx, dcoeffs, Gh, Xh, Wt, P, sched, accumulate, scratch, T, p0, p1);
+    return 0;
+}
+
 void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                              const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                              int accumulate, long T, long p0, long p1) {
     const rbe_x86_kernels_f32* k = x86();
-    if (k && sched && sched->acc) k->params_backward(dbasis, dcoeffs, Gh, Xh, W, P, sched, accumulate, T, p0, p1);
+    if (k && ((sched && sched->acc) || !dcoeffs))
+        k->params_backward(dbasis, dcoeffs, Gh, Xh, W, P, sched, accumulate, T, p0, p1);
     else if (k && T <= RBE_TILE) k->params_backward_blocks(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
     else rbe_params_backward_f32_portable(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
 }

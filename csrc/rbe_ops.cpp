@@ -308,15 +308,33 @@ static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool wit
 
 // A weight's schedules for one operator call, built on first use and reused by the call's later
 // chunks of tokens (rebuilt per chunk they took about a fifth of a chunked training step:
-// callgrind, 768/3072, 1024 tokens, 8 MiB chunks). rows (transpose = 0) carries the positions
-// and work array of the parameter gradient when with_pos, so one schedule serves the rows
-// forward (the checkpointed recompute) and the params backward; cols is the transposed one.
+// callgrind, 768/3072, 1024 tokens, 8 MiB chunks). rows (transpose = 0) serves the rows forward
+// (the checkpointed recompute) and the params backward, cols (transpose = 1) the input gradient;
+// the one that computes the coefficient gradient carries its positions and work array: cols when
+// the two passes are one (cols_carry_coeffs), else rows.
 // Their bytes (sched_bytes) count against the chunk budget (python/rbe_ffn/functional.py).
 struct SchedCache {
-    bool with_pos;
+    bool rows_pos, cols_pos;
     Sched rows, cols;
     bool rows_built = false, cols_built = false;
 };
+
+// Whether the input gradient and the coefficient gradient run as one pass over the transposed
+// schedule (rbe_cols_coeffs_backward_f32: the source rows read once for both): float32 on the x86
+// kernels, both wanted, float32 operands (the bfloat16 kernels keep two passes). One tile of
+// tokens builds no schedule and keeps the two passes as well.
+template <typename T>
+static bool cols_carry_coeffs(bool dx, bool dcoeffs, bool bf16_sparse) {
+    return std::is_same_v<T, float> && dx && dcoeffs && rbe_cpu_isa_level() >= RBE_ISA_AVX2 &&
+           !(bf16_sparse && rbe_bf16_sparse_available());
+}
+
+// the cache of one weight's backward: dx, dcoeffs wanted, and whether dbasis is
+template <typename T>
+static SchedCache backward_scheds(bool dx, bool dcoeffs, bool bf16_sparse) {
+    const bool fused = cols_carry_coeffs<T>(dx, dcoeffs, bf16_sparse);
+    return SchedCache{dcoeffs && !fused, fused};
+}
 
 template <typename T>
 static const Sched& rows_sched(SchedCache* c, Sched& own, const Weight& W, const Plan& P, int64_t ntiles,
@@ -325,17 +343,18 @@ static const Sched& rows_sched(SchedCache* c, Sched& own, const Weight& W, const
         if (ntiles > 1) own = make_sched<T>(W, P, false, with_pos);
         return own;
     }
-    if (!c->rows_built) c->rows = make_sched<T>(W, P, false, c->with_pos), c->rows_built = true;
+    if (!c->rows_built) c->rows = make_sched<T>(W, P, false, c->rows_pos), c->rows_built = true;
     return c->rows;
 }
 
 template <typename T>
-static const Sched& cols_sched(SchedCache* c, Sched& own, const Weight& W, const Plan& P, int64_t ntiles) {
+static const Sched& cols_sched(SchedCache* c, Sched& own, const Weight& W, const Plan& P, int64_t ntiles,
+                               bool with_pos) {
     if (!c) {
-        if (ntiles > 1) own = make_sched<T>(W, P, true, false);
+        if (ntiles > 1) own = make_sched<T>(W, P, true, with_pos);
         return own;
     }
-    if (!c->cols_built) c->cols = make_sched<T>(W, P, true, false), c->cols_built = true;
+    if (!c->cols_built) c->cols = make_sched<T>(W, P, true, c->cols_pos), c->cols_built = true;
     return c->cols;
 }
 
@@ -491,12 +510,19 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
     Tensor Gh = analyse<T>(g, Tn, W.out, P, 1, opt);
     // numbers W's times `scale`: dx from the scaled Gh, and the gradients of W's own numbers = scaled Gh . Xh
     scale_rows(Gh.data_ptr<T>(), ntiles * R, P, RBE_TILE, scale);
+    Tensor Xh;  // x analysed, for the parameter gradients
+    auto analysed_x = [&]() -> const T* {
+        if (Xh_in) return Xh_in;
+        if (!Xh.defined()) Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
+        return Xh.data_ptr<T>();
+    };
+    bool coeffs_done = false;
     if (dx) {
         // the transposed product runs over coefficients grouped by column: a schedule (AVX2, several
         // tiles of tokens) or each block's coefficients re-sorted by column (one tile: building the
         // schedule would cost as much as the product; and the portable kernels)
         Sched own;
-        const Sched& sc = cols_sched<T>(cache, own, W, P, ntiles);
+        const Sched& sc = cols_sched<T>(cache, own, W, P, ntiles, cols_carry_coeffs<T>(true, dcoeffs, bf16_sparse));
         Tensor cft, ixt;
         if (!sc.on) {
             cft = at::empty(W.coeffs.sizes(), opt);
@@ -511,26 +537,41 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         cwt.coeffs = sc.on ? nullptr : cft.data_ptr<T>();
         cwt.index = sc.on ? nullptr : ixt.data_ptr<int32_t>();
         cwt.wide = 1;
-        at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
-            std::vector<T> s;
-            scratch_for(s, P);
-            if constexpr (std::is_same_v<T, float>) {
-                if (bf16_operands<T>(bf16_sparse, sc)) {
-                    const Tensor b16 = bf16_scratch(R, P);
-                    rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), bits(b16),
-                                           (long)Tn, (long)p0, (long)p1);
-                    return;
-                }
+        if constexpr (std::is_same_v<T, float>) {
+            if (dcoeffs && sc.on && sc.s.acc && cols_carry_coeffs<T>(true, true, bf16_sparse)) {
+                // the coefficient gradient in the same pass, block column by block column
+                const float* X = analysed_x();
+                at::parallel_for(0, C, 1, [&](int64_t p0, int64_t p1) {
+                    std::vector<T> s;
+                    scratch_for(s, P);
+                    const int rc = rbe_cols_coeffs_backward_f32(dx, dcoeffs, Gh.data_ptr<float>(), X, &cwt, &cp,
+                                                                sc.get(), accumulate, s.data(), (long)Tn, (long)p0,
+                                                                (long)p1);
+                    TORCH_INTERNAL_ASSERT(rc == 0, "rbe_cols_coeffs_backward_f32 without x86 kernels");
+                });
+                coeffs_done = true;
             }
-            cols_backward(dx, Gh.data_ptr<T>(), &cwt, &cp, sc.get(), s.data(), (long)Tn, (long)p0, (long)p1);
-        });
+        }
+        if (!coeffs_done)
+            at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
+                std::vector<T> s;
+                scratch_for(s, P);
+                if constexpr (std::is_same_v<T, float>) {
+                    if (bf16_operands<T>(bf16_sparse, sc)) {
+                        const Tensor b16 = bf16_scratch(R, P);
+                        rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), bits(b16),
+                                               (long)Tn, (long)p0, (long)p1);
+                        return;
+                    }
+                }
+                cols_backward(dx, Gh.data_ptr<T>(), &cwt, &cp, sc.get(), s.data(), (long)Tn, (long)p0, (long)p1);
+            });
     }
+    if (coeffs_done) dcoeffs = nullptr;
     if (dbasis || dcoeffs) {
-        Tensor Xh;
-        if (!Xh_in) Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
-        const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
+        const T* X = analysed_x();
         Sched own;
-        const Sched& sc = rows_sched<T>(cache, own, W, P, ntiles, true);
+        const Sched& sc = dcoeffs ? rows_sched<T>(cache, own, W, P, ntiles, true) : own;  // dbasis alone: none
         if constexpr (std::is_same_v<T, float>) {
             if (dcoeffs && bf16_operands<T>(bf16_sparse, sc)) {
                 at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {
@@ -732,7 +773,7 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
         // so the [T, d_ff] hidden activation never exists token-major
         Tensor Xh2 = hidden_analysis(std::min(a.chunk, Tn), d_ff, a.P, opt);
         const bool cached = cache_scheds(Tn, a.chunk);
-        SchedCache s1{false}, s2{false};
+        SchedCache s1{false, false}, s2{false, false};
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
             const int64_t n = std::min(a.chunk, Tn - t0);
             linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, a.x2.data_ptr<T>() + t0 * d_model,
@@ -801,7 +842,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         Tensor dact = fused && saved ? at::empty({cn, d_ff}, opt) : Tensor();
         Tensor dh = at::empty({cn, d_ff}, opt);
         const bool cached = cache_scheds(Tn, a.chunk);
-        SchedCache s1{mask[1] || mask[2]}, s2{mask[4] || mask[5]};
+        // fc2's input gradient (dh) is wanted whenever fc1's gradients are
+        SchedCache s1 = backward_scheds<T>(mask[0], mask[2], bf16_sparse), s2 = backward_scheds<T>(need1, mask[5], bf16_sparse);
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
             const int64_t n = std::min(a.chunk, Tn - t0);
             const int acc = t0 > 0;

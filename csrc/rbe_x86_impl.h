@@ -210,6 +210,51 @@ XT static void sparse_sched16(float* restrict out, const float* restrict src, co
     sparse_sched_w(out, src, start, off, val, b, 16 / VW);
 }
 
+// sparse_sched, and with xs the rows of the products' own source, the entries' coefficient dot
+// products: sacc[e] += src[off[e]] . xs[key] (the parameter gradient's sums, g . x = x . g
+// in every lane). Each run goes in pieces of RBE_DOT_PIECE entries, the piece's source rows read
+// from L2 for the product, then again from L1 by coeff_grads: one pass over the source instead
+// of the parameter gradient's own pass over xs's segment rows.
+#ifndef RBE_DOT_PIECE
+#define RBE_DOT_PIECE 32
+#endif
+XT static INLINE_ALWAYS void sparse_sched_dots_w(float* restrict out, float* restrict sacc, const float* restrict xs,
+                                                 const float* restrict src, const int32_t* restrict start,
+                                                 const int32_t* restrict off, const float* restrict val, int b,
+                                                 int nv) {
+    for (int key = 0; key < b; key++) {
+        VF a[TL / VW];
+        for (int v = 0; v < nv; v++) a[v] = VZERO();
+        const int e1 = start[key + 1];
+        for (int e = start[key]; e < e1;) {
+            const int pe = e + RBE_DOT_PIECE < e1 ? e + RBE_DOT_PIECE : e1;
+            for (int q = e; q < pe; q++) {
+                const float* x = src + off[q];
+                const char* ahead = (const char*)(src + off[q + RBE_PREFETCH < e1 ? q + RBE_PREFETCH : q]);
+                for (int line = 0; line < nv * VW / 16; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+                const VF c = VBCAST(val + q);
+                for (int v = 0; v < nv; v++) a[v] = VFMA(c, VLOAD(x + VW * v), a[v]);
+            }
+            coeff_grads(sacc, xs + (long)key * TL, src, off, e, pe, nv * VW);
+            e = pe;
+        }
+        float* o = out + (long)key * TL;
+        for (int v = 0; v < nv; v++) VSTORE(o + VW * v, a[v]);
+    }
+}
+
+XT static void sparse_sched_dots(float* restrict out, float* restrict sacc, const float* restrict xs,
+                                 const float* restrict src, const int32_t* restrict start,
+                                 const int32_t* restrict off, const float* restrict val, int b) {
+    sparse_sched_dots_w(out, sacc, xs, src, start, off, val, b, TL / VW);
+}
+
+XT static void sparse_sched_dots16(float* restrict out, float* restrict sacc, const float* restrict xs,
+                                   const float* restrict src, const int32_t* restrict start,
+                                   const int32_t* restrict off, const float* restrict val, int b) {
+    sparse_sched_dots_w(out, sacc, xs, src, start, off, val, b, 16 / VW);
+}
+
 // out[row][:] += cf[q] * in[col][:] for one block's coefficients (idx = row*b + col, ascending),
 // each row held in registers for its run: the sparse product without a schedule (a single
 // tile of tokens, where building the schedule would cost as much as the product)
@@ -425,51 +470,60 @@ XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const flo
 // one (a single tile of tokens), block by block on each block's coefficients re-sorted by column
 // (Wt: rbe_transpose_blocks, index = v*b + u, int32).
 // bf16 (NULL: float32): scratch of rbe_bf16_scratch(R, b, nf) elements for the scheduled product on
-// bfloat16 rows (sparse_sched_bf16; only the including file that defines XBF16 passes it)
-XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
-                             const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+// bfloat16 rows (sparse_sched_bf16; only the including file that defines XBF16 passes it), with
+// *bf16_tile the tile last rounded there.
+// sacc (float32 schedule only; else NULL): also the coefficient dot products of the tile's entries
+// against Xj, Xh's segment j of the same tile (sparse_sched_dots).
+XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                         const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long* bf16_tile, float* sacc,
+                         const float* Xj, long T, long tile, int j) {
 #ifndef XBF16
-    (void)bf16;
-#else
-    long bf16_tile = -1;
+    (void)bf16, (void)bf16_tile;
 #endif
     const int out = Wt->out, in = Wt->in, b = Wt->b, k = Wt->k, nf = P->nf;
     const float* basis = Wt->basis;
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     float* dh = scratch;
     float* dt = scratch + (size_t)rows * TL;
-    for (long p = p0; p < p1; p++) {
-        long tile = p / C;
-        int j = (int)(p % C);
-        long t0 = tile * TL;
-        int nt = T - t0 < TL ? (int)(T - t0) : TL;
-        int nc = in - j * b < b ? in - j * b : b;
-        const int nl = lanes(nt);
-        const float* Gt = Gh + (size_t)tile * R * rows * TL;
-        if (sched) {
+    const long t0 = tile * TL;
+    const int nt = T - t0 < TL ? (int)(T - t0) : TL;
+    const int nc = in - j * b < b ? in - j * b : b;
+    const int nl = lanes(nt);
+    const float* Gt = Gh + (size_t)tile * R * rows * TL;
+    if (sched) {
+        const int32_t* st = sched->start + (size_t)j * (b + 1);
 #ifdef XBF16
-            if (bf16)  // on whole tiles (a short tile's lanes past its tokens are zero)
-                sparse_sched_tile_bf16(dh, bf16, &bf16_tile, tile, Gt, R, rows, sched->start + (size_t)j * (b + 1),
-                                       sched, b);
-            else
+        if (bf16)  // on whole tiles (a short tile's lanes past its tokens are zero)
+            sparse_sched_tile_bf16(dh, bf16, bf16_tile, tile, Gt, R, rows, st, sched, b);
+        else
 #endif
-            (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, sched->start + (size_t)j * (b + 1), sched->off,
-                                                       sched->val, b);
-            for (int e = b * TL; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
-        } else {
-            for (int e = 0; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
-        }
-        for (int i = 0; i < R; i++) {
-            long blk = (long)i * C + j;
-            const float* G = Gt + (size_t)i * rows * TL;
-            if (!sched)
-                (nl == TL ? sparse_block : sparse_block16)(dh, G, Wt->coeffs + blk * k, Wt->index, Wt->wide, blk * k,
-                                                           k, b);
-            pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
-        }
-        synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
-        store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
+        if (sacc)
+            (nl == TL ? sparse_sched_dots : sparse_sched_dots16)(dh, sacc, Xj, Gt, st, sched->off, sched->val, b);
+        else
+            (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, st, sched->off, sched->val, b);
+        for (int e = b * TL; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
+    } else {
+        for (int e = 0; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
     }
+    for (int i = 0; i < R; i++) {
+        long blk = (long)i * C + j;
+        const float* G = Gt + (size_t)i * rows * TL;
+        if (!sched)
+            (nl == TL ? sparse_block : sparse_block16)(dh, G, Wt->coeffs + blk * k, Wt->index, Wt->wide, blk * k, k,
+                                                       b);
+        pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
+    }
+    synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
+    store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
+}
+
+// work items p = tile*C + j in [p0, p1)
+XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                             const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+    const int C = (Wt->in + Wt->b - 1) / Wt->b;
+    long bf16_tile = -1;
+    for (long p = p0; p < p1; p++)
+        cols_item(dx, Gh, Wt, P, sched, scratch, bf16, &bf16_tile, NULL, NULL, T, p / C, (int)(p % C));
 }
 
 XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt,
@@ -480,6 +534,30 @@ XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe
 XT void XSFX(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
                                     const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
     cols_backward(dx, Gh, Wt, P, sched, scratch, NULL, T, p0, p1);
+}
+
+// The input gradient and the coefficient gradient in one pass over the transposed schedule
+// (rbe.h): block columns j in [p0, p1), each over every tile in order, so each entry's sum over
+// the tiles is that of params_sched (in the transposed schedule's order, in its acc), then
+// scattered to coefficient order.
+XT void XSFX(rbe_cols_coeffs_backward_f32)(float* dx, float* dcoeffs, const float* Gh, const float* Xh,
+                                           const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                                           const rbe_sched_f32* sched, int accumulate, float* scratch, long T,
+                                           long p0, long p1) {
+    const int b = Wt->b, k = Wt->k, rows = b + P->nf;
+    const int R = (Wt->out + b - 1) / b, C = (Wt->in + b - 1) / b;
+    const long ntiles = (T + TL - 1) / TL, e0 = p0 * R * (long)k, e1 = p1 * R * (long)k;
+    float* sacc = sched->acc;
+    for (long e = e0; e < e1; e++) sacc[e] = 0;
+    for (long j = p0; j < p1; j++)
+        for (long tile = 0; tile < ntiles; tile++)
+            cols_item(dx, Gh, Wt, P, sched, scratch, NULL, NULL, sacc, Xh + ((size_t)tile * C + j) * rows * TL, T,
+                      tile, (int)j);
+    const int32_t* spos = sched->pos;
+    if (accumulate)
+        for (long e = e0; e < e1; e++) dcoeffs[spos[e]] += sacc[e];
+    else
+        for (long e = e0; e < e1; e++) dcoeffs[spos[e]] = sacc[e];
 }
 
 // db[k] += the tile's contribution to dL/dbasis_k of one block, G[g] . E[f] over the pattern
@@ -541,8 +619,10 @@ XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, cons
     (void)bf16;  // no bfloat16 dot products at this width: its entry point passes NULL
 #endif
     const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
-    const int32_t *sstart = sched->start, *soff = sched->off, *spos = sched->pos;
-    float* sacc = sched->acc;
+    // the schedule is read only for dcoeffs (dbasis alone takes none)
+    const int32_t *sstart = dcoeffs ? sched->start : NULL, *soff = dcoeffs ? sched->off : NULL;
+    const int32_t* spos = dcoeffs ? sched->pos : NULL;
+    float* sacc = dcoeffs ? sched->acc : NULL;
     // work items are block rows [p0, p1); dcoeffs is summed in schedule order in sacc (sequential
     // access) and scattered to coefficient order once at the end
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;

@@ -75,7 +75,8 @@ def intermediate_bytes_per_token(d_model: int, d_ff: int, block_size: int, nf: i
 
 
 # bytes per kept coefficient of the float32 schedules the CPU operator keeps for a whole chunked call
-# (csrc/rbe_ops.cpp SchedCache): rows with positions and work array (16 B) + transposed (8 B)
+# (csrc/rbe_ops.cpp SchedCache): the one that computes the coefficient gradient with positions and
+# work array (16 B; the transposed one when the input gradient is wanted too) + the other (8 B)
 SCHED_BYTES_PER_COEFF = 24
 
 

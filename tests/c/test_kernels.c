@@ -1019,6 +1019,35 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         bf16_products_case(tag, rsc, csc, plan, basis, bias, Gh, Xh, T, out, in, b, nf, k);
     }
 
+    // the input gradient and the coefficient gradient in one pass (cols_coeffs_backward: block
+    // columns, every tile): dx the two-pass bytes; dcoeffs too with AVX-512 (each entry's chain and
+    // lane sum are params_sched's), within rounding with AVX2 (its lane sums pair entries); split
+    // ranges give the same bytes, and accumulate = 1 adds (exactly twice)
+    if (mode == 3 && g_x86 && rsc) {
+        int32_t* cp_pos = xmalloc(sizeof(int32_t) * nblk * k + 4);
+        float* cp_acc = xmalloc(sizeof(float) * nblk * k + 4);
+        const rbe_sched_f32 cps = {cs_start, cs_off, cs_val, cp_pos, cp_acc};
+        rbe_schedule_f32(cs_start, cs_off, cs_val, cp_pos, &W32, nf, 1, 0, C);
+        const rbe_weight_f32 Wt = w32(basis, NULL, NULL, 1, out, in, b, k);
+        const rbe_plan_f32 P32 = rbe_plan_view_f32(plan, b, nf);
+        float* dx3 = xmalloc((size_t)T * in * es);
+        float* dc3 = xmalloc(nblk * k * es + 1);
+        float* dc4 = xmalloc(nblk * k * es + 1);
+        g_x86->cols_coeffs_backward(dx3, dc3, Gh, Xh, &Wt, &P32, &cps, 0, scratch, T, C / 2, C);
+        g_x86->cols_coeffs_backward(dx3, dc3, Gh, Xh, &Wt, &P32, &cps, 0, scratch, T, 0, C / 2);
+        CHECK(!memcmp(dx3, dx, (size_t)T * in * es), "%s: one-pass dx differs from cols_backward's", tag);
+        if (g_x86 == &rbe_x86_avx512)
+            CHECK(!memcmp(dc3, dc, nblk * k * es), "%s: one-pass dcoeffs differ from params_backward's", tag);
+        double e3 = rel_err(dc3, dc, nblk * k, 1);
+        CHECK(e3 < 1e-5, "%s: one-pass dcoeffs off by %.3e", tag, e3);
+        memcpy(dc4, dc3, nblk * k * es);
+        g_x86->cols_coeffs_backward(dx3, dc4, Gh, Xh, &Wt, &P32, &cps, 1, scratch, T, 0, C);
+        int twice = 1;
+        for (long q = 0; q < nblk * k; q++) twice &= dc4[q] == 2 * dc3[q];
+        CHECK(twice, "%s: one-pass dcoeffs with accumulate = 1 are not twice", tag);
+        free(cp_pos), free(cp_acc), free(dx3), free(dc3), free(dc4);
+    }
+
     // accumulate = 1 adds to what is there (twice the gradient), NULL outputs are skipped, ranges split
     params_t(f32, rsc, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, 0, R / 2);  // block rows
     params_t(f32, rsc, db, NULL, Gh, Xh, ix, wide, 1, T, out, in, b, nf, k, R / 2, R);
