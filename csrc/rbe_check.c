@@ -56,14 +56,16 @@ long rbe_index_snapshot(void* dst, const void* src, int wide, long nblocks, int 
 // non-finite count and max |x| (NaN if any x is NaN) of a float or double array. max |x| works
 // on the bit patterns: with the sign bit cleared, IEEE order is unsigned integer order, with the
 // infinity's pattern above every finite one and every NaN's above it; an integer max vectorizes
-// (a float max with NaN checks does not).
+// (a float max with NaN checks does not), once per instruction set: SSE2 has no unsigned max, and
+// with its emulation the scans of a 1024-token 768 -> 3072 linear forward's input and output took
+// 4.3% of perf's samples; with AVX-512 2.7%, the memory traffic.
 #define RBE_SCAN(T, SFX, U, ABSMASK, INFBITS)                          \
     long rbe_count_nonfinite_##SFX(const T* x, long n) {               \
         long bad = 0;                                                  \
         for (long i = 0; i < n; i++) bad += !isfinite(x[i]);           \
         return bad;                                                    \
     }                                                                  \
-    double rbe_max_abs_##SFX(const T* x, long n) {                     \
+    RBE_ISA_CLONES double rbe_max_abs_##SFX(const T* x, long n) {      \
         U m = 0;                                                       \
         for (long i = 0; i < n; i++) {                                 \
             U u;                                                       \
