@@ -29,7 +29,7 @@ def run_smoke(tmp_path, *extra):
 def test_bench_peers_smoke(tmp_path):
     rows, md, stdout = run_smoke(tmp_path)
     assert "get_cpu_capability()=" in stdout and "avx2" in stdout
-    assert "once per round, after the other arms ran" in md
+    assert "once per round, after the other arms ran, in a random order" in md
 
     # every (tokens, mode, arm) has a row; int8 has no training step, everything else is timed
     for tokens in ("1", "16"):
@@ -91,3 +91,28 @@ def test_bench_peers_warm(tmp_path):
         got = {r["arm"] for r in rows if r["tokens"] == tokens and r["mode"] == "forward" and r["status"] == "ok"}
         assert got == ARMS, (tokens, got)
         assert all(float(r["ms"]) > 0 for r in rows if r["tokens"] == tokens and r["status"] == "ok")
+
+
+def test_round_order_never_times_an_arm_after_its_own_weights():
+    import importlib.util
+    import random
+    spec = importlib.util.spec_from_file_location("bench_peers", os.path.join(ROOT, "bench", "bench_peers.py"))
+    bp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bp)
+
+    class A:  # an arm: a name and the module holding its weights
+        def __init__(self, name, model):
+            self.name, self.model = name, model
+
+    dense, rbe, others = object(), object(), [object() for _ in range(3)]
+    live = [A("dense", dense), A("dense_bf16", dense), A("rbe", rbe), A("rbe_bf16", rbe)]
+    live += [A(f"o{i}", m) for i, m in enumerate(others)]
+    rng, last, seq, firsts = random.Random(1), None, [], set()
+    for _ in range(300):
+        order = bp.round_order(live, last, rng)
+        assert sorted(a.name for a in order) == sorted(a.name for a in live)  # each arm once a round
+        firsts.add(order[0].name)
+        seq += order
+        last = order[-1]
+    assert all(a.model is not b.model for a, b in zip(seq, seq[1:]))
+    assert firsts == {a.name for a in live}  # and the order does change
