@@ -239,17 +239,20 @@ def rel_errors(arms, x):
     return out
 
 
-def round_order(live, last, rng):
+def round_order(live, last, rng, tries=1000):
     """Every arm once, in a random order in which no arm directly follows one that holds the same
-    weights (itself, from the round before, included). A fixed or rotated order gives each arm the
-    same predecessor every round, and one that follows an arm of its kind finds that arm's freed
-    buffers in cache: the checkpointed RBE arm, always after the standard one, was 1.4x faster at
-    one token with the same code (no grad); an arm after its own weights would time a warm call."""
-    while True:
+    weights (itself, from the round before, included), when such an order exists; else (after
+    `tries` draws) the last one drawn. A fixed or rotated order gives each arm the same predecessor
+    every round, and one that follows an arm of its kind finds that arm's freed buffers in cache:
+    the checkpointed RBE arm, always after the standard one, was 1.4x faster at one token with the
+    same code (no grad); an arm after its own weights would time a warm call. (The first round of
+    each measurement, where `last` is None, is a warm-up round unless --smoke.)"""
+    for _ in range(tries):
         order = rng.sample(live, len(live))
         seq = ([last] if last is not None else []) + order
-        if len(live) < 3 or all(a.model is not b.model for a, b in zip(seq, seq[1:])):
-            return order
+        if all(a.model is not b.model for a, b in zip(seq, seq[1:])):
+            break
+    return order
 
 
 def measure(arms, x, mode, reps, warmup, warm=0):

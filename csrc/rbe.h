@@ -310,7 +310,7 @@ void rbe_cols_backward_f64(double* dx, const double* Gh, const rbe_weight_f64* W
                            double* scratch, long T, long p0, long p1);
 
 /* The input gradient of rbe_cols_backward_f32 and the coefficient gradient of
- * rbe_params_backward_f32 (dcoeffs, the same sums) in one pass: block columns j in [p0, p1),
+ * rbe_params_backward_f32 (dcoeffs; the same bits as both) in one pass: block columns j in [p0, p1),
  * each over all tiles; Xh as for rbe_params_backward_f32. sched: the transposed schedule with
  * pos and acc (transpose = 1). x86 kernels only: returns 0, or -2 with the portable ones (then
  * nothing is written). */

@@ -121,6 +121,15 @@ XT static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// the lane sum of one vector as coeff_grads sums a pair of entries (hadd pairs, fold the halves,
+// hadd again), so an entry's sum does not depend on whether it was paired: the one-pass backward
+// (sparse_sched_dots) pairs the entries of other runs than params_sched, with the same bits
+XT static inline float hsum_pairs(__m256 v) {
+    const __m256 h = _mm256_hadd_ps(v, v);
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    return _mm_cvtss_f32(_mm_hadd_ps(q, q));
+}
+
 // The parameter gradient's dot products of one output row u: g = Gh_i[u] against the rows
 // Xt[off[e]], two entries at a time sharing one reduction. A 16-lane tile sums its two vectors;
 // a full tile its eight in two chains (the same sums when lanes past 16 are zero).
@@ -145,7 +154,7 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
             const float* x = Xt + soff[e];
             __m256 s0 = _mm256_mul_ps(g0, _mm256_loadu_ps(x));
             __m256 s1 = _mm256_mul_ps(g1, _mm256_loadu_ps(x + 8));
-            sacc[e] += hsum(_mm256_add_ps(s0, s1));
+            sacc[e] += hsum_pairs(_mm256_add_ps(s0, s1));
         }
         return;
     }
@@ -196,7 +205,7 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
         s1 = _mm256_fmadd_ps(g5, _mm256_loadu_ps(x + 40), s1);
         s0 = _mm256_fmadd_ps(g6, _mm256_loadu_ps(x + 48), s0);
         s1 = _mm256_fmadd_ps(g7, _mm256_loadu_ps(x + 56), s1);
-        sacc[e] += hsum(_mm256_add_ps(s0, s1));
+        sacc[e] += hsum_pairs(_mm256_add_ps(s0, s1));
     }
 }
 

@@ -321,18 +321,20 @@ struct SchedCache {
 
 // Whether the input gradient and the coefficient gradient run as one pass over the transposed
 // schedule (rbe_cols_coeffs_backward_f32: the source rows read once for both): float32 on the x86
-// kernels, both wanted, float32 operands (the bfloat16 kernels keep two passes). One tile of
-// tokens builds no schedule and keeps the two passes as well.
+// kernels, both wanted, float32 operands (the bfloat16 kernels keep two passes), and at least
+// two block columns (its work items) per thread. The two ways give the same bits (rbe.h), so the
+// thread count choosing between them changes only the speed. One tile of tokens builds no
+// schedule and keeps the two passes as well.
 template <typename T>
-static bool cols_carry_coeffs(bool dx, bool dcoeffs, bool bf16_sparse) {
+static bool cols_carry_coeffs(bool dx, bool dcoeffs, bool bf16_sparse, const Weight& W) {
     return std::is_same_v<T, float> && dx && dcoeffs && rbe_cpu_isa_level() >= RBE_ISA_AVX2 &&
-           !(bf16_sparse && rbe_bf16_sparse_available());
+           !(bf16_sparse && rbe_bf16_sparse_available()) && cdiv(W.in, W.b) >= 2 * at::get_num_threads();
 }
 
-// the cache of one weight's backward: dx, dcoeffs wanted, and whether dbasis is
+// the cache of one weight's backward (dx, dcoeffs wanted): the one decision, kept for every chunk
 template <typename T>
-static SchedCache backward_scheds(bool dx, bool dcoeffs, bool bf16_sparse) {
-    const bool fused = cols_carry_coeffs<T>(dx, dcoeffs, bf16_sparse);
+static SchedCache backward_scheds(bool dx, bool dcoeffs, bool bf16_sparse, const Weight& W) {
+    const bool fused = cols_carry_coeffs<T>(dx, dcoeffs, bf16_sparse, W);
     return SchedCache{dcoeffs && !fused, fused};
 }
 
@@ -522,7 +524,8 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         // tiles of tokens) or each block's coefficients re-sorted by column (one tile: building the
         // schedule would cost as much as the product; and the portable kernels)
         Sched own;
-        const Sched& sc = cols_sched<T>(cache, own, W, P, ntiles, cols_carry_coeffs<T>(true, dcoeffs, bf16_sparse));
+        const bool fuse = cache ? cache->cols_pos : cols_carry_coeffs<T>(true, dcoeffs, bf16_sparse, W);
+        const Sched& sc = cols_sched<T>(cache, own, W, P, ntiles, fuse);
         Tensor cft, ixt;
         if (!sc.on) {
             cft = at::empty(W.coeffs.sizes(), opt);
@@ -538,7 +541,7 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         cwt.index = sc.on ? nullptr : ixt.data_ptr<int32_t>();
         cwt.wide = 1;
         if constexpr (std::is_same_v<T, float>) {
-            if (dcoeffs && sc.on && sc.s.acc && cols_carry_coeffs<T>(true, true, bf16_sparse)) {
+            if (fuse && dcoeffs && sc.on) {  // (sc carries pos and acc)
                 // the coefficient gradient in the same pass, block column by block column
                 const float* X = analysed_x();
                 at::parallel_for(0, C, 1, [&](int64_t p0, int64_t p1) {
@@ -843,7 +846,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         Tensor dh = at::empty({cn, d_ff}, opt);
         const bool cached = cache_scheds(Tn, a.chunk);
         // fc2's input gradient (dh) is wanted whenever fc1's gradients are
-        SchedCache s1 = backward_scheds<T>(mask[0], mask[2], bf16_sparse), s2 = backward_scheds<T>(need1, mask[5], bf16_sparse);
+        SchedCache s1 = backward_scheds<T>(mask[0], mask[2], bf16_sparse, a.W1),
+                   s2 = backward_scheds<T>(need1, mask[5], bf16_sparse, a.W2);
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
             const int64_t n = std::min(a.chunk, Tn - t0);
             const int acc = t0 > 0;

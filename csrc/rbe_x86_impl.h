@@ -154,7 +154,7 @@ XT static void dct3_tile(float* restrict out, const float* restrict in, long ldi
 XT static void analyse_tile(float* restrict Xh, const float* restrict xt, const float* M, const float* dct, int b,
                             int nf, float* restrict work, int nl) {
     dct2_tile(Xh, TL, xt, b, dct, work, nl);
-    if (b % 2 == 0)  // dct2_tile left the half sums a in work's first b/2 rows (b >= 4)
+    if (b % 2 == 0 && b > 2)  // dct2_tile left the half sums a in work's first b/2 rows
         gemm_tile(Xh + (long)b * TL, TL, 0, M + (long)b * b, b, 1, work, TL, nf, b / 2, nl);
     else
         gemm_tile(Xh + (long)b * TL, TL, 0, M + (long)b * b, b, 1, xt, TL, nf, b, nl);
@@ -166,7 +166,7 @@ XT static void analyse_tile(float* restrict Xh, const float* restrict xt, const 
 // out [b][TL] = Psi^T H[0, b) + P^T H[b, b+nf)  (H: [b+nf][TL], M = [Psi; P])
 XT static void synthesise_tile(float* restrict out, const float* restrict H, const float* M, const float* dct, int b,
                                int nf, float* restrict work, int nl) {
-    if (b % 2) {
+    if (b % 2 || b <= 2) {
         dct3_tile(out, H, TL, b, dct, work, nl);
         gemm_tile(out, TL, 1, M + (long)b * b, 1, b, H + (long)b * TL, TL, b, nf, nl);
         return;
@@ -180,20 +180,34 @@ XT static void synthesise_tile(float* restrict out, const float* restrict H, con
 // 64 lanes, or a 16-lane tile); nv is a constant in each caller, so the accumulator arrays stay
 // in registers. Every row sums its coefficients in the same order at either width.
 
-// out[key][:] = sum over the key's entries e of val[e] * src[off[e]][:]  (keys [0, b))
-XT static INLINE_ALWAYS void sparse_sched_w(float* restrict out, const float* restrict src,
-                                            const int32_t* restrict start, const int32_t* restrict off,
-                                            const float* restrict val, int b, int nv) {
+// out[key][:] = sum over the key's entries e of val[e] * src[off[e]][:]  (keys [0, b)).
+// With sacc (else NULL: a constant in each caller), also the entries' coefficient dot products
+// with xs, the rows of the products' own source: sacc[e] += src[off[e]] . xs[key] (the parameter
+// gradient's sums; g . x = x . g in every lane). Each run then goes in pieces of RBE_DOT_PIECE
+// entries, the piece's source rows read from L2 for the product, then again from L1 by
+// coeff_grads: one pass over the source instead of the parameter gradient's own pass.
+#ifndef RBE_DOT_PIECE
+#define RBE_DOT_PIECE 32
+#endif
+XT static INLINE_ALWAYS void sparse_sched_w(float* restrict out, float* restrict sacc, const float* restrict xs,
+                                            const float* restrict src, const int32_t* restrict start,
+                                            const int32_t* restrict off, const float* restrict val, int b,
+                                            int nv) {
     for (int key = 0; key < b; key++) {
         VF a[TL / VW];
         for (int v = 0; v < nv; v++) a[v] = VZERO();
         const int e1 = start[key + 1];
-        for (int e = start[key]; e < e1; e++) {
-            const float* x = src + off[e];
-            const char* ahead = (const char*)(src + off[e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e]);
-            for (int line = 0; line < nv * VW / 16; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-            const VF c = VBCAST(val + e);
-            for (int v = 0; v < nv; v++) a[v] = VFMA(c, VLOAD(x + VW * v), a[v]);
+        for (int e = start[key]; e < e1;) {
+            const int pe = sacc && e + RBE_DOT_PIECE < e1 ? e + RBE_DOT_PIECE : e1;
+            for (int q = e; q < pe; q++) {
+                const float* x = src + off[q];
+                const char* ahead = (const char*)(src + off[q + RBE_PREFETCH < e1 ? q + RBE_PREFETCH : q]);
+                for (int line = 0; line < nv * VW / 16; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+                const VF c = VBCAST(val + q);
+                for (int v = 0; v < nv; v++) a[v] = VFMA(c, VLOAD(x + VW * v), a[v]);
+            }
+            if (sacc) coeff_grads(sacc, xs + (long)key * TL, src, off, e, pe, nv * VW);
+            e = pe;
         }
         float* o = out + (long)key * TL;
         for (int v = 0; v < nv; v++) VSTORE(o + VW * v, a[v]);
@@ -202,57 +216,24 @@ XT static INLINE_ALWAYS void sparse_sched_w(float* restrict out, const float* re
 
 XT static void sparse_sched(float* restrict out, const float* restrict src, const int32_t* restrict start,
                             const int32_t* restrict off, const float* restrict val, int b) {
-    sparse_sched_w(out, src, start, off, val, b, TL / VW);
+    sparse_sched_w(out, NULL, NULL, src, start, off, val, b, TL / VW);
 }
 
 XT static void sparse_sched16(float* restrict out, const float* restrict src, const int32_t* restrict start,
                               const int32_t* restrict off, const float* restrict val, int b) {
-    sparse_sched_w(out, src, start, off, val, b, 16 / VW);
-}
-
-// sparse_sched, and with xs the rows of the products' own source, the entries' coefficient dot
-// products: sacc[e] += src[off[e]] . xs[key] (the parameter gradient's sums, g . x = x . g
-// in every lane). Each run goes in pieces of RBE_DOT_PIECE entries, the piece's source rows read
-// from L2 for the product, then again from L1 by coeff_grads: one pass over the source instead
-// of the parameter gradient's own pass over xs's segment rows.
-#ifndef RBE_DOT_PIECE
-#define RBE_DOT_PIECE 32
-#endif
-XT static INLINE_ALWAYS void sparse_sched_dots_w(float* restrict out, float* restrict sacc, const float* restrict xs,
-                                                 const float* restrict src, const int32_t* restrict start,
-                                                 const int32_t* restrict off, const float* restrict val, int b,
-                                                 int nv) {
-    for (int key = 0; key < b; key++) {
-        VF a[TL / VW];
-        for (int v = 0; v < nv; v++) a[v] = VZERO();
-        const int e1 = start[key + 1];
-        for (int e = start[key]; e < e1;) {
-            const int pe = e + RBE_DOT_PIECE < e1 ? e + RBE_DOT_PIECE : e1;
-            for (int q = e; q < pe; q++) {
-                const float* x = src + off[q];
-                const char* ahead = (const char*)(src + off[q + RBE_PREFETCH < e1 ? q + RBE_PREFETCH : q]);
-                for (int line = 0; line < nv * VW / 16; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-                const VF c = VBCAST(val + q);
-                for (int v = 0; v < nv; v++) a[v] = VFMA(c, VLOAD(x + VW * v), a[v]);
-            }
-            coeff_grads(sacc, xs + (long)key * TL, src, off, e, pe, nv * VW);
-            e = pe;
-        }
-        float* o = out + (long)key * TL;
-        for (int v = 0; v < nv; v++) VSTORE(o + VW * v, a[v]);
-    }
+    sparse_sched_w(out, NULL, NULL, src, start, off, val, b, 16 / VW);
 }
 
 XT static void sparse_sched_dots(float* restrict out, float* restrict sacc, const float* restrict xs,
                                  const float* restrict src, const int32_t* restrict start,
                                  const int32_t* restrict off, const float* restrict val, int b) {
-    sparse_sched_dots_w(out, sacc, xs, src, start, off, val, b, TL / VW);
+    sparse_sched_w(out, sacc, xs, src, start, off, val, b, TL / VW);
 }
 
 XT static void sparse_sched_dots16(float* restrict out, float* restrict sacc, const float* restrict xs,
                                    const float* restrict src, const int32_t* restrict start,
                                    const int32_t* restrict off, const float* restrict val, int b) {
-    sparse_sched_dots_w(out, sacc, xs, src, start, off, val, b, 16 / VW);
+    sparse_sched_w(out, sacc, xs, src, start, off, val, b, 16 / VW);
 }
 
 // out[row][:] += cf[q] * in[col][:] for one block's coefficients (idx = row*b + col, ascending),

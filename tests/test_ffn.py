@@ -599,6 +599,28 @@ def test_deterministic_and_thread_count_independent():
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
+def test_one_pass_backward_same_bits_as_two(checkpoint):
+    """fc1 here has 3 block columns: at 1 thread its input and coefficient gradients run as one pass
+    over the transposed schedule, at 2 threads (fewer than two columns a thread) as two passes
+    (csrc/rbe_ops.cpp cols_carry_coeffs). Both give the same bits, so the thread count does not
+    change any gradient."""
+    m = make_ffn(48, 200, "gelu", block_size=16, k=40, seed=21, checkpoint=checkpoint)
+    x = torch.randn(300, 48)
+    dy = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    try:
+        runs = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs[n] = grads_for(m, x, dy)
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1), (y2, g2) = runs[1], runs[2]
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
 def test_gradient_subsets_match_full(checkpoint):
     """Every subset of requested gradients (the output_mask of ffn_backward) gives the same
     numbers as the full backward: x alone, parameters alone, one layer alone, biases alone."""
