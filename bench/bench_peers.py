@@ -15,7 +15,8 @@ Arms (each a module (T, d_model) -> (T, d_model), GELU, fp32 input):
   rbe_bf16       rbe under the same autocast as dense_bf16 (see the note it prints)
 
 All arms of one (shape, tokens, mode) run in the same process, interleaved (every arm once per
-round, the starting arm rotating), with the thread count pinned; we report the median over
+round, in a random order in which no arm follows one holding the same weights: round_order),
+with the thread count pinned; we report the median over
 rounds and the spread (quartiles, min-max). Modes: forward (no grad) and step (forward +
 backward of y.sum(); the input requires grad, so backward also computes dL/dx; grads zeroed by
 p.grad = None).
