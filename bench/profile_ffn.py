@@ -20,9 +20,10 @@ import time
 
 # kernel families, matched on perf's symbol names in this order (first match wins)
 FAMILIES = (
-    ("sparse products (forward rows, input-gradient columns)",
-     r"sparse_sched|sparse_block|rbe_rows_forward|rbe_cols_backward|rbe_few_rows_forward|few_term|"
-     r"one_sparse|one_block|rbe_one_rows_forward"),
+    ("sparse products (forward rows, input-gradient columns; the one-pass backward's coefficient gradient too)",
+     r"sparse_sched|sparse_block|rbe_rows_forward|rows_body|rbe_cols_backward|cols_item|rbe_cols_coeffs_backward|"
+     r"rbe_few_rows_forward|"
+     r"few_term|one_sparse|one_block|rbe_one_rows_forward"),
     ("parameter gradient", r"coeff_grads|rbe_params_backward|params_sched|pattern_backward|rbe_bias_backward"),
     ("transforms (fast DCT, pattern projections, tile transposes)",
      r"gemm_tile|dct2_tile|dct3_tile|analyse_tile|synthesise_tile|rbe_analysis|store_tile|load_tile|few_matvec|"
