@@ -6,6 +6,7 @@ import hashlib
 import math
 import numbers
 import sys
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -346,6 +347,17 @@ def _check_ffn_args(activation, bias, block_size, k, checkpoint, memory_limit_mb
     if not isinstance(checkpoint, bool):
         raise TypeError(f"checkpoint must be a bool, got {checkpoint!r}")
     return act, _check_memory_limit(memory_limit_mb)
+
+
+class _PackMemo(NamedTuple):
+    """RBELinear.packed()'s cache: the pack of these tensors at these versions and addresses (key),
+    with the packed storages kept alive (no later storage can take their addresses)."""
+    coeffs: torch.Tensor
+    store: torch.Tensor
+    key: tuple
+    pack: torch.Tensor
+    coeffs_storage: torch.Tensor
+    store_storage: torch.Tensor
 
 
 class RBELinear(nn.Module):
@@ -800,8 +812,8 @@ class RBELinear(nn.Module):
         except RuntimeError:  # inference tensors keep no version counter
             return None
         memo = self.__dict__.get("_pack_memo")
-        if memo is not None and memo[0] is coeffs and memo[1] is store and memo[2] == key:
-            return memo[3]
+        if memo is not None and memo.coeffs is coeffs and memo.store is store and memo.key == key:
+            return memo.pack
         if (coeffs.dtype != torch.float32 or not coeffs.is_cpu or self.block_size > PACK_MAX_BLOCK
                 or type(coeffs) is not nn.Parameter or _is_fake(coeffs) or _is_dtensor(coeffs)):
             return None  # what the packed operators do not take
@@ -811,14 +823,14 @@ class RBELinear(nn.Module):
         # the tensors themselves (no id reuse) and their storages as packed, kept alive so that no
         # later storage can take their addresses (two `.data =` swaps could otherwise come back to
         # the packed address with the same versions)
-        self.__dict__["_pack_memo"] = (coeffs, store, key, pack, coeffs.detach(), store.detach())
+        self.__dict__["_pack_memo"] = _PackMemo(coeffs, store, key, pack, coeffs.detach(), store.detach())
         return pack
 
     @property
     def packed_nbytes(self) -> int:
         """Bytes of the packed coefficients this layer holds now (0: none; see pack_for_inference)."""
         memo = self.__dict__.get("_pack_memo")
-        return 0 if memo is None else memo[3].numel()
+        return 0 if memo is None else memo.pack.numel()
 
     def release_packed(self) -> None:
         """Drop the packed coefficients (packed()); the next packed call packs again."""
