@@ -576,20 +576,26 @@ def test_double_backward_raises_not_silent():
         g.sum().backward()
 
 
+def grads_at_threads(m, x, dy, repeats=1):
+    """{n: [grads_for(m, x, dy) repeated]} at 1 and 2 intra-op threads (the count restored)."""
+    threads = torch.get_num_threads()
+    try:
+        runs = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs[n] = [grads_for(m, x, dy) for _ in range(repeats)]
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
 def test_deterministic_and_thread_count_independent():
     """Same inputs, same bits run to run; y and dL/dx (per token) do not depend on the
     thread count; parameter gradients (sums over tokens) agree to 1e-6."""
     m = make_ffn(96, 200, "gelu", block_size=16, k=40, seed=18)
     x = torch.randn(300, 96)
     dy = torch.randn_like(x)
-    threads = torch.get_num_threads()
-    try:
-        runs = {}
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs[n] = [grads_for(m, x, dy) for _ in range(2)]
-    finally:
-        torch.set_num_threads(threads)
+    runs = grads_at_threads(m, x, dy, repeats=2)
     for n, ((y0, g0), (y1, g1)) in runs.items():
         assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1)), n
     (y1, g1), (y2, g2) = runs[1][0], runs[2][0]
@@ -607,15 +613,8 @@ def test_one_pass_backward_same_bits_as_two(checkpoint):
     m = make_ffn(48, 200, "gelu", block_size=16, k=40, seed=21, checkpoint=checkpoint)
     x = torch.randn(300, 48)
     dy = torch.randn_like(x)
-    threads = torch.get_num_threads()
-    try:
-        runs = {}
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            runs[n] = grads_for(m, x, dy)
-    finally:
-        torch.set_num_threads(threads)
-    (y1, g1), (y2, g2) = runs[1], runs[2]
+    runs = grads_at_threads(m, x, dy)
+    (y1, g1), (y2, g2) = runs[1][0], runs[2][0]
     assert torch.equal(y1, y2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
