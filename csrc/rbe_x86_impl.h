@@ -181,7 +181,7 @@ XT static void synthesise_tile(float* restrict out, const float* restrict H, con
 // in registers. Every row sums its coefficients in the same order at either width.
 
 // out[key][:] = sum over the key's entries e of val[e] * src[off[e]][:]  (keys [0, b)).
-// With sacc (else NULL: a constant in each caller), also the entries' coefficient dot products
+// With sacc (else NULL), also the entries' coefficient dot products
 // with xs, the rows of the products' own source: sacc[e] += src[off[e]] . xs[key] (the parameter
 // gradient's sums; g . x = x . g in every lane). Each run then goes in pieces of RBE_DOT_PIECE
 // entries, the piece's source rows read from L2 for the product, then again from L1 by
@@ -214,25 +214,15 @@ XT static INLINE_ALWAYS void sparse_sched_w(float* restrict out, float* restrict
     }
 }
 
-XT static void sparse_sched(float* restrict out, const float* restrict src, const int32_t* restrict start,
-                            const int32_t* restrict off, const float* restrict val, int b) {
-    sparse_sched_w(out, NULL, NULL, src, start, off, val, b, TL / VW);
-}
-
-XT static void sparse_sched16(float* restrict out, const float* restrict src, const int32_t* restrict start,
-                              const int32_t* restrict off, const float* restrict val, int b) {
-    sparse_sched_w(out, NULL, NULL, src, start, off, val, b, 16 / VW);
-}
-
-XT static void sparse_sched_dots(float* restrict out, float* restrict sacc, const float* restrict xs,
-                                 const float* restrict src, const int32_t* restrict start,
-                                 const int32_t* restrict off, const float* restrict val, int b) {
+XT static void sparse_sched(float* restrict out, float* restrict sacc, const float* restrict xs,
+                            const float* restrict src, const int32_t* restrict start, const int32_t* restrict off,
+                            const float* restrict val, int b) {
     sparse_sched_w(out, sacc, xs, src, start, off, val, b, TL / VW);
 }
 
-XT static void sparse_sched_dots16(float* restrict out, float* restrict sacc, const float* restrict xs,
-                                   const float* restrict src, const int32_t* restrict start,
-                                   const int32_t* restrict off, const float* restrict val, int b) {
+XT static void sparse_sched16(float* restrict out, float* restrict sacc, const float* restrict xs,
+                              const float* restrict src, const int32_t* restrict start, const int32_t* restrict off,
+                              const float* restrict val, int b) {
     sparse_sched_w(out, sacc, xs, src, start, off, val, b, 16 / VW);
 }
 
@@ -399,7 +389,7 @@ XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, co
                                        b);
             else
 #endif
-            sparse_sched(yh, Xt, sstart + (size_t)i * (b + 1), sched->off, sched->val, b);
+            sparse_sched(yh, NULL, NULL, Xt, sstart + (size_t)i * (b + 1), sched->off, sched->val, b);
             for (int e = b * TL; e < rows * TL; e += VW) VSTORE(yh + e, VZERO());
         } else {
             for (int e = 0; e < rows * TL; e += VW) VSTORE(yh + e, VZERO());
@@ -447,6 +437,16 @@ XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const flo
     rows_body(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, NULL, T, p0, p1);
 }
 
+// dcoeffs[pos[e]] = (or += with accumulate) sacc[e] for the schedule's entries [e0, e1): the
+// coefficient gradient, summed in schedule order, back in coefficient order
+static inline void scatter_sums(float* restrict dcoeffs, const float* restrict sacc, const int32_t* restrict pos,
+                                int accumulate, long e0, long e1) {
+    if (accumulate)
+        for (long e = e0; e < e1; e++) dcoeffs[pos[e]] += sacc[e];
+    else
+        for (long e = e0; e < e1; e++) dcoeffs[pos[e]] = sacc[e];
+}
+
 // Input gradient. With a schedule (transpose = 1) the transposed product runs run by run; without
 // one (a single tile of tokens), block by block on each block's coefficients re-sorted by column
 // (Wt: rbe_transpose_blocks, index = v*b + u, int32).
@@ -454,7 +454,7 @@ XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const flo
 // bfloat16 rows (sparse_sched_bf16; only the including file that defines XBF16 passes it), with
 // *bf16_tile the tile last rounded there.
 // sacc (float32 schedule only; else NULL): also the coefficient dot products of the tile's entries
-// against Xj, Xh's segment j of the same tile (sparse_sched_dots).
+// against Xj, Xh's segment j of the same tile (sparse_sched's dot products).
 XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
                          const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long* bf16_tile, float* sacc,
                          const float* Xj, long T, long tile, int j) {
@@ -478,10 +478,7 @@ XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* Wt, c
             sparse_sched_tile_bf16(dh, bf16, bf16_tile, tile, Gt, R, rows, st, sched, b);
         else
 #endif
-        if (sacc)
-            (nl == TL ? sparse_sched_dots : sparse_sched_dots16)(dh, sacc, Xj, Gt, st, sched->off, sched->val, b);
-        else
-            (nl == TL ? sparse_sched : sparse_sched16)(dh, Gt, st, sched->off, sched->val, b);
+        (nl == TL ? sparse_sched : sparse_sched16)(dh, sacc, Xj, Gt, st, sched->off, sched->val, b);
         for (int e = b * TL; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
     } else {
         for (int e = 0; e < rows * TL; e += VW) VSTORE(dh + e, VZERO());
@@ -534,11 +531,7 @@ XT void XSFX(rbe_cols_coeffs_backward_f32)(float* dx, float* dcoeffs, const floa
         for (long tile = 0; tile < ntiles; tile++)
             cols_item(dx, Gh, Wt, P, sched, scratch, NULL, NULL, sacc, Xh + ((size_t)tile * C + j) * rows * TL, T,
                       tile, (int)j);
-    const int32_t* spos = sched->pos;
-    if (accumulate)
-        for (long e = e0; e < e1; e++) dcoeffs[spos[e]] += sacc[e];
-    else
-        for (long e = e0; e < e1; e++) dcoeffs[spos[e]] = sacc[e];
+    scatter_sums(dcoeffs, sacc, sched->pos, accumulate, e0, e1);
 }
 
 // db[k] += the tile's contribution to dL/dbasis_k of one block, G[g] . E[f] over the pattern
@@ -602,7 +595,6 @@ XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, cons
     const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
     // the schedule is read only for dcoeffs (dbasis alone takes none)
     const int32_t *sstart = dcoeffs ? sched->start : NULL, *soff = dcoeffs ? sched->off : NULL;
-    const int32_t* spos = dcoeffs ? sched->pos : NULL;
     float* sacc = dcoeffs ? sched->acc : NULL;
     // work items are block rows [p0, p1); dcoeffs is summed in schedule order in sacc (sequential
     // access) and scattered to coefficient order once at the end
@@ -643,12 +635,7 @@ XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, cons
                                     Xt + ((size_t)j * rows + b) * TL, nd, nl);
         }
     }
-    if (dcoeffs) {
-        if (accumulate)
-            for (long e = e0; e < e1; e++) dcoeffs[spos[e]] += sacc[e];
-        else
-            for (long e = e0; e < e1; e++) dcoeffs[spos[e]] = sacc[e];
-    }
+    if (dcoeffs) scatter_sums(dcoeffs, sacc, sched->pos, accumulate, e0, e1);
 }
 
 XT void XSFX(rbe_params_backward_f32)(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
