@@ -209,6 +209,22 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
     }
 }
 
+// run_product_dots in pieces of RBE_DOT_PIECE entries: a piece's rows are read from L2 for the
+// product, then again from L1 by coeff_grads (eight registers a row leave too few for both at once)
+#ifndef RBE_DOT_PIECE
+#define RBE_DOT_PIECE 32
+#endif
+XT static INLINE_ALWAYS void run_product_dots(__m256* a, float* restrict sacc, const float* restrict xrow,
+                                              const float* restrict src, const int32_t* restrict off,
+                                              const float* restrict val, int e, int e1, int nv) {
+    while (e < e1) {
+        const int pe = e + RBE_DOT_PIECE < e1 ? e + RBE_DOT_PIECE : e1;
+        run_product(a, src, off, val, e, pe, e1, nv);
+        coeff_grads(sacc, xrow, src, off, e, pe, nv * VW);
+        e = pe;
+    }
+}
+
 #else
 int rbe_cpu_has_avx2(void) { return 0; }
 #endif

@@ -207,6 +207,43 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
     else coeff_grads_w(sacc, g, Xt, soff, e, e1, 1);
 }
 
+// run_product_dots with each row read once: its nv registers go into the product and into the
+// entry's dot product, four entries sharing one reduction as in coeff_grads_w (the same chains and
+// sums, so the same bits as the parameter gradient's own pass); a, the held row and four dot sums
+// take 3 nv + 4 registers
+XT static INLINE_ALWAYS void run_product_dots(__m512* a, float* restrict sacc, const float* restrict xrow,
+                                              const float* restrict src, const int32_t* restrict off,
+                                              const float* restrict val, int e, int e1, int nv) {
+    __m512 g[4];
+    for (int v = 0; v < nv; v++) g[v] = _mm512_loadu_ps(xrow + 16 * v);
+    for (; e + 4 <= e1; e += 4) {
+        __m512 s[4];
+        for (int q = 0; q < 4; q++) {
+            const float* x = src + off[e + q];
+            const char* ahead = (const char*)(src + off[e + q + RBE_PREFETCH < e1 ? e + q + RBE_PREFETCH : e + q]);
+            for (int line = 0; line < nv; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+            const __m512 c = _mm512_set1_ps(val[e + q]);
+            for (int v = 0; v < nv; v++) {
+                const __m512 xv = _mm512_loadu_ps(x + 16 * v);
+                a[v] = _mm512_fmadd_ps(c, xv, a[v]);
+                s[q] = v ? _mm512_fmadd_ps(g[v], xv, s[q]) : _mm512_mul_ps(g[0], xv);
+            }
+        }
+        _mm_storeu_ps(sacc + e, _mm_add_ps(_mm_loadu_ps(sacc + e), hsum4(s[0], s[1], s[2], s[3])));
+    }
+    for (; e < e1; e++) {
+        const float* x = src + off[e];
+        const __m512 c = _mm512_set1_ps(val[e]);
+        __m512 s = _mm512_setzero_ps();
+        for (int v = 0; v < nv; v++) {
+            const __m512 xv = _mm512_loadu_ps(x + 16 * v);
+            a[v] = _mm512_fmadd_ps(c, xv, a[v]);
+            s = v ? _mm512_fmadd_ps(g[v], xv, s) : _mm512_mul_ps(g[0], xv);
+        }
+        sacc[e] += hsum(s);
+    }
+}
+
 // ---- the scheduled kernels on bfloat16 rows (AVX-512 BF16) ----
 #ifdef XBF16
 // vdpbf16ps adds the products of 32 bfloat16 pairs into 16 float32 lanes (two per lane). In the

@@ -8,13 +8,15 @@
  *   VF, VW          the vector type and its float lanes (8 or 16; 16 divides every lane count)
  *   VZERO() VLOAD(p) VSTORE(p, v) VADD(a, b) VSUB(a, b) VMUL(a, b) VFMA(a, b, c) = a*b + c
  *   VSET1(x) VBCAST(p) (= VSET1(*p), from memory)
- * and, after it, the three primitives declared below, where the register blocking differs
+ * and, after it, the four primitives declared below, where the register blocking differs
  * (and sparse_sched_bf16, coeff_grads_bf16 when it defines XBF16, their target attribute):
  *   gemm_tile       out[i][t] (+)= sum_p L[i*li + p*lp] Rm[p][t] over a tile (the pattern
  *                   projections and the dense parts of the fast DCT are all this one product);
  *   hsum(v)         the sum of a vector's lanes;
  *   coeff_grads     sacc[e] += g . Xt[off[e]] over the entries [e0, e1) of one output row (the
- *                   scheduled parameter gradient), sharing reductions between entries.
+ *                   scheduled parameter gradient), sharing reductions between entries;
+ *   run_product_dots  one output row's run of the sparse product with coeff_grads' dot
+ *                   products of the same rows (the one-pass backward).
  * Here, per tile of TL tokens: the tile transposes (8 x 8, AVX), the fast DCT dct2_tile /
  * dct3_tile, analysis and synthesis, the sparse products (sparse_sched: one output row in
  * TL / VW registers while all its coefficients across a block-row or block-column are applied,
@@ -180,15 +182,30 @@ XT static void synthesise_tile(float* restrict out, const float* restrict H, con
 // 64 lanes, or a 16-lane tile); nv is a constant in each caller, so the accumulator arrays stay
 // in registers. Every row sums its coefficients in the same order at either width.
 
+// a[:nv] += val[q] * src[off[q]][:] for q in [e, pe), prefetching RBE_PREFETCH entries ahead
+// within the run [.., e1): one output row's accumulators (nv registers) over part of its run
+XT static INLINE_ALWAYS void run_product(VF* a, const float* restrict src, const int32_t* restrict off,
+                                         const float* restrict val, int e, int pe, int e1, int nv) {
+    for (int q = e; q < pe; q++) {
+        const float* x = src + off[q];
+        const char* ahead = (const char*)(src + off[q + RBE_PREFETCH < e1 ? q + RBE_PREFETCH : q]);
+        for (int line = 0; line < nv * VW / 16; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+        const VF c = VBCAST(val + q);
+        for (int v = 0; v < nv; v++) a[v] = VFMA(c, VLOAD(x + VW * v), a[v]);
+    }
+}
+// run_product over a whole run [e, e1), and with it the entries' coefficient dot products
+// sacc[q] += src[off[q]] . xrow, as coeff_grads sums them (the including file: how the two share
+// the rows they read)
+XT static INLINE_ALWAYS void run_product_dots(VF* a, float* restrict sacc, const float* restrict xrow,
+                                              const float* restrict src, const int32_t* restrict off,
+                                              const float* restrict val, int e, int e1, int nv);
+
 // out[key][:] = sum over the key's entries e of val[e] * src[off[e]][:]  (keys [0, b)).
 // With sacc (else NULL), also the entries' coefficient dot products
 // with xs, the rows of the products' own source: sacc[e] += src[off[e]] . xs[key] (the parameter
-// gradient's sums; g . x = x . g in every lane). Each run then goes in pieces of RBE_DOT_PIECE
-// entries, the piece's source rows read from L2 for the product, then again from L1 by
-// coeff_grads: one pass over the source instead of the parameter gradient's own pass.
-#ifndef RBE_DOT_PIECE
-#define RBE_DOT_PIECE 32
-#endif
+// gradient's sums; g . x = x . g in every lane): one pass over the source instead of the
+// parameter gradient's own pass.
 XT static INLINE_ALWAYS void sparse_sched_w(float* restrict out, float* restrict sacc, const float* restrict xs,
                                             const float* restrict src, const int32_t* restrict start,
                                             const int32_t* restrict off, const float* restrict val, int b,
@@ -196,19 +213,8 @@ XT static INLINE_ALWAYS void sparse_sched_w(float* restrict out, float* restrict
     for (int key = 0; key < b; key++) {
         VF a[TL / VW];
         for (int v = 0; v < nv; v++) a[v] = VZERO();
-        const int e1 = start[key + 1];
-        for (int e = start[key]; e < e1;) {
-            const int pe = sacc && e + RBE_DOT_PIECE < e1 ? e + RBE_DOT_PIECE : e1;
-            for (int q = e; q < pe; q++) {
-                const float* x = src + off[q];
-                const char* ahead = (const char*)(src + off[q + RBE_PREFETCH < e1 ? q + RBE_PREFETCH : q]);
-                for (int line = 0; line < nv * VW / 16; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-                const VF c = VBCAST(val + q);
-                for (int v = 0; v < nv; v++) a[v] = VFMA(c, VLOAD(x + VW * v), a[v]);
-            }
-            if (sacc) coeff_grads(sacc, xs + (long)key * TL, src, off, e, pe, nv * VW);
-            e = pe;
-        }
+        if (sacc) run_product_dots(a, sacc, xs + (long)key * TL, src, off, val, start[key], start[key + 1], nv);
+        else run_product(a, src, off, val, start[key], start[key + 1], start[key + 1], nv);
         float* o = out + (long)key * TL;
         for (int v = 0; v < nv; v++) VSTORE(o + VW * v, a[v]);
     }
