@@ -126,7 +126,17 @@ def ffn_args(m, x, chunk=0, keep_pre=True, bias=True):
             f2.bias if bias else None, m.d_model, m.d_ff, m.activation, chunk, keep_pre)
 
 
-# ----------------------------------------------------------------- subprocesses
+# ----------------------------------------------------------------- scripts and subprocesses
+def load_script(relpath: str):
+    """A script of the repository (bench/..., examples/...) imported as a module, by its path."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relpath)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def same_package_env() -> dict:
     """os.environ with PYTHONPATH led by the directory of the rbe_ffn these tests import, so that a
     script run in a subprocess imports the same package (a worktree's python/, not an editable

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import rbe_ffn
-from conftest import same_package_env
+from conftest import load_script, same_package_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = {"dense", "dense_bf16", "int8_dyn", "lowrank", "narrow", "rbe", "rbe_ckpt", "rbe_bf16"}
@@ -94,11 +94,8 @@ def test_bench_peers_warm(tmp_path):
 
 
 def test_round_order_never_times_an_arm_after_its_own_weights():
-    import importlib.util
     import random
-    spec = importlib.util.spec_from_file_location("bench_peers", os.path.join(ROOT, "bench", "bench_peers.py"))
-    bp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bp)
+    bp = load_script("bench/bench_peers.py")
 
     class A:  # an arm: a name and the module holding its weights
         def __init__(self, name, model):

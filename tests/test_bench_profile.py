@@ -1,25 +1,17 @@
 """bench/profile_ffn.py: the multiply-add counts it reports, against counts written out by hand,
 and its workload run briefly in a subprocess (no speed assertions)."""
-import importlib.util
 import os
 import subprocess
 import sys
 
-from conftest import same_package_env
+from conftest import load_script, same_package_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "profile_ffn.py")
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("profile_ffn", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_macs_by_hand():
-    p = load()
+    p = load_script("bench/profile_ffn.py")
     # b = 8: the fast DCT recursion 8 -> 4 -> 2: 4^2 + 2^2 + 2^2 = 24 multiply-adds; a segment adds
     # nf * b/2 = 3 * 4 = 12 for the pattern projections (mirror-symmetric rows on the half sums):
     # 36 per segment and token

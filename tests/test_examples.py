@@ -4,25 +4,17 @@ the losses are finite, and checkpoint=True saves less for backward than checkpoi
 helpers the conversion studies share (examples/convert_recipe.py)."""
 import argparse
 import csv
-import importlib.util
 import math
 import os
 
 import pytest
 import torch
+from conftest import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_char_lm", os.path.join(ROOT, "examples", "train_char_lm.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_train_char_lm_smoke(tmp_path):
-    ex = load_example()
+    ex = load_script("examples/train_char_lm.py")
     threads = torch.get_num_threads()
     try:
         res = ex.main(["--quick", "--steps", "3", "--eval-every", "2", "--corpus-mb", "0.1", "--eval-windows", "4",
@@ -78,20 +70,13 @@ def test_profiler_helper_prints_nothing():
     assert out.stdout == "done\n" and out.stderr == "", (out.stdout, out.stderr)
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("convert_recipe", os.path.join(ROOT, "examples", "convert_recipe.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_convert_recipe_stored_width_and_bytes():
     """examples/convert_recipe.py (shared by the conversion studies): a model is evaluated as loaded back
     at the stored width (coefficients rounded to float16, nothing else changed), and its bytes per weight
     are storage_report's: at b = 64 and float16 coefficients k = 1016 is exactly 1 B (4x smaller than
     float32); at float32 they are the studies' (32 + 6k) / 4096."""
     import rbe_ffn
-    rec = load_recipe()
+    rec = load_script("examples/convert_recipe.py")
     torch.manual_seed(0)
     model = torch.nn.Sequential(rbe_ffn.RBELinear.from_compressed(rbe_ffn.compress(torch.randn(64, 128), 64, 1016)))
     assert rec.rbe_bytes_per_weight(model, torch.float16) == 1.0
