@@ -123,7 +123,7 @@ XT static inline float hsum(__m256 v) {
 
 // the lane sum of one vector as coeff_grads sums a pair of entries (hadd pairs, fold the halves,
 // hadd again), so an entry's sum does not depend on whether it was paired: the one-pass backward
-// (sparse_sched_dots) pairs the entries of other runs than params_sched, with the same bits
+// (run_product_dots) pairs the entries of other runs than params_sched, with the same bits
 XT static inline float hsum_pairs(__m256 v) {
     const __m256 h = _mm256_hadd_ps(v, v);
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));

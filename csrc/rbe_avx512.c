@@ -209,8 +209,8 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
 
 // run_product_dots with each row read once: its nv registers go into the product and into the
 // entry's dot product, four entries sharing one reduction as in coeff_grads_w (the same chains and
-// sums, so the same bits as the parameter gradient's own pass); a, the held row and four dot sums
-// take 3 nv + 4 registers
+// sums, so the same bits as the parameter gradient's own pass); the output row, the held row, the
+// loaded row and four dot sums take 3 nv + 4 registers
 XT static INLINE_ALWAYS void run_product_dots(__m512* a, float* restrict sacc, const float* restrict xrow,
                                               const float* restrict src, const int32_t* restrict off,
                                               const float* restrict val, int e, int e1, int nv) {

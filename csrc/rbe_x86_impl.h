@@ -16,7 +16,8 @@
  *   coeff_grads     sacc[e] += g . Xt[off[e]] over the entries [e0, e1) of one output row (the
  *                   scheduled parameter gradient), sharing reductions between entries;
  *   run_product_dots  one output row's run of the sparse product with coeff_grads' dot
- *                   products of the same rows (the one-pass backward).
+ *                   products of the same rows (the one-pass backward);
+ * and one_sparse, the packed one-token walk (its own section below).
  * Here, per tile of TL tokens: the tile transposes (8 x 8, AVX), the fast DCT dct2_tile /
  * dct3_tile, analysis and synthesis, the sparse products (sparse_sched: one output row in
  * TL / VW registers while all its coefficients across a block-row or block-column are applied,
