@@ -172,76 +172,57 @@ XT static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
                                                                           0, 0, 0, 0), f));
 }
 
-// coeff_grads over nv = nl / 16 registers: each entry's chain g[0]*x[0] + g[1]*x[1] + ... over
-// the registers (the extra lanes of a full tile add exact zeros when only 16 hold tokens),
-// four entries sharing one reduction, the rest one at a time
-XT static INLINE_ALWAYS void coeff_grads_w(float* restrict sacc, const float* restrict g, const float* restrict Xt,
-                                           const int32_t* restrict soff, int e, int e1, int nv) {
+// one entry of dots_w: the chain g[0]*x[0] + g[1]*x[1] + ... over nv registers of the row x,
+// and with a (else NULL) the same loaded registers into the product a[:nv] += c * x
+XT static INLINE_ALWAYS __m512 entry_dot(const __m512* gv, const float* restrict x, int nv, __m512* a,
+                                         const float* c) {
+    const __m512 cv = a ? _mm512_set1_ps(*c) : _mm512_setzero_ps();
+    __m512 s = _mm512_setzero_ps();
+    for (int v = 0; v < nv; v++) {
+        const __m512 xv = _mm512_loadu_ps(x + 16 * v);
+        if (a) a[v] = _mm512_fmadd_ps(cv, xv, a[v]);
+        s = v ? _mm512_fmadd_ps(gv[v], xv, s) : _mm512_mul_ps(gv[0], xv);
+    }
+    return s;
+}
+
+// sacc[e] += g . Xt[soff[e]] for e in [e, e1) over nv = nl / 16 registers (the extra lanes of a
+// full tile add exact zeros when only 16 hold tokens), four entries sharing one reduction, the
+// rest one at a time: coeff_grads. With a (else NULL; a constant at each call) every row loaded
+// also goes into the sparse product a[:nv] += val[e] * Xt[soff[e]]: run_product_dots, one read
+// of each row for both, the same chains and sums as coeff_grads (so the same bits as the
+// parameter gradient's own pass); the output row, the held row, the loaded row and four dot sums
+// take 3 nv + 4 registers
+XT static INLINE_ALWAYS void dots_w(float* restrict sacc, const float* restrict g, const float* restrict Xt,
+                                    const int32_t* restrict soff, int e, int e1, int nv, __m512* a,
+                                    const float* restrict val) {
     __m512 gv[4];
     for (int v = 0; v < nv; v++) gv[v] = _mm512_loadu_ps(g + 16 * v);
     for (; e + 4 <= e1; e += 4) {
         __m512 s[4];
         for (int q = 0; q < 4; q++) {
-            if (nv == TL / 16) {  // whole tiles: rows come from L2/L3 in schedule order
+            if (a || nv == TL / 16) {  // rows from L2/L3 in schedule order
                 const int ea = e + q + RBE_PREFETCH < e1 ? e + q + RBE_PREFETCH : e + q;
                 const char* pa = (const char*)(Xt + soff[ea]);
                 for (int line = 0; line < nv; line++) _mm_prefetch(pa + 64 * line, _MM_HINT_T0);
             }
-            const float* x = Xt + soff[e + q];
-            s[q] = _mm512_mul_ps(gv[0], _mm512_loadu_ps(x));
-            for (int v = 1; v < nv; v++) s[q] = _mm512_fmadd_ps(gv[v], _mm512_loadu_ps(x + 16 * v), s[q]);
+            s[q] = entry_dot(gv, Xt + soff[e + q], nv, a, a ? val + e + q : NULL);
         }
         _mm_storeu_ps(sacc + e, _mm_add_ps(_mm_loadu_ps(sacc + e), hsum4(s[0], s[1], s[2], s[3])));
     }
-    for (; e < e1; e++) {
-        const float* x = Xt + soff[e];
-        __m512 s = _mm512_mul_ps(gv[0], _mm512_loadu_ps(x));
-        for (int v = 1; v < nv; v++) s = _mm512_fmadd_ps(gv[v], _mm512_loadu_ps(x + 16 * v), s);
-        sacc[e] += hsum(s);
-    }
+    for (; e < e1; e++) sacc[e] += hsum(entry_dot(gv, Xt + soff[e], nv, a, a ? val + e : NULL));
 }
 
 XT static void coeff_grads(float* restrict sacc, const float* restrict g, const float* restrict Xt,
                            const int32_t* restrict soff, int e, int e1, int nl) {
-    if (nl == TL) coeff_grads_w(sacc, g, Xt, soff, e, e1, TL / 16);
-    else coeff_grads_w(sacc, g, Xt, soff, e, e1, 1);
+    if (nl == TL) dots_w(sacc, g, Xt, soff, e, e1, TL / 16, NULL, NULL);
+    else dots_w(sacc, g, Xt, soff, e, e1, 1, NULL, NULL);
 }
 
-// run_product_dots with each row read once: its nv registers go into the product and into the
-// entry's dot product, four entries sharing one reduction as in coeff_grads_w (the same chains and
-// sums, so the same bits as the parameter gradient's own pass); the output row, the held row, the
-// loaded row and four dot sums take 3 nv + 4 registers
 XT static INLINE_ALWAYS void run_product_dots(__m512* a, float* restrict sacc, const float* restrict xrow,
                                               const float* restrict src, const int32_t* restrict off,
                                               const float* restrict val, int e, int e1, int nv) {
-    __m512 g[4];
-    for (int v = 0; v < nv; v++) g[v] = _mm512_loadu_ps(xrow + 16 * v);
-    for (; e + 4 <= e1; e += 4) {
-        __m512 s[4];
-        for (int q = 0; q < 4; q++) {
-            const float* x = src + off[e + q];
-            const char* ahead = (const char*)(src + off[e + q + RBE_PREFETCH < e1 ? e + q + RBE_PREFETCH : e + q]);
-            for (int line = 0; line < nv; line++) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
-            const __m512 c = _mm512_set1_ps(val[e + q]);
-            for (int v = 0; v < nv; v++) {
-                const __m512 xv = _mm512_loadu_ps(x + 16 * v);
-                a[v] = _mm512_fmadd_ps(c, xv, a[v]);
-                s[q] = v ? _mm512_fmadd_ps(g[v], xv, s[q]) : _mm512_mul_ps(g[0], xv);
-            }
-        }
-        _mm_storeu_ps(sacc + e, _mm_add_ps(_mm_loadu_ps(sacc + e), hsum4(s[0], s[1], s[2], s[3])));
-    }
-    for (; e < e1; e++) {
-        const float* x = src + off[e];
-        const __m512 c = _mm512_set1_ps(val[e]);
-        __m512 s = _mm512_setzero_ps();
-        for (int v = 0; v < nv; v++) {
-            const __m512 xv = _mm512_loadu_ps(x + 16 * v);
-            a[v] = _mm512_fmadd_ps(c, xv, a[v]);
-            s = v ? _mm512_fmadd_ps(g[v], xv, s) : _mm512_mul_ps(g[0], xv);
-        }
-        sacc[e] += hsum(s);
-    }
+    dots_w(sacc, xrow, src, off, e, e1, nv, a, val);
 }
 
 // ---- the scheduled kernels on bfloat16 rows (AVX-512 BF16) ----
