@@ -206,9 +206,7 @@ void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, co
     const void* index = W->index;
     const int wide = W->wide, b = W->b, k = W->k;
     const int R = (W->out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, per = transpose ? R : C;
-    int sh = 0;  // b a power of two (the usual case): shifts instead of divisions
-    while ((1 << sh) < b) sh++;
-    const int pow2 = (1 << sh) == b;
+    const int sh = rbe_pos_shift(b);
     for (long g = g0; g < g1; g++) {
         int32_t* st = start + g * (b + 1);
         for (int e = 0; e <= b; e++) st[e] = 0;
@@ -216,7 +214,7 @@ void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, co
             long blk = transpose ? (long)m * C + g : g * C + m;
             for (int q = 0; q < k; q++) {
                 int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
-                int u = pow2 ? idx >> sh : idx / b, v = idx - u * b;
+                int u = rbe_pos_row(idx, b, sh), v = idx - u * b;
                 st[(transpose ? v : u) + 1]++;
             }
         }
@@ -226,7 +224,7 @@ void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, co
             long blk = transpose ? (long)m * C + g : g * C + m;
             for (int q = 0; q < k; q++) {
                 int idx = wide ? ((const int32_t*)index)[blk * k + q] : ((const int16_t*)index)[blk * k + q];
-                int u = pow2 ? idx >> sh : idx / b, v = idx - u * b;
+                int u = rbe_pos_row(idx, b, sh), v = idx - u * b;
                 int key = transpose ? v : u, src = transpose ? u : v;
                 long e = base + st[key]++;
                 off[e] = (int32_t)(((long)m * rows + src) * RBE_TILE);

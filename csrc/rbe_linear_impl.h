@@ -213,22 +213,22 @@ void RBE_SFX(rbe_transpose_blocks)(RBE_T* coeffs_t, int32_t* index_t, int32_t* w
                                    long p1) {
     const RBE_T* coeffs = W->coeffs;
     const void* index = W->index;
-    const int wide = W->wide, b = W->b, k = W->k;
+    const int wide = W->wide, b = W->b, k = W->k, sh = rbe_pos_shift(b);
     int32_t* count = work;  // [b + 1]
     for (long p = p0; p < p1; p++) {
         for (int c = 0; c <= b; c++) count[c] = 0;
         for (int q = 0; q < k; q++) {
             long pos = p * k + q;
             int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
-            count[idx % b + 1]++;
+            count[idx - rbe_pos_row(idx, b, sh) * b + 1]++;
         }
         for (int c = 0; c < b; c++) count[c + 1] += count[c];
         for (int q = 0; q < k; q++) {  // stable: rows stay ascending within a column
             long pos = p * k + q;
             int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
-            int col = idx % b, dst = count[col]++;
+            int row = rbe_pos_row(idx, b, sh), col = idx - row * b, dst = count[col]++;
             coeffs_t[p * k + dst] = coeffs[pos];
-            index_t[p * k + dst] = col * b + idx / b;
+            index_t[p * k + dst] = col * b + row;
         }
     }
 }

@@ -16,6 +16,12 @@ extern "C" {
 #define RBE_X86_KERNELS 1 /* rbe_avx2.c's and rbe_avx512.c's kernels exist (chosen at run time) */
 #endif
 
+/* A coefficient's position idx = u*b + v in its block (rbe.h) split without a division when b is
+ * a power of two (the usual case): rbe_pos_shift(b) is log2 b, or -1 for other b, and
+ * rbe_pos_row(idx, b, sh) = idx / b (idx >= 0); then v = idx - u*b. */
+static inline int rbe_pos_shift(int b) { return b > 0 && (b & (b - 1)) == 0 ? __builtin_ctz((unsigned)b) : -1; }
+static inline int rbe_pos_row(int idx, int b, int sh) { return sh >= 0 ? idx >> sh : idx / b; }
+
 /* The pattern of a block as rank-1 terms between the plan's separable rows (rbe_plan.c):
  * term {k, g, f} adds p_k * (synthesis row g) (analysis row f)^T. Phi_1 (the d term) is not
  * separable: it is sum_m (analysis row RBE_NFIX + m) with weight p_1, m < nf - RBE_NFIX.

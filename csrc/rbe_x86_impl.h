@@ -241,10 +241,11 @@ XT static INLINE_ALWAYS void sparse_block_w(float* restrict out, const float* re
                                             int k, int b, int nv) {
     const int16_t* i16 = (const int16_t*)index + base;
     const int32_t* i32 = (const int32_t*)index + base;
+    const int sh = rbe_pos_shift(b);
     int q = 0;
     while (q < k) {
         int idx = wide ? i32[q] : i16[q];
-        const int row = idx / b, end = (row + 1) * b;
+        const int row = rbe_pos_row(idx, b, sh), end = (row + 1) * b;
         float* o = out + (long)row * TL;
         VF a[TL / VW];
         for (int v = 0; v < nv; v++) a[v] = VLOAD(o + VW * v);
@@ -736,9 +737,7 @@ XT static INLINE_ALWAYS void few_sparse_w(float* restrict y, long yst, const flo
 // instantiations
 XT static void few_sparse(float* restrict y, long yst, const float* restrict X, long xs, const float* restrict c,
                           const void* index, int wide, long base, int ns, int k, int b, long T) {
-    int sh = 0;
-    while ((1 << sh) < b) sh++;
-    const int pow2 = (1 << sh) == b;
+    const int sh = rbe_pos_shift(b), pow2 = sh >= 0;
 #define RBE_FEW_SPARSE(N_, T_, W_, P_) few_sparse_w(y, yst, X, xs, c, index, base, N_, k, b, sh, T_, W_, P_)
 #define RBE_FEW_SPARSE_N(N_)                                                    \
     if (T == 1) {                                                               \
