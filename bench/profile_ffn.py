@@ -30,7 +30,7 @@ FAMILIES = (
      r"rbe_few_analysis|rbe_few_at"),
     ("activation (double-precision erfc / exp, or float32 with 16-bit results, and its passes)",
      r"erfc|_exp_|act_forward|act_backward|act_and|act_f32|act_grad_f32|f32_arrays|\barrays_(1|8|16)\b"),
-    ("schedules (regrouping the coefficients per call)", r"rbe_schedule|rbe_transpose_blocks|sched"),
+    ("schedules (regrouping the coefficients per call)", r"rbe_schedule|sched"),
     ("index snapshot and check, other copies (bfloat16 roundings), scales, scans",
      r"index_ok|rbe_index|memmove|memcpy|scale_rows|max_abs|nonfinite|rbe_to_bf16"),
 )

@@ -300,13 +300,14 @@ int rbe_one_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xf
  * DX = sum_i (transposed sparse product + transposed pattern of block (i, j)) over Gh,
  * dx[t][j*b + c] = sum_m A[m][c] DX[m][t].
  * dx: [T, in], Gh: [ntiles, R, b+nf, TILE] (g analysed with P->S).
- * Wt: the weight with each block's coefficients re-sorted by column (rbe_transpose_blocks:
- * index = v*b + u, int32, ascending); its coeffs/index are not read when sched is given to the
- * x86 kernels (rbe_cpu_isa_level() >= RBE_ISA_AVX2; the portable ones take no schedule).
+ * W: the weight as stored; its coeffs/index are not read when sched is given to the x86 kernels
+ * (rbe_cpu_isa_level() >= RBE_ISA_AVX2; the portable ones take no schedule). Without a schedule
+ * each term is added to its column's row in coefficient order, so every row takes its terms in
+ * ascending row order.
  * sched (float only; may be NULL): the x86 kernels' schedule (transpose = 1). */
-void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                            const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);
-void rbe_cols_backward_f64(double* dx, const double* Gh, const rbe_weight_f64* Wt, const rbe_plan_f64* P,
+void rbe_cols_backward_f64(double* dx, const double* Gh, const rbe_weight_f64* W, const rbe_plan_f64* P,
                            double* scratch, long T, long p0, long p1);
 
 /* The input gradient of rbe_cols_backward_f32 and the coefficient gradient of
@@ -314,16 +315,9 @@ void rbe_cols_backward_f64(double* dx, const double* Gh, const rbe_weight_f64* W
  * each over all tiles; Xh as for rbe_params_backward_f32. sched: the transposed schedule with
  * pos and acc (transpose = 1). x86 kernels only: returns 0, or -2 with the portable ones (then
  * nothing is written). */
-int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const float* Gh, const float* Xh, const rbe_weight_f32* Wt,
+int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const float* Gh, const float* Xh, const rbe_weight_f32* W,
                                  const rbe_plan_f32* P, const rbe_sched_f32* sched, int accumulate, float* scratch,
                                  long T, long p0, long p1);
-
-/* Blocks [p0, p1) of W re-sorted by column: index_t = v*b + u (ascending), coeffs_t the
- * matching values; both [R*C, k]. work: b + 1 ints. */
-void rbe_transpose_blocks_f32(float* coeffs_t, int32_t* index_t, int32_t* work, const rbe_weight_f32* W, long p0,
-                              long p1);
-void rbe_transpose_blocks_f64(double* coeffs_t, int32_t* index_t, int32_t* work, const rbe_weight_f64* W, long p0,
-                              long p1);
 
 /* Parameter gradients of block rows [p0, p1) (blocks i*C + j), summed over all tokens:
  * dcoeffs[ij][q] = sum_t Gh_i[u][t] Xh_j[v][t], dbasis[ij][k] from the pattern rows.
@@ -352,7 +346,7 @@ void rbe_to_bf16(uint16_t* out, const float* in, long n); /* round to nearest ev
 void rbe_rows_forward_bf16(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                            const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
                            float* scratch, uint16_t* bf16, long T, long p0, long p1);
-void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                             const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1);
 void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, uint16_t* scratch,
                               const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,

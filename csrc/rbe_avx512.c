@@ -321,9 +321,9 @@ XT void rbe_rows_forward_bf16(float* y, float* pre, float* Xnext, const float* X
     rows_body(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, bf16, T, p0, p1);
 }
 
-XT void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+XT void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                                const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
-    cols_backward(dx, Gh, Wt, P, sched, scratch, bf16, T, p0, p1);
+    cols_backward(dx, Gh, W, P, sched, scratch, bf16, T, p0, p1);
 }
 
 int rbe_cpu_has_avx512bf16(void) {
@@ -379,10 +379,10 @@ void rbe_rows_forward_bf16(float* y, float* pre, float* Xnext, const float* Xh, 
     (void)bf16;
     rbe_rows_forward_f32(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, T, p0, p1);
 }
-void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                             const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
     (void)bf16;
-    rbe_cols_backward_f32(dx, Gh, Wt, P, sched, scratch, T, p0, p1);
+    rbe_cols_backward_f32(dx, Gh, W, P, sched, scratch, T, p0, p1);
 }
 #endif
 

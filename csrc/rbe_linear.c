@@ -166,20 +166,20 @@ void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, c
     else rbe_rows_forward_f32_portable(y, pre, Xnext, Xh, W, P, bias, act, scratch, T, p0, p1);
 }
 
-void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                            const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
     const rbe_x86_kernels_f32* k = x86();
-    if (k && sched) k->cols_backward(dx, Gh, Wt, P, sched, scratch, T, p0, p1);
-    else if (k && Wt->coeffs) k->cols_backward_blocks(dx, Gh, Wt, P, scratch, T, p0, p1);
-    else rbe_cols_backward_f32_portable(dx, Gh, Wt, P, scratch, T, p0, p1);
+    if (k && sched) k->cols_backward(dx, Gh, W, P, sched, scratch, T, p0, p1);
+    else if (k && W->coeffs) k->cols_backward_blocks(dx, Gh, W, P, scratch, T, p0, p1);
+    else rbe_cols_backward_f32_portable(dx, Gh, W, P, scratch, T, p0, p1);
 }
 
-int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const float* Gh, const float* Xh, const rbe_weight_f32* Wt,
+int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const float* Gh, const float* Xh, const rbe_weight_f32* W,
                                  const rbe_plan_f32* P, const rbe_sched_f32* sched, int accumulate, float* scratch,
                                  long T, long p0, long p1) {
     const rbe_x86_kernels_f32* k = x86();
     if (!k) return -2;
-    k->cols_coeffs_backward(dx, dcoeffs, Gh, Xh, Wt, P, sched, accumulate, scratch, T, p0, p1);
+    k->cols_coeffs_backward(dx, dcoeffs, Gh, Xh, W, P, sched, accumulate, scratch, T, p0, p1);
     return 0;
 }
 

@@ -29,6 +29,19 @@ static void RBE_SFX(sparse_rows)(RBE_T* restrict out, const RBE_T* restrict in, 
     }
 }
 
+// the transposed product: out[col][:] += cf[q] * in[row][:] for (row, col) = (idx / b, idx % b),
+// idx ascending, so each output row takes its terms in ascending row order
+static void RBE_SFX(sparse_cols)(RBE_T* restrict out, const RBE_T* restrict in, const RBE_T* restrict cf,
+                                 const void* index, int wide, long base, int k, int b) {
+    const int sh = rbe_pos_shift(b);
+    for (int q = 0; q < k; q++) {
+        long pos = base + q;
+        int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
+        const int row = rbe_pos_row(idx, b, sh);
+        RBE_SFX(axpy)(out + (size_t)(idx - row * b) * TL, cf[q], in + (size_t)row * TL);
+    }
+}
+
 // out[m][t] = sum_c M[m][c] xt[c][t] for m < rows; M: [rows, b], xt: [b, TL], out: [rows, TL]
 static void RBE_SFX(tile_gemm)(RBE_T* restrict out, const RBE_T* restrict M, const RBE_T* restrict xt,
                                int rows, int b) {
@@ -147,11 +160,11 @@ void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T*
     }
 }
 
-// dx: [T, in]; Gh: [ntiles, R, b+nf, TL]; Wt: transposed blocks (index = v*b + u, int32)
-void RBE_KSFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_WEIGHT* Wt, const RBE_PLAN* P,
+// dx: [T, in]; Gh: [ntiles, R, b+nf, TL]
+void RBE_KSFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_WEIGHT* W, const RBE_PLAN* P,
                                 RBE_T* scratch, long T, long p0, long p1) {
-    const int in = Wt->in, b = Wt->b, k = Wt->k, nf = P->nf;
-    const int R = (Wt->out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
+    const int in = W->in, b = W->b, k = W->k, nf = P->nf;
+    const int R = (W->out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     RBE_T* dh = scratch;                     // [rows, TL]
     RBE_T* dt = scratch + (size_t)rows * TL; // [b, TL]
     for (long p = p0; p < p1; p++) {
@@ -164,8 +177,8 @@ void RBE_KSFX(rbe_cols_backward)(RBE_T* dx, const RBE_T* Gh, const RBE_WEIGHT* W
         for (int i = 0; i < R; i++) {
             long blk = (long)i * C + j;
             const RBE_T* G = Gh + ((size_t)tile * R + i) * rows * TL;
-            RBE_SFX(sparse_rows)(dh, G, Wt->coeffs + (size_t)blk * k, Wt->index, Wt->wide, blk * k, k, b);
-            RBE_SFX(pattern_backward)(dh + (size_t)b * TL, G + (size_t)b * TL, Wt->basis + (size_t)blk * RBE_NPAT, nd);
+            RBE_SFX(sparse_cols)(dh, G, W->coeffs + (size_t)blk * k, W->index, W->wide, blk * k, k, b);
+            RBE_SFX(pattern_backward)(dh + (size_t)b * TL, G + (size_t)b * TL, W->basis + (size_t)blk * RBE_NPAT, nd);
         }
         RBE_SFX(tile_gemm_t)(dt, P->A, dh, rows, b);
         for (int t = 0; t < nt; t++) {
@@ -204,31 +217,6 @@ void RBE_KSFX(rbe_params_backward)(RBE_T* dbasis, RBE_T* dcoeffs, const RBE_T* G
             }
             if (dbasis)
                 RBE_SFX(pattern_grad)(dbasis + (size_t)p * RBE_NPAT, G + (size_t)b * TL, X + (size_t)b * TL, nd);
-        }
-    }
-}
-
-// coeffs_t/index_t: each block's coefficients re-sorted by (col, row), index_t = col*b + row
-void RBE_SFX(rbe_transpose_blocks)(RBE_T* coeffs_t, int32_t* index_t, int32_t* work, const RBE_WEIGHT* W, long p0,
-                                   long p1) {
-    const RBE_T* coeffs = W->coeffs;
-    const void* index = W->index;
-    const int wide = W->wide, b = W->b, k = W->k, sh = rbe_pos_shift(b);
-    int32_t* count = work;  // [b + 1]
-    for (long p = p0; p < p1; p++) {
-        for (int c = 0; c <= b; c++) count[c] = 0;
-        for (int q = 0; q < k; q++) {
-            long pos = p * k + q;
-            int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
-            count[idx - rbe_pos_row(idx, b, sh) * b + 1]++;
-        }
-        for (int c = 0; c < b; c++) count[c + 1] += count[c];
-        for (int q = 0; q < k; q++) {  // stable: rows stay ascending within a column
-            long pos = p * k + q;
-            int idx = wide ? ((const int32_t*)index)[pos] : ((const int16_t*)index)[pos];
-            int row = rbe_pos_row(idx, b, sh), col = idx - row * b, dst = count[col]++;
-            coeffs_t[p * k + dst] = coeffs[pos];
-            index_t[p * k + dst] = col * b + row;
         }
     }
 }

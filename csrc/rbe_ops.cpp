@@ -127,19 +127,13 @@ static void rows_forward(double* y, double* pre, double* Xn, const double* Xh, c
                          long p0, long p1) {
     rbe_rows_forward_f64(y, pre, Xn, Xh, W, P, bias, act, s, T, p0, p1);
 }
-static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                           const rbe_sched_f32* sc, float* s, long T, long p0, long p1) {
-    rbe_cols_backward_f32(dx, Gh, Wt, P, sc, s, T, p0, p1);
+    rbe_cols_backward_f32(dx, Gh, W, P, sc, s, T, p0, p1);
 }
-static void cols_backward(double* dx, const double* Gh, const rbe_weight_f64* Wt, const rbe_plan_f64* P,
+static void cols_backward(double* dx, const double* Gh, const rbe_weight_f64* W, const rbe_plan_f64* P,
                           const rbe_sched_f32*, double* s, long T, long p0, long p1) {
-    rbe_cols_backward_f64(dx, Gh, Wt, P, s, T, p0, p1);
-}
-static void transpose_blocks(float* cft, int32_t* ixt, int32_t* w, const rbe_weight_f32* W, long p0, long p1) {
-    rbe_transpose_blocks_f32(cft, ixt, w, W, p0, p1);
-}
-static void transpose_blocks(double* cft, int32_t* ixt, int32_t* w, const rbe_weight_f64* W, long p0, long p1) {
-    rbe_transpose_blocks_f64(cft, ixt, w, W, p0, p1);
+    rbe_cols_backward_f64(dx, Gh, W, P, s, T, p0, p1);
 }
 static void params_backward(float* db, float* dc, const float* Gh, const float* Xh, const rbe_weight_f32* W,
                             const rbe_plan_f32* P, const rbe_sched_f32* sc, int acc, long T, long p0, long p1) {
@@ -521,25 +515,13 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
     bool coeffs_done = false;
     if (dx) {
         // the transposed product runs over coefficients grouped by column: a schedule (AVX2, several
-        // tiles of tokens) or each block's coefficients re-sorted by column (one tile: building the
-        // schedule would cost as much as the product; and the portable kernels)
+        // tiles of tokens) or block by block, each term added to its column's row (one tile:
+        // building the schedule would cost as much as the product; and the portable kernels)
         Sched own;
         const bool fuse = cache ? cache->cols_pos : cols_carry_coeffs<T>(true, dcoeffs, bf16_sparse, W);
         const Sched& sc = cols_sched<T>(cache, own, W, P, ntiles, fuse);
-        Tensor cft, ixt;
-        if (!sc.on) {
-            cft = at::empty(W.coeffs.sizes(), opt);
-            ixt = at::empty(W.coeffs.sizes(), opt.dtype(at::kInt));
-            at::parallel_for(0, R * C, 16, [&](int64_t p0, int64_t p1) {
-                std::vector<int32_t> w(P.b + 1);
-                transpose_blocks(cft.data_ptr<T>(), ixt.data_ptr<int32_t>(), w.data(), &cw, (long)p0, (long)p1);
-            });
-        }
-        // the weight with its blocks re-sorted by column (not read when the schedule is on)
-        auto cwt = cw;
-        cwt.coeffs = sc.on ? nullptr : cft.data_ptr<T>();
-        cwt.index = sc.on ? nullptr : ixt.data_ptr<int32_t>();
-        cwt.wide = 1;
+        auto cwt = cw;  // with the schedule on, the coefficients are read from it only
+        if (sc.on) cwt.coeffs = nullptr, cwt.index = nullptr;
         if constexpr (std::is_same_v<T, float>) {
             if (fuse && dcoeffs && sc.on) {  // (sc carries pos and acc)
                 // the coefficient gradient in the same pass, block column by block column

@@ -50,7 +50,7 @@ void rbe_analysis_f32_portable(float* Xh, const float* x, const float* M, const 
 void rbe_rows_forward_f32_portable(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                                    const rbe_plan_f32* P, const float* bias, int act, float* scratch, long T, long p0,
                                    long p1);
-void rbe_cols_backward_f32_portable(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+void rbe_cols_backward_f32_portable(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                                     float* scratch, long T, long p0, long p1);
 void rbe_few_analysis_f32_portable(float* Xf, const float* x, const float* At, int b, int nf, long T, int n,
                                    long p0, long p1);
@@ -78,12 +78,12 @@ void rbe_analysis_f32_avx2(float* Xh, const float* x, const float* M, const rbe_
 void rbe_rows_forward_f32_avx2(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                                const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
                                float* scratch, long T, long p0, long p1);
-void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                                 const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);
-void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                                        float* scratch, long T, long p0, long p1);
 void rbe_cols_coeffs_backward_f32_avx2(float* dx, float* dcoeffs, const float* Gh, const float* Xh,
-                                       const rbe_weight_f32* Wt, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                                       const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                                        int accumulate, float* scratch, long T, long p0, long p1);
 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                   const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
@@ -104,12 +104,12 @@ void rbe_analysis_f32_avx512(float* Xh, const float* x, const float* M, const rb
 void rbe_rows_forward_f32_avx512(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                                  const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
                                  float* scratch, long T, long p0, long p1);
-void rbe_cols_backward_f32_avx512(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+void rbe_cols_backward_f32_avx512(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                                   const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);
-void rbe_cols_backward_f32_avx512_blocks(float* dx, const float* Gh, const rbe_weight_f32* Wt,
+void rbe_cols_backward_f32_avx512_blocks(float* dx, const float* Gh, const rbe_weight_f32* W,
                                          const rbe_plan_f32* P, float* scratch, long T, long p0, long p1);
 void rbe_cols_coeffs_backward_f32_avx512(float* dx, float* dcoeffs, const float* Gh, const float* Xh,
-                                       const rbe_weight_f32* Wt, const rbe_plan_f32* P, const rbe_sched_f32* sched,
+                                       const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                                        int accumulate, float* scratch, long T, long p0, long p1);
 void rbe_params_backward_f32_avx512(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                     const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,

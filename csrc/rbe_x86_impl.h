@@ -269,6 +269,35 @@ XT static void sparse_block16(float* restrict out, const float* restrict in, con
     sparse_block_w(out, in, cf, index, wide, base, k, b, 16 / VW);
 }
 
+// The transposed product of one block: out[col][:] += cf[q] * in[row][:] (idx = row*b + col,
+// ascending), each term added to its output row in memory (a row of the block's 64 lanes is
+// in L1). Every output row takes its terms in ascending row order: the chain the block's
+// coefficients re-sorted by column would give, with no re-sorting per call.
+XT static INLINE_ALWAYS void sparse_block_t_w(float* restrict out, const float* restrict in,
+                                              const float* restrict cf, const void* index, int wide, long base,
+                                              int k, int b, int nv) {
+    const int16_t* i16 = (const int16_t*)index + base;
+    const int32_t* i32 = (const int32_t*)index + base;
+    const int sh = rbe_pos_shift(b);
+    for (int q = 0; q < k; q++) {
+        const int idx = wide ? i32[q] : i16[q], row = rbe_pos_row(idx, b, sh);
+        float* o = out + (long)(idx - row * b) * TL;
+        const float* x = in + (long)row * TL;
+        const VF c = VBCAST(cf + q);
+        for (int v = 0; v < nv; v++) VSTORE(o + VW * v, VFMA(c, VLOAD(x + VW * v), VLOAD(o + VW * v)));
+    }
+}
+
+XT static void sparse_block_t(float* restrict out, const float* restrict in, const float* restrict cf,
+                              const void* index, int wide, long base, int k, int b) {
+    sparse_block_t_w(out, in, cf, index, wide, base, k, b, TL / VW);
+}
+
+XT static void sparse_block_t16(float* restrict out, const float* restrict in, const float* restrict cf,
+                                const void* index, int wide, long base, int k, int b) {
+    sparse_block_t_w(out, in, cf, index, wide, base, k, b, 16 / VW);
+}
+
 XT static inline void axpy_lanes(float* restrict dst, float a, const float* restrict src, int nl) {
     VF c = VSET1(a);
     for (int t = 0; t < nl; t += VW)
@@ -456,21 +485,21 @@ static inline void scatter_sums(float* restrict dcoeffs, const float* restrict s
 }
 
 // Input gradient. With a schedule (transpose = 1) the transposed product runs run by run; without
-// one (a single tile of tokens), block by block on each block's coefficients re-sorted by column
-// (Wt: rbe_transpose_blocks, index = v*b + u, int32).
+// one (a single tile of tokens), block by block, each term added to its column's row
+// (sparse_block_t).
 // bf16 (NULL: float32): scratch of rbe_bf16_scratch(R, b, nf) elements for the scheduled product on
 // bfloat16 rows (sparse_sched_bf16; only the including file that defines XBF16 passes it), with
 // *bf16_tile the tile last rounded there.
 // sacc (float32 schedule only; else NULL): also the coefficient dot products of the tile's entries
 // against Xj, Xh's segment j of the same tile (sparse_sched's dot products).
-XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                          const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long* bf16_tile, float* sacc,
                          const float* Xj, long T, long tile, int j) {
 #ifndef XBF16
     (void)bf16, (void)bf16_tile;
 #endif
-    const int out = Wt->out, in = Wt->in, b = Wt->b, k = Wt->k, nf = P->nf;
-    const float* basis = Wt->basis;
+    const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
+    const float* basis = W->basis;
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     float* dh = scratch;
     float* dt = scratch + (size_t)rows * TL;
@@ -495,8 +524,8 @@ XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* Wt, c
         long blk = (long)i * C + j;
         const float* G = Gt + (size_t)i * rows * TL;
         if (!sched)
-            (nl == TL ? sparse_block : sparse_block16)(dh, G, Wt->coeffs + blk * k, Wt->index, Wt->wide, blk * k, k,
-                                                       b);
+            (nl == TL ? sparse_block_t : sparse_block_t16)(dh, G, W->coeffs + blk * k, W->index, W->wide, blk * k, k,
+                                                           b);
         pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
     }
     synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
@@ -504,22 +533,22 @@ XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* Wt, c
 }
 
 // work items p = tile*C + j in [p0, p1)
-XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                              const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
-    const int C = (Wt->in + Wt->b - 1) / Wt->b;
+    const int C = (W->in + W->b - 1) / W->b;
     long bf16_tile = -1;
     for (long p = p0; p < p1; p++)
-        cols_item(dx, Gh, Wt, P, sched, scratch, bf16, &bf16_tile, NULL, NULL, T, p / C, (int)(p % C));
+        cols_item(dx, Gh, W, P, sched, scratch, bf16, &bf16_tile, NULL, NULL, T, p / C, (int)(p % C));
 }
 
-XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt,
+XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* W,
                                            const rbe_plan_f32* P, float* scratch, long T, long p0, long p1) {
-    cols_backward(dx, Gh, Wt, P, NULL, scratch, NULL, T, p0, p1);
+    cols_backward(dx, Gh, W, P, NULL, scratch, NULL, T, p0, p1);
 }
 
-XT void XSFX(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+XT void XSFX(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                                     const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
-    cols_backward(dx, Gh, Wt, P, sched, scratch, NULL, T, p0, p1);
+    cols_backward(dx, Gh, W, P, sched, scratch, NULL, T, p0, p1);
 }
 
 // The input gradient and the coefficient gradient in one pass over the transposed schedule
@@ -527,17 +556,17 @@ XT void XSFX(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight
 // the tiles is that of params_sched (in the transposed schedule's order, in its acc), then
 // scattered to coefficient order.
 XT void XSFX(rbe_cols_coeffs_backward_f32)(float* dx, float* dcoeffs, const float* Gh, const float* Xh,
-                                           const rbe_weight_f32* Wt, const rbe_plan_f32* P,
+                                           const rbe_weight_f32* W, const rbe_plan_f32* P,
                                            const rbe_sched_f32* sched, int accumulate, float* scratch, long T,
                                            long p0, long p1) {
-    const int b = Wt->b, k = Wt->k, rows = b + P->nf;
-    const int R = (Wt->out + b - 1) / b, C = (Wt->in + b - 1) / b;
+    const int b = W->b, k = W->k, rows = b + P->nf;
+    const int R = (W->out + b - 1) / b, C = (W->in + b - 1) / b;
     const long ntiles = (T + TL - 1) / TL, e0 = p0 * R * (long)k, e1 = p1 * R * (long)k;
     float* sacc = sched->acc;
     for (long e = e0; e < e1; e++) sacc[e] = 0;
     for (long j = p0; j < p1; j++)
         for (long tile = 0; tile < ntiles; tile++)
-            cols_item(dx, Gh, Wt, P, sched, scratch, NULL, NULL, sacc, Xh + ((size_t)tile * C + j) * rows * TL, T,
+            cols_item(dx, Gh, W, P, sched, scratch, NULL, NULL, sacc, Xh + ((size_t)tile * C + j) * rows * TL, T,
                       tile, (int)j);
     scatter_sums(dcoeffs, sacc, sched->pos, accumulate, e0, e1);
 }

@@ -667,13 +667,14 @@ static void rows_t(int f32, const rbe_sched_f32* sc, void* y, void* pre, void* X
     else rbe_rows_forward_f64(y, pre, Xn, Xh, &W64, &P64, bias, act, s, T, p0, p1);
 }
 static void cols_t(int f32, const rbe_sched_f32* sc, void* dx, const void* Gh, const void* plan, const void* basis,
-                   const void* cft, const int32_t* ixt, void* s, long T, int out, int in, int b, int nf, int k, long p0,
-                   long p1) {
+                   const void* coeffs, const void* ix, int wide, void* s, long T, int out, int in, int b, int nf, int k,
+                   long p0, long p1) {
     // with a schedule the x86 kernels read no coefficients (NULL proves it); the entry point capped to
     // the portable kernels (RBE_FFN_ISA=portable) reads them whatever it is given
     const int x86_reads_sched = sc && !g_portable && (g_x86 || rbe_cpu_isa_level() >= RBE_ISA_AVX2);
-    const rbe_weight_f32 W32 = w32(basis, x86_reads_sched ? NULL : cft, x86_reads_sched ? NULL : ixt, 1, out, in, b, k);
-    const rbe_weight_f64 W64 = w64(basis, cft, ixt, 1, out, in, b, k);
+    const rbe_weight_f32 W32 =
+        w32(basis, x86_reads_sched ? NULL : coeffs, x86_reads_sched ? NULL : ix, wide, out, in, b, k);
+    const rbe_weight_f64 W64 = w64(basis, coeffs, ix, wide, out, in, b, k);
     const rbe_plan_f32 P32 = rbe_plan_view_f32(plan, b, nf);
     const rbe_plan_f64 P64 = rbe_plan_view_f64(plan, b, nf);
     if (f32 && g_portable) rbe_cols_backward_f32_portable(dx, Gh, &W32, &P32, s, T, p0, p1);
@@ -904,14 +905,8 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     double* rwork = xmalloc(sizeof(double) * 2 * (size_t)out * in);
     void* y = xmalloc((size_t)T * out * es);
     void* pre = xmalloc((size_t)T * out * es);
-    // the coefficients grouped by column (portable dx) and the run schedules (mode 2)
-    void* cft = xmalloc(nblk * k * es + 1);
-    int32_t* ixt = xmalloc(sizeof(int32_t) * nblk * k + 4);
-    int32_t* twork = xmalloc(sizeof(int32_t) * (b + 1));
+    // the run schedules (mode 3)
     const rbe_weight_f32 W32 = w32(basis, coeffs, ix, wide, out, in, b, k);
-    const rbe_weight_f64 W64 = w64(basis, coeffs, ix, wide, out, in, b, k);
-    if (f32) rbe_transpose_blocks_f32(cft, ixt, twork, &W32, 0, nblk);
-    else rbe_transpose_blocks_f64(cft, ixt, twork, &W64, 0, nblk);
     int32_t* rs_start = xmalloc(sizeof(int32_t) * R * (b + 1));
     int32_t* cs_start = xmalloc(sizeof(int32_t) * C * (b + 1));
     int32_t* rs_off = xmalloc(sizeof(int32_t) * nblk * k + 4);
@@ -1004,7 +999,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     void* dcr = xmalloc(nblk * k * es + 1);
     void* dbiasr = xmalloc(out * es);
     analysis_t(f32, Gh, g, plan, 1, scratch, T, out, b, nf, 0, ntiles * R);
-    cols_t(f32, csc, dx, Gh, plan, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, ntiles * C);
+    cols_t(f32, csc, dx, Gh, plan, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, 0, ntiles * C);
     params_t(f32, rsc, db, dc, Gh, Xh, ix, wide, 0, T, out, in, b, nf, k, 0, R);
     bias_t(f32, dbias, g, T, out, 0, 0, out);
     bwd_ref_t(f32, dxr, dbr, dcr, dbiasr, g, x, basis, coeffs, ix, wide, tabs, rwork, T, out, in, b, k);
@@ -1071,8 +1066,8 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     {
         void* dx2 = xmalloc((size_t)T * in * es);
         long items = ntiles * C, mid = items / 2 + (items > 1);
-        cols_t(f32, csc, dx2, Gh, plan, basis, cft, ixt, scratch, T, out, in, b, nf, k, mid, items);
-        cols_t(f32, csc, dx2, Gh, plan, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, mid);
+        cols_t(f32, csc, dx2, Gh, plan, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, mid, items);
+        cols_t(f32, csc, dx2, Gh, plan, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, 0, mid);
         CHECK(!memcmp(dx, dx2, (size_t)T * in * es), "%s: split dx differs", tag);
         free(dx2);
     }
@@ -1098,7 +1093,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         // reference outputs: these kernels on T tokens; then, on T2 tokens (dead) or with AVX2 (cross)
         rows_t(1, rsc, y1, NULL, NULL, Xh, plan, basis, coeffs, ix, wide, bias, act, scratch, T, out, in, b, nf, k, 0,
                ntiles * R);
-        cols_t(1, csc, dx1, Gh, plan, basis, cft, ixt, scratch, T, out, in, b, nf, k, 0, ntiles * C);
+        cols_t(1, csc, dx1, Gh, plan, basis, coeffs, ix, wide, scratch, T, out, in, b, nf, k, 0, ntiles * C);
         params_t(1, rsc, db1, dc1, Gh, Xh, ix, wide, 0, T, out, in, b, nf, k, 0, R);
         for (int pass = 0; pass < 2; pass++) {
             if (pass == 0 && !dead) continue;
@@ -1109,7 +1104,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
             analysis_t(1, Gh2, pass == 0 ? g2 : g, plan, 1, scratch, Tp, out, b, nf, 0, ntp * R);
             rows_t(1, rsc, y2, NULL, NULL, Xh2, plan, basis, coeffs, ix, wide, bias, act, scratch, Tp, out, in, b, nf, k,
                    0, ntp * R);
-            cols_t(1, csc, dx2, Gh2, plan, basis, cft, ixt, scratch, Tp, out, in, b, nf, k, 0, ntp * C);
+            cols_t(1, csc, dx2, Gh2, plan, basis, coeffs, ix, wide, scratch, Tp, out, in, b, nf, k, 0, ntp * C);
             params_t(1, rsc, db2, dc2, Gh2, Xh2, ix, wide, 0, Tp, out, in, b, nf, k, 0, R);
             const char* what = pass == 0 ? "16 lanes vs 64 (zero tokens appended)" : "avx512 vs avx2";
             CHECK(!memcmp(y1, y2, (size_t)T * out * es), "%s: %s: forward differs", tag, what);
@@ -1130,7 +1125,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     free(pland), free(pwork), free(plan), free(tabs), free(tmp), free(basis), free(coeffs), free(ix), free(x);
     free(bias), free(g), free(scratch), free(Xh), free(Gh), free(rwork), free(y), free(pre), free(yr), free(prer);
     free(dx), free(db), free(dc), free(dbias), free(dxr), free(dbr), free(dcr), free(dbiasr);
-    free(cft), free(ixt), free(twork), free(rs_start), free(cs_start), free(rs_off), free(cs_off), free(rs_pos);
+    free(rs_start), free(cs_start), free(rs_off), free(cs_off), free(rs_pos);
     free(rs_val), free(cs_val), free(rs_acc);
 }
 
@@ -1752,10 +1747,10 @@ static void test_concurrent_index_writes(void) {
     int32_t* st = xmalloc(sizeof(int32_t) * R * (b + 1));
     int32_t* off = xmalloc(sizeof(int32_t) * nblk * k);
     float* val = xmalloc(sizeof(float) * nblk * k);
-    float* cft = xmalloc(sizeof(float) * nblk * k);
-    int32_t* ixt = xmalloc(sizeof(int32_t) * nblk * k);
-    int32_t* tw = xmalloc(sizeof(int32_t) * (b + 1));
+    float* Gh = xmalloc(sizeof(float) * ntiles * R * rows * RBE_TILE);
+    float* dx = xmalloc(sizeof(float) * T * in);
     rbe_analysis_f32(Xh, x, P.A, &P, scratch, T, in, 0, ntiles * C);
+    rbe_analysis_f32(Gh, x, P.S, &P, scratch, T, out, 0, ntiles * R);  // x's first T * out values as a gradient
 
     index_writer w = {live, a, bx, nblk * k, 0, 0};
     pthread_t th;
@@ -1772,7 +1767,7 @@ static void test_concurrent_index_writes(void) {
         const rbe_sched_f32 sc = {st, off, val, NULL, NULL};
         rbe_rows_forward_f32(y, NULL, NULL, Xh, &W, &P, &sc, NULL, RBE_ACT_NONE, scratch, T, 0, ntiles * R);
         rbe_rows_forward_f32(y, NULL, NULL, Xh, &W, &P, NULL, NULL, RBE_ACT_GELU, scratch, T, 0, ntiles * R);
-        rbe_transpose_blocks_f32(cft, ixt, tw, &W, 0, nblk);
+        rbe_cols_backward_f32(dx, Gh, &W, &P, NULL, scratch, T, 0, ntiles * C);
     }
     w.stop = 1;
     pthread_join(th, NULL);
@@ -1781,8 +1776,7 @@ static void test_concurrent_index_writes(void) {
     printf("  (concurrent index writes: %ld snapshots used, %ld refused (torn or out of range), %ld rewrites)\n", valid, refused,
            w.flips);
     free(a), free(bx), free(live), free(snap), free(pland), free(pwork), free(plan), free(tmp), free(basis);
-    free(coeffs), free(x), free(Xh), free(y), free(scratch), free(st), free(off), free(val), free(cft), free(ixt);
-    free(tw);
+    free(coeffs), free(x), free(Xh), free(y), free(scratch), free(st), free(off), free(val), free(Gh), free(dx);
 }
 
 int main(void) {
