@@ -63,7 +63,7 @@ void rbe_params_backward_f32_portable(float* dbasis, float* dcoeffs, const float
 
 /* x86 kernels: AVX2 + FMA (rbe_avx2.c) and AVX-512 (rbe_avx512.c), both rbe_x86_impl.h.
  * sched may be NULL in rows_forward (block by block); _blocks: without schedules, block by
- * block: cols on transposed blocks (any T), params for one tile (T <= RBE_TILE); the others
+ * block: cols in coefficient order (any T), params for one tile (T <= RBE_TILE); the others
  * need the schedule. */
 void rbe_few_analysis_f32_avx2(float* Xf, const float* x, const float* At, int b, int nf, long T, int n,
                                long p0, long p1);

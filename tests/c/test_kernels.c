@@ -1023,17 +1023,17 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         float* cp_acc = xmalloc(sizeof(float) * nblk * k + 4);
         const rbe_sched_f32 cps = {cs_start, cs_off, cs_val, cp_pos, cp_acc};
         rbe_schedule_f32(cs_start, cs_off, cs_val, cp_pos, &W32, nf, 1, 0, C);
-        const rbe_weight_f32 Wt = w32(basis, NULL, NULL, 1, out, in, b, k);
+        const rbe_weight_f32 Ws = w32(basis, NULL, NULL, 1, out, in, b, k);  // coefficients from the schedule
         const rbe_plan_f32 P32 = rbe_plan_view_f32(plan, b, nf);
         float* dx3 = xmalloc((size_t)T * in * es);
         float* dc3 = xmalloc(nblk * k * es + 1);
         float* dc4 = xmalloc(nblk * k * es + 1);
-        g_x86->cols_coeffs_backward(dx3, dc3, Gh, Xh, &Wt, &P32, &cps, 0, scratch, T, C / 2, C);
-        g_x86->cols_coeffs_backward(dx3, dc3, Gh, Xh, &Wt, &P32, &cps, 0, scratch, T, 0, C / 2);
+        g_x86->cols_coeffs_backward(dx3, dc3, Gh, Xh, &Ws, &P32, &cps, 0, scratch, T, C / 2, C);
+        g_x86->cols_coeffs_backward(dx3, dc3, Gh, Xh, &Ws, &P32, &cps, 0, scratch, T, 0, C / 2);
         CHECK(!memcmp(dx3, dx, (size_t)T * in * es), "%s: one-pass dx differs from cols_backward's", tag);
         CHECK(!memcmp(dc3, dc, nblk * k * es), "%s: one-pass dcoeffs differ from params_backward's", tag);
         memcpy(dc4, dc3, nblk * k * es);
-        g_x86->cols_coeffs_backward(dx3, dc4, Gh, Xh, &Wt, &P32, &cps, 1, scratch, T, 0, C);
+        g_x86->cols_coeffs_backward(dx3, dc4, Gh, Xh, &Ws, &P32, &cps, 1, scratch, T, 0, C);
         int twice = 1;
         for (long q = 0; q < nblk * k; q++) twice &= dc4[q] == 2 * dc3[q];
         CHECK(twice, "%s: one-pass dcoeffs with accumulate = 1 are not twice", tag);
