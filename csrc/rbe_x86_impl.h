@@ -259,19 +259,16 @@ XT static INLINE_ALWAYS void sparse_block_w(float* restrict out, const float* re
     }
 }
 
+// sparse_block_w on nl lanes (a whole tile, or 16): nv a constant in each instance
 XT static void sparse_block(float* restrict out, const float* restrict in, const float* restrict cf,
-                            const void* index, int wide, long base, int k, int b) {
-    sparse_block_w(out, in, cf, index, wide, base, k, b, TL / VW);
-}
-
-XT static void sparse_block16(float* restrict out, const float* restrict in, const float* restrict cf,
-                              const void* index, int wide, long base, int k, int b) {
-    sparse_block_w(out, in, cf, index, wide, base, k, b, 16 / VW);
+                            const void* index, int wide, long base, int k, int b, int nl) {
+    if (nl == TL) sparse_block_w(out, in, cf, index, wide, base, k, b, TL / VW);
+    else sparse_block_w(out, in, cf, index, wide, base, k, b, 16 / VW);
 }
 
 // The transposed product of one block: out[col][:] += cf[q] * in[row][:] (idx = row*b + col,
-// ascending), each term added to its output row in memory (a row of the block's 64 lanes is
-// in L1). Every output row takes its terms in ascending row order: the chain the block's
+// ascending), each term added to its output row in memory (at b = 64 the block's output rows
+// are in L1). Every output row takes its terms in ascending row order: the chain the block's
 // coefficients re-sorted by column would give, with no re-sorting per call.
 XT static INLINE_ALWAYS void sparse_block_t_w(float* restrict out, const float* restrict in,
                                               const float* restrict cf, const void* index, int wide, long base,
@@ -288,14 +285,11 @@ XT static INLINE_ALWAYS void sparse_block_t_w(float* restrict out, const float* 
     }
 }
 
+// sparse_block_t_w on nl lanes
 XT static void sparse_block_t(float* restrict out, const float* restrict in, const float* restrict cf,
-                              const void* index, int wide, long base, int k, int b) {
-    sparse_block_t_w(out, in, cf, index, wide, base, k, b, TL / VW);
-}
-
-XT static void sparse_block_t16(float* restrict out, const float* restrict in, const float* restrict cf,
-                                const void* index, int wide, long base, int k, int b) {
-    sparse_block_t_w(out, in, cf, index, wide, base, k, b, 16 / VW);
+                              const void* index, int wide, long base, int k, int b, int nl) {
+    if (nl == TL) sparse_block_t_w(out, in, cf, index, wide, base, k, b, TL / VW);
+    else sparse_block_t_w(out, in, cf, index, wide, base, k, b, 16 / VW);
 }
 
 XT static inline void axpy_lanes(float* restrict dst, float a, const float* restrict src, int nl) {
@@ -431,9 +425,8 @@ XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, co
         } else {
             for (int e = 0; e < rows * TL; e += VW) VSTORE(yh + e, VZERO());
             for (int j = 0; j < C; j++)
-                (nl == TL ? sparse_block : sparse_block16)(yh, Xt + (size_t)j * rows * TL,
-                                                          W->coeffs + ((size_t)i * C + j) * k, W->index, W->wide,
-                                                          ((long)i * C + j) * k, k, b);
+                sparse_block(yh, Xt + (size_t)j * rows * TL, W->coeffs + ((size_t)i * C + j) * k, W->index, W->wide,
+                             ((long)i * C + j) * k, k, b, nl);
         }
         for (int j = 0; j < C; j++) {
             long blk = (long)i * C + j;
@@ -524,8 +517,7 @@ XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* W, co
         long blk = (long)i * C + j;
         const float* G = Gt + (size_t)i * rows * TL;
         if (!sched)
-            (nl == TL ? sparse_block_t : sparse_block_t16)(dh, G, W->coeffs + blk * k, W->index, W->wide, blk * k, k,
-                                                           b);
+            sparse_block_t(dh, G, W->coeffs + blk * k, W->index, W->wide, blk * k, k, b, nl);
         pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
     }
     synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
