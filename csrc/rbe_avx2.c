@@ -132,9 +132,10 @@ XT static inline float hsum_pairs(__m256 v) {
 
 // The parameter gradient's dot products of one output row u: g = Gh_i[u] against the rows
 // Xt[off[e]], two entries at a time sharing one reduction. A 16-lane tile sums its two vectors;
-// a full tile its eight in two chains (the same sums when lanes past 16 are zero).
-XT static void coeff_grads(float* restrict sacc, const float* restrict g, const float* restrict Xt,
-                           const int32_t* restrict soff, int e, int e1, int nl) {
+// a full tile its eight in two chains (the same sums when lanes past 16 are zero). ahead: prefetch
+// the rows RBE_PREFETCH entries on (0 where the caller has just read them: run_product_dots).
+XT static INLINE_ALWAYS void coeff_grads_w(float* restrict sacc, const float* restrict g, const float* restrict Xt,
+                                           const int32_t* restrict soff, int e, int e1, int nl, int ahead) {
     if (nl < TL) {
         const __m256 g0 = _mm256_loadu_ps(g), g1 = _mm256_loadu_ps(g + 8);
         for (; e + 2 <= e1; e += 2) {  // the full-width reduction below, on 16 lanes
@@ -164,14 +165,16 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
     for (; e + 2 <= e1; e += 2) {  // two entries at a time: one shared reduction
         const float* xa = Xt + soff[e];
         const float* xb = Xt + soff[e + 1];
-        const int ea = e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e;
-        const int eb = e + 1 + RBE_PREFETCH < e1 ? e + 1 + RBE_PREFETCH : e + 1;
-        const char* pa = (const char*)(Xt + soff[ea]);
-        const char* pb = (const char*)(Xt + soff[eb]);
-        _mm_prefetch(pa, _MM_HINT_T0), _mm_prefetch(pa + 64, _MM_HINT_T0);
-        _mm_prefetch(pa + 128, _MM_HINT_T0), _mm_prefetch(pa + 192, _MM_HINT_T0);
-        _mm_prefetch(pb, _MM_HINT_T0), _mm_prefetch(pb + 64, _MM_HINT_T0);
-        _mm_prefetch(pb + 128, _MM_HINT_T0), _mm_prefetch(pb + 192, _MM_HINT_T0);
+        if (ahead) {
+            const int ea = e + RBE_PREFETCH < e1 ? e + RBE_PREFETCH : e;
+            const int eb = e + 1 + RBE_PREFETCH < e1 ? e + 1 + RBE_PREFETCH : e + 1;
+            const char* pa = (const char*)(Xt + soff[ea]);
+            const char* pb = (const char*)(Xt + soff[eb]);
+            _mm_prefetch(pa, _MM_HINT_T0), _mm_prefetch(pa + 64, _MM_HINT_T0);
+            _mm_prefetch(pa + 128, _MM_HINT_T0), _mm_prefetch(pa + 192, _MM_HINT_T0);
+            _mm_prefetch(pb, _MM_HINT_T0), _mm_prefetch(pb + 64, _MM_HINT_T0);
+            _mm_prefetch(pb + 128, _MM_HINT_T0), _mm_prefetch(pb + 192, _MM_HINT_T0);
+        }
         __m256 a0 = _mm256_mul_ps(g0, _mm256_loadu_ps(xa));
         __m256 a1 = _mm256_mul_ps(g1, _mm256_loadu_ps(xa + 8));
         __m256 b0 = _mm256_mul_ps(g0, _mm256_loadu_ps(xb));
@@ -209,8 +212,14 @@ XT static void coeff_grads(float* restrict sacc, const float* restrict g, const 
     }
 }
 
+XT static void coeff_grads(float* restrict sacc, const float* restrict g, const float* restrict Xt,
+                           const int32_t* restrict soff, int e, int e1, int nl) {
+    coeff_grads_w(sacc, g, Xt, soff, e, e1, nl, 1);
+}
+
 // run_product_dots in pieces of RBE_DOT_PIECE entries: a piece's rows are read from L2 for the
-// product, then again from L1 by coeff_grads (eight registers a row leave too few for both at once)
+// product (which prefetches them), then again from L1 for the dot products, with no prefetch
+// (eight registers a row leave too few for both at once)
 #ifndef RBE_DOT_PIECE
 #define RBE_DOT_PIECE 32
 #endif
@@ -220,7 +229,7 @@ XT static INLINE_ALWAYS void run_product_dots(__m256* a, float* restrict sacc, c
     while (e < e1) {
         const int pe = e + RBE_DOT_PIECE < e1 ? e + RBE_DOT_PIECE : e1;
         run_product(a, src, off, val, e, pe, e1, nv);
-        coeff_grads(sacc, xrow, src, off, e, pe, nv * VW);
+        coeff_grads_w(sacc, xrow, src, off, e, pe, nv * VW, 0);
         e = pe;
     }
 }
