@@ -269,7 +269,10 @@ XT static void sparse_block(float* restrict out, const float* restrict in, const
 // The transposed product of one block: out[col][:] += cf[q] * in[row][:] (idx = row*b + col,
 // ascending), each term added to its output row in memory (at b = 64 the block's output rows
 // are in L1). Every output row takes its terms in ascending row order: the chain the block's
-// coefficients re-sorted by column would give, with no re-sorting per call.
+// coefficients re-sorted by column would give, with no re-sorting per call. Consecutive terms
+// here go to different rows; in the forward (sparse_block_w) they go to the same row, and adding
+// them in memory there made a one-tile forward about twice as slow (each load waits on the store
+// before it), so the forward keeps its rows in registers and the two stay separate.
 XT static INLINE_ALWAYS void sparse_block_t_w(float* restrict out, const float* restrict in,
                                               const float* restrict cf, const void* index, int wide, long base,
                                               int k, int b, int nv) {
