@@ -50,10 +50,10 @@ def macs_per_token(d_model: int, d_ff: int, b: int, k: int, nf: int) -> dict:
     sparse = R1 * C1 * k  # per layer: both layers have R * C = R1 * C1 blocks
     small, large = C1 * seg, R1 * seg  # transforms over d_model / d_ff
     fwd = small + sparse + large + large + sparse + small  # fc1: x analysis, rows, synthesis; fc2 the same
-    # backward (standard): g analysed, fc2 columns + synthesis into d_ff, fc2's input analysed again
-    # (from the saved pre-activation) for fc2's parameter dots, fc1's output gradient analysed, fc1
-    # columns + synthesis into d_model, x analysed again for fc1's parameter dots
-    bwd = (small + sparse + large) + (large + sparse) + (large + sparse + small) + (small + sparse)
+    # backward (standard, gelu: the forward kept fc2's analysed input, docs/DESIGN.md): g analysed,
+    # fc2 columns + synthesis into d_ff, fc2's parameter dots on the kept input, fc1's output
+    # gradient analysed, fc1 columns + synthesis into d_model, x analysed again for fc1's parameter dots
+    bwd = (small + sparse + large) + sparse + (large + sparse + small) + (small + sparse)
     dense = 2 * d_model * d_ff
     return {"rbe_forward": fwd, "rbe_step": fwd + bwd, "dense_forward": dense, "dense_step": 3 * dense}
 

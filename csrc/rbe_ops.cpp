@@ -35,6 +35,17 @@ static PyObject* dct_path_enabled(PyObject*, PyObject*) { return PyBool_FromLong
 
 static PyObject* pack_max_block(PyObject*, PyObject*) { return PyLong_FromLong(RBE_PACK_MAX_B); }
 
+namespace rbe {
+bool ffn_saves_hidden(int64_t Tn, int64_t chunk_tokens, const std::string& activation);
+}
+
+static PyObject* ffn_saves_hidden(PyObject*, PyObject* args) {
+    long long tokens, chunk;
+    const char* activation;
+    if (!PyArg_ParseTuple(args, "LLs", &tokens, &chunk, &activation)) return nullptr;
+    return PyBool_FromLong(rbe::ffn_saves_hidden(tokens, chunk, activation));
+}
+
 static PyObject* set_dct_path(PyObject*, PyObject* on) {
     const int v = PyObject_IsTrue(on);
     if (v < 0) return nullptr;
@@ -54,6 +65,9 @@ extern "C" PyObject* PyInit__C(void) {
          "(csrc/rbe_dct_path.h) when true; returns the previous setting."},
         {"dct_path_enabled", dct_path_enabled, METH_NOARGS,
          "Whether the linear and feed-forward operators take the DCT-domain paths (set_dct_path)."},
+        {"ffn_saves_hidden", ffn_saves_hidden, METH_VARARGS,
+         "ffn_saves_hidden(tokens, chunk_tokens, activation): whether the CPU ffn operator with keep_pre "
+         "returns fc2's analysed input as its third result (docs/DESIGN.md, the standard mode's saved tensors)."},
         {"pack_max_block", pack_max_block, METH_NOARGS,
          "The largest block size the packed operators (pack_coeffs, linear_packed, ffn_packed) take."},
         {"set_dct_few_tokens", set_dct_few_tokens, METH_O,
@@ -713,12 +727,45 @@ static Tensor hidden_analysis(int64_t tokens, int64_t d_ff, const Plan& P, const
     return at::empty({cdiv(tokens, RBE_TILE), cdiv(d_ff, P.b), P.b + P.nf, RBE_TILE}, opt);
 }
 
-std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis1, const Tensor& coeffs1,
-                                   const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
-                                   const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
-                                   int64_t d_model, int64_t d_ff, std::string activation, int64_t chunk_tokens,
-                                   bool keep_pre, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-                                   double pattern_scale2, bool f32_activation, bool bf16_sparse) {
+// Whether the standard (keep_pre) CPU feed-forward keeps, for its backward, act'(h) in `pre` and
+// fc2's analysed input (hidden_analysis of act(h), unscaled) in `hidden`, instead of h: then the
+// backward evaluates no activation and analyses no [T, d_ff] input for fc2's parameter gradients.
+// For the activations whose value and derivative share work (relu's backward must pass +0 where
+// h <= 0 even for an infinite gradient), beyond the few-token path, on chunks of whole tiles (each
+// chunk writes its own tiles of `hidden`), and off the DCT-domain path. The fake kernel
+// (python/rbe_ffn/_ops.py) asks this same function.
+static bool hidden_keepable(int64_t Tn, int64_t chunk_tokens, const std::string& activation) {
+    const bool fusable = activation == "gelu" || activation == "gelu_tanh" || activation == "silu";
+    return fusable && Tn > FEW_TOKENS && (chunk_tokens <= 0 || chunk_tokens >= Tn || chunk_tokens % RBE_TILE == 0);
+}
+bool ffn_saves_hidden(int64_t Tn, int64_t chunk_tokens, const std::string& activation) {
+    return !dct_path_enabled() && hidden_keepable(Tn, chunk_tokens, activation);
+}
+
+// X = Y with its rows scaled as scale_rows scales them (the same bits), for `groups` groups of a
+// tile's width; Y is left as it is
+template <typename T>
+static void scaled_copy(T* X, const T* Y, int64_t groups, const Plan& P, const Scales& s) {
+    const int64_t n = (P.b + P.nf) * RBE_TILE, nc = P.b * RBE_TILE;
+    const T sc = (T)s.coeff, sp = (T)s.pattern;
+    at::parallel_for(0, groups, std::max<int64_t>(1, (1 << 14) / n), [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; g++) {
+            T* x = X + g * n;
+            const T* y = Y + g * n;
+            for (int64_t e = 0; e < nc; e++) x[e] = y[e] * sc;
+            for (int64_t e = nc; e < n; e++) x[e] = y[e] * sp;
+        }
+    });
+}
+
+std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis1,
+                                           const Tensor& coeffs1, const Tensor& index1,
+                                           const c10::optional<Tensor>& bias1, const Tensor& basis2,
+                                           const Tensor& coeffs2, const Tensor& index2,
+                                           const c10::optional<Tensor>& bias2, int64_t d_model, int64_t d_ff,
+                                           std::string activation, int64_t chunk_tokens, bool keep_pre,
+                                           double coeff_scale1, double coeff_scale2, double pattern_scale1,
+                                           double pattern_scale2, bool f32_activation, bool bf16_sparse) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2, d_model, d_ff,
                           activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"));
@@ -726,11 +773,14 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
     auto opt = a.x2.options();
     Tensor y = at::empty(x.sizes(), opt);  // [T, d_model] in x's shape: a base tensor, not a view
     Tensor pre = keep_pre ? at::empty(with_last(x, d_ff), opt) : at::empty({0}, opt);
+    const bool saves = keep_pre && ffn_saves_hidden(Tn, chunk_tokens, activation);
+    Tensor hidden = saves ? hidden_analysis(Tn, d_ff, a.P, opt) : at::empty({0}, opt);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn", [&] {
         using T = scalar_t;
         const double m = check_range<T>(a.x2, a.P.b, "input");
         if (dct_path_enabled()) {
             std::tie(y, pre) = dct_ffn(x, a, keep_pre);
+            hidden = at::empty({0}, opt);  // (the path was switched on since `saves` was decided)
             check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
                                     "the output");
             return;
@@ -755,32 +805,38 @@ std::tuple<Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Te
             return;
         }
         // fc1 writes the activated hidden tile straight into fc2's transform-domain input,
-        // so the [T, d_ff] hidden activation never exists token-major
-        Tensor Xh2 = hidden_analysis(std::min(a.chunk, Tn), d_ff, a.P, opt);
+        // so the [T, d_ff] hidden activation never exists token-major. Saving it (ffn_saves_hidden),
+        // fc1 writes each chunk's tiles of `hidden`, and pre receives act'(h); fc2 reads them
+        // directly, or a scaled copy when fc2 has scales (hidden keeps the unscaled numbers the
+        // backward's parameter gradients take)
+        const int64_t R2 = cdiv(d_ff, a.P.b), tile_len = R2 * (a.P.b + a.P.nf) * RBE_TILE;
+        Tensor Xh2 = saves && a.scales2.none() ? Tensor() : hidden_analysis(std::min(a.chunk, Tn), d_ff, a.P, opt);
         const bool cached = cache_scheds(Tn, a.chunk);
         SchedCache s1{false, false}, s2{false, false};
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
-            const int64_t n = std::min(a.chunk, Tn - t0);
+            const int64_t n = std::min(a.chunk, Tn - t0), groups = cdiv(n, RBE_TILE) * R2;
+            T* saved = saves ? hidden.data_ptr<T>() + t0 / RBE_TILE * tile_len : nullptr;
             linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, a.x2.data_ptr<T>() + t0 * d_model,
-                          n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, opt, nullptr, Xh2.data_ptr<T>(),
-                          cached ? &s1 : nullptr, a.scales1, bf16_sparse);
-            scale_rows(Xh2.data_ptr<T>(), cdiv(n, RBE_TILE) * cdiv(d_ff, a.P.b), a.P, RBE_TILE, a.scales2);
+                          n, a.W1, ptr_or_null<T>(a.bias1), saves ? a.act | RBE_ACT_PRE_GRAD : a.act, a.P, opt, nullptr,
+                          saves ? saved : Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scales1, bf16_sparse);
+            if (!saves) scale_rows(Xh2.data_ptr<T>(), groups, a.P, RBE_TILE, a.scales2);
+            else if (Xh2.defined()) scaled_copy(Xh2.data_ptr<T>(), saved, groups, a.P, a.scales2);
             linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, n, a.W2, ptr_or_null<T>(a.bias2),
-                          RBE_ACT_NONE, a.P, opt, Xh2.data_ptr<T>(), nullptr, cached ? &s2 : nullptr, {},
-                          bf16_sparse);
+                          RBE_ACT_NONE, a.P, opt, Xh2.defined() ? Xh2.data_ptr<T>() : saved, nullptr,
+                          cached ? &s2 : nullptr, {}, bf16_sparse);
         }
         check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
                                 "the output");
     });
-    return {y, pre};
+    return {y, pre, hidden};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_cpu(
-    const Tensor& grad, const Tensor& x, const Tensor& pre, const Tensor& plan, const Tensor& basis1,
-    const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
-    const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff, std::string activation,
-    int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-    double pattern_scale2, bool f32_activation, bool bf16_sparse) {
+    const Tensor& grad, const Tensor& x, const Tensor& pre, const Tensor& hidden, const Tensor& plan,
+    const Tensor& basis1, const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1,
+    const Tensor& basis2, const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff,
+    std::string activation, int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1,
+    double coeff_scale2, double pattern_scale1, double pattern_scale2, bool f32_activation, bool bf16_sparse) {
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, c10::nullopt, d_model,
                           d_ff, activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"));
@@ -794,6 +850,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         pre2 = as_tokens(pre, d_ff, "saved pre-activation");
         TORCH_CHECK_VALUE(pre2.size(0) == Tn, "rbe_ffn: saved pre-activation has ", pre2.size(0), " tokens, expected ", Tn);
     }
+    // what ffn returned as `hidden`: then pre holds act'(h) (ffn_saves_hidden)
+    const bool has_hidden = hidden.numel() > 0;
+    if (has_hidden) {
+        TORCH_CHECK_VALUE(saved, "rbe_ffn: ffn_backward got a saved hidden input without its pre (both come from ffn)");
+        TORCH_CHECK_VALUE(hidden_keepable(Tn, chunk_tokens, activation),
+                          "rbe_ffn: ffn_backward got a saved hidden input that ffn does not save for ", Tn,
+                          " tokens, chunk_tokens=", chunk_tokens, ", activation '", activation, "'");
+        const std::vector<int64_t> want = {cdiv(Tn, RBE_TILE), cdiv(d_ff, a.P.b), a.P.b + a.P.nf, RBE_TILE};
+        TORCH_CHECK_VALUE(hidden.sizes() == at::IntArrayRef(want) && hidden.is_contiguous() &&
+                              hidden.scalar_type() == x.scalar_type() && hidden.device() == x.device(),
+                          "rbe_ffn: saved hidden input must be a contiguous ", x.scalar_type(), " tensor of shape ",
+                          at::IntArrayRef(want), " on ", x.device(), ", got ", hidden.sizes(), " ",
+                          hidden.scalar_type());
+    }
     auto opt = a.x2.options();
     auto maybe = [&](bool on, at::IntArrayRef s) { return on ? at::zeros(s, opt) : at::empty({0}, opt); };
     Tensor dx = mask[0] ? at::empty(x.sizes(), opt) : at::empty({0}, opt);
@@ -805,7 +875,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn_backward", [&] {
         using T = scalar_t;
         const double mg = check_range<T>(g2, a.P.b, "grad", true), mx = check_range<T>(a.x2, a.P.b, "input");
-        if (dct_path_enabled()) {
+        if (dct_path_enabled() && !has_hidden) {  // (what the forward saved decides: the DCT-domain
+                                                  // backward takes h, never the hidden input)
             std::tie(dx, db1, dc1, dbias1, db2, dc2, dbias2) = dct_ffn_backward(x, g2, pre2, a, mask);
             const double m = std::isfinite(mg) ? mx : mg;
             check_finite_results<T>({dx, db1, dc1, dbias1, db2, dc2, dbias2}, m,
@@ -814,17 +885,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         }
         a.act = with_f32_activation(a.act, f32_activation, x.scalar_type());
         const int64_t cn = std::min(a.chunk, Tn);
-        // standard: a = act(h) from the saved h; checkpointed: h recomputed, and a only in the
-        // transform domain (fc1 writes fc2's analysed input directly)
+        // standard: a = act(h) from the saved h, or, with `hidden`, act'(h) and a in the transform
+        // domain as saved; checkpointed: h recomputed, and a only in the transform domain (fc1
+        // writes fc2's analysed input directly)
         const bool need1 = mask[0] || mask[1] || mask[2] || mask[3];
         // with fc1's gradients wanted, act'(h) is computed with act(h) (one erfc, not two): standard,
         // into dact (the third [chunk, d_ff] buffer the chunk budget counts: hpre is not used);
         // checkpointed, by the recompute into hpre, in place of h (RBE_ACT_PRE_GRAD: h itself is
         // needed for nothing else)
         const bool fused = need1 && fused_act_grad(a.act);
-        Tensor hid = saved ? at::empty({cn, d_ff}, opt) : Tensor();
+        const bool from_h = saved && !has_hidden;  // act(h) (and act'(h)) evaluated here from h
+        Tensor hid = from_h ? at::empty({cn, d_ff}, opt) : Tensor();
         Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);
-        Tensor dact = fused && saved ? at::empty({cn, d_ff}, opt) : Tensor();
+        Tensor dact = fused && from_h ? at::empty({cn, d_ff}, opt) : Tensor();
+        const int64_t tile_len = cdiv(d_ff, a.P.b) * (a.P.b + a.P.nf) * RBE_TILE;
         Tensor dh = at::empty({cn, d_ff}, opt);
         const bool cached = cache_scheds(Tn, a.chunk);
         // fc2's input gradient (dh) is wanted whenever fc1's gradients are
@@ -836,7 +910,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             const T* xc = a.x2.data_ptr<T>() + t0 * d_model;
             const T* h;
             Tensor Xh2;  // checkpointed: fc2's input in the transform domain, freed before fc1's backward
-            if (saved) {
+            const T* Xs = nullptr;  // fc2's input in the transform domain, as saved or recomputed
+            if (has_hidden) {
+                h = pre2.data_ptr<T>() + t0 * d_ff;  // act'(h)
+                Xs = hidden.data_ptr<T>() + t0 / RBE_TILE * tile_len;
+            } else if (saved) {
                 h = pre2.data_ptr<T>() + t0 * d_ff;
                 T* hp = hid.data_ptr<T>();
                 T* gp = fused ? dact.data_ptr<T>() : nullptr;  // (saved here)
@@ -851,18 +929,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                               fused ? a.act | RBE_ACT_PRE_GRAD : a.act, a.P, opt, nullptr, Xh2.data_ptr<T>(),
                               cached ? &s1 : nullptr, a.scales1, bf16_sparse);
                 h = hpre.data_ptr<T>();
+                Xs = Xh2.data_ptr<T>();
             }
             linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, mask[4] ? db2.data_ptr<T>() : nullptr,
                                    mask[5] ? dc2.data_ptr<T>() : nullptr, mask[6] ? dbias2.data_ptr<T>() : nullptr, acc,
-                                   g2.data_ptr<T>() + t0 * d_model, saved ? hid.data_ptr<T>() : nullptr, n, a.W2, a.P,
-                                   opt, saved ? nullptr : Xh2.data_ptr<T>(), cached ? &s2 : nullptr, a.scales2,
+                                   g2.data_ptr<T>() + t0 * d_model, from_h ? hid.data_ptr<T>() : nullptr, n, a.W2, a.P,
+                                   opt, Xs, cached ? &s2 : nullptr, a.scales2,
                                    bf16_sparse);
             Xh2.reset();  // so the chunk's peak is h, dh and one transform-domain copy (the memory limit's budget)
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
             at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
                 if (fused) {  // dh * act'(h): what act_backward computes, with act'(h) already at hand
-                    const T* gp = saved ? dact.data_ptr<T>() : hpre.data_ptr<T>();
+                    const T* gp = has_hidden ? h : from_h ? dact.data_ptr<T>() : hpre.data_ptr<T>();
                     for (int64_t i = r0 * d_ff; i < r1 * d_ff; i++) dhp[i] *= gp[i];
                 } else {
                     act_backward(dhp + r0 * d_ff, dhp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
@@ -1129,8 +1208,8 @@ TORCH_LIBRARY(rbe_ffn, m) {
     m.def("ffn(Tensor x, Tensor plan, Tensor basis1, Tensor coeffs1, Tensor index1, Tensor? bias1, Tensor basis2, "
           "Tensor coeffs2, Tensor index2, Tensor? bias2, int d_model, int d_ff, str activation, int chunk_tokens, "
           "bool keep_pre, float coeff_scale1=1., float coeff_scale2=1., float pattern_scale1=1., "
-          "float pattern_scale2=1., bool f32_activation=False, bool bf16_sparse=False) -> (Tensor, Tensor)");
-    m.def("ffn_backward(Tensor grad, Tensor x, Tensor pre, Tensor plan, Tensor basis1, Tensor coeffs1, "
+          "float pattern_scale2=1., bool f32_activation=False, bool bf16_sparse=False) -> (Tensor, Tensor, Tensor)");
+    m.def("ffn_backward(Tensor grad, Tensor x, Tensor pre, Tensor hidden, Tensor plan, Tensor basis1, Tensor coeffs1, "
           "Tensor index1, Tensor? bias1, Tensor basis2, Tensor coeffs2, Tensor index2, int d_model, int d_ff, "
           "str activation, int chunk_tokens, bool[7] output_mask, float coeff_scale1=1., float coeff_scale2=1., "
           "float pattern_scale1=1., float pattern_scale2=1., bool f32_activation=False, bool bf16_sparse=False) -> "

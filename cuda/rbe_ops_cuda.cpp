@@ -408,19 +408,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cuda(const Tensor& gr
 }
 
 // ---- the feed-forward block ----
-std::tuple<Tensor, Tensor> ffn_cuda(const Tensor& x, const Tensor& plan, const Tensor& basis1, const Tensor& coeffs1,
-                                    const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
-                                    const Tensor& coeffs2, const Tensor& index2, const c10::optional<Tensor>& bias2,
-                                    int64_t d_model, int64_t d_ff, std::string activation, int64_t chunk_tokens,
-                                    bool keep_pre, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-                                    double pattern_scale2, bool /*f32_activation: the CUDA kernels evaluate in double*/,
-    bool /*bf16_sparse: a CPU kernel*/) {
+std::tuple<Tensor, Tensor, Tensor> ffn_cuda(const Tensor& x, const Tensor& plan, const Tensor& basis1,
+                                            const Tensor& coeffs1, const Tensor& index1,
+                                            const c10::optional<Tensor>& bias1, const Tensor& basis2,
+                                            const Tensor& coeffs2, const Tensor& index2,
+                                            const c10::optional<Tensor>& bias2, int64_t d_model, int64_t d_ff,
+                                            std::string activation, int64_t chunk_tokens, bool keep_pre,
+                                            double coeff_scale1, double coeff_scale2, double pattern_scale1,
+                                            double pattern_scale2,
+                                            bool /*f32_activation: the CUDA kernels evaluate in double*/,
+                                            bool /*bf16_sparse: a CPU kernel*/) {
     const OpScope scope(x);
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2, d_model, d_ff,
                           activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"), true);
     check_indexes({{"fc1", &a.W1}, {"fc2", &a.W2}});
-    if (use_dct_path(x, a.P.b)) return dct_ffn(x, a, keep_pre);
+    if (use_dct_path(x, a.P.b)) {
+        auto [y, pre] = dct_ffn(x, a, keep_pre);
+        return {y, pre, empty0(a.x2.options())};  // no saved hidden input on CUDA (the CPU's ffn_saves_hidden)
+    }
     a.W1 = scaled_weight(a.W1, a.scales1), a.W2 = scaled_weight(a.W2, a.scales2);
     const at::ScalarType ct = compute_type(x.scalar_type());
     const Tables T = tables(a.P.b, ct, x.device());
@@ -439,17 +445,19 @@ std::tuple<Tensor, Tensor> ffn_cuda(const Tensor& x, const Tensor& plan, const T
         Tensor yc = y2.narrow(0, t0, n);
         affine(yc, hid, wd2, a.bias2);
     }
-    return {y, pre};
+    return {y, pre, empty0(opt)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_cuda(
-    const Tensor& grad, const Tensor& x, const Tensor& pre, const Tensor& plan, const Tensor& basis1,
-    const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1, const Tensor& basis2,
-    const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff, std::string activation,
-    int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1, double coeff_scale2, double pattern_scale1,
-    double pattern_scale2, bool /*f32_activation: the CUDA kernels evaluate in double*/,
-    bool /*bf16_sparse: a CPU kernel*/) {
+    const Tensor& grad, const Tensor& x, const Tensor& pre, const Tensor& hidden, const Tensor& plan,
+    const Tensor& basis1, const Tensor& coeffs1, const Tensor& index1, const c10::optional<Tensor>& bias1,
+    const Tensor& basis2, const Tensor& coeffs2, const Tensor& index2, int64_t d_model, int64_t d_ff,
+    std::string activation, int64_t chunk_tokens, std::array<bool, 7> mask, double coeff_scale1,
+    double coeff_scale2, double pattern_scale1, double pattern_scale2,
+    bool /*f32_activation: the CUDA kernels evaluate in double*/, bool /*bf16_sparse: a CPU kernel*/) {
     const OpScope scope(x);
+    TORCH_CHECK_VALUE(hidden.numel() == 0, "rbe_ffn: ffn_backward on CUDA takes no saved hidden input (the CUDA ffn "
+                      "returns an empty one)");
     FFNArgs a = check_ffn(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, c10::nullopt, d_model,
                           d_ff, activation, chunk_tokens, check_scales(coeff_scale1, pattern_scale1, "fc1"),
                           check_scales(coeff_scale2, pattern_scale2, "fc2"), true);

@@ -148,7 +148,7 @@ def test_index_corrupted_between_forward_and_backward():
         y.sum().backward()
     f1, f2 = m.fc1, m.fc2
     with pytest.raises(IndexError, match="fc1: index is corrupted"):
-        ops.ffn_backward(torch.ones(5, 10), x.detach(), torch.zeros(5, 37), f1.plan, f1.basis.detach(),
+        ops.ffn_backward(torch.ones(5, 10), x.detach(), torch.zeros(5, 37), torch.empty(0), f1.plan, f1.basis.detach(),
                          f1.coeffs.detach(), f1.index, f1.bias.detach(), f2.basis.detach(), f2.coeffs.detach(),
                          f2.index, 10, 37, "gelu", 0, [True] * 7)
     with pytest.raises(IndexError, match="index is corrupted"):
@@ -163,8 +163,8 @@ def ffn_with_index(m, x, index1=None, index2=None):
     f1, f2 = m.fc1, m.fc2
     i1 = f1.index if index1 is None else index1
     i2 = f2.index if index2 is None else index2
-    y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, i1, f1.bias, f2.basis, f2.coeffs, i2, f2.bias, m.d_model, m.d_ff,
-                   m.activation, 0, True)
+    y, _, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, i1, f1.bias, f2.basis, f2.coeffs, i2, f2.bias, m.d_model,
+                      m.d_ff, m.activation, 0, True)
     return y
 
 
@@ -280,13 +280,45 @@ def test_bad_operator_arguments():
     with pytest.raises(ValueError, match="plan must be"):
         ops.ffn(x, f1.plan[0], *args[2:])
     with torch.no_grad():
-        y, pre = ops.ffn(*args)
+        y, pre, hidden = ops.ffn(*args)
     with pytest.raises(ValueError, match="grad must match"):
-        ops.ffn_backward(torch.randn(4, 10), x, pre, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis,
+        ops.ffn_backward(torch.randn(4, 10), x, pre, hidden, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis,
                          f2.coeffs, f2.index, 10, 37, "gelu", 0, [True] * 7)
     with pytest.raises(ValueError, match="pre-activation"):
-        ops.ffn_backward(torch.randn(3, 10), x, pre[:2], f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis,
-                         f2.coeffs, f2.index, 10, 37, "gelu", 0, [True] * 7)
+        ops.ffn_backward(torch.randn(3, 10), x, pre[:2], hidden, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias,
+                         f2.basis, f2.coeffs, f2.index, 10, 37, "gelu", 0, [True] * 7)
+
+
+def test_bad_saved_hidden():
+    """ffn_backward takes `hidden` only as ffn returned it: with its pre, in its shape, for a call
+    that saves one; a mismatch is refused before any kernel reads it. What the forward saved
+    decides the backward: switching the DCT-domain path on in between changes nothing."""
+    m = make_small_ffn()
+    f1, f2 = m.fc1, m.fc2
+    x, dy = torch.randn(130, 10), torch.randn(130, 10)
+    args = [x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias, 10, 37,
+            "gelu", 0, True]
+    with torch.no_grad():
+        y, pre, hidden = ops.ffn(*args)
+    assert hidden.numel() > 0
+
+    def backward(pre, hidden, chunk=0, activation="gelu"):
+        return ops.ffn_backward(dy, x, pre, hidden, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis,
+                                f2.coeffs, f2.index, 10, 37, activation, chunk, [True] * 7)
+
+    want = backward(pre, hidden)  # as returned: accepted
+    with rbe_ffn.dct_path():
+        assert all(torch.equal(a, b) for a, b in zip(backward(pre, hidden), want))
+    with pytest.raises(ValueError, match="without its pre"):
+        backward(torch.empty(0), hidden)
+    with pytest.raises(ValueError, match="saved hidden input must be"):
+        backward(pre, hidden[:2])
+    with pytest.raises(ValueError, match="saved hidden input must be"):
+        backward(pre, hidden.double())
+    with pytest.raises(ValueError, match="does not save"):
+        backward(pre, hidden, chunk=100)  # chunks of 100 tokens keep h instead
+    with pytest.raises(ValueError, match="does not save"):
+        backward(pre, hidden, activation="relu")  # relu keeps h
 
 
 def test_plan_with_asymmetric_pattern_rows():

@@ -79,7 +79,8 @@ def test_compile_linear():
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_compiled_saved_tensors(checkpoint):
     """The compiled graph keeps the memory contract: checkpointed saves only the input,
-    standard saves the input and the [T, d_ff] pre-activation (module tensors excluded)."""
+    standard saves the input, the [T, d_ff] act'(pre-activation) and fc2's analysed input (one tile
+    of 64 tokens, ceil(37 / 8) segments of b + nf rows), module tensors excluded."""
     m = make_ffn(checkpoint=checkpoint)
     x = torch.randn(4, 7, 10, requires_grad=True)
     cm = torch.compile(m, fullgraph=True)
@@ -89,5 +90,6 @@ def test_compiled_saved_tensors(checkpoint):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = cm(x)
     extra = sum(t.numel() * t.element_size() for t in saved if t.numel() and t.data_ptr() not in own)
-    assert extra == x.numel() * 4 + (0 if checkpoint else 28 * 37 * 4)
+    assert rbe_ffn._C.ffn_saves_hidden(28, m.chunk_tokens(), "gelu")
+    assert extra == x.numel() * 4 + (0 if checkpoint else 28 * 37 * 4 + 64 * 5 * m.fc1.plan.shape[1] * 4)
     y.sum().backward()

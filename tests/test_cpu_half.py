@@ -169,8 +169,8 @@ def test_f32_activation_is_float32_close_and_changes_only_what_it_should(activat
         for keep_pre in (True, False):
             args = _op_args(mm, x.to(dtype), keep_pre)
             for flag in (False, True):
-                y, pre = ops.ffn(*args, f32_activation=flag)
-                grads = ops.ffn_backward(g.to(dtype), args[0], pre, *args[1:9], *args[10:14], mask,
+                y, pre, hidden = ops.ffn(*args, f32_activation=flag)
+                grads = ops.ffn_backward(g.to(dtype), args[0], pre, hidden, *args[1:9], *args[10:14], mask,
                                          f32_activation=flag)
                 results[dtype, keep_pre, flag] = (y, *grads)
     for keep_pre in (True, False):
@@ -201,8 +201,8 @@ def test_bf16_sparse_is_bfloat16_close(tokens, checkpoint):
     args = _op_args(m, x, not checkpoint)
     res = {}
     for flag in (False, True):
-        y, pre = ops.ffn(*args, bf16_sparse=flag)
-        res[flag] = (y, *ops.ffn_backward(g, x, pre, *args[1:9], *args[10:14], [True] * 7, bf16_sparse=flag))
+        y, pre, hidden = ops.ffn(*args, bf16_sparse=flag)
+        res[flag] = (y, *ops.ffn_backward(g, x, pre, hidden, *args[1:9], *args[10:14], [True] * 7, bf16_sparse=flag))
     if not (_C.bf16_sparse() and tokens > 64):  # not on this CPU, or a single tile: float32 operands
         assert all(torch.equal(a, b) for a, b in zip(res[False], res[True]))
         return
@@ -212,8 +212,8 @@ def test_bf16_sparse_is_bfloat16_close(tokens, checkpoint):
     assert not torch.equal(res[False][0], res[True][0]) and not torch.equal(res[False][3], res[True][3])
     if checkpoint:  # the recompute takes the flag as the forward did: the standard backward's results
         std_args = _op_args(m, x, True)
-        y, pre = ops.ffn(*std_args, bf16_sparse=True)
-        std = (y, *ops.ffn_backward(g, x, pre, *std_args[1:9], *std_args[10:14], [True] * 7, bf16_sparse=True))
+        y, pre, hidden = ops.ffn(*std_args, bf16_sparse=True)
+        std = (y, *ops.ffn_backward(g, x, pre, hidden, *std_args[1:9], *std_args[10:14], [True] * 7, bf16_sparse=True))
         assert torch.equal(std[0], res[True][0])
         for name, a, b in zip(names[1:], std[1:], res[True][1:]):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item(), msg=name)

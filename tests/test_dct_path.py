@@ -103,8 +103,9 @@ def test_chunks_change_nothing_but_rounding(keep_pre, dct):
     dy = torch.randn_like(x)
     results = []
     for chunk in (0, 7, 16):
-        y, pre = ops.ffn(*ffn_args(m, x, chunk, keep_pre))
-        g = ops.ffn_backward(dy, x, pre, *backward_args(m, x, chunk), [True] * 7)
+        y, pre, hidden = ops.ffn(*ffn_args(m, x, chunk, keep_pre))
+        g = ops.ffn_backward(dy, x, pre, hidden, *backward_args(m, x, chunk), [True] * 7)
+        assert hidden.numel() == 0  # the DCT-domain forward keeps h, never fc2's analysed input
         results.append([y, pre, *g] if keep_pre else [y, *g])
     for other in results[1:]:
         assert_all_close(other, results[0], 1e-13, "chunked")
@@ -121,10 +122,12 @@ def test_ffn_backward_output_mask(wanted, keep_pre):
     x = torch.randn(11, 40, dtype=torch.float64)
     dy = torch.randn_like(x)
     args = ffn_args(m, x, 0, keep_pre)
-    y, pre = ops.ffn(*args)
-    want = ops.ffn_backward(dy, x, pre, *backward_args(m, x, 0), wanted)
+    with rbe_ffn.dct_path():  # the DCT-domain forward keeps h, never fc2's analysed input
+        y, pre, hidden = ops.ffn(*args)
+    assert hidden.numel() == 0
+    want = ops.ffn_backward(dy, x, pre, hidden, *backward_args(m, x, 0), wanted)
     with rbe_ffn.dct_path():
-        got = ops.ffn_backward(dy, x, pre, *backward_args(m, x, 0), wanted)
+        got = ops.ffn_backward(dy, x, pre, hidden, *backward_args(m, x, 0), wanted)
     for on, a, b in zip(wanted, got, want):
         assert a.numel() == (b.numel() if on else 0)
         if on:

@@ -46,7 +46,9 @@ def test_train_char_lm_smoke(tmp_path):
     assert all(math.isfinite(v) for v in res["final_val"].values())
     assert res["same_forward"]
     mem = res["memory"]  # (saved bytes, of which inside the FFNs, profiler peak)
-    assert mem["rbe"][1] < mem["rbe, checkpoint=False"][1] < mem["dense"][1]
+    # checkpointed: the input only; standard: also act'(h) and fc2's analysed input (about 2.2-2.5
+    # [T, d_ff] tensors at these block sizes, where dense keeps GELU's input and fc2's: 2)
+    assert mem["rbe"][1] < mem["dense"][1] and mem["rbe"][1] < mem["rbe, checkpoint=False"][1]
     assert mem["rbe"][0] < mem["rbe, checkpoint=False"][0]
 
 

@@ -120,28 +120,33 @@ def test_opcheck_linear(bias):
         assert_opcheck(ops.linear_backward, (gy, d(x), lin.plan, d(lin.basis), d(lin.coeffs), lin.index, 21, 13, mask))
 
 
-@pytest.mark.parametrize("chunk", [0, 4])
+# 6 tokens (the few-token path); 130 (three tiles), where the standard forward also returns fc2's
+# analysed input, unless the chunks (100) are not whole tiles
+@pytest.mark.parametrize("tokens,chunk", [(6, 0), (6, 4), (130, 0), (130, 64), (130, 100)])
 @pytest.mark.parametrize("keep_pre", [True, False])
-def test_opcheck_ffn(keep_pre, chunk):
+def test_opcheck_ffn(keep_pre, tokens, chunk):
     m = make_ffn(10, 37, "silu", dtype=torch.float64)
-    x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, tokens // 2, 10, dtype=torch.float64, requires_grad=True)
     assert_opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre))
     assert_opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre, bias=False))
+    hidden = ops.ffn(*ffn_args(m, x.detach(), chunk, keep_pre))[2]
+    assert (hidden.numel() > 0) == (keep_pre and tokens == 130 and chunk != 100)
 
 
-@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("tokens,chunk", [(5, 0), (5, 4), (130, 0), (130, 64)])
 @pytest.mark.parametrize("keep_pre", [True, False])
-def test_opcheck_ffn_backward(keep_pre, chunk):
+def test_opcheck_ffn_backward(keep_pre, tokens, chunk):
     m = make_ffn(10, 37, "gelu_tanh", dtype=torch.float64)
-    x = torch.randn(5, 10, dtype=torch.float64)
+    x = torch.randn(tokens, 10, dtype=torch.float64)
     with torch.no_grad():
-        y, pre = ops.ffn(*ffn_args(m, x, chunk, keep_pre))
+        y, pre, hidden = ops.ffn(*ffn_args(m, x, chunk, keep_pre))
     gy = torch.randn_like(y)
     f1, f2 = m.fc1, m.fc2
     d = lambda t: t.detach()  # noqa: E731
     for mask in ([True] * 7, [False, True, False, True, False, True, False], [True] + [False] * 6):
-        assert_opcheck(ops.ffn_backward, (gy, x, pre, f1.plan, d(f1.basis), d(f1.coeffs), f1.index, d(f1.bias),
-                                    d(f2.basis), d(f2.coeffs), f2.index, 10, 37, "gelu_tanh", chunk, mask))
+        assert_opcheck(ops.ffn_backward, (gy, x, pre, hidden, f1.plan, d(f1.basis), d(f1.coeffs), f1.index,
+                                          d(f1.bias), d(f2.basis), d(f2.coeffs), f2.index, 10, 37, "gelu_tanh", chunk,
+                                          mask))
 
 
 SCALES = (4.0, 0.5, 0.125, 2.0)  # coeff_scale1, coeff_scale2, pattern_scale1, pattern_scale2
@@ -155,9 +160,9 @@ def test_opcheck_ffn_scales(keep_pre):
         x = torch.randn(tokens, 10, dtype=torch.float64, requires_grad=True)
         assert_opcheck(ops.ffn, ffn_args(m, x, 0, keep_pre) + SCALES)
         with torch.no_grad():
-            y, pre = ops.ffn(*ffn_args(m, x, 0, keep_pre), *SCALES)
+            y, pre, hidden = ops.ffn(*ffn_args(m, x, 0, keep_pre), *SCALES)
         f1, f2 = m.fc1, m.fc2
-        assert_opcheck(ops.ffn_backward, (torch.randn_like(y), d(x), pre, f1.plan, d(f1.basis), d(f1.coeffs),
+        assert_opcheck(ops.ffn_backward, (torch.randn_like(y), d(x), pre, hidden, f1.plan, d(f1.basis), d(f1.coeffs),
                                           f1.index, d(f1.bias), d(f2.basis), d(f2.coeffs), f2.index, 10, 37, "gelu",
                                           0, [True] * 7, *SCALES))
 
@@ -178,10 +183,10 @@ def test_scales_are_the_numbers_times_the_scales(tokens, chunk, keep_pre, dtype)
     def run(b1, c1, b2, c2, *scales):
         args = (x, f1.plan, b1, c1, f1.index, f1.bias.detach(), b2, c2, f2.index, f2.bias.detach(), 24, 50, "gelu",
                 chunk, keep_pre)
-        y, pre = ops.ffn(*args, *scales)
+        y, pre, hidden = ops.ffn(*args, *scales)
         gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
-        grads = ops.ffn_backward(gy, x, pre, f1.plan, b1, c1, f1.index, f1.bias.detach(), b2, c2, f2.index, 24, 50,
-                                 "gelu", chunk, [True] * 7, *scales)
+        grads = ops.ffn_backward(gy, x, pre, hidden, f1.plan, b1, c1, f1.index, f1.bias.detach(), b2, c2, f2.index,
+                                 24, 50, "gelu", chunk, [True] * 7, *scales)
         return y, grads
 
     b1, c1, b2, c2 = (t.detach() for t in (f1.basis, f1.coeffs, f2.basis, f2.coeffs))
@@ -263,11 +268,11 @@ def test_opcheck_every_operator(device, dtype):
         for chunk in (0, 4):
             assert_opcheck(ops.ffn, ffn_args(m, x, chunk, keep_pre))
             with torch.no_grad():
-                y, pre = ops.ffn(*ffn_args(m, d(x), chunk, keep_pre))
+                y, pre, hidden = ops.ffn(*ffn_args(m, d(x), chunk, keep_pre))
             f2 = m.fc2
-            assert_opcheck(ops.ffn_backward, (torch.randn_like(y), d(x), pre, f1.plan, d(f1.basis), d(f1.coeffs),
-                                              f1.index, d(f1.bias), d(f2.basis), d(f2.coeffs), f2.index, 10, 37,
-                                              "silu", chunk, [True] * 7))
+            assert_opcheck(ops.ffn_backward, (torch.randn_like(y), d(x), pre, hidden, f1.plan, d(f1.basis),
+                                              d(f1.coeffs), f1.index, d(f1.bias), d(f2.basis), d(f2.coeffs),
+                                              f2.index, 10, 37, "silu", chunk, [True] * 7))
     h = torch.randn(4, 9, dtype=dtype, device=device, requires_grad=True)
     assert_opcheck(ops.activation, (h, "gelu"))
     assert_opcheck(ops.activation_backward, (torch.randn_like(h), d(h), "gelu_tanh"))
@@ -454,6 +459,40 @@ def test_checkpoint_equals_standard(activation):
     assert torch.equal(yc, y)  # bitwise: the forward is the same computation
     for a, b in zip(gc, g):
         assert R.rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("parametrization", ["plain", "scaled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ACTS)
+def test_standard_keeping_hidden_equals_checkpointed(activation, dtype, parametrization):
+    """Beyond the few-token path, on chunks of whole tiles, the standard forward keeps act'(h) and
+    fc2's analysed input instead of h (ffn_saves_hidden: gelu, gelu_tanh and silu), so that its
+    backward evaluates no activation and analyses no [T, d_ff] input. The same kernels compute the
+    same numbers there as in the checkpointed recompute: every gradient is bitwise the checkpointed
+    one, with fc2's scales too (the kept input is the unscaled one). Where h is kept (relu, chunks
+    of 100 tokens), the same holds."""
+    m = make_ffn(48, 200, activation, block_size=16, k=40, dtype=dtype, seed=23, random_bias=True,
+                 parametrization=parametrization)
+    params = params_of(m)
+    fc1 = (m.fc1.basis, m.fc1.coeffs, m.fc1.index, m.fc1.bias)
+    fc2 = (m.fc2.basis, m.fc2.coeffs, m.fc2.index, m.fc2.bias)
+    scales = (m.fc1._coeff_scale, m.fc2._coeff_scale, m.fc1._pattern_scale, m.fc2._pattern_scale)
+    assert (scales == (1.0,) * 4) == (parametrization == "plain")
+    for tokens, chunk in ((130, 0), (300, 64), (300, 128), (300, 100)):
+        x = torch.randn(tokens, 48, dtype=dtype)
+        dy = torch.randn_like(x)
+        results = []
+        for checkpoint in (False, True):
+            def f(t):
+                return ops.ffn(*ffn_args(m, t, chunk, not checkpoint), *scales)[0]
+            results.append(R.grads_of(f, x, params, dy))
+        (y, g), (yc, gc) = results
+        assert torch.equal(yc, y), (tokens, chunk)
+        for i, (a, b) in enumerate(zip(gc, g)):
+            assert torch.equal(a, b), (tokens, chunk, i)
+        with torch.no_grad():
+            hidden = ops.ffn(*ffn_args(m, x, chunk, True), *scales)[2]
+        assert (hidden.numel() > 0) == (activation != "relu" and chunk != 100), (tokens, chunk)
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])

@@ -264,14 +264,24 @@ def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, 
                 basis2=basis2, coeffs2=coeffs2, index2=index2, bias2=bias2)
     torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
     pre = x.new_empty((*x.shape[:-1], d_ff)) if keep_pre else x.new_empty((0,))
-    return x.new_empty(x.shape), pre
+    return x.new_empty(x.shape), pre, _saved_hidden_fake(x, plan, d_model, d_ff, activation, chunk_tokens, keep_pre)
+
+
+def _saved_hidden_fake(x, plan, d_model, d_ff, activation, chunk_tokens, keep_pre):
+    """ffn's third result: on the CPU, with keep_pre, where _C.ffn_saves_hidden says so, fc2's
+    analysed input [tiles, ceil(d_ff / b), b + nf, RBE_TILE] (plan: [3, b + nf, b]); else empty."""
+    tokens = x.numel() // d_model if d_model else 0
+    if not (keep_pre and x.device.type == "cpu" and _C.ffn_saves_hidden(int(tokens), int(chunk_tokens), activation)):
+        return x.new_empty((0,))
+    b, rows = plan.shape[2], plan.shape[1]
+    return x.new_empty((-(-tokens // RBE_TILE), -(-d_ff // b), rows, RBE_TILE))
 
 
 @torch.library.register_fake("rbe_ffn::ffn_backward")
-def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2,
+def _ffn_backward_fake(grad, x, pre, hidden, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2,
                        d_model, d_ff, activation, chunk_tokens, output_mask, coeff_scale1=1.0, coeff_scale2=1.0,
                        pattern_scale1=1.0, pattern_scale2=1.0, f32_activation=False, bf16_sparse=False):
-    _one_device("ffn_backward", grad=grad, x=x, pre=pre, plan=plan, basis1=basis1, coeffs1=coeffs1,
+    _one_device("ffn_backward", grad=grad, x=x, pre=pre, hidden=hidden, plan=plan, basis1=basis1, coeffs1=coeffs1,
                 index1=index1, bias1=bias1, basis2=basis2, coeffs2=coeffs2, index2=index2)
     shapes = [x.shape, basis1.shape, coeffs1.shape, (d_ff,), basis2.shape, coeffs2.shape, (d_model,)]
     return tuple(x.new_empty(s) if on else x.new_empty((0,)) for s, on in zip(shapes, output_mask))
@@ -280,29 +290,29 @@ def _ffn_backward_fake(grad, x, pre, plan, basis1, coeffs1, index1, bias1, basis
 def _ffn_setup(ctx, inputs, output):
     (x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, bias2,
      d_model, d_ff, activation, chunk_tokens, keep_pre, *rest) = inputs
-    _, pre = output
-    # checkpointed (keep_pre=False): pre is an empty tensor, so only x is saved
-    ctx.save_for_backward(x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2)
+    _, pre, hidden = output
+    # checkpointed (keep_pre=False): pre and hidden are empty tensors, so only x is saved
+    ctx.save_for_backward(x, pre, hidden, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2)
     ctx.args = (d_model, d_ff, activation, chunk_tokens)
     # coeff_scale1, coeff_scale2, pattern_scale1, pattern_scale2, f32_activation, bf16_sparse (those
     # given): the backward evaluates the activation's derivative as the forward evaluated the
     # activation, and takes the forward's word for bfloat16 sparse operands
     ctx.rest = tuple(rest)
-    ctx.mark_non_differentiable(pre)
-    # pre never receives a gradient: without this autograd would materialize a
-    # zero [T, d_ff] tensor for it in every backward (a second copy of pre).
+    ctx.mark_non_differentiable(pre, hidden)
+    # pre and hidden never receive a gradient: without this autograd would materialize
+    # zero tensors of their sizes in every backward.
     ctx.set_materialize_grads(False)
 
 
-def _ffn_backward(ctx, grad, _grad_pre):
-    x, pre, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2 = ctx.saved_tensors
+def _ffn_backward(ctx, grad, _grad_pre, _grad_hidden):
+    x, pre, hidden, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2 = ctx.saved_tensors
     n_inputs = 15 + len(ctx.rest)
     if grad is None:  # possible once grads are not materialized; y took no part in the loss
         return (None,) * n_inputs
     need = ctx.needs_input_grad
     # inputs: x plan basis1 coeffs1 index1 bias1 basis2 coeffs2 index2 bias2 ...
     mask = [need[0], need[2], need[3], need[5], need[6], need[7], need[9]]
-    grads = ops.ffn_backward(grad.contiguous(), x, pre, plan, basis1, coeffs1, index1, bias1,
+    grads = ops.ffn_backward(grad.contiguous(), x, pre, hidden, plan, basis1, coeffs1, index1, bias1,
                              basis2, coeffs2, index2, *ctx.args, mask, *ctx.rest)
     dx, db1, dc1, dbias1, db2, dc2, dbias2 = (g if on else None for g, on in zip(grads, mask))
     return (dx, None, db1, dc1, None, dbias1, db2, dc2, None, dbias2) + (None,) * (n_inputs - 10)
@@ -455,7 +465,7 @@ def _autocast_cpu(op):
             out = op(x, plan, *rest, **kwargs)
         if compute != torch.float32 or out_dtype == torch.float32:
             return out
-        if isinstance(out, tuple):  # ffn: (y, pre); pre stays internal, in the compute dtype
+        if isinstance(out, tuple):  # ffn: (y, pre, hidden); pre and hidden stay internal, in the compute dtype
             return (out[0].to(out_dtype),) + tuple(out[1:])
         return out.to(out_dtype)
 

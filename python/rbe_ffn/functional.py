@@ -121,6 +121,6 @@ def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, acti
     """
     x, out_dtype = cpu_half_input(x, fc1[0].dtype)
     plan = get_plan(block_size, x.dtype, x.device)
-    y, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
+    y, _, _ = ops.ffn(x, plan, *fc1, *fc2, d_model, d_ff, canonical_activation(activation),
                    int(chunk_tokens), keep_pre(checkpoint), **sixteen_bit_flags(out_dtype))
     return _restore(y, out_dtype)

@@ -1062,7 +1062,7 @@ class RBEFeedForward(nn.Module):
         chunk = self.chunk_tokens()
         # the parameters and their scales: the operator applies the scales to its transformed
         # input (and output gradient), never to the numbers (docs/DESIGN.md, Parametrization)
-        y, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
+        y, _, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
                        self.d_model, self.d_ff, self.activation, chunk, keep_pre(self.checkpoint),
                        f1._coeff_scale, f2._coeff_scale, f1._pattern_scale, f2._pattern_scale,
                        **sixteen_bit_flags(out_dtype))
