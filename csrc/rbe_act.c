@@ -2,9 +2,10 @@
  * rbe_act_value / rbe_act_grad of rbe_math.h (shared with the CUDA kernels).
  *
  * Float values are computed in double and rounded once, so they are within half an ulp of
- * the exact value. The vectorized float path computes the same formulas in double with
- * libmvec and rounds once: it agrees with the scalar definition to 1 ulp (almost always
- * bitwise; the double-precision erfc/exp differ in their last bits).
+ * the exact value. gelu with AVX-512 gives the scalar definition's bits (rbe_gelu_avx512 below);
+ * the other vectorized float paths compute the same formulas in double with libmvec and round
+ * once: they agree with the scalar definition to 1 ulp (almost always bitwise; the
+ * double-precision erfc/exp differ in their last bits).
  */
 #include "rbe_variants.h"
 
@@ -226,6 +227,125 @@ AVX2 static long act_backward_avx2(float* dx, const float* dy, const float* x, l
 #define POW2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #include "rbe_act_f32.h"
 
+/* ---- gelu with AVX-512, eight doubles at a time: the scalar definition, bitwise ----
+ * Phi(x) = phi(x) R(|x|) for x < 0 and 1 - phi(x) R(|x|) for x >= 0, where phi(x) = exp(-x^2/2) /
+ * sqrt(2 pi) and R is the normal distribution's Mills ratio: a polynomial of degree 11 on each
+ * sixteenth of [0, 12] (rbe_gelu_mills, written by gen_gelu_table.py: relative error below
+ * 4e-14). x^2/2 is exact in double for a float x. The value alone, where all eight x lie in
+ * [-3, 5), takes Phi from a polynomial of its own (rbe_gelu_cdf: no exp). Value x Phi, derivative
+ * Phi + x phi: each within GELU_SLACK of the double the scalar definition computes, relative to the
+ * magnitude of its terms. Where the whole interval [v - slack, v + slack] rounds to one float, that
+ * float is the definition's. The other lanes (|x| > 12, NaN, a value near a rounding boundary:
+ * about 1 in 10^4, mostly subnormal x) take the scalar definition itself. */
+#include "rbe_gelu_table.h"
+#define GELU_SLACK 1e-12
+
+// exp(-h) for 0 <= h <= 72: n = round(8 h / ln 2), r = -h + n ln2 / 8 (|r| <= ln2 / 16, Cody-Waite
+// with fdlibm's split of ln 2), exp(-h) = 2^(n/8) e^r, e^r by Taylor to r^7 (error 3e-16)
+AVX512 static inline __m512d gelu_exp_neg8(__m512d h) {
+    const __m512d magic = _mm512_set1_pd(6755399441055744.0);  // 1.5 * 2^52: rounds to an integer
+    const __m512d nb = _mm512_fmadd_pd(h, _mm512_set1_pd(-8.0 / 0.69314718055994530942), magic);
+    const __m512d n = _mm512_sub_pd(nb, magic);  // -round(8 h / ln 2)
+    __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93147180369123816490e-01 / 8), _mm512_sub_pd(_mm512_setzero_pd(), h));
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.90821492927058770002e-10 / 8), r);
+    __m512d p = _mm512_set1_pd(1.0 / 5040);
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 720));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 120));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 24));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0 / 6));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(0.5));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0));
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(1.0));
+    // n = 8 m + j, 0 <= j < 8: 2^(j/8) from the table (the index's low 3 bits), 2^m into the exponent
+    const __m512i ni = _mm512_sub_epi64(_mm512_castpd_si512(nb), _mm512_castpd_si512(magic));
+    p = _mm512_mul_pd(p, _mm512_permutexvar_pd(ni, _mm512_loadu_pd(rbe_gelu_pow2_8th)));
+    return _mm512_castsi512_pd(_mm512_add_epi64(_mm512_castpd_si512(p), _mm512_slli_epi64(_mm512_srai_epi64(ni, 3), 52)));
+}
+
+// the piecewise polynomial tab (16 intervals of width w from lo, rbe_gelu_table.h) at t, for
+// lo <= t < lo + 16 w (other lanes, NaN too: a polynomial of an interval at an end, finite)
+AVX512 static inline __m512d gelu_poly8(const double (*tab)[16], __m512d t, double lo, double w) {
+    __m512d i = _mm512_roundscale_pd(_mm512_mul_pd(_mm512_sub_pd(t, _mm512_set1_pd(lo)), _mm512_set1_pd(1.0 / w)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    i = _mm512_min_pd(_mm512_max_pd(i, _mm512_setzero_pd()), _mm512_set1_pd(15.0));
+    const __m512d u = _mm512_sub_pd(t, _mm512_fmadd_pd(_mm512_add_pd(i, _mm512_set1_pd(0.5)), _mm512_set1_pd(w), _mm512_set1_pd(lo)));
+    const __m512i idx = _mm512_castpd_si512(_mm512_add_pd(i, _mm512_set1_pd(4503599627370496.0)));  // 2^52: i in the low bits
+#define GELU_COEF(j) _mm512_permutex2var_pd(_mm512_loadu_pd(tab[j]), idx, _mm512_loadu_pd(tab[j] + 8))
+    __m512d p = GELU_COEF(RBE_GELU_DEGREE);
+    for (int j = RBE_GELU_DEGREE - 1; j >= 0; j--) p = _mm512_fmadd_pd(p, u, GELU_COEF(j));
+#undef GELU_COEF
+    return p;
+}
+
+// Phi(x) and phi(x) for |x| <= 12 (other lanes: finite garbage, which the caller replaces)
+AVX512 static inline void gelu_parts8(__m512d x, __m512d* cdf, __m512d* pdf) {
+    const __m512d t = _mm512_min_pd(_mm512_abs_pd(x), _mm512_set1_pd(RBE_GELU_MILLS_TOP));
+    *pdf = _mm512_mul_pd(gelu_exp_neg8(_mm512_mul_pd(_mm512_mul_pd(t, t), _mm512_set1_pd(0.5))),
+                         _mm512_set1_pd(RBE_INV_SQRT_2PI));
+    const __m512d tail = _mm512_mul_pd(*pdf, gelu_poly8(rbe_gelu_mills, t, 0.0, RBE_GELU_MILLS_TOP / 16));  // 1 - Phi(|x|)
+    const __mmask8 neg = _mm512_cmp_pd_mask(x, _mm512_setzero_pd(), _CMP_LT_OQ);
+    *cdf = _mm512_mask_blend_pd(neg, _mm512_sub_pd(_mm512_set1_pd(1.0), tail), tail);
+}
+
+// the lanes whose [v - d, v + d] rounds to one float, as a bit mask
+AVX512 static inline int gelu_settled8(__m512d v, __m512d d) {
+    const __m256 lo = _mm512_cvtpd_ps(_mm512_sub_pd(v, d)), hi = _mm512_cvtpd_ps(_mm512_add_pd(v, d));
+    return _mm256_movemask_ps(_mm256_cmp_ps(lo, hi, _CMP_EQ_OQ));
+}
+
+// rbe_variants.h
+AVX512 long rbe_gelu_avx512(float* y, float* g, const float* dy, const float* x, long n, long* slow) {
+    const __m512d slack = _mm512_set1_pd(GELU_SLACK);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 xf = _mm256_loadu_ps(x + i);
+        const __m512d xd = _mm512_cvtps_pd(xf);
+        __m512d cdf, pdf;
+        const __mmask8 central = _mm512_cmp_pd_mask(xd, _mm512_set1_pd(RBE_GELU_CDF_LO), _CMP_GE_OQ) &
+                                 _mm512_cmp_pd_mask(xd, _mm512_set1_pd(RBE_GELU_CDF_HI), _CMP_LT_OQ);
+        if (!g && central == 0xff) cdf = gelu_poly8(rbe_gelu_cdf, xd, RBE_GELU_CDF_LO, (RBE_GELU_CDF_HI - RBE_GELU_CDF_LO) / 16);
+        else gelu_parts8(xd, &cdf, &pdf);
+        int ok = _mm512_cmp_pd_mask(_mm512_abs_pd(xd), _mm512_set1_pd(RBE_GELU_MILLS_TOP), _CMP_LE_OQ);
+        __m256 yf = _mm256_setzero_ps(), gf = _mm256_setzero_ps();
+        if (y) {
+            const __m512d v = _mm512_mul_pd(xd, cdf);
+            ok &= gelu_settled8(v, _mm512_mul_pd(_mm512_abs_pd(v), slack));
+            yf = _mm512_cvtpd_ps(v);
+        }
+        if (g) {
+            const __m512d xp = _mm512_mul_pd(xd, pdf);
+            const __m512d v = _mm512_add_pd(cdf, xp);
+            ok &= gelu_settled8(v, _mm512_mul_pd(_mm512_add_pd(cdf, _mm512_abs_pd(xp)), slack));
+            gf = _mm512_cvtpd_ps(v);
+        }
+        if (ok != 0xff) {  // the scalar definition in the other lanes
+            float xs[8], ys[8], gs[8];
+            _mm256_storeu_ps(xs, xf);
+            _mm256_storeu_ps(ys, yf);
+            _mm256_storeu_ps(gs, gf);
+            if (slow) *slow += 8 - __builtin_popcount((unsigned)ok);
+            for (int l = 0; l < 8; l++)
+                if (!(ok >> l & 1)) {
+                    ys[l] = rbe_act_scalar_f32(xs[l], RBE_ACT_GELU);
+                    gs[l] = rbe_act_grad_scalar_f32(xs[l], RBE_ACT_GELU);
+                }
+            yf = _mm256_loadu_ps(ys);
+            gf = _mm256_loadu_ps(gs);
+        }
+        if (y) _mm256_storeu_ps(y + i, yf);
+        if (g) _mm256_storeu_ps(g + i, dy ? _mm256_mul_ps(_mm256_loadu_ps(dy + i), gf) : gf);
+    }
+    return i;
+}
+
+static int gelu8_ok(int act) { return act == RBE_ACT_GELU && rbe_cpu_isa_level() >= RBE_ISA_AVX512; }
+
+#endif
+#ifndef RBE_VEC_ACT
+long rbe_gelu_avx512(float* y, float* g, const float* dy, const float* x, long n, long* slow) {
+    (void)y, (void)g, (void)dy, (void)x, (void)n, (void)slow;
+    return 0;
+}
 #endif
 
 /* RBE_ACT_F32 (rbe_variants.h): vectors of `lanes` (16: AVX-512, 8: AVX2, 1), then one lane at a
@@ -256,7 +376,8 @@ void rbe_act_forward_f32(float* y, const float* x, long n, int act) {
     }
     long i = 0;
 #ifdef RBE_VEC_ACT
-    if (act != RBE_ACT_NONE && vec_act_ok(act)) i = act_forward_avx2(y, x, n, act);
+    if (gelu8_ok(act)) i = rbe_gelu_avx512(y, NULL, NULL, x, n, NULL);
+    else if (act != RBE_ACT_NONE && vec_act_ok(act)) i = act_forward_avx2(y, x, n, act);
 #endif
     for (; i < n; i++) y[i] = rbe_act_scalar_f32(x[i], act);
 }
@@ -275,7 +396,8 @@ void rbe_act_backward_f32(float* dx, const float* dy, const float* x, long n, in
     }
     long i = 0;
 #ifdef RBE_VEC_ACT
-    if (act != RBE_ACT_NONE && vec_act_ok(act)) i = act_backward_avx2(dx, dy, x, n, act);
+    if (gelu8_ok(act)) i = rbe_gelu_avx512(NULL, dx, dy, x, n, NULL);
+    else if (act != RBE_ACT_NONE && vec_act_ok(act)) i = act_backward_avx2(dx, dy, x, n, act);
 #endif
     for (; i < n; i++) dx[i] = dy[i] * rbe_act_grad_scalar_f32(x[i], act);
 }
@@ -293,7 +415,8 @@ void rbe_act_forward_grad_f32(float* y, float* g, const float* x, long n, int ac
     }
     long i = 0;
 #ifdef RBE_VEC_ACT
-    if ((act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU) && vec_act_ok(act))
+    if (gelu8_ok(act)) i = rbe_gelu_avx512(y, g, NULL, x, n, NULL);
+    else if ((act == RBE_ACT_GELU || act == RBE_ACT_GELU_TANH || act == RBE_ACT_SILU) && vec_act_ok(act))
         i = act_forward_grad_avx2(y, g, x, n, act);
 #endif
     for (; i < n; i++) {

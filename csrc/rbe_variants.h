@@ -43,6 +43,12 @@ static const int rbe_pattern_terms[RBE_NTERMS][3] = {
  * (AVX-512: the caller checks rbe_cpu_has_avx512), 8 (AVX2 + FMA) or 1; y = act(x) (y may be x),
  * g (if not NULL) = act'(x), times dy if dy is not NULL. The same bits at every width (tested). */
 void rbe_act_f32_lanes(float* y, float* g, const float* dy, const float* x, long n, int act, int lanes);
+/* gelu for float32 results with AVX-512 (rbe_act.c; x86 builds, and only where the CPU has
+ * AVX-512): y = gelu(x) (y may be x, or NULL), g = gelu'(x) (or NULL), times dy when dy is not
+ * NULL, the bits of the scalar definition (rbe_act_scalar_f32, rbe_act_grad_scalar_f32); whole
+ * vectors of 8 only: returns how many values were done. *slow (when not NULL) is increased by the
+ * number of values that took the scalar definition itself. */
+long rbe_gelu_avx512(float* y, float* g, const float* dy, const float* x, long n, long* slow);
 
 /* portable float32 kernels (the double ones are rbe.h's _f64 entry points, same bodies) */
 void rbe_analysis_f32_portable(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch,

@@ -4,11 +4,14 @@ The definition is the formula evaluated in double and rounded once to float32, w
 what the float64 operator computes; the float32 path must agree with it bitwise over a
 dense grid, in the tails and on non-finite inputs, and agree with torch to float rounding.
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rbe_ffn  # noqa: F401  (loads the operators)
+from conftest import load_script
 
 ops = torch.ops.rbe_ffn
 SPECIAL = [0.0, -0.0, 1e-30, -1e-30, 1e-3, -1e-3, 3e38, -3e38, float("inf"), -float("inf"), float("nan")]
@@ -37,6 +40,15 @@ def test_float32_equals_rounded_definition(act):
     ones = torch.ones_like(x)
     assert same_bits(ops.activation_backward(ones, x, act),
                      ops.activation_backward(ones.double(), x.double(), act).float())
+
+
+def test_gelu_table_is_the_generators_output():
+    """csrc/rbe_gelu_table.h, the polynomials of the AVX-512 gelu (csrc/rbe_act.c), is what
+    csrc/gen_gelu_table.py writes (and the generator is deterministic)."""
+    gen = load_script("csrc/gen_gelu_table.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "rbe_gelu_table.h")
+    with open(path) as f:
+        assert f.read() == gen.header()
 
 
 @pytest.mark.parametrize("act", list(TORCH))

@@ -1673,6 +1673,85 @@ static void test_activations(void) {
     free(x), free(y), free(dy), free(dx), free(xf), free(yf), free(dyf), free(dxf);
 }
 
+/* gelu with AVX-512 (rbe_gelu_avx512): the scalar definition's bits, for the value alone (the
+ * polynomial of Phi between -3 and 5, the Mills ratio elsewhere), the backward with a general dy
+ * and the value with its derivative; called directly, so the portable pass of the tests checks it
+ * too. Inputs: every 4093rd float of [-13, 13] by bit pattern (all exponents and mantissas there),
+ * the interval ends, random bit patterns (NaN, infinities, subnormals) and values around 0. The
+ * scalar definition takes over near a rounding boundary and outside [-12, 12]; that it does so
+ * rarely is checked on the normal floats of [-12, 12] (else the vectors would do nothing). */
+static void test_gelu_avx512(void) {
+    if (!rbe_cpu_has_avx512()) {
+        printf("  gelu AVX-512: no AVX-512 on this CPU, not run\n");
+        return;
+    }
+    long n = 0, cap = 1 << 21;
+    float* x = xmalloc(sizeof(float) * cap);
+    for (uint32_t sign = 0; sign < 2; sign++)
+        for (uint32_t b = 0; b <= 0x41500000u && n < cap; b += 4093) {  // 0x41500000 = 13.0f
+            const uint32_t v = b | sign << 31;
+            memcpy(&x[n++], &v, sizeof v);
+        }
+    const long grid = n;
+    const float ends[] = {-3.0f, 5.0f, -12.0f, 12.0f, 0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1e-45f, -1e-45f};
+    for (int e = 0; e < (int)(sizeof ends / sizeof ends[0]) && n + 3 <= cap; e++) {
+        x[n++] = ends[e];
+        x[n++] = nextafterf(ends[e], INFINITY);
+        x[n++] = nextafterf(ends[e], -INFINITY);
+    }
+    uint32_t st = 777;
+    while (n < cap) {
+        st = st * 1664525u + 1013904223u;
+        if (n & 1) memcpy(&x[n], &st, sizeof st);
+        else x[n] = ((float)(st >> 8) / 16777216.0f - 0.5f) * 12.0f;
+        n++;
+    }
+    float* y = xmalloc(sizeof(float) * n);
+    float* g = xmalloc(sizeof(float) * n);
+    float* dy = xmalloc(sizeof(float) * n);
+    for (long i = 0; i < n; i++) dy[i] = (i % 11 == 3) ? INFINITY : (i % 7 == 2 ? 0.0f : 0.25f * (float)(i % 9) - 1.0f);
+    int bad_y = 0, bad_b = 0, bad_yg = 0;
+    long slow = 0, done = rbe_gelu_avx512(y, NULL, NULL, x, n, &slow);
+    CHECK(done == n - n % 8, "gelu AVX-512: %ld of %ld values done", done, n);
+    long slow_grid = 0, normal_grid = 0;
+    {
+        long s2 = 0;
+        float* yy = xmalloc(sizeof(float) * grid);
+        rbe_gelu_avx512(yy, NULL, NULL, x, grid - grid % 8, &s2);
+        long out = 0;
+        for (long i = 0; i < grid - grid % 8; i++) {
+            const int normal = fabsf(x[i]) <= 12.0f && fabsf(x[i]) >= 1.1754944e-38f;
+            normal_grid += normal;
+            out += !normal;
+        }
+        slow_grid = s2 - out;  // the lanes that were not already bound for the scalar definition
+        free(yy);
+    }
+    for (long i = 0; i < done; i++)
+        if (!same_bits_f32(y[i], rbe_act_scalar_f32(x[i], RBE_ACT_GELU)) && bad_y++ < 3)
+            printf("  gelu AVX-512 value x=%.9g: %.9g, scalar %.9g\n", x[i], y[i], rbe_act_scalar_f32(x[i], RBE_ACT_GELU));
+    rbe_gelu_avx512(NULL, g, dy, x, n, NULL);
+    for (long i = 0; i < done; i++) {
+        const float want = dy[i] * rbe_act_grad_scalar_f32(x[i], RBE_ACT_GELU);
+        if (!same_bits_f32(g[i], want) && bad_b++ < 3)
+            printf("  gelu AVX-512 backward x=%.9g dy=%g: %.9g, scalar %.9g\n", x[i], dy[i], g[i], want);
+    }
+    memcpy(y, x, sizeof(float) * n);
+    rbe_gelu_avx512(y, g, NULL, y, n, NULL);  // in place, as the rows kernels call it
+    for (long i = 0; i < done; i++)
+        if ((!same_bits_f32(y[i], rbe_act_scalar_f32(x[i], RBE_ACT_GELU)) ||
+             !same_bits_f32(g[i], rbe_act_grad_scalar_f32(x[i], RBE_ACT_GELU))) && bad_yg++ < 3)
+            printf("  gelu AVX-512 value and derivative x=%.9g: %.9g %.9g, scalar %.9g %.9g\n", x[i], y[i], g[i],
+                   rbe_act_scalar_f32(x[i], RBE_ACT_GELU), rbe_act_grad_scalar_f32(x[i], RBE_ACT_GELU));
+    CHECK(!bad_y && !bad_b && !bad_yg, "gelu AVX-512 differs from the scalar definition: %d values, %d backward, %d both",
+          bad_y, bad_b, bad_yg);
+    CHECK(slow_grid >= 0 && slow_grid * 1000 <= normal_grid,
+          "gelu AVX-512: %ld of %ld normal floats in [-12, 12] took the scalar definition", slow_grid, normal_grid);
+    printf("  gelu AVX-512: %ld values, %ld by the scalar definition (%ld of %ld normal ones in [-12, 12] of the grid)\n",
+           done, slow, slow_grid, normal_grid);
+    free(x), free(y), free(g), free(dy);
+}
+
 static void test_nonfinite_count(void) {
     double d[6] = {0.0, NAN, 1.0, INFINITY, -INFINITY, 1e308};
     float f[5] = {0.0f, NAN, 3.4e38f, -INFINITY, 1.0f};
@@ -1793,6 +1872,7 @@ int main(void) {
     test_few();
     test_pack();
     test_activations();
+    test_gelu_avx512();
     test_concurrent_index_writes();
     printf("%ld passed, %ld failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
