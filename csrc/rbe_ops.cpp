@@ -75,7 +75,14 @@ extern "C" PyObject* PyInit__C(void) {
          "(0: none); returns the previous n."},
         {nullptr, nullptr, 0, nullptr}};
     static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "rbe_ffn operators", -1, methods};
-    return PyModule_Create(&def);
+    PyObject* mod = PyModule_Create(&def);
+    // the largest call of the few-token forward (RBE_FEW_MAX), for the fake kernel's copy of
+    // ffn_saves_hidden (python/rbe_ffn/_ops.py)
+    if (mod && PyModule_AddIntConstant(mod, "FEW_TOKENS", RBE_FEW_MAX) < 0) {
+        Py_DECREF(mod);
+        return nullptr;
+    }
+    return mod;
 }
 
 namespace rbe {
@@ -733,10 +740,11 @@ static Tensor hidden_analysis(int64_t tokens, int64_t d_ff, const Plan& P, const
 // For the activations whose value and derivative share work (relu's backward must pass +0 where
 // h <= 0 even for an infinite gradient), beyond the few-token path, on chunks of whole tiles (each
 // chunk writes its own tiles of `hidden`), and off the DCT-domain path. The fake kernel
-// (python/rbe_ffn/_ops.py) asks this same function.
+// (python/rbe_ffn/_ops.py, saves_hidden) writes the same rule over a symbolic token count, which
+// tests/test_ffn.py checks against this function.
 static bool hidden_keepable(int64_t Tn, int64_t chunk_tokens, const std::string& activation) {
     const bool fusable = activation == "gelu" || activation == "gelu_tanh" || activation == "silu";
-    return fusable && Tn > FEW_TOKENS && (chunk_tokens <= 0 || chunk_tokens >= Tn || chunk_tokens % RBE_TILE == 0);
+    return fusable && Tn > FEW_TOKENS && (chunk_tokens <= 0 || chunk_tokens % RBE_TILE == 0 || chunk_tokens >= Tn);
 }
 bool ffn_saves_hidden(int64_t Tn, int64_t chunk_tokens, const std::string& activation) {
     return !dct_path_enabled() && hidden_keepable(Tn, chunk_tokens, activation);

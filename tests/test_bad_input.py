@@ -315,6 +315,8 @@ def test_bad_saved_hidden():
         backward(pre, hidden[:2])
     with pytest.raises(ValueError, match="saved hidden input must be"):
         backward(pre, hidden.double())
+    with pytest.raises(ValueError, match="saved hidden input must be"):
+        backward(pre, hidden.transpose(2, 3).contiguous().transpose(2, 3))  # its shape, not contiguous
     with pytest.raises(ValueError, match="does not save"):
         backward(pre, hidden, chunk=100)  # chunks of 100 tokens keep h instead
     with pytest.raises(ValueError, match="does not save"):

@@ -93,3 +93,22 @@ def test_compiled_saved_tensors(checkpoint):
     assert rbe_ffn._C.ffn_saves_hidden(28, m.chunk_tokens(), "gelu")
     assert extra == x.numel() * 4 + (0 if checkpoint else 28 * 37 * 4 + 64 * 5 * m.fc1.plan.shape[1] * 4)
     y.sum().backward()
+
+
+def test_dynamic_shapes_one_graph_per_side_of_the_few_token_bound():
+    """With dynamic shapes, one compiled graph serves every token count above the few-token bound
+    (where the standard block keeps fc2's analysed input, whose shape follows the token count) and
+    one every count at or below it: the fake kernel compares the symbolic count, it does not fix it."""
+    from torch._dynamo.utils import counters
+    m = make_ffn(32, 80, "gelu", 16, 20, random_bias=True)
+    cm = torch.compile(m, fullgraph=True, dynamic=True)
+    counters.clear()
+    for i, tokens in enumerate((100, 140, 200, 5, 7, 70)):
+        x = torch.randn(tokens, 32)
+        dy = torch.randn_like(x)
+        y, g = run(m, m, x, dy)
+        yc, gc = run(cm, m, x, dy)
+        torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+        for a, b in zip(gc, g):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == (1 if i < 3 else 2), tokens

@@ -5,6 +5,7 @@ chunked variants. Tests that take `device` (conftest.py) run on the CPU and, whe
 present, on CUDA.
 """
 import copy
+import itertools
 import math
 
 import pytest
@@ -469,8 +470,9 @@ def test_standard_keeping_hidden_equals_checkpointed(activation, dtype, parametr
     fc2's analysed input instead of h (ffn_saves_hidden: gelu, gelu_tanh and silu), so that its
     backward evaluates no activation and analyses no [T, d_ff] input. The same kernels compute the
     same numbers there as in the checkpointed recompute: every gradient is bitwise the checkpointed
-    one, with fc2's scales too (the kept input is the unscaled one). Where h is kept (relu, chunks
-    of 100 tokens), the same holds."""
+    one, with fc2's scales too (the kept input is the unscaled one), with the 16-bit results' flags
+    (float32 activation, bfloat16 sparse operands), and with only fc2's gradients asked for. Where
+    h is kept (relu, chunks of 100 tokens), the same holds."""
     m = make_ffn(48, 200, activation, block_size=16, k=40, dtype=dtype, seed=23, random_bias=True,
                  parametrization=parametrization)
     params = params_of(m)
@@ -478,21 +480,44 @@ def test_standard_keeping_hidden_equals_checkpointed(activation, dtype, parametr
     fc2 = (m.fc2.basis, m.fc2.coeffs, m.fc2.index, m.fc2.bias)
     scales = (m.fc1._coeff_scale, m.fc2._coeff_scale, m.fc1._pattern_scale, m.fc2._pattern_scale)
     assert (scales == (1.0,) * 4) == (parametrization == "plain")
-    for tokens, chunk in ((130, 0), (300, 64), (300, 128), (300, 100)):
+    flag_sets = [{}] + ([{"f32_activation": True, "bf16_sparse": True}] if dtype == torch.float32 else [])
+    for (tokens, chunk), flags in itertools.product(((130, 0), (300, 64), (300, 128), (300, 100)), flag_sets):
         x = torch.randn(tokens, 48, dtype=dtype)
         dy = torch.randn_like(x)
         results = []
         for checkpoint in (False, True):
             def f(t):
-                return ops.ffn(*ffn_args(m, t, chunk, not checkpoint), *scales)[0]
+                return ops.ffn(*ffn_args(m, t, chunk, not checkpoint), *scales, **flags)[0]
             results.append(R.grads_of(f, x, params, dy))
         (y, g), (yc, gc) = results
         assert torch.equal(yc, y), (tokens, chunk)
         for i, (a, b) in enumerate(zip(gc, g)):
-            assert torch.equal(a, b), (tokens, chunk, i)
+            assert torch.equal(a, b), (tokens, chunk, flags, i)
         with torch.no_grad():
-            hidden = ops.ffn(*ffn_args(m, x, chunk, True), *scales)[2]
+            _, pre, hidden = ops.ffn(*ffn_args(m, x, chunk, True), *scales, **flags)
         assert (hidden.numel() > 0) == (activation != "relu" and chunk != 100), (tokens, chunk)
+        # fc2's gradients alone: fc1's part of the backward is skipped, act'(h) is not read
+        fc2_only = [False] * 4 + [True] * 3
+        rest = (m.fc1.plan, *(t.detach() for t in (m.fc1.basis, m.fc1.coeffs)), m.fc1.index, m.fc1.bias.detach(),
+                m.fc2.basis.detach(), m.fc2.coeffs.detach(), m.fc2.index, 48, 200, activation, chunk, fc2_only)
+        std = ops.ffn_backward(dy, x, pre, hidden, *rest, *scales, **flags)
+        ckpt = ops.ffn_backward(dy, x, x.new_empty(0), x.new_empty(0), *rest, *scales, **flags)
+        for i, (a, b) in enumerate(zip(std, ckpt)):
+            assert torch.equal(a, b) and (a.numel() > 0) == fc2_only[i], (tokens, chunk, flags, i)
+
+
+def test_saves_hidden_rule_is_the_operators():
+    """The fake kernel's copy of the rule (_ops.saves_hidden, written for symbolic token counts)
+    gives the C++ operator's answers (_C.ffn_saves_hidden), on and off the DCT-domain path."""
+    from rbe_ffn import _C
+    from rbe_ffn._ops import saves_hidden
+    for dct in (False, True):
+        with rbe_ffn.dct_path(dct):
+            for activation in ACTS + ["none"]:
+                for chunk in (0, 1, 7, 63, 64, 100, 128, 192, 1000):
+                    for tokens in range(0, 300, 3):
+                        assert saves_hidden(tokens, chunk, activation) == _C.ffn_saves_hidden(tokens, chunk, activation), (
+                            dct, activation, chunk, tokens)
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])

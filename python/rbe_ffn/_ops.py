@@ -267,11 +267,22 @@ def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, 
     return x.new_empty(x.shape), pre, _saved_hidden_fake(x, plan, d_model, d_ff, activation, chunk_tokens, keep_pre)
 
 
+def saves_hidden(tokens, chunk_tokens: int, activation: str) -> bool:
+    """_C.ffn_saves_hidden's rule (csrc/rbe_ops.cpp), written so that a symbolic token count
+    (torch.compile with dynamic shapes) is compared rather than fixed to one value, and only where
+    the static arguments leave the answer open: a compiled graph then serves every token count on
+    the same side of each comparison. tests/test_ffn.py checks it
+    gives the C++ answers. It reads the DCT-domain switch (rbe_ffn.dct_path) when traced: set the
+    switch before compiling."""
+    return (activation in ("gelu", "gelu_tanh", "silu") and not _C.dct_path_enabled() and tokens > _C.FEW_TOKENS
+            and (chunk_tokens <= 0 or chunk_tokens % RBE_TILE == 0 or chunk_tokens >= tokens))
+
+
 def _saved_hidden_fake(x, plan, d_model, d_ff, activation, chunk_tokens, keep_pre):
-    """ffn's third result: on the CPU, with keep_pre, where _C.ffn_saves_hidden says so, fc2's
-    analysed input [tiles, ceil(d_ff / b), b + nf, RBE_TILE] (plan: [3, b + nf, b]); else empty."""
+    """ffn's third result: on the CPU, with keep_pre, where saves_hidden says so, fc2's analysed
+    input [tiles, ceil(d_ff / b), b + nf, RBE_TILE] (plan: [3, b + nf, b]); else empty."""
     tokens = x.numel() // d_model if d_model else 0
-    if not (keep_pre and x.device.type == "cpu" and _C.ffn_saves_hidden(int(tokens), int(chunk_tokens), activation)):
+    if not (keep_pre and x.device.type == "cpu" and saves_hidden(tokens, chunk_tokens, activation)):
         return x.new_empty((0,))
     b, rows = plan.shape[2], plan.shape[1]
     return x.new_empty((-(-tokens // RBE_TILE), -(-d_ff // b), rows, RBE_TILE))

@@ -104,9 +104,11 @@ def chunk_tokens_for(memory_limit_mb, d_model: int, d_ff: int, block_size: int, 
 
 
 def keep_pre(checkpoint: bool) -> bool:
-    """Whether the feed-forward operator keeps the [T, d_ff] pre-activation for backward: the
-    standard (not checkpointed) block does, unless grad is disabled (no_grad, inference_mode),
-    where no backward can follow and writing it cost about 8% of a 64-token forward."""
+    """Whether the feed-forward operator keeps what its backward needs of the hidden layer (the
+    [T, d_ff] pre-activation, or its activation's derivative with fc2's analysed input: DESIGN.md
+    section 4): the standard (not checkpointed) block does, unless grad is disabled (no_grad,
+    inference_mode), where no backward can follow and writing it cost about 8% of a 64-token
+    forward."""
     return not checkpoint and torch.is_grad_enabled()
 
 
@@ -115,7 +117,8 @@ def rbe_feed_forward(x, fc1, fc2, d_model: int, d_ff: int, block_size: int, acti
     """act(x W1^T + b1) W2^T + b2 with W1 [d_ff, d_model], W2 [d_model, d_ff] compressed.
 
     fc1, fc2: (basis, coeffs, index, bias) tuples (bias may be None), both at block_size.
-    checkpoint=False saves x and the pre-activation [T, d_ff] for backward;
+    checkpoint=False saves x and the pre-activation [T, d_ff] for backward (or, on the CPU where
+    _ops.saves_hidden says so, its activation's derivative and fc2's analysed input instead);
     checkpoint=True saves x only and recomputes the pre-activation in backward.
     chunk_tokens > 0 processes that many tokens at a time, forward and backward.
     """

@@ -912,7 +912,8 @@ class RBELinear(nn.Module):
 # checkpointed, the recomputed pre-activation) live per chunk, in cache. Measured at 768/3072,
 # 2 threads, against all tokens at once: checkpointed step peak 21.3 MiB against 50.4 (dense 45.0),
 # step time 0.80-1.07x (1024 tokens) and 0.72x (4096); standard step 0.84x (1024) and 0.76x (4096),
-# forward 0.93x and 0.81x; at 1024/4096, 1024 tokens 1.04x (docs/benchmarks.md).
+# forward 0.93x and 0.81x; at 1024/4096, 1024 tokens 1.04x (docs/benchmarks.md; the standard
+# figures from before the standard block kept fc2's analysed input, 10b502f).
 DEFAULT_CHUNK_TOKENS = 128
 
 
