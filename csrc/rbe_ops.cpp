@@ -856,7 +856,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     Tensor pre2;
     if (saved) {
         pre2 = as_tokens(pre, d_ff, "saved pre-activation");
-        TORCH_CHECK_VALUE(pre2.size(0) == Tn, "rbe_ffn: saved pre-activation has ", pre2.size(0), " tokens, expected ", Tn);
+        TORCH_CHECK_VALUE(pre2.size(0) == Tn && pre.scalar_type() == x.scalar_type(),
+                          "rbe_ffn: saved pre-activation has ", pre2.size(0), " tokens of ", pre.scalar_type(),
+                          ", expected ", Tn, " of ", x.scalar_type());
     }
     // what ffn returned as `hidden`: then pre holds act'(h) (ffn_saves_hidden)
     const bool has_hidden = hidden.numel() > 0;

@@ -311,6 +311,8 @@ def test_bad_saved_hidden():
         assert all(torch.equal(a, b) for a, b in zip(backward(pre, hidden), want))
     with pytest.raises(ValueError, match="without its pre"):
         backward(torch.empty(0), hidden)
+    with pytest.raises(ValueError, match="saved pre-activation has 130 tokens of Double"):
+        backward(pre.double(), hidden)
     with pytest.raises(ValueError, match="saved hidden input must be"):
         backward(pre, hidden[:2])
     with pytest.raises(ValueError, match="saved hidden input must be"):
