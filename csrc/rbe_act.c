@@ -301,9 +301,9 @@ AVX512 long rbe_gelu_avx512(float* y, float* g, const float* dy, const float* x,
         const __m256 xf = _mm256_loadu_ps(x + i);
         const __m512d xd = _mm512_cvtps_pd(xf);
         __m512d cdf, pdf;
-        const __mmask8 central = _mm512_cmp_pd_mask(xd, _mm512_set1_pd(RBE_GELU_CDF_LO), _CMP_GE_OQ) &
-                                 _mm512_cmp_pd_mask(xd, _mm512_set1_pd(RBE_GELU_CDF_HI), _CMP_LT_OQ);
-        if (!g && central == 0xff) cdf = gelu_poly8(rbe_gelu_cdf, xd, RBE_GELU_CDF_LO, (RBE_GELU_CDF_HI - RBE_GELU_CDF_LO) / 16);
+        const int central = !g && (_mm512_cmp_pd_mask(xd, _mm512_set1_pd(RBE_GELU_CDF_LO), _CMP_GE_OQ) &
+                                   _mm512_cmp_pd_mask(xd, _mm512_set1_pd(RBE_GELU_CDF_HI), _CMP_LT_OQ)) == 0xff;
+        if (central) cdf = gelu_poly8(rbe_gelu_cdf, xd, RBE_GELU_CDF_LO, (RBE_GELU_CDF_HI - RBE_GELU_CDF_LO) / 16);
         else gelu_parts8(xd, &cdf, &pdf);
         int ok = _mm512_cmp_pd_mask(_mm512_abs_pd(xd), _mm512_set1_pd(RBE_GELU_MILLS_TOP), _CMP_LE_OQ);
         __m256 yf = _mm256_setzero_ps(), gf = _mm256_setzero_ps();
@@ -326,8 +326,8 @@ AVX512 long rbe_gelu_avx512(float* y, float* g, const float* dy, const float* x,
             if (slow) *slow += 8 - __builtin_popcount((unsigned)ok);
             for (int l = 0; l < 8; l++)
                 if (!(ok >> l & 1)) {
-                    ys[l] = rbe_act_scalar_f32(xs[l], RBE_ACT_GELU);
-                    gs[l] = rbe_act_grad_scalar_f32(xs[l], RBE_ACT_GELU);
+                    if (y) ys[l] = rbe_act_scalar_f32(xs[l], RBE_ACT_GELU);
+                    if (g) gs[l] = rbe_act_grad_scalar_f32(xs[l], RBE_ACT_GELU);
                 }
             yf = _mm256_loadu_ps(ys);
             gf = _mm256_loadu_ps(gs);

@@ -385,18 +385,21 @@ static bool cache_scheds(int64_t Tn, int64_t chunk) { return chunk < Tn && chunk
 // when the scales are powers of two), so a scaled weight needs no scaled copy of its numbers.
 // Scaling the analysed output gradient the same way gives both the input gradient of the scaled
 // numbers and the gradients of the parameters themselves.
+// With a source Y (not X), X = Y scaled, Y left as it is (the same bits as scaling in place; a
+// factor of 1 copies).
 template <typename T>
-static void scale_rows(T* X, int64_t groups, const Plan& P, int64_t width, const Scales& s) {
-    if (s.none()) return;
+static void scale_rows(T* X, int64_t groups, const Plan& P, int64_t width, const Scales& s, const T* Y = nullptr) {
+    if (s.none() && !Y) return;
     const int64_t rows = P.b + P.nf;
     const T sc = (T)s.coeff, sp = (T)s.pattern;
     at::parallel_for(0, groups, std::max<int64_t>(1, (1 << 14) / (rows * width)), [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; g++) {
             T* x = X + g * rows * width;
-            if (sc != T(1))
-                for (int64_t e = 0; e < P.b * width; e++) x[e] *= sc;
-            if (sp != T(1))
-                for (int64_t e = P.b * width; e < rows * width; e++) x[e] *= sp;
+            const T* y = Y ? Y + g * rows * width : x;
+            if (sc != T(1) || Y)
+                for (int64_t e = 0; e < P.b * width; e++) x[e] = y[e] * sc;
+            if (sp != T(1) || Y)
+                for (int64_t e = P.b * width; e < rows * width; e++) x[e] = y[e] * sp;
         }
     });
 }
@@ -730,8 +733,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& gra
 
 // ---- operators: the feed-forward block ----
 // transform-domain buffer of a [tokens, d_ff] hidden activation (fc2's input)
+// (its tiles are its first dimension: a tile's numbers are its stride(0))
+static std::vector<int64_t> hidden_shape(int64_t tokens, int64_t d_ff, const Plan& P) {
+    return {cdiv(tokens, RBE_TILE), cdiv(d_ff, P.b), P.b + P.nf, RBE_TILE};
+}
 static Tensor hidden_analysis(int64_t tokens, int64_t d_ff, const Plan& P, const at::TensorOptions& opt) {
-    return at::empty({cdiv(tokens, RBE_TILE), cdiv(d_ff, P.b), P.b + P.nf, RBE_TILE}, opt);
+    return at::empty(hidden_shape(tokens, d_ff, P), opt);
 }
 
 // Whether the standard (keep_pre) CPU feed-forward keeps, for its backward, act'(h) in `pre` and
@@ -748,22 +755,6 @@ static bool hidden_keepable(int64_t Tn, int64_t chunk_tokens, const std::string&
 }
 bool ffn_saves_hidden(int64_t Tn, int64_t chunk_tokens, const std::string& activation) {
     return !dct_path_enabled() && hidden_keepable(Tn, chunk_tokens, activation);
-}
-
-// X = Y with its rows scaled as scale_rows scales them (the same bits), for `groups` groups of a
-// tile's width; Y is left as it is
-template <typename T>
-static void scaled_copy(T* X, const T* Y, int64_t groups, const Plan& P, const Scales& s) {
-    const int64_t n = (P.b + P.nf) * RBE_TILE, nc = P.b * RBE_TILE;
-    const T sc = (T)s.coeff, sp = (T)s.pattern;
-    at::parallel_for(0, groups, std::max<int64_t>(1, (1 << 14) / n), [&](int64_t g0, int64_t g1) {
-        for (int64_t g = g0; g < g1; g++) {
-            T* x = X + g * n;
-            const T* y = Y + g * n;
-            for (int64_t e = 0; e < nc; e++) x[e] = y[e] * sc;
-            for (int64_t e = nc; e < n; e++) x[e] = y[e] * sp;
-        }
-    });
 }
 
 std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis1,
@@ -817,7 +808,7 @@ std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, 
         // fc1 writes each chunk's tiles of `hidden`, and pre receives act'(h); fc2 reads them
         // directly, or a scaled copy when fc2 has scales (hidden keeps the unscaled numbers the
         // backward's parameter gradients take)
-        const int64_t R2 = cdiv(d_ff, a.P.b), tile_len = R2 * (a.P.b + a.P.nf) * RBE_TILE;
+        const int64_t R2 = cdiv(d_ff, a.P.b), tile_len = saves ? hidden.stride(0) : 0;
         Tensor Xh2 = saves && a.scales2.none() ? Tensor() : hidden_analysis(std::min(a.chunk, Tn), d_ff, a.P, opt);
         const bool cached = cache_scheds(Tn, a.chunk);
         SchedCache s1{false, false}, s2{false, false};
@@ -828,7 +819,7 @@ std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, 
                           n, a.W1, ptr_or_null<T>(a.bias1), saves ? a.act | RBE_ACT_PRE_GRAD : a.act, a.P, opt, nullptr,
                           saves ? saved : Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scales1, bf16_sparse);
             if (!saves) scale_rows(Xh2.data_ptr<T>(), groups, a.P, RBE_TILE, a.scales2);
-            else if (Xh2.defined()) scaled_copy(Xh2.data_ptr<T>(), saved, groups, a.P, a.scales2);
+            else if (Xh2.defined()) scale_rows(Xh2.data_ptr<T>(), groups, a.P, RBE_TILE, a.scales2, saved);
             linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, n, a.W2, ptr_or_null<T>(a.bias2),
                           RBE_ACT_NONE, a.P, opt, Xh2.defined() ? Xh2.data_ptr<T>() : saved, nullptr,
                           cached ? &s2 : nullptr, {}, bf16_sparse);
@@ -867,7 +858,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         TORCH_CHECK_VALUE(hidden_keepable(Tn, chunk_tokens, activation),
                           "rbe_ffn: ffn_backward got a saved hidden input that ffn does not save for ", Tn,
                           " tokens, chunk_tokens=", chunk_tokens, ", activation '", activation, "'");
-        const std::vector<int64_t> want = {cdiv(Tn, RBE_TILE), cdiv(d_ff, a.P.b), a.P.b + a.P.nf, RBE_TILE};
+        const std::vector<int64_t> want = hidden_shape(Tn, d_ff, a.P);
         TORCH_CHECK_VALUE(hidden.sizes() == at::IntArrayRef(want) && hidden.is_contiguous() &&
                               hidden.scalar_type() == x.scalar_type() && hidden.device() == x.device(),
                           "rbe_ffn: saved hidden input must be a contiguous ", x.scalar_type(), " tensor of shape ",
@@ -908,7 +899,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         Tensor hid = from_h ? at::empty({cn, d_ff}, opt) : Tensor();
         Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);
         Tensor dact = fused && from_h ? at::empty({cn, d_ff}, opt) : Tensor();
-        const int64_t tile_len = cdiv(d_ff, a.P.b) * (a.P.b + a.P.nf) * RBE_TILE;
+        const int64_t tile_len = has_hidden ? hidden.stride(0) : 0;
         Tensor dh = at::empty({cn, d_ff}, opt);
         const bool cached = cache_scheds(Tn, a.chunk);
         // fc2's input gradient (dh) is wanted whenever fc1's gradients are
