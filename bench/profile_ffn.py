@@ -24,12 +24,13 @@ FAMILIES = (
      r"sparse_sched|sparse_block|rbe_rows_forward|rows_body|rbe_cols_backward|cols_item|rbe_cols_coeffs_backward|"
      r"rbe_few_rows_forward|"
      r"few_term|one_sparse|one_block|rbe_one_rows_forward"),
-    ("parameter gradient", r"coeff_grads|rbe_params_backward|params_sched|pattern_backward|rbe_bias_backward"),
+    ("parameter gradient",
+     r"coeff_grads|rbe_params_backward|params_sched|pattern_backward|basis_grad_tile|rbe_bias_backward|bias_sums"),
     ("transforms (fast DCT, pattern projections, tile transposes)",
      r"gemm_tile|dct2_tile|dct3_tile|analyse_tile|synthesise_tile|rbe_analysis|store_tile|load_tile|few_matvec|"
      r"rbe_few_analysis|rbe_few_at"),
     ("activation (double-precision erfc / exp, or float32 with 16-bit results, and its passes)",
-     r"erfc|_exp_|act_forward|act_backward|act_and|act_f32|act_grad_f32|f32_arrays|\barrays_(1|8|16)\b"),
+     r"erfc|_exp_|rbe_gelu|act_forward|act_backward|act_and|act_f32|act_grad_f32|f32_arrays|\barrays_(1|8|16)\b"),
     ("schedules (regrouping the coefficients per call)", r"rbe_schedule|sched"),
     ("index snapshot and check, other copies (bfloat16 roundings), scales, scans",
      r"index_ok|rbe_index|memmove|memcpy|scale_rows|max_abs|nonfinite|rbe_to_bf16"),

@@ -310,14 +310,29 @@ void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* W, 
 void rbe_cols_backward_f64(double* dx, const double* Gh, const rbe_weight_f64* W, const rbe_plan_f64* P,
                            double* scratch, long T, long p0, long p1);
 
+/* In a block's backward, what the second layer's input gradient dx becomes for the first layer,
+ * instead of being stored: dh = dx * act'(h) (the first layer's output gradient; the product
+ * rounded once, as rbe_act_backward's fused activations give it), then
+ *   Gh    [ntiles, ceil(in/b), b+nf, TILE] = dh analysed with P->S, as rbe_analysis_f32 gives it;
+ *   dbias [in] (or NULL) = rbe_bias_backward_f32 of dh: its sums in token order, continuing the
+ *         sums dbias holds when accumulate != 0.
+ * dact: [T, in] token-major, act'(h). */
+typedef struct {
+    const float* dact;
+    float* Gh;
+    float* dbias;
+    int accumulate;
+} rbe_grad_next_f32;
+
 /* The input gradient of rbe_cols_backward_f32 and the coefficient gradient of
  * rbe_params_backward_f32 (dcoeffs; the same bits as both) in one pass: block columns j in [p0, p1),
  * each over all tiles; Xh as for rbe_params_backward_f32. sched: the transposed schedule with
- * pos and acc (transpose = 1). x86 kernels only: returns 0, or -2 with the portable ones (then
+ * pos and acc (transpose = 1). next (may be NULL): dx is not written (it may be NULL) but handed
+ * on as rbe_grad_next_f32 says. x86 kernels only: returns 0, or -2 with the portable ones (then
  * nothing is written). */
-int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const float* Gh, const float* Xh, const rbe_weight_f32* W,
-                                 const rbe_plan_f32* P, const rbe_sched_f32* sched, int accumulate, float* scratch,
-                                 long T, long p0, long p1);
+int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const rbe_grad_next_f32* next, const float* Gh,
+                                 const float* Xh, const rbe_weight_f32* W, const rbe_plan_f32* P,
+                                 const rbe_sched_f32* sched, int accumulate, float* scratch, long T, long p0, long p1);
 
 /* Parameter gradients of block rows [p0, p1) (blocks i*C + j), summed over all tokens:
  * dcoeffs[ij][q] = sum_t Gh_i[u][t] Xh_j[v][t], dbasis[ij][k] from the pattern rows.

@@ -174,12 +174,12 @@ void rbe_cols_backward_f32(float* dx, const float* Gh, const rbe_weight_f32* W, 
     else rbe_cols_backward_f32_portable(dx, Gh, W, P, scratch, T, p0, p1);
 }
 
-int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const float* Gh, const float* Xh, const rbe_weight_f32* W,
-                                 const rbe_plan_f32* P, const rbe_sched_f32* sched, int accumulate, float* scratch,
-                                 long T, long p0, long p1) {
+int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const rbe_grad_next_f32* next, const float* Gh,
+                                 const float* Xh, const rbe_weight_f32* W, const rbe_plan_f32* P,
+                                 const rbe_sched_f32* sched, int accumulate, float* scratch, long T, long p0, long p1) {
     const rbe_x86_kernels_f32* k = x86();
     if (!k) return -2;
-    k->cols_coeffs_backward(dx, dcoeffs, Gh, Xh, W, P, sched, accumulate, scratch, T, p0, p1);
+    k->cols_coeffs_backward(dx, dcoeffs, next, Gh, Xh, W, P, sched, accumulate, scratch, T, p0, p1);
     return 0;
 }
 

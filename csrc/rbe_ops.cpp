@@ -375,6 +375,13 @@ static const Sched& cols_sched(SchedCache* c, Sched& own, const Weight& W, const
     return c->cols;
 }
 
+// rbe_grad_next_f32 over these buffers (float32 only: hands_on in ffn_backward_cpu)
+template <typename T>
+static rbe_grad_next_f32 grad_next(const T* dact, Tensor& Gh, T* dbias, int accumulate) {
+    if constexpr (std::is_same_v<T, float>) return {dact, Gh.data_ptr<float>(), dbias, accumulate};
+    TORCH_INTERNAL_ASSERT(false, "rbe_ffn: a float64 gradient handed on");
+}
+
 // schedules are cached across chunks when there are several chunks of several tiles each
 static bool cache_scheds(int64_t Tn, int64_t chunk) { return chunk < Tn && chunk > RBE_TILE; }
 
@@ -517,17 +524,20 @@ template <typename T>
 static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accumulate, const T* g, const T* x,
                                 int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt,
                                 const T* Xh_in = nullptr, SchedCache* cache = nullptr, const Scales& scale = {},
-                                bool bf16_sparse = false) {
+                                bool bf16_sparse = false, const rbe_grad_next_f32* next = nullptr,
+                                const Tensor& Gh_in = Tensor()) {
+    // next: dx handed on to the layer below (rbe_grad_next_f32; only where the one-pass kernel runs:
+    // hands_on), dx null. Gh_in: g already analysed (as next writes it, unscaled; g and dbias unused)
     if (Tn == 0) return;
     const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), ntiles = cdiv(Tn, RBE_TILE);
     if (dbias)
         at::parallel_for(0, W.out, 64, [&](int64_t o0, int64_t o1) {
             bias_backward(dbias, g, (long)Tn, (int)W.out, accumulate, (long)o0, (long)o1);
         });
-    if (!dx && !dbasis && !dcoeffs) return;
+    if (!dx && !next && !dbasis && !dcoeffs) return;
     const auto cw = cweight<T>(W);
     const auto cp = cplan<T>(P);
-    Tensor Gh = analyse<T>(g, Tn, W.out, P, 1, opt);
+    Tensor Gh = Gh_in.defined() ? Gh_in : analyse<T>(g, Tn, W.out, P, 1, opt);
     // numbers W's times `scale`: dx from the scaled Gh, and the gradients of W's own numbers = scaled Gh . Xh
     scale_rows(Gh.data_ptr<T>(), ntiles * R, P, RBE_TILE, scale);
     Tensor Xh;  // x analysed, for the parameter gradients
@@ -537,7 +547,7 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         return Xh.data_ptr<T>();
     };
     bool coeffs_done = false;
-    if (dx) {
+    if (dx || next) {
         // the transposed product runs over coefficients grouped by column: a schedule (AVX2, several
         // tiles of tokens) or block by block, each term added to its column's row (one tile:
         // building the schedule would cost as much as the product; and the portable kernels)
@@ -553,14 +563,15 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
                 at::parallel_for(0, C, 1, [&](int64_t p0, int64_t p1) {
                     std::vector<T> s;
                     scratch_for(s, P);
-                    const int rc = rbe_cols_coeffs_backward_f32(dx, dcoeffs, Gh.data_ptr<float>(), X, &cwt, &cp,
-                                                                sc.get(), accumulate, s.data(), (long)Tn, (long)p0,
-                                                                (long)p1);
+                    const int rc = rbe_cols_coeffs_backward_f32(dx, dcoeffs, next, Gh.data_ptr<float>(), X, &cwt,
+                                                                &cp, sc.get(), accumulate, s.data(), (long)Tn,
+                                                                (long)p0, (long)p1);
                     TORCH_INTERNAL_ASSERT(rc == 0, "rbe_cols_coeffs_backward_f32 without x86 kernels");
                 });
                 coeffs_done = true;
             }
         }
+        TORCH_INTERNAL_ASSERT(coeffs_done || !next, "rbe_ffn: the input gradient handed on without the one-pass kernel");
         if (!coeffs_done)
             at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
                 std::vector<T> s;
@@ -900,11 +911,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);
         Tensor dact = fused && from_h ? at::empty({cn, d_ff}, opt) : Tensor();
         const int64_t tile_len = has_hidden ? hidden.stride(0) : 0;
-        Tensor dh = at::empty({cn, d_ff}, opt);
+        Tensor dh;  // fc2's input gradient, token-major: where it is not handed on
         const bool cached = cache_scheds(Tn, a.chunk);
         // fc2's input gradient (dh) is wanted whenever fc1's gradients are
         SchedCache s1 = backward_scheds<T>(mask[0], mask[2], bf16_sparse, a.W1),
                    s2 = backward_scheds<T>(need1, mask[5], bf16_sparse, a.W2);
+        // fc2's input gradient handed straight on to fc1 (rbe_grad_next_f32): no token-major dh, and
+        // no passes of their own for dh * act'(h), fc1's bias sums and the analysis of its output
+        // gradient. Where fc2's one-pass kernel runs (s2.cols_pos, on a schedule: a chunk of one tile
+        // without a cache builds none), act'(h) is at hand (fused) and fc1 wants more than its bias.
+        auto hands_on = [&](int64_t n) {
+            return std::is_same_v<T, float> && fused && s2.cols_pos && (mask[0] || mask[1] || mask[2]) &&
+                   (cached || n > RBE_TILE);
+        };
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
             const int64_t n = std::min(a.chunk, Tn - t0);
             const int acc = t0 > 0;
@@ -932,25 +951,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                 h = hpre.data_ptr<T>();
                 Xs = Xh2.data_ptr<T>();
             }
-            linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, mask[4] ? db2.data_ptr<T>() : nullptr,
-                                   mask[5] ? dc2.data_ptr<T>() : nullptr, mask[6] ? dbias2.data_ptr<T>() : nullptr, acc,
-                                   g2.data_ptr<T>() + t0 * d_model, from_h ? hid.data_ptr<T>() : nullptr, n, a.W2, a.P,
-                                   opt, Xs, cached ? &s2 : nullptr, a.scales2,
-                                   bf16_sparse);
+            const T* gp = !fused ? nullptr : has_hidden ? h : from_h ? dact.data_ptr<T>() : hpre.data_ptr<T>();  // act'
+            const T* g2c = g2.data_ptr<T>() + t0 * d_model;
+            T* db2p = mask[4] ? db2.data_ptr<T>() : nullptr;
+            T* dc2p = mask[5] ? dc2.data_ptr<T>() : nullptr;
+            T* dbias2p = mask[6] ? dbias2.data_ptr<T>() : nullptr;
+            const T* hidp = from_h ? hid.data_ptr<T>() : nullptr;
+            T* dxp = mask[0] ? dx.data_ptr<T>() + t0 * d_model : nullptr;
+            T* db1p = mask[1] ? db1.data_ptr<T>() : nullptr;
+            T* dc1p = mask[2] ? dc1.data_ptr<T>() : nullptr;
+            T* dbias1p = mask[3] ? dbias1.data_ptr<T>() : nullptr;
+            if (need1 && hands_on(n)) {
+                // fc1's output gradient, analysed: the same numbers as analysing dh would give
+                Tensor Gh1 = hidden_analysis(n, d_ff, a.P, opt);
+                const rbe_grad_next_f32 next = grad_next(gp, Gh1, dbias1p, acc);
+                linear_backward_raw<T>(nullptr, db2p, dc2p, dbias2p, acc, g2c, hidp, n, a.W2, a.P, opt, Xs,
+                                       cached ? &s2 : nullptr, a.scales2, bf16_sparse, &next);
+                Xh2.reset();
+                linear_backward_raw<T>(dxp, db1p, dc1p, nullptr, acc, nullptr, xc, n, a.W1, a.P, opt, nullptr,
+                                       cached ? &s1 : nullptr, a.scales1, bf16_sparse, nullptr, Gh1);
+                continue;
+            }
+            if (need1 && !dh.defined()) dh = at::empty({cn, d_ff}, opt);
+            linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, db2p, dc2p, dbias2p, acc, g2c, hidp, n, a.W2,
+                                   a.P, opt, Xs, cached ? &s2 : nullptr, a.scales2, bf16_sparse);
             Xh2.reset();  // so the chunk's peak is h, dh and one transform-domain copy (the memory limit's budget)
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
             at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
                 if (fused) {  // dh * act'(h): what act_backward computes, with act'(h) already at hand
-                    const T* gp = has_hidden ? h : from_h ? dact.data_ptr<T>() : hpre.data_ptr<T>();
                     for (int64_t i = r0 * d_ff; i < r1 * d_ff; i++) dhp[i] *= gp[i];
                 } else {
                     act_backward(dhp + r0 * d_ff, dhp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
                 }
             });
-            linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() + t0 * d_model : nullptr,
-                                   mask[1] ? db1.data_ptr<T>() : nullptr, mask[2] ? dc1.data_ptr<T>() : nullptr,
-                                   mask[3] ? dbias1.data_ptr<T>() : nullptr, acc, dhp, xc, n, a.W1, a.P, opt, nullptr,
+            linear_backward_raw<T>(dxp, db1p, dc1p, dbias1p, acc, dhp, xc, n, a.W1, a.P, opt, nullptr,
                                    cached ? &s1 : nullptr, a.scales1, bf16_sparse);
         }
         const double m = std::isfinite(mg) ? mx : mg;

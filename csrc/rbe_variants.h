@@ -88,9 +88,9 @@ void rbe_cols_backward_f32_avx2(float* dx, const float* Gh, const rbe_weight_f32
                                 const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);
 void rbe_cols_backward_f32_avx2_blocks(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                                        float* scratch, long T, long p0, long p1);
-void rbe_cols_coeffs_backward_f32_avx2(float* dx, float* dcoeffs, const float* Gh, const float* Xh,
-                                       const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
-                                       int accumulate, float* scratch, long T, long p0, long p1);
+void rbe_cols_coeffs_backward_f32_avx2(float* dx, float* dcoeffs, const rbe_grad_next_f32* next, const float* Gh,
+                                       const float* Xh, const rbe_weight_f32* W, const rbe_plan_f32* P,
+                                       const rbe_sched_f32* sched, int accumulate, float* scratch, long T, long p0, long p1);
 void rbe_params_backward_f32_avx2(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                   const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                                   int accumulate, long T, long p0, long p1);
@@ -114,9 +114,9 @@ void rbe_cols_backward_f32_avx512(float* dx, const float* Gh, const rbe_weight_f
                                   const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1);
 void rbe_cols_backward_f32_avx512_blocks(float* dx, const float* Gh, const rbe_weight_f32* W,
                                          const rbe_plan_f32* P, float* scratch, long T, long p0, long p1);
-void rbe_cols_coeffs_backward_f32_avx512(float* dx, float* dcoeffs, const float* Gh, const float* Xh,
-                                       const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
-                                       int accumulate, float* scratch, long T, long p0, long p1);
+void rbe_cols_coeffs_backward_f32_avx512(float* dx, float* dcoeffs, const rbe_grad_next_f32* next, const float* Gh,
+                                         const float* Xh, const rbe_weight_f32* W, const rbe_plan_f32* P,
+                                         const rbe_sched_f32* sched, int accumulate, float* scratch, long T, long p0, long p1);
 void rbe_params_backward_f32_avx512(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                                     const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                                     int accumulate, long T, long p0, long p1);
@@ -136,8 +136,9 @@ typedef struct {
                           float*, long, long, long);
     void (*cols_backward_blocks)(float*, const float*, const rbe_weight_f32*, const rbe_plan_f32*, float*, long,
                                  long, long);
-    void (*cols_coeffs_backward)(float*, float*, const float*, const float*, const rbe_weight_f32*,
-                                 const rbe_plan_f32*, const rbe_sched_f32*, int, float*, long, long, long);
+    void (*cols_coeffs_backward)(float*, float*, const rbe_grad_next_f32*, const float*, const float*,
+                                 const rbe_weight_f32*, const rbe_plan_f32*, const rbe_sched_f32*, int, float*, long,
+                                 long, long);
     void (*params_backward)(float*, float*, const float*, const float*, const rbe_weight_f32*, const rbe_plan_f32*,
                             const rbe_sched_f32*, int, long, long, long);
     void (*params_backward_blocks)(float*, float*, const float*, const float*, const rbe_weight_f32*,

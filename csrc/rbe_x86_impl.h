@@ -359,6 +359,28 @@ XT static void store_tile_t(float* restrict y, long ld, const float* restrict sr
         for (int rr = (nt == TL ? r : 0); rr < nr; rr++) y[(size_t)t * ld + rr] = src[(size_t)rr * TL + t];
 }
 
+// s[r] = (fresh ? 0 : s[r]) + x[r][0] + x[r][1] + ... + x[r][nt - 1] for r < nr: one tile's part of
+// rbe_bias_backward's sums in token order, on a feature-major tile x ([>= nr][TL])
+XT static void bias_sums(float* restrict s, const float* restrict x, int nr, int nt, int fresh) {
+    int r = 0;
+    if (nt == TL)
+        for (; r + 8 <= nr; r += 8) {
+            __m256 a = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(s + r);
+            for (int t = 0; t < TL; t += 8) {
+                __m256 v[8];
+                for (int q = 0; q < 8; q++) v[q] = _mm256_loadu_ps(x + (size_t)(r + q) * TL + t);
+                transpose8(v);  // v[q]: features r..r+7 of token t + q
+                for (int q = 0; q < 8; q++) a = _mm256_add_ps(a, v[q]);
+            }
+            _mm256_storeu_ps(s + r, a);
+        }
+    for (; r < nr; r++) {
+        float a = fresh ? 0.0f : s[r];
+        for (int t = 0; t < nt; t++) a += x[(size_t)r * TL + t];
+        s[r] = a;
+    }
+}
+
 XT void XSFX(rbe_analysis_f32)(float* Xh, const float* x, const float* M, const rbe_plan_f32* P, float* scratch,
                                long T, int n, long p0, long p1) {
     const int b = P->b, nf = P->nf, nseg = (n + b - 1) / b, rows = b + nf;
@@ -488,9 +510,9 @@ static inline void scatter_sums(float* restrict dcoeffs, const float* restrict s
 // *bf16_tile the tile last rounded there.
 // sacc (float32 schedule only; else NULL): also the coefficient dot products of the tile's entries
 // against Xj, Xh's segment j of the same tile (sparse_sched's dot products).
-XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
-                         const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long* bf16_tile, float* sacc,
-                         const float* Xj, long T, long tile, int j) {
+XT static void cols_item(float* dx, const rbe_grad_next_f32* next, const float* Gh, const rbe_weight_f32* W,
+                         const rbe_plan_f32* P, const rbe_sched_f32* sched, float* scratch, uint16_t* bf16,
+                         long* bf16_tile, float* sacc, const float* Xj, long T, long tile, int j) {
 #ifndef XBF16
     (void)bf16, (void)bf16_tile;
 #endif
@@ -524,7 +546,23 @@ XT static void cols_item(float* dx, const float* Gh, const rbe_weight_f32* W, co
         pattern_backward(dh + (size_t)b * TL, G + (size_t)b * TL, basis + (size_t)blk * RBE_NPAT, nd, nl);
     }
     synthesise_tile(dt, dh, P->A, P->dct, b, nf, dt + (size_t)b * TL, nl);
-    store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
+    if (!next) {
+        store_tile_t(dx + (size_t)t0 * in + (size_t)j * b, in, dt, nc, nt);
+        return;
+    }
+    // handed on (rbe_grad_next_f32): dh = dx * act'(h) on the tile's tokens and features, zero past
+    // them (as the analysis of a token-major dh pads it), its bias sums, and its analysis
+    float* da = dh;  // act'(h) of the tile, feature-major (dh's rows are free after the synthesis)
+    load_tile_t(da, next->dact, t0, nt, in, j, b, nc);
+    for (int r = 0; r < b; r++) {
+        float* d = dt + (size_t)r * TL;
+        const float* f = da + (size_t)r * TL;
+        if (r < nc)
+            for (int t = 0; t < nl; t += VW) VSTORE(d + t, VMUL(VLOAD(d + t), VLOAD(f + t)));
+        for (int t = r < nc ? nt : 0; t < nl; t++) d[t] = 0.0f;
+    }
+    if (next->dbias) bias_sums(next->dbias + (size_t)j * b, dt, nc, nt, tile == 0 && !next->accumulate);
+    analyse_tile(next->Gh + ((size_t)tile * C + j) * rows * TL, dt, P->S, P->dct, b, nf, dt + (size_t)b * TL, nl);
 }
 
 // work items p = tile*C + j in [p0, p1)
@@ -533,7 +571,7 @@ XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* W
     const int C = (W->in + W->b - 1) / W->b;
     long bf16_tile = -1;
     for (long p = p0; p < p1; p++)
-        cols_item(dx, Gh, W, P, sched, scratch, bf16, &bf16_tile, NULL, NULL, T, p / C, (int)(p % C));
+        cols_item(dx, NULL, Gh, W, P, sched, scratch, bf16, &bf16_tile, NULL, NULL, T, p / C, (int)(p % C));
 }
 
 XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* W,
@@ -549,9 +587,9 @@ XT void XSFX(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight
 // The input gradient and the coefficient gradient in one pass over the transposed schedule
 // (rbe.h): block columns j in [p0, p1), each over every tile in order, so each entry's sum over
 // the tiles is that of params_sched (in the transposed schedule's order, in its acc), then
-// scattered to coefficient order.
-XT void XSFX(rbe_cols_coeffs_backward_f32)(float* dx, float* dcoeffs, const float* Gh, const float* Xh,
-                                           const rbe_weight_f32* W, const rbe_plan_f32* P,
+// scattered to coefficient order; with next, dx handed on, its bias sums in token order as well.
+XT void XSFX(rbe_cols_coeffs_backward_f32)(float* dx, float* dcoeffs, const rbe_grad_next_f32* next, const float* Gh,
+                                           const float* Xh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                                            const rbe_sched_f32* sched, int accumulate, float* scratch, long T,
                                            long p0, long p1) {
     const int b = W->b, k = W->k, rows = b + P->nf;
@@ -561,8 +599,8 @@ XT void XSFX(rbe_cols_coeffs_backward_f32)(float* dx, float* dcoeffs, const floa
     for (long e = e0; e < e1; e++) sacc[e] = 0;
     for (long j = p0; j < p1; j++)
         for (long tile = 0; tile < ntiles; tile++)
-            cols_item(dx, Gh, W, P, sched, scratch, NULL, NULL, sacc, Xh + ((size_t)tile * C + j) * rows * TL, T,
-                      tile, (int)j);
+            cols_item(dx, next, Gh, W, P, sched, scratch, NULL, NULL, sacc, Xh + ((size_t)tile * C + j) * rows * TL,
+                      T, tile, (int)j);
     scatter_sums(dcoeffs, sacc, sched->pos, accumulate, e0, e1);
 }
 

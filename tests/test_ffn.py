@@ -683,6 +683,30 @@ def test_one_pass_backward_same_bits_as_two(checkpoint):
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("chunk", [0, 128, 100])
+def test_input_gradient_handed_on_same_bits(activation, checkpoint, chunk):
+    """Where fc2's one-pass backward runs (its coefficient gradient wanted, float32, x86 kernels),
+    its input gradient goes straight on to fc1 (rbe_grad_next_f32: times act'(h), fc1's bias sums
+    and the analysis of fc1's output gradient in the same kernel) instead of through a token-major
+    [T, d_ff] buffer. With fc2's coefficients frozen the buffer is used: every other gradient keeps
+    its bits, fc1's bias sums included (both sum in token order)."""
+    m = make_ffn(48, 200, activation, block_size=16, k=40, seed=23, checkpoint=checkpoint, random_bias=True)
+    x = torch.randn(300, 48)
+    dy = torch.randn_like(x)
+    fc1 = (m.fc1.basis, m.fc1.coeffs, m.fc1.index, m.fc1.bias)
+    fc2 = (m.fc2.basis, m.fc2.coeffs, m.fc2.index, m.fc2.bias)
+    rest = [m.fc1.basis, m.fc1.coeffs, m.fc1.bias, m.fc2.basis, m.fc2.bias]
+    frozen = (m.fc2.basis, m.fc2.coeffs.detach(), m.fc2.index, m.fc2.bias)
+    _, handed = R.grads_of(lambda t: rbe_ffn.rbe_feed_forward(t, fc1, fc2, 48, 200, 16, activation, checkpoint, chunk),
+                           x, rest, dy)
+    _, stored = R.grads_of(lambda t: rbe_ffn.rbe_feed_forward(t, fc1, frozen, 48, 200, 16, activation, checkpoint,
+                                                              chunk), x, rest, dy)
+    for name, a, b in zip(["x", "fc1.basis", "fc1.coeffs", "fc1.bias", "fc2.basis", "fc2.bias"], handed, stored):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_gradient_subsets_match_full(checkpoint):
     """Every subset of requested gradients (the output_mask of ffn_backward) gives the same

@@ -1028,15 +1028,46 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         float* dx3 = xmalloc((size_t)T * in * es);
         float* dc3 = xmalloc(nblk * k * es + 1);
         float* dc4 = xmalloc(nblk * k * es + 1);
-        g_x86->cols_coeffs_backward(dx3, dc3, Gh, Xh, &Ws, &P32, &cps, 0, scratch, T, C / 2, C);
-        g_x86->cols_coeffs_backward(dx3, dc3, Gh, Xh, &Ws, &P32, &cps, 0, scratch, T, 0, C / 2);
+        g_x86->cols_coeffs_backward(dx3, dc3, NULL, Gh, Xh, &Ws, &P32, &cps, 0, scratch, T, C / 2, C);
+        g_x86->cols_coeffs_backward(dx3, dc3, NULL, Gh, Xh, &Ws, &P32, &cps, 0, scratch, T, 0, C / 2);
         CHECK(!memcmp(dx3, dx, (size_t)T * in * es), "%s: one-pass dx differs from cols_backward's", tag);
         CHECK(!memcmp(dc3, dc, nblk * k * es), "%s: one-pass dcoeffs differ from params_backward's", tag);
         memcpy(dc4, dc3, nblk * k * es);
-        g_x86->cols_coeffs_backward(dx3, dc4, Gh, Xh, &Ws, &P32, &cps, 1, scratch, T, 0, C);
+        g_x86->cols_coeffs_backward(dx3, dc4, NULL, Gh, Xh, &Ws, &P32, &cps, 1, scratch, T, 0, C);
         int twice = 1;
         for (long q = 0; q < nblk * k; q++) twice &= dc4[q] == 2 * dc3[q];
         CHECK(twice, "%s: one-pass dcoeffs with accumulate = 1 are not twice", tag);
+        // dx handed on (rbe_grad_next_f32) instead of stored: the bits of dh = dx * dact, its bias
+        // sums (fresh, and continuing given sums) and its analysis with the S rows, as the separate
+        // kernels give them; the same dcoeffs; NULL dbias skipped; split ranges give the same bytes
+        {
+            const size_t nd = (size_t)T * in, ngh = (size_t)ntiles * C * rows * RBE_TILE;
+            float* dact = xmalloc(nd * es);
+            float* dh = xmalloc(nd * es);
+            float* Ghr = xmalloc(ngh * es);
+            float* Ghn = xmalloc(ngh * es);
+            float* dbr = xmalloc(in * es);
+            float* dbn = xmalloc(in * es);
+            for (size_t e = 0; e < nd; e++) dact[e] = (float)rng_normal();
+            for (size_t e = 0; e < nd; e++) dh[e] = dx3[e] * dact[e];
+            analysis_t(1, Ghr, dh, plan, 1, scratch, T, in, b, nf, 0, ntiles * C);
+            for (int fresh = 0; fresh < 2; fresh++) {
+                for (int c = 0; c < in; c++) dbr[c] = dbn[c] = fresh ? NAN : (float)rng_normal();
+                bias_t(1, dbr, dh, T, in, !fresh, 0, in);
+                memset(Ghn, 0xff, ngh * es);  // NaN: every number must be written
+                const rbe_grad_next_f32 nx = {dact, Ghn, dbn, !fresh};
+                g_x86->cols_coeffs_backward(NULL, dc4, &nx, Gh, Xh, &Ws, &P32, &cps, 0, scratch, T, C / 2, C);
+                g_x86->cols_coeffs_backward(NULL, dc4, &nx, Gh, Xh, &Ws, &P32, &cps, 0, scratch, T, 0, C / 2);
+                CHECK(!memcmp(Ghn, Ghr, ngh * es), "%s: dx handed on (fresh=%d): its analysis differs", tag, fresh);
+                CHECK(!memcmp(dbn, dbr, in * es), "%s: dx handed on (fresh=%d): its bias sums differ", tag, fresh);
+                CHECK(!memcmp(dc4, dc3, nblk * k * es), "%s: dx handed on (fresh=%d): dcoeffs differ", tag, fresh);
+            }
+            memset(Ghn, 0xff, ngh * es);
+            const rbe_grad_next_f32 nb = {dact, Ghn, NULL, 0};
+            g_x86->cols_coeffs_backward(NULL, dc4, &nb, Gh, Xh, &Ws, &P32, &cps, 0, scratch, T, 0, C);
+            CHECK(!memcmp(Ghn, Ghr, ngh * es), "%s: dx handed on without dbias: its analysis differs", tag);
+            free(dact), free(dh), free(Ghr), free(Ghn), free(dbr), free(dbn);
+        }
         free(cp_pos), free(cp_acc), free(dx3), free(dc3), free(dc4);
     }
 
