@@ -203,8 +203,13 @@ void rbe_analysis_f64(double* Xh, const double* x, const double* M, const rbe_pl
  * sched (float only; may be NULL): the x86 kernels' schedule (transpose = 0); without
  * one they work block by block (cheaper for a single tile of tokens).
  * act | RBE_ACT_PRE_GRAD: pre receives act'(the value before the activation) instead, computed
- * with the activation (rbe_act_forward_grad): what a checkpointed backward needs of it. */
+ * with the activation (rbe_act_forward_grad): what a checkpointed backward needs of it.
+ * act | RBE_ACT_PRE_GRAD | RBE_ACT_PRE_TILES: and pre is laid out in tiles, feature-major,
+ * [ntiles, R, b, TILE]: act' at token t0 + t and output feature i*b + r at
+ * pre[((tile * R + i) * b + r) * TILE + t], zero past the tile's tokens and the weight's rows (what
+ * rbe_grad_next_f32 reads; no transposed store). */
 #define RBE_ACT_PRE_GRAD 0x100
+#define RBE_ACT_PRE_TILES 0x400
 void rbe_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                           const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
                           float* scratch, long T, long p0, long p1);
@@ -316,7 +321,8 @@ void rbe_cols_backward_f64(double* dx, const double* Gh, const rbe_weight_f64* W
  *   Gh    [ntiles, ceil(in/b), b+nf, TILE] = dh analysed with P->S, as rbe_analysis_f32 gives it;
  *   dbias [in] (or NULL) = rbe_bias_backward_f32 of dh: its sums in token order, continuing the
  *         sums dbias holds when accumulate != 0.
- * dact: [T, in] token-major, act'(h). */
+ * dact: act'(h) in tiles, [ntiles, ceil(in/b), b, TILE] (RBE_ACT_PRE_TILES' layout; only the
+ * tile's tokens and features are read). */
 typedef struct {
     const float* dact;
     float* Gh;

@@ -121,8 +121,8 @@ void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T*
                                long p1) {
     const int out = W->out, b = W->b, k = W->k, nf = P->nf;
     const int R = (out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
-    const int pre_grad = pre && (act & RBE_ACT_PRE_GRAD);
-    act &= ~RBE_ACT_PRE_GRAD;
+    const int pre_grad = pre && (act & RBE_ACT_PRE_GRAD), pre_tiles = pre_grad && (act & RBE_ACT_PRE_TILES);
+    act &= ~(RBE_ACT_PRE_GRAD | RBE_ACT_PRE_TILES);
     RBE_T* yh = scratch;                     // [rows, TL]
     RBE_T* yt = scratch + (size_t)rows * TL; // [b, TL]
     for (long p = p0; p < p1; p++) {
@@ -145,7 +145,11 @@ void RBE_KSFX(rbe_rows_forward)(RBE_T* y, RBE_T* pre, RBE_T* Xnext, const RBE_T*
         }
         // pre_grad: act and act' at once, act' into yh (free after the synthesis)
         if (pre_grad) RBE_SFX(rbe_act_forward_grad)(yt, yh, yt, (long)nr * TL, act);
-        if (pre)
+        if (pre_tiles)
+            for (int r = 0; r < b; r++)
+                for (int t = 0; t < TL; t++)
+                    pre[(((size_t)tile * R + i) * b + r) * TL + t] = r < nr && t < nt ? yh[(size_t)r * TL + t] : 0;
+        else if (pre)
             for (int t = 0; t < nt; t++)
                 for (int r = 0; r < nr; r++)
                     pre[(size_t)(t0 + t) * out + (size_t)i * b + r] = (pre_grad ? yh : yt)[(size_t)r * TL + t];

@@ -37,6 +37,7 @@ static PyObject* pack_max_block(PyObject*, PyObject*) { return PyLong_FromLong(R
 
 namespace rbe {
 bool ffn_saves_hidden(int64_t Tn, int64_t chunk_tokens, const std::string& activation);
+bool ffn_pre_in_tiles(bool float32, bool bf16_sparse);
 }
 
 static PyObject* ffn_saves_hidden(PyObject*, PyObject* args) {
@@ -44,6 +45,12 @@ static PyObject* ffn_saves_hidden(PyObject*, PyObject* args) {
     const char* activation;
     if (!PyArg_ParseTuple(args, "LLs", &tokens, &chunk, &activation)) return nullptr;
     return PyBool_FromLong(rbe::ffn_saves_hidden(tokens, chunk, activation));
+}
+
+static PyObject* ffn_pre_in_tiles(PyObject*, PyObject* args) {
+    int float32, bf16;
+    if (!PyArg_ParseTuple(args, "pp", &float32, &bf16)) return nullptr;
+    return PyBool_FromLong(rbe::ffn_pre_in_tiles(float32 != 0, bf16 != 0));
 }
 
 static PyObject* set_dct_path(PyObject*, PyObject* on) {
@@ -68,6 +75,10 @@ extern "C" PyObject* PyInit__C(void) {
         {"ffn_saves_hidden", ffn_saves_hidden, METH_VARARGS,
          "ffn_saves_hidden(tokens, chunk_tokens, activation): whether the CPU ffn operator with keep_pre "
          "returns fc2's analysed input as its third result (docs/DESIGN.md, the standard mode's saved tensors)."},
+        {"ffn_pre_in_tiles", ffn_pre_in_tiles, METH_VARARGS,
+         "ffn_pre_in_tiles(float32, bf16_sparse): where the CPU ffn operator returns a saved hidden input, "
+         "whether its second result (act'(h)) is laid out in tiles, [tiles, ceil(d_ff/b), b, 64], instead of "
+         "[*, d_ff]."},
         {"pack_max_block", pack_max_block, METH_NOARGS,
          "The largest block size the packed operators (pack_coeffs, linear_packed, ffn_packed) take."},
         {"set_dct_few_tokens", set_dct_few_tokens, METH_O,
@@ -373,6 +384,24 @@ static const Sched& cols_sched(SchedCache* c, Sched& own, const Weight& W, const
     }
     if (!c->cols_built) c->cols = make_sched<T>(W, P, true, c->cols_pos), c->cols_built = true;
     return c->cols;
+}
+
+// dh[t][f] *= act[tile][f / b][f % b][t % 64] for t < n, f < d: dh * act'(h) with act'(h) in tiles
+// (RBE_ACT_PRE_TILES), block by block; the product fused_act_grad's activations take token-major
+template <typename T>
+static void mul_by_tiles(T* dh, const T* act, int64_t n, int64_t d, int64_t b) {
+    const int64_t nb = cdiv(d, b);
+    at::parallel_for(0, cdiv(n, RBE_TILE) * nb, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; p++) {
+            const int64_t tile = p / nb, j = p % nb, t0 = tile * RBE_TILE, t1 = std::min(n, t0 + RBE_TILE);
+            const int64_t nc = std::min(b, d - j * b);
+            const T* a = act + p * b * RBE_TILE;
+            for (int64_t t = t0; t < t1; t++) {
+                T* row = dh + t * d + j * b;
+                for (int64_t r = 0; r < nc; r++) row[r] *= a[r * RBE_TILE + (t - t0)];
+            }
+        }
+    });
 }
 
 // rbe_grad_next_f32 over these buffers (float32 only: hands_on in ffn_backward_cpu)
@@ -767,6 +796,16 @@ static bool hidden_keepable(int64_t Tn, int64_t chunk_tokens, const std::string&
 bool ffn_saves_hidden(int64_t Tn, int64_t chunk_tokens, const std::string& activation) {
     return !dct_path_enabled() && hidden_keepable(Tn, chunk_tokens, activation);
 }
+// Where the standard forward saves `hidden`, whether its act'(h) in `pre` is kept in tiles
+// (RBE_ACT_PRE_TILES: [tiles, ceil(d_ff/b), b, 64], act_tiles_shape) for the backward to hand fc2's
+// input gradient on (rbe_grad_next_f32): float32 on the x86 kernels with float32 operands, the
+// kernels that can. Elsewhere pre is [*, d_ff]. The fake kernel asks this function.
+bool ffn_pre_in_tiles(bool float32, bool bf16_sparse) {
+    return float32 && rbe_cpu_isa_level() >= RBE_ISA_AVX2 && !(bf16_sparse && rbe_bf16_sparse_available());
+}
+static std::vector<int64_t> act_tiles_shape(int64_t tokens, int64_t d_ff, const Plan& P) {
+    return {cdiv(tokens, RBE_TILE), cdiv(d_ff, P.b), P.b, RBE_TILE};
+}
 
 std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis1,
                                            const Tensor& coeffs1, const Tensor& index1,
@@ -782,8 +821,11 @@ std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, 
     const int64_t Tn = a.x2.size(0);
     auto opt = a.x2.options();
     Tensor y = at::empty(x.sizes(), opt);  // [T, d_model] in x's shape: a base tensor, not a view
-    Tensor pre = keep_pre ? at::empty(with_last(x, d_ff), opt) : at::empty({0}, opt);
     const bool saves = keep_pre && ffn_saves_hidden(Tn, chunk_tokens, activation);
+    const bool tiles = saves && ffn_pre_in_tiles(x.scalar_type() == at::kFloat, bf16_sparse);
+    Tensor pre = tiles      ? at::empty(act_tiles_shape(Tn, d_ff, a.P), opt)
+                 : keep_pre ? at::empty(with_last(x, d_ff), opt)
+                            : at::empty({0}, opt);
     Tensor hidden = saves ? hidden_analysis(Tn, d_ff, a.P, opt) : at::empty({0}, opt);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rbe_ffn", [&] {
         using T = scalar_t;
@@ -826,9 +868,13 @@ std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, 
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
             const int64_t n = std::min(a.chunk, Tn - t0), groups = cdiv(n, RBE_TILE) * R2;
             T* saved = saves ? hidden.data_ptr<T>() + t0 / RBE_TILE * tile_len : nullptr;
-            linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, a.x2.data_ptr<T>() + t0 * d_model,
-                          n, a.W1, ptr_or_null<T>(a.bias1), saves ? a.act | RBE_ACT_PRE_GRAD : a.act, a.P, opt, nullptr,
-                          saves ? saved : Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scales1, bf16_sparse);
+            T* pc = !keep_pre ? nullptr
+                    : tiles   ? pre.data_ptr<T>() + t0 / RBE_TILE * pre.stride(0)
+                              : pre.data_ptr<T>() + t0 * d_ff;
+            const int act1 = a.act | (saves ? RBE_ACT_PRE_GRAD : 0) | (tiles ? RBE_ACT_PRE_TILES : 0);
+            linear_raw<T>(nullptr, pc, a.x2.data_ptr<T>() + t0 * d_model, n, a.W1, ptr_or_null<T>(a.bias1), act1,
+                          a.P, opt, nullptr, saves ? saved : Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scales1,
+                          bf16_sparse);
             if (!saves) scale_rows(Xh2.data_ptr<T>(), groups, a.P, RBE_TILE, a.scales2);
             else if (Xh2.defined()) scale_rows(Xh2.data_ptr<T>(), groups, a.P, RBE_TILE, a.scales2, saved);
             linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, n, a.W2, ptr_or_null<T>(a.bias2),
@@ -855,15 +901,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
     TORCH_CHECK_VALUE(g2.size(0) == Tn && grad.scalar_type() == x.scalar_type(),
                       "rbe_ffn: grad must match the input's tokens and dtype");
     const bool saved = pre.numel() > 0;
-    Tensor pre2;
-    if (saved) {
+    // what ffn returned as `hidden`: then pre holds act'(h) (ffn_saves_hidden), in tiles where
+    // ffn_pre_in_tiles said so (a 4-dimensional pre), else token-major
+    const bool has_hidden = hidden.numel() > 0, tiled = has_hidden && pre.dim() == 4;
+    Tensor pre2;  // token-major
+    if (tiled) {
+        const std::vector<int64_t> want = act_tiles_shape(Tn, d_ff, a.P);
+        TORCH_CHECK_VALUE(pre.sizes() == at::IntArrayRef(want) && pre.is_contiguous() &&
+                              pre.scalar_type() == x.scalar_type() && pre.device() == x.device(),
+                          "rbe_ffn: a saved act'(h) in tiles must be a contiguous ", x.scalar_type(),
+                          " tensor of shape ", at::IntArrayRef(want), " on ", x.device(), ", got ", pre.sizes(), " ",
+                          pre.scalar_type());
+    } else if (saved) {
         pre2 = as_tokens(pre, d_ff, "saved pre-activation");
         TORCH_CHECK_VALUE(pre2.size(0) == Tn && pre.scalar_type() == x.scalar_type(),
                           "rbe_ffn: saved pre-activation has ", pre2.size(0), " tokens of ", pre.scalar_type(),
                           ", expected ", Tn, " of ", x.scalar_type());
     }
-    // what ffn returned as `hidden`: then pre holds act'(h) (ffn_saves_hidden)
-    const bool has_hidden = hidden.numel() > 0;
     if (has_hidden) {
         TORCH_CHECK_VALUE(saved, "rbe_ffn: ffn_backward got a saved hidden input without its pre (both come from ffn)");
         TORCH_CHECK_VALUE(hidden_keepable(Tn, chunk_tokens, activation),
@@ -908,7 +962,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         const bool fused = need1 && fused_act_grad(a.act);
         const bool from_h = saved && !has_hidden;  // act(h) (and act'(h)) evaluated here from h
         Tensor hid = from_h ? at::empty({cn, d_ff}, opt) : Tensor();
-        Tensor hpre = saved ? Tensor() : at::empty({cn, d_ff}, opt);
+        // (token-major [cn, d_ff], or in tiles where the chunk hands on: at least as many numbers)
+        const int64_t tiles_numel = cdiv(cn, RBE_TILE) * cdiv(d_ff, a.P.b) * a.P.b * RBE_TILE;
+        Tensor hpre = saved ? Tensor() : at::empty({std::max(cn * d_ff, tiles_numel)}, opt);
         Tensor dact = fused && from_h ? at::empty({cn, d_ff}, opt) : Tensor();
         const int64_t tile_len = has_hidden ? hidden.stride(0) : 0;
         Tensor dh;  // fc2's input gradient, token-major: where it is not handed on
@@ -919,20 +975,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         // fc2's input gradient handed straight on to fc1 (rbe_grad_next_f32): no token-major dh, and
         // no passes of their own for dh * act'(h), fc1's bias sums and the analysis of its output
         // gradient. Where fc2's one-pass kernel runs (s2.cols_pos, on a schedule: a chunk of one tile
-        // without a cache builds none), act'(h) is at hand (fused) and fc1 wants more than its bias.
+        // without a cache builds none), act'(h) is at hand in tiles (the forward kept it so, or the
+        // checkpointed recompute writes it so) and fc1 wants more than its bias.
         auto hands_on = [&](int64_t n) {
             return std::is_same_v<T, float> && fused && s2.cols_pos && (mask[0] || mask[1] || mask[2]) &&
-                   (cached || n > RBE_TILE);
+                   (cached || n > RBE_TILE) && (tiled || !saved);
         };
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
             const int64_t n = std::min(a.chunk, Tn - t0);
             const int acc = t0 > 0;
             const T* xc = a.x2.data_ptr<T>() + t0 * d_model;
-            const T* h;
+            const T* h = nullptr;
+            const T* gt = nullptr;  // act'(h) in tiles (RBE_ACT_PRE_TILES)
             Tensor Xh2;  // checkpointed: fc2's input in the transform domain, freed before fc1's backward
             const T* Xs = nullptr;  // fc2's input in the transform domain, as saved or recomputed
             if (has_hidden) {
-                h = pre2.data_ptr<T>() + t0 * d_ff;  // act'(h)
+                if (tiled) gt = pre.data_ptr<T>() + t0 / RBE_TILE * pre.stride(0);
+                else h = pre2.data_ptr<T>() + t0 * d_ff;  // act'(h)
                 Xs = hidden.data_ptr<T>() + t0 / RBE_TILE * tile_len;
             } else if (saved) {
                 h = pre2.data_ptr<T>() + t0 * d_ff;
@@ -945,13 +1004,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                 });
             } else {
                 Xh2 = hidden_analysis(n, d_ff, a.P, opt);
+                const int in_tiles = need1 && hands_on(n) ? RBE_ACT_PRE_TILES : 0;
                 linear_raw<T>(nullptr, hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1),
-                              fused ? a.act | RBE_ACT_PRE_GRAD : a.act, a.P, opt, nullptr, Xh2.data_ptr<T>(),
-                              cached ? &s1 : nullptr, a.scales1, bf16_sparse);
-                h = hpre.data_ptr<T>();
+                              fused ? a.act | RBE_ACT_PRE_GRAD | in_tiles : a.act, a.P, opt, nullptr,
+                              Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scales1, bf16_sparse);
+                (in_tiles ? gt : h) = hpre.data_ptr<T>();
                 Xs = Xh2.data_ptr<T>();
             }
-            const T* gp = !fused ? nullptr : has_hidden ? h : from_h ? dact.data_ptr<T>() : hpre.data_ptr<T>();  // act'
+            // act'(h), token-major (or in tiles: gt)
+            const T* gp = !fused ? nullptr : has_hidden ? h : from_h ? dact.data_ptr<T>() : gt ? nullptr : h;
             const T* g2c = g2.data_ptr<T>() + t0 * d_model;
             T* db2p = mask[4] ? db2.data_ptr<T>() : nullptr;
             T* dc2p = mask[5] ? dc2.data_ptr<T>() : nullptr;
@@ -964,7 +1025,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             if (need1 && hands_on(n)) {
                 // fc1's output gradient, analysed: the same numbers as analysing dh would give
                 Tensor Gh1 = hidden_analysis(n, d_ff, a.P, opt);
-                const rbe_grad_next_f32 next = grad_next(gp, Gh1, dbias1p, acc);
+                const rbe_grad_next_f32 next = grad_next(gt, Gh1, dbias1p, acc);
                 linear_backward_raw<T>(nullptr, db2p, dc2p, dbias2p, acc, g2c, hidp, n, a.W2, a.P, opt, Xs,
                                        cached ? &s2 : nullptr, a.scales2, bf16_sparse, &next);
                 Xh2.reset();
@@ -978,7 +1039,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             Xh2.reset();  // so the chunk's peak is h, dh and one transform-domain copy (the memory limit's budget)
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
-            at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+            if (gt) mul_by_tiles(dhp, gt, n, d_ff, a.P.b);  // (fused: act'(h) kept in tiles, not handed on)
+            else at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
                 if (fused) {  // dh * act'(h): what act_backward computes, with act'(h) already at hand
                     for (int64_t i = r0 * d_ff; i < r1 * d_ff; i++) dhp[i] *= gp[i];
                 } else {

@@ -359,6 +359,15 @@ XT static void store_tile_t(float* restrict y, long ld, const float* restrict sr
         for (int rr = (nt == TL ? r : 0); rr < nr; rr++) y[(size_t)t * ld + rr] = src[(size_t)rr * TL + t];
 }
 
+// out[r][t] = src[r][t] for r < nr, t < nt, and zero for the rest of [b][TL] (src: [>= nr][TL])
+static void copy_tile(float* restrict out, const float* restrict src, int nr, int nt, int b) {
+    for (int r = 0; r < b; r++) {
+        const int n = r < nr ? nt : 0;
+        if (n) memcpy(out + (size_t)r * TL, src + (size_t)r * TL, sizeof(float) * n);
+        if (n < TL) memset(out + (size_t)r * TL + n, 0, sizeof(float) * (TL - n));
+    }
+}
+
 // s[r] = (fresh ? 0 : s[r]) + x[r][0] + x[r][1] + ... + x[r][nt - 1] for r < nr: one tile's part of
 // rbe_bias_backward's sums in token order, on a feature-major tile x ([>= nr][TL])
 XT static void bias_sums(float* restrict s, const float* restrict x, int nr, int nt, int fresh) {
@@ -426,8 +435,8 @@ XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, co
     const float* basis = W->basis;
     const int32_t* sstart = sched ? sched->start : NULL;
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
-    const int pre_grad = pre && (act & RBE_ACT_PRE_GRAD);
-    act &= ~RBE_ACT_PRE_GRAD;
+    const int pre_grad = pre && (act & RBE_ACT_PRE_GRAD), pre_tiles = pre_grad && (act & RBE_ACT_PRE_TILES);
+    act &= ~(RBE_ACT_PRE_GRAD | RBE_ACT_PRE_TILES);
     float* yh = scratch;
     float* yt = scratch + (size_t)rows * TL;
     for (long p = p0; p < p1; p++) {
@@ -470,7 +479,8 @@ XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, co
             else
                 for (int r = 0; r < nr; r++)
                     rbe_act_forward_grad_f32(yt + (size_t)r * TL, yh + (size_t)r * TL, yt + (size_t)r * TL, nl, act);
-            store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yh, nr, nt);
+            if (pre_tiles) copy_tile(pre + ((size_t)tile * R + i) * b * TL, yh, nr, nt, b);
+            else store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yh, nr, nt);
         } else {
             if (pre) store_tile_t(pre + (size_t)t0 * out + (size_t)i * b, out, yt, nr, nt);
             if (act != RBE_ACT_NONE && nl == TL) rbe_act_forward_f32(yt, yt, (long)nr * TL, act);  // whole tile
@@ -551,9 +561,9 @@ XT static void cols_item(float* dx, const rbe_grad_next_f32* next, const float* 
         return;
     }
     // handed on (rbe_grad_next_f32): dh = dx * act'(h) on the tile's tokens and features, zero past
-    // them (as the analysis of a token-major dh pads it), its bias sums, and its analysis
-    float* da = dh;  // act'(h) of the tile, feature-major (dh's rows are free after the synthesis)
-    load_tile_t(da, next->dact, t0, nt, in, j, b, nc);
+    // them (as the analysis of a token-major dh pads it), its bias sums, and its analysis (lanes
+    // past nl are neither read nor written)
+    const float* da = next->dact + ((size_t)tile * C + j) * b * TL;  // act'(h) of the tile
     for (int r = 0; r < b; r++) {
         float* d = dt + (size_t)r * TL;
         const float* f = da + (size_t)r * TL;

@@ -496,6 +496,15 @@ def test_standard_keeping_hidden_equals_checkpointed(activation, dtype, parametr
         with torch.no_grad():
             _, pre, hidden = ops.ffn(*ffn_args(m, x, chunk, True), *scales, **flags)
         assert (hidden.numel() > 0) == (activation != "relu" and chunk != 100), (tokens, chunk)
+        tiled = hidden.numel() > 0 and rbe_ffn._C.ffn_pre_in_tiles(dtype == torch.float32, flags.get("bf16_sparse", False))
+        assert pre.dim() == (4 if tiled else 2)
+        if tiled:  # act'(h) in tiles [tiles, ceil(200 / 16), 16, 64]: zero past the tokens and features
+            tok = pre.permute(0, 3, 1, 2).reshape(pre.shape[0] * 64, -1)
+            assert pre.shape[1:] == (13, 16, 64) and not tok[tokens:].any() and not tok[:, 200:].any()
+            if not flags:
+                with torch.no_grad():
+                    _, h, _ = ops.ffn(*ffn_args(m, x, 100, True), *scales)  # chunks of 100 tokens keep h
+                assert torch.equal(tok[:tokens, :200], ops.activation_backward(torch.ones_like(h), h, activation))
         # fc2's gradients alone: fc1's part of the backward is skipped, act'(h) is not read
         fc2_only = [False] * 4 + [True] * 3
         rest = (m.fc1.plan, *(t.detach() for t in (m.fc1.basis, m.fc1.coeffs)), m.fc1.index, m.fc1.bias.detach(),

@@ -90,12 +90,15 @@ def test_saved_tensors(dtype, memory_limit_mb):
     m.checkpoint = False
     y, extra, nbytes = saved_bytes(m, x)
     # standard: the [T, d_ff] pre-activation, or act' of it and fc2's analysed input (whole tiles of
-    # 64 tokens, ceil(d_ff / b) segments of b + nf rows) where the operator saves that instead
-    hidden = 0
+    # 64 tokens, ceil(d_ff / b) segments of b + nf rows) where the operator saves that instead; act'
+    # in tiles (ceil(d_ff / b) segments of b rows) where ffn_pre_in_tiles says so
+    hidden, pre = 0, tokens * 150 * itemsize
     if rbe_ffn._C.ffn_saves_hidden(tokens, m.chunk_tokens(), "gelu"):
         hidden = -(-tokens // 64) * -(-150 // 16) * m.fc1.plan.shape[1] * 64 * itemsize
+        if rbe_ffn._C.ffn_pre_in_tiles(dtype == torch.float32, False):
+            pre = -(-tokens // 64) * -(-150 // 16) * 16 * 64 * itemsize
     assert (memory_limit_mb is None) == (hidden > 0)  # chunks of 128 tokens; of fewer than a tile
-    assert nbytes == x.numel() * itemsize + tokens * 150 * itemsize + hidden, [tuple(t.shape) for t in extra]
+    assert nbytes == x.numel() * itemsize + pre + hidden, [tuple(t.shape) for t in extra]
     y.sum().backward()
 
 

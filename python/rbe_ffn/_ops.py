@@ -263,8 +263,13 @@ def _ffn_fake(x, plan, basis1, coeffs1, index1, bias1, basis2, coeffs2, index2, 
     _one_device("ffn", x=x, plan=plan, basis1=basis1, coeffs1=coeffs1, index1=index1, bias1=bias1,
                 basis2=basis2, coeffs2=coeffs2, index2=index2, bias2=bias2)
     torch._check(x.shape[-1] == d_model, lambda: f"rbe_ffn: input must have last dimension {d_model}")
-    pre = x.new_empty((*x.shape[:-1], d_ff)) if keep_pre else x.new_empty((0,))
-    return x.new_empty(x.shape), pre, _saved_hidden_fake(x, plan, d_model, d_ff, activation, chunk_tokens, keep_pre)
+    hidden = _saved_hidden_fake(x, plan, d_model, d_ff, activation, chunk_tokens, keep_pre)
+    if hidden.dim() == 4 and _C.ffn_pre_in_tiles(x.dtype == torch.float32, bf16_sparse):
+        # act'(h) in tiles: [tiles, ceil(d_ff / b), b, RBE_TILE]
+        pre = x.new_empty((hidden.shape[0], hidden.shape[1], plan.shape[2], RBE_TILE))
+    else:
+        pre = x.new_empty((*x.shape[:-1], d_ff)) if keep_pre else x.new_empty((0,))
+    return x.new_empty(x.shape), pre, hidden
 
 
 def saves_hidden(tokens, chunk_tokens: int, activation: str) -> bool:

@@ -966,6 +966,32 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
                    out, in, b, nf, k, 0, items);
             CHECK(!memcmp(Xa, Xb, nxn * es), "%s act=%d: Xnext with RBE_ACT_PRE_GRAD differs", tag, act);
             CHECK(!memcmp(g, gr, (size_t)T * out * es), "%s act=%d: RBE_ACT_PRE_GRAD pre (with Xnext) differs", tag, act);
+            // RBE_ACT_PRE_TILES: the same act' in tiles [ntiles, R, b, TILE], zero past T and out; the
+            // same Xnext
+            const size_t ntl = (size_t)ntiles * R * b * RBE_TILE;
+            void* gt = xmalloc(ntl * es);
+            memset(gt, 0xff, ntl * es);  // NaN: every number must be written
+            memset(Xb, 0, nxn * es);
+            rows_t(f32, rsc, NULL, gt, Xb, Xh, plan, basis, coeffs, ix, wide, bs,
+                   act | RBE_ACT_PRE_GRAD | RBE_ACT_PRE_TILES, scratch, T, out, in, b, nf, k, 0, items);
+            CHECK(!memcmp(Xa, Xb, nxn * es), "%s act=%d: Xnext with RBE_ACT_PRE_TILES differs", tag, act);
+            int same = 1;
+            for (long tile = 0; tile < ntiles; tile++)
+                for (int i = 0; i < R; i++)
+                    for (int r = 0; r < b; r++)
+                        for (int t = 0; t < RBE_TILE; t++) {
+                            const size_t o = (((size_t)tile * R + i) * b + r) * RBE_TILE + t;
+                            const long tok = tile * RBE_TILE + t;
+                            const int f = i * b + r;
+                            const int inside = tok < T && f < out;
+                            const size_t src = (size_t)tok * out + f;
+                            if (f32) same &= inside ? ((float*)gt)[o] == ((float*)g)[src] || ((float*)g)[src] != ((float*)g)[src]
+                                                    : ((float*)gt)[o] == 0.0f;
+                            else same &= inside ? ((double*)gt)[o] == ((double*)g)[src] || ((double*)g)[src] != ((double*)g)[src]
+                                                : ((double*)gt)[o] == 0.0;
+                        }
+            CHECK(same, "%s act=%d: RBE_ACT_PRE_TILES pre is not act' in tiles", tag, act);
+            free(gt);
             free(Xa), free(Xb);
             free(g), free(gr), free(ones);
         }
@@ -1042,14 +1068,18 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         // kernels give them; the same dcoeffs; NULL dbias skipped; split ranges give the same bytes
         {
             const size_t nd = (size_t)T * in, ngh = (size_t)ntiles * C * rows * RBE_TILE;
-            float* dact = xmalloc(nd * es);
+            const size_t nat = (size_t)ntiles * C * b * RBE_TILE;
+            float* dact = xmalloc(nat * es);  // act'(h) in tiles: [ntiles, C, b, TILE]
             float* dh = xmalloc(nd * es);
             float* Ghr = xmalloc(ngh * es);
             float* Ghn = xmalloc(ngh * es);
             float* dbr = xmalloc(in * es);
             float* dbn = xmalloc(in * es);
-            for (size_t e = 0; e < nd; e++) dact[e] = (float)rng_normal();
-            for (size_t e = 0; e < nd; e++) dh[e] = dx3[e] * dact[e];
+            for (size_t e = 0; e < nat; e++) dact[e] = (float)rng_normal();  // (past T and in: not read)
+            for (long t = 0; t < T; t++)
+                for (int f = 0; f < in; f++)
+                    dh[(size_t)t * in + f] = dx3[(size_t)t * in + f] *
+                        dact[((((size_t)(t / RBE_TILE) * C + f / b) * b) + f % b) * RBE_TILE + t % RBE_TILE];
             analysis_t(1, Ghr, dh, plan, 1, scratch, T, in, b, nf, 0, ntiles * C);
             for (int fresh = 0; fresh < 2; fresh++) {
                 for (int c = 0; c < in; c++) dbr[c] = dbn[c] = fresh ? NAN : (float)rng_normal();
