@@ -360,11 +360,14 @@ XT static void store_tile_t(float* restrict y, long ld, const float* restrict sr
 }
 
 // out[r][t] = src[r][t] for r < nr, t < nt, and zero for the rest of [b][TL] (src: [>= nr][TL])
-static void copy_tile(float* restrict out, const float* restrict src, int nr, int nt, int b) {
+XT static void copy_tile(float* restrict out, const float* restrict src, int nr, int nt, int b) {
     for (int r = 0; r < b; r++) {
-        const int n = r < nr ? nt : 0;
-        if (n) memcpy(out + (size_t)r * TL, src + (size_t)r * TL, sizeof(float) * n);
-        if (n < TL) memset(out + (size_t)r * TL + n, 0, sizeof(float) * (TL - n));
+        float* o = out + (size_t)r * TL;
+        const float* x = src + (size_t)r * TL;
+        if (r < nr && nt == TL)
+            for (int t = 0; t < TL; t += VW) VSTORE(o + t, VLOAD(x + t));
+        else
+            for (int t = 0; t < TL; t++) o[t] = r < nr && t < nt ? x[t] : 0.0f;
     }
 }
 
