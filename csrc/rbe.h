@@ -342,9 +342,17 @@ int rbe_cols_coeffs_backward_f32(float* dx, float* dcoeffs, const rbe_grad_next_
 
 /* Parameter gradients of block rows [p0, p1) (blocks i*C + j), summed over all tokens:
  * dcoeffs[ij][q] = sum_t Gh_i[u][t] Xh_j[v][t], dbasis[ij][k] from the pattern rows.
- * Either output may be NULL; accumulate != 0 adds to what they hold.
+ * Either output may be NULL; accumulate & 1 adds to what they hold.
  * sched (float only; may be NULL): the schedule with pos and acc (transpose = 0); not read
- * when dcoeffs is NULL. */
+ * when dcoeffs is NULL.
+ * With a schedule (here, in rbe_cols_coeffs_backward_f32 and rbe_params_backward_bf16) each
+ * coefficient's sum runs over the tiles in order in the schedule's acc, then goes to dcoeffs.
+ * Calls over consecutive token ranges (chunks of one call, sharing one schedule) may continue
+ * one sum: RBE_SUMS_HOLD in accumulate leaves the sums in acc and writes no dcoeffs,
+ * RBE_SUMS_CONTINUE continues the sums acc holds instead of starting at zero. A chunked call
+ * then gives each coefficient the sum an unchunked one gives. */
+#define RBE_SUMS_CONTINUE 2
+#define RBE_SUMS_HOLD 4
 void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh,
                              const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                              int accumulate, long T, long p0, long p1);

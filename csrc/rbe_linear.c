@@ -187,9 +187,12 @@ void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, con
                              const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                              int accumulate, long T, long p0, long p1) {
     const rbe_x86_kernels_f32* k = x86();
-    if (k && ((sched && sched->acc) || !dcoeffs))
+    if (k && ((sched && sched->acc) || !dcoeffs)) {
         k->params_backward(dbasis, dcoeffs, Gh, Xh, W, P, sched, accumulate, T, p0, p1);
-    else if (k && T <= RBE_TILE) k->params_backward_blocks(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
+        return;
+    }
+    accumulate &= 1;  // no schedule, no sums held between calls: each call adds its own
+    if (k && T <= RBE_TILE) k->params_backward_blocks(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
     else rbe_params_backward_f32_portable(dbasis, dcoeffs, Gh, Xh, W, P, accumulate, T, p0, p1);
 }
 

@@ -554,9 +554,11 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
                                 int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt,
                                 const T* Xh_in = nullptr, SchedCache* cache = nullptr, const Scales& scale = {},
                                 bool bf16_sparse = false, const rbe_grad_next_f32* next = nullptr,
-                                const Tensor& Gh_in = Tensor()) {
+                                const Tensor& Gh_in = Tensor(), int sums = 0) {
     // next: dx handed on to the layer below (rbe_grad_next_f32; only where the one-pass kernel runs:
-    // hands_on), dx null. Gh_in: g already analysed (as next writes it, unscaled; g and dbias unused)
+    // hands_on), dx null. Gh_in: g already analysed (as next writes it, unscaled; g and dbias unused).
+    // sums: RBE_SUMS_CONTINUE / RBE_SUMS_HOLD for the scheduled coefficient gradients, when this is
+    // one chunk of a call whose chunks share the schedules in `cache` (chunk_sums)
     if (Tn == 0) return;
     const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), ntiles = cdiv(Tn, RBE_TILE);
     if (dbias)
@@ -593,8 +595,8 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
                     std::vector<T> s;
                     scratch_for(s, P);
                     const int rc = rbe_cols_coeffs_backward_f32(dx, dcoeffs, next, Gh.data_ptr<float>(), X, &cwt,
-                                                                &cp, sc.get(), accumulate, s.data(), (long)Tn,
-                                                                (long)p0, (long)p1);
+                                                                &cp, sc.get(), accumulate | sums, s.data(),
+                                                                (long)Tn, (long)p0, (long)p1);
                     TORCH_INTERNAL_ASSERT(rc == 0, "rbe_cols_coeffs_backward_f32 without x86 kernels");
                 });
                 coeffs_done = true;
@@ -626,14 +628,14 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
                 at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {
                     const Tensor s = bf16_scratch(C, P);
                     rbe_params_backward_bf16(dbasis, dcoeffs, Gh.data_ptr<float>(), X, bits(s), &cw, &cp, sc.get(),
-                                             accumulate, (long)Tn, (long)p0, (long)p1);
+                                             accumulate | sums, (long)Tn, (long)p0, (long)p1);
                 });
                 return;
             }
         }
         at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {  // block rows
-            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), X, &cw, &cp, sc.get(), accumulate, (long)Tn, (long)p0,
-                            (long)p1);
+            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), X, &cw, &cp, sc.get(),
+                            accumulate | (sc.on && dcoeffs ? sums : 0), (long)Tn, (long)p0, (long)p1);
         });
     }
 }
@@ -1022,20 +1024,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             T* db1p = mask[1] ? db1.data_ptr<T>() : nullptr;
             T* dc1p = mask[2] ? dc1.data_ptr<T>() : nullptr;
             T* dbias1p = mask[3] ? dbias1.data_ptr<T>() : nullptr;
+            // with the schedules kept for the call, each coefficient's sum runs on over the chunks and
+            // reaches dcoeffs once, after the last (RBE_SUMS_*): the sums an unchunked call gives
+            const int sums = cached ? (t0 > 0 ? RBE_SUMS_CONTINUE : 0) | (t0 + n < Tn ? RBE_SUMS_HOLD : 0) : 0;
             if (need1 && hands_on(n)) {
                 // fc1's output gradient, analysed: the same numbers as analysing dh would give
                 Tensor Gh1 = hidden_analysis(n, d_ff, a.P, opt);
                 const rbe_grad_next_f32 next = grad_next(gt, Gh1, dbias1p, acc);
                 linear_backward_raw<T>(nullptr, db2p, dc2p, dbias2p, acc, g2c, hidp, n, a.W2, a.P, opt, Xs,
-                                       cached ? &s2 : nullptr, a.scales2, bf16_sparse, &next);
+                                       cached ? &s2 : nullptr, a.scales2, bf16_sparse, &next, Tensor(), sums);
                 Xh2.reset();
                 linear_backward_raw<T>(dxp, db1p, dc1p, nullptr, acc, nullptr, xc, n, a.W1, a.P, opt, nullptr,
-                                       cached ? &s1 : nullptr, a.scales1, bf16_sparse, nullptr, Gh1);
+                                       cached ? &s1 : nullptr, a.scales1, bf16_sparse, nullptr, Gh1, sums);
                 continue;
             }
             if (need1 && !dh.defined()) dh = at::empty({cn, d_ff}, opt);
             linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, db2p, dc2p, dbias2p, acc, g2c, hidp, n, a.W2,
-                                   a.P, opt, Xs, cached ? &s2 : nullptr, a.scales2, bf16_sparse);
+                                   a.P, opt, Xs, cached ? &s2 : nullptr, a.scales2, bf16_sparse, nullptr, Tensor(),
+                                   sums);
             Xh2.reset();  // so the chunk's peak is h, dh and one transform-domain copy (the memory limit's budget)
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
@@ -1048,7 +1054,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                 }
             });
             linear_backward_raw<T>(dxp, db1p, dc1p, dbias1p, acc, dhp, xc, n, a.W1, a.P, opt, nullptr,
-                                   cached ? &s1 : nullptr, a.scales1, bf16_sparse);
+                                   cached ? &s1 : nullptr, a.scales1, bf16_sparse, nullptr, Tensor(), sums);
         }
         const double m = std::isfinite(mg) ? mx : mg;
         check_finite_results<T>({dx, db1, dc1, dbias1, db2, dc2, dbias2}, m,

@@ -505,11 +505,18 @@ XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const flo
     rows_body(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, NULL, T, p0, p1);
 }
 
-// dcoeffs[pos[e]] = (or += with accumulate) sacc[e] for the schedule's entries [e0, e1): the
-// coefficient gradient, summed in schedule order, back in coefficient order
+// sacc[e] = 0 for the schedule's entries [e0, e1), unless the sums continue (RBE_SUMS_CONTINUE)
+static inline void start_sums(float* restrict sacc, int accumulate, long e0, long e1) {
+    if (!(accumulate & RBE_SUMS_CONTINUE))
+        for (long e = e0; e < e1; e++) sacc[e] = 0;
+}
+// dcoeffs[pos[e]] = (or += with accumulate & 1) sacc[e] for the schedule's entries [e0, e1): the
+// coefficient gradient, summed in schedule order, back in coefficient order (not yet with
+// RBE_SUMS_HOLD: a later call continues the sums)
 static inline void scatter_sums(float* restrict dcoeffs, const float* restrict sacc, const int32_t* restrict pos,
                                 int accumulate, long e0, long e1) {
-    if (accumulate)
+    if (accumulate & RBE_SUMS_HOLD) return;
+    if (accumulate & 1)
         for (long e = e0; e < e1; e++) dcoeffs[pos[e]] += sacc[e];
     else
         for (long e = e0; e < e1; e++) dcoeffs[pos[e]] = sacc[e];
@@ -609,7 +616,7 @@ XT void XSFX(rbe_cols_coeffs_backward_f32)(float* dx, float* dcoeffs, const rbe_
     const int R = (W->out + b - 1) / b, C = (W->in + b - 1) / b;
     const long ntiles = (T + TL - 1) / TL, e0 = p0 * R * (long)k, e1 = p1 * R * (long)k;
     float* sacc = sched->acc;
-    for (long e = e0; e < e1; e++) sacc[e] = 0;
+    start_sums(sacc, accumulate, e0, e1);
     for (long j = p0; j < p1; j++)
         for (long tile = 0; tile < ntiles; tile++)
             cols_item(dx, next, Gh, W, P, sched, scratch, NULL, NULL, sacc, Xh + ((size_t)tile * C + j) * rows * TL,
@@ -684,9 +691,8 @@ XT static void params_sched(float* dbasis, float* dcoeffs, const float* Gh, cons
     const int R = (out + b - 1) / b, C = (in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     const long ntiles = (T + TL - 1) / TL;
     const long e0 = p0 * C * (long)k, e1 = p1 * C * (long)k;
-    if (dcoeffs)
-        for (long e = e0; e < e1; e++) sacc[e] = 0;
-    for (long i = p0; i < p1 && !accumulate && dbasis; i++)
+    if (dcoeffs) start_sums(sacc, accumulate, e0, e1);
+    for (long i = p0; i < p1 && !(accumulate & 1) && dbasis; i++)
         for (long q = i * C * RBE_NPAT; q < (i + 1) * C * RBE_NPAT; q++) dbasis[q] = 0;
     for (long tile = 0; tile < ntiles; tile++) {
         const float* Xt = Xh + (size_t)tile * C * rows * TL;

@@ -1098,6 +1098,28 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
             CHECK(!memcmp(Ghn, Ghr, ngh * es), "%s: dx handed on without dbias: its analysis differs", tag);
             free(dact), free(dh), free(Ghr), free(Ghn), free(dbr), free(dbn);
         }
+        // the token range in two calls (a chunked call's chunks: whole tiles, then the rest) with the
+        // sums held after the first and continued by the second (RBE_SUMS_*): dcoeffs of one call, and
+        // the same for the scheduled parameter gradient (params_sched)
+        if (ntiles > 1) {
+            const long T1 = (ntiles / 2) * RBE_TILE;
+            const size_t gs = (size_t)T1 / RBE_TILE * R * rows * RBE_TILE, xs = (size_t)T1 / RBE_TILE * C * rows * RBE_TILE;
+            memset(dc4, 0, nblk * k * es);
+            g_x86->cols_coeffs_backward(dx3, dc4, NULL, Gh, Xh, &Ws, &P32, &cps, RBE_SUMS_HOLD, scratch, T1, 0, C);
+            g_x86->cols_coeffs_backward(dx3 + (size_t)T1 * in, dc4, NULL, (float*)Gh + gs, (float*)Xh + xs, &Ws, &P32,
+                                        &cps, 1 | RBE_SUMS_CONTINUE, scratch, T - T1, 0, C);
+            CHECK(!memcmp(dc4, dc3, nblk * k * es), "%s: one-pass dcoeffs over two held calls differ", tag);
+            CHECK(!memcmp(dx3, dx, (size_t)T * in * es), "%s: one-pass dx over two calls differs", tag);
+            const rbe_weight_f32 Wr = w32(NULL, NULL, ix, wide, out, in, b, k);
+            const rbe_plan_f32 Pr = {NULL, NULL, NULL, b, nf};
+            float* db5 = xmalloc(nblk * 8 * es);
+            memset(dc4, 0, nblk * k * es);
+            g_x86->params_backward(db5, dc4, Gh, Xh, &Wr, &Pr, rsc, RBE_SUMS_HOLD, T1, 0, R);
+            g_x86->params_backward(db5, dc4, (float*)Gh + gs, (float*)Xh + xs, &Wr, &Pr, rsc, 1 | RBE_SUMS_CONTINUE,
+                                   T - T1, 0, R);
+            CHECK(!memcmp(dc4, dc, nblk * k * es), "%s: scheduled dcoeffs over two held calls differ", tag);
+            free(db5);
+        }
         free(cp_pos), free(cp_acc), free(dx3), free(dc3), free(dc4);
     }
 
