@@ -1006,15 +1006,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                 });
             } else {
                 Xh2 = hidden_analysis(n, d_ff, a.P, opt);
-                const int in_tiles = need1 && hands_on(n) ? RBE_ACT_PRE_TILES : 0;
+                const int in_tiles = hands_on(n) ? RBE_ACT_PRE_TILES : 0;
                 linear_raw<T>(nullptr, hpre.data_ptr<T>(), xc, n, a.W1, ptr_or_null<T>(a.bias1),
                               fused ? a.act | RBE_ACT_PRE_GRAD | in_tiles : a.act, a.P, opt, nullptr,
                               Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scales1, bf16_sparse);
                 (in_tiles ? gt : h) = hpre.data_ptr<T>();
                 Xs = Xh2.data_ptr<T>();
             }
-            // act'(h), token-major (or in tiles: gt)
-            const T* gp = !fused ? nullptr : has_hidden ? h : from_h ? dact.data_ptr<T>() : gt ? nullptr : h;
+            // act'(h) token-major, where fused: evaluated here from h, else h itself (saved or recomputed
+            // as act'; null where it is in tiles: gt)
+            const T* gp = !fused ? nullptr : from_h ? dact.data_ptr<T>() : h;
             const T* g2c = g2.data_ptr<T>() + t0 * d_model;
             T* db2p = mask[4] ? db2.data_ptr<T>() : nullptr;
             T* dc2p = mask[5] ? dc2.data_ptr<T>() : nullptr;
@@ -1027,7 +1028,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
             // with the schedules kept for the call, each coefficient's sum runs on over the chunks and
             // reaches dcoeffs once, after the last (RBE_SUMS_*): the sums an unchunked call gives
             const int sums = cached ? (t0 > 0 ? RBE_SUMS_CONTINUE : 0) | (t0 + n < Tn ? RBE_SUMS_HOLD : 0) : 0;
-            if (need1 && hands_on(n)) {
+            if (hands_on(n)) {  // (fc1's gradients wanted: need1)
                 // fc1's output gradient, analysed: the same numbers as analysing dh would give
                 Tensor Gh1 = hidden_analysis(n, d_ff, a.P, opt);
                 const rbe_grad_next_f32 next = grad_next(gt, Gh1, dbias1p, acc);
