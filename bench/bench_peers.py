@@ -256,16 +256,32 @@ def round_order(live, last, rng, tries=1000):
     return order
 
 
+# An arm more than SLOW_FACTOR times slower than dense float32 in the last warm-up round is timed in
+# SLOW_ROUNDS rounds only: bf16 autocast on a CPU without bfloat16 instructions (torch emulates them;
+# 70x dense float32's step at 768/3072, 1024 tokens, on an AVX2-only EPYC) would otherwise make one
+# run of the benchmark take over an hour. Its spread row says how many rounds it had.
+SLOW_FACTOR, SLOW_ROUNDS = 20.0, 3
+
+
+def slow_arms(warm_times):
+    """The arms to time in SLOW_ROUNDS rounds only, from one warm-up round's times (name -> s)."""
+    ref = warm_times.get("dense")
+    return set() if ref is None else {n for n, t in warm_times.items() if t > SLOW_FACTOR * ref}
+
+
 def measure(arms, x, mode, reps, warmup, warm=0):
     """Per arm, one time per timed round: of its single call (warm=0: the arm runs after the others,
     so its weights come from L3 or memory, as a model's layers do when they exceed the cache), or
-    the mean of `warm` calls in a row after one untimed call (the arm's weights cached)."""
+    the mean of `warm` calls in a row after one untimed call (the arm's weights cached). Arms far
+    slower than dense float32 (slow_arms) run in the first SLOW_ROUNDS timed rounds only."""
     live = [a for a in arms if a.status == "ok" and (a.train or mode == "forward")]
     times = {a.name: [] for a in live}
-    rng, last = random.Random(0), None
+    rng, last, slow = random.Random(0), None, set()
     for rnd in range(warmup + reps):
-        order = round_order(live, last, rng)
+        here = [a for a in live if not (a.name in slow and len(times[a.name]) >= SLOW_ROUNDS)]
+        order = round_order(here, last, rng)
         last = order[-1]
+        warm_times = {}
         for a in order:
             if warm:
                 a.run(x, mode)
@@ -275,6 +291,12 @@ def measure(arms, x, mode, reps, warmup, warm=0):
             dt = (time.perf_counter() - t0) / max(warm, 1)
             if rnd >= warmup:
                 times[a.name].append(dt)
+            warm_times[a.name] = dt
+        if rnd == warmup - 1:
+            slow = slow_arms(warm_times)
+            for n in sorted(slow):
+                print(f"  {n}: {warm_times[n] / warm_times['dense']:.0f}x dense float32 in the warm-up round, "
+                      f"timed in {SLOW_ROUNDS} rounds", flush=True)
     return times
 
 
@@ -326,7 +348,8 @@ def main(argv=None):
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, float32 input, GELU, "
         f"RBE b={args.block_size} k={args.k}; medians over {reps} interleaved rounds "
         f"({small_reps} at <= 64 tokens, {big_reps} at >= 4096), after {warmup} warm-up rounds "
-        f"({min(warmup, 1)} at >= 4096)",
+        f"({min(warmup, 1)} at >= 4096); an arm more than {SLOW_FACTOR:.0f}x slower than dense float32 in the "
+        f"last warm-up round: {SLOW_ROUNDS} rounds (the spread table's rounds column)",
         "each arm timed once per round, after the other arms ran, in a random order in which no arm follows one "
         "with the same weights (caches cold for its weights)" if not args.warm
         else f"each arm timed as the mean of {args.warm} calls in a row per round, after an untimed one "

@@ -113,3 +113,12 @@ def test_round_order_never_times_an_arm_after_its_own_weights():
         last = order[-1]
     assert all(a.model is not b.model for a, b in zip(seq, seq[1:]))
     assert firsts == {a.name for a in live}  # and the order does change
+
+
+def test_slow_arms_rule():
+    """The rule that caps an arm's rounds: more than SLOW_FACTOR x dense float32's warm-up time."""
+    bp = load_script("bench/bench_peers.py")
+    f = bp.SLOW_FACTOR
+    assert bp.slow_arms({"dense": 1.0, "dense_bf16": f * 1.01, "rbe": 0.3}) == {"dense_bf16"}
+    assert bp.slow_arms({"dense": 1.0, "dense_bf16": f * 0.99, "rbe": 0.3}) == set()
+    assert bp.slow_arms({"rbe": 100.0}) == set()  # no dense arm: no reference, nothing capped
