@@ -78,7 +78,10 @@ if want_cuda():
     extra["nvcc"] = ["-O3"]
 
 setup(
-    libraries=[("rbe_kernels", {"sources": c_sources, "include_dirs": ["csrc"], "cflags": C_FLAGS})],
+    # obj_deps: setuptools' build_clib compiles only when a dependency is newer than its object (it
+    # ignores --force), and without them a changed header alone left stale kernels in an in-place build
+    libraries=[("rbe_kernels", {"sources": c_sources, "include_dirs": ["csrc"], "cflags": C_FLAGS,
+                                "obj_deps": {"": sorted(glob.glob("csrc/*.h"))}})],
     ext_modules=[
         ext_cls(
             "rbe_ffn._C",
