@@ -258,8 +258,9 @@ def round_order(live, last, rng, tries=1000):
 
 # An arm more than SLOW_FACTOR times slower than dense float32 in the last warm-up round is timed in
 # SLOW_ROUNDS rounds only: bf16 autocast on a CPU without bfloat16 instructions (torch emulates them;
-# 70x dense float32's step at 768/3072, 1024 tokens, on an AVX2-only EPYC) would otherwise make one
-# run of the benchmark take over an hour. Its spread row says how many rounds it had.
+# 65-146x dense float32's step at 1024-4096 tokens on an AVX2-only EPYC, docs/benchmarks.md) would
+# otherwise make one run of the benchmark take well over an hour. Its spread row says how many
+# rounds it had. Without warm-up rounds (--smoke) nothing is capped.
 SLOW_FACTOR, SLOW_ROUNDS = 20.0, 3
 
 
@@ -348,8 +349,9 @@ def main(argv=None):
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, float32 input, GELU, "
         f"RBE b={args.block_size} k={args.k}; medians over {reps} interleaved rounds "
         f"({small_reps} at <= 64 tokens, {big_reps} at >= 4096), after {warmup} warm-up rounds "
-        f"({min(warmup, 1)} at >= 4096); an arm more than {SLOW_FACTOR:.0f}x slower than dense float32 in the "
-        f"last warm-up round: {SLOW_ROUNDS} rounds (the spread table's rounds column)",
+        f"({min(warmup, 1)} at >= 4096)" + (f"; an arm more than {SLOW_FACTOR:.0f}x slower than dense float32 in "
+                                             f"the last warm-up round: {SLOW_ROUNDS} rounds (the spread table's "
+                                             "rounds column)" if warmup else ""),
         "each arm timed once per round, after the other arms ran, in a random order in which no arm follows one "
         "with the same weights (caches cold for its weights)" if not args.warm
         else f"each arm timed as the mean of {args.warm} calls in a row per round, after an untimed one "

@@ -122,3 +122,28 @@ def test_slow_arms_rule():
     assert bp.slow_arms({"dense": 1.0, "dense_bf16": f * 1.01, "rbe": 0.3}) == {"dense_bf16"}
     assert bp.slow_arms({"dense": 1.0, "dense_bf16": f * 0.99, "rbe": 0.3}) == set()
     assert bp.slow_arms({"rbe": 100.0}) == set()  # no dense arm: no reference, nothing capped
+
+
+def test_measure_caps_only_the_slow_arm(monkeypatch):
+    """measure() itself: an arm 32x dense's time in the warm-up round gets SLOW_ROUNDS timed rounds,
+    the others every round; without warm-up rounds nothing is capped. A fake clock stands in for
+    time.perf_counter, advanced by each arm's call (dyadic costs: the differences are exact)."""
+    bp = load_script("bench/bench_peers.py")
+    clock = [0.0]
+    monkeypatch.setattr(bp.time, "perf_counter", lambda: clock[0])
+
+    class A:
+        status, train = "ok", True
+
+        def __init__(self, name, cost):
+            self.name, self.cost, self.model = name, cost, object()
+
+        def run(self, x, mode):
+            clock[0] += self.cost
+
+    arms = [A("dense", 1.0), A("dense_bf16", 32.0), A("rbe", 0.25), A("near", 16.0)]
+    times = bp.measure(arms, None, "step", reps=10, warmup=2)
+    assert {n: len(v) for n, v in times.items()} == {"dense": 10, "dense_bf16": bp.SLOW_ROUNDS, "rbe": 10, "near": 10}
+    assert times["dense_bf16"] == [32.0] * bp.SLOW_ROUNDS  # still timed as itself
+    times = bp.measure(arms, None, "step", reps=5, warmup=0)
+    assert all(len(v) == 5 for v in times.values())
