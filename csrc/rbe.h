@@ -257,30 +257,59 @@ void rbe_few_rows_forward_f64(double* y, double* pre, double* Xnext, const doubl
 
 /* ---- one token from packed coefficients ----
  * At one token the few-token product is a scalar chain per coefficient (a load, a multiply-add
- * and a store each). Packed, a block's coefficients are regrouped for 16 output rows at once:
- * the block's rows in groups of 16 (lanes), step d of a group holds the d-th coefficient of each
- * of the group's rows that has one (a 16-bit lane mask); the values are stored compactly in step
- * order, the columns lane by lane (16 bytes a step). The AVX-512 kernel keeps the block's source
- * values in registers, picks them by column with two-source permutes, expands the step's values
- * into its lanes and applies the step with one masked multiply-add: each output row receives its
- * coefficients in the same order and into the same accumulator (of RBE_FEW_STREAMS) as in
- * rbe_few_rows_forward, so the results are bitwise those of the x86 few-token kernels (AVX2 walks
- * the same layout with scalar multiply-adds). b <= RBE_PACK_MAX_B. Built by rbe_pack_f32 from a
- * validated index; the kernels check every offset they follow, so a corrupted pack gives an
- * error, not a read out of bounds. */
+ * and a store each). A pack regroups a weight's coefficients for vector walks, in one of two
+ * layouts; each output row receives its coefficients in the same order and into the same
+ * accumulator (of RBE_FEW_STREAMS) as in rbe_few_rows_forward, so the results are bitwise those of
+ * the x86 few-token kernels with either layout.
+ *
+ * RBE_PACK_STEPS (AVX-512's): a block's rows in groups of 16 (lanes), step d of a group holds the
+ * d-th coefficient of each of the group's rows that has one (a 16-bit lane mask); the values are
+ * stored compactly in step order, the columns lane by lane (16 bytes a step). The AVX-512 kernel
+ * keeps the block's source values in registers, picks them by column with two-source permutes,
+ * expands the step's values into its lanes and applies the step with one masked multiply-add
+ * (AVX2 walks this layout with scalar multiply-adds).
+ *
+ * RBE_PACK_ROWS (AVX2's, which cannot pick from 64 values in registers): per block row i and
+ * stream s, the list of each output row u: its coefficients in the stream's blocks j, ascending j,
+ * in column order within a block (the few-token kernel's order). The rows are sorted by the
+ * length of their list (longest first, ties by row) and taken 8 at a time (lanes); step d of
+ * such a group holds the d-th entry of each lane's list: its value and its source j*b + v (the
+ * column v of the input's segment j), 8 of each a step; a lane whose list has ended holds the
+ * value 0 and the source C*b, which the walk reads as 0 (the accumulator starts at +0 and
+ * fma(0, 0, a) = a, so the padding changes no bit). The walk loads the 8 sources of a step
+ * with scalar loads into a vector and applies the step with one multiply-add. It reads the sources
+ * from a compact copy of the input's DCT rows, so sources must stay below 65536: weights with
+ * C*b >= 65536 are packed in RBE_PACK_STEPS.
+ *
+ * b <= RBE_PACK_MAX_B. Built by rbe_pack_f32 / rbe_pack_rows_f32 from a validated index; the
+ * kernels check every offset they follow, so a corrupted pack gives an error, not a read out of
+ * bounds. */
 #define RBE_PACK_MAX_B 64
 #define RBE_PACK_LANES 16
+#define RBE_PACK_ROW_LANES 8
+#define RBE_PACK_STEPS 0
+#define RBE_PACK_ROWS 1
+#define RBE_PACK_NO_ROW 0xFF /* RBE_PACK_ROWS: a lane past the block's rows */
 typedef struct {
     int out, in, b, k;
     long steps;            /* steps over all blocks */
-    const int32_t* first;  /* [R*C + 1] each block's first step (first[0] = 0, first[R*C] = steps) */
+    /* RBE_PACK_STEPS: */
+    const int32_t* first;  /* [R*C + 1] each block's first step (first[0] = 0, first[R*C] = steps);
+                            * RBE_PACK_ROWS: [R + 1] each block row's */
     const uint8_t* nstep;  /* [R*C * groups] steps of each group of 16 rows, groups = ceil(b / 16) */
     const uint16_t* mask;  /* [steps] the rows (lanes) each step holds */
-    const float* val;      /* [R*C * k] the coefficients in step order */
+    const float* val;      /* [R*C * k] the coefficients in step order; RBE_PACK_ROWS: [steps * 8] */
     const uint8_t* col;    /* [steps * 16] their columns v, by step and lane (0 in empty lanes) */
+    int layout;            /* RBE_PACK_STEPS (0) or RBE_PACK_ROWS */
+    /* RBE_PACK_ROWS (groups g of 8 rows, gr = ceil(b / 8), group (i, s, g) at (i*RBE_FEW_STREAMS + s)*gr + g): */
+    const uint16_t* gsteps;  /* [R * RBE_FEW_STREAMS * gr] steps of each group */
+    const uint8_t* lane_row; /* [R * RBE_FEW_STREAMS * gr * 8] the row u of each lane, or RBE_PACK_NO_ROW */
+    const uint16_t* src;     /* [steps * 8] each entry's j*b + v, or C*b (padding) */
 } rbe_packed_f32;
 /* the groups of 16 rows of a block */
 static inline int rbe_pack_groups(int b) { return (b + RBE_PACK_LANES - 1) / RBE_PACK_LANES; }
+/* RBE_PACK_ROWS: the groups of 8 rows of a block row's stream */
+static inline int rbe_pack_row_groups(int b) { return (b + RBE_PACK_ROW_LANES - 1) / RBE_PACK_ROW_LANES; }
 /* steps of the packed layout of blocks [0, nblk) (index validated, b <= RBE_PACK_MAX_B);
  * work: b ints */
 long rbe_pack_steps(int32_t* work, const void* index, int wide, long nblk, int k, int b);
@@ -288,15 +317,29 @@ long rbe_pack_steps(int32_t* work, const void* index, int wide, long nblk, int k
  * work: 2b + 1 ints */
 void rbe_pack_f32(int32_t* first, uint8_t* nstep, uint16_t* mask, float* val, uint8_t* col, int32_t* work,
                   const float* coeffs, const void* index, int wide, long nblk, int k, int b);
+/* RBE_PACK_ROWS: steps of an out x in weight (index validated, b <= RBE_PACK_MAX_B,
+ * ceil(in/b)*b < 65536); work: rbe_pack_rows_work(in, b) ints */
+size_t rbe_pack_rows_work(int in, int b);
+long rbe_pack_rows_steps(int32_t* work, const void* index, int wide, int out, int in, int k, int b);
+/* RBE_PACK_ROWS: fill first, gsteps, lane_row, val, src (sizes as in rbe_packed_f32) */
+void rbe_pack_rows_f32(int32_t* first, uint16_t* gsteps, uint8_t* lane_row, float* val, uint16_t* src,
+                       int32_t* work, const float* coeffs, const void* index, int wide, int out, int in, int k, int b);
 /* The inverse: coeffs and index (int32, flat u*b + v, ascending) of blocks [p0, p1) from a pack
  * (the portable kernels' path, and the tests' round trip); returns -1 if the pack is corrupted
  * (b past RBE_PACK_MAX_B, an offset past its arrays, a lane or column past b, or a block whose
- * steps do not hold exactly k coefficients). */
+ * steps do not hold exactly k coefficients). RBE_PACK_STEPS only (-1 for the other layout). */
 int rbe_unpack_f32(float* coeffs, int32_t* index, const rbe_packed_f32* K, long p0, long p1);
+/* RBE_PACK_ROWS' inverse, of block rows [i0, i1) (blocks [i0*C, i1*C)); -1 if the pack is
+ * corrupted (as above, or a source outside its stream's blocks, or a block's positions not
+ * strictly ascending after the undoing); work: rbe_pack_rows_work(in, b) ints. */
+int rbe_unpack_rows_f32(float* coeffs, int32_t* index, int32_t* work, const rbe_packed_f32* K, long i0, long i1);
+/* scratch of rbe_one_rows_forward per calling thread, in elements (in: the weight's in) */
+size_t rbe_one_scratch(int in, int b, int nf);
 /* Block rows i in [p0, p1) of rbe_few_rows_forward_f32 at T = 1 (y, pre, Xnext, bias, act alike),
- * the sparse products from K (W: basis, out, in, b, k; its coeffs and index are not read).
- * x86 kernels only (AVX-512, else AVX2; the caller unpacks for the portable ones). Returns 0, or
- * -1 if K is corrupted (then the outputs are unspecified), -2 with the portable kernels. */
+ * the sparse products from K in either layout (W: basis, out, in, b, k; its coeffs and index are
+ * not read). x86 kernels only (AVX-512, else AVX2; the caller unpacks for the portable ones).
+ * scratch: rbe_one_scratch(in, b, nf) elements. Returns 0, or -1 if K is corrupted (then the
+ * outputs are unspecified), -2 with the portable kernels. */
 int rbe_one_rows_forward_f32(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
                              const rbe_packed_f32* K, const rbe_plan_f32* P, const float* At, const float* bias,
                              int act, float* scratch, long p0, long p1);

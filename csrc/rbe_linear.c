@@ -30,6 +30,12 @@ size_t rbe_few_scratch(int b, int nf) {
     return (size_t)(b + nf) * RBE_FEW_MAX * RBE_FEW_STREAMS + RBE_FEW_SLACK + (size_t)b + (size_t)(b + nf);
 }
 
+// rbe_one_rows_forward: the few-token scratch, then (RBE_PACK_ROWS) the compact DCT rows of the
+// input and the zero its padding reads
+size_t rbe_one_scratch(int in, int b, int nf) {
+    return rbe_few_scratch(b, nf) + (size_t)((in + b - 1) / b) * (size_t)b + RBE_PACK_ROW_LANES;
+}
+
 #define RBE_T float
 #define RBE_SFX(name) name##_f32
 #define RBE_KSFX(name) name##_f32_portable

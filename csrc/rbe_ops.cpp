@@ -1096,16 +1096,29 @@ Tensor activation_backward_cpu(const Tensor& grad, const Tensor& x, std::string 
 }
 
 // ---- one token from packed coefficients (rbe.h): the pack, and the operators that read it ----
-// A pack is one uint8 tensor: eight int64 (PACK_MAGIC, out, in, b, k, steps, 0, 0), then the
-// arrays of rbe_packed_f32 (first, nstep, mask, val, col), each on a 64-byte boundary.
+// A pack is one uint8 tensor: eight int64 (PACK_MAGIC, out, in, b, k, steps, layout, 0), then the
+// arrays of rbe_packed_f32 of its layout, each on a 64-byte boundary: RBE_PACK_STEPS (first, nstep,
+// mask, val, col) where the kernels are AVX-512 or portable, RBE_PACK_ROWS (first, gsteps,
+// lane_row, val, src) where they are AVX2 and the weight's sources fit 16 bits. Either layout is
+// read by either x86 kernel set (the same bits); the portable kernels undo it.
 static constexpr int64_t PACK_MAGIC = 0x314b434150454252;  // "RBEPACK1", little-endian
 struct PackLayout {
-    int64_t first, nstep, mask, val, col, bytes;
+    int64_t first, nstep, mask, val, col, bytes;  // RBE_PACK_ROWS: nstep = gsteps, mask = lane_row, col = src
 };
-static PackLayout pack_layout(int64_t nblk, int64_t b, int64_t k, int64_t steps) {
+static PackLayout pack_layout(int64_t layout, int64_t out, int64_t in, int64_t b, int64_t k, int64_t steps) {
     auto up = [](int64_t n) { return (n + 63) / 64 * 64; };
+    const int64_t R = cdiv(out, b), nblk = R * cdiv(in, b);
     PackLayout L;
     L.first = 64;
+    if (layout == RBE_PACK_ROWS) {
+        const int64_t groups = R * RBE_FEW_STREAMS * rbe_pack_row_groups((int)b);
+        L.nstep = L.first + up(4 * (R + 1));
+        L.mask = L.nstep + up(2 * groups);
+        L.val = L.mask + up(groups * RBE_PACK_ROW_LANES);
+        L.col = L.val + up(4 * steps * RBE_PACK_ROW_LANES);
+        L.bytes = L.col + 2 * steps * RBE_PACK_ROW_LANES;
+        return L;
+    }
     L.nstep = L.first + up(4 * (nblk + 1));
     L.mask = L.nstep + up(nblk * rbe_pack_groups((int)b));
     L.val = L.mask + up(2 * steps);
@@ -1124,6 +1137,9 @@ static void check_pack_shape(const char* name, int64_t out, int64_t in, int64_t 
                       ": sizes must be in [1, 2^31), got out=", out, " in=", in);
 }
 
+// RBE_PACK_ROWS takes sources j*b + v below 65536 (and a zero at C*b)
+static bool rows_fit(int64_t in, int64_t b) { return cdiv(in, b) * b <= 65535; }
+
 Tensor pack_coeffs_cpu(const Tensor& coeffs, const Tensor& index, int64_t out, int64_t in, int64_t b) {
     check_pack_shape("pack_coeffs", out, in, b);
     TORCH_CHECK_TYPE(coeffs.scalar_type() == at::kFloat, "rbe_ffn: pack_coeffs: coeffs must be float32 (the packed "
@@ -1139,17 +1155,25 @@ Tensor pack_coeffs_cpu(const Tensor& coeffs, const Tensor& index, int64_t out, i
     const bool wide = index.scalar_type() == at::kInt;
     Tensor cf = coeffs.contiguous();
     Tensor ix = k > 0 ? checked_index("pack_coeffs", index.contiguous(), nblk, k, b, wide) : index;
-    std::vector<int32_t> work(2 * b + 1);
-    const long steps = rbe_pack_steps(work.data(), ix.data_ptr(), wide, (long)nblk, (int)k, (int)b);
-    TORCH_CHECK_VALUE(steps <= INT32_MAX, "rbe_ffn: pack_coeffs: the weight is too large to pack (", steps,
-                      " steps)");
-    const PackLayout L = pack_layout(nblk, b, k, steps);
+    const int64_t layout = rbe_cpu_isa_level() == RBE_ISA_AVX2 && rows_fit(in, b) ? RBE_PACK_ROWS : RBE_PACK_STEPS;
+    const bool rowpack = layout == RBE_PACK_ROWS;
+    std::vector<int32_t> work(rowpack ? rbe_pack_rows_work((int)in, (int)b) : 2 * b + 1);
+    const long steps = rowpack ? rbe_pack_rows_steps(work.data(), ix.data_ptr(), wide, (int)out, (int)in, (int)k, (int)b)
+                               : rbe_pack_steps(work.data(), ix.data_ptr(), wide, (long)nblk, (int)k, (int)b);
+    TORCH_CHECK_VALUE(steps <= INT32_MAX, "rbe_ffn: pack_coeffs: the weight is too large to pack (",
+                      steps, " steps)");
+    const PackLayout L = pack_layout(layout, out, in, b, k, steps);
     Tensor blob = at::zeros({L.bytes}, coeffs.options().dtype(at::kByte));
     uint8_t* p = blob.data_ptr<uint8_t>();
-    const int64_t head[8] = {PACK_MAGIC, out, in, b, k, (int64_t)steps, 0, 0};
+    const int64_t head[8] = {PACK_MAGIC, out, in, b, k, (int64_t)steps, layout, 0};
     memcpy(p, head, sizeof head);
-    rbe_pack_f32((int32_t*)(p + L.first), p + L.nstep, (uint16_t*)(p + L.mask), (float*)(p + L.val), p + L.col,
-                 work.data(), cf.data_ptr<float>(), ix.data_ptr(), wide, (long)nblk, (int)k, (int)b);
+    if (rowpack)
+        rbe_pack_rows_f32((int32_t*)(p + L.first), (uint16_t*)(p + L.nstep), p + L.mask, (float*)(p + L.val),
+                          (uint16_t*)(p + L.col), work.data(), cf.data_ptr<float>(), ix.data_ptr(), wide, (int)out,
+                          (int)in, (int)k, (int)b);
+    else
+        rbe_pack_f32((int32_t*)(p + L.first), p + L.nstep, (uint16_t*)(p + L.mask), (float*)(p + L.val), p + L.col,
+                     work.data(), cf.data_ptr<float>(), ix.data_ptr(), wide, (long)nblk, (int)k, (int)b);
     return blob;
 }
 
@@ -1167,16 +1191,23 @@ static rbe_packed_f32 packed_view(Tensor& blob, const char* name, int64_t out, i
     check_pack_shape(name, out, in, b);
     TORCH_CHECK_VALUE(h[1] == out && h[2] == in && h[3] == b, "rbe_ffn: ", name, " packs a ", h[1], "x", h[2],
                       " weight at block_size ", h[3], ", not ", out, "x", in, " at ", b);
-    const int64_t nblk = cdiv(out, b) * cdiv(in, b), k = h[4], steps = h[5];
-    TORCH_CHECK_VALUE(k >= 0 && k <= b * b && steps >= 0 && steps <= INT32_MAX &&
-                      steps <= nblk * rbe_pack_groups((int)b) * b, "rbe_ffn: ", name,
+    const int64_t nblk = cdiv(out, b) * cdiv(in, b), k = h[4], steps = h[5], layout = h[6];
+    const bool rowpack = layout == RBE_PACK_ROWS;
+    TORCH_CHECK_VALUE((layout == RBE_PACK_STEPS || (rowpack && rows_fit(in, b))) && h[7] == 0 && k >= 0 &&
+                      k <= b * b && steps >= 0 && steps <= INT32_MAX &&
+                      (rowpack || steps <= nblk * rbe_pack_groups((int)b) * b), "rbe_ffn: ", name,
                       " is corrupted (its header is wrong)");
-    const PackLayout L = pack_layout(nblk, b, k, steps);
+    const PackLayout L = pack_layout(layout, out, in, b, k, steps);
     TORCH_CHECK_VALUE(blob.numel() == L.bytes, "rbe_ffn: ", name, " is corrupted (", blob.numel(),
                       " bytes where its header says ", L.bytes, ")");
     const uint8_t* p = blob.data_ptr<uint8_t>();
+    if (rowpack)
+        return rbe_packed_f32{(int)out, (int)in, (int)b, (int)k, (long)steps, (const int32_t*)(p + L.first),
+                              nullptr, nullptr, (const float*)(p + L.val), nullptr, RBE_PACK_ROWS,
+                              (const uint16_t*)(p + L.nstep), p + L.mask, (const uint16_t*)(p + L.col)};
     return rbe_packed_f32{(int)out, (int)in, (int)b, (int)k, (long)steps, (const int32_t*)(p + L.first),
-                          p + L.nstep, (const uint16_t*)(p + L.mask), (const float*)(p + L.val), p + L.col};
+                          p + L.nstep, (const uint16_t*)(p + L.mask), (const float*)(p + L.val), p + L.col,
+                          RBE_PACK_STEPS, nullptr, nullptr, nullptr};
 }
 
 // A weight read from a pack: its basis (checked), and the pack; on the portable kernels, its
@@ -1184,8 +1215,12 @@ static rbe_packed_f32 packed_view(Tensor& blob, const char* name, int64_t out, i
 struct PackedWeight {
     Tensor basis, blob, coeffs, index;
     rbe_packed_f32 K;
-    // the packed coefficient values as a tensor (a view into blob), for check_finite_results
-    Tensor values() const { return at::from_blob((void*)K.val, {basis.size(0) * K.k}, basis.options()); }
+    // the packed coefficient values as a tensor (a view into blob; RBE_PACK_ROWS: with its
+    // padding zeros), for check_finite_results
+    Tensor values() const {
+        const int64_t n = K.layout == RBE_PACK_ROWS ? (int64_t)K.steps * RBE_PACK_ROW_LANES : basis.size(0) * K.k;
+        return at::from_blob((void*)K.val, {n}, basis.options());
+    }
 };
 static PackedWeight packed_weight(const char* name, const Tensor& pack, const Tensor& basis, int64_t out,
                                   int64_t in, int64_t b) {
@@ -1199,7 +1234,14 @@ static PackedWeight packed_weight(const char* name, const Tensor& pack, const Te
     if (rbe_cpu_isa_level() == RBE_ISA_PORTABLE) {
         w.coeffs = at::empty({nblk, w.K.k}, basis.options());
         w.index = at::empty({nblk, w.K.k}, basis.options().dtype(at::kInt));
-        const int rc = rbe_unpack_f32(w.coeffs.data_ptr<float>(), w.index.data_ptr<int32_t>(), &w.K, 0, (long)nblk);
+        int rc;
+        if (w.K.layout == RBE_PACK_ROWS) {
+            std::vector<int32_t> work(rbe_pack_rows_work((int)in, (int)b));
+            rc = rbe_unpack_rows_f32(w.coeffs.data_ptr<float>(), w.index.data_ptr<int32_t>(), work.data(), &w.K, 0,
+                                     (long)cdiv(out, b));
+        } else {
+            rc = rbe_unpack_f32(w.coeffs.data_ptr<float>(), w.index.data_ptr<int32_t>(), &w.K, 0, (long)nblk);
+        }
         TORCH_CHECK_VALUE(rc == 0, "rbe_ffn: ", name, " is corrupted");
     }
     return w;
@@ -1218,7 +1260,7 @@ static void packed_linear_raw(float* y, float* Xnext, const float* Xf, const Pac
     const auto cp = cplan<float>(P);
     std::atomic<int> bad{0};
     at::parallel_for(0, cdiv(out, b), 1, [&](int64_t p0, int64_t p1) {
-        std::vector<float> s(rbe_few_scratch((int)b, (int)P.nf));
+        std::vector<float> s(rbe_one_scratch(w.K.in, (int)b, (int)P.nf));
         if (rbe_one_rows_forward_f32(y, nullptr, Xnext, Xf, &cw, &w.K, &cp, At, bias, act, s.data(), (long)p0,
                                      (long)p1))
             bad = 1;

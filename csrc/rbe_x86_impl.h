@@ -963,6 +963,82 @@ XT __attribute__((unused)) static int one_sparse_scalar(float* restrict yh, cons
     return bad;
 }
 
+// RBE_PACK_ROWS: the sources of one step (8 entries) from Xc, the compact DCT rows of the input
+// (Xc[j*b + v]) with a zero at Xc[top]; sources past top read that zero and raise *hi past top,
+// which the walk reports after its steps
+XT static INLINE_ALWAYS __m256 rows_pick(const float* restrict Xc, const uint16_t* restrict src, __m128i top,
+                                        __m128i* hi) {
+    __m128i o = _mm_loadu_si128((const __m128i*)src);
+    *hi = _mm_max_epu16(*hi, o);
+    o = _mm_min_epu16(o, top);
+    uint16_t t[RBE_PACK_ROW_LANES];
+    _mm_storeu_si128((__m128i*)t, o);
+    const __m128 lo = _mm_setr_ps(Xc[t[0]], Xc[t[1]], Xc[t[2]], Xc[t[3]]);
+    const __m128 up = _mm_setr_ps(Xc[t[4]], Xc[t[5]], Xc[t[6]], Xc[t[7]]);
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), up, 1);
+}
+
+// the lanes of one group's accumulator to their rows of acc (a stream's [RBE_PACK_MAX_B]); 1 if a
+// lane names a row past b that is not RBE_PACK_NO_ROW
+XT static INLINE_ALWAYS int rows_store(float* restrict acc, __m256 a, const uint8_t* restrict lane_row, int b) {
+    float t[RBE_PACK_ROW_LANES];
+    int bad = 0;
+    _mm256_storeu_ps(t, a);
+    for (int l = 0; l < RBE_PACK_ROW_LANES; l++) {
+        const int u = lane_row[l];
+        if (u < b) acc[u] = t[l];
+        else bad |= u != RBE_PACK_NO_ROW;
+    }
+    return bad;
+}
+
+// yh[0, b) = the sparse products of block row i from an RBE_PACK_ROWS pack (rbe.h): each group of 8
+// rows is one chain of multiply-adds per lane, two groups at a time; -1 if K is corrupted
+XT static int one_sparse_rows(float* restrict yh, const float* restrict Xc, const rbe_packed_f32* K, long i) {
+    const int b = K->b, C = (K->in + b - 1) / b, ns = RBE_FEW_STREAMS, L = RBE_PACK_ROW_LANES;
+    const int gr = rbe_pack_row_groups(b), top = C * b;  // (b <= RBE_PACK_MAX_B, top < 65536: checked)
+    const long begin = K->first[i], end = K->first[i + 1];
+    if (begin < 0 || end < begin || end > K->steps) return -1;
+    float acc[RBE_FEW_STREAMS * RBE_PACK_MAX_B];  // stream s at acc + s * RBE_PACK_MAX_B
+    for (int s = 0; s < ns; s++)
+        for (int u = 0; u < b; u++) acc[s * RBE_PACK_MAX_B + u] = 0;
+    const __m128i vtop = _mm_set1_epi16((short)top);
+    __m128i hi = _mm_setzero_si128();
+    long step = begin;
+    int bad = 0;
+    for (int s = 0; s < ns; s++) {
+        const long grp = (i * ns + s) * gr;
+        for (int g = 0; g < gr; g += 2) {
+            const int two = g + 1 < gr;
+            const long n0 = K->gsteps[grp + g], n1 = two ? K->gsteps[grp + g + 1] : 0;
+            if (n0 + n1 > end - step) return -1;
+            const float* v0 = K->val + step * L;
+            const uint16_t* s0 = K->src + step * L;
+            const float* v1 = v0 + n0 * L;
+            const uint16_t* s1 = s0 + n0 * L;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            const long nc = n0 < n1 ? n0 : n1;
+            long d = 0;
+            for (; d < nc; d++) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v0 + d * L), rows_pick(Xc, s0 + d * L, vtop, &hi), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v1 + d * L), rows_pick(Xc, s1 + d * L, vtop, &hi), a1);
+            }
+            for (long e = d; e < n0; e++)
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v0 + e * L), rows_pick(Xc, s0 + e * L, vtop, &hi), a0);
+            for (long e = d; e < n1; e++)
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v1 + e * L), rows_pick(Xc, s1 + e * L, vtop, &hi), a1);
+            bad |= rows_store(acc + s * RBE_PACK_MAX_B, a0, K->lane_row + (grp + g) * L, b);
+            if (two) bad |= rows_store(acc + s * RBE_PACK_MAX_B, a1, K->lane_row + (grp + g + 1) * L, b);
+            step += n0 + n1;
+        }
+    }
+    // a source past top: some lane's maximum is above it (unsigned: max(hi, top) != top)
+    const __m128i over = _mm_xor_si128(_mm_max_epu16(hi, vtop), vtop);
+    if (bad || step != end || !_mm_testz_si128(over, over)) return -1;
+    for (int u = 0; u < b; u++) yh[u] = few_stream_sum(acc + u, RBE_PACK_MAX_B);
+    return 0;
+}
+
 XT int XSFX(rbe_one_rows_forward_f32)(float* y, float* pre, float* Xnext, const float* Xf, const rbe_weight_f32* W,
                                       const rbe_packed_f32* K, const rbe_plan_f32* P, const float* At,
                                       const float* bias, int act, float* scratch, long p0, long p1) {
@@ -970,10 +1046,19 @@ XT int XSFX(rbe_one_rows_forward_f32)(float* y, float* pre, float* Xnext, const 
     float* yh = scratch;  // [rows], as rbe_few_rows_forward lays out its scratch at T = 1
     float* v = scratch + (size_t)rows * RBE_FEW_MAX * RBE_FEW_STREAMS + RBE_FEW_SLACK;  // [b]
     float* tmp = v + b;                                                               // [rows]
+    float* Xc = scratch + rbe_few_scratch(b, P->nf);  // RBE_PACK_ROWS: [C*b + 8]
+    const int rowpack = K->layout == RBE_PACK_ROWS;
+    if (K->layout != RBE_PACK_STEPS && !rowpack) return -1;
+    if (rowpack) {
+        const int C = (K->in + K->b - 1) / K->b;
+        if (K->b != b || b < 1 || b > RBE_PACK_MAX_B || (long)C * b > 65535) return -1;
+        for (int j = 0; j < C; j++) memcpy(Xc + (size_t)j * b, Xf + (size_t)j * rows, sizeof(float) * b);
+        for (int e = 0; e < RBE_PACK_ROW_LANES; e++) Xc[(size_t)C * b + e] = 0;
+    }
     int bad = 0;
     for (long i = p0; i < p1; i++) {
         for (int e = 0; e < rows; e++) yh[e] = 0;
-        bad |= one_sparse(yh, Xf, K, rows, i);
+        bad |= rowpack ? one_sparse_rows(yh, Xc, K, i) : one_sparse(yh, Xf, K, rows, i);
         few_rows_finish(y, pre, Xnext, Xf, W, P, At, bias, act, yh, v, tmp, 1, i);
     }
     return bad;

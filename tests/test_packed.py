@@ -1,8 +1,8 @@
 """One token from packed coefficients (csrc/rbe.h; the operators pack_coeffs, linear_packed,
 ffn_packed): their results are the bits of linear and ffn (each token as at one token), on every
-kernel set; the modules take them for calls of 1-3 tokens that record nothing (once asked to:
-pack_for_inference) and pack again after any tracked change; bad and corrupted packs raise;
-opcheck.
+kernel set and from either layout (a pack made by another kernel set included); the modules take
+them for calls of 1-3 tokens that record nothing (once asked to: pack_for_inference) and pack
+again after any tracked change; bad and corrupted packs raise; opcheck.
 """
 import copy
 import io
@@ -16,7 +16,14 @@ import rbe_ffn
 from conftest import ACTS, assert_opcheck, ffn_args, make_ffn, make_linear, same_package_env
 
 ops = torch.ops.rbe_ffn
-AVX512 = rbe_ffn.cpu_isa() == "avx512"
+PACKED = rbe_ffn.cpu_isa() in ("avx512", "avx2")  # kernel sets with a packed walk
+NO_PACKED = "the modules take the packed operators with the x86 kernels only (AVX-512 or AVX2)"
+STEPS, ROWS = 0, 1  # the layouts (csrc/rbe.h): RBE_PACK_STEPS, RBE_PACK_ROWS
+
+
+def layout(p):
+    """The layout a pack's header names (its seventh int64)"""
+    return int(p[:64].view(torch.int64)[6])
 
 
 def pack(lin):
@@ -98,7 +105,7 @@ def test_thread_count_does_not_change_bits():
 
 
 SCRIPT = """
-import torch, rbe_ffn
+import sys, torch, rbe_ffn
 from conftest import make_ffn, ffn_args
 ops = torch.ops.rbe_ffn
 assert rbe_ffn.cpu_isa() == "{isa}", rbe_ffn.cpu_isa()
@@ -106,10 +113,15 @@ m = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=12, random_bias=True)
 x = torch.randn(2, 100, generator=torch.Generator().manual_seed(13))
 p1 = ops.pack_coeffs(m.fc1.coeffs.detach(), m.fc1.index, 300, 100, 64)
 p2 = ops.pack_coeffs(m.fc2.coeffs.detach(), m.fc2.index, 100, 300, 64)
+assert int(p1[48:56].view(torch.int64)) == {layout}
+theirs = torch.load(sys.argv[1])  # the packs of the calling process's kernel set
+torch.save((p1, p2), sys.argv[2])
 with torch.no_grad():
-    got = ops.ffn_packed(x, m.fc1.plan, p1, m.fc1.basis, m.fc1.bias, p2, m.fc2.basis, m.fc2.bias, 100, 300, "gelu")
     want = torch.cat([ops.ffn(*ffn_args(m, x[t:t + 1], 0, False))[0] for t in range(2)])
-    assert torch.equal(got, want)
+    for q1, q2 in ((p1, p2), theirs):
+        got = ops.ffn_packed(x, m.fc1.plan, q1, m.fc1.basis, m.fc1.bias, q2, m.fc2.basis, m.fc2.bias, 100, 300,
+                             "gelu")
+        assert torch.equal(got, want)
     bad = p1.clone()
     bad[64:76].view(torch.int32)[2] += 1  # the third block's first step: its neighbours' step counts change
     try:
@@ -123,17 +135,46 @@ print("ok")
 
 
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
-def test_other_kernel_sets(isa):
-    """Capped to AVX2 (the scalar walk of the pack) or to the portable kernels (which undo the pack
-    and run the few-token forward): the same bits as the ffn operator there, and corruption found."""
+def test_other_kernel_sets(isa, tmp_path):
+    """Capped to AVX2 (its walk of its own layout, and the scalar walk of AVX-512's) or to the
+    portable kernels (which undo a pack of either layout and run the few-token forward): the same
+    bits as the ffn operator there, from its own packs and from this process's, whose kernels read
+    its packs back alike; corruption found."""
     if isa == "avx2" and rbe_ffn.cpu_isa() == "portable":
         pytest.skip("this CPU has no AVX2 kernels")
+    m = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=12, random_bias=True)
+    mine, theirs = tmp_path / "mine.pt", tmp_path / "theirs.pt"
+    torch.save((pack(m.fc1), pack(m.fc2)), mine)
     env = same_package_env()
     env["RBE_FFN_ISA"] = isa
     env["PYTHONPATH"] = env["PYTHONPATH"] + ":" + str(__import__("pathlib").Path(__file__).parent)
-    r = subprocess.run([sys.executable, "-c", SCRIPT.format(isa=isa)], env=env, capture_output=True, text=True,
-                       timeout=120)
+    script = SCRIPT.format(isa=isa, layout=ROWS if isa == "avx2" else STEPS)
+    r = subprocess.run([sys.executable, "-c", script, str(mine), str(theirs)], env=env, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    x = torch.randn(2, 100, generator=torch.Generator().manual_seed(13))
+    p1, p2 = torch.load(theirs)
+    with torch.no_grad():
+        got = ops.ffn_packed(*packed_args(m, x)[:2], p1, m.fc1.basis, m.fc1.bias, p2, *packed_args(m, x)[6:])
+    assert torch.equal(got, torch.cat([ffn_ref(m, x[t:t + 1]) for t in range(2)]))
+
+
+def test_layout_follows_the_kernels():
+    """AVX2 packs its own layout (RBE_PACK_ROWS) where the sources fit 16 bits, and AVX-512's
+    elsewhere: a weight with 1026 block columns of 64 (65664 >= 65536), the same bits either way;
+    AVX-512 and the portable kernels pack RBE_PACK_STEPS."""
+    lin = make_linear(100, 70, block_size=64, k=300, seed=9)
+    assert layout(pack(lin)) == (ROWS if rbe_ffn.cpu_isa() == "avx2" else STEPS)
+    wide = make_linear(65664, 5, block_size=64, k=3, seed=34)
+    assert layout(pack(wide)) == STEPS
+    narrow = make_linear(65472, 5, block_size=64, k=3, seed=35)  # 1023 block columns: 65472 < 65536
+    assert layout(pack(narrow)) == (ROWS if rbe_ffn.cpu_isa() == "avx2" else STEPS)
+    for w in (wide, narrow):
+        x = torch.randn(1, w.in_features, generator=torch.Generator().manual_seed(36))
+        with torch.no_grad():
+            got = ops.linear_packed(x, w.plan, pack(w), w.basis, w.bias, w.in_features, 5)
+            want = ops.linear(x, w.plan, w.basis, w.coeffs, w.index, w.bias, w.in_features, 5)
+        assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------- the modules
@@ -153,7 +194,7 @@ def packed_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.skipif(not AVX512, reason="pack_for_inference packs where the kernels are AVX-512")
+@pytest.mark.skipif(not PACKED, reason="pack_for_inference packs where the kernels are AVX-512 or AVX2")
 def test_pack_for_inference_opts_in_and_out(packed_calls):
     """Nothing is packed unless asked; asked, float32 CPU layers at b <= 64 are packed at once
     (others are left as they are and compute as before); enable=False drops the packs."""
@@ -184,7 +225,7 @@ def test_pack_for_inference_opts_in_and_out(packed_calls):
         rbe_ffn.pack_for_inference("model")
 
 
-@pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
+@pytest.mark.skipif(not PACKED, reason=NO_PACKED)
 def test_modules_take_packed_for_one_to_three_tokens_without_grad(packed_calls):
     m = rbe_ffn.pack_for_inference(make_ffn(100, 300, "gelu", block_size=64, k=300, seed=14, random_bias=True))
     g = torch.Generator().manual_seed(15)
@@ -211,7 +252,7 @@ def test_modules_take_packed_for_one_to_three_tokens_without_grad(packed_calls):
         assert torch.equal(lin(x), want) and packed_calls == ["linear_packed"]
 
 
-@pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
+@pytest.mark.skipif(not PACKED, reason=NO_PACKED)
 def test_modules_pack_again_after_changes(packed_calls):
     """An optimizer step, load_state_dict (with and without assign), a new index, a round trip
     through float64 with the values changed there, a replaced parameter, DynamicSupport's regrowth
@@ -271,7 +312,7 @@ def test_modules_pack_again_after_changes(packed_calls):
         check()
 
 
-@pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
+@pytest.mark.skipif(not PACKED, reason=NO_PACKED)
 def test_copies_start_without_a_pack(packed_calls):
     """A deep copy or a pickled module carries no pack: its own (fresh) version numbers could match
     the original's, and then a copy trained after the original was packed would compute with the
@@ -293,7 +334,7 @@ def test_copies_start_without_a_pack(packed_calls):
         assert packed_calls == ["ffn_packed"] and torch.equal(got, ffn_ref(b, x))
 
 
-@pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
+@pytest.mark.skipif(not PACKED, reason=NO_PACKED)
 def test_tracing_and_dct_path_keep_the_operators(packed_calls, monkeypatch):
     """Inside rbe_ffn.dct_path() and while torch.jit traces (a trace would bake the packed branch
     and its pack in as constants) the modules call the operators they always call."""
@@ -311,7 +352,7 @@ def test_tracing_and_dct_path_keep_the_operators(packed_calls, monkeypatch):
     assert packed_calls
 
 
-@pytest.mark.skipif(not AVX512, reason="the modules take the packed operators with the AVX-512 kernels only")
+@pytest.mark.skipif(not PACKED, reason=NO_PACKED)
 def test_modules_under_autocast_and_half_inputs(packed_calls):
     m = rbe_ffn.pack_for_inference(make_ffn(100, 300, "gelu", block_size=64, k=300, seed=20))
     x = torch.randn(1, 100, generator=torch.Generator().manual_seed(21))
@@ -370,8 +411,15 @@ def test_bad_packs_raise():
         with pytest.raises(ValueError, match="corrupted"):
             call(bad)
     bad = p1.clone()
-    bad[mask_offset(m.fc1)] ^= 1  # the first step gains or loses a coefficient
+    if layout(p1) == STEPS:
+        bad[mask_offset(m.fc1)] ^= 1  # the first step gains or loses a coefficient
+    else:
+        bad[src_offset(m.fc1, p1):src_offset(m.fc1, p1) + 2] = 0xFF  # a source past the input
     with pytest.raises(ValueError, match="corrupted"):
+        call(bad)
+    bad = p1.clone()
+    bad[:64].view(torch.int64)[6] = 2  # no such layout
+    with pytest.raises(ValueError, match="header is wrong"):
         call(bad)
     assert torch.equal(call(torch.stack([p1, p1], 1)[:, 0]), call(p1))  # not contiguous: copied
     bad = p1.clone()
@@ -413,16 +461,31 @@ def mask_offset(lin):
     return 64 + up(4 * (nblk + 1)) + up(nblk * groups)
 
 
+def src_offset(lin, p):
+    """RBE_PACK_ROWS: where a pack's sources start: the header, first [R + 1] int32, gsteps [R * 4 * gr]
+    uint16, lane_row [R * 4 * gr * 8], val [steps * 8] float32, each 64-byte aligned
+    (csrc/rbe_ops.cpp, pack_layout)."""
+    rows, gr = -(-lin.out_features // lin.block_size), -(-lin.block_size // 8)
+    steps = int(p[:64].view(torch.int64)[5])
+    up = lambda n: -(-n // 64) * 64  # noqa: E731
+    return 64 + up(4 * (rows + 1)) + up(2 * rows * 4 * gr) + up(rows * 4 * gr * 8) + up(4 * steps * 8)
+
+
 def test_stray_lane_is_corrupt():
-    """b = 8: a group of 8 rows; a mask bit for a ninth row is refused by every walk (the portable
-    and AVX2 ones: test_other_kernel_sets' corruption)."""
+    """b = 8: a group of 8 rows (AVX-512's layout: of 16 lanes; AVX2's: 8, exactly); a coefficient
+    moved to a lane past the rows (a mask bit for a ninth row; a lane naming row 8) is refused
+    by every walk (the portable and AVX2 ones: test_other_kernel_sets' corruption)."""
     lin = make_linear(16, 24, block_size=8, k=5, seed=33)
     p = pack(lin)
     x = torch.randn(1, 16)
     bad = p.clone()
-    masks = bad[mask_offset(lin):mask_offset(lin) + 2].view(torch.int16)
-    m0 = int(masks[0]) & 0xFFFF
-    masks[0] = ((m0 & (m0 - 1)) | 0x8000) - 0x10000  # a coefficient moved to lane 15: the count stays k
+    if layout(p) == STEPS:
+        masks = bad[mask_offset(lin):mask_offset(lin) + 2].view(torch.int16)
+        m0 = int(masks[0]) & 0xFFFF
+        masks[0] = ((m0 & (m0 - 1)) | 0x8000) - 0x10000  # a coefficient moved to lane 15: the count stays k
+    else:
+        lane_row = 64 + 64 + 64  # header, first [4], gsteps [3 * 4 * 1]
+        bad[lane_row] = 8  # the first group's first lane (the longest list): row 8 of a block of 8
     with torch.no_grad(), pytest.raises(ValueError, match="corrupted"):
         ops.linear_packed(x, lin.plan, bad, lin.basis, lin.bias, 16, 24)
 

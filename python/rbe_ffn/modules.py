@@ -74,8 +74,8 @@ def _check_input(name: str, x, weight: torch.Tensor) -> None:
 def _packed_call(x, *layers: "RBELinear") -> bool:
     """Whether a call may take the packed operators (linear_packed, ffn_packed): the layers asked
     for it (pack_for_inference), at most PACKED_TOKENS tokens (x: the first layer's input, a plain
-    float32 CPU tensor: not fake, not a DTensor), kernels chosen AVX-512 (elsewhere the packed
-    walk is no faster than the few-token one), nothing for autograd to record, no tracing and no
+    float32 CPU tensor: not fake, not a DTensor), x86 kernels (AVX-512 or AVX2; the portable
+    ones would undo the pack on every call), nothing for autograd to record, no tracing and no
     functorch transform (those keep the operators they know), and not inside rbe_ffn.dct_path()
     (which routes the operators that have one). The layers' side (float32 on the CPU,
     block_size <= 64) is packed()'s to check. Cheap: it runs on every call."""
@@ -85,7 +85,7 @@ def _packed_call(x, *layers: "RBELinear") -> bool:
     if (type(x) is not torch.Tensor or x.dtype != torch.float32 or not x.is_cpu or not x.dim() or x.shape[-1] != n
             or not 0 < x.numel() <= PACKED_TOKENS * n):
         return False
-    if (_kernels_isa() != "avx512" or torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if (_kernels_isa() not in PACKED_ISAS or torch.compiler.is_compiling() or torch.jit.is_tracing()
             or torch._C._are_functorch_transforms_active() or _C.dct_path_enabled()):
         return False
     if torch.is_grad_enabled():
@@ -105,6 +105,7 @@ def _kernels_isa() -> str:
 
 
 PACK_MAX_BLOCK = _C.pack_max_block()  # RBE_PACK_MAX_B of csrc/rbe.h
+PACKED_ISAS = ("avx512", "avx2")  # the kernel sets with a packed walk (rbe_one_rows_forward_f32)
 # the overloads themselves: calling an OpOverloadPacket resolves the overload in Python every call
 _PACKED_OPS = {"ffn": ops.ffn_packed.default, "linear": ops.linear_packed.default}
 # The packed operators compute token by token; the few-token kernels apply each coefficient to
@@ -1125,6 +1126,6 @@ def pack_for_inference(module: nn.Module, enable: bool = True) -> nn.Module:
             continue
         layer.release_packed()
         layer.use_packed = enable
-        if enable and _kernels_isa() == "avx512":
+        if enable and _kernels_isa() in PACKED_ISAS:
             layer.packed()
     return module

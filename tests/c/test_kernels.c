@@ -1419,39 +1419,92 @@ static void test_few(void) {
 
 /* ---------------------------------------------------------------- one token from a pack */
 
-// the packed layout of a weight (rbe.h): its arrays, and the view the kernels take
+// the packed layout of a weight (rbe.h), either one: its arrays, and the view the kernels take
 typedef struct {
     int32_t* first;
     uint8_t* nstep;
     uint16_t* mask;
     float* val;
     uint8_t* col;
+    uint16_t* gsteps;  // RBE_PACK_ROWS
+    uint8_t* lane_row;
+    uint16_t* src;
     rbe_packed_f32 K;
 } pack_buf;
 
-static pack_buf pack_new(const float* coeffs, const void* ix, int wide, int out, int in, int b, int k) {
-    const long nblk = (long)cdiv(out, b) * cdiv(in, b);
+static pack_buf pack_new(int layout, const float* coeffs, const void* ix, int wide, int out, int in, int b, int k) {
+    const long R = cdiv(out, b), nblk = R * cdiv(in, b);
+    pack_buf p = {0};
+    if (layout == RBE_PACK_ROWS) {
+        int32_t* work = xmalloc(sizeof(int32_t) * rbe_pack_rows_work(in, b));
+        const long steps = rbe_pack_rows_steps(work, ix, wide, out, in, k, b);
+        const long groups = R * RBE_FEW_STREAMS * rbe_pack_row_groups(b);
+        p.first = xmalloc(sizeof(int32_t) * (R + 1)), p.gsteps = xmalloc(sizeof(uint16_t) * groups);
+        p.lane_row = xmalloc((size_t)groups * RBE_PACK_ROW_LANES);
+        p.val = xmalloc(sizeof(float) * (steps * RBE_PACK_ROW_LANES + 1));
+        p.src = xmalloc(sizeof(uint16_t) * (steps * RBE_PACK_ROW_LANES + 1));
+        rbe_pack_rows_f32(p.first, p.gsteps, p.lane_row, p.val, p.src, work, coeffs, ix, wide, out, in, k, b);
+        rbe_packed_f32 K = {out, in, b, k, steps, p.first, NULL, NULL, p.val, NULL,
+                            RBE_PACK_ROWS, p.gsteps, p.lane_row, p.src};
+        p.K = K;
+        free(work);
+        return p;
+    }
     int32_t* work = xmalloc(sizeof(int32_t) * (2 * b + 1));
     const long steps = rbe_pack_steps(work, ix, wide, nblk, k, b);
-    pack_buf p = {xmalloc(sizeof(int32_t) * (nblk + 1)), xmalloc(nblk * rbe_pack_groups(b)),
-                  xmalloc(sizeof(uint16_t) * steps), xmalloc(sizeof(float) * nblk * k),
-                  xmalloc((size_t)steps * RBE_PACK_LANES), {0}};
+    p.first = xmalloc(sizeof(int32_t) * (nblk + 1)), p.nstep = xmalloc(nblk * rbe_pack_groups(b));
+    p.mask = xmalloc(sizeof(uint16_t) * steps), p.val = xmalloc(sizeof(float) * nblk * k);
+    p.col = xmalloc((size_t)steps * RBE_PACK_LANES);
     rbe_pack_f32(p.first, p.nstep, p.mask, p.val, p.col, work, coeffs, ix, wide, nblk, k, b);
-    rbe_packed_f32 K = {out, in, b, k, steps, p.first, p.nstep, p.mask, p.val, p.col};
+    rbe_packed_f32 K = {out, in, b, k, steps, p.first, p.nstep, p.mask, p.val, p.col, RBE_PACK_STEPS, NULL, NULL, NULL};
     p.K = K;
     free(work);
     return p;
 }
-static void pack_free(pack_buf* p) { free(p->first), free(p->nstep), free(p->mask), free(p->val), free(p->col); }
+static void pack_free(pack_buf* p) {
+    free(p->first), free(p->nstep), free(p->mask), free(p->val), free(p->col), free(p->gsteps), free(p->lane_row),
+        free(p->src);
+}
+// undo block row i's blocks (RBE_PACK_ROWS) or the last block (RBE_PACK_STEPS) of a pack
+static int pack_undo(float* c2, int32_t* i2, const rbe_packed_f32* K, long i0, long i1) {
+    if (K->layout != RBE_PACK_ROWS) return rbe_unpack_f32(c2, i2, K, i0, i1);
+    int32_t* work = xmalloc(sizeof(int32_t) * rbe_pack_rows_work(K->in, K->b < 1 ? 1 : K->b));
+    const int rc = rbe_unpack_rows_f32(c2, i2, work, K, i0, i1);
+    free(work);
+    return rc;
+}
 
-// A pack undoes to the weight's own coefficients and index; the one-token forward from it gives
-// the bytes of the x86 few-token forward at T = 1 (y, pre, Xnext; split block rows alike) with
-// each x86 kernel set, the AVX-512 one's vector walk included; a corrupted pack is reported.
+// RBE_PACK_ROWS: a copy of p's arrays, corrupted by kind c (0..5) in its last block row; the
+// walk and the undoing must both report c < 5, the undoing c == 5
+static pack_buf rows_corrupt(const pack_buf* p, int c, int R, int C, int b) {
+    const long steps = p->K.steps, n = steps * RBE_PACK_ROW_LANES, groups = (long)R * RBE_FEW_STREAMS *
+                                                                            rbe_pack_row_groups(b);
+    pack_buf q = *p;
+    q.first = xmalloc(sizeof(int32_t) * (R + 1)), memcpy(q.first, p->first, sizeof(int32_t) * (R + 1));
+    q.gsteps = xmalloc(sizeof(uint16_t) * groups), memcpy(q.gsteps, p->gsteps, sizeof(uint16_t) * groups);
+    q.lane_row = xmalloc(groups * RBE_PACK_ROW_LANES), memcpy(q.lane_row, p->lane_row, groups * RBE_PACK_ROW_LANES);
+    q.src = xmalloc(sizeof(uint16_t) * n), memcpy(q.src, p->src, sizeof(uint16_t) * n);
+    const long e0 = (long)p->first[R - 1] * RBE_PACK_ROW_LANES;  // the last block row's first entry
+    const long g0 = (long)(R - 1) * RBE_FEW_STREAMS * rbe_pack_row_groups(b);
+    if (c == 0) q.src[e0] = (uint16_t)(C * b + 1);           // a source past the zero
+    if (c == 1) q.first[R] = (int32_t)steps + 1;              // past the steps
+    if (c == 2) q.first[R - 1] = -1;
+    if (c == 3) q.gsteps[g0]++;                                // one step too many
+    if (c == 4) q.lane_row[g0 * RBE_PACK_ROW_LANES] = (uint8_t)b;  // a lane past the rows
+    if (c == 5) q.src[e0] = (uint16_t)((q.src[e0] + b) % (C * b));  // another stream's block (when C > 1)
+    q.K.first = q.first, q.K.gsteps = q.gsteps, q.K.lane_row = q.lane_row, q.K.src = q.src;
+    q.nstep = NULL, q.mask = NULL, q.col = NULL, q.val = NULL;
+    return q;
+}
+
+// A pack (either layout) undoes to the weight's own coefficients and index; the one-token forward
+// from it gives the bytes of the x86 few-token forward at T = 1 (y, pre, Xnext; split block rows
+// alike) with each x86 kernel set, the AVX-512 one's vector walk included; a corrupted pack is
+// reported.
 static void pack_case(int out, int in, int b, int k, int wide) {
     const int R = cdiv(out, b), C = cdiv(in, b);
     const long nblk = (long)R * C;
-    char tag[96];
-    snprintf(tag, sizeof tag, "pack out=%d in=%d b=%d k=%d wide=%d", out, in, b, k, wide);
+    char tag[112];
     double* pland = xmalloc(sizeof(double) * 3 * (2 * b + 4) * b);
     double* pwork = xmalloc(sizeof(double) * (3 * (size_t)b * b + b));
     const int nf = rbe_plan_build(pland, pwork, b, 1e-9), rows = b + nf;
@@ -1468,67 +1521,97 @@ static void pack_case(int out, int in, int b, int k, int wide) {
     fill_normal(tmp, in + out);
     float* x = to_t(tmp, in, 1);
     float* bias = to_t(tmp + in, out, 1);
-    pack_buf p = pack_new(coeffs, ix, wide, out, in, b, k);
-    // the round trip
     float* c2 = xmalloc(sizeof(float) * nblk * k);
     int32_t* i2 = xmalloc(sizeof(int32_t) * nblk * k);
-    int same = rbe_unpack_f32(c2, i2, &p.K, 0, nblk) == 0 && !memcmp(c2, coeffs, sizeof(float) * nblk * k);
-    for (long e = 0; e < nblk * k; e++) same &= i2[e] == (wide ? ((int32_t*)ix)[e] : ((int16_t*)ix)[e]);
-    CHECK(same, "%s: the pack does not undo to the weight", tag);
-#ifdef RBE_X86_KERNELS
-    const rbe_weight_f32 W = w32(basis, coeffs, ix, wide, out, in, b, k);
-    const size_t nx = rbe_few_size(in, b, nf, 1), ny = rbe_few_size(out, b, nf, 1);
-    float* Xf = xmalloc(sizeof(float) * nx);
-    float* scratch = xmalloc(sizeof(float) * rbe_few_scratch(b, nf));
-    float *y = xmalloc(sizeof(float) * out), *pre = xmalloc(sizeof(float) * out), *Xn = xmalloc(sizeof(float) * ny);
-    float *y2 = xmalloc(sizeof(float) * out), *pre2 = xmalloc(sizeof(float) * out), *Xn2 = xmalloc(sizeof(float) * ny);
-    rbe_few_analysis_f32_portable(Xf, x, At, b, nf, 1, in, 0, C);
-    const rbe_x86_kernels_f32* sets[2] = {rbe_cpu_has_avx2() ? &rbe_x86_avx2 : NULL,
-                                          rbe_cpu_has_avx512() ? &rbe_x86_avx512 : NULL};
-    for (int v = 0; v < 2; v++) {
-        const rbe_x86_kernels_f32* ks = sets[v];
-        if (!ks) continue;
-        const int act = RBE_ACT_GELU;
-        ks->few_rows_forward(y, pre, NULL, Xf, &W, &P, At, bias, act, scratch, 1, 0, R);
-        ks->few_rows_forward(NULL, NULL, Xn, Xf, &W, &P, At, bias, act, scratch, 1, 0, R);
-        memset(y2, 0x7f, sizeof(float) * out), memset(Xn2, 0x7f, sizeof(float) * ny);
-        int rc = ks->one_rows_forward(y2, pre2, NULL, Xf, &W, &p.K, &P, At, bias, act, scratch, R / 2, R);
-        rc |= ks->one_rows_forward(y2, pre2, NULL, Xf, &W, &p.K, &P, At, bias, act, scratch, 0, R / 2);
-        rc |= ks->one_rows_forward(NULL, NULL, Xn2, Xf, &W, &p.K, &P, At, bias, act, scratch, 0, R);
-        CHECK(rc == 0, "%s %s: a sound pack reported as corrupted", tag, ks->name);
-        CHECK(!memcmp(y, y2, sizeof(float) * out) && !memcmp(pre, pre2, sizeof(float) * out),
-              "%s %s: the packed forward differs from the few-token one", tag, ks->name);
-        CHECK(!memcmp(Xn, Xn2, sizeof(float) * ny), "%s %s: the packed Xnext differs", tag, ks->name);
-        if (k == 0) continue;
-        // corruptions: each must be reported by both walks and by the round trip
-        const long s0 = p.K.first[nblk - 1];
-        int reported = 1;
-        for (int c = 0; c < 4; c++) {
-            pack_buf q = p;
-            uint16_t* mask = xmalloc(sizeof(uint16_t) * (p.K.steps + 1));
-            int32_t* first = xmalloc(sizeof(int32_t) * (nblk + 1));
-            uint8_t* col = xmalloc((size_t)p.K.steps * RBE_PACK_LANES);
-            memcpy(mask, p.mask, sizeof(uint16_t) * p.K.steps), memcpy(first, p.first, sizeof(int32_t) * (nblk + 1));
-            memcpy(col, p.col, (size_t)p.K.steps * RBE_PACK_LANES);
-            if (c == 0) mask[s0] ^= (uint16_t)(mask[s0] & 1 ? 2 : 1);  // one coefficient too many or too few
-            if (c == 1) first[nblk] = (int32_t)p.K.steps + 1;          // past the steps
-            if (c == 2) col[s0 * RBE_PACK_LANES + __builtin_ctz(mask[s0])] = (uint8_t)b;  // a column past the block
-            if (c == 3) first[nblk - 1] = -1;
-            q.K.mask = mask, q.K.first = first, q.K.col = col;
-            reported &= ks->one_rows_forward(y2, NULL, NULL, Xf, &W, &q.K, &P, At, bias, act, scratch, R - 1, R) == -1;
-            reported &= rbe_unpack_f32(c2, i2, &q.K, nblk - 1, nblk) == -1;
-            free(mask), free(first), free(col);
+    for (int layout = RBE_PACK_STEPS; layout <= RBE_PACK_ROWS; layout++) {
+        snprintf(tag, sizeof tag, "pack out=%d in=%d b=%d k=%d wide=%d layout=%d", out, in, b, k, wide, layout);
+        pack_buf p = pack_new(layout, coeffs, ix, wide, out, in, b, k);
+        const int rowpack = layout == RBE_PACK_ROWS;
+        // the round trip
+        int same = pack_undo(c2, i2, &p.K, 0, rowpack ? R : nblk) == 0 &&
+                   !memcmp(c2, coeffs, sizeof(float) * nblk * k);
+        for (long e = 0; e < nblk * k; e++) same &= i2[e] == (wide ? ((int32_t*)ix)[e] : ((int16_t*)ix)[e]);
+        CHECK(same, "%s: the pack does not undo to the weight", tag);
+        if (rowpack) {  // every list padded to its group's longest, and no longer
+            long real = 0;
+            for (long e = 0; e < p.K.steps * RBE_PACK_ROW_LANES; e++) real += p.src[e] != C * b;
+            CHECK(real == nblk * k, "%s: %ld entries for %ld coefficients", tag, real, nblk * k);
         }
-        CHECK(reported, "%s %s: a corrupted pack went unreported", tag, ks->name);
-        rbe_packed_f32 big = p.K;
-        big.b = RBE_PACK_MAX_B + 1;  // past the walks' row tables: refused before anything is read
-        CHECK(ks->one_rows_forward(y2, NULL, NULL, Xf, &W, &big, &P, At, bias, act, scratch, 0, 1) == -1 &&
-                  rbe_unpack_f32(c2, i2, &big, 0, 1) == -1,
-              "%s %s: a pack claiming b = %d was walked", tag, ks->name, big.b);
-    }
-    free(Xf), free(scratch), free(y), free(pre), free(Xn), free(y2), free(pre2), free(Xn2);
+#ifdef RBE_X86_KERNELS
+        const rbe_weight_f32 W = w32(basis, coeffs, ix, wide, out, in, b, k);
+        const size_t nx = rbe_few_size(in, b, nf, 1), ny = rbe_few_size(out, b, nf, 1);
+        float* Xf = xmalloc(sizeof(float) * nx);
+        float* scratch = xmalloc(sizeof(float) * rbe_one_scratch(in, b, nf));
+        float *y = xmalloc(sizeof(float) * out), *pre = xmalloc(sizeof(float) * out), *Xn = xmalloc(sizeof(float) * ny);
+        float *y2 = xmalloc(sizeof(float) * out), *pre2 = xmalloc(sizeof(float) * out),
+              *Xn2 = xmalloc(sizeof(float) * ny);
+        rbe_few_analysis_f32_portable(Xf, x, At, b, nf, 1, in, 0, C);
+        const rbe_x86_kernels_f32* sets[2] = {rbe_cpu_has_avx2() ? &rbe_x86_avx2 : NULL,
+                                              rbe_cpu_has_avx512() ? &rbe_x86_avx512 : NULL};
+        for (int v = 0; v < 2; v++) {
+            const rbe_x86_kernels_f32* ks = sets[v];
+            if (!ks) continue;
+            const int act = RBE_ACT_GELU;
+            ks->few_rows_forward(y, pre, NULL, Xf, &W, &P, At, bias, act, scratch, 1, 0, R);
+            ks->few_rows_forward(NULL, NULL, Xn, Xf, &W, &P, At, bias, act, scratch, 1, 0, R);
+            memset(y2, 0x7f, sizeof(float) * out), memset(Xn2, 0x7f, sizeof(float) * ny);
+            int rc = ks->one_rows_forward(y2, pre2, NULL, Xf, &W, &p.K, &P, At, bias, act, scratch, R / 2, R);
+            rc |= ks->one_rows_forward(y2, pre2, NULL, Xf, &W, &p.K, &P, At, bias, act, scratch, 0, R / 2);
+            rc |= ks->one_rows_forward(NULL, NULL, Xn2, Xf, &W, &p.K, &P, At, bias, act, scratch, 0, R);
+            CHECK(rc == 0, "%s %s: a sound pack reported as corrupted", tag, ks->name);
+            CHECK(!memcmp(y, y2, sizeof(float) * out) && !memcmp(pre, pre2, sizeof(float) * out),
+                  "%s %s: the packed forward differs from the few-token one", tag, ks->name);
+            CHECK(!memcmp(Xn, Xn2, sizeof(float) * ny), "%s %s: the packed Xnext differs", tag, ks->name);
+            if (k == 0) continue;
+            // corruptions: each must be reported by both walks and by the round trip
+            int reported = 1;
+            if (rowpack) {
+                for (int c = 0; c < 6; c++) {
+                    if (c == 5 && C == 1) continue;  // one block column: every source is in its stream
+                    pack_buf q = rows_corrupt(&p, c, R, C, b);
+                    if (c < 5)
+                        reported &= ks->one_rows_forward(y2, NULL, NULL, Xf, &W, &q.K, &P, At, bias, act, scratch,
+                                                         R - 1, R) == -1;
+                    reported &= pack_undo(c2, i2, &q.K, R - 1, R) == -1;
+                    free(q.first), free(q.gsteps), free(q.lane_row), free(q.src);
+                }
+            } else {
+                const long s0 = p.K.first[nblk - 1];
+                for (int c = 0; c < 4; c++) {
+                    pack_buf q = p;
+                    uint16_t* mask = xmalloc(sizeof(uint16_t) * (p.K.steps + 1));
+                    int32_t* first = xmalloc(sizeof(int32_t) * (nblk + 1));
+                    uint8_t* col = xmalloc((size_t)p.K.steps * RBE_PACK_LANES);
+                    memcpy(mask, p.mask, sizeof(uint16_t) * p.K.steps);
+                    memcpy(first, p.first, sizeof(int32_t) * (nblk + 1));
+                    memcpy(col, p.col, (size_t)p.K.steps * RBE_PACK_LANES);
+                    if (c == 0) mask[s0] ^= (uint16_t)(mask[s0] & 1 ? 2 : 1);  // one coefficient too many or too few
+                    if (c == 1) first[nblk] = (int32_t)p.K.steps + 1;          // past the steps
+                    if (c == 2) col[s0 * RBE_PACK_LANES + __builtin_ctz(mask[s0])] = (uint8_t)b;  // past the block
+                    if (c == 3) first[nblk - 1] = -1;
+                    q.K.mask = mask, q.K.first = first, q.K.col = col;
+                    reported &= ks->one_rows_forward(y2, NULL, NULL, Xf, &W, &q.K, &P, At, bias, act, scratch, R - 1,
+                                                     R) == -1;
+                    reported &= rbe_unpack_f32(c2, i2, &q.K, nblk - 1, nblk) == -1;
+                    free(mask), free(first), free(col);
+                }
+            }
+            CHECK(reported, "%s %s: a corrupted pack went unreported", tag, ks->name);
+            rbe_packed_f32 big = p.K;
+            big.b = RBE_PACK_MAX_B + 1;  // past the walks' row tables: refused before anything is read
+            CHECK(ks->one_rows_forward(y2, NULL, NULL, Xf, &W, &big, &P, At, bias, act, scratch, 0, 1) == -1 &&
+                      pack_undo(c2, i2, &big, 0, 1) == -1,
+                  "%s %s: a pack claiming b = %d was walked", tag, ks->name, big.b);
+            rbe_packed_f32 other = p.K;
+            other.layout = 2;  // no such layout
+            CHECK(ks->one_rows_forward(y2, NULL, NULL, Xf, &W, &other, &P, At, bias, act, scratch, 0, 1) == -1 &&
+                      rbe_unpack_f32(c2, i2, &other, 0, 1) == -1,
+                  "%s %s: a pack of an unknown layout was walked", tag, ks->name);
+        }
+        free(Xf), free(scratch), free(y), free(pre), free(Xn), free(y2), free(pre2), free(Xn2);
 #endif
-    pack_free(&p);
+        pack_free(&p);
+    }
     free(pland), free(pwork), free(plan), free(At), free(tmp), free(basis), free(coeffs), free(ix), free(x), free(bias);
     free(c2), free(i2);
 }
@@ -1542,6 +1625,8 @@ static void test_pack(void) {
     pack_case(37, 10, 8, 5, 0);        // b = 8: one group of eight rows
     pack_case(9, 6, 4, 16, 1);         // b = 4, every coefficient
     pack_case(8, 8, 8, 0, 0);          // k = 0: pattern only
+    pack_case(130, 64, 64, 300, 0);    // one block column (streams 1-3 empty)
+    pack_case(20, 150, 10, 40, 1);     // b = 10: a group of 2 rows past 8
 }
 
 /* ---------------------------------------------------------------- activations */
