@@ -174,7 +174,7 @@ def build_arms(d_model, d_ff, block_size, k):
     rbe_ck.load_state_dict(rbe.state_dict())  # the same function as rbe
     for m in (rbe, rbe_ck):
         rbe_ffn.pack_for_inference(m)
-    packed = rbe.fc1.packed_nbytes + rbe.fc2.packed_nbytes  # 0 where the kernels are not AVX-512
+    packed = rbe.fc1.packed_nbytes + rbe.fc2.packed_nbytes  # 0 where the kernels are portable
     p_rbe = rbe_weight_params(rbe)
     r, f_narrow = matched_sizes(d_model, d_ff, p_rbe)
     lowrank, narrow = lowrank_ffn(d_model, d_ff, r), dense_ffn(d_model, f_narrow)

@@ -1109,15 +1109,14 @@ def pack_for_inference(module: nn.Module, enable: bool = True) -> nn.Module:
     """Let every RBELinear in ``module`` (the fc1/fc2 of each RBEFeedForward included) compute
     calls of 1-3 tokens that autograd does not record, as in generation, from packed
     coefficients, with the same bits: at 768/3072 a one-token call 2.4-2.9x faster than without
-    packs, three tokens 1.3x; against int8 dynamic quantization one token is then 1.4-2.2x faster
-    when the weights come from memory and about even when they are cached (docs/DESIGN.md section
-    3.2, docs/benchmarks.md). Each layer keeps a
+    packs with AVX-512 kernels, 1.9-2.1x with AVX2 ones, three tokens 1.1-1.3x (docs/DESIGN.md
+    section 3.2; against int8 dynamic quantization: docs/benchmarks.md). Each layer keeps a
     pack about the size of its coeffs + index (``packed()``), made here for float32 CPU layers
     and again whenever a tracked write changes coeffs or the index (optimizer steps, copy_,
     load_state_dict). Like a quantized model's prepacked weights, a pack is a copy: after a write
     that bypasses the version counters (through ``.data`` or a NumPy view) call this again.
-    Used on CPUs whose kernels are AVX-512 (``cpu_isa()``), at block_size <= 64; elsewhere the
-    layers compute as before. ``enable=False`` turns it off and drops the packs. Returns
+    Used where the CPU kernels are x86 (``cpu_isa()`` "avx512" or "avx2": each packs its own
+    layout, and reads the other's), at block_size <= 64; elsewhere the layers compute as before. ``enable=False`` turns it off and drops the packs. Returns
     ``module``."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
