@@ -275,15 +275,17 @@ void rbe_few_rows_forward_f64(double* y, double* pre, double* Xnext, const doubl
  * length of their list (longest first, ties by row) and taken 8 at a time (lanes); step d of
  * such a group holds the d-th entry of each lane's list: its value and its source j*b + v (the
  * column v of the input's segment j), 8 of each a step; a lane whose list has ended holds the
- * value 0 and the source C*b, which the walk reads as 0 (the accumulator starts at +0 and
- * fma(0, 0, a) = a, so the padding changes no bit). The walk loads the 8 sources of a step
- * with scalar loads into a vector and applies the step with one multiply-add. It reads the sources
- * from a compact copy of the input's DCT rows, so sources must stay below 65536: weights with
- * C*b >= 65536 are packed in RBE_PACK_STEPS.
+ * value -0 and the source C*b, which the walk reads as +0: fma(-0, +0, a) = a + (-0) = a for every
+ * a, so the padding changes no bit. The walk loads the 8 sources of a step with scalar loads into
+ * a vector and applies the step with one multiply-add. It reads the sources from a compact copy
+ * of the input's DCT rows, so sources must fit 16 bits: weights with C*b > 65535 are packed in
+ * RBE_PACK_STEPS.
  *
  * b <= RBE_PACK_MAX_B. Built by rbe_pack_f32 / rbe_pack_rows_f32 from a validated index; the
  * kernels check every offset they follow, so a corrupted pack gives an error, not a read out of
- * bounds. */
+ * bounds, and its structure (STEPS: k coefficients a block, lanes and columns within b; ROWS:
+ * each row in one lane of each stream, entries only in lanes with a row, C*k entries a block
+ * row); values, and columns or sources moved within range, are taken as they are. */
 #define RBE_PACK_MAX_B 64
 #define RBE_PACK_LANES 16
 #define RBE_PACK_ROW_LANES 8
@@ -318,7 +320,7 @@ long rbe_pack_steps(int32_t* work, const void* index, int wide, long nblk, int k
 void rbe_pack_f32(int32_t* first, uint8_t* nstep, uint16_t* mask, float* val, uint8_t* col, int32_t* work,
                   const float* coeffs, const void* index, int wide, long nblk, int k, int b);
 /* RBE_PACK_ROWS: steps of an out x in weight (index validated, b <= RBE_PACK_MAX_B,
- * ceil(in/b)*b < 65536); work: rbe_pack_rows_work(in, b) ints */
+ * ceil(in/b)*b <= 65535); work: rbe_pack_rows_work(in, b) ints */
 size_t rbe_pack_rows_work(int in, int b);
 long rbe_pack_rows_steps(int32_t* work, const void* index, int wide, int out, int in, int k, int b);
 /* RBE_PACK_ROWS: fill first, gsteps, lane_row, val, src (sizes as in rbe_packed_f32) */
@@ -330,8 +332,9 @@ void rbe_pack_rows_f32(int32_t* first, uint16_t* gsteps, uint8_t* lane_row, floa
  * steps do not hold exactly k coefficients). RBE_PACK_STEPS only (-1 for the other layout). */
 int rbe_unpack_f32(float* coeffs, int32_t* index, const rbe_packed_f32* K, long p0, long p1);
 /* RBE_PACK_ROWS' inverse, of block rows [i0, i1) (blocks [i0*C, i1*C)); -1 if the pack is
- * corrupted (as above, or a source outside its stream's blocks, or a block's positions not
- * strictly ascending after the undoing); work: rbe_pack_rows_work(in, b) ints. */
+ * corrupted (as above, or a stream whose lanes do not name each row once, an entry in a lane
+ * without a row, a source outside its stream's blocks, or a block's positions not strictly
+ * ascending after the undoing); work: rbe_pack_rows_work(in, b) ints. */
 int rbe_unpack_rows_f32(float* coeffs, int32_t* index, int32_t* work, const rbe_packed_f32* K, long i0, long i1);
 /* scratch of rbe_one_rows_forward per calling thread, in elements (in: the weight's in) */
 size_t rbe_one_scratch(int in, int b, int nf);

@@ -1260,7 +1260,8 @@ static void packed_linear_raw(float* y, float* Xnext, const float* Xf, const Pac
     const auto cp = cplan<float>(P);
     std::atomic<int> bad{0};
     at::parallel_for(0, cdiv(out, b), 1, [&](int64_t p0, int64_t p1) {
-        std::vector<float> s(rbe_one_scratch(w.K.in, (int)b, (int)P.nf));
+        std::vector<float> s(w.K.layout == RBE_PACK_ROWS ? rbe_one_scratch(w.K.in, (int)b, (int)P.nf)
+                                                          : rbe_few_scratch((int)b, (int)P.nf));
         if (rbe_one_rows_forward_f32(y, nullptr, Xnext, Xf, &cw, &w.K, &cp, At, bias, act, s.data(), (long)p0,
                                      (long)p1))
             bad = 1;

@@ -189,8 +189,8 @@ void rbe_pack_rows_f32(int32_t* first, uint16_t* gsteps, uint8_t* lane_row, floa
                             src[(step + d) * L + l] = (uint16_t)(j * b + index_at(index, wide, e) - u * b);
                         }
                     }
-                    for (; d < n; d++) {  // padding: the value 0 at the source that reads 0
-                        val[(step + d) * L + l] = 0;
+                    for (; d < n; d++) {  // padding: the value -0 at the source that reads +0
+                        val[(step + d) * L + l] = -0.0f;
                         src[(step + d) * L + l] = (uint16_t)(C * b);
                     }
                 }
@@ -218,13 +218,20 @@ int rbe_unpack_rows_f32(float* coeffs, int32_t* index, int32_t* work, const rbe_
             if (walk == 0)
                 for (long e = 0; e < zero; e++) lim[e] = 0;
             long step = begin;
-            for (int s = 0; s < ns; s++)
+            for (int s = 0; s < ns; s++) {
+                uint64_t seen = 0;  // each row in one lane of the stream's groups
                 for (int g = 0; g < gr; g++) {
                     const long grp = (i * ns + s) * gr + g;
                     const long n = K->gsteps[grp];
                     if (n > end - step) return -1;
                     for (int l = 0; l < L; l++) {
                         const int u = K->lane_row[grp * L + l];
+                        if (u < b) {
+                            if (seen >> u & 1) return -1;
+                            seen |= (uint64_t)1 << u;
+                        } else if (u != RBE_PACK_NO_ROW) {
+                            return -1;
+                        }
                         for (long d = 0; d < n; d++) {
                             const long e = (step + d) * L + l, o = K->src[e];
                             if (o == zero) continue;  // padding
@@ -243,6 +250,8 @@ int rbe_unpack_rows_f32(float* coeffs, int32_t* index, int32_t* work, const rbe_
                     }
                     step += n;
                 }
+                if (seen != (b == 64 ? ~(uint64_t)0 : ((uint64_t)1 << b) - 1)) return -1;
+            }
             if (step != end) return -1;
             for (int j = 0; j < C; j++) {
                 int32_t t = 0;

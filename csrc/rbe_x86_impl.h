@@ -965,11 +965,12 @@ XT __attribute__((unused)) static int one_sparse_scalar(float* restrict yh, cons
 
 // RBE_PACK_ROWS: the sources of one step (8 entries) from Xc, the compact DCT rows of the input
 // (Xc[j*b + v]) with a zero at Xc[top]; sources past top read that zero and raise *hi past top,
-// which the walk reports after its steps
+// which the walk reports after its steps; *pad counts each lane's padding entries (source top)
 XT static INLINE_ALWAYS __m256 rows_pick(const float* restrict Xc, const uint16_t* restrict src, __m128i top,
-                                        __m128i* hi) {
+                                        __m128i* hi, __m128i* pad) {
     __m128i o = _mm_loadu_si128((const __m128i*)src);
     *hi = _mm_max_epu16(*hi, o);
+    *pad = _mm_sub_epi16(*pad, _mm_cmpeq_epi16(o, top));
     o = _mm_min_epu16(o, top);
     uint16_t t[RBE_PACK_ROW_LANES];
     _mm_storeu_si128((__m128i*)t, o);
@@ -978,16 +979,33 @@ XT static INLINE_ALWAYS __m256 rows_pick(const float* restrict Xc, const uint16_
     return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), up, 1);
 }
 
-// the lanes of one group's accumulator to their rows of acc (a stream's [RBE_PACK_MAX_B]); 1 if a
-// lane names a row past b that is not RBE_PACK_NO_ROW
-XT static INLINE_ALWAYS int rows_store(float* restrict acc, __m256 a, const uint8_t* restrict lane_row, int b) {
+// the sum of 8 unsigned 16-bit counts
+XT static INLINE_ALWAYS long rows_count(__m128i c) {
+    const __m128i t = _mm_add_epi32(_mm_unpacklo_epi16(c, _mm_setzero_si128()),
+                                    _mm_unpackhi_epi16(c, _mm_setzero_si128()));  // 4 sums of two, below 2^17
+    return (long)_mm_extract_epi32(t, 0) + _mm_extract_epi32(t, 1) + _mm_extract_epi32(t, 2) + _mm_extract_epi32(t, 3);
+}
+
+// The lanes of one group's accumulator to their rows of acc (a stream's [RBE_PACK_MAX_B]), each row
+// once per stream (*seen: the rows stored so far); a lane without a row (RBE_PACK_NO_ROW) may hold
+// padding only (src: the group's n steps). 1 if a lane names a row past b, or one seen before,
+// or a lane without a row holds an entry.
+XT static INLINE_ALWAYS int rows_store(float* restrict acc, uint64_t* seen, __m256 a, const uint8_t* restrict lane_row,
+                                       const uint16_t* restrict src, long n, int b, int top) {
     float t[RBE_PACK_ROW_LANES];
     int bad = 0;
     _mm256_storeu_ps(t, a);
     for (int l = 0; l < RBE_PACK_ROW_LANES; l++) {
         const int u = lane_row[l];
-        if (u < b) acc[u] = t[l];
-        else bad |= u != RBE_PACK_NO_ROW;
+        if (u < b) {
+            bad |= (int)(*seen >> u & 1);
+            *seen |= (uint64_t)1 << u;
+            acc[u] = t[l];
+        } else if (u != RBE_PACK_NO_ROW) {
+            bad = 1;
+        } else {  // (only where b is not a multiple of 8: the last group's lanes past b)
+            for (long d = 0; d < n; d++) bad |= src[d * RBE_PACK_ROW_LANES + l] != top;
+        }
     }
     return bad;
 }
@@ -995,10 +1013,13 @@ XT static INLINE_ALWAYS int rows_store(float* restrict acc, __m256 a, const uint
 // steps that one_sparse_rows prefetches ahead (the addresses may lie past the pack: prefetches do not fault)
 #define RBE_ROWS_AHEAD 64
 // yh[0, b) = the sparse products of block row i from an RBE_PACK_ROWS pack (rbe.h): each group of 8
-// rows is one chain of multiply-adds per lane, two groups at a time; -1 if K is corrupted
+// rows is one chain of multiply-adds per lane, two groups at a time; -1 if K is corrupted: an offset
+// past its arrays, a lane naming a row past b or twice in a stream (or no row of the block missing),
+// an entry in a lane without a row, or a block row that does not hold C*k entries
 XT static int one_sparse_rows(float* restrict yh, const float* restrict Xc, const rbe_packed_f32* K, long i) {
     const int b = K->b, C = (K->in + b - 1) / b, ns = RBE_FEW_STREAMS, L = RBE_PACK_ROW_LANES;
     const int gr = rbe_pack_row_groups(b), top = C * b;  // (b <= RBE_PACK_MAX_B, top < 65536: checked)
+    const uint64_t all = b == 64 ? ~(uint64_t)0 : ((uint64_t)1 << b) - 1;
     const long begin = K->first[i], end = K->first[i + 1];
     if (begin < 0 || end < begin || end > K->steps) return -1;
     float acc[RBE_FEW_STREAMS * RBE_PACK_MAX_B];  // stream s at acc + s * RBE_PACK_MAX_B
@@ -1008,8 +1029,10 @@ XT static int one_sparse_rows(float* restrict yh, const float* restrict Xc, cons
     __m128i hi = _mm_setzero_si128();
     long step = begin;
     int bad = 0;
+    long pad = 0;  // padding entries
     for (int s = 0; s < ns; s++) {
         const long grp = (i * ns + s) * gr;
+        uint64_t seen = 0;
         for (int g = 0; g < gr; g += 2) {
             const int two = g + 1 < gr;
             const long n0 = K->gsteps[grp + g], n1 = two ? K->gsteps[grp + g + 1] : 0;
@@ -1019,6 +1042,7 @@ XT static int one_sparse_rows(float* restrict yh, const float* restrict Xc, cons
             const float* v1 = v0 + n0 * L;
             const uint16_t* s1 = s0 + n0 * L;
             __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            __m128i c0 = _mm_setzero_si128(), c1 = c0;  // padding entries of each lane (at most 65535 a group)
             const long nc = n0 < n1 ? n0 : n1;
             long d = 0;
             for (; d < nc; d++) {
@@ -1031,21 +1055,24 @@ XT static int one_sparse_rows(float* restrict yh, const float* restrict Xc, cons
                         _mm_prefetch((const char*)(s1 + (d + 2 * RBE_ROWS_AHEAD) * L), _MM_HINT_T0);
                     }
                 }
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v0 + d * L), rows_pick(Xc, s0 + d * L, vtop, &hi), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v1 + d * L), rows_pick(Xc, s1 + d * L, vtop, &hi), a1);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v0 + d * L), rows_pick(Xc, s0 + d * L, vtop, &hi, &c0), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v1 + d * L), rows_pick(Xc, s1 + d * L, vtop, &hi, &c1), a1);
             }
             for (long e = d; e < n0; e++)
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v0 + e * L), rows_pick(Xc, s0 + e * L, vtop, &hi), a0);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v0 + e * L), rows_pick(Xc, s0 + e * L, vtop, &hi, &c0), a0);
             for (long e = d; e < n1; e++)
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v1 + e * L), rows_pick(Xc, s1 + e * L, vtop, &hi), a1);
-            bad |= rows_store(acc + s * RBE_PACK_MAX_B, a0, K->lane_row + (grp + g) * L, b);
-            if (two) bad |= rows_store(acc + s * RBE_PACK_MAX_B, a1, K->lane_row + (grp + g + 1) * L, b);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v1 + e * L), rows_pick(Xc, s1 + e * L, vtop, &hi, &c1), a1);
+            bad |= rows_store(acc + s * RBE_PACK_MAX_B, &seen, a0, K->lane_row + (grp + g) * L, s0, n0, b, top);
+            if (two)
+                bad |= rows_store(acc + s * RBE_PACK_MAX_B, &seen, a1, K->lane_row + (grp + g + 1) * L, s1, n1, b, top);
+            pad += rows_count(c0) + rows_count(c1);
             step += n0 + n1;
         }
+        bad |= seen != all;
     }
     // a source past top: some lane's maximum is above it (unsigned: max(hi, top) != top)
     const __m128i over = _mm_xor_si128(_mm_max_epu16(hi, vtop), vtop);
-    if (bad || step != end || !_mm_testz_si128(over, over)) return -1;
+    if (bad || step != end || !_mm_testz_si128(over, over) || (end - begin) * L - pad != (long)C * K->k) return -1;
     for (int u = 0; u < b; u++) yh[u] = few_stream_sum(acc + u, RBE_PACK_MAX_B);
     return 0;
 }

@@ -405,7 +405,8 @@ def test_bad_packs_raise():
         call(args[5])  # fc2's pack for fc1
     with pytest.raises(ValueError, match="bytes where its header says"):
         call(p1[:-1])
-    for offset in (0, 1):  # the third block's first step moved: its neighbours' step counts change
+    for offset in (0, 1):  # the third block's (AVX2's layout: block row's) first step moved: its neighbours'
+        # step counts change
         bad = p1.clone()
         bad[64:76].view(torch.int32)[2] += 1 - 2 * offset
         with pytest.raises(ValueError, match="corrupted"):

@@ -1474,8 +1474,8 @@ static int pack_undo(float* c2, int32_t* i2, const rbe_packed_f32* K, long i0, l
     return rc;
 }
 
-// RBE_PACK_ROWS: a copy of p's arrays, corrupted by kind c (0..5) in its last block row; the
-// walk and the undoing must both report c < 5, the undoing c == 5
+// RBE_PACK_ROWS: a copy of p's arrays, corrupted by kind c (0..9) in its last block row; the
+// walk and the undoing must both report every kind but 5, the undoing 5 too
 static pack_buf rows_corrupt(const pack_buf* p, int c, int R, int C, int b) {
     const long steps = p->K.steps, n = steps * RBE_PACK_ROW_LANES, groups = (long)R * RBE_FEW_STREAMS *
                                                                             rbe_pack_row_groups(b);
@@ -1492,6 +1492,13 @@ static pack_buf rows_corrupt(const pack_buf* p, int c, int R, int C, int b) {
     if (c == 3) q.gsteps[g0]++;                                // one step too many
     if (c == 4) q.lane_row[g0 * RBE_PACK_ROW_LANES] = (uint8_t)b;  // a lane past the rows
     if (c == 5) q.src[e0] = (uint16_t)((q.src[e0] + b) % (C * b));  // another stream's block (when C > 1)
+    if (c == 6) q.lane_row[g0 * RBE_PACK_ROW_LANES] = RBE_PACK_NO_ROW;  // a lane with entries loses its row
+    if (c == 7) q.lane_row[g0 * RBE_PACK_ROW_LANES + 1] = q.lane_row[g0 * RBE_PACK_ROW_LANES];  // a row twice
+    if (c == 8) q.src[e0] = (uint16_t)(C * b);  // a coefficient dropped (made padding)
+    if (c == 9) {  // a lane past the rows (b not a multiple of 8) names a row another lane has
+        const long gl = g0 + rbe_pack_row_groups(b) - 1;  // the stream's last group
+        q.lane_row[gl * RBE_PACK_ROW_LANES + RBE_PACK_ROW_LANES - 1] = q.lane_row[gl * RBE_PACK_ROW_LANES];
+    }
     q.K.first = q.first, q.K.gsteps = q.gsteps, q.K.lane_row = q.lane_row, q.K.src = q.src;
     q.nstep = NULL, q.mask = NULL, q.col = NULL, q.val = NULL;
     return q;
@@ -1532,10 +1539,19 @@ static void pack_case(int out, int in, int b, int k, int wide) {
                    !memcmp(c2, coeffs, sizeof(float) * nblk * k);
         for (long e = 0; e < nblk * k; e++) same &= i2[e] == (wide ? ((int32_t*)ix)[e] : ((int16_t*)ix)[e]);
         CHECK(same, "%s: the pack does not undo to the weight", tag);
-        if (rowpack) {  // every list padded to its group's longest, and no longer
-            long real = 0;
-            for (long e = 0; e < p.K.steps * RBE_PACK_ROW_LANES; e++) real += p.src[e] != C * b;
-            CHECK(real == nblk * k, "%s: %ld entries for %ld coefficients", tag, real, nblk * k);
+        if (rowpack) {  // no step of padding only: each group as long as its longest list, groups longest first
+            const int gr = rbe_pack_row_groups(b);
+            int tight = 1;
+            long step = 0;
+            for (long grp = 0; grp < (long)R * RBE_FEW_STREAMS * gr; grp++) {
+                const long n = p.gsteps[grp];
+                int last = n == 0;
+                for (int l = 0; l < RBE_PACK_ROW_LANES && n > 0; l++)
+                    last |= p.src[(step + n - 1) * RBE_PACK_ROW_LANES + l] != C * b;
+                tight &= last && (grp % gr == 0 || n <= p.gsteps[grp - 1]);
+                step += n;
+            }
+            CHECK(tight && step == p.K.steps, "%s: a group longer than its longest list", tag);
         }
 #ifdef RBE_X86_KERNELS
         const rbe_weight_f32 W = w32(basis, coeffs, ix, wide, out, in, b, k);
@@ -1566,10 +1582,11 @@ static void pack_case(int out, int in, int b, int k, int wide) {
             // corruptions: each must be reported by both walks and by the round trip
             int reported = 1;
             if (rowpack) {
-                for (int c = 0; c < 6; c++) {
+                for (int c = 0; c < 10; c++) {
                     if (c == 5 && C == 1) continue;  // one block column: every source is in its stream
+                    if (c == 9 && b % RBE_PACK_ROW_LANES == 0) continue;  // no lane past the rows
                     pack_buf q = rows_corrupt(&p, c, R, C, b);
-                    if (c < 5)
+                    if (c != 5)  // (a source moved within range: only the undoing sees it)
                         reported &= ks->one_rows_forward(y2, NULL, NULL, Xf, &W, &q.K, &P, At, bias, act, scratch,
                                                          R - 1, R) == -1;
                     reported &= pack_undo(c2, i2, &q.K, R - 1, R) == -1;
@@ -1604,8 +1621,11 @@ static void pack_case(int out, int in, int b, int k, int wide) {
                   "%s %s: a pack claiming b = %d was walked", tag, ks->name, big.b);
             rbe_packed_f32 other = p.K;
             other.layout = 2;  // no such layout
+            int32_t* work = xmalloc(sizeof(int32_t) * rbe_pack_rows_work(in, b));
+            const int other_rows = rbe_unpack_rows_f32(c2, i2, work, &other, 0, 1);
+            free(work);
             CHECK(ks->one_rows_forward(y2, NULL, NULL, Xf, &W, &other, &P, At, bias, act, scratch, 0, 1) == -1 &&
-                      rbe_unpack_f32(c2, i2, &other, 0, 1) == -1,
+                      rbe_unpack_f32(c2, i2, &other, 0, 1) == -1 && other_rows == -1,
                   "%s %s: a pack of an unknown layout was walked", tag, ks->name);
         }
         free(Xf), free(scratch), free(y), free(pre), free(Xn), free(y2), free(pre2), free(Xn2);
