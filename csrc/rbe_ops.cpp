@@ -1102,21 +1102,23 @@ Tensor activation_backward_cpu(const Tensor& grad, const Tensor& x, std::string 
 // lane_row, val, src) where they are AVX2 and the weight's sources fit 16 bits. Either layout is
 // read by either x86 kernel set (the same bits); the portable kernels undo it.
 static constexpr int64_t PACK_MAGIC = 0x314b434150454252;  // "RBEPACK1", little-endian
-struct PackLayout {
-    int64_t first, nstep, mask, val, col, bytes;  // RBE_PACK_ROWS: nstep = gsteps, mask = lane_row, col = src
+struct PackLayout {  // byte offsets of the arrays of rbe_packed_f32 in a pack, and its size
+    int64_t first, val, bytes;       // both layouts
+    int64_t nstep, mask, col;        // RBE_PACK_STEPS
+    int64_t gsteps, lane_row, src;   // RBE_PACK_ROWS
 };
 static PackLayout pack_layout(int64_t layout, int64_t out, int64_t in, int64_t b, int64_t k, int64_t steps) {
     auto up = [](int64_t n) { return (n + 63) / 64 * 64; };
     const int64_t R = cdiv(out, b), nblk = R * cdiv(in, b);
-    PackLayout L;
+    PackLayout L{};
     L.first = 64;
     if (layout == RBE_PACK_ROWS) {
         const int64_t groups = R * RBE_FEW_STREAMS * rbe_pack_row_groups((int)b);
-        L.nstep = L.first + up(4 * (R + 1));
-        L.mask = L.nstep + up(2 * groups);
-        L.val = L.mask + up(groups * RBE_PACK_ROW_LANES);
-        L.col = L.val + up(4 * steps * RBE_PACK_ROW_LANES);
-        L.bytes = L.col + 2 * steps * RBE_PACK_ROW_LANES;
+        L.gsteps = L.first + up(4 * (R + 1));
+        L.lane_row = L.gsteps + up(2 * groups);
+        L.val = L.lane_row + up(groups * RBE_PACK_ROW_LANES);
+        L.src = L.val + up(4 * steps * RBE_PACK_ROW_LANES);
+        L.bytes = L.src + 2 * steps * RBE_PACK_ROW_LANES;
         return L;
     }
     L.nstep = L.first + up(4 * (nblk + 1));
@@ -1168,8 +1170,8 @@ Tensor pack_coeffs_cpu(const Tensor& coeffs, const Tensor& index, int64_t out, i
     const int64_t head[8] = {PACK_MAGIC, out, in, b, k, (int64_t)steps, layout, 0};
     memcpy(p, head, sizeof head);
     if (rowpack)
-        rbe_pack_rows_f32((int32_t*)(p + L.first), (uint16_t*)(p + L.nstep), p + L.mask, (float*)(p + L.val),
-                          (uint16_t*)(p + L.col), work.data(), cf.data_ptr<float>(), ix.data_ptr(), wide, (int)out,
+        rbe_pack_rows_f32((int32_t*)(p + L.first), (uint16_t*)(p + L.gsteps), p + L.lane_row, (float*)(p + L.val),
+                          (uint16_t*)(p + L.src), work.data(), cf.data_ptr<float>(), ix.data_ptr(), wide, (int)out,
                           (int)in, (int)k, (int)b);
     else
         rbe_pack_f32((int32_t*)(p + L.first), p + L.nstep, (uint16_t*)(p + L.mask), (float*)(p + L.val), p + L.col,
@@ -1204,7 +1206,7 @@ static rbe_packed_f32 packed_view(Tensor& blob, const char* name, int64_t out, i
     if (rowpack)
         return rbe_packed_f32{(int)out, (int)in, (int)b, (int)k, (long)steps, (const int32_t*)(p + L.first),
                               nullptr, nullptr, (const float*)(p + L.val), nullptr, RBE_PACK_ROWS,
-                              (const uint16_t*)(p + L.nstep), p + L.mask, (const uint16_t*)(p + L.col)};
+                              (const uint16_t*)(p + L.gsteps), p + L.lane_row, (const uint16_t*)(p + L.src)};
     return rbe_packed_f32{(int)out, (int)in, (int)b, (int)k, (long)steps, (const int32_t*)(p + L.first),
                           p + L.nstep, (const uint16_t*)(p + L.mask), (const float*)(p + L.val), p + L.col,
                           RBE_PACK_STEPS, nullptr, nullptr, nullptr};
