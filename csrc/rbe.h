@@ -39,6 +39,7 @@ extern "C" {
 
 #define RBE_NFIX 4        /* separable pattern vectors: 1, z^2, cos(pi z), cos(2 pi z) */
 #define RBE_TILE 64       /* tokens per tile in the fast kernels */
+#define RBE_MAX_B 256     /* the largest block size (the operators check it; kernels size arrays by it) */
 
 /* A compressed weight W [out, in] at block size b (DESIGN.md section 2):
  * basis [R*C, 8], coeffs [R*C, k], index [R*C, k] (flat u*b + v, strictly increasing per block). */

@@ -266,7 +266,7 @@ static void RBE_SFX(few_analyse_seg)(RBE_T* restrict Xf, const RBE_T* restrict x
 void RBE_KSFX(rbe_few_analysis)(RBE_T* Xf, const RBE_T* x, const RBE_T* At, int b, int nf, long T, int n,
                                long p0, long p1) {
     const int rows = b + nf, nseg = (n + b - 1) / b;
-    RBE_T tmp[2 * 256 + RBE_NFIX];  // rows <= b + (b + RBE_NFIX) <= 516
+    RBE_T tmp[2 * RBE_MAX_B + RBE_NFIX];  // rows <= b + (b + RBE_NFIX) <= 516
     for (long j = p0; j < p1; j++) {
         const int nc = n - (int)j * b < b ? n - (int)j * b : b;
         RBE_SFX(few_analyse_seg)(Xf + (size_t)j * rows * T, x + (size_t)j * b, n, nc, At, rows, T, tmp);

@@ -51,7 +51,7 @@ inline void check_float(const Tensor& t, const char* name, bool half_ok = false)
 }
 
 inline void check_block_size(int64_t b) {
-    TORCH_CHECK_VALUE(b >= 4 && b <= 256, "rbe_ffn: block_size must be in [4, 256], got ", b);
+    TORCH_CHECK_VALUE(b >= 4 && b <= RBE_MAX_B, "rbe_ffn: block_size must be in [4, ", RBE_MAX_B, "], got ", b);
 }
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }

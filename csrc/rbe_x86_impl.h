@@ -768,7 +768,7 @@ XT static void few_matvec(float* restrict out, const float* restrict M, int ldm,
 XT void XSFX(rbe_few_analysis_f32)(float* Xf, const float* x, const float* At, int b, int nf, long T, int n, long p0,
                                    long p1) {
     const int rows = b + nf, nseg = (n + b - 1) / b;
-    float tmp[2 * 256 + RBE_NFIX];  // rows <= 2b + RBE_NFIX
+    float tmp[2 * RBE_MAX_B + RBE_NFIX];  // rows <= 2b + RBE_NFIX
     for (long j = p0; j < p1; j++) {
         const int nc = n - (int)j * b < b ? n - (int)j * b : b;
         float* Xj = Xf + (size_t)j * rows * T;

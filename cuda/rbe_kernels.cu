@@ -307,7 +307,7 @@ extern "C" cudaError_t rbe_cuda_act_backward(void* dx, const void* dy, const voi
 extern "C" cudaError_t rbe_cuda_few_rows(void* out, const void* xa, int ct, const void* coeffs, int vt,
                                          const void* index, int wide, int R, int C, int k, int b, int rows, int T,
                                          int nsplit, cudaStream_t s) {
-    if (T < 1 || T > RBE_CUDA_FEW_MAX || nsplit < 1 || nsplit > C || b < 1 || b > 256 || rows < b)
+    if (T < 1 || T > RBE_CUDA_FEW_MAX || nsplit < 1 || nsplit > C || b < 1 || b > RBE_MAX_B || rows < b)
         return cudaErrorInvalidValue;
     const long long blocks = (long long)R * nsplit;
     if (blocks == 0) return cudaSuccess;
@@ -323,7 +323,7 @@ extern "C" cudaError_t rbe_cuda_densify(void* big, int vt, const void* phihat, i
                                         const void* coeffs, const void* index, int wide, int R, int C, int k, int b,
                                         cudaStream_t s) {
     const size_t shared = (size_t)b * b * elem_size(ct);
-    if (b < 1 || b > 256 || k < 0 || k > b * b || shared > RBE_CUDA_DENSIFY_SHARED) return cudaErrorInvalidValue;
+    if (b < 1 || b > RBE_MAX_B || k < 0 || k > b * b || shared > RBE_CUDA_DENSIFY_SHARED) return cudaErrorInvalidValue;
     const long long blocks = (long long)R * C;
     if (blocks == 0) return cudaSuccess;
     if (blocks > 0x7FFFFFFFLL) return cudaErrorInvalidValue;
