@@ -19,7 +19,7 @@ round, in a random order in which no arm follows one holding the same weights: r
 with the thread count pinned; we report the median over
 rounds and the spread (quartiles, min-max). Modes: forward (no grad) and step (forward +
 backward of y.sum(); the input requires grad, so backward also computes dL/dx; grads zeroed by
-p.grad = None).
+p.grad = None). Then each arm's peak memory of one call per mode (peak_bytes; --no-memory skips it).
 
     .venv/bin/python bench/bench_peers.py --out bench/out/peers.md --csv bench/out/peers.csv
     .venv/bin/python bench/bench_peers.py --quick        # 768/3072, tokens 1 and 1024
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import rbe_ffn
+from rbe_ffn._profiling import peak_live_bytes
 
 ARMS = ("dense", "dense_bf16", "int8_dyn", "lowrank", "narrow", "rbe", "rbe_ckpt", "rbe_bf16")
 RBE_ARMS = ("rbe", "rbe_ckpt", "rbe_bf16")
@@ -48,7 +49,7 @@ FULL_WIDTH = ("dense", "dense_bf16", "int8_dyn")  # the same d_ff as RBE, full c
 MODES = ("forward", "step")
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx")
 CSV_FIELDS = ("d_model", "d_ff", "tokens", "mode", "arm", "round", "ms", "status", "weight_params",
-              "weight_bytes", "rel_err", "ref", "threads", "note")
+              "weight_bytes", "peak_bytes", "rel_err", "ref", "threads", "note")
 
 
 # ---------------------------------------------------------------- machine
@@ -301,6 +302,23 @@ def measure(arms, x, mode, reps, warmup, warm=0):
     return times
 
 
+def peak_bytes(arms, x, mode):
+    """Per arm that runs `mode`: the peak of (bytes allocated - bytes freed) by torch's CPU
+    allocator during one call, above the level at its start (rbe_ffn._profiling.peak_live_bytes:
+    the profiler's memory events), after one unmeasured call. As in every timed step, the
+    parameters' gradients are freed before the call and the input's gradient already exists; the
+    output is counted. Memory outside torch's allocator is not: the RBE kernels' per-thread
+    scratch rows (a few KB), fbgemm's own buffers for int8_dyn."""
+    out = {}
+    for a in arms:
+        if a.status == "ok" and (a.train or mode == "forward"):
+            a.run(x, mode)
+            for p in a.model.parameters():  # freed here, not inside the profile (whose report
+                p.grad = None               # then warns of blocks it did not see allocated)
+            out[a.name] = peak_live_bytes(lambda: a.run(x, mode))
+    return out
+
+
 def spread(v):
     v = sorted(v)
     if len(v) >= 2:
@@ -330,6 +348,7 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=300)
     ap.add_argument("--out", default=None, help="write the markdown here")
     ap.add_argument("--csv", default=None, help="write one row per measurement here")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak memory of each arm")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes, token_list, reps, warmup = [(768, 3072), (1024, 4096)], [1, 16, 64, 1024, 4096], args.reps, 2
@@ -359,7 +378,7 @@ def main(argv=None):
     ]
     print("\n".join(head), flush=True)
     load0 = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    csv_rows, results, arm_info = [], {}, {}
+    csv_rows, results, arm_info, peaks = [], {}, {}, {}
     t_start = time.perf_counter()
     for d_model, d_ff in shapes:
         arms = build_arms(d_model, d_ff, args.block_size, args.k)
@@ -372,10 +391,14 @@ def main(argv=None):
                     else (reps, warmup))
             for mode in MODES:
                 times = measure(arms, x, mode, n, w, args.warm)
+                peak = {} if args.no_memory else peak_bytes(arms, x, mode)
+                for name, v in peak.items():
+                    peaks[(d_model, d_ff, tokens, mode, name)] = v
                 for a in arms:
                     err, ref = errs.get(a.name, ("", ""))
                     base = dict(d_model=d_model, d_ff=d_ff, tokens=tokens, mode=mode, arm=a.name,
-                                weight_params=a.params, weight_bytes=a.nbytes, rel_err=err, ref=ref,
+                                weight_params=a.params, weight_bytes=a.nbytes, peak_bytes=peak.get(a.name, ""),
+                                rel_err=err, ref=ref,
                                 threads=torch.get_num_threads(), note=a.note)
                     if a.name in times:
                         for i, t in enumerate(times[a.name]):
@@ -394,7 +417,7 @@ def main(argv=None):
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     head.append(f"load average {load0} at the start, {load} at the end ({os.cpu_count()} CPUs); "
                 f"total {total / 60:.1f} min")
-    lines = head + [""] + tables(shapes, token_list, arm_info, results)
+    lines = head + [""] + tables(shapes, token_list, arm_info, results, peaks)
     print("\n" + "\n".join(lines[len(head) - 1:]))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -409,7 +432,7 @@ def main(argv=None):
     return results
 
 
-def tables(shapes, token_list, arm_info, results):
+def tables(shapes, token_list, arm_info, results, peaks):
     out = ["### Arms", "",
            "| d_model/d_ff | arm | weight params | weight bytes | dense bytes / bytes | rel. error vs | notes |",
            "|---|---|---|---|---|---|---|"]
@@ -454,6 +477,25 @@ def tables(shapes, token_list, arm_info, results):
                 both = "dense_bf16" in med and "rbe_bf16" in med
                 cells.append(f"{med['dense_bf16'] / med['rbe_bf16']:.2f}" if both else "n/a")
                 out.append("| " + " | ".join(cells) + " |")
+
+    if peaks:
+        out += ["", "### Peak memory of one call (MB above its start; in brackets relative to dense fp32)", "",
+                "One call per arm after an unmeasured one; torch's CPU allocator, the output and (step) the "
+                "parameters' gradients counted (bench_peers.peak_bytes; exact bytes in the CSV).", "",
+                "| d_model/d_ff | tokens | mode | dense MB | " + " | ".join(f"{a} MB" for a in ARMS[1:]) + " |",
+                "|" + "---|" * (3 + len(ARMS))]
+        for d_model, d_ff in shapes:
+            for tokens in token_list:
+                for mode in MODES:
+                    key = (d_model, d_ff, tokens, mode)
+                    dense = peaks.get(key + ("dense",))
+                    if dense is None:
+                        continue
+                    cells = [f"{d_model}/{d_ff}", str(tokens), mode, f"{dense / 1e6:.2f}"]
+                    for a in ARMS[1:]:
+                        v = peaks.get(key + (a,))
+                        cells.append("n/a" if v is None else f"{v / 1e6:.2f} ({v / dense:.2f})")
+                    out.append("| " + " | ".join(cells) + " |")
 
     out += ["", "### Spread over rounds (ms)", "",
             "| d_model/d_ff | tokens | mode | arm | rounds | median | quartiles (IQR) | min-max |",

@@ -2,7 +2,8 @@
 subprocess, then check the CSV: every arm and mode is there, the arms that compute the same
 function agree (dense fp32 vs bf16 autocast within bf16 tolerance, int8 within int8 tolerance,
 RBE checkpointed / under autocast equal to RBE), and the low-rank and narrow arms have RBE's
-weight parameter count as the script states it. No speed assertions."""
+weight parameter count as the script states it; every arm's peak memory is there and holds at
+least what the call must allocate. No speed assertions."""
 import csv
 import os
 import subprocess
@@ -77,9 +78,27 @@ def test_bench_peers_smoke(tmp_path):
     assert nw == 2 * d * fn and f"d_ff'={fn}" in one["narrow"]["note"]
     assert abs(nw - p_rbe) <= d
 
-    # the markdown: the arms table, the time table with ratios, the spread table
-    for s in ("### Arms", "| 64/128 | 16 | step |", "fastest non-RBE", "### Spread over rounds"):
+    # peak memory of one call: at least the output (forward), and the parameters' gradients
+    # (step: every arm frees them before the call); a forward-only arm has none for the step
+    for r in rows:
+        if r["status"] != "ok":
+            assert r["peak_bytes"] == "", r
+            continue
+        peak, tokens = int(r["peak_bytes"]), int(r["tokens"])
+        assert peak >= tokens * d * (2 if r["arm"] in ("dense_bf16", "rbe_bf16") else 4), r  # the output
+        if r["mode"] == "step":
+            assert peak >= 4 * int(r["weight_params"]), r
+
+    # the markdown: the arms table, the time table with ratios, the memory table, the spread table
+    for s in ("### Arms", "| 64/128 | 16 | step |", "fastest non-RBE", "### Peak memory of one call",
+              "### Spread over rounds"):
         assert s in md
+
+
+def test_bench_peers_no_memory(tmp_path):
+    rows, md, _ = run_smoke(tmp_path, "--no-memory")
+    assert all(r["peak_bytes"] == "" for r in rows)
+    assert "### Peak memory" not in md
 
 
 def test_bench_peers_warm(tmp_path):
