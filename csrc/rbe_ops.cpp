@@ -36,6 +36,8 @@ static PyObject* dct_path_enabled(PyObject*, PyObject*) { return PyBool_FromLong
 static PyObject* pack_max_block(PyObject*, PyObject*) { return PyLong_FromLong(RBE_PACK_MAX_B); }
 
 namespace rbe {
+// the most tokens of a call that takes the few-token forward (few_tokens, below)
+constexpr int64_t FEW_TOKENS = 2 * RBE_FEW_MAX;
 bool ffn_saves_hidden(int64_t Tn, int64_t chunk_tokens, const std::string& activation);
 bool ffn_pre_in_tiles(bool float32, bool bf16_sparse);
 }
@@ -87,9 +89,9 @@ extern "C" PyObject* PyInit__C(void) {
         {nullptr, nullptr, 0, nullptr}};
     static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "rbe_ffn operators", -1, methods};
     PyObject* mod = PyModule_Create(&def);
-    // the largest call of the few-token forward (RBE_FEW_MAX), for the fake kernel's copy of
+    // the largest call of the few-token forward (rbe::FEW_TOKENS), for the fake kernel's copy of
     // ffn_saves_hidden (python/rbe_ffn/_ops.py)
-    if (mod && PyModule_AddIntConstant(mod, "FEW_TOKENS", RBE_FEW_MAX) < 0) {
+    if (mod && PyModule_AddIntConstant(mod, "FEW_TOKENS", (long)rbe::FEW_TOKENS) < 0) {
         Py_DECREF(mod);
         return nullptr;
     }
@@ -510,8 +512,12 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
 // Below this many tokens a 16-lane tile wastes most of its work (callgrind, 768/3072, b = 64,
 // k = 300: see docs/DESIGN.md); the choice is made on the call's token count, never per chunk, so
 // a call's results do not depend on its chunking (a token's few-token results do not depend on T).
-static constexpr int64_t FEW_TOKENS = RBE_FEW_MAX;
+// The kernels take at most RBE_FEW_MAX tokens; a call of up to FEW_TOKENS runs them on groups of
+// RBE_FEW_MAX (few_group_end), the call's fixed costs paid once (the forward at 9-16 tokens 1.0-1.5x
+// the 16-lane tile's, at 17-24 a loss with the portable kernels: docs/DESIGN.md).
 static bool few_tokens(int64_t Tn) { return Tn > 0 && Tn <= FEW_TOKENS; }
+// the end of the few-token group that starts at token t0 of a call (or of a chunk) ending at t1
+static int64_t few_group_end(int64_t t0, int64_t t1) { return std::min<int64_t>(t1, t0 + RBE_FEW_MAX); }
 
 // the analysis rows transposed, [b, b+nf] (rbe_few_at)
 template <typename T>
@@ -721,10 +727,15 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
             y = dct_linear(x, x2, W, sc, bc);
         } else if (few_tokens(Tn)) {
             Tensor At = few_tables<scalar_t>(P, x2.options());
-            Tensor Xf = few_analyse<scalar_t>(x2.data_ptr<scalar_t>(), Tn, in, P, At.data_ptr<scalar_t>(), x2.options());
-            scale_rows(Xf.data_ptr<scalar_t>(), cdiv(in, P.b), P, Tn, sc);
-            few_linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, nullptr, Xf.data_ptr<scalar_t>(), Tn, W,
-                                     ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, At.data_ptr<scalar_t>());
+            for (int64_t t0 = 0, t1; t0 < Tn; t0 = t1) {
+                t1 = few_group_end(t0, Tn);
+                Tensor Xf = few_analyse<scalar_t>(x2.data_ptr<scalar_t>() + t0 * in, t1 - t0, in, P,
+                                                  At.data_ptr<scalar_t>(), x2.options());
+                scale_rows(Xf.data_ptr<scalar_t>(), cdiv(in, P.b), P, t1 - t0, sc);
+                few_linear_raw<scalar_t>(y.data_ptr<scalar_t>() + t0 * out, nullptr, nullptr, Xf.data_ptr<scalar_t>(),
+                                         t1 - t0, W, ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P,
+                                         At.data_ptr<scalar_t>());
+            }
         } else {
             linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x2.data_ptr<scalar_t>(), Tn, W,
                                  ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options(), nullptr, nullptr, nullptr, sc,
@@ -843,8 +854,9 @@ std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, 
         if (few_tokens(Tn)) {  // chunk by chunk as well (the memory limit), each token's bits unchanged
             Tensor At = few_tables<T>(a.P, opt);
             const T* at_ = At.data_ptr<T>();
-            for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
-                const int64_t n = std::min(a.chunk, Tn - t0);
+            int64_t n = 0;
+            for (int64_t t0 = 0; t0 < Tn; t0 += n) {  // groups of RBE_FEW_MAX inside each chunk
+                n = few_group_end(t0, std::min(Tn, (t0 / a.chunk + 1) * a.chunk)) - t0;
                 Tensor Xf1 = few_analyse<T>(a.x2.data_ptr<T>() + t0 * d_model, n, d_model, a.P, at_, opt);
                 Tensor Xf2 = at::empty({(int64_t)rbe_few_size((int)d_ff, (int)a.P.b, (int)a.P.nf, (long)n)}, opt);
                 scale_rows(Xf1.data_ptr<T>(), cdiv(d_model, a.P.b), a.P, n, a.scales1);

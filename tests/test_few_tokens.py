@@ -1,18 +1,24 @@
 """The few-token forward of the CPU operators (csrc/rbe.h, "few tokens"): calls of at most
-RBE_FEW_MAX = 8 tokens run kernels vectorized along features instead of 64- or 16-token tiles.
-Against the dense decode (tests/ffn_reference.py) at 1..9 tokens (9: the tile path again), in
-float32 and float64, every activation, bias on and off, forward with and without grad; a
-token's result does not depend on the other tokens of the call, on the chunking or on the
-thread count.
+FEW_TOKENS = 16 tokens run kernels vectorized along features instead of 64- or 16-token tiles,
+on groups of at most RBE_FEW_MAX = 8 tokens. Against the dense decode (tests/ffn_reference.py) at
+1..17 tokens (17: the tile path again), in float32 and float64, every activation, bias on and off,
+forward with and without grad; a token's result does not depend on the other tokens of the call
+(in its group or another), on the chunking or on the thread count.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ffn_reference as R
+import rbe_ffn
 from conftest import ACTS, limit_for_chunk, make_ffn, make_linear
 
-FEW = 8  # RBE_FEW_MAX: the most tokens the few-token kernels take
+FEW = 16  # the most tokens of a call that takes the few-token forward (rbe_ops.cpp FEW_TOKENS)
+GROUP = 8  # RBE_FEW_MAX: the most tokens the few-token kernels take at once
+
+
+def test_constants():
+    assert rbe_ffn._C.FEW_TOKENS == FEW
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
 
@@ -24,7 +30,7 @@ def dense(lin, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_ffn_against_dense_decode(dtype, bias):
-    """Tokens 1..9 through 100 -> 300 -> 100 at b = 64 (edge blocks, both layers several
+    """Tokens 1..17 through 100 -> 300 -> 100 at b = 64 (edge blocks, both layers several
     block rows and columns), every activation."""
     g = torch.Generator().manual_seed(31)
     for act in ACTS:
@@ -39,7 +45,7 @@ def test_ffn_against_dense_decode(dtype, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_linear_against_dense_decode(dtype, bias):
-    """RBELinear at tokens 1..9, b = 16 with a partial edge block, leading batch dimensions."""
+    """RBELinear at tokens 1..17, b = 16 with a partial edge block, leading batch dimensions."""
     g = torch.Generator().manual_seed(33)
     lin = make_linear(70, 45, block_size=16, k=40, seed=34, bias=bias, dtype=dtype)
     if bias:
@@ -60,7 +66,7 @@ def test_forward_with_grad(checkpoint, activation):
     reference."""
     m = make_ffn(100, 300, activation, block_size=64, k=300, seed=35, checkpoint=checkpoint, random_bias=True)
     g = torch.Generator().manual_seed(36)
-    for tokens in (1, 3, FEW):
+    for tokens in (1, 3, GROUP, GROUP + 1, FEW):
         x = torch.randn(tokens, 100, generator=g)
         dy = torch.randn(tokens, 100, generator=g)
         params = [m.get_parameter(n) for n in R.PARAM_NAMES]
@@ -72,20 +78,26 @@ def test_forward_with_grad(checkpoint, activation):
 
 
 def test_token_independent_of_the_others():
-    """A token's few-token result is the same bits alone, among 8 tokens, and chunk by chunk
-    (memory_limit_mb: chunks of 2 tokens); within rounding of the tile path (9 tokens)."""
+    """A token's few-token result is the same bits alone, among 16 tokens (two groups of 8), in a
+    call whose groups split elsewhere, and chunk by chunk (memory_limit_mb: chunks of 3 tokens);
+    within rounding of the tile path (17 tokens). The same for RBELinear."""
     m = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=37, random_bias=True)
+    lin = make_linear(70, 45, block_size=16, k=40, seed=43, bias=True)
     x = torch.randn(FEW + 1, 100, generator=torch.Generator().manual_seed(38))
+    xl = torch.randn(FEW + 1, 70, generator=torch.Generator().manual_seed(44))
     with torch.no_grad():
-        y8 = m(x[:FEW])
-        for t in range(FEW):
-            assert torch.equal(m(x[t:t + 1]), y8[t:t + 1]), t
-        assert torch.equal(m(x[2:5]), y8[2:5])
-        y9 = m(x)  # the tile kernels
-        assert R.rel_err(y8, y9[:FEW]) < 1e-5
-        m.memory_limit_mb = limit_for_chunk(m, 2)
-        assert m.chunk_tokens() == 2
-        assert torch.equal(m(x[:FEW]), y8)
+        y16 = {}
+        for mod, inp in ((m, x), (lin, xl)):
+            y16[mod] = mod(inp[:FEW])
+            for t in range(FEW):
+                assert torch.equal(mod(inp[t:t + 1]), y16[mod][t:t + 1]), t
+            assert torch.equal(mod(inp[2:5]), y16[mod][2:5])
+            assert torch.equal(mod(inp[5:15]), y16[mod][5:15])  # groups 5..12 and 13..14
+            y17 = mod(inp)  # the tile kernels
+            assert R.rel_err(y16[mod], y17[:FEW]) < 1e-5
+        m.memory_limit_mb = limit_for_chunk(m, 3)
+        assert m.chunk_tokens() == 3
+        assert torch.equal(m(x[:FEW]), y16[m])
 
 
 def test_thread_count_independent():
@@ -93,8 +105,8 @@ def test_thread_count_independent():
     the same bits at 1 and 2 threads."""
     m = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=39, random_bias=True)
     lin = make_linear(70, 45, block_size=16, k=40, seed=40)
-    x = torch.randn(5, 100, generator=torch.Generator().manual_seed(41))
-    xl = torch.randn(5, 70, generator=torch.Generator().manual_seed(42))
+    x = torch.randn(12, 100, generator=torch.Generator().manual_seed(41))  # two groups
+    xl = torch.randn(12, 70, generator=torch.Generator().manual_seed(42))
     dy = torch.randn_like(x)
     threads = torch.get_num_threads()
     runs = []

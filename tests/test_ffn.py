@@ -752,8 +752,9 @@ def test_few_token_tiles_equal_full_tiles(tokens):
     others whose output gradient is zero (two tiles: full width, scheduled), a token's output and
     input gradient, dbasis and dbias must be bitwise equal (the extra tokens add exact zeros);
     dcoeffs sums the same products, but the scheduled kernel reduces coefficients in pairs (another
-    association), so it agrees to rounding. The forward of at most 8 tokens runs the few-token
-    kernels instead (test_few_tokens.py), which agree with the tiles to rounding."""
+    association), so it agrees to rounding. The forward of at most 16 tokens runs the few-token
+    kernels instead (test_few_tokens.py), which agree with the tiles to rounding; the 16-lane
+    forward now runs only in the checkpointed block's recompute (and in the C tests)."""
     g = torch.Generator().manual_seed(21)
     lin = rbe_ffn.RBELinear(96, 200, block_size=16, k=40, generator=g)
     with torch.no_grad():
@@ -771,12 +772,8 @@ def test_few_token_tiles_equal_full_tiles(tokens):
     assert R.rel_err(small[2], full[2]) < 1e-6, "dcoeffs"
     with torch.no_grad():
         m = make_ffn(96, 200, "gelu", block_size=16, k=40, seed=22)
-        if tokens > 8:  # the 16-lane tile
-            assert torch.equal(lin(x[:tokens]), lin(x)[:tokens])
-            assert torch.equal(m(x[:tokens]), m(x)[:tokens])
-        else:  # the few-token kernels
-            assert R.rel_err(lin(x[:tokens]), lin(x)[:tokens]) < 1e-6
-            assert R.rel_err(m(x[:tokens]), m(x)[:tokens]) < 1e-6
+        assert R.rel_err(lin(x[:tokens]), lin(x)[:tokens]) < 1e-6  # the few-token kernels
+        assert R.rel_err(m(x[:tokens]), m(x)[:tokens]) < 1e-6
 
 
 def test_pre_activation_kept_only_with_grad(monkeypatch):
