@@ -513,8 +513,7 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
 // k = 300: see docs/DESIGN.md); the choice is made on the call's token count, never per chunk, so
 // a call's results do not depend on its chunking (a token's few-token results do not depend on T).
 // The kernels take at most RBE_FEW_MAX tokens; a call of up to FEW_TOKENS runs them on groups of
-// RBE_FEW_MAX (few_group_end), the call's fixed costs paid once (the forward at 9-16 tokens 1.0-1.5x
-// the 16-lane tile's, at 17-24 a loss with the portable kernels: docs/DESIGN.md).
+// RBE_FEW_MAX (few_group_end), the call's fixed costs paid once (why 16: docs/DESIGN.md, few tokens).
 static bool few_tokens(int64_t Tn) { return Tn > 0 && Tn <= FEW_TOKENS; }
 // the end of the few-token group that starts at token t0 of a call (or of a chunk) ending at t1
 static int64_t few_group_end(int64_t t0, int64_t t1) { return std::min<int64_t>(t1, t0 + RBE_FEW_MAX); }
@@ -851,20 +850,23 @@ std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, 
             return;
         }
         a.act = with_f32_activation(a.act, f32_activation, x.scalar_type());
-        if (few_tokens(Tn)) {  // chunk by chunk as well (the memory limit), each token's bits unchanged
+        if (few_tokens(Tn)) {  // a token's bits do not depend on the chunks or the groups
             Tensor At = few_tables<T>(a.P, opt);
             const T* at_ = At.data_ptr<T>();
-            int64_t n = 0;
-            for (int64_t t0 = 0; t0 < Tn; t0 += n) {  // groups of RBE_FEW_MAX inside each chunk
-                n = few_group_end(t0, std::min(Tn, (t0 / a.chunk + 1) * a.chunk)) - t0;
-                Tensor Xf1 = few_analyse<T>(a.x2.data_ptr<T>() + t0 * d_model, n, d_model, a.P, at_, opt);
-                Tensor Xf2 = at::empty({(int64_t)rbe_few_size((int)d_ff, (int)a.P.b, (int)a.P.nf, (long)n)}, opt);
-                scale_rows(Xf1.data_ptr<T>(), cdiv(d_model, a.P.b), a.P, n, a.scales1);
-                few_linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, Xf2.data_ptr<T>(),
-                                  Xf1.data_ptr<T>(), n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, at_);
-                scale_rows(Xf2.data_ptr<T>(), cdiv(d_ff, a.P.b), a.P, n, a.scales2);
-                few_linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, Xf2.data_ptr<T>(), n, a.W2,
-                                  ptr_or_null<T>(a.bias2), RBE_ACT_NONE, a.P, at_);
+            for (int64_t c0 = 0; c0 < Tn; c0 += a.chunk) {  // chunks (the memory limit), groups inside
+                const int64_t c1 = std::min(Tn, c0 + a.chunk);
+                for (int64_t t0 = c0, t1; t0 < c1; t0 = t1) {
+                    t1 = few_group_end(t0, c1);
+                    const int64_t n = t1 - t0;
+                    Tensor Xf1 = few_analyse<T>(a.x2.data_ptr<T>() + t0 * d_model, n, d_model, a.P, at_, opt);
+                    Tensor Xf2 = at::empty({(int64_t)rbe_few_size((int)d_ff, (int)a.P.b, (int)a.P.nf, (long)n)}, opt);
+                    scale_rows(Xf1.data_ptr<T>(), cdiv(d_model, a.P.b), a.P, n, a.scales1);
+                    few_linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, Xf2.data_ptr<T>(),
+                                      Xf1.data_ptr<T>(), n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, at_);
+                    scale_rows(Xf2.data_ptr<T>(), cdiv(d_ff, a.P.b), a.P, n, a.scales2);
+                    few_linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, Xf2.data_ptr<T>(), n, a.W2,
+                                      ptr_or_null<T>(a.bias2), RBE_ACT_NONE, a.P, at_);
+                }
             }
             check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
                                     "the output");

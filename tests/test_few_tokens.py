@@ -15,11 +15,11 @@ from conftest import ACTS, limit_for_chunk, make_ffn, make_linear
 
 FEW = 16  # the most tokens of a call that takes the few-token forward (rbe_ops.cpp FEW_TOKENS)
 GROUP = 8  # RBE_FEW_MAX: the most tokens the few-token kernels take at once
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
 
 def test_constants():
     assert rbe_ffn._C.FEW_TOKENS == FEW
-TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
 
 def dense(lin, x):

@@ -754,7 +754,8 @@ def test_few_token_tiles_equal_full_tiles(tokens):
     dcoeffs sums the same products, but the scheduled kernel reduces coefficients in pairs (another
     association), so it agrees to rounding. The forward of at most 16 tokens runs the few-token
     kernels instead (test_few_tokens.py), which agree with the tiles to rounding; the 16-lane
-    forward now runs only in the checkpointed block's recompute (and in the C tests)."""
+    forward tile is reached as a chunk of a longer call instead: chunks of 64 tokens, a last chunk
+    of `tokens` against the same tokens in a full chunk, bitwise."""
     g = torch.Generator().manual_seed(21)
     lin = rbe_ffn.RBELinear(96, 200, block_size=16, k=40, generator=g)
     with torch.no_grad():
@@ -774,6 +775,11 @@ def test_few_token_tiles_equal_full_tiles(tokens):
         m = make_ffn(96, 200, "gelu", block_size=16, k=40, seed=22)
         assert R.rel_err(lin(x[:tokens]), lin(x)[:tokens]) < 1e-6  # the few-token kernels
         assert R.rel_err(m(x[:tokens]), m(x)[:tokens]) < 1e-6
+        xx = torch.cat([x, torch.randn(64, 96, generator=g)])  # 128 + tokens tokens
+        m.memory_limit_mb = limit_for_chunk(m, 64)
+        assert m.chunk_tokens() == 64
+        last = m(xx[:64 + tokens])[64:]  # its last chunk: one tile of `tokens` (16 lanes at most 16)
+        assert torch.equal(last, m(xx[:128])[64:64 + tokens])  # the same tokens in a full 64-lane chunk
 
 
 def test_pre_activation_kept_only_with_grad(monkeypatch):
