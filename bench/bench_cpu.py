@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import rbe_ffn
-from rbe_ffn._profiling import peak_live_bytes
+from rbe_ffn._profiling import peak_call_bytes
 
 
 def dense_ffn(d_model, d_ff):
@@ -126,17 +126,9 @@ def codec_table(reps=3):
 
 def peak_step_bytes(model, x):
     """Peak of (bytes allocated - bytes freed) by torch's CPU allocator during one training step
-    (forward + backward), above the level at its start: from the profiler's memory events."""
-
-    def step():
-        for p in model.parameters():
-            p.grad = None
-        model(x).sum().backward()
-
-    step()  # gradients exist afterwards in steady state; measure a second step like the first
-    for p in model.parameters():
-        p.grad = None
-    return peak_live_bytes(lambda: model(x).sum().backward())
+    (forward + backward), above the level at its start: from the profiler's memory events. A
+    second step, measured like the first (its parameters' gradients freed before it)."""
+    return peak_call_bytes(lambda: model(x).sum().backward(), model.parameters())
 
 
 def saved_bytes(model, x):

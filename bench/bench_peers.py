@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import rbe_ffn
-from rbe_ffn._profiling import peak_live_bytes
+from rbe_ffn._profiling import peak_call_bytes
 
 ARMS = ("dense", "dense_bf16", "int8_dyn", "lowrank", "narrow", "rbe", "rbe_ckpt", "rbe_bf16")
 RBE_ARMS = ("rbe", "rbe_ckpt", "rbe_bf16")
@@ -304,19 +304,13 @@ def measure(arms, x, mode, reps, warmup, warm=0):
 
 def peak_bytes(arms, x, mode):
     """Per arm that runs `mode`: the peak of (bytes allocated - bytes freed) by torch's CPU
-    allocator during one call, above the level at its start (rbe_ffn._profiling.peak_live_bytes:
+    allocator during one call, above the level at its start (rbe_ffn._profiling.peak_call_bytes:
     the profiler's memory events), after one unmeasured call. As in every timed step, the
     parameters' gradients are freed before the call and the input's gradient already exists; the
     output is counted. Memory outside torch's allocator is not: the RBE kernels' per-thread
     scratch rows (a few KB), fbgemm's own buffers for int8_dyn."""
-    out = {}
-    for a in arms:
-        if a.status == "ok" and (a.train or mode == "forward"):
-            a.run(x, mode)
-            for p in a.model.parameters():  # freed here, not inside the profile (whose report
-                p.grad = None               # then warns of blocks it did not see allocated)
-            out[a.name] = peak_live_bytes(lambda: a.run(x, mode))
-    return out
+    return {a.name: peak_call_bytes(lambda: a.run(x, mode), a.model.parameters())
+            for a in arms if a.status == "ok" and (a.train or mode == "forward")}
 
 
 def spread(v):

@@ -39,3 +39,14 @@ def peak_live_bytes(fn) -> int:
         live += size
         peak = max(peak, live)
     return peak
+
+
+def peak_call_bytes(fn, params=()) -> int:
+    """peak_live_bytes of one fn() after one unmeasured call, the gradients of `params` freed in
+    between (so a training step allocates them again, as a step after zero_grad(set_to_none=True)
+    does; freeing them inside the profile would also make it warn of blocks it did not see
+    allocated)."""
+    fn()
+    for p in params:
+        p.grad = None
+    return peak_live_bytes(fn)
