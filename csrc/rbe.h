@@ -229,7 +229,7 @@ void rbe_rows_forward_f64(double* y, double* pre, double* Xnext, const double* X
  * arithmetic is the same for any T <= RBE_FEW_MAX (a token's results do not depend on the
  * others), and the work items are segments or block rows, so results do not depend on how
  * the caller splits them between threads. */
-#define RBE_FEW_MAX 8
+#define RBE_FEW_MAX 16
 #define RBE_FEW_SLACK 16
 /* blocks whose sparse products the x86 few-token forward interleaves, each into its own accumulator */
 #define RBE_FEW_STREAMS 4

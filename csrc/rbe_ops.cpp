@@ -37,7 +37,7 @@ static PyObject* pack_max_block(PyObject*, PyObject*) { return PyLong_FromLong(R
 
 namespace rbe {
 // the most tokens of a call that takes the few-token forward (few_tokens, below)
-constexpr int64_t FEW_TOKENS = 2 * RBE_FEW_MAX;
+constexpr int64_t FEW_TOKENS = RBE_FEW_MAX;
 bool ffn_saves_hidden(int64_t Tn, int64_t chunk_tokens, const std::string& activation);
 bool ffn_pre_in_tiles(bool float32, bool bf16_sparse);
 }
@@ -512,11 +512,8 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
 // Below this many tokens a 16-lane tile wastes most of its work (callgrind, 768/3072, b = 64,
 // k = 300: see docs/DESIGN.md); the choice is made on the call's token count, never per chunk, so
 // a call's results do not depend on its chunking (a token's few-token results do not depend on T).
-// The kernels take at most RBE_FEW_MAX tokens; a call of up to FEW_TOKENS runs them on groups of
-// RBE_FEW_MAX (few_group_end), the call's fixed costs paid once (why 16: docs/DESIGN.md, few tokens).
+// The kernels take the whole call (at most RBE_FEW_MAX tokens: why 16, docs/DESIGN.md, few tokens).
 static bool few_tokens(int64_t Tn) { return Tn > 0 && Tn <= FEW_TOKENS; }
-// the end of the few-token group that starts at token t0 of a call (or of a chunk) ending at t1
-static int64_t few_group_end(int64_t t0, int64_t t1) { return std::min<int64_t>(t1, t0 + RBE_FEW_MAX); }
 
 // the analysis rows transposed, [b, b+nf] (rbe_few_at)
 template <typename T>
@@ -726,15 +723,10 @@ Tensor linear_cpu(const Tensor& x, const Tensor& plan, const Tensor& basis, cons
             y = dct_linear(x, x2, W, sc, bc);
         } else if (few_tokens(Tn)) {
             Tensor At = few_tables<scalar_t>(P, x2.options());
-            for (int64_t t0 = 0, t1; t0 < Tn; t0 = t1) {
-                t1 = few_group_end(t0, Tn);
-                Tensor Xf = few_analyse<scalar_t>(x2.data_ptr<scalar_t>() + t0 * in, t1 - t0, in, P,
-                                                  At.data_ptr<scalar_t>(), x2.options());
-                scale_rows(Xf.data_ptr<scalar_t>(), cdiv(in, P.b), P, t1 - t0, sc);
-                few_linear_raw<scalar_t>(y.data_ptr<scalar_t>() + t0 * out, nullptr, nullptr, Xf.data_ptr<scalar_t>(),
-                                         t1 - t0, W, ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P,
-                                         At.data_ptr<scalar_t>());
-            }
+            Tensor Xf = few_analyse<scalar_t>(x2.data_ptr<scalar_t>(), Tn, in, P, At.data_ptr<scalar_t>(), x2.options());
+            scale_rows(Xf.data_ptr<scalar_t>(), cdiv(in, P.b), P, Tn, sc);
+            few_linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, nullptr, Xf.data_ptr<scalar_t>(), Tn, W,
+                                     ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, At.data_ptr<scalar_t>());
         } else {
             linear_raw<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x2.data_ptr<scalar_t>(), Tn, W,
                                  ptr_or_null<scalar_t>(bc), RBE_ACT_NONE, P, x2.options(), nullptr, nullptr, nullptr, sc,
@@ -850,23 +842,19 @@ std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, 
             return;
         }
         a.act = with_f32_activation(a.act, f32_activation, x.scalar_type());
-        if (few_tokens(Tn)) {  // a token's bits do not depend on the chunks or the groups
+        if (few_tokens(Tn)) {  // a token's bits do not depend on the chunks
             Tensor At = few_tables<T>(a.P, opt);
             const T* at_ = At.data_ptr<T>();
-            for (int64_t c0 = 0; c0 < Tn; c0 += a.chunk) {  // chunks (the memory limit), groups inside
-                const int64_t c1 = std::min(Tn, c0 + a.chunk);
-                for (int64_t t0 = c0, t1; t0 < c1; t0 = t1) {
-                    t1 = few_group_end(t0, c1);
-                    const int64_t n = t1 - t0;
-                    Tensor Xf1 = few_analyse<T>(a.x2.data_ptr<T>() + t0 * d_model, n, d_model, a.P, at_, opt);
-                    Tensor Xf2 = at::empty({(int64_t)rbe_few_size((int)d_ff, (int)a.P.b, (int)a.P.nf, (long)n)}, opt);
-                    scale_rows(Xf1.data_ptr<T>(), cdiv(d_model, a.P.b), a.P, n, a.scales1);
-                    few_linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, Xf2.data_ptr<T>(),
-                                      Xf1.data_ptr<T>(), n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, at_);
-                    scale_rows(Xf2.data_ptr<T>(), cdiv(d_ff, a.P.b), a.P, n, a.scales2);
-                    few_linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, Xf2.data_ptr<T>(), n, a.W2,
-                                      ptr_or_null<T>(a.bias2), RBE_ACT_NONE, a.P, at_);
-                }
+            for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {  // chunks: the memory limit
+                const int64_t n = std::min(Tn - t0, a.chunk);
+                Tensor Xf1 = few_analyse<T>(a.x2.data_ptr<T>() + t0 * d_model, n, d_model, a.P, at_, opt);
+                Tensor Xf2 = at::empty({(int64_t)rbe_few_size((int)d_ff, (int)a.P.b, (int)a.P.nf, (long)n)}, opt);
+                scale_rows(Xf1.data_ptr<T>(), cdiv(d_model, a.P.b), a.P, n, a.scales1);
+                few_linear_raw<T>(nullptr, keep_pre ? pre.data_ptr<T>() + t0 * d_ff : nullptr, Xf2.data_ptr<T>(),
+                                  Xf1.data_ptr<T>(), n, a.W1, ptr_or_null<T>(a.bias1), a.act, a.P, at_);
+                scale_rows(Xf2.data_ptr<T>(), cdiv(d_ff, a.P.b), a.P, n, a.scales2);
+                few_linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, Xf2.data_ptr<T>(), n, a.W2,
+                                  ptr_or_null<T>(a.bias2), RBE_ACT_NONE, a.P, at_);
             }
             check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
                                     "the output");

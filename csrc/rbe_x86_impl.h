@@ -781,52 +781,67 @@ XT void XSFX(rbe_few_analysis_f32)(float* Xf, const float* x, const float* At, i
     }
 }
 
-// The sparse product of blocks over the few-token transform (stride T) into yh (row stride ys:
-// 1 for one token, else RBE_FEW_MAX): yh[u] = fma(c, X[v], yh[u]) in coefficient order, with no
-// branch on the row runs (their lengths are random: a branch per run mispredicts). One token:
-// scalar; 2..8 tokens: 8 lanes (the lanes past T read neighbouring values or the slack and land
-// in the padding of yh's rows). RBE_FEW_STREAMS consecutive blocks at a time, each into its own
+// The lanes of a few-token accumulator row (yh's row stride): 1 for one token, 8 for 2..8 tokens,
+// 16 for 9..16 (RBE_FEW_MAX). The lanes past T read neighbouring values or the slack and land in
+// the padding of yh's rows.
+static inline int few_lanes(long T) { return T == 1 ? 1 : T <= 8 ? 8 : 16; }
+
+// Y[0, L) = fma(c, E[0, L), Y[0, L)) for L = few_lanes(T) > 1: one 8-lane vector, or 16 lanes (one
+// AVX-512 vector, two AVX2 ones); every lane the same fused multiply-add
+XT static INLINE_ALWAYS void few_fma_lanes(float* restrict Y, float c, const float* restrict E, int L) {
+    if (L == 8) {
+        _mm256_storeu_ps(Y, _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_loadu_ps(E), _mm256_loadu_ps(Y)));
+    } else {
+        for (int h = 0; h < 16; h += VW) VSTORE(Y + h, VFMA(VSET1(c), VLOAD(E + h), VLOAD(Y + h)));
+    }
+}
+
+// The sparse product of blocks over the few-token transform (stride T) into yh (row stride
+// L = few_lanes(T)): yh[u] = fma(c, X[v], yh[u]) in coefficient order, with no branch on the row
+// runs (their lengths are random: a branch per run mispredicts). One token: scalar; else a vector
+// of L lanes per coefficient. RBE_FEW_STREAMS consecutive blocks at a time, each into its own
 // accumulator, so that the store-to-load chains of the streams overlap; `pow2`: b is a power of
 // two (shifts).
 XT static INLINE_ALWAYS void few_term(float* restrict y, const float* restrict X, float c, long idx, int b, int sh,
-                                      long T, int pow2) {
+                                      long T, int L, int pow2) {
     static const uint64_t one = 1;
     long u, v;
     if (pow2) u = idx >> sh, v = idx & (b - 1);
     else u = (long)(((uint64_t)idx * ((one << 40) / (uint64_t)b + 1)) >> 40), v = idx - u * b;  // idx / b, idx < 2^24
-    if (T == 1) {
-        y[u] = __builtin_fmaf(c, X[v], y[u]);
-    } else {
-        float* o = y + u * RBE_FEW_MAX;
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(c), _mm256_loadu_ps(X + v * T), _mm256_loadu_ps(o)));
-    }
+    if (L == 1) y[u] = __builtin_fmaf(c, X[v], y[u]);
+    else few_fma_lanes(y + u * L, c, X + v * T, L);
 }
 
 // ns blocks (1 or RBE_FEW_STREAMS): block s has coefficients c + s k, index from base + s k, source
 // X + s xs and accumulator y + s yst
 XT static INLINE_ALWAYS void few_sparse_w(float* restrict y, long yst, const float* restrict X, long xs,
                                           const float* restrict c, const void* index, long base, int ns, int k,
-                                          int b, int sh, long T, int wide, int pow2) {
+                                          int b, int sh, long T, int L, int wide, int pow2) {
     const int16_t* i16 = (const int16_t*)index + base;
     const int32_t* i32 = (const int32_t*)index + base;
     for (long q = 0; q < k; q++)
         for (int s = 0; s < ns; s++)
-            few_term(y + s * yst, X + s * xs, c[s * k + q], wide ? i32[s * k + q] : i16[s * k + q], b, sh, T, pow2);
+            few_term(y + s * yst, X + s * xs, c[s * k + q], wide ? i32[s * k + q] : i16[s * k + q], b, sh, T, L,
+                     pow2);
 }
 
-// the constants of the inner loop (streams, tokens, index width, power of two) as separate
+// the constants of the inner loop (streams, lanes, index width, power of two) as separate
 // instantiations
 XT static void few_sparse(float* restrict y, long yst, const float* restrict X, long xs, const float* restrict c,
                           const void* index, int wide, long base, int ns, int k, int b, long T) {
     const int sh = rbe_pos_shift(b), pow2 = sh >= 0;
-#define RBE_FEW_SPARSE(N_, T_, W_, P_) few_sparse_w(y, yst, X, xs, c, index, base, N_, k, b, sh, T_, W_, P_)
-#define RBE_FEW_SPARSE_N(N_)                                                    \
-    if (T == 1) {                                                               \
-        if (pow2) wide ? RBE_FEW_SPARSE(N_, 1, 1, 1) : RBE_FEW_SPARSE(N_, 1, 0, 1); \
-        else wide ? RBE_FEW_SPARSE(N_, 1, 1, 0) : RBE_FEW_SPARSE(N_, 1, 0, 0);      \
-    } else {                                                                    \
-        if (pow2) wide ? RBE_FEW_SPARSE(N_, T, 1, 1) : RBE_FEW_SPARSE(N_, T, 0, 1); \
-        else wide ? RBE_FEW_SPARSE(N_, T, 1, 0) : RBE_FEW_SPARSE(N_, T, 0, 0);      \
+#define RBE_FEW_SPARSE(N_, T_, L_, W_, P_) \
+    few_sparse_w(y, yst, X, xs, c, index, base, N_, k, b, sh, T_, L_, W_, P_)
+#define RBE_FEW_SPARSE_L(N_, T_, L_)                                                    \
+    if (pow2) wide ? RBE_FEW_SPARSE(N_, T_, L_, 1, 1) : RBE_FEW_SPARSE(N_, T_, L_, 0, 1); \
+    else wide ? RBE_FEW_SPARSE(N_, T_, L_, 1, 0) : RBE_FEW_SPARSE(N_, T_, L_, 0, 0);
+#define RBE_FEW_SPARSE_N(N_)                  \
+    if (T == 1) {                             \
+        RBE_FEW_SPARSE_L(N_, 1, 1)            \
+    } else if (few_lanes(T) == 8) {           \
+        RBE_FEW_SPARSE_L(N_, T, 8)            \
+    } else {                                  \
+        RBE_FEW_SPARSE_L(N_, T, 16)           \
     }
     if (ns == RBE_FEW_STREAMS) {
         RBE_FEW_SPARSE_N(RBE_FEW_STREAMS)
@@ -834,13 +849,14 @@ XT static void few_sparse(float* restrict y, long yst, const float* restrict X, 
         RBE_FEW_SPARSE_N(1)
     }
 #undef RBE_FEW_SPARSE_N
+#undef RBE_FEW_SPARSE_L
 #undef RBE_FEW_SPARSE
 }
 
-// Y[g] += p E[f] for one term: Y stride ys (1 or 8), E stride T
-XT static inline void few_axpy(float* restrict Y, float p, const float* restrict E, long T) {
-    if (T == 1) *Y = __builtin_fmaf(p, *E, *Y);
-    else _mm256_storeu_ps(Y, _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(E), _mm256_loadu_ps(Y)));
+// Y[g] += p E[f] for one term: Y's lanes L = few_lanes(T), E stride T
+XT static inline void few_axpy(float* restrict Y, float p, const float* restrict E, int L) {
+    if (L == 1) *Y = __builtin_fmaf(p, *E, *Y);
+    else few_fma_lanes(Y, p, E, L);
 }
 
 // The streams' accumulators of one output added in a fixed order, a[0] + ((a[1] + a[2]) + a[3]) for
@@ -860,7 +876,7 @@ XT static void few_rows_finish(float* y, float* pre, float* Xnext, const float* 
     const int out = W->out, b = W->b, nf = P->nf;
     const int R = (out + b - 1) / b, C = (W->in + b - 1) / b, rows = b + nf, nd = nf - RBE_NFIX;
     const int nr = out - (int)i * b < b ? out - (int)i * b : b;
-    const long ys = T == 1 ? 1 : RBE_FEW_MAX;  // yh's row stride: lanes past T are padding
+    const int ys = few_lanes(T);  // yh's row stride: lanes past T are padding
     if (T == 1) {  // the same chain for each target, held in registers (through memory, each term
                    // waited for the previous one's store: 7% of a packed one-token call)
         float a[RBE_NFIX];  // the rank-1 terms' targets (term[1] < RBE_NFIX)
@@ -890,10 +906,10 @@ XT static void few_rows_finish(float* y, float* pre, float* Xnext, const float* 
         const float* pk = W->basis + (size_t)blk * RBE_NPAT;
         for (int q = 0; q < RBE_NTERMS; q++) {
             const int* term = rbe_pattern_terms[q];
-            few_axpy(yh + (size_t)(b + term[1]) * ys, pk[term[0]], X + (size_t)(b + term[2]) * T, T);
+            few_axpy(yh + (size_t)(b + term[1]) * ys, pk[term[0]], X + (size_t)(b + term[2]) * T, ys);
         }
         for (int m = RBE_NFIX; m < RBE_NFIX + nd; m++)
-            few_axpy(yh + (size_t)(b + m) * ys, pk[1], X + (size_t)(b + m) * T, T);
+            few_axpy(yh + (size_t)(b + m) * ys, pk[1], X + (size_t)(b + m) * T, ys);
     }
     for (long t = 0; t < T; t++) {
         few_matvec(v, P->S, b, yh + t, ys, rows, b);
@@ -916,7 +932,7 @@ XT void XSFX(rbe_few_rows_forward_f32)(float* y, float* pre, float* Xnext, const
                                        float* scratch, long T, long p0, long p1) {
     const int b = W->b, k = W->k, nf = P->nf;
     const int C = (W->in + b - 1) / b, rows = b + nf;
-    const long ys = T == 1 ? 1 : RBE_FEW_MAX;  // yh's row stride: lanes past T are padding
+    const long ys = few_lanes(T);  // yh's row stride: lanes past T are padding
     const long yst = (long)rows * RBE_FEW_MAX;
     float* yh = scratch;  // [rows][ys], then the other streams' accumulators y1 = yh + yst, ...
     float* v = scratch + (size_t)yst * RBE_FEW_STREAMS + RBE_FEW_SLACK;  // [b]

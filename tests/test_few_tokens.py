@@ -1,9 +1,9 @@
 """The few-token forward of the CPU operators (csrc/rbe.h, "few tokens"): calls of at most
-FEW_TOKENS = 16 tokens run kernels vectorized along features instead of 64- or 16-token tiles,
-on groups of at most RBE_FEW_MAX = 8 tokens. Against the dense decode (tests/ffn_reference.py) at
+FEW_TOKENS = 16 tokens run kernels vectorized along features instead of 64- or 16-token tiles
+(one 8-lane vector per coefficient for 2..8 tokens, 16 lanes for 9..16). Against the dense decode (tests/ffn_reference.py) at
 1..17 tokens (17: the tile path again), in float32 and float64, every activation, bias on and off,
 forward with and without grad; a token's result does not depend on the other tokens of the call
-(in its group or another), on the chunking or on the thread count.
+(whatever their number, so whatever the vector width), on the chunking or on the thread count.
 """
 import pytest
 import torch
@@ -14,7 +14,7 @@ import rbe_ffn
 from conftest import ACTS, limit_for_chunk, make_ffn, make_linear
 
 FEW = 16  # the most tokens of a call that takes the few-token forward (rbe_ops.cpp FEW_TOKENS)
-GROUP = 8  # RBE_FEW_MAX: the most tokens the few-token kernels take at once
+NARROW = 8  # the most tokens of the 8-lane few-token kernels (rbe_x86_impl.h few_lanes)
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
 
@@ -66,7 +66,7 @@ def test_forward_with_grad(checkpoint, activation):
     reference."""
     m = make_ffn(100, 300, activation, block_size=64, k=300, seed=35, checkpoint=checkpoint, random_bias=True)
     g = torch.Generator().manual_seed(36)
-    for tokens in (1, 3, GROUP, GROUP + 1, FEW):
+    for tokens in (1, 3, NARROW, NARROW + 1, FEW):
         x = torch.randn(tokens, 100, generator=g)
         dy = torch.randn(tokens, 100, generator=g)
         params = [m.get_parameter(n) for n in R.PARAM_NAMES]
@@ -78,9 +78,9 @@ def test_forward_with_grad(checkpoint, activation):
 
 
 def test_token_independent_of_the_others():
-    """A token's few-token result is the same bits alone, among 16 tokens (two groups of 8), in a
-    call whose groups split elsewhere, and chunk by chunk (memory_limit_mb: chunks of 3 tokens);
-    within rounding of the tile path (17 tokens). The same for RBELinear."""
+    """A token's few-token result is the same bits alone (scalar), among 3 (8 lanes), among 10 or
+    16 (16 lanes) and chunk by chunk (memory_limit_mb: chunks of 3 tokens); within rounding of the
+    tile path (17 tokens). The same for RBELinear."""
     m = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=37, random_bias=True)
     lin = make_linear(70, 45, block_size=16, k=40, seed=43, bias=True)
     x = torch.randn(FEW + 1, 100, generator=torch.Generator().manual_seed(38))
@@ -92,7 +92,7 @@ def test_token_independent_of_the_others():
             for t in range(FEW):
                 assert torch.equal(mod(inp[t:t + 1]), y16[mod][t:t + 1]), t
             assert torch.equal(mod(inp[2:5]), y16[mod][2:5])
-            assert torch.equal(mod(inp[5:15]), y16[mod][5:15])  # groups 5..12 and 13..14
+            assert torch.equal(mod(inp[5:15]), y16[mod][5:15])
             y17 = mod(inp)  # the tile kernels
             assert R.rel_err(y16[mod], y17[:FEW]) < 1e-5
         m.memory_limit_mb = limit_for_chunk(m, 3)
@@ -105,7 +105,7 @@ def test_thread_count_independent():
     the same bits at 1 and 2 threads."""
     m = make_ffn(100, 300, "gelu", block_size=64, k=300, seed=39, random_bias=True)
     lin = make_linear(70, 45, block_size=16, k=40, seed=40)
-    x = torch.randn(12, 100, generator=torch.Generator().manual_seed(41))  # two groups
+    x = torch.randn(12, 100, generator=torch.Generator().manual_seed(41))  # 16 lanes
     xl = torch.randn(12, 70, generator=torch.Generator().manual_seed(42))
     dy = torch.randn_like(x)
     threads = torch.get_num_threads()

@@ -1397,7 +1397,9 @@ static void few_cases(int variant) {
     few_case(variant, 3, 9, 6, 4, 16, 1);       // b = 4, every coefficient, int32 index
     few_case(variant, 2, 8, 8, 8, 0, 0);        // k = 0: pattern only
     few_case(variant, 5, 40, 100, 48, 30, 0);   // b = 48
+    few_case(variant, 12, 40, 100, 48, 30, 0);  // b = 48, 16 lanes
     few_case(variant, 8, 200, 130, 32, 90, 0);  // many block rows, matvec remainders
+    few_case(variant, 16, 200, 130, 32, 90, 1); // the same at 16 lanes, int32 index
     few_case(variant, 1, 20, 260, 256, 50, 1);  // b = 256, int32 index
     few_case(variant, 7, 20, 260, 256, 50, 1);
     few_case(variant, 1, 40, 300, 32, 60, 0);   // ten block columns: streams of RBE_FEW_STREAMS, then a tail
