@@ -512,7 +512,8 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
 // Below this many tokens a 16-lane tile wastes most of its work (callgrind, 768/3072, b = 64,
 // k = 300: see docs/DESIGN.md); the choice is made on the call's token count, never per chunk, so
 // a call's results do not depend on its chunking (a token's few-token results do not depend on T).
-// The kernels take the whole call (at most RBE_FEW_MAX tokens: why 16, docs/DESIGN.md, few tokens).
+// The kernels take the whole call, or each chunk of it under a memory limit (at most RBE_FEW_MAX
+// tokens: why 16, docs/DESIGN.md, few tokens).
 static bool few_tokens(int64_t Tn) { return Tn > 0 && Tn <= FEW_TOKENS; }
 
 // the analysis rows transposed, [b, b+nf] (rbe_few_at)
