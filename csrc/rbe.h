@@ -167,8 +167,9 @@ double rbe_act_grad_scalar_f64(double x, int act);
  * The coefficients of a weight regrouped so that each output row of a block-row
  * (transpose = 0; key u, source rows (j, v)) or of a block-column (transpose = 1;
  * key v, source rows (i, u)) is one run: entries [start[g*(b+1)+key], start[g*(b+1)+key+1]),
- * off = (block-in-group * (b+nf) + source row) * RBE_TILE, val = coefficient, pos = its flat
- * position in coeffs (may be NULL). start: [groups, b+1]; off/val/pos: [R*C*k].
+ * off = (block-in-group * (b+nf) + source row) * RBE_TILE, val = coefficient times `scale` (1, or
+ * the weight's coefficient scale: the values are copied anyway), pos = its flat position in coeffs
+ * (may be NULL). start: [groups, b+1]; off/val/pos: [R*C*k].
  * Built per call (the values change every optimizer step); groups [g0, g1). */
 typedef struct {
     const int32_t* start;
@@ -178,7 +179,7 @@ typedef struct {
     float* acc; /* [R*C*k] work for the parameter gradient (schedule order), or NULL */
 } rbe_sched_f32;
 void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, const rbe_weight_f32* W, int nf,
-                      int transpose, long g0, long g1);
+                      int transpose, float scale, long g0, long g1);
 
 /* ---- compressed linear: y = x W^T + bias, computed in the transform domain ----
  * scratch: rbe_rows_scratch(b, nf) elements per calling thread (every kernel below). */

@@ -207,10 +207,10 @@ void rbe_params_backward_f32(float* dbasis, float* dcoeffs, const float* Gh, con
 // group j, key v, source row (i, u)), sorted by key with counting sort. For group g the
 // entries [start[g*(b+1) + key], start[g*(b+1) + key + 1]) are written to one output row;
 // off[e] = (block * rows + source row) * TILE is the source row's offset inside a tile's
-// transform, val[e] the coefficient and pos[e] (may be NULL) its flat position in coeffs.
+// transform, val[e] the coefficient times `scale` and pos[e] (may be NULL) its flat position in coeffs.
 // start: [ngroups, b+1]; off, val, pos: [R*C*k], group g's entries from g*(blocks per group)*k.
 void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, const rbe_weight_f32* W, int nf,
-                      int transpose, long g0, long g1) {
+                      int transpose, float scale, long g0, long g1) {
     const float* coeffs = W->coeffs;
     const void* index = W->index;
     const int wide = W->wide, b = W->b, k = W->k;
@@ -237,7 +237,7 @@ void rbe_schedule_f32(int32_t* start, int32_t* off, float* val, int32_t* pos, co
                 int key = transpose ? v : u, src = transpose ? u : v;
                 long e = base + st[key]++;
                 off[e] = (int32_t)(((long)m * rows + src) * RBE_TILE);
-                val[e] = coeffs[blk * k + q];
+                val[e] = coeffs[blk * k + q] * scale;
                 if (pos) pos[e] = (int32_t)(blk * k + q);
             }
         }

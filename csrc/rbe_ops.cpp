@@ -310,7 +310,7 @@ struct Sched {
 };
 
 template <typename T>
-static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool with_pos) {
+static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool with_pos, double coeff_scale) {
     Sched sc;
     if (!std::is_same<T, float>::value || rbe_cpu_isa_level() < RBE_ISA_AVX2) return sc;
     const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), groups = transpose ? C : R;
@@ -326,7 +326,7 @@ static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool wit
     const rbe_weight_f32 cw = cweight<float>(W);
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
         rbe_schedule_f32(sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos, &cw,
-                         (int)P.nf, transpose, (long)g0, (long)g1);
+                         (int)P.nf, transpose, (float)coeff_scale, (long)g0, (long)g1);
     });
     sc.s = rbe_sched_f32{sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos,
                          with_pos ? sc.acc.data_ptr<float>() : nullptr};
@@ -345,7 +345,42 @@ struct SchedCache {
     bool rows_pos, cols_pos;
     Sched rows, cols;
     bool rows_built = false, cols_built = false;
+    Tensor basis;  // the pattern numbers times their scale (on_schedules), once per call
 };
+
+// Whether a call's sparse products run on schedules (make_sched builds them exactly then): float32
+// on the x86 kernels, with the schedules kept across the call's chunks (`cached`) or more than one
+// tile of tokens (for one tile the block-by-block kernels are cheaper than building a schedule).
+// On schedules a weight's scales go into its numbers: the coefficient scale into the schedules'
+// values (which copy the coefficients anyway), the pattern scale into a copy of the pattern numbers
+// (8 per block: scaled_pattern), so no transform-domain input or output gradient is scaled (scale_rows
+// passes over [tokens, width] each), and the parameter gradients come out as those of the format's
+// numbers: the operator multiplies them by the scales once, after the call's last chunk
+// (scale_param_grads). Elsewhere (few tokens, one tile, float64, the portable kernels) the analysed
+// input and output gradient are scaled instead. For powers of two the two give the same bits
+// (tests/test_ffn.py).
+template <typename T>
+static bool on_schedules(bool cached, int64_t ntiles) {
+    return std::is_same_v<T, float> && rbe_cpu_isa_level() >= RBE_ISA_AVX2 && (cached || ntiles > 1);
+}
+
+// W with its pattern numbers times the pattern scale, for a call on schedules (kept in the cache)
+static Weight scaled_pattern(SchedCache* c, const Weight& W, const Scales& s) {
+    if (s.pattern == 1.0) return W;
+    Weight out = W;
+    if (!c) out.basis = W.basis.mul(s.pattern);
+    else {
+        if (!c->basis.defined()) c->basis = W.basis.mul(s.pattern);
+        out.basis = c->basis;
+    }
+    return out;
+}
+
+// a call on schedules: its parameter gradients (empty where not wanted) from those of the format's numbers
+static void scale_param_grads(Tensor& dbasis, Tensor& dcoeffs, const Scales& s) {
+    if (dbasis.numel() > 0 && s.pattern != 1.0) dbasis.mul_(s.pattern);
+    if (dcoeffs.numel() > 0 && s.coeff != 1.0) dcoeffs.mul_(s.coeff);
+}
 
 // Whether the input gradient and the coefficient gradient run as one pass over the transposed
 // schedule (rbe_cols_coeffs_backward_f32: the source rows read once for both): float32 on the x86
@@ -366,25 +401,26 @@ static SchedCache backward_scheds(bool dx, bool dcoeffs, bool bf16_sparse, const
     return SchedCache{dcoeffs && !fused, fused};
 }
 
+// (coeff_scale: the weight's, into the values; see on_schedules)
 template <typename T>
 static const Sched& rows_sched(SchedCache* c, Sched& own, const Weight& W, const Plan& P, int64_t ntiles,
-                               bool with_pos) {
+                               bool with_pos, double coeff_scale) {
     if (!c) {  // one tile of tokens: the block-by-block kernels are cheaper than building a schedule
-        if (ntiles > 1) own = make_sched<T>(W, P, false, with_pos);
+        if (ntiles > 1) own = make_sched<T>(W, P, false, with_pos, coeff_scale);
         return own;
     }
-    if (!c->rows_built) c->rows = make_sched<T>(W, P, false, c->rows_pos), c->rows_built = true;
+    if (!c->rows_built) c->rows = make_sched<T>(W, P, false, c->rows_pos, coeff_scale), c->rows_built = true;
     return c->rows;
 }
 
 template <typename T>
 static const Sched& cols_sched(SchedCache* c, Sched& own, const Weight& W, const Plan& P, int64_t ntiles,
-                               bool with_pos) {
+                               bool with_pos, double coeff_scale) {
     if (!c) {
-        if (ntiles > 1) own = make_sched<T>(W, P, true, with_pos);
+        if (ntiles > 1) own = make_sched<T>(W, P, true, with_pos, coeff_scale);
         return own;
     }
-    if (!c->cols_built) c->cols = make_sched<T>(W, P, true, c->cols_pos), c->cols_built = true;
+    if (!c->cols_built) c->cols = make_sched<T>(W, P, true, c->cols_pos, coeff_scale), c->cols_built = true;
     return c->cols;
 }
 
@@ -472,27 +508,29 @@ static bool bf16_operands(bool bf16_sparse, const Sched& sc) {
     return std::is_same_v<T, float> && bf16_sparse && sc.on && rbe_bf16_sparse_available();
 }
 
-// y (and pre) [T, out] = act(x W^T + bias). Xh_in: x already analysed (then x is unused; its
-// coefficient rows already scaled by the caller); Xnext: also write the analysis of y for a next
-// layer (then y may be null). See rbe.h. The weight's numbers are W's times `scale` (scale_rows).
+// y (and pre) [T, out] = act(x W^T + bias). Xh_in: x already analysed (then x is unused; off
+// schedules its rows already scaled by the caller); Xnext: also write the analysis of y for a next
+// layer (then y may be null). See rbe.h. The weight's numbers are W's times `scale` (on_schedules).
 // bf16_sparse: the scheduled kernels on bfloat16 operands, where the CPU has them (rbe.h).
 template <typename T>
 static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, const T* bias, int act, const Plan& P,
                        const at::TensorOptions& opt, const T* Xh_in = nullptr, T* Xnext = nullptr,
                        SchedCache* cache = nullptr, const Scales& scale = {}, bool bf16_sparse = false) {
     if (Tn == 0) return;
-    TORCH_INTERNAL_ASSERT(!Xh_in || scale.none(), "linear_raw: scale an analysed input before the call");
+    const int64_t R = cdiv(W.out, P.b), ntiles = cdiv(Tn, RBE_TILE);
+    const bool on = on_schedules<T>(cache != nullptr, ntiles);
+    TORCH_INTERNAL_ASSERT(!Xh_in || scale.none() || on, "linear_raw: scale an analysed input before the call");
     Tensor Xh;
     if (!Xh_in) {
         Xh = analyse<T>(x, Tn, W.in, P, 0, opt);
-        scale_rows(Xh.data_ptr<T>(), cdiv(Tn, RBE_TILE) * cdiv(W.in, P.b), P, RBE_TILE, scale);
+        if (!on) scale_rows(Xh.data_ptr<T>(), ntiles * cdiv(W.in, P.b), P, RBE_TILE, scale);
     }
     const T* X = Xh_in ? Xh_in : Xh.data_ptr<T>();
-    const int64_t R = cdiv(W.out, P.b), ntiles = cdiv(Tn, RBE_TILE);
-    const auto cw = cweight<T>(W);
+    const Weight Ws = on ? scaled_pattern(cache, W, scale) : W;  // (holds the scaled copy the kernels read)
+    const auto cw = cweight<T>(Ws);
     const auto cp = cplan<T>(P);
     Sched own;
-    const Sched& sc = rows_sched<T>(cache, own, W, P, ntiles, false);
+    const Sched& sc = rows_sched<T>(cache, own, W, P, ntiles, false, scale.coeff);
     at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
         std::vector<T> s;
         scratch_for(s, P);
@@ -551,9 +589,11 @@ static void few_linear_raw(T* y, T* pre, T* Xnext, const T* Xf, int64_t Tn, cons
 }
 
 // gradients of y = x W^T + bias given g = dL/dy [T, out]; null outputs are skipped.
-// Xh_in: x already analysed (then x is unused).
+// Xh_in: x already analysed (then x is unused). Returns whether the call ran on schedules
+// (on_schedules): then dbasis and dcoeffs are the gradients of the format's numbers (W's times
+// `scale`), for the caller to scale after its last chunk (scale_param_grads).
 template <typename T>
-static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accumulate, const T* g, const T* x,
+static bool linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accumulate, const T* g, const T* x,
                                 int64_t Tn, const Weight& W, const Plan& P, const at::TensorOptions& opt,
                                 const T* Xh_in = nullptr, SchedCache* cache = nullptr, const Scales& scale = {},
                                 bool bf16_sparse = false, const rbe_grad_next_f32* next = nullptr,
@@ -562,18 +602,21 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
     // hands_on), dx null. Gh_in: g already analysed (as next writes it, unscaled; g and dbias unused).
     // sums: RBE_SUMS_CONTINUE / RBE_SUMS_HOLD for the scheduled coefficient gradients, when this is
     // one chunk of a call whose chunks share the schedules in `cache` (chunk_sums)
-    if (Tn == 0) return;
     const int64_t R = cdiv(W.out, P.b), C = cdiv(W.in, P.b), ntiles = cdiv(Tn, RBE_TILE);
+    const bool on = on_schedules<T>(cache != nullptr, ntiles);
+    if (Tn == 0) return on;
     if (dbias)
         at::parallel_for(0, W.out, 64, [&](int64_t o0, int64_t o1) {
             bias_backward(dbias, g, (long)Tn, (int)W.out, accumulate, (long)o0, (long)o1);
         });
-    if (!dx && !next && !dbasis && !dcoeffs) return;
-    const auto cw = cweight<T>(W);
+    if (!dx && !next && !dbasis && !dcoeffs) return on;
+    const Weight Ws = on ? scaled_pattern(cache, W, scale) : W;  // (holds the scaled copy the kernels read)
+    const auto cw = cweight<T>(Ws);
     const auto cp = cplan<T>(P);
     Tensor Gh = Gh_in.defined() ? Gh_in : analyse<T>(g, Tn, W.out, P, 1, opt);
-    // numbers W's times `scale`: dx from the scaled Gh, and the gradients of W's own numbers = scaled Gh . Xh
-    scale_rows(Gh.data_ptr<T>(), ntiles * R, P, RBE_TILE, scale);
+    // off schedules, numbers W's times `scale`: dx from the scaled Gh, and the gradients of W's own
+    // numbers = scaled Gh . Xh
+    if (!on) scale_rows(Gh.data_ptr<T>(), ntiles * R, P, RBE_TILE, scale);
     Tensor Xh;  // x analysed, for the parameter gradients
     auto analysed_x = [&]() -> const T* {
         if (Xh_in) return Xh_in;
@@ -587,7 +630,7 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
         // building the schedule would cost as much as the product; and the portable kernels)
         Sched own;
         const bool fuse = cache ? cache->cols_pos : cols_carry_coeffs<T>(true, dcoeffs, bf16_sparse, W);
-        const Sched& sc = cols_sched<T>(cache, own, W, P, ntiles, fuse);
+        const Sched& sc = cols_sched<T>(cache, own, W, P, ntiles, fuse, scale.coeff);
         auto cwt = cw;  // with the schedule on, the coefficients are read from it only
         if (sc.on) cwt.coeffs = nullptr, cwt.index = nullptr;
         if constexpr (std::is_same_v<T, float>) {
@@ -625,7 +668,7 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
     if (dbasis || dcoeffs) {
         const T* X = analysed_x();
         Sched own;
-        const Sched& sc = dcoeffs ? rows_sched<T>(cache, own, W, P, ntiles, true) : own;  // dbasis alone: none
+        const Sched& sc = dcoeffs ? rows_sched<T>(cache, own, W, P, ntiles, true, scale.coeff) : own;  // dbasis alone: none
         if constexpr (std::is_same_v<T, float>) {
             if (dcoeffs && bf16_operands<T>(bf16_sparse, sc)) {
                 at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {
@@ -633,7 +676,7 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
                     rbe_params_backward_bf16(dbasis, dcoeffs, Gh.data_ptr<float>(), X, bits(s), &cw, &cp, sc.get(),
                                              accumulate | sums, (long)Tn, (long)p0, (long)p1);
                 });
-                return;
+                return on;
             }
         }
         at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {  // block rows
@@ -641,6 +684,7 @@ static void linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
                             accumulate | (sc.on && dcoeffs ? sums : 0), (long)Tn, (long)p0, (long)p1);
         });
     }
+    return on;
 }
 
 // ---- the range the transform-domain kernels can take ----
@@ -765,10 +809,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(const Tensor& gra
         if (dct_path_enabled()) {
             std::tie(dx, db, dc, dbias) = dct_linear_backward(x, x2, g2, W, sc, mask);
         } else {
-            linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() : nullptr, mask[1] ? db.data_ptr<T>() : nullptr,
-                                   mask[2] ? dc.data_ptr<T>() : nullptr, mask[3] ? dbias.data_ptr<T>() : nullptr,
-                                   0, g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt, nullptr, nullptr,
-                                   sc, bf16_sparse);
+            if (linear_backward_raw<T>(mask[0] ? dx.data_ptr<T>() : nullptr, mask[1] ? db.data_ptr<T>() : nullptr,
+                                       mask[2] ? dc.data_ptr<T>() : nullptr, mask[3] ? dbias.data_ptr<T>() : nullptr,
+                                       0, g2.data_ptr<T>(), x2.data_ptr<T>(), x2.size(0), W, P, opt, nullptr,
+                                       nullptr, sc, bf16_sparse))
+                scale_param_grads(db, dc, sc);
         }
         const double m = std::isfinite(mg) ? mx : mg;
         check_finite_results<T>({dx, db, dc, dbias}, m, {W.basis, W.coeffs}, "the gradient");
@@ -864,11 +909,13 @@ std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, 
         // fc1 writes the activated hidden tile straight into fc2's transform-domain input,
         // so the [T, d_ff] hidden activation never exists token-major. Saving it (ffn_saves_hidden),
         // fc1 writes each chunk's tiles of `hidden`, and pre receives act'(h); fc2 reads them
-        // directly, or a scaled copy when fc2 has scales (hidden keeps the unscaled numbers the
-        // backward's parameter gradients take)
+        // directly, or, off schedules, a scaled copy when fc2 has scales (hidden keeps the unscaled
+        // numbers the backward's parameter gradients take)
         const int64_t R2 = cdiv(d_ff, a.P.b), tile_len = saves ? hidden.stride(0) : 0;
-        Tensor Xh2 = saves && a.scales2.none() ? Tensor() : hidden_analysis(std::min(a.chunk, Tn), d_ff, a.P, opt);
         const bool cached = cache_scheds(Tn, a.chunk);
+        const bool on = on_schedules<T>(cached, cdiv(std::min(a.chunk, Tn), RBE_TILE));  // (every chunk alike)
+        Tensor Xh2 = saves && (on || a.scales2.none()) ? Tensor()
+                                                       : hidden_analysis(std::min(a.chunk, Tn), d_ff, a.P, opt);
         SchedCache s1{false, false}, s2{false, false};
         for (int64_t t0 = 0; t0 < Tn; t0 += a.chunk) {
             const int64_t n = std::min(a.chunk, Tn - t0), groups = cdiv(n, RBE_TILE) * R2;
@@ -880,11 +927,13 @@ std::tuple<Tensor, Tensor, Tensor> ffn_cpu(const Tensor& x, const Tensor& plan, 
             linear_raw<T>(nullptr, pc, a.x2.data_ptr<T>() + t0 * d_model, n, a.W1, ptr_or_null<T>(a.bias1), act1,
                           a.P, opt, nullptr, saves ? saved : Xh2.data_ptr<T>(), cached ? &s1 : nullptr, a.scales1,
                           bf16_sparse);
-            if (!saves) scale_rows(Xh2.data_ptr<T>(), groups, a.P, RBE_TILE, a.scales2);
-            else if (Xh2.defined()) scale_rows(Xh2.data_ptr<T>(), groups, a.P, RBE_TILE, a.scales2, saved);
+            if (!on) {  // (on schedules fc2's scales go into its numbers)
+                if (!saves) scale_rows(Xh2.data_ptr<T>(), groups, a.P, RBE_TILE, a.scales2);
+                else if (Xh2.defined()) scale_rows(Xh2.data_ptr<T>(), groups, a.P, RBE_TILE, a.scales2, saved);
+            }
             linear_raw<T>(y.data_ptr<T>() + t0 * d_model, nullptr, nullptr, n, a.W2, ptr_or_null<T>(a.bias2),
                           RBE_ACT_NONE, a.P, opt, Xh2.defined() ? Xh2.data_ptr<T>() : saved, nullptr,
-                          cached ? &s2 : nullptr, {}, bf16_sparse);
+                          cached ? &s2 : nullptr, on ? a.scales2 : Scales{}, bf16_sparse);
         }
         check_finite_results<T>({y}, m, {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs, a.bias2},
                                 "the output");
@@ -974,6 +1023,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
         const int64_t tile_len = has_hidden ? hidden.stride(0) : 0;
         Tensor dh;  // fc2's input gradient, token-major: where it is not handed on
         const bool cached = cache_scheds(Tn, a.chunk);
+        bool on1 = false, on2 = false;  // whether the chunks ran on schedules (linear_backward_raw)
         // fc2's input gradient (dh) is wanted whenever fc1's gradients are
         SchedCache s1 = backward_scheds<T>(mask[0], mask[2], bf16_sparse, a.W1),
                    s2 = backward_scheds<T>(need1, mask[5], bf16_sparse, a.W2);
@@ -1035,17 +1085,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                 // fc1's output gradient, analysed: the same numbers as analysing dh would give
                 Tensor Gh1 = hidden_analysis(n, d_ff, a.P, opt);
                 const rbe_grad_next_f32 next = grad_next(gt, Gh1, dbias1p, acc);
-                linear_backward_raw<T>(nullptr, db2p, dc2p, dbias2p, acc, g2c, hidp, n, a.W2, a.P, opt, Xs,
-                                       cached ? &s2 : nullptr, a.scales2, bf16_sparse, &next, Tensor(), sums);
+                on2 = linear_backward_raw<T>(nullptr, db2p, dc2p, dbias2p, acc, g2c, hidp, n, a.W2, a.P, opt, Xs,
+                                             cached ? &s2 : nullptr, a.scales2, bf16_sparse, &next, Tensor(), sums);
                 Xh2.reset();
-                linear_backward_raw<T>(dxp, db1p, dc1p, nullptr, acc, nullptr, xc, n, a.W1, a.P, opt, nullptr,
-                                       cached ? &s1 : nullptr, a.scales1, bf16_sparse, nullptr, Gh1, sums);
+                on1 = linear_backward_raw<T>(dxp, db1p, dc1p, nullptr, acc, nullptr, xc, n, a.W1, a.P, opt, nullptr,
+                                             cached ? &s1 : nullptr, a.scales1, bf16_sparse, nullptr, Gh1, sums);
                 continue;
             }
             if (need1 && !dh.defined()) dh = at::empty({cn, d_ff}, opt);
-            linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, db2p, dc2p, dbias2p, acc, g2c, hidp, n, a.W2,
-                                   a.P, opt, Xs, cached ? &s2 : nullptr, a.scales2, bf16_sparse, nullptr, Tensor(),
-                                   sums);
+            on2 = linear_backward_raw<T>(need1 ? dh.data_ptr<T>() : nullptr, db2p, dc2p, dbias2p, acc, g2c, hidp, n,
+                                         a.W2, a.P, opt, Xs, cached ? &s2 : nullptr, a.scales2, bf16_sparse, nullptr,
+                                         Tensor(), sums);
             Xh2.reset();  // so the chunk's peak is h, dh and one transform-domain copy (the memory limit's budget)
             if (!need1) continue;
             T* dhp = dh.data_ptr<T>();
@@ -1057,9 +1107,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ffn_backward_
                     act_backward(dhp + r0 * d_ff, dhp + r0 * d_ff, h + r0 * d_ff, (long)((r1 - r0) * d_ff), a.act);
                 }
             });
-            linear_backward_raw<T>(dxp, db1p, dc1p, dbias1p, acc, dhp, xc, n, a.W1, a.P, opt, nullptr,
-                                   cached ? &s1 : nullptr, a.scales1, bf16_sparse, nullptr, Tensor(), sums);
+            on1 = linear_backward_raw<T>(dxp, db1p, dc1p, dbias1p, acc, dhp, xc, n, a.W1, a.P, opt, nullptr,
+                                         cached ? &s1 : nullptr, a.scales1, bf16_sparse, nullptr, Tensor(), sums);
         }
+        if (on1) scale_param_grads(db1, dc1, a.scales1);  // (every chunk ran the same way)
+        if (on2) scale_param_grads(db2, dc2, a.scales2);
         const double m = std::isfinite(mg) ? mx : mg;
         check_finite_results<T>({dx, db1, dc1, dbias1, db2, dc2, dbias2}, m,
                                 {a.W1.basis, a.W1.coeffs, a.bias1, a.W2.basis, a.W2.coeffs}, "the gradient");

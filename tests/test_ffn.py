@@ -173,8 +173,9 @@ def test_opcheck_ffn_scales(keep_pre):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_scales_are_the_numbers_times_the_scales(tokens, chunk, keep_pre, dtype):
     """ffn(..., basis, coeffs, scales) is ffn(..., basis * pattern_scale, coeffs * coeff_scale):
-    bitwise for powers of two, in every path (the operator scales its transformed input and output
-    gradient, never the numbers); the gradients of the numbers passed in are their scales times
+    bitwise for powers of two, in every path (the scales go into the schedules' values and a copy
+    of the pattern numbers where the products run on schedules, onto the transformed input and
+    output gradient elsewhere); the gradients of the numbers passed in are their scales times
     those of the scaled numbers, bitwise too."""
     m = make_ffn(24, 50, "gelu", dtype=dtype, random_bias=True, seed=31)
     f1, f2 = m.fc1, m.fc2

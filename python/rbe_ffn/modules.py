@@ -854,7 +854,7 @@ class RBELinear(nn.Module):
                 return _restore(_PACKED_OPS["linear"](x, self.plan, pack, self.basis, self.bias, self.in_features,
                                                   self.out_features, self._coeff_scale, self._pattern_scale),
                                 out_dtype)
-        # the parameters and their scales: the operator scales its transformed input instead
+        # the parameters and their scales: the operator applies the scales (docs/DESIGN.md, Parametrization)
         return _restore(ops.linear(x, self.plan, self.basis, self.coeffs, self.index, self.bias, self.in_features,
                                    self.out_features, self._coeff_scale, self._pattern_scale,
                                    sixteen_bit_flags(out_dtype)["bf16_sparse"]), out_dtype)
@@ -1064,8 +1064,8 @@ class RBEFeedForward(nn.Module):
             if y is not None:
                 return y
         chunk = self.chunk_tokens()
-        # the parameters and their scales: the operator applies the scales to its transformed
-        # input (and output gradient), never to the numbers (docs/DESIGN.md, Parametrization)
+        # the parameters and their scales: the operator applies the scales, with no scaled copy of
+        # the coefficients (docs/DESIGN.md, Parametrization)
         y, _, _ = ops.ffn(x, f1.plan, f1.basis, f1.coeffs, f1.index, f1.bias, f2.basis, f2.coeffs, f2.index, f2.bias,
                        self.d_model, self.d_ff, self.activation, chunk, keep_pre(self.checkpoint),
                        f1._coeff_scale, f2._coeff_scale, f1._pattern_scale, f2._pattern_scale,

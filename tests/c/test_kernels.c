@@ -918,8 +918,8 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
     rbe_sched_f32 rsched = {rs_start, rs_off, rs_val, rs_pos, rs_acc}, csched = {cs_start, cs_off, cs_val, NULL, NULL};
     const rbe_sched_f32 *rsc = NULL, *csc = NULL;
     if (mode == 3) {
-        rbe_schedule_f32(rs_start, rs_off, rs_val, rs_pos, &W32, nf, 0, 0, R);
-        rbe_schedule_f32(cs_start, cs_off, cs_val, NULL, &W32, nf, 1, 0, C);
+        rbe_schedule_f32(rs_start, rs_off, rs_val, rs_pos, &W32, nf, 0, 1.0f, 0, R);
+        rbe_schedule_f32(cs_start, cs_off, cs_val, NULL, &W32, nf, 1, 1.0f, 0, C);
         rsc = &rsched, csc = &csched;
     }
     void* yr = xmalloc((size_t)T * out * es);
@@ -1048,7 +1048,7 @@ static void linear_case(int mode, long T, int out, int in, int b, int k, int wid
         int32_t* cp_pos = xmalloc(sizeof(int32_t) * nblk * k + 4);
         float* cp_acc = xmalloc(sizeof(float) * nblk * k + 4);
         const rbe_sched_f32 cps = {cs_start, cs_off, cs_val, cp_pos, cp_acc};
-        rbe_schedule_f32(cs_start, cs_off, cs_val, cp_pos, &W32, nf, 1, 0, C);
+        rbe_schedule_f32(cs_start, cs_off, cs_val, cp_pos, &W32, nf, 1, 1.0f, 0, C);
         const rbe_weight_f32 Ws = w32(basis, NULL, NULL, 1, out, in, b, k);  // coefficients from the schedule
         const rbe_plan_f32 P32 = rbe_plan_view_f32(plan, b, nf);
         float* dx3 = xmalloc((size_t)T * in * es);
@@ -2032,7 +2032,7 @@ static void test_concurrent_index_writes(void) {
         }
         valid++;
         const rbe_weight_f32 W = {basis, coeffs, snap, 0, out, in, b, k};
-        rbe_schedule_f32(st, off, val, NULL, &W, nf, 0, 0, R);
+        rbe_schedule_f32(st, off, val, NULL, &W, nf, 0, 1.0f, 0, R);
         const rbe_sched_f32 sc = {st, off, val, NULL, NULL};
         rbe_rows_forward_f32(y, NULL, NULL, Xh, &W, &P, &sc, NULL, RBE_ACT_NONE, scratch, T, 0, ntiles * R);
         rbe_rows_forward_f32(y, NULL, NULL, Xh, &W, &P, NULL, NULL, RBE_ACT_GELU, scratch, T, 0, ntiles * R);
