@@ -8,6 +8,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -293,6 +294,54 @@ Tensor decode_cpu(const Tensor& basis, const Tensor& coeffs, const Tensor& index
     return w;
 }
 
+// ---- work items over torch's threads, balanced as they run ----
+// Items [0, n) on the intra-op threads: each thread first takes, one at a time, the items of the
+// share at::parallel_for would give it, then what is left of the others' shares, one item at a
+// time from their ends. A thread the machine slows (another process on its core) then no longer
+// holds the others at the region's end. `body(take)` runs once per thread share and calls take()
+// for its items until it returns -1 (thread-local scratch lives in body). An item is computed the
+// same way whichever thread takes it, so the bits do not depend on the threads.
+class ItemShares {
+  public:
+    ItemShares(int64_t n, int64_t parts) : share_(parts) {
+        for (int64_t t = 0; t < parts; t++) share_[t].store(pack(n * t / parts, n * (t + 1) / parts));
+    }
+    // the next item for share t (its own first, then the others' from their ends), or -1
+    int64_t take(int64_t t) {
+        const int64_t parts = (int64_t)share_.size();
+        for (int64_t u = 0; u < parts; u++) {
+            std::atomic<uint64_t>& s = share_[(t + u) % parts];
+            uint64_t v = s.load(std::memory_order_relaxed);
+            for (;;) {
+                const int64_t lo = (int64_t)(v >> 32), hi = (int64_t)(v & 0xffffffffu);
+                if (lo >= hi) break;
+                const uint64_t w = u == 0 ? pack(lo + 1, hi) : pack(lo, hi - 1);
+                if (s.compare_exchange_weak(v, w, std::memory_order_relaxed)) return u == 0 ? lo : hi - 1;
+            }
+        }
+        return -1;
+    }
+
+  private:
+    static uint64_t pack(int64_t lo, int64_t hi) { return (uint64_t)lo << 32 | (uint64_t)hi; }
+    std::vector<std::atomic<uint64_t>> share_;
+};
+
+template <typename Body>
+static void balanced_for(int64_t n, const Body& body) {
+    if (n <= 0) return;
+    TORCH_INTERNAL_ASSERT(n < (int64_t(1) << 31), "balanced_for: too many items");
+    const int64_t parts = std::min<int64_t>(n, at::in_parallel_region() ? 1 : at::get_num_threads());
+    ItemShares shares(n, parts);
+    if (parts == 1) {
+        body([&]() { return shares.take(0); });
+        return;
+    }
+    at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; t++) body([&]() { return shares.take(t); });
+    });
+}
+
 // ---- the linear kernels on raw token-major buffers ----
 template <typename T>
 static void scratch_for(std::vector<T>& s, const Plan& P) {
@@ -324,9 +373,10 @@ static Sched make_sched(const Weight& W, const Plan& P, bool transpose, bool wit
     }
     int32_t* pos = with_pos ? sc.pos.data_ptr<int32_t>() : nullptr;
     const rbe_weight_f32 cw = cweight<float>(W);
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-        rbe_schedule_f32(sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos, &cw,
-                         (int)P.nf, transpose, (float)coeff_scale, (long)g0, (long)g1);
+    balanced_for(groups, [&](const auto& take) {
+        for (int64_t g; (g = take()) >= 0;)
+            rbe_schedule_f32(sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos,
+                             &cw, (int)P.nf, transpose, (float)coeff_scale, (long)g, (long)g + 1);
     });
     sc.s = rbe_sched_f32{sc.start.data_ptr<int32_t>(), sc.off.data_ptr<int32_t>(), sc.val.data_ptr<float>(), pos,
                          with_pos ? sc.acc.data_ptr<float>() : nullptr};
@@ -486,10 +536,10 @@ static Tensor analyse(const T* x, int64_t Tn, int64_t n, const Plan& P, int whic
     const auto cp = cplan<T>(P);
     const T* M = which ? cp.S : cp.A;
     T* o = Xh.data_ptr<T>();
-    at::parallel_for(0, ntiles * nseg, 1, [&](int64_t p0, int64_t p1) {
+    balanced_for(ntiles * nseg, [&](const auto& take) {
         std::vector<T> s;
         scratch_for(s, P);
-        analysis(o, x, M, &cp, s.data(), (long)Tn, (int)n, (long)p0, (long)p1);
+        for (int64_t p; (p = take()) >= 0;) analysis(o, x, M, &cp, s.data(), (long)Tn, (int)n, (long)p, (long)p + 1);
     });
     return Xh;
 }
@@ -531,18 +581,22 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
     const auto cp = cplan<T>(P);
     Sched own;
     const Sched& sc = rows_sched<T>(cache, own, W, P, ntiles, false, scale.coeff);
-    at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
-        std::vector<T> s;
-        scratch_for(s, P);
-        if constexpr (std::is_same_v<T, float>) {
-            if (bf16_operands<T>(bf16_sparse, sc)) {
+    if (bf16_operands<T>(bf16_sparse, sc)) {  // (a call rounds each source tile once for its items: a range per thread)
+        if constexpr (std::is_same_v<T, float>)
+            at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
+                std::vector<T> s;
+                scratch_for(s, P);
                 const Tensor b16 = bf16_scratch(cdiv(W.in, P.b), P);
                 rbe_rows_forward_bf16(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), bits(b16),
                                       (long)Tn, (long)p0, (long)p1);
-                return;
-            }
-        }
-        rows_forward(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), (long)Tn, (long)p0, (long)p1);
+            });
+        return;
+    }
+    balanced_for(ntiles * R, [&](const auto& take) {
+        std::vector<T> s;
+        scratch_for(s, P);
+        for (int64_t p; (p = take()) >= 0;)
+            rows_forward(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), (long)Tn, (long)p, (long)p + 1);
     });
 }
 
@@ -637,32 +691,37 @@ static bool linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
             if (fuse && dcoeffs && sc.on) {  // (sc carries pos and acc)
                 // the coefficient gradient in the same pass, block column by block column
                 const float* X = analysed_x();
-                at::parallel_for(0, C, 1, [&](int64_t p0, int64_t p1) {
+                balanced_for(C, [&](const auto& take) {
                     std::vector<T> s;
                     scratch_for(s, P);
-                    const int rc = rbe_cols_coeffs_backward_f32(dx, dcoeffs, next, Gh.data_ptr<float>(), X, &cwt,
-                                                                &cp, sc.get(), accumulate | sums, s.data(),
-                                                                (long)Tn, (long)p0, (long)p1);
-                    TORCH_INTERNAL_ASSERT(rc == 0, "rbe_cols_coeffs_backward_f32 without x86 kernels");
+                    for (int64_t p; (p = take()) >= 0;) {
+                        const int rc = rbe_cols_coeffs_backward_f32(dx, dcoeffs, next, Gh.data_ptr<float>(), X, &cwt,
+                                                                    &cp, sc.get(), accumulate | sums, s.data(),
+                                                                    (long)Tn, (long)p, (long)p + 1);
+                        TORCH_INTERNAL_ASSERT(rc == 0, "rbe_cols_coeffs_backward_f32 without x86 kernels");
+                    }
                 });
                 coeffs_done = true;
             }
         }
         TORCH_INTERNAL_ASSERT(coeffs_done || !next, "rbe_ffn: the input gradient handed on without the one-pass kernel");
-        if (!coeffs_done)
-            at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
+        if (!coeffs_done && bf16_operands<T>(bf16_sparse, sc)) {  // (a range per thread, as in linear_raw)
+            if constexpr (std::is_same_v<T, float>)
+                at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
+                    std::vector<T> s;
+                    scratch_for(s, P);
+                    const Tensor b16 = bf16_scratch(R, P);
+                    rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), bits(b16),
+                                           (long)Tn, (long)p0, (long)p1);
+                });
+        } else if (!coeffs_done) {
+            balanced_for(ntiles * C, [&](const auto& take) {
                 std::vector<T> s;
                 scratch_for(s, P);
-                if constexpr (std::is_same_v<T, float>) {
-                    if (bf16_operands<T>(bf16_sparse, sc)) {
-                        const Tensor b16 = bf16_scratch(R, P);
-                        rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), bits(b16),
-                                               (long)Tn, (long)p0, (long)p1);
-                        return;
-                    }
-                }
-                cols_backward(dx, Gh.data_ptr<T>(), &cwt, &cp, sc.get(), s.data(), (long)Tn, (long)p0, (long)p1);
+                for (int64_t p; (p = take()) >= 0;)
+                    cols_backward(dx, Gh.data_ptr<T>(), &cwt, &cp, sc.get(), s.data(), (long)Tn, (long)p, (long)p + 1);
             });
+        }
     }
     if (coeffs_done) dcoeffs = nullptr;
     if (dbasis || dcoeffs) {
@@ -679,9 +738,10 @@ static bool linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
                 return on;
             }
         }
-        at::parallel_for(0, R, 1, [&](int64_t p0, int64_t p1) {  // block rows
-            params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), X, &cw, &cp, sc.get(),
-                            accumulate | (sc.on && dcoeffs ? sums : 0), (long)Tn, (long)p0, (long)p1);
+        balanced_for(R, [&](const auto& take) {  // block rows
+            for (int64_t p; (p = take()) >= 0;)
+                params_backward(dbasis, dcoeffs, Gh.data_ptr<T>(), X, &cw, &cp, sc.get(),
+                                accumulate | (sc.on && dcoeffs ? sums : 0), (long)Tn, (long)p, (long)p + 1);
         });
     }
     return on;

@@ -684,6 +684,28 @@ def test_deterministic_and_thread_count_independent():
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
+def test_same_bits_whichever_thread_takes_an_item(checkpoint):
+    """The kernels' work items are shared out as the threads run (csrc/rbe_ops.cpp balanced_for): a
+    thread done with its own share takes what is left of the others'. With more threads than this
+    machine's cores (threads lose their core mid-region, so items change hands), the output, the
+    input gradient and every parameter gradient keep the bits of one thread, call after call."""
+    m = make_ffn(96, 256, "gelu", block_size=16, k=40, seed=23, checkpoint=checkpoint, parametrization="scaled")
+    x = torch.randn(700, 96)  # six chunks of the default 128 tokens, the last one partial
+    dy = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, g1 = grads_for(m, x, dy)
+        for n in (3, 4, 7):
+            torch.set_num_threads(n)
+            for _ in range(2):
+                y, g = grads_for(m, x, dy)
+                assert torch.equal(y, y1) and all(torch.equal(a, b) for a, b in zip(g, g1)), n
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
 def test_one_pass_backward_same_bits_as_two(checkpoint):
     """fc1 here has 3 block columns: at 1 thread its input and coefficient gradients run as one pass
     over the transposed schedule, at 2 threads (fewer than two columns a thread) as two passes
