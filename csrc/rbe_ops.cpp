@@ -636,9 +636,10 @@ static void few_linear_raw(T* y, T* pre, T* Xnext, const T* Xf, int64_t Tn, cons
                            const Plan& P, const T* At) {
     const auto cw = cweight<T>(W);
     const auto cp = cplan<T>(P);
-    at::parallel_for(0, cdiv(W.out, P.b), 1, [&](int64_t p0, int64_t p1) {
+    balanced_for(cdiv(W.out, P.b), [&](const auto& take) {
         std::vector<T> s(rbe_few_scratch((int)P.b, (int)P.nf));
-        few_rows_forward(y, pre, Xnext, Xf, &cw, &cp, At, bias, act, s.data(), (long)Tn, (long)p0, (long)p1);
+        for (int64_t p; (p = take()) >= 0;)
+            few_rows_forward(y, pre, Xnext, Xf, &cw, &cp, At, bias, act, s.data(), (long)Tn, (long)p, (long)p + 1);
     });
 }
 
@@ -1376,12 +1377,13 @@ static void packed_linear_raw(float* y, float* Xnext, const float* Xf, const Pac
     const rbe_weight_f32 cw{w.basis.data_ptr<float>(), nullptr, nullptr, 1, (int)out, w.K.in, (int)b, w.K.k};
     const auto cp = cplan<float>(P);
     std::atomic<int> bad{0};
-    at::parallel_for(0, cdiv(out, b), 1, [&](int64_t p0, int64_t p1) {
+    balanced_for(cdiv(out, b), [&](const auto& take) {
         std::vector<float> s(w.K.layout == RBE_PACK_ROWS ? rbe_one_scratch(w.K.in, (int)b, (int)P.nf)
                                                           : rbe_few_scratch((int)b, (int)P.nf));
-        if (rbe_one_rows_forward_f32(y, nullptr, Xnext, Xf, &cw, &w.K, &cp, At, bias, act, s.data(), (long)p0,
-                                     (long)p1))
-            bad = 1;
+        for (int64_t p; (p = take()) >= 0;)
+            if (rbe_one_rows_forward_f32(y, nullptr, Xnext, Xf, &cw, &w.K, &cp, At, bias, act, s.data(), (long)p,
+                                         (long)p + 1))
+                bad = 1;
     });
     TORCH_CHECK_VALUE(!bad, "rbe_ffn: ", name, " is corrupted (an offset past its arrays, or a block that does "
                       "not hold its k coefficients)");

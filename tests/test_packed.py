@@ -95,13 +95,13 @@ def test_thread_count_does_not_change_bits():
     n = torch.get_num_threads()
     try:
         outs = []
-        for threads in (1, 2):
+        for threads in (1, 2, 5, 5):  # 5 on this 2-core machine: items change threads (balanced_for)
             torch.set_num_threads(threads)
             with torch.no_grad():
                 outs.append(ops.ffn_packed(*packed_args(m, x)))
     finally:
         torch.set_num_threads(n)
-    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 SCRIPT = """
