@@ -420,11 +420,16 @@ void rbe_params_backward_f64(double* dbasis, double* dcoeffs, const double* Gh, 
 int rbe_bf16_sparse_available(void);
 size_t rbe_bf16_scratch(int segments, int b, int nf);
 void rbe_to_bf16(uint16_t* out, const float* in, long n); /* round to nearest even */
+/* rounded (rows forward and columns backward; may be NULL): the tile whose rows bf16 holds, -1 for
+ * none. A caller handing one thread's items of a source to these kernels in several calls keeps it
+ * between the calls on the same bf16 scratch (-1 before the first), so each tile is rounded once
+ * per thread; with NULL each call rounds its own tiles. The results do not depend on it. */
 void rbe_rows_forward_bf16(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                            const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
-                           float* scratch, uint16_t* bf16, long T, long p0, long p1);
+                           float* scratch, uint16_t* bf16, long* rounded, long T, long p0, long p1);
 void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
-                            const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1);
+                            const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long* rounded, long T,
+                            long p0, long p1);
 void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, const float* Xh, uint16_t* scratch,
                               const rbe_weight_f32* W, const rbe_plan_f32* P, const rbe_sched_f32* sched,
                               int accumulate, long T, long p0, long p1);

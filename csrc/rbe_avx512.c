@@ -317,13 +317,14 @@ BF16 static void sparse_sched_bf16(float* restrict out, const uint16_t* restrict
 
 XT void rbe_rows_forward_bf16(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                               const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
-                              float* scratch, uint16_t* bf16, long T, long p0, long p1) {
-    rows_body(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, bf16, T, p0, p1);
+                              float* scratch, uint16_t* bf16, long* rounded, long T, long p0, long p1) {
+    rows_body(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, bf16, rounded, T, p0, p1);
 }
 
 XT void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
-                               const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
-    cols_backward(dx, Gh, W, P, sched, scratch, bf16, T, p0, p1);
+                               const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long* rounded, long T,
+                               long p0, long p1) {
+    cols_backward(dx, Gh, W, P, sched, scratch, bf16, rounded, T, p0, p1);
 }
 
 int rbe_cpu_has_avx512bf16(void) {
@@ -375,13 +376,14 @@ void rbe_params_backward_bf16(float* dbasis, float* dcoeffs, const float* Gh, co
 }
 void rbe_rows_forward_bf16(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                            const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
-                           float* scratch, uint16_t* bf16, long T, long p0, long p1) {
-    (void)bf16;
+                           float* scratch, uint16_t* bf16, long* rounded, long T, long p0, long p1) {
+    (void)bf16, (void)rounded;
     rbe_rows_forward_f32(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, T, p0, p1);
 }
 void rbe_cols_backward_bf16(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
-                            const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
-    (void)bf16;
+                            const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long* rounded, long T,
+                            long p0, long p1) {
+    (void)bf16, (void)rounded;
     rbe_cols_backward_f32(dx, Gh, W, P, sched, scratch, T, p0, p1);
 }
 #endif

@@ -581,20 +581,20 @@ static void linear_raw(T* y, T* pre, const T* x, int64_t Tn, const Weight& W, co
     const auto cp = cplan<T>(P);
     Sched own;
     const Sched& sc = rows_sched<T>(cache, own, W, P, ntiles, false, scale.coeff);
-    if (bf16_operands<T>(bf16_sparse, sc)) {  // (a call rounds each source tile once for its items: a range per thread)
-        if constexpr (std::is_same_v<T, float>)
-            at::parallel_for(0, ntiles * R, 1, [&](int64_t p0, int64_t p1) {
-                std::vector<T> s;
-                scratch_for(s, P);
-                const Tensor b16 = bf16_scratch(cdiv(W.in, P.b), P);
-                rbe_rows_forward_bf16(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), bits(b16),
-                                      (long)Tn, (long)p0, (long)p1);
-            });
-        return;
-    }
+    const bool b16_on = bf16_operands<T>(bf16_sparse, sc);
     balanced_for(ntiles * R, [&](const auto& take) {
         std::vector<T> s;
         scratch_for(s, P);
+        if constexpr (std::is_same_v<T, float>) {
+            if (b16_on) {  // each source tile rounded once per thread (the kernel's `rounded`, rbe.h)
+                const Tensor b16 = bf16_scratch(cdiv(W.in, P.b), P);
+                long rounded = -1;
+                for (int64_t p; (p = take()) >= 0;)
+                    rbe_rows_forward_bf16(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), bits(b16),
+                                          &rounded, (long)Tn, (long)p, (long)p + 1);
+                return;
+            }
+        }
         for (int64_t p; (p = take()) >= 0;)
             rows_forward(y, pre, Xnext, X, &cw, &cp, sc.get(), bias, act, s.data(), (long)Tn, (long)p, (long)p + 1);
     });
@@ -706,19 +706,21 @@ static bool linear_backward_raw(T* dx, T* dbasis, T* dcoeffs, T* dbias, int accu
             }
         }
         TORCH_INTERNAL_ASSERT(coeffs_done || !next, "rbe_ffn: the input gradient handed on without the one-pass kernel");
-        if (!coeffs_done && bf16_operands<T>(bf16_sparse, sc)) {  // (a range per thread, as in linear_raw)
-            if constexpr (std::is_same_v<T, float>)
-                at::parallel_for(0, ntiles * C, 1, [&](int64_t p0, int64_t p1) {
-                    std::vector<T> s;
-                    scratch_for(s, P);
-                    const Tensor b16 = bf16_scratch(R, P);
-                    rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), bits(b16),
-                                           (long)Tn, (long)p0, (long)p1);
-                });
-        } else if (!coeffs_done) {
+        if (!coeffs_done) {
+            const bool b16_on = bf16_operands<T>(bf16_sparse, sc);
             balanced_for(ntiles * C, [&](const auto& take) {
                 std::vector<T> s;
                 scratch_for(s, P);
+                if constexpr (std::is_same_v<T, float>) {
+                    if (b16_on) {  // each source tile rounded once per thread, as in linear_raw
+                        const Tensor b16 = bf16_scratch(R, P);
+                        long rounded = -1;
+                        for (int64_t p; (p = take()) >= 0;)
+                            rbe_cols_backward_bf16(dx, Gh.data_ptr<float>(), &cwt, &cp, sc.get(), s.data(), bits(b16),
+                                                   &rounded, (long)Tn, (long)p, (long)p + 1);
+                        return;
+                    }
+                }
                 for (int64_t p; (p = take()) >= 0;)
                     cols_backward(dx, Gh.data_ptr<T>(), &cwt, &cp, sc.get(), s.data(), (long)Tn, (long)p, (long)p + 1);
             });

@@ -428,11 +428,12 @@ XT static void pattern_backward(float* restrict D, const float* restrict G, cons
 
 XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                          const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
-                         float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+                         float* scratch, uint16_t* bf16, long* rounded, long T, long p0, long p1) {
 #ifndef XBF16
-    (void)bf16;
+    (void)bf16, (void)rounded;
 #else
-    long bf16_tile = -1;
+    long own = -1;
+    long* bf16_tile = rounded ? rounded : &own;  // the tile whose rows bf16 holds (rbe.h)
 #endif
     const int out = W->out, in = W->in, b = W->b, k = W->k, nf = P->nf;
     const float* basis = W->basis;
@@ -453,7 +454,7 @@ XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, co
         if (sstart) {
 #ifdef XBF16
             if (bf16)
-                sparse_sched_tile_bf16(yh, bf16, &bf16_tile, tile, Xt, C, rows, sstart + (size_t)i * (b + 1), sched,
+                sparse_sched_tile_bf16(yh, bf16, bf16_tile, tile, Xt, C, rows, sstart + (size_t)i * (b + 1), sched,
                                        b);
             else
 #endif
@@ -502,7 +503,7 @@ XT static void rows_body(float* y, float* pre, float* Xnext, const float* Xh, co
 XT void XSFX(rbe_rows_forward_f32)(float* y, float* pre, float* Xnext, const float* Xh, const rbe_weight_f32* W,
                                    const rbe_plan_f32* P, const rbe_sched_f32* sched, const float* bias, int act,
                                    float* scratch, long T, long p0, long p1) {
-    rows_body(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, NULL, T, p0, p1);
+    rows_body(y, pre, Xnext, Xh, W, P, sched, bias, act, scratch, NULL, NULL, T, p0, p1);
 }
 
 // sacc[e] = 0 for the schedule's entries [e0, e1), unless the sums continue (RBE_SUMS_CONTINUE)
@@ -587,21 +588,23 @@ XT static void cols_item(float* dx, const rbe_grad_next_f32* next, const float* 
 
 // work items p = tile*C + j in [p0, p1)
 XT static void cols_backward(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
-                             const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long T, long p0, long p1) {
+                             const rbe_sched_f32* sched, float* scratch, uint16_t* bf16, long* rounded, long T,
+                             long p0, long p1) {
     const int C = (W->in + W->b - 1) / W->b;
-    long bf16_tile = -1;
+    long own = -1;
+    long* bf16_tile = rounded ? rounded : &own;  // the tile whose rows bf16 holds (rbe.h)
     for (long p = p0; p < p1; p++)
-        cols_item(dx, NULL, Gh, W, P, sched, scratch, bf16, &bf16_tile, NULL, NULL, T, p / C, (int)(p % C));
+        cols_item(dx, NULL, Gh, W, P, sched, scratch, bf16, bf16_tile, NULL, NULL, T, p / C, (int)(p % C));
 }
 
 XT void XSFX_BLOCKS(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* W,
                                            const rbe_plan_f32* P, float* scratch, long T, long p0, long p1) {
-    cols_backward(dx, Gh, W, P, NULL, scratch, NULL, T, p0, p1);
+    cols_backward(dx, Gh, W, P, NULL, scratch, NULL, NULL, T, p0, p1);
 }
 
 XT void XSFX(rbe_cols_backward_f32)(float* dx, const float* Gh, const rbe_weight_f32* W, const rbe_plan_f32* P,
                                     const rbe_sched_f32* sched, float* scratch, long T, long p0, long p1) {
-    cols_backward(dx, Gh, W, P, sched, scratch, NULL, T, p0, p1);
+    cols_backward(dx, Gh, W, P, sched, scratch, NULL, NULL, T, p0, p1);
 }
 
 // The input gradient and the coefficient gradient in one pass over the transposed schedule

@@ -252,3 +252,34 @@ def test_linear_takes_bf16_sparse_too(tokens):
         assert rel(b, a) < 2e-2
     # the forward rows, the input gradient's columns and the coefficient gradients all take it
     assert not any(torch.equal(res[False][i], res[True][i]) for i in (0, 1, 3))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_autocast_same_bits_at_any_thread_count(checkpoint):
+    """Under bf16 autocast, where the CPU has AVX-512 BF16, the scheduled kernels take bfloat16
+    operands and each thread rounds a source tile once for the items it takes
+    (csrc/rbe_ops.cpp balanced_for; rbe.h, `rounded`). With 3 and 5 threads on this 2-core machine
+    items change hands: the output and every gradient keep the bits of one thread."""
+    torch.manual_seed(3)
+    m = rbe_ffn.RBEFeedForward(96, 256, block_size=16, k=40, checkpoint=checkpoint)
+    x = torch.randn(700, 96)  # six chunks of the default 128 tokens, several tiles each
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        for p in m.parameters():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xx)
+        y.float().pow(2).sum().backward()
+        return [y, xx.grad] + [p.grad.clone() for p in m.parameters()]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = run()
+        for n in (3, 5, 5):
+            torch.set_num_threads(n)
+            got = run()
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), n
+    finally:
+        torch.set_num_threads(threads)

@@ -842,21 +842,35 @@ static void bf16_products_case(const char* tag, const rbe_sched_f32* rsc, const 
     float *y1 = xmalloc(sizeof(float) * T * out), *y2 = xmalloc(sizeof(float) * T * out);
     float *p1 = xmalloc(sizeof(float) * T * out), *p2 = xmalloc(sizeof(float) * T * out);
     rbe_x86_avx512.rows_forward(y1, p1, NULL, Xr, &W, &P, &rr, bias, RBE_ACT_GELU, s, T, 0, nr);
-    rbe_rows_forward_bf16(y2, p2, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, T, 0, nr);
+    rbe_rows_forward_bf16(y2, p2, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, NULL, T, 0, nr);
     const double ey = rel_err(y2, y1, (size_t)T * out, 1), ep = rel_err(p2, p1, (size_t)T * out, 1);
     CHECK(ey < 1e-5 && ep < 1e-5, "%s: bfloat16 rows forward off the rounded operands' by %.3e / %.3e", tag, ey, ep);
     // ranges split inside a tile give the same bits (each range converts its own tiles)
-    rbe_rows_forward_bf16(y1, p1, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, T, nr / 2 + 1, nr);
-    rbe_rows_forward_bf16(y1, p1, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, T, 0, nr / 2 + 1);
+    rbe_rows_forward_bf16(y1, p1, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, NULL, T, nr / 2 + 1, nr);
+    rbe_rows_forward_bf16(y1, p1, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, NULL, T, 0, nr / 2 + 1);
     CHECK(!memcmp(y1, y2, sizeof(float) * T * out), "%s: bfloat16 rows forward depends on the ranges", tag);
+    // one item a call, as a thread takes them (its own share from the front, then another's from the
+    // back), the rounded tile kept between the calls (rbe.h): the same bits
+    long rounded = -1;
+    memset(y1, 0, sizeof(float) * T * out);
+    for (long p = 0; p < nr / 2; p++)
+        rbe_rows_forward_bf16(y1, p1, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, &rounded, T, p, p + 1);
+    for (long p = nr - 1; p >= nr / 2; p--)
+        rbe_rows_forward_bf16(y1, p1, NULL, Xh, &W, &P, rsc, bias, RBE_ACT_GELU, s, sr, &rounded, T, p, p + 1);
+    CHECK(!memcmp(y1, y2, sizeof(float) * T * out), "%s: bfloat16 rows forward item by item differs", tag);
     float *d1 = xmalloc(sizeof(float) * T * in), *d2 = xmalloc(sizeof(float) * T * in);
     rbe_x86_avx512.cols_backward(d1, Gr, &W, &P, &cr, s, T, 0, nc);
-    rbe_cols_backward_bf16(d2, Gh, &W, &P, csc, s, sc, T, 0, nc);
+    rbe_cols_backward_bf16(d2, Gh, &W, &P, csc, s, sc, NULL, T, 0, nc);
     const double ed = rel_err(d2, d1, (size_t)T * in, 1);
     CHECK(ed < 1e-5, "%s: bfloat16 columns backward off the rounded operands' by %.3e", tag, ed);
-    rbe_cols_backward_bf16(d1, Gh, &W, &P, csc, s, sc, T, nc / 2 + 1, nc);
-    rbe_cols_backward_bf16(d1, Gh, &W, &P, csc, s, sc, T, 0, nc / 2 + 1);
+    rbe_cols_backward_bf16(d1, Gh, &W, &P, csc, s, sc, NULL, T, nc / 2 + 1, nc);
+    rbe_cols_backward_bf16(d1, Gh, &W, &P, csc, s, sc, NULL, T, 0, nc / 2 + 1);
     CHECK(!memcmp(d1, d2, sizeof(float) * T * in), "%s: bfloat16 columns backward depends on the ranges", tag);
+    rounded = -1;
+    memset(d1, 0, sizeof(float) * T * in);
+    for (long p = 0; p < nc / 2; p++) rbe_cols_backward_bf16(d1, Gh, &W, &P, csc, s, sc, &rounded, T, p, p + 1);
+    for (long p = nc - 1; p >= nc / 2; p--) rbe_cols_backward_bf16(d1, Gh, &W, &P, csc, s, sc, &rounded, T, p, p + 1);
+    CHECK(!memcmp(d1, d2, sizeof(float) * T * in), "%s: bfloat16 columns backward item by item differs", tag);
     free(Gr), free(Xr), free(rv), free(cv), free(s), free(sr), free(sc), free(y1), free(y2), free(p1), free(p2);
     free(d1), free(d2);
 }
