@@ -414,15 +414,14 @@ static bool on_schedules(bool cached, int64_t ntiles) {
     return std::is_same_v<T, float> && rbe_cpu_isa_level() >= RBE_ISA_AVX2 && (cached || ntiles > 1);
 }
 
-// W with its pattern numbers times the pattern scale, for a call on schedules (kept in the cache)
+// W with its pattern numbers times the pattern scale (scaled_weight's pattern half), for a call on
+// schedules; with a cache the copy is made once per call and kept there
 static Weight scaled_pattern(SchedCache* c, const Weight& W, const Scales& s) {
-    if (s.pattern == 1.0) return W;
+    const Scales pattern{1.0, s.pattern};
+    if (!c) return scaled_weight(W, pattern);
+    if (!c->basis.defined()) c->basis = scaled_weight(W, pattern).basis;
     Weight out = W;
-    if (!c) out.basis = W.basis.mul(s.pattern);
-    else {
-        if (!c->basis.defined()) c->basis = W.basis.mul(s.pattern);
-        out.basis = c->basis;
-    }
+    out.basis = c->basis;
     return out;
 }
 
